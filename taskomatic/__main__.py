@@ -1,0 +1,3 @@
+from taskomatic.cli import main
+
+raise SystemExit(main())
