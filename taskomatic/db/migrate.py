@@ -1,0 +1,98 @@
+"""Ordered, recorded schema migrations.
+
+Each file ``migrations/NNNN_name.sql`` is applied once, in number order, and
+recorded in ``schema_migrations``. The whole upgrade runs in one transaction
+under a transaction-level advisory lock, so two processes upgrading at once
+serialise: the second waits, then finds nothing left to do.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from importlib import resources
+
+from psycopg2.extensions import connection as Connection
+
+log = logging.getLogger(__name__)
+
+# Arbitrary constant shared by every taskomatic process: "the schema lock".
+MIGRATION_LOCK_ID = 0x7A5C0001
+_FILE_RE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+
+def available_migrations() -> list[Migration]:
+    """All migrations shipped with the package, in version order."""
+    found = []
+    for entry in resources.files("taskomatic.db").joinpath("migrations").iterdir():
+        match = _FILE_RE.match(entry.name)
+        if match:
+            found.append(Migration(int(match.group(1)), match.group(2), entry.read_text("utf-8")))
+    found.sort(key=lambda m: m.version)
+    versions = [m.version for m in found]
+    if len(set(versions)) != len(versions):
+        raise RuntimeError(f"duplicate migration versions: {versions}")
+    return found
+
+
+def applied_versions(conn: Connection) -> set[int]:
+    with conn.cursor() as cur:
+        cur.execute("SELECT to_regclass('schema_migrations') IS NOT NULL")
+        row = cur.fetchone()
+        if not row or not row[0]:
+            return set()
+        cur.execute("SELECT version FROM schema_migrations")
+        return {r[0] for r in cur.fetchall()}
+
+
+def pending_migrations(conn: Connection) -> list[Migration]:
+    done = applied_versions(conn)
+    conn.rollback()
+    return [m for m in available_migrations() if m.version not in done]
+
+
+def upgrade(conn: Connection, dry_run: bool = False) -> list[Migration]:
+    """Apply every pending migration; return those applied (or, dry run, pending)."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK_ID,))
+        cur.execute(
+            """CREATE TABLE IF NOT EXISTS schema_migrations (
+                   version    integer PRIMARY KEY,
+                   name       text NOT NULL,
+                   applied_at timestamptz NOT NULL DEFAULT clock_timestamp())"""
+        )
+        cur.execute("SELECT version FROM schema_migrations")
+        done = {r[0] for r in cur.fetchall()}
+        todo = [m for m in available_migrations() if m.version not in done]
+        if dry_run:
+            conn.rollback()
+            return todo
+        for migration in todo:
+            log.info("applying migration %04d_%s", migration.version, migration.name)
+            cur.execute(migration.sql)
+            cur.execute(
+                "INSERT INTO schema_migrations (version, name) VALUES (%s, %s)",
+                (migration.version, migration.name),
+            )
+    conn.commit()
+    return todo
+
+
+def check_current(conn: Connection) -> None:
+    """Raise SchemaOutOfDate unless every shipped migration is applied."""
+    missing = pending_migrations(conn)
+    if missing:
+        names = ", ".join(f"{m.version:04d}_{m.name}" for m in missing)
+        raise SchemaOutOfDate(f"database schema is not up to date (missing {names}); run 'taskomatic db upgrade'")
+
+
+class SchemaOutOfDate(Exception):
+    pass

@@ -1,0 +1,167 @@
+-- Every query taskomatic runs, by name. A block starts with "-- name --",
+-- then one line saying what it is for, then the SQL with %(named)s parameters.
+
+-- register_instance --
+-- Record one daemon start; its id tags every claim it makes.
+INSERT INTO instances (hostname, pid, version, mode, shards)
+VALUES (%(hostname)s, %(pid)s, %(version)s, %(mode)s, %(shards)s)
+RETURNING id;
+
+-- instance_heartbeat --
+-- Show the instance is alive.
+UPDATE instances SET heartbeat_at = clock_timestamp() WHERE id = %(instance_id)s;
+
+-- instance_stopped --
+-- Mark a clean stop.
+UPDATE instances SET stopped_at = clock_timestamp() WHERE id = %(instance_id)s;
+
+-- try_standalone_guard --
+-- Standalone takes the instance lock exclusively, multihost shares it: two
+-- standalone instances, or a standalone and a multihost one, never share a database.
+SELECT pg_try_advisory_lock(%(lock_id)s);
+
+-- try_multihost_guard --
+-- See try_standalone_guard.
+SELECT pg_try_advisory_lock_shared(%(lock_id)s);
+
+-- adopt_orphaned_claims --
+-- Standalone start: every task an earlier instance held (it is dead, we hold the
+-- guard) becomes ours, to be resent (queued) or reconciled (running).
+UPDATE tasks
+SET claimed_by = %(instance_id)s
+WHERE claimed_by IS NOT NULL AND claimed_by <> %(instance_id)s
+  AND state IN ('queued', 'running');
+
+-- held_tasks --
+-- What this instance holds: claimed but unfinished tasks, in id order.
+SELECT id, task_target_type, task_target_id, action, args, key_type, key_id, state
+FROM tasks
+WHERE claimed_by = %(instance_id)s AND state IN ('queued', 'running')
+ORDER BY id;
+
+-- claim_tasks --
+-- Take the oldest unclaimed queued tasks in one statement. Reads the partial
+-- index tasks_claimable_idx only, so it is O(limit) whatever the table holds.
+WITH picked AS (
+    SELECT id FROM tasks
+    WHERE state = 'queued' AND claimed_by IS NULL
+    ORDER BY id
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE tasks t
+SET claimed_by = %(instance_id)s, claimed_at = clock_timestamp()
+FROM picked
+WHERE t.id = picked.id
+RETURNING t.id, t.task_target_type, t.task_target_id, t.action, t.args, t.key_type, t.key_id, t.state;
+
+-- task_states --
+-- Current state and holder of some tasks.
+SELECT id, state, claimed_by FROM tasks WHERE id = ANY(%(ids)s);
+
+-- mark_running --
+-- A shard is about to start a task. Refuses (no row) if it was canceled or is
+-- no longer ours, so a canceled task never starts.
+UPDATE tasks
+SET state = 'running', time_started = %(time_started)s, attempts = attempts + 1
+WHERE id = %(task_id)s AND claimed_by = %(instance_id)s AND state = 'queued'
+RETURNING id;
+
+-- mark_rerun --
+-- A task found "not started" by reconciliation runs again in its place.
+UPDATE tasks
+SET time_started = %(time_started)s, attempts = attempts + 1
+WHERE id = %(task_id)s AND claimed_by = %(instance_id)s AND state = 'running'
+RETURNING id;
+
+-- record_outcome --
+-- Write a task's end. Only the holder can, and only once.
+UPDATE tasks
+SET state = %(state)s, message = %(message)s,
+    time_started = %(time_started)s, time_ended = %(time_ended)s
+WHERE id = %(task_id)s AND claimed_by = %(instance_id)s AND state = 'running'
+RETURNING id;
+
+-- fail_unstartable --
+-- A queued task we hold fails before it starts (for example it cannot be parsed).
+UPDATE tasks
+SET state = 'failed', message = %(message)s,
+    time_started = %(time)s, time_ended = %(time)s, attempts = attempts + 1
+WHERE id = %(task_id)s AND claimed_by = %(instance_id)s AND state IN ('queued', 'running')
+RETURNING id;
+
+-- release_unstarted --
+-- Hand back claimed tasks that never started (drain, stop); they keep their place.
+UPDATE tasks
+SET claimed_by = NULL, claimed_at = NULL
+WHERE claimed_by = %(instance_id)s AND state = 'queued';
+
+-- cancel_task --
+-- Cancel a task that has not started. A claimed one is canceled too: the
+-- shard's mark_running then refuses it.
+UPDATE tasks
+SET state = 'canceled', time_ended = clock_timestamp(),
+    message = %(message)s
+WHERE id = %(task_id)s AND state = 'queued'
+RETURNING id;
+
+-- submit_task --
+-- Queue one task, as any other program would.
+INSERT INTO tasks (task_target_type, task_target_id, action, args, submitted_by)
+VALUES (%(target_type)s, %(target_id)s, %(action)s, %(args)s, %(submitted_by)s)
+RETURNING id;
+
+-- get_vm --
+-- A VM row with what actions need.
+SELECT id, uuid::text AS uuid, description, num_vcpus_allocated, memory_allocated,
+       state, host_id, boot_device, vnic_mac_addr, vnc_port
+FROM vms WHERE id = %(vm_id)s;
+
+-- get_vm_for_update --
+-- The VM row, locked for the transaction that marks a task running.
+SELECT id, uuid::text AS uuid, description, num_vcpus_allocated, memory_allocated,
+       state, host_id, boot_device, vnic_mac_addr, vnc_port
+FROM vms WHERE id = %(vm_id)s FOR UPDATE;
+
+-- get_host --
+-- A host row.
+SELECT id, hostname, libvirt_uri, hypervisor_type, arch, state, is_disabled, num_cpus, memory
+FROM hosts WHERE id = %(host_id)s;
+
+-- place_vm --
+-- Hosts that can take a VM, most free memory first. Counts what VMs placed
+-- there already hold or are about to hold. Locks the chosen rows so two
+-- concurrent starts cannot both take the last free memory.
+SELECT h.id, h.hostname, h.libvirt_uri, h.hypervisor_type, h.arch, h.state, h.is_disabled,
+       h.num_cpus, h.memory,
+       h.memory - coalesce(c.memory, 0) AS free_memory,
+       h.num_cpus - coalesce(c.vcpus, 0) AS free_cpus
+FROM hosts h
+LEFT JOIN LATERAL (
+    SELECT sum(v.memory_allocated) AS memory, sum(v.num_vcpus_allocated) AS vcpus
+    FROM vms v
+    WHERE v.host_id = h.id AND v.id <> %(vm_id)s
+      AND v.state IN ('running', 'starting', 'suspended', 'suspending', 'resuming',
+                      'stopping', 'powering_off', 'saving', 'migrating', 'restoring', 'unreachable')
+) c ON true
+WHERE h.state = 'available' AND NOT h.is_disabled
+  AND h.memory - coalesce(c.memory, 0) >= %(memory)s
+  AND h.num_cpus - coalesce(c.vcpus, 0) >= %(vcpus)s
+ORDER BY h.memory - coalesce(c.memory, 0) DESC, h.id
+FOR UPDATE OF h;
+
+-- list_tasks --
+-- Recent tasks, newest first, with optional filters (NULL means any).
+SELECT id, task_target_type, task_target_id, action, args, state, message, submitted_by,
+       created_at, time_started, time_ended, claimed_by, attempts
+FROM tasks
+WHERE (%(state)s::text IS NULL OR state = %(state)s)
+  AND (%(target_type)s::text IS NULL OR task_target_type = %(target_type)s)
+  AND (%(target_id)s::bigint IS NULL OR task_target_id = %(target_id)s)
+  AND (%(action)s::text IS NULL OR action = %(action)s)
+ORDER BY id DESC
+LIMIT %(limit)s;
+
+-- task_counts --
+-- How many tasks are in each state.
+SELECT state, count(*) FROM tasks GROUP BY state;

@@ -1,0 +1,29 @@
+"""Route a task to a shard by a stable hash of its ordering key.
+
+Python's ``hash()`` is salted per process, so it would send one key to
+different shards in different processes; a CRC of the key's text is the same
+everywhere and cheap.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, order=True)
+class OrderingKey:
+    """What serialises tasks: ('Vm', 12), ('StoragePool', 2), ('Host', 3)."""
+
+    kind: str
+    ident: int | None
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{self.ident}"
+
+
+def shard_for(key: OrderingKey, shards: int) -> int:
+    """The shard slot in [0, shards) that runs every task of ``key``."""
+    if shards < 1:
+        raise ValueError("shards must be at least 1")
+    return zlib.crc32(str(key).encode("utf-8")) % shards
