@@ -5,7 +5,7 @@ setup(
     version="0.1.0",
     description="Ordered, crash-safe task executor for libvirt virtualization management",
     license="GPL-2.0-or-later",
-    python_requires=">=3.9",
+    python_requires=">=3.11",
     packages=find_packages(include=["taskomatic", "taskomatic.*"]),
     package_data={"taskomatic.db": ["migrations/*.sql", "queries.sql"]},
     install_requires=[

@@ -78,7 +78,7 @@ RETURNING id;
 -- Write a task's end. Only the holder can, and only once.
 UPDATE tasks
 SET state = %(state)s, message = %(message)s,
-    time_started = %(time_started)s, time_ended = %(time_ended)s
+    time_started = coalesce(%(time_started)s, time_started), time_ended = %(time_ended)s
 WHERE id = %(task_id)s AND claimed_by = %(instance_id)s AND state = 'running'
 RETURNING id;
 

@@ -1,0 +1,139 @@
+"""What an action is, and the registry of actions (pluggable by entry point).
+
+An action runs in three steps, so the shard can write ``running`` and the
+resource's transient state before anything touches a node:
+
+1. ``prepare`` reads the rows and the real state (no side effects) and returns
+   a Plan, or raises TaskFailed (impossible state, bad args, missing target).
+   A plan may say the work is already done (a no-op success).
+2. ``plan.begin(store)`` runs inside the transaction that marks the task
+   running: it writes the transient state (and, for start_vm, the placement).
+3. ``perform(plan)`` does the work on libvirt and returns an Outcome.
+
+``reconcile`` settles a task an earlier process left ``running``: it reads the
+real state and says DONE (it took effect), NOT_STARTED (run it again in its
+place) or NEITHER (failed, with what was found).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import TYPE_CHECKING, Any, Callable, Protocol
+
+if TYPE_CHECKING:
+    from taskomatic.actions.connections import LibvirtConnections
+    from taskomatic.config import Config
+    from taskomatic.db.store import Store
+    from taskomatic.runtime.messages import TaskRow
+
+log = logging.getLogger(__name__)
+
+ENTRY_POINT_GROUP = "taskomatic.actions"
+
+
+class TaskFailed(Exception):
+    """The task fails with this message; ``row_updates`` correct the resource rows."""
+
+    def __init__(self, message: str, row_updates: list[RowUpdate] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.row_updates = row_updates or []
+
+
+@dataclass(frozen=True)
+class RowUpdate:
+    table: str
+    row_id: int
+    values: dict[str, Any]
+
+
+@dataclass
+class Outcome:
+    state: str  # 'finished' or 'failed'
+    message: str | None = None
+    row_updates: list[RowUpdate] = field(default_factory=list)
+
+    @classmethod
+    def finished(cls, message: str | None = None, *updates: RowUpdate) -> Outcome:
+        return cls("finished", message, list(updates))
+
+    @classmethod
+    def failed(cls, message: str, *updates: RowUpdate) -> Outcome:
+        return cls("failed", message, list(updates))
+
+
+@dataclass
+class Plan:
+    """What prepare decided. ``already_done`` plans skip perform."""
+
+    task: TaskRow
+    begin_updates: list[RowUpdate] = field(default_factory=list)
+    already_done: Outcome | None = None
+    # Extra work inside the mark-running transaction (placement); may raise TaskFailed.
+    begin_hook: Callable[[Store], None] | None = None
+    data: dict[str, Any] = field(default_factory=dict)
+
+    def begin(self, store: Store) -> None:
+        if self.begin_hook is not None:
+            self.begin_hook(store)
+        for update in self.begin_updates:
+            store.update_row(update.table, update.row_id, update.values)
+
+
+class Settlement:
+    DONE = "done"
+    NOT_STARTED = "not_started"
+    NEITHER = "neither"
+
+
+@dataclass
+class Reconciled:
+    kind: str
+    message: str
+    row_updates: list[RowUpdate] = field(default_factory=list)
+
+
+@dataclass
+class ActionContext:
+    """What an action may use; one per shard process."""
+
+    store: Store
+    config: Config
+    libvirt: LibvirtConnections
+
+
+class Action(Protocol):
+    name: str
+    target_types: tuple[str, ...]
+
+    def validate_args(self, args: dict[str, Any]) -> None:
+        """Raise TaskFailed if the args do not fit this action."""
+
+    def prepare(self, ctx: ActionContext, task: TaskRow) -> Plan: ...
+
+    def perform(self, ctx: ActionContext, plan: Plan) -> Outcome: ...
+
+    def reconcile(self, ctx: ActionContext, task: TaskRow) -> Reconciled: ...
+
+
+def load_actions() -> dict[str, Action]:
+    """Every action installed: entry points in group ``taskomatic.actions``.
+
+    An entry point names a list of Action objects. The built-in ones are
+    always present, even when the package is run from a source tree that was
+    never installed (no entry-point metadata).
+    """
+    from taskomatic.actions import vm
+
+    found: dict[str, Action] = {a.name: a for a in vm.ACTIONS}
+    for entry in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            provided = entry.load()
+        except Exception:  # a broken plugin must not stop the daemon
+            log.exception("cannot load action plugin %s", entry.value)
+            continue
+        for action in provided:
+            found[action.name] = action
+    return found

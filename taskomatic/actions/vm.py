@@ -1,0 +1,418 @@
+"""VM actions on libvirt, after the oVirt state table (actions/states.py).
+
+Every action checks its precondition against the domain's real state, not
+the row: the row may be stale after a crash or a change made behind our back.
+A domain is found by the VM's UUID on the host in ``vms.host_id``; a VM with
+no host, or whose domain is gone, is not running anywhere.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import libvirt
+
+from taskomatic.actions.base import (
+    ActionContext,
+    Outcome,
+    Plan,
+    Reconciled,
+    RowUpdate,
+    Settlement,
+    TaskFailed,
+)
+from taskomatic.actions.connections import HostUnreachable
+from taskomatic.actions.domain_xml import DomainSpec, domain_xml, vnc_port
+from taskomatic.actions.states import VM_TRANSITIONS, Verdict, precondition
+from taskomatic.runtime.messages import TaskRow
+
+log = logging.getLogger(__name__)
+
+# libvirt domain state -> oVirt VM state. SHUTDOWN means "being shut down":
+# the guest still runs.
+_DOMAIN_STATES = {
+    libvirt.VIR_DOMAIN_NOSTATE: "stopped",
+    libvirt.VIR_DOMAIN_RUNNING: "running",
+    libvirt.VIR_DOMAIN_BLOCKED: "running",
+    libvirt.VIR_DOMAIN_PAUSED: "suspended",
+    libvirt.VIR_DOMAIN_SHUTDOWN: "running",
+    libvirt.VIR_DOMAIN_SHUTOFF: "stopped",
+    libvirt.VIR_DOMAIN_CRASHED: "stopped",
+    libvirt.VIR_DOMAIN_PMSUSPENDED: "suspended",
+}
+# States that only the database knows: a VM in one of these has no domain.
+_ROW_ONLY_STATES = ("pending", "create_failed", "invalid", "saved")
+_SHUTDOWN_POLL_SECONDS = 0.2
+
+# Cleared when a VM no longer runs anywhere.
+_NOT_RUNNING = {"host_id": None, "vnc_port": None, "memory_used": 0, "num_vcpus_used": 0}
+
+
+def domain_name(description: str) -> str:
+    """The libvirt name for a VM: its description, minus what libvirt forbids.
+
+    libvirt refuses '/' and control characters in names; everything else
+    (XML metacharacters included) is kept and escaped by the XML library.
+    """
+    cleaned = "".join("_" if ch == "/" else (" " if ord(ch) < 32 or ord(ch) == 127 else ch)
+                      for ch in description)
+    return cleaned.strip() or "vm"
+
+
+@dataclass
+class Observed:
+    """The VM's real state as read from its node."""
+
+    state: str
+    detail: str
+    domain: libvirt.virDomain | None
+    host: dict[str, Any] | None
+
+
+def _vm_row(ctx: ActionContext, task: TaskRow) -> dict[str, Any]:
+    if task.target_id is None:
+        raise TaskFailed("task_target_id is NULL; a Vm task needs the VM's id")
+    vm = ctx.store.one("get_vm", vm_id=task.target_id)
+    if vm is None:
+        raise TaskFailed(f"VM {task.target_id} does not exist")
+    return vm
+
+
+def _host_label(host: dict[str, Any]) -> str:
+    return f"host {host['id']} ({host['hostname']})"
+
+
+def _connect(ctx: ActionContext, host: dict[str, Any]) -> libvirt.virConnect:
+    try:
+        return ctx.libvirt.get(host["libvirt_uri"])
+    except HostUnreachable as exc:
+        raise TaskFailed(f"{_host_label(host)} is unreachable: {exc}") from None
+
+
+def observe(ctx: ActionContext, vm: dict[str, Any]) -> Observed:
+    if vm["host_id"] is None:
+        state = vm["state"] if vm["state"] in _ROW_ONLY_STATES else "stopped"
+        return Observed(state, f"VM {vm['id']} is not on any host", None, None)
+    host = ctx.store.one("get_host", host_id=vm["host_id"])
+    if host is None:  # the FK sets host_id NULL on delete; a race at most
+        return Observed("stopped", f"host {vm['host_id']} no longer exists", None, None)
+    conn = _connect(ctx, host)
+    try:
+        domain = conn.lookupByUUIDString(vm["uuid"])
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+            state = vm["state"] if vm["state"] in _ROW_ONLY_STATES else "stopped"
+            return Observed(state, f"no domain for VM {vm['id']} on {_host_label(host)}", None, host)
+        ctx.libvirt.drop(host["libvirt_uri"])
+        raise TaskFailed(f"cannot read VM {vm['id']} on {_host_label(host)}: {exc.get_error_message()}") from None
+    try:
+        code = domain.state()[0]
+    except libvirt.libvirtError as exc:
+        raise TaskFailed(f"cannot read VM {vm['id']} on {_host_label(host)}: {exc.get_error_message()}") from None
+    state = _DOMAIN_STATES.get(code, "stopped")
+    return Observed(state, f"domain is {state} on {_host_label(host)}", domain, host)
+
+
+def _libvirt_failure(action: str, host: dict[str, Any] | None, exc: libvirt.libvirtError) -> str:
+    where = f" on {_host_label(host)}" if host else ""
+    return f"{action} failed{where}: {exc.get_error_message()}"
+
+
+class VmAction:
+    """Shared logic: preconditions, transient state, generic reconciliation."""
+
+    target_types: tuple[str, ...] = ("Vm",)
+    allowed_args: frozenset[str] = frozenset()
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.transition = VM_TRANSITIONS[name]
+
+    def validate_args(self, args: dict[str, Any]) -> None:
+        unknown = sorted(set(args) - self.allowed_args)
+        if unknown:
+            allowed = ", ".join(sorted(self.allowed_args)) or "none"
+            raise TaskFailed(f"{self.name}: unknown argument(s) {', '.join(unknown)} (allowed: {allowed})")
+
+    # -- prepare -----------------------------------------------------------
+    def real_state(self, ctx: ActionContext, vm: dict[str, Any]) -> Observed:
+        return observe(ctx, vm)
+
+    def prepare(self, ctx: ActionContext, task: TaskRow) -> Plan:
+        vm = _vm_row(ctx, task)
+        observed = self.real_state(ctx, vm)
+        verdict = precondition(self.name, observed.state)
+        if verdict == Verdict.ALREADY_DONE:
+            return Plan(task, already_done=Outcome.finished(
+                f"VM {vm['id']} is already {observed.state}; nothing to do",
+                *self.success_updates(ctx, vm, observed)))
+        if verdict == Verdict.IMPOSSIBLE:
+            corrections = []
+            if observed.state != vm["state"]:
+                corrections.append(RowUpdate("vms", vm["id"], {"state": observed.state}))
+            raise TaskFailed(
+                f"cannot {self.name.replace('_vm', '')} VM {vm['id']} ({vm['description']!r}): it is "
+                f"{observed.state}, {self.name} needs {self.transition.start} ({observed.detail})",
+                corrections,
+            )
+        return Plan(
+            task,
+            begin_updates=[RowUpdate("vms", vm["id"], {"state": self.transition.transient})],
+            data={"vm": vm, "observed": observed},
+        )
+
+    # -- perform -----------------------------------------------------------
+    def perform(self, ctx: ActionContext, plan: Plan) -> Outcome:
+        vm = plan.data["vm"]
+        observed: Observed = plan.data["observed"]
+        try:
+            self.act(ctx, vm, observed)
+        except libvirt.libvirtError as exc:
+            if observed.host is not None and _is_connection_error(exc):
+                ctx.libvirt.drop(observed.host["libvirt_uri"])
+            after = self._state_after_failure(ctx, vm)
+            return Outcome.failed(_libvirt_failure(self.name, observed.host, exc),
+                                  RowUpdate("vms", vm["id"], after))
+        except TaskFailed as failure:
+            after = self._state_after_failure(ctx, vm)
+            return Outcome.failed(failure.message, RowUpdate("vms", vm["id"], after), *failure.row_updates)
+        fresh = observe(ctx, vm)
+        return Outcome.finished(None, *self.success_updates(ctx, vm, fresh))
+
+    def act(self, ctx: ActionContext, vm: dict[str, Any], observed: Observed) -> None:
+        raise NotImplementedError
+
+    def success_updates(self, ctx: ActionContext, vm: dict[str, Any], observed: Observed) -> list[RowUpdate]:
+        return [RowUpdate("vms", vm["id"], {"state": self.transition.success})]
+
+    def _state_after_failure(self, ctx: ActionContext, vm: dict[str, Any]) -> dict[str, Any]:
+        """The real state if it can be read, else the table's failure state."""
+        try:
+            real = observe(ctx, vm)
+        except TaskFailed:
+            return {"state": self.transition.failure}
+        values: dict[str, Any] = {"state": real.state}
+        if real.domain is None and real.state in ("stopped", *_ROW_ONLY_STATES):
+            values.update(_NOT_RUNNING)
+        return values
+
+    # -- reconcile ---------------------------------------------------------
+    def reconcile(self, ctx: ActionContext, task: TaskRow) -> Reconciled:
+        try:
+            vm = _vm_row(ctx, task)
+            observed = observe(ctx, vm)
+        except TaskFailed as failure:
+            return Reconciled(Settlement.NEITHER, f"interrupted, and the real state is unknown: {failure.message}")
+        if observed.state == self.transition.success:
+            return Reconciled(Settlement.DONE, f"interrupted, but it took effect ({observed.detail})",
+                              self.success_updates(ctx, vm, observed))
+        if observed.state == self.transition.start:
+            return Reconciled(Settlement.NOT_STARTED, f"interrupted before it took effect ({observed.detail})")
+        return Reconciled(
+            Settlement.NEITHER,
+            f"interrupted; found VM {vm['id']} {observed.state}, neither {self.transition.start} "
+            f"nor {self.transition.success} ({observed.detail})",
+            [RowUpdate("vms", vm["id"], {"state": observed.state})],
+        )
+
+
+def _is_connection_error(exc: libvirt.libvirtError) -> bool:
+    return exc.get_error_code() in (libvirt.VIR_ERR_SYSTEM_ERROR, libvirt.VIR_ERR_RPC,
+                                     libvirt.VIR_ERR_NO_CONNECT, libvirt.VIR_ERR_INVALID_CONN)
+
+
+class CreateVm(VmAction):
+    """pending -> stopped: check the VM can be defined. No domain exists until start_vm."""
+
+    def real_state(self, ctx: ActionContext, vm: dict[str, Any]) -> Observed:
+        # create_vm works on the row only; a failed create may be tried again.
+        state = "pending" if vm["state"] == "create_failed" else vm["state"]
+        return Observed(state, f"VM row is {vm['state']}", None, None)
+
+    def act(self, ctx: ActionContext, vm: dict[str, Any], observed: Observed) -> None:
+        # Building the XML proves every field fits a domain definition.
+        domain_xml(_spec(ctx, vm, {"hypervisor_type": "QEMU", "arch": "x86_64"}))
+
+    def _state_after_failure(self, ctx: ActionContext, vm: dict[str, Any]) -> dict[str, Any]:
+        return {"state": "create_failed"}
+
+    def reconcile(self, ctx: ActionContext, task: TaskRow) -> Reconciled:
+        # Nothing outside the database changed: always safe to run again.
+        return Reconciled(Settlement.NOT_STARTED, "interrupted; create_vm has no effect outside the database")
+
+
+def _spec(ctx: ActionContext, vm: dict[str, Any], host: dict[str, Any]) -> DomainSpec:
+    return DomainSpec(
+        name=domain_name(vm["description"]),
+        uuid=vm["uuid"],
+        memory_kib=int(vm["memory_allocated"]),
+        vcpus=int(vm["num_vcpus_allocated"]),
+        boot_device=vm["boot_device"],
+        hypervisor_type=host["hypervisor_type"],
+        arch=host.get("arch") or "x86_64",
+        machine=ctx.config.machine_type,
+        emulator=ctx.config.emulator,
+        vnc_listen=ctx.config.vnc_listen,
+        mac_address=vm.get("vnic_mac_addr"),
+    )
+
+
+def _running_updates(vm: dict[str, Any], observed: Observed) -> dict[str, Any]:
+    values: dict[str, Any] = {
+        "state": "running",
+        "memory_used": vm["memory_allocated"],
+        "num_vcpus_used": vm["num_vcpus_allocated"],
+    }
+    if observed.host is not None:
+        values["host_id"] = observed.host["id"]
+    if observed.domain is not None:
+        try:
+            values["vnc_port"] = vnc_port(observed.domain.XMLDesc(0))
+        except libvirt.libvirtError:
+            pass
+    return values
+
+
+class StartVm(VmAction):
+    """stopped -> running: place, define from the row, start, read the VNC port."""
+
+    allowed_args = frozenset({"host_id"})
+
+    def validate_args(self, args: dict[str, Any]) -> None:
+        super().validate_args(args)
+        host_id = args.get("host_id")
+        if host_id is not None and (isinstance(host_id, bool) or not isinstance(host_id, int)):
+            raise TaskFailed(f"start_vm: args.host_id must be an integer host id, got {host_id!r}")
+
+    def prepare(self, ctx: ActionContext, task: TaskRow) -> Plan:
+        plan = super().prepare(ctx, task)
+        if plan.already_done is None:
+            plan.begin_updates = []  # placement writes state and host together
+            plan.begin_hook = lambda store: self._place(store, plan)
+        return plan
+
+    def _place(self, store: Any, plan: Plan) -> None:
+        vm = plan.data["vm"]
+        wanted = plan.task.args.get("host_id")
+        candidates = store.all("place_vm", vm_id=vm["id"], memory=vm["memory_allocated"],
+                               vcpus=vm["num_vcpus_allocated"])
+        if wanted is not None:
+            candidates = [h for h in candidates if h["id"] == wanted]
+            if not candidates:
+                host = store.one("get_host", host_id=wanted)
+                if host is None:
+                    raise TaskFailed(f"start_vm: host {wanted} does not exist")
+                raise TaskFailed(
+                    f"start_vm: host {wanted} ({host['hostname']}) cannot take VM {vm['id']}: it is "
+                    f"{'disabled' if host['is_disabled'] else host['state']} or lacks "
+                    f"{vm['memory_allocated']} KB free memory / {vm['num_vcpus_allocated']} free vcpus")
+        if not candidates:
+            raise TaskFailed(
+                f"start_vm: no available, enabled host has {vm['memory_allocated']} KB free memory "
+                f"and {vm['num_vcpus_allocated']} free vcpus for VM {vm['id']}")
+        host = candidates[0]
+        store.update_row("vms", vm["id"], {"state": "starting", "host_id": host["id"]})
+        plan.data["host"] = host
+
+    def perform(self, ctx: ActionContext, plan: Plan) -> Outcome:
+        vm, host = plan.data["vm"], plan.data["host"]
+        try:
+            conn = _connect(ctx, host)
+        except TaskFailed as failure:
+            return Outcome.failed(failure.message, RowUpdate("vms", vm["id"], {"state": "stopped", **_NOT_RUNNING}))
+        domain = None
+        try:
+            domain = conn.defineXML(domain_xml(_spec(ctx, vm, host)))
+            domain.create()
+        except libvirt.libvirtError as exc:
+            if domain is not None:
+                _undefine_quietly(domain)
+            if _is_connection_error(exc):
+                ctx.libvirt.drop(host["libvirt_uri"])
+            return Outcome.failed(_libvirt_failure("start_vm", host, exc),
+                                  RowUpdate("vms", vm["id"], {"state": "stopped", **_NOT_RUNNING}))
+        observed = Observed("running", f"domain running on {_host_label(host)}", domain, host)
+        values = _running_updates(vm, observed)
+        values["boot_device"] = "hd"  # a one-off network/cdrom boot does not stick
+        return Outcome.finished(None, RowUpdate("vms", vm["id"], values))
+
+    def success_updates(self, ctx: ActionContext, vm: dict[str, Any], observed: Observed) -> list[RowUpdate]:
+        return [RowUpdate("vms", vm["id"], _running_updates(vm, observed))]
+
+
+def _undefine_quietly(domain: libvirt.virDomain) -> None:
+    try:
+        if not domain.isActive():
+            domain.undefine()
+    except libvirt.libvirtError:
+        pass
+
+
+class StopVm(VmAction):
+    """running -> stopped: shutdown (graceful, waits) or poweroff (destroy); then undefine."""
+
+    def __init__(self, name: str, graceful: bool) -> None:
+        super().__init__(name)
+        self.graceful = graceful
+
+    def act(self, ctx: ActionContext, vm: dict[str, Any], observed: Observed) -> None:
+        domain = observed.domain
+        assert domain is not None  # running implies a domain
+        if self.graceful:
+            domain.shutdown()
+            if not _wait_inactive(domain, ctx.config.shutdown_timeout):
+                if not ctx.config.shutdown_poweroff_fallback:
+                    raise TaskFailed(
+                        f"shutdown_vm: the guest of VM {vm['id']} did not stop within "
+                        f"{ctx.config.shutdown_timeout:g} s; it is still running "
+                        "(use poweroff_vm, or set shutdown_poweroff_fallback)")
+                log.warning("VM %s ignored shutdown for %gs; powering off", vm["id"], ctx.config.shutdown_timeout)
+                domain.destroy()
+        else:
+            domain.destroy()
+        _undefine_quietly(domain)
+
+    def success_updates(self, ctx: ActionContext, vm: dict[str, Any], observed: Observed) -> list[RowUpdate]:
+        if observed.domain is not None:
+            _undefine_quietly(observed.domain)
+        return [RowUpdate("vms", vm["id"], {"state": "stopped", **_NOT_RUNNING})]
+
+
+def _wait_inactive(domain: libvirt.virDomain, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if not domain.isActive():
+                return True
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                return True  # a transient domain disappears when it stops
+            raise
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(_SHUTDOWN_POLL_SECONDS)
+
+
+class SuspendVm(VmAction):
+    def act(self, ctx: ActionContext, vm: dict[str, Any], observed: Observed) -> None:
+        assert observed.domain is not None
+        observed.domain.suspend()
+
+
+class ResumeVm(VmAction):
+    def act(self, ctx: ActionContext, vm: dict[str, Any], observed: Observed) -> None:
+        assert observed.domain is not None
+        observed.domain.resume()
+
+
+ACTIONS = [
+    CreateVm("create_vm"),
+    StartVm("start_vm"),
+    StopVm("shutdown_vm", graceful=True),
+    StopVm("poweroff_vm", graceful=False),
+    SuspendVm("suspend_vm"),
+    ResumeVm("resume_vm"),
+]

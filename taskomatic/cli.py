@@ -1,0 +1,287 @@
+"""The ``taskomatic`` command line.
+
+``taskomatic [--shards N] [--config F]`` runs the daemon in the foreground
+(systemd style); subcommands manage the database and the queue.
+
+Exit codes: 0 success; 1 the command failed (for example cancel of a task
+that is not queued); 2 usage error; 3 bad configuration; 4 database
+unreachable or schema out of date; 5 another standalone instance holds the
+database; 6 a daemon process kept failing to start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import sys
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from taskomatic import __version__
+from taskomatic import config as config_mod
+from taskomatic.config import Config, ConfigError
+from taskomatic.logsetup import setup_logging
+
+log = logging.getLogger(__name__)
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_CONFIG = 3
+EXIT_DATABASE = 4
+
+TARGET_FLAGS = (("vm", "Vm"), ("pool", "StoragePool"), ("volume", "StorageVolume"), ("host", "Host"))
+
+
+def _common_options(parser: argparse.ArgumentParser) -> None:
+    # SUPPRESS keeps a subcommand's unset option from hiding the same option
+    # given before the subcommand.
+    s = argparse.SUPPRESS
+    parser.add_argument("--config", metavar="FILE", default=s,
+                        help=f"configuration file (default {config_mod.DEFAULT_CONFIG_PATH} if present)")
+    parser.add_argument("--dsn", default=s, help="libpq connection string (default: a private PostgreSQL)")
+    parser.add_argument("--state-dir", dest="state_dir", default=s, help="state directory")
+    parser.add_argument("--log-level", dest="log_level", default=s,
+                        choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--set", dest="settings", action="append", metavar="SECTION.NAME=VALUE",
+                        default=s, help="override any setting (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="taskomatic",
+        description="Run queued virtualization tasks from PostgreSQL on libvirt nodes. "
+                    "Without a subcommand, runs the daemon in the foreground.",
+        epilog="exit codes: 0 ok, 1 failed, 2 usage, 3 bad configuration, 4 database unavailable "
+               "or schema out of date, 5 another standalone instance is running, 6 a daemon "
+               "process kept failing to start",
+    )
+    parser.add_argument("--version", action="version", version=f"taskomatic {__version__}")
+    _common_options(parser)
+    parser.add_argument("--shards", type=int, default=argparse.SUPPRESS, help="shard processes")
+    parser.add_argument("--mode", choices=["standalone", "multihost"], default=argparse.SUPPRESS)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the daemon in the foreground (the default)")
+    _common_options(run)
+    run.add_argument("--shards", type=int, default=argparse.SUPPRESS, help="shard processes")
+    run.add_argument("--mode", choices=["standalone", "multihost"], default=argparse.SUPPRESS)
+
+    db = sub.add_parser("db", help="database schema")
+    db_sub = db.add_subparsers(dest="db_command", metavar="DB_COMMAND", required=True)
+    upgrade = db_sub.add_parser("upgrade", help="create or upgrade the schema (safe to run twice)")
+    _common_options(upgrade)
+    upgrade.add_argument("--dry-run", action="store_true", help="list pending migrations only")
+
+    submit = sub.add_parser("submit", help="queue a task")
+    _common_options(submit)
+    submit.add_argument("action", help="action name, e.g. start_vm")
+    target = submit.add_mutually_exclusive_group(required=True)
+    for flag, kind in TARGET_FLAGS:
+        target.add_argument(f"--{flag}", type=int, metavar="ID", help=f"target a {kind}")
+    submit.add_argument("--args", default="{}", help="action arguments as a JSON object")
+    submit.add_argument("--by", default="taskomatic submit", help="submitted_by text")
+
+    tasks = sub.add_parser("tasks", help="list tasks, newest first")
+    _common_options(tasks)
+    tasks.add_argument("--state", choices=["queued", "running", "finished", "failed", "canceled"])
+    for flag, kind in TARGET_FLAGS:
+        tasks.add_argument(f"--{flag}", type=int, metavar="ID", help=f"only tasks on this {kind}")
+    tasks.add_argument("--action")
+    tasks.add_argument("--limit", type=int, default=50)
+    tasks.add_argument("--json", action="store_true", help="one JSON object per line")
+
+    cancel = sub.add_parser("cancel", help="cancel a queued task")
+    _common_options(cancel)
+    cancel.add_argument("task_id", type=int)
+
+    demo = sub.add_parser("demo", help="run a demo fleet on a private PostgreSQL and libvirt nodes")
+    _common_options(demo)
+    demo.add_argument("--vms", type=int, default=200)
+    demo.add_argument("--tasks", type=int, default=2000)
+    demo.add_argument("--shards", type=int, default=4)
+    demo.add_argument("--nodes", type=int, default=2)
+    demo.add_argument("--seed", type=int, default=1)
+    demo.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def resolve_config(args: argparse.Namespace) -> Config:
+    overrides: dict[str, Any] = config_mod.parse_overrides(getattr(args, "settings", []) or [])
+    for name in ("dsn", "state_dir", "log_level", "shards", "mode"):
+        value = getattr(args, name, None)
+        if value is not None:
+            overrides[name] = value
+    if "shards" in overrides and overrides["shards"] < 1:
+        raise ConfigError("--shards must be at least 1")
+    return config_mod.load(getattr(args, "config", None), overrides=overrides)
+
+
+@contextlib.contextmanager
+def database(config: Config) -> Iterator[Config]:
+    """The configured database, or the private one under the state directory.
+
+    The private one is started if needed (and stopped afterwards if we started
+    it) and its schema kept current, so every command works with no setup.
+    """
+    if config.dsn:
+        yield config
+        return
+    from taskomatic.embedded.postgres import EmbeddedPostgres
+
+    server = EmbeddedPostgres(config.resolved_state_dir() / "postgres", user=config.embedded_user or None)
+    server.start()
+    try:
+        from taskomatic.db import migrate
+        from taskomatic.db.store import connect
+
+        conn = connect(server.dsn, "taskomatic upgrade", config.connect_timeout)
+        try:
+            migrate.upgrade(conn)
+        finally:
+            conn.close()
+        yield Config(**{**_fields(config), "dsn": server.dsn})
+    finally:
+        if server.started_by_us:
+            server.stop()
+
+
+def _fields(config: Config) -> dict[str, Any]:
+    from dataclasses import fields
+
+    return {f.name: getattr(config, f.name) for f in fields(config)}
+
+
+def cmd_run(config: Config) -> int:
+    from taskomatic.runtime.supervisor import run_daemon
+
+    with database(config) as resolved:
+        return run_daemon(resolved)
+
+
+def cmd_db_upgrade(config: Config, dry_run: bool) -> int:
+    from taskomatic.db import migrate
+    from taskomatic.db.store import connect
+
+    with database(config) as resolved:
+        conn = connect(resolved.dsn, "taskomatic db upgrade", resolved.connect_timeout)
+        try:
+            done = migrate.upgrade(conn, dry_run=dry_run)
+        finally:
+            conn.close()
+    verb = "pending" if dry_run else "applied"
+    if not done:
+        print("schema is up to date")
+    for m in done:
+        print(f"{verb}: {m.version:04d}_{m.name}")
+    return 0
+
+
+def cmd_submit(config: Config, args: argparse.Namespace) -> int:
+    from taskomatic.db.store import Store
+
+    try:
+        task_args = json.loads(args.args)
+    except json.JSONDecodeError as exc:
+        print(f"taskomatic: --args is not valid JSON: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if not isinstance(task_args, dict):
+        print("taskomatic: --args must be a JSON object, e.g. '{\"host_id\": 3}'", file=sys.stderr)
+        return EXIT_USAGE
+    target_type, target_id = next((kind, getattr(args, flag)) for flag, kind in TARGET_FLAGS
+                                  if getattr(args, flag) is not None)
+    with database(config) as resolved:
+        store = Store.open(resolved.dsn, "taskomatic submit", resolved.connect_timeout)
+        with store.transaction():
+            task_id = store.scalar("submit_task", target_type=target_type, target_id=target_id,
+                                   action=args.action, args=json.dumps(task_args), submitted_by=args.by)
+        store.close()
+    print(task_id)
+    return 0
+
+
+def _fmt_time(value: Any) -> str:
+    return value.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] if value is not None else "-"
+
+
+def cmd_tasks(config: Config, args: argparse.Namespace) -> int:
+    from taskomatic.db.store import Store
+
+    target_type = target_id = None
+    for flag, kind in TARGET_FLAGS:
+        if getattr(args, flag) is not None:
+            target_type, target_id = kind, getattr(args, flag)
+    with database(config) as resolved:
+        store = Store.open(resolved.dsn, "taskomatic tasks", resolved.connect_timeout)
+        rows = store.all("list_tasks", state=args.state, target_type=target_type, target_id=target_id,
+                         action=args.action, limit=args.limit)
+        store.close()
+    if args.json:
+        for row in rows:
+            print(json.dumps(row, default=str))
+        return 0
+    header = ("ID", "STATE", "ACTION", "TARGET", "STARTED", "ENDED", "MESSAGE")
+    lines = [header]
+    for r in rows:
+        lines.append((str(r["id"]), r["state"], r["action"], f"{r['task_target_type']}:{r['task_target_id']}",
+                      _fmt_time(r["time_started"]), _fmt_time(r["time_ended"]), (r["message"] or "")[:80]))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header) - 1)]
+    for line in lines:
+        print("  ".join(cell.ljust(w) for cell, w in zip(line, widths)) + "  " + line[-1])
+    return 0
+
+
+def cmd_cancel(config: Config, task_id: int) -> int:
+    from taskomatic.db.store import Store
+
+    with database(config) as resolved:
+        store = Store.open(resolved.dsn, "taskomatic cancel", resolved.connect_timeout)
+        with store.transaction():
+            canceled = store.one("cancel_task", task_id=task_id, message="canceled by taskomatic cancel")
+            state = None if canceled else store.one("task_states", ids=[task_id])
+        store.close()
+    if canceled:
+        print(f"task {task_id} canceled")
+        return 0
+    if state is None:
+        print(f"taskomatic: no task {task_id}", file=sys.stderr)
+    else:
+        print(f"taskomatic: task {task_id} is {state['state']}; only queued tasks can be canceled",
+              file=sys.stderr)
+    return EXIT_FAILED
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        config = resolve_config(args)
+    except ConfigError as exc:
+        print(f"taskomatic: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    setup_logging(config.log_level, role="supervisor" if args.command in (None, "run") else "cli")
+    from taskomatic.db.store import DatabaseUnavailable
+
+    try:
+        if args.command in (None, "run"):
+            return cmd_run(config)
+        if args.command == "db":
+            return cmd_db_upgrade(config, args.dry_run)
+        if args.command == "submit":
+            return cmd_submit(config, args)
+        if args.command == "tasks":
+            return cmd_tasks(config, args)
+        if args.command == "cancel":
+            return cmd_cancel(config, args.task_id)
+        if args.command == "demo":
+            from taskomatic.demo import run_demo
+
+            return run_demo(config, args)
+    except DatabaseUnavailable as exc:
+        print(f"taskomatic: {exc}", file=sys.stderr)
+        return EXIT_DATABASE
+    except KeyboardInterrupt:
+        return 130
+    parser.error(f"unknown command {args.command}")
+    return EXIT_USAGE

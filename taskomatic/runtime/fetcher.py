@@ -1,0 +1,334 @@
+"""The fetcher: claims queued tasks in bulk and routes them to the shards.
+
+::
+
+    tasks table --claim_tasks (oldest first, in bulk)--> backlog[slot] --Run (window)--> shard slot
+         ^                                                                               |
+         +------------------------------- Ended (after the outcome is committed) --------+
+
+Each shard has its own socket, so a shard that dies can only break its own
+channel. The fetcher keeps what it claimed for a slot (``backlog``: not yet
+sent; ``sent``: sent, not yet ended) and sends at most ``SEND_WINDOW`` ahead,
+so a busy shard never blocks the fetcher and a drain hands back almost
+everything from here. When a new shard connects for a slot, what the old one
+was sent is checked against the database: ended tasks are forgotten, the
+``running`` one is sent for reconciliation, the rest again in id order.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import time
+from collections import deque
+from dataclasses import dataclass, field, replace
+
+import psycopg2
+import psycopg2.extensions
+from multiprocess.connection import Connection, wait
+
+from taskomatic.config import Config
+from taskomatic.db.store import Store, connect
+from taskomatic.logsetup import set_process_title, setup_logging
+from taskomatic.runtime.messages import (
+    Drain,
+    Drained,
+    Ended,
+    FetcherStatus,
+    Hello,
+    Run,
+    Started,
+    TaskRow,
+)
+from taskomatic.runtime.router import OrderingKey, shard_for
+
+log = logging.getLogger(__name__)
+
+NOTIFY_CHANNEL = "taskomatic_new_tasks"
+SEND_WINDOW = 8  # tasks sent to a shard ahead of the one it runs
+STATUS_INTERVAL = 1.0
+STARTUP_WAIT = 30.0  # how long to wait for every shard before adopting held tasks
+
+
+@dataclass
+class Slot:
+    index: int
+    channel: Connection | None = None
+    pid: int | None = None
+    backlog: deque[TaskRow] = field(default_factory=deque)
+    sent: dict[int, TaskRow | None] = field(default_factory=dict)
+    current: int | None = None
+    drained: bool = False
+
+    @property
+    def held(self) -> int:
+        return len(self.backlog) + len(self.sent)
+
+
+def task_from_row(row: dict) -> TaskRow:
+    return TaskRow(
+        id=row["id"], target_type=row["task_target_type"], target_id=row["task_target_id"],
+        action=row["action"], args=row["args"], key_type=row["key_type"], key_id=row["key_id"],
+        state=row["state"],
+    )
+
+
+class Fetcher:
+    def __init__(self, config: Config, instance_id: int, socket_path: str,
+                 supervisor: Connection) -> None:
+        self.config = config
+        self.instance_id = instance_id
+        self.supervisor = supervisor
+        self.slots = [Slot(i) for i in range(config.shards)]
+        self.signals: list[int] = []
+        self.draining = False
+        self.stopping_fast = False
+        self.adopted = False
+        self.started_at = time.monotonic()
+        self.done_total = 0
+        self.store = Store.open(config.dsn, "taskomatic fetcher", config.connect_timeout)
+        self.listen_conn = self._listen()
+        self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        if os.path.exists(socket_path):
+            os.unlink(socket_path)  # left by an earlier fetcher of this instance
+        self.server.bind(socket_path)
+        self.server.listen(64)
+        self.server.setblocking(False)
+
+    def _listen(self) -> psycopg2.extensions.connection:
+        conn = connect(self.config.dsn, "taskomatic fetcher (listen)", self.config.connect_timeout)
+        conn.set_isolation_level(psycopg2.extensions.ISOLATION_LEVEL_AUTOCOMMIT)
+        with conn.cursor() as cur:
+            cur.execute(f"LISTEN {NOTIFY_CHANNEL}")
+        return conn
+
+    def _record_signal(self, signum: int, _frame: object) -> None:
+        self.signals.append(signum)
+
+    # -- main loop ------------------------------------------------------------------
+    def serve(self) -> int:
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, self._record_signal)
+        claim_wanted = True
+        next_poll = time.monotonic()
+        next_status = time.monotonic()
+        while True:
+            self._handle_signals()
+            if self.stopping_fast:
+                self._release_unstarted()
+                return 0
+            if self.draining and all(s.channel is None or s.drained for s in self.slots):
+                self._release_unstarted()
+                log.info("drained; handed back the unstarted tasks")
+                return 0
+            if not self.adopted and (all(s.channel is not None for s in self.slots)
+                                     or time.monotonic() - self.started_at > STARTUP_WAIT):
+                self._adopt_held()
+            now = time.monotonic()
+            if now >= next_poll:
+                claim_wanted = True
+                next_poll = now + self.config.poll_interval
+            if claim_wanted and self.adopted and not self.draining:
+                claim_wanted = self._claim()
+            for slot in self.slots:
+                self._send_window(slot)
+            if now >= next_status:
+                self._report_status()
+                next_status = now + STATUS_INTERVAL
+            timeout = 0.0 if claim_wanted else max(0.0, min(next_poll, next_status) - time.monotonic())
+            if self._wait(timeout):
+                claim_wanted = True
+
+    def _wait(self, timeout: float) -> bool:
+        """Wait for shard messages, new shards or a notification; True if notified."""
+        channels = [s.channel for s in self.slots if s.channel is not None]
+        ready = wait([*channels, self.server, self.listen_conn], timeout)
+        notified = False
+        for obj in ready:
+            if obj is self.server:
+                self._accept()
+            elif obj is self.listen_conn:
+                self.listen_conn.poll()
+                if self.listen_conn.notifies:
+                    self.listen_conn.notifies.clear()
+                    notified = True
+            else:
+                self._read_shard(obj)
+        return notified
+
+    def _handle_signals(self) -> None:
+        while self.signals:
+            signum = self.signals.pop(0)
+            if signum == signal.SIGTERM and not self.draining:
+                log.info("draining: no more claims; shards finish their current task")
+                self.draining = True
+                for slot in self.slots:
+                    self._send(slot, Drain())
+            elif signum in (signal.SIGTERM, signal.SIGINT):
+                self.stopping_fast = True
+            elif signum == signal.SIGHUP:
+                log.info("reload requested (claim settings take effect on restart)")
+
+    # -- shards -------------------------------------------------------------------
+    def _accept(self) -> None:
+        try:
+            sock, _ = self.server.accept()
+        except BlockingIOError:
+            return
+        sock.setblocking(True)
+        channel = Connection(sock.detach())
+        if not channel.poll(5):
+            channel.close()
+            return
+        try:
+            hello = channel.recv()
+        except (EOFError, OSError):
+            channel.close()
+            return
+        if not isinstance(hello, Hello) or not 0 <= hello.slot < len(self.slots):
+            log.error("unexpected first message from a shard: %r", hello)
+            channel.close()
+            return
+        slot = self.slots[hello.slot]
+        if slot.channel is not None:
+            slot.channel.close()
+        slot.channel, slot.pid, slot.drained, slot.current = channel, hello.pid, False, None
+        self._resync(slot, set(hello.held))
+        log.info("shard %d connected (pid %d)", slot.index, hello.pid)
+        if self.draining:
+            self._send(slot, Drain())
+
+    def _resync(self, slot: Slot, held: set[int]) -> None:
+        """A shard (re)connected holding ``held``; re-route what it lost."""
+        lost = [task_id for task_id in slot.sent if task_id not in held]
+        for task_id in held:
+            slot.sent.setdefault(task_id, None)
+        if not lost:
+            return
+        states = {r["id"]: r for r in self.store.all("task_states", ids=lost)}
+        self.store.rollback()
+        again: list[TaskRow] = []
+        for task_id in lost:
+            task = slot.sent.pop(task_id)
+            row = states.get(task_id)
+            if task is None or row is None or row["claimed_by"] != self.instance_id:
+                continue
+            if row["state"] in ("queued", "running"):
+                again.append(replace(task, state=row["state"]))
+            else:
+                self.done_total += 1
+        if again:
+            log.info("shard %d lost %d tasks; resending (%d to reconcile)", slot.index, len(again),
+                     sum(t.state == "running" for t in again))
+        slot.backlog.extendleft(reversed(again))
+
+    def _read_shard(self, channel: Connection) -> None:
+        slot = next(s for s in self.slots if s.channel is channel)
+        try:
+            while channel.poll(0):
+                message = channel.recv()
+                if isinstance(message, Ended):
+                    slot.sent.pop(message.task_id, None)
+                    slot.current = None
+                    self.done_total += 1
+                elif isinstance(message, Started):
+                    slot.current = message.task_id
+                elif isinstance(message, Drained):
+                    slot.drained = True
+                    for task_id in message.returned:
+                        slot.sent.pop(task_id, None)
+        except (EOFError, OSError):
+            log.warning("shard %d disconnected with %d tasks in hand", slot.index, len(slot.sent))
+            channel.close()
+            slot.channel = None
+            slot.current = None
+
+    def _send(self, slot: Slot, message: object) -> bool:
+        if slot.channel is None:
+            return False
+        try:
+            slot.channel.send(message)
+            return True
+        except (OSError, EOFError):
+            slot.channel.close()
+            slot.channel = None
+            return False
+
+    def _send_window(self, slot: Slot) -> None:
+        if self.draining:
+            return
+        while slot.channel is not None and slot.backlog and len(slot.sent) < SEND_WINDOW:
+            task = slot.backlog[0]
+            if not self._send(slot, Run(task)):
+                return
+            slot.backlog.popleft()
+            slot.sent[task.id] = task
+
+    # -- database ---------------------------------------------------------------------
+    def _route(self, task: TaskRow) -> None:
+        key = OrderingKey(task.key_type or task.target_type, task.key_id)
+        self.slots[shard_for(key, len(self.slots))].backlog.append(task)
+
+    def _adopt_held(self) -> None:
+        """Route every task we hold that no shard has: left by a dead fetcher or an earlier crash."""
+        in_hand = {task_id for s in self.slots for task_id in s.sent} | {
+            t.id for s in self.slots for t in s.backlog}
+        rows = self.store.all("held_tasks", instance_id=self.instance_id)
+        self.store.rollback()
+        adopted = [task_from_row(r) for r in rows if r["id"] not in in_hand]
+        for task in adopted:
+            self._route(task)
+        if adopted:
+            log.info("adopted %d held tasks (%d to reconcile)", len(adopted),
+                     sum(t.state == "running" for t in adopted))
+        self.adopted = True
+
+    def _claim(self) -> bool:
+        """Claim a batch if there is room; True if more may be waiting."""
+        capacity = len(self.slots) * self.config.max_claimed_per_shard
+        held = sum(s.held for s in self.slots)
+        room = min(self.config.claim_batch, capacity - held)
+        if room <= 0 or (room < self.config.claim_batch // 4 and held > 0):
+            return False
+        with self.store.transaction():
+            rows = self.store.all("claim_tasks", instance_id=self.instance_id, limit=room)
+        for row in sorted(rows, key=lambda r: r["id"]):
+            self._route(task_from_row(row))
+        if rows:
+            log.debug("claimed %d tasks", len(rows))
+        return len(rows) == room
+
+    def _release_unstarted(self) -> None:
+        with self.store.transaction():
+            released = self.store.run("release_unstarted", instance_id=self.instance_id)
+        if released:
+            log.info("handed back %d claimed tasks that had not started", released)
+
+    def _report_status(self) -> None:
+        status = FetcherStatus(
+            all_shards_up=self.adopted and all(s.channel is not None for s in self.slots),
+            queued_local=sum(s.held for s in self.slots),
+            running=sum(s.current is not None for s in self.slots),
+            done_total=self.done_total,
+            shards_connected=sum(s.channel is not None for s in self.slots),
+        )
+        try:
+            self.supervisor.send(status)
+        except (OSError, EOFError):
+            # The supervisor is gone: nothing will restart us or the shards.
+            log.error("lost the supervisor; stopping fast")
+            self.stopping_fast = True
+
+
+def fetcher_main(config: Config, instance_id: int, socket_path: str, supervisor: Connection) -> None:
+    setup_logging(config.log_level, role="fetcher")
+    set_process_title(f"taskomatic: fetcher ({config.shards} shards)")
+    try:
+        fetcher = Fetcher(config, instance_id, socket_path, supervisor)
+    except Exception:
+        log.exception("fetcher failed to start")
+        raise SystemExit(3) from None
+    raise SystemExit(fetcher.serve())
+

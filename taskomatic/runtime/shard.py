@@ -1,0 +1,351 @@
+"""A shard: runs the tasks the fetcher routes to it, one at a time, in order.
+
+The shard owns its task writes. Before a task's action touches a node, the
+shard commits ``running`` (refused if the task was canceled or is no longer
+ours) together with the resource's transient state. The outcome is taken when
+the action returns and written with the next task's start, or at once when the
+shard falls idle; either way before the fetcher hears the task ended. So at
+most one task per shard is ``running`` in the database, and a crash leaves
+nothing ambiguous for reconciliation.
+
+A task the fetcher sends with state ``running`` was interrupted by a crash:
+the shard reconciles it against the real state before anything else.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import time
+from collections import deque
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Callable, TypeVar
+
+from multiprocess.connection import Connection, wait
+
+from taskomatic import config as config_mod
+from taskomatic.actions.base import (
+    Action,
+    ActionContext,
+    Outcome,
+    Plan,
+    RowUpdate,
+    Settlement,
+    TaskFailed,
+    load_actions,
+)
+from taskomatic.actions.connections import LibvirtConnections
+from taskomatic.config import Config
+from taskomatic.db.store import Store
+from taskomatic.logsetup import set_process_title, setup_logging
+from taskomatic.runtime.messages import Drain, Drained, Ended, Hello, Run, Started, TaskRow
+
+log = logging.getLogger(__name__)
+
+_RECONNECT_SECONDS = 1.0
+T = TypeVar("T")
+
+
+def now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+@dataclass
+class PendingOutcome:
+    task: TaskRow
+    outcome: Outcome
+    time_started: datetime | None
+    time_ended: datetime
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    return {list: "an array", str: "a string", bool: "a boolean", int: "a number",
+            float: "a number"}.get(type(value), type(value).__name__)
+
+
+class Shard:
+    def __init__(self, slot: int, shards: int, config: Config, instance_id: int,
+                 fetcher_socket: str) -> None:
+        self.slot = slot
+        self.shards = shards
+        self.config = config
+        self.instance_id = instance_id
+        self.fetcher_socket = fetcher_socket
+        self.queue: deque[TaskRow] = deque()
+        self.pending: PendingOutcome | None = None
+        self.channel: Connection | None = None
+        self._flushed: PendingOutcome | None = None
+        self.signals: list[int] = []
+        self.stop_fast = False
+        self.draining = False
+        self.store = Store.open(config.dsn, f"taskomatic shard {slot}", config.connect_timeout)
+        self.actions: dict[str, Action] = load_actions()
+        self.ctx = ActionContext(self.store, config, LibvirtConnections())
+
+    # -- signals: the handler only records; the loop acts ---------------------
+    def _record_signal(self, signum: int, _frame: object) -> None:
+        self.signals.append(signum)
+
+    def _handle_signals(self) -> None:
+        while self.signals:
+            signum = self.signals.pop(0)
+            if signum == signal.SIGHUP:
+                self._reload()
+            else:  # SIGINT / SIGTERM: the supervisor wants us gone after this task
+                self.stop_fast = True
+
+    def _reload(self) -> None:
+        try:
+            fresh = config_mod.load(self.config.source_path, overrides={
+                "dsn": self.config.dsn, "shards": self.config.shards, "mode": self.config.mode})
+        except config_mod.ConfigError as exc:
+            log.error("reload refused, keeping the old configuration: %s", exc)
+            return
+        self.config = fresh
+        self.ctx.config = fresh
+        logging.getLogger().setLevel(fresh.log_level.upper())
+        log.info("configuration reloaded")
+
+    # -- channel to the fetcher -------------------------------------------------
+    def _connect(self) -> bool:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(self.fetcher_socket)
+        except OSError as exc:
+            sock.close()
+            log.debug("fetcher not reachable yet: %s", exc)
+            return False
+        self.channel = Connection(sock.detach())
+        held = tuple(t.id for t in self.queue)
+        self.channel.send(Hello(self.slot, os.getpid(), held))
+        return True
+
+    def _send(self, message: object) -> None:
+        if self.channel is None:
+            return
+        try:
+            self.channel.send(message)
+        except (OSError, EOFError):
+            log.warning("lost the fetcher; carrying on with %d local tasks", len(self.queue))
+            self.channel = None
+
+    def _receive(self, timeout: float) -> None:
+        if self.channel is None:
+            return
+        try:
+            ready = wait([self.channel], timeout)
+            while ready:
+                message = self.channel.recv()
+                if isinstance(message, Run):
+                    self.queue.append(message.task)
+                elif isinstance(message, Drain):
+                    self.draining = True
+                ready = wait([self.channel], 0)
+        except (OSError, EOFError):
+            log.warning("lost the fetcher; carrying on with %d local tasks", len(self.queue))
+            self.channel = None
+
+    # -- main loop ----------------------------------------------------------------
+    def serve(self) -> int:
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, self._record_signal)
+        last_attempt = 0.0
+        while True:
+            self._handle_signals()
+            if self.channel is None and time.monotonic() - last_attempt >= _RECONNECT_SECONDS:
+                last_attempt = time.monotonic()
+                self._connect()
+            self._receive(0 if self.queue else 0.5)
+            if self.stop_fast or self.draining:
+                self._flush()
+                if self.draining:
+                    self._send(Drained(tuple(t.id for t in self.queue)))
+                return 0
+            if self.queue:
+                self.run_task(self.queue.popleft())
+            elif self.pending is not None:
+                self._flush()
+
+    # -- one task ---------------------------------------------------------------
+    def _check(self, task: TaskRow) -> Action:
+        """The action for a task, or TaskFailed saying what is wrong with the row."""
+        action = self.actions.get(task.action)
+        if action is None:
+            known = ", ".join(sorted(self.actions))
+            raise TaskFailed(f"unknown action {task.action!r} (known actions: {known})")
+        if task.target_type not in action.target_types:
+            raise TaskFailed(
+                f"action {task.action} acts on {' or '.join(action.target_types)}, "
+                f"not on task_target_type {task.target_type!r}")
+        if not isinstance(task.args, dict):
+            raise TaskFailed(f"args must be a JSON object, got {_json_type(task.args)}")
+        action.validate_args(task.args)
+        return action
+
+    def run_task(self, task: TaskRow) -> None:
+        pending_key = None if self.pending is None else (self.pending.task.key_type, self.pending.task.key_id)
+        if pending_key == (task.key_type, task.key_id):
+            self._flush()  # this task must see its predecessor's effects in the rows
+        rerun = False
+        try:
+            action = self._check(task)
+            if task.state == "running":
+                settled = action.reconcile(self.ctx, task)
+                self.store.rollback()
+                log.info("task %s (%s %s:%s) reconciled: %s: %s", task.id, task.action, task.target_type,
+                         task.target_id, settled.kind, settled.message)
+                if settled.kind == Settlement.DONE:
+                    self._settle(task, Outcome.finished(settled.message, *settled.row_updates))
+                    return
+                if settled.kind == Settlement.NEITHER:
+                    self._settle(task, Outcome.failed(settled.message, *settled.row_updates))
+                    return
+                rerun = True
+            plan = action.prepare(self.ctx, task)
+            self.store.rollback()
+        except TaskFailed as failure:
+            self.store.rollback()
+            self._fail_before_start(task, failure.message, failure.row_updates)
+            return
+        except Exception as exc:  # a bug must cost one task, not the shard
+            self.store.rollback()
+            log.exception("task %s: unexpected error while preparing", task.id)
+            self._fail_before_start(task, f"internal error while preparing {task.action}: {exc!r}", [])
+            return
+        if plan.already_done is not None:
+            self._settle(task, plan.already_done, mark_running=not rerun)
+            return
+        if not self._begin(task, plan, rerun):
+            return
+        self._send(Started(task.id))
+        started = now()
+        try:
+            outcome = action.perform(self.ctx, plan)
+        except Exception as exc:
+            log.exception("task %s: unexpected error in %s", task.id, task.action)
+            outcome = Outcome.failed(f"internal error in {task.action}: {exc!r}")
+        ended = now()
+        self.store.rollback()  # end any read transaction the action left open
+        self.pending = PendingOutcome(task, outcome, started, ended)
+        self._log_outcome(task, outcome)
+
+    def _commit_with_pending(self, work: Callable[[], T]) -> T:
+        """Run ``work`` in one transaction that also writes the held outcome.
+
+        The fetcher hears a task ended only after its outcome is committed, so
+        it never forgets a task whose end could still be lost.
+        """
+        try:
+            with self.store.transaction():
+                if self.pending is not None:
+                    self._write(self.pending)
+                    self._flushed, self.pending = self.pending, None
+                result = work()
+        except BaseException:
+            if self._flushed is not None:  # rolled back: hold it again
+                self.pending, self._flushed = self._flushed, None
+            raise
+        if self._flushed is not None:
+            self._send(Ended(self._flushed.task.id, self._flushed.outcome.state))
+            self._flushed = None
+        return result
+
+    def _mark(self, task: TaskRow, query_name: str, moment: datetime) -> bool:
+        marked = self.store.one(query_name, task_id=task.id, instance_id=self.instance_id,
+                                time_started=moment)
+        if marked is None:
+            log.info("task %s was canceled or is no longer ours; skipped", task.id)
+        return marked is not None
+
+    def _begin(self, task: TaskRow, plan: Plan, rerun: bool) -> bool:
+        """Commit 'running' + transient state (and the previous outcome). False: skip the task."""
+
+        def work() -> bool:
+            if not self._mark(task, "mark_rerun" if rerun else "mark_running", now()):
+                return False
+            plan.begin(self.store)
+            return True
+
+        try:
+            began = self._commit_with_pending(work)
+        except TaskFailed as failure:
+            self._fail_before_start(task, failure.message, failure.row_updates)
+            return False
+        if not began:
+            self._send(Ended(task.id, "skipped"))
+        return began
+
+    def _settle(self, task: TaskRow, outcome: Outcome, mark_running: bool = False) -> None:
+        """Write an outcome decided without performing anything (no-op success, reconciliation)."""
+        moment = now()
+
+        def work() -> bool:
+            if mark_running and not self._mark(task, "mark_running", moment):
+                return False
+            return self._write(PendingOutcome(task, outcome, moment if mark_running else None, moment))
+
+        written = self._commit_with_pending(work)
+        if written:
+            self._log_outcome(task, outcome)
+        self._send(Ended(task.id, outcome.state if written else "skipped"))
+
+    def _fail_before_start(self, task: TaskRow, message: str, updates: list[RowUpdate]) -> None:
+        moment = now()
+
+        def work() -> None:
+            failed = self.store.one("fail_unstartable", task_id=task.id, instance_id=self.instance_id,
+                                    message=message, time=moment)
+            if failed is not None:
+                for update in updates:
+                    self.store.update_row(update.table, update.row_id, update.values)
+
+        self._commit_with_pending(work)
+        log.warning("task %s (%s %s:%s) failed: %s", task.id, task.action, task.target_type,
+                    task.target_id, message)
+        self._send(Ended(task.id, "failed"))
+
+    # -- outcomes ---------------------------------------------------------------
+    def _write(self, pending: PendingOutcome) -> bool:
+        written = self.store.one(
+            "record_outcome", task_id=pending.task.id, instance_id=self.instance_id,
+            state=pending.outcome.state, message=pending.outcome.message,
+            time_started=pending.time_started, time_ended=pending.time_ended)
+        if written is None:
+            # Fencing: someone else owns the task now; our rows must not overwrite theirs.
+            log.warning("task %s: outcome %s not recorded, the task is no longer ours",
+                        pending.task.id, pending.outcome.state)
+            return False
+        for update in pending.outcome.row_updates:
+            self.store.update_row(update.table, update.row_id, update.values)
+        return True
+
+    def _flush(self) -> None:
+        if self.pending is not None:
+            self._commit_with_pending(lambda: None)
+
+    @staticmethod
+    def _log_outcome(task: TaskRow, outcome: Outcome) -> None:
+        level = logging.INFO if outcome.state == "finished" else logging.WARNING
+        log.log(level, "task %s (%s %s:%s) %s%s", task.id, task.action, task.target_type, task.target_id,
+                outcome.state, f": {outcome.message}" if outcome.message else "")
+
+
+def shard_main(slot: int, shards: int, config: Config, instance_id: int,
+               fetcher_socket: str) -> None:
+    """Entry point of a shard process (spawned, so it starts with nothing inherited)."""
+    setup_logging(config.log_level, role=f"shard {slot}")
+    set_process_title(f"taskomatic: shard {slot}/{shards}")
+    # A shard runs until told; a terminal's Ctrl-C goes to the whole group and
+    # the supervisor decides what it means.
+    try:
+        shard = Shard(slot, shards, config, instance_id, fetcher_socket)
+    except Exception:
+        log.exception("shard %d failed to start", slot)
+        raise SystemExit(3) from None
+    raise SystemExit(shard.serve())
+

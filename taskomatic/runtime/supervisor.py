@@ -1,0 +1,376 @@
+"""The supervisor: owns signals, starts and restarts the fetcher and the shards.
+
+Signal handlers only record the signal (and wake the loop through a pipe);
+the loop acts on it:
+
+- SIGTERM: drain. The fetcher stops claiming, shards finish their current
+  task, whatever was claimed but not started is handed back; exit 0.
+- a second SIGTERM, or SIGINT: stop fast. Children get SIGINT, and SIGKILL
+  after ``fast_stop_timeout``; an interrupted task is reconciled at next start.
+- SIGHUP: reload the configuration; children reload too.
+
+Children are started with the "spawn" method: each begins as a fresh
+interpreter and opens its own database and libvirt connections, so nothing
+the supervisor holds (its guard connection) leaks into them. A dead child is
+replaced in the same slot; one that keeps failing to boot stops the
+supervisor with EXIT_CHILD_FAILING so systemd decides what next.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import multiprocess
+import sdnotify
+
+from taskomatic import __version__
+from taskomatic import config as config_mod
+from taskomatic.config import Config
+from taskomatic.db import migrate
+from taskomatic.db.store import Store
+from taskomatic.logsetup import set_process_title
+from taskomatic.runtime.fetcher import fetcher_main
+from taskomatic.runtime.messages import FetcherStatus
+from taskomatic.runtime.shard import shard_main
+
+log = logging.getLogger(__name__)
+
+# Exit codes (documented in the README).
+EXIT_OK = 0
+EXIT_CONFIG = 3
+EXIT_DATABASE = 4
+EXIT_ALREADY_RUNNING = 5
+EXIT_CHILD_FAILING = 6
+
+# Shared by every taskomatic: standalone takes it exclusively, multihost shared.
+INSTANCE_LOCK_ID = 0x7A5C0002
+CHILD_BOOT_SECONDS = 5.0  # a child that dies sooner "failed to boot"
+MAX_BOOT_FAILURES = 5
+HEARTBEAT_INTERVAL = 10.0
+
+
+class StartupRefused(Exception):
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@dataclass
+class Child:
+    role: str  # "fetcher" or "shard"
+    slot: int
+    process: Any = None
+    started_at: float = 0.0
+    boot_failures: int = 0
+    respawn_at: float = 0.0
+
+
+class Supervisor:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.mp = multiprocess.get_context("spawn")
+        self.notifier = sdnotify.SystemdNotifier()
+        self.signals: list[int] = []
+        self.stopping: str | None = None  # None, "drain" or "fast"
+        self.stop_deadline = 0.0
+        self.ready_sent = False
+        self.last_status: FetcherStatus | None = None
+        self.last_status_at = time.monotonic()
+        self.done_history: list[tuple[float, int]] = []
+        self.store: Store | None = None
+        self.instance_id = 0
+        self.children: list[Child] = []
+        self.status_reader: Any = None
+        self.socket_path = ""
+        self.exit_code = EXIT_OK
+
+    # -- startup --------------------------------------------------------------------
+    def start(self) -> None:
+        """Connect, check the schema, take the guard, settle what an earlier run left."""
+        self.store = Store.open(self.config.dsn, "taskomatic supervisor", self.config.connect_timeout)
+        try:
+            migrate.check_current(self.store.conn)
+        except migrate.SchemaOutOfDate as exc:
+            raise StartupRefused(str(exc), EXIT_DATABASE) from None
+        guard = "try_standalone_guard" if self.config.mode == "standalone" else "try_multihost_guard"
+        if not self.store.scalar(guard, lock_id=INSTANCE_LOCK_ID):
+            holder = self._guard_holder()
+            raise StartupRefused(
+                f"another taskomatic instance holds this database{holder}; a standalone instance "
+                "must be the only one (stop it, or run both with --mode multihost)",
+                EXIT_ALREADY_RUNNING)
+        self.instance_id = self.store.scalar(
+            "register_instance", hostname=socket.gethostname(), pid=os.getpid(), version=__version__,
+            mode=self.config.mode, shards=self.config.shards)
+        if self.config.mode == "standalone":
+            adopted = self.store.run("adopt_orphaned_claims", instance_id=self.instance_id)
+            if adopted:
+                log.info("took over %d tasks left by an earlier run; they will be settled", adopted)
+        self.store.commit()
+        log.info("instance %d started (%s, %d shards)", self.instance_id, self.config.mode, self.config.shards)
+
+    def _guard_holder(self) -> str:
+        assert self.store is not None
+        with self.store.conn.cursor() as cur:
+            cur.execute(
+                "SELECT a.pid, a.client_addr, a.application_name FROM pg_locks l "
+                "JOIN pg_stat_activity a ON a.pid = l.pid "
+                "WHERE l.locktype = 'advisory' AND l.objid = %s AND l.granted LIMIT 1",
+                (INSTANCE_LOCK_ID,))
+            row = cur.fetchone()
+        self.store.rollback()
+        if not row:
+            return ""
+        return f" (database backend pid {row[0]}, {row[2] or 'unknown application'})"
+
+    # -- children -------------------------------------------------------------------
+    def _socket_path(self) -> str:
+        run_dir = self.config.resolved_state_dir() / "run"
+        path = run_dir / f"fetcher-{self.instance_id}.sock"
+        if len(str(path)) < 100:  # AF_UNIX paths are limited to 108 bytes
+            run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            return str(path)
+        return str(Path(tempfile.mkdtemp(prefix="taskomatic-")) / "fetcher.sock")
+
+    def _spawn(self, child: Child) -> None:
+        if child.role == "fetcher":
+            reader, writer = self.mp.Pipe(duplex=False)
+            process = self.mp.Process(
+                target=fetcher_main, name="taskomatic-fetcher",
+                args=(self.config, self.instance_id, self.socket_path, writer))
+            process.start()
+            writer.close()  # our copy; the fetcher has its own
+            if self.status_reader is not None:
+                self.status_reader.close()
+            self.status_reader = reader
+            self.last_status_at = time.monotonic()
+        else:
+            process = self.mp.Process(
+                target=shard_main, name=f"taskomatic-shard-{child.slot}",
+                args=(child.slot, self.config.shards, self.config, self.instance_id, self.socket_path))
+            process.start()
+        child.process = process
+        child.started_at = time.monotonic()
+        log.debug("%s %d started as pid %d", child.role, child.slot, process.pid)
+
+    def _reap(self, child: Child) -> None:
+        process = child.process
+        process.join(0)
+        code = process.exitcode
+        child.process = None
+        if self.stopping:
+            return
+        lived = time.monotonic() - child.started_at
+        how = f"exit code {code}" if code is not None and code >= 0 else f"signal {-(code or 0)}"
+        log.warning("%s %d (pid %d) died (%s) after %.1fs; restarting it in the same slot",
+                    child.role, child.slot, process.pid, how, lived)
+        # Back off only for a child that keeps dying at boot (database down, say).
+        child.boot_failures = child.boot_failures + 1 if lived < CHILD_BOOT_SECONDS else 0
+        delay = min(30.0, 0.5 * 2 ** child.boot_failures) if child.boot_failures else 0.0
+        child.respawn_at = time.monotonic() + delay
+
+    # -- signals --------------------------------------------------------------------
+    def _record_signal(self, signum: int, _frame: object) -> None:
+        self.signals.append(signum)
+
+    def _handle_signals(self) -> None:
+        while self.signals:
+            signum = self.signals.pop(0)
+            if signum == signal.SIGHUP:
+                self._reload()
+            elif signum == signal.SIGTERM and self.stopping is None:
+                self._begin_drain()
+            else:
+                self._begin_fast_stop(signal.Signals(signum).name)
+
+    def _begin_drain(self) -> None:
+        log.info("SIGTERM: draining (a second SIGTERM or SIGINT stops fast)")
+        self.notifier.notify("STOPPING=1")
+        self.stopping = "drain"
+        self.stop_deadline = time.monotonic() + self.config.drain_timeout
+        fetcher = self.children[0].process
+        if fetcher is not None:
+            os.kill(fetcher.pid, signal.SIGTERM)
+        else:  # no fetcher to tell the shards: let them finish their task and go
+            self._signal_children(signal.SIGTERM, shards_only=True)
+
+    def _begin_fast_stop(self, why: str) -> None:
+        if self.stopping == "fast":
+            return
+        log.info("%s: stopping fast", why)
+        self.notifier.notify("STOPPING=1")
+        self.stopping = "fast"
+        self.stop_deadline = time.monotonic() + self.config.fast_stop_timeout
+        self._signal_children(signal.SIGINT)
+
+    def _signal_children(self, signum: int, shards_only: bool = False) -> None:
+        for child in self.children:
+            if child.process is not None and (child.role == "shard" or not shards_only):
+                try:
+                    os.kill(child.process.pid, signum)
+                except ProcessLookupError:
+                    pass
+
+    def _reload(self) -> None:
+        self.notifier.notify("RELOADING=1")
+        try:
+            fresh = config_mod.load(self.config.source_path, overrides={
+                "dsn": self.config.dsn, "shards": self.config.shards, "mode": self.config.mode})
+        except config_mod.ConfigError as exc:
+            log.error("SIGHUP: configuration not reloaded, keeping the running one: %s", exc)
+        else:
+            logging.getLogger().setLevel(fresh.log_level.upper())
+            self.config = fresh
+            self._signal_children(signal.SIGHUP)
+            log.info("SIGHUP: configuration reloaded")
+        self.notifier.notify("READY=1")
+
+    # -- main loop ------------------------------------------------------------------
+    def run(self) -> int:
+        set_process_title(f"taskomatic: supervisor ({self.config.mode}, {self.config.shards} shards)")
+        wake_read, wake_write = os.pipe()
+        os.set_blocking(wake_write, False)
+        os.set_blocking(wake_read, False)
+        signal.set_wakeup_fd(wake_write)
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, self._record_signal)
+        try:
+            self.start()
+            self.socket_path = self._socket_path()
+            self.children = [Child("fetcher", 0)] + [Child("shard", i) for i in range(self.config.shards)]
+            for child in self.children:
+                self._spawn(child)
+            return self._loop(wake_read)
+        finally:
+            signal.set_wakeup_fd(-1)
+            os.close(wake_read)
+            os.close(wake_write)
+            self._shutdown()
+
+    def _loop(self, wake_read: int) -> int:
+        from multiprocess.connection import wait
+
+        next_heartbeat = time.monotonic() + HEARTBEAT_INTERVAL
+        while True:
+            self._handle_signals()
+            now = time.monotonic()
+            alive = [c for c in self.children if c.process is not None]
+            if self.stopping and not alive:
+                log.info("all processes stopped")
+                return self.exit_code
+            if self.stopping and now >= self.stop_deadline:
+                if self.stopping == "drain":
+                    self._begin_fast_stop("drain timeout")
+                else:
+                    for child in alive:
+                        log.warning("%s %d did not stop in time; killing it", child.role, child.slot)
+                        child.process.kill()
+                    self.stop_deadline = now + self.config.fast_stop_timeout
+            if self.stopping == "drain" and self.children[0].process is None:
+                self._signal_children(signal.SIGTERM, shards_only=True)
+            if not self.stopping:
+                for child in self.children:
+                    if child.process is None and now >= child.respawn_at:
+                        if child.boot_failures >= MAX_BOOT_FAILURES:
+                            log.error("%s %d failed to start %d times in a row; giving up",
+                                      child.role, child.slot, child.boot_failures)
+                            self._begin_fast_stop("child failing")
+                            self.exit_code = EXIT_CHILD_FAILING
+                            break
+                        self._spawn(child)
+                self._check_fetcher_heartbeat(now)
+                if now >= next_heartbeat and self.store is not None:
+                    self.store.run("instance_heartbeat", instance_id=self.instance_id)
+                    self.store.commit()
+                    next_heartbeat = now + HEARTBEAT_INTERVAL
+            waitables: list[Any] = [wake_read]
+            waitables += [c.process.sentinel for c in self.children if c.process is not None]
+            if self.status_reader is not None:
+                waitables.append(self.status_reader)
+            for ready in wait(waitables, timeout=1.0):
+                if ready == wake_read:
+                    try:
+                        os.read(wake_read, 512)
+                    except BlockingIOError:
+                        pass
+                elif ready is self.status_reader:
+                    self._read_status()
+                else:
+                    for child in self.children:
+                        if child.process is not None and child.process.sentinel == ready:
+                            self._reap(child)
+
+    def _read_status(self) -> None:
+        try:
+            while self.status_reader.poll(0):
+                status = self.status_reader.recv()
+                if isinstance(status, FetcherStatus):
+                    self._on_status(status)
+        except (EOFError, OSError):
+            self.status_reader.close()
+            self.status_reader = None
+
+    def _on_status(self, status: FetcherStatus) -> None:
+        now = time.monotonic()
+        self.last_status, self.last_status_at = status, now
+        self.done_history.append((now, status.done_total))
+        self.done_history = [(t, d) for t, d in self.done_history if now - t <= 60.0]
+        if status.all_shards_up and not self.ready_sent and not self.stopping:
+            self.notifier.notify("READY=1")
+            self.ready_sent = True
+            log.info("ready: fetcher and %d shards up", self.config.shards)
+        per_minute = 0
+        if len(self.done_history) >= 2:
+            (t0, d0), (t1, d1) = self.done_history[0], self.done_history[-1]
+            if t1 > t0 and d1 >= d0:
+                per_minute = int((d1 - d0) * 60.0 / (t1 - t0))
+        shards_alive = sum(1 for c in self.children[1:] if c.process is not None)
+        self.notifier.notify(
+            f"STATUS=holding {status.queued_local}, running {status.running}, "
+            f"done {per_minute}/min, shards {shards_alive}/{self.config.shards} alive")
+        if status.all_shards_up and not self.stopping:
+            self.notifier.notify("WATCHDOG=1")
+
+    def _check_fetcher_heartbeat(self, now: float) -> None:
+        fetcher = self.children[0].process
+        if fetcher is not None and now - self.last_status_at > self.config.heartbeat_timeout:
+            log.error("fetcher (pid %d) silent for %.0fs; killing it to restart it", fetcher.pid,
+                      now - self.last_status_at)
+            fetcher.kill()
+            self.last_status_at = now
+
+    def _shutdown(self) -> None:
+        for child in self.children:
+            if child.process is not None and child.process.is_alive():
+                child.process.kill()
+                child.process.join(5)
+        if self.store is not None:
+            try:
+                self.store.rollback()
+                if self.instance_id:
+                    released = self.store.run("release_unstarted", instance_id=self.instance_id)
+                    if released:
+                        log.info("handed back %d claimed tasks", released)
+                    self.store.run("instance_stopped", instance_id=self.instance_id)
+                self.store.commit()
+            except Exception as exc:  # the database may be what failed
+                log.warning("could not record the stop: %s", exc)
+            self.store.close()
+
+
+def run_daemon(config: Config) -> int:
+    """Run one instance in the foreground until stopped; the exit code to return."""
+    supervisor = Supervisor(config)
+    try:
+        return supervisor.run()
+    except StartupRefused as exc:
+        log.error("%s", exc)
+        return exc.exit_code
