@@ -228,7 +228,7 @@ def cmd_tasks(config: Config, args: argparse.Namespace) -> int:
                       _fmt_time(r["time_started"]), _fmt_time(r["time_ended"]), (r["message"] or "")[:80]))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header) - 1)]
     for line in lines:
-        print("  ".join(cell.ljust(w) for cell, w in zip(line, widths)) + "  " + line[-1])
+        print("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=False)) + "  " + line[-1])
     return 0
 
 

@@ -13,9 +13,10 @@ from __future__ import annotations
 import configparser
 import os
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 DEFAULT_CONFIG_PATH = "/etc/taskomatic/taskomatic.conf"
 

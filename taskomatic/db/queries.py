@@ -15,7 +15,7 @@ def all_queries() -> dict[str, str]:
     parts = _HEADER.split(text)
     # parts = [preamble, name1, body1, name2, body2, ...]
     queries: dict[str, str] = {}
-    for name, body in zip(parts[1::2], parts[2::2]):
+    for name, body in zip(parts[1::2], parts[2::2], strict=False):
         lines = body.strip().splitlines()
         # First line is the description comment; keep only the SQL.
         sql = "\n".join(line for line in lines if not line.lstrip().startswith("--")).strip()

@@ -22,8 +22,7 @@ import os
 import signal
 import socket
 import time
-from collections import deque
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import psycopg2
 import psycopg2.extensions
@@ -32,6 +31,7 @@ from multiprocess.connection import Connection, wait
 from taskomatic.config import Config
 from taskomatic.db.store import Store, connect
 from taskomatic.logsetup import set_process_title, setup_logging
+from taskomatic.runtime.dispatch import Dispatcher
 from taskomatic.runtime.messages import (
     Drain,
     Drained,
@@ -42,7 +42,6 @@ from taskomatic.runtime.messages import (
     Started,
     TaskRow,
 )
-from taskomatic.runtime.router import OrderingKey, shard_for
 
 log = logging.getLogger(__name__)
 
@@ -53,18 +52,14 @@ STARTUP_WAIT = 30.0  # how long to wait for every shard before adopting held tas
 
 
 @dataclass
-class Slot:
+class ShardLink:
+    """The fetcher's view of one shard slot's process."""
+
     index: int
     channel: Connection | None = None
     pid: int | None = None
-    backlog: deque[TaskRow] = field(default_factory=deque)
-    sent: dict[int, TaskRow | None] = field(default_factory=dict)
     current: int | None = None
     drained: bool = False
-
-    @property
-    def held(self) -> int:
-        return len(self.backlog) + len(self.sent)
 
 
 def task_from_row(row: dict) -> TaskRow:
@@ -81,7 +76,8 @@ class Fetcher:
         self.config = config
         self.instance_id = instance_id
         self.supervisor = supervisor
-        self.slots = [Slot(i) for i in range(config.shards)]
+        self.slots = [ShardLink(i) for i in range(config.shards)]
+        self.dispatch = Dispatcher(config.shards, SEND_WINDOW)
         self.signals: list[int] = []
         self.draining = False
         self.stopping_fast = False
@@ -133,7 +129,8 @@ class Fetcher:
             if claim_wanted and self.adopted and not self.draining:
                 claim_wanted = self._claim()
             for slot in self.slots:
-                self._send_window(slot)
+                if slot.channel is not None and not self.draining:
+                    self._send_window(slot)
             if now >= next_status:
                 self._report_status()
                 next_status = now + STATUS_INTERVAL
@@ -200,20 +197,17 @@ class Fetcher:
         if self.draining:
             self._send(slot, Drain())
 
-    def _resync(self, slot: Slot, held: set[int]) -> None:
-        """A shard (re)connected holding ``held``; re-route what it lost."""
-        lost = [task_id for task_id in slot.sent if task_id not in held]
-        for task_id in held:
-            slot.sent.setdefault(task_id, None)
+    def _resync(self, slot: ShardLink, held: set[int]) -> None:
+        """A shard (re)connected holding ``held``; send again what the slot lost."""
+        lost = self.dispatch.shard_connected(slot.index, held)
         if not lost:
             return
-        states = {r["id"]: r for r in self.store.all("task_states", ids=lost)}
+        states = {r["id"]: r for r in self.store.all("task_states", ids=[t.id for t in lost])}
         self.store.rollback()
         again: list[TaskRow] = []
-        for task_id in lost:
-            task = slot.sent.pop(task_id)
-            row = states.get(task_id)
-            if task is None or row is None or row["claimed_by"] != self.instance_id:
+        for task in lost:
+            row = states.get(task.id)
+            if row is None or row["claimed_by"] != self.instance_id:
                 continue
             if row["state"] in ("queued", "running"):
                 again.append(replace(task, state=row["state"]))
@@ -222,7 +216,7 @@ class Fetcher:
         if again:
             log.info("shard %d lost %d tasks; resending (%d to reconcile)", slot.index, len(again),
                      sum(t.state == "running" for t in again))
-        slot.backlog.extendleft(reversed(again))
+        self.dispatch.requeue(slot.index, again)
 
     def _read_shard(self, channel: Connection) -> None:
         slot = next(s for s in self.slots if s.channel is channel)
@@ -230,22 +224,23 @@ class Fetcher:
             while channel.poll(0):
                 message = channel.recv()
                 if isinstance(message, Ended):
-                    slot.sent.pop(message.task_id, None)
+                    self.dispatch.ended(slot.index, message.task_id)
                     slot.current = None
                     self.done_total += 1
                 elif isinstance(message, Started):
                     slot.current = message.task_id
                 elif isinstance(message, Drained):
                     slot.drained = True
-                    for task_id in message.returned:
-                        slot.sent.pop(task_id, None)
+                    self.dispatch.returned(slot.index, message.returned)
         except (EOFError, OSError):
-            log.warning("shard %d disconnected with %d tasks in hand", slot.index, len(slot.sent))
+            if not slot.drained:
+                log.warning("shard %d disconnected with %d tasks in hand", slot.index,
+                            len(self.dispatch.slots[slot.index].sent))
             channel.close()
             slot.channel = None
             slot.current = None
 
-    def _send(self, slot: Slot, message: object) -> bool:
+    def _send(self, slot: ShardLink, message: object) -> bool:
         if slot.channel is None:
             return False
         try:
@@ -256,30 +251,22 @@ class Fetcher:
             slot.channel = None
             return False
 
-    def _send_window(self, slot: Slot) -> None:
-        if self.draining:
-            return
-        while slot.channel is not None and slot.backlog and len(slot.sent) < SEND_WINDOW:
-            task = slot.backlog[0]
+    def _send_window(self, slot: ShardLink) -> None:
+        batch = self.dispatch.take_sendable(slot.index)
+        for position, task in enumerate(batch):
             if not self._send(slot, Run(task)):
+                self.dispatch.unsend(slot.index, batch[position:])
                 return
-            slot.backlog.popleft()
-            slot.sent[task.id] = task
 
     # -- database ---------------------------------------------------------------------
-    def _route(self, task: TaskRow) -> None:
-        key = OrderingKey(task.key_type or task.target_type, task.key_id)
-        self.slots[shard_for(key, len(self.slots))].backlog.append(task)
-
     def _adopt_held(self) -> None:
         """Route every task we hold that no shard has: left by a dead fetcher or an earlier crash."""
-        in_hand = {task_id for s in self.slots for task_id in s.sent} | {
-            t.id for s in self.slots for t in s.backlog}
+        in_hand = self.dispatch.in_hand()
         rows = self.store.all("held_tasks", instance_id=self.instance_id)
         self.store.rollback()
         adopted = [task_from_row(r) for r in rows if r["id"] not in in_hand]
         for task in adopted:
-            self._route(task)
+            self.dispatch.route(task)
         if adopted:
             log.info("adopted %d held tasks (%d to reconcile)", len(adopted),
                      sum(t.state == "running" for t in adopted))
@@ -288,14 +275,14 @@ class Fetcher:
     def _claim(self) -> bool:
         """Claim a batch if there is room; True if more may be waiting."""
         capacity = len(self.slots) * self.config.max_claimed_per_shard
-        held = sum(s.held for s in self.slots)
+        held = self.dispatch.held()
         room = min(self.config.claim_batch, capacity - held)
         if room <= 0 or (room < self.config.claim_batch // 4 and held > 0):
             return False
         with self.store.transaction():
             rows = self.store.all("claim_tasks", instance_id=self.instance_id, limit=room)
         for row in sorted(rows, key=lambda r: r["id"]):
-            self._route(task_from_row(row))
+            self.dispatch.route(task_from_row(row))
         if rows:
             log.debug("claimed %d tasks", len(rows))
         return len(rows) == room
@@ -309,7 +296,7 @@ class Fetcher:
     def _report_status(self) -> None:
         status = FetcherStatus(
             all_shards_up=self.adopted and all(s.channel is not None for s in self.slots),
-            queued_local=sum(s.held for s in self.slots),
+            queued_local=self.dispatch.held(),
             running=sum(s.current is not None for s in self.slots),
             done_total=self.done_total,
             shards_connected=sum(s.channel is not None for s in self.slots),
