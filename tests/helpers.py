@@ -1,0 +1,113 @@
+"""Helpers shared by the test suites: waiting on conditions, running the daemon."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import psycopg2
+import psycopg2.extras
+
+REPO = Path(__file__).resolve().parent.parent
+T = TypeVar("T")
+
+
+def wait_for(predicate: Callable[[], T], timeout: float = 30.0, interval: float = 0.05,
+             what: str = "condition") -> T:
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def query(dsn: str, sql: str, params: Any = None) -> list[dict[str, Any]]:
+    conn = psycopg2.connect(dsn)
+    try:
+        with conn.cursor(cursor_factory=psycopg2.extras.RealDictCursor) as cur:
+            cur.execute(sql, params)
+            rows = [dict(r) for r in cur.fetchall()] if cur.description else []
+        conn.commit()
+        return rows
+    finally:
+        conn.close()
+
+
+def execute(dsn: str, sql: str, params: Any = None) -> None:
+    query(dsn, sql, params)
+
+
+class Daemon:
+    """The real daemon as a subprocess in its own process group."""
+
+    def __init__(self, dsn: str, state_dir: Path, shards: int = 4, extra: list[str] | None = None,
+                 log_path: Path | None = None) -> None:
+        self.log_path = log_path or state_dir / "daemon.log"
+        state_dir.mkdir(parents=True, exist_ok=True)
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        cmd = [sys.executable, "-m", "taskomatic", "--dsn", dsn, "--shards", str(shards),
+               "--set", f"state_dir={state_dir}", "--set", "poll_interval=0.5", *(extra or [])]
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        self.process = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env,
+                                        cwd=str(REPO), start_new_session=True)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        def ready() -> bool:
+            if self.process.poll() is not None:
+                raise AssertionError(f"daemon exited with {self.process.returncode}:\n{self.log()[-4000:]}")
+            return "ready: fetcher and" in self.log()
+
+        wait_for(ready, timeout, 0.1, "the daemon to be ready")
+
+    def child_pids(self) -> dict[str, int]:
+        """Process titles of the daemon's children: {'fetcher': pid, 'shard 0': pid, ...}."""
+        out = subprocess.run(["ps", "-o", "pid=,args=", "--ppid", str(self.pid)], capture_output=True,
+                             text=True, check=False).stdout
+        found = {}
+        for line in out.splitlines():
+            pid, _, title = line.strip().partition(" ")
+            if "taskomatic: fetcher" in title:
+                found["fetcher"] = int(pid)
+            elif "taskomatic: shard" in title:
+                slot = title.split("taskomatic: shard", 1)[1].strip().split("/")[0]
+                found[f"shard {slot}"] = int(pid)
+        return found
+
+    def signal(self, signum: int) -> None:
+        os.kill(self.pid, signum)
+
+    def wait(self, timeout: float = 60.0) -> int:
+        return self.process.wait(timeout)
+
+    def stop(self) -> None:
+        """Make sure nothing of this daemon survives (the whole process group)."""
+        if self.process.poll() is None:
+            try:
+                os.kill(self.pid, signal.SIGTERM)
+                self.process.wait(20)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                pass
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        if self.process.poll() is None:
+            self.process.wait(10)
+        self._log.close()
