@@ -1,0 +1,335 @@
+"""``taskomatic demo``: the whole product on embedded defaults, start to summary.
+
+It starts a private PostgreSQL and libvirt nodes (libvirt's test driver
+behind real ``libvirtd`` daemons), seeds a fleet, queues a realistic mixed
+workload the way a web UI would (plain INSERTs, some while the daemon runs),
+runs the real daemon as a subprocess with a progress bar, and reads the
+results back from the ``tasks`` table: throughput, latency percentiles per
+action, failures with their messages, and the per-VM order check. Everything
+it started is stopped at the end, also on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any
+
+import psycopg2
+import psycopg2.extras
+
+from taskomatic.config import Config
+
+# (action, state it needs, state it leaves): a random walk over these gives
+# each VM a plausible history.
+_MOVES = {
+    "stopped": [("start_vm", "running")],
+    "running": [("suspend_vm", "suspended"), ("shutdown_vm", "stopped"), ("poweroff_vm", "stopped")],
+    "suspended": [("resume_vm", "running")],
+}
+# A few requests a real UI lets through that cannot work, to show how they fail.
+_MISTAKES = [
+    ("resume_vm", "running"),   # resume of a running VM: impossible state
+    ("suspend_vm", "stopped"),  # suspend of a stopped VM: impossible state
+]
+_MISTAKE_RATE = 0.02
+
+
+def plan_workload(vms: list[int], total: int, seed: int) -> tuple[list[tuple[int, str]], dict[int, str]]:
+    """Tasks in submission order (interleaved across VMs) and each VM's expected final state."""
+    rng = random.Random(seed)
+    per_vm = {vm: ["create_vm"] for vm in vms}
+    state = dict.fromkeys(vms, "stopped")
+    remaining = total - len(vms)
+    while remaining > 0:
+        vm = rng.choice(vms)
+        if rng.random() < _MISTAKE_RATE:
+            action, needs_not = rng.choice(_MISTAKES)
+            if state[vm] == needs_not:
+                per_vm[vm].append(action)  # fails; the state stays
+                remaining -= 1
+                continue
+        action, after = rng.choice(_MOVES[state[vm]])
+        per_vm[vm].append(action)
+        state[vm] = after
+        remaining -= 1
+    # Interleave: repeatedly take the next task of a random VM that has some left.
+    order: list[tuple[int, str]] = []
+    cursors = {vm: 0 for vm in vms}
+    live = list(vms)
+    while live:
+        index = rng.randrange(len(live))
+        vm = live[index]
+        order.append((vm, per_vm[vm][cursors[vm]]))
+        cursors[vm] += 1
+        if cursors[vm] == len(per_vm[vm]):
+            live[index] = live[-1]
+            live.pop()
+    return order, state
+
+
+def _percentile(sorted_values: list[float], q: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    rank = min(len(sorted_values) - 1, max(0, round(q * (len(sorted_values) - 1))))
+    return sorted_values[rank]
+
+
+ORDER_CHECK_SQL = """
+WITH ordered AS (
+    SELECT id, key_type, key_id, time_started, time_ended,
+           lag(time_ended) OVER (PARTITION BY key_type, key_id ORDER BY id) AS previous_end
+    FROM tasks
+    WHERE time_started IS NOT NULL
+)
+SELECT count(*) FILTER (WHERE previous_end > time_started) AS violations,
+       count(DISTINCT (key_type, key_id)) AS keys
+FROM ordered
+"""
+
+
+@contextmanager
+def _connection(dsn: str) -> Iterator[Any]:
+    conn = psycopg2.connect(dsn)
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+def _insert_tasks(dsn: str, tasks: list[tuple[int, str]]) -> None:
+    with _connection(dsn) as conn, conn.cursor() as cur:
+        psycopg2.extras.execute_values(
+            cur,
+            "INSERT INTO tasks (task_target_type, task_target_id, action, submitted_by) VALUES %s",
+            [("Vm", vm, action, "taskomatic demo") for vm, action in tasks],
+            page_size=1000,
+        )
+        conn.commit()
+
+
+def _seed(dsn: str, node_uris: list[str], vm_count: int, seed: int) -> list[int]:
+    rng = random.Random(seed)
+    with _connection(dsn) as conn, conn.cursor() as cur:
+        for i, uri in enumerate(node_uris):
+            cur.execute(
+                "INSERT INTO hosts (hostname, libvirt_uri, hypervisor_type, num_cpus, memory) "
+                "VALUES (%s, %s, 'TEST', 256, 536870912)",
+                (f"demo-node{i}", uri),
+            )
+        psycopg2.extras.execute_values(
+            cur,
+            "INSERT INTO vms (description, num_vcpus_allocated, memory_allocated) VALUES %s RETURNING id",
+            [(f"demo-vm-{i:04d}", rng.choice((1, 1, 2, 4)), rng.choice((262144, 524288, 1048576)))
+             for i in range(vm_count)],
+            page_size=1000,
+        )
+        ids = [row[0] for row in cur.fetchall()]
+        conn.commit()
+    return ids
+
+
+def _ended(dsn: str) -> int:
+    with _connection(dsn) as conn, conn.cursor() as cur:
+        cur.execute("SELECT count(*) FROM tasks WHERE state IN ('finished', 'failed', 'canceled')")
+        row = cur.fetchone()
+    return int(row[0]) if row else 0
+
+
+def _check_vms_against_libvirt(dsn: str) -> tuple[int, list[str]]:
+    """Compare each VM row with its domain; return (checked, mismatches)."""
+    import libvirt
+
+    mismatches: list[str] = []
+    connections: dict[str, Any] = {}
+    with _connection(dsn) as conn, conn.cursor(cursor_factory=psycopg2.extras.RealDictCursor) as cur:
+        cur.execute("SELECT v.id, v.uuid::text AS uuid, v.state, h.libvirt_uri FROM vms v "
+                    "LEFT JOIN hosts h ON h.id = v.host_id ORDER BY v.id")
+        rows = cur.fetchall()
+    for row in rows:
+        real = "stopped"
+        if row["libvirt_uri"]:
+            lv = connections.get(row["libvirt_uri"]) or libvirt.open(row["libvirt_uri"])
+            connections[row["libvirt_uri"]] = lv
+            try:
+                code = lv.lookupByUUIDString(row["uuid"]).state()[0]
+                real = {libvirt.VIR_DOMAIN_RUNNING: "running", libvirt.VIR_DOMAIN_PAUSED: "suspended"}.get(
+                    code, "stopped")
+            except libvirt.libvirtError:
+                real = "stopped"
+        if real != row["state"]:
+            mismatches.append(f"VM {row['id']}: row says {row['state']}, libvirt says {real}")
+    for lv in connections.values():
+        lv.close()
+    return len(rows), mismatches
+
+
+def _summary(dsn: str, expected: dict[int, str]) -> list[str]:
+    lines: list[str] = []
+    with _connection(dsn) as conn, conn.cursor(cursor_factory=psycopg2.extras.RealDictCursor) as cur:
+        cur.execute("SELECT state, count(*) AS n FROM tasks GROUP BY state ORDER BY state")
+        counts = {r["state"]: r["n"] for r in cur.fetchall()}
+        cur.execute("SELECT min(time_started) AS first, max(time_ended) AS last FROM tasks")
+        span = cur.fetchone()
+        cur.execute(
+            "SELECT action, extract(epoch FROM time_ended - time_started) AS run, "
+            "extract(epoch FROM time_started - created_at) AS wait FROM tasks WHERE time_ended IS NOT NULL")
+        timings = cur.fetchall()
+        # Group failures by their wording, numbers aside ("VM 12" and "VM 31" are one kind).
+        cur.execute("SELECT min(message) AS message, count(*) AS n FROM tasks WHERE state = 'failed' "
+                    "GROUP BY regexp_replace(message, '[0-9]+', 'N', 'g') ORDER BY n DESC, 1 LIMIT 8")
+        failures = cur.fetchall()
+        cur.execute(ORDER_CHECK_SQL)
+        order = cur.fetchone()
+        cur.execute("SELECT id, state FROM vms")
+        final = {r["id"]: r["state"] for r in cur.fetchall()}
+    total = sum(counts.values())
+    busy = (span["last"] - span["first"]).total_seconds() if span and span["first"] else 0.0
+    lines.append("")
+    lines.append("taskomatic demo summary")
+    lines.append("=======================")
+    lines.append(f"tasks: {total}  " + "  ".join(f"{k}: {v}" for k, v in counts.items()))
+    if busy > 0:
+        lines.append(f"throughput: {total / busy:,.0f} tasks/s ({total} tasks from the first start "
+                     f"to the last end: {busy:.2f} s)")
+    lines.append("")
+    lines.append(f"{'action':<14}{'count':>7}{'run p50':>10}{'run p95':>10}{'run p99':>10}"
+                 f"{'wait p50':>11}{'wait p95':>11}")
+    by_action: dict[str, tuple[list[float], list[float]]] = {}
+    for t in timings:
+        runs, waits = by_action.setdefault(t["action"], ([], []))
+        runs.append(float(t["run"]) * 1000)
+        waits.append(float(t["wait"]) * 1000)
+    for action in sorted(by_action):
+        runs, waits = (sorted(v) for v in by_action[action])
+        run_cells = "".join(f"{_percentile(runs, q):>8.1f}ms" for q in (0.5, 0.95, 0.99))
+        wait_cells = "".join(f"{_percentile(waits, q):>9.0f}ms" for q in (0.5, 0.95))
+        lines.append(f"{action:<14}{len(runs):>7}{run_cells}{wait_cells}")
+    lines.append("(run: time_started to time_ended; wait: created_at to time_started, "
+                 "which includes the backlog queued at once)")
+    lines.append("")
+    if failures:
+        lines.append("failures (expected: the workload includes a few impossible requests):")
+        for f in failures:
+            lines.append(f"  {f['n']:>4} x like: {f['message']}")
+        lines.append("")
+    violations = order["violations"] if order else None
+    lines.append(f"per-VM order check: {violations} overlapping or out-of-order tasks "
+                 f"across {order['keys'] if order else 0} VMs "
+                 f"({'OK' if violations == 0 else 'VIOLATED'})")
+    wrong_final = [vm for vm, want in expected.items() if final.get(vm) != want]
+    lines.append(f"VM rows in the state their last task implies: {len(expected) - len(wrong_final)}/{len(expected)}")
+    checked, mismatches = _check_vms_against_libvirt(dsn)
+    lines.append(f"VM rows matching libvirt: {checked - len(mismatches)}/{checked}")
+    for m in mismatches[:5]:
+        lines.append(f"  {m}")
+    return lines
+
+
+def run_demo(config: Config, args: argparse.Namespace) -> int:
+    from taskomatic.db import migrate
+    from taskomatic.db.store import connect
+    from taskomatic.embedded.libvirtd import ManagedNode
+    from taskomatic.embedded.postgres import EmbeddedPostgres
+
+    if args.vms < 1 or args.tasks < args.vms or args.nodes < 1 or args.shards < 1:
+        print("taskomatic demo: need --vms >= 1, --tasks >= --vms, --nodes >= 1, --shards >= 1", file=sys.stderr)
+        return 2
+    started = time.monotonic()
+    if config.log_level != "debug":  # the summary is the output; server start-up chatter is not
+        logging.getLogger("taskomatic").setLevel(logging.WARNING)
+    base = Path(tempfile.mkdtemp(prefix="taskomatic-demo-", dir="/tmp"))
+    base.chmod(0o755)  # the unprivileged server users must reach it
+    daemon: subprocess.Popen[bytes] | None = None
+    print(f"demo directory: {base}")
+    with ExitStack() as stack:
+        stack.callback(shutil.rmtree, base, True)
+        print("starting a private PostgreSQL ...", flush=True)
+        pg = EmbeddedPostgres(base / "postgres", user=config.embedded_user or None)
+        pg.start()
+        stack.callback(pg.stop)
+        print(f"starting {args.nodes} libvirt nodes (test driver behind libvirtd) ...", flush=True)
+        nodes = [ManagedNode(base / "nodes", f"node{i}") for i in range(args.nodes)]
+        for node in nodes:
+            node.start()
+            stack.callback(node.stop)
+        conn = connect(pg.dsn, "taskomatic demo", 30)
+        migrate.upgrade(conn)
+        conn.close()
+        vms = _seed(pg.dsn, [n.test_uri for n in nodes], args.vms, args.seed)
+        order, expected = plan_workload(vms, args.tasks, args.seed)
+        first, rest = order[: len(order) // 2], order[len(order) // 2:]
+        _insert_tasks(pg.dsn, first)
+        print(f"seeded {len(vms)} VMs on {args.nodes} hosts; queued {len(first)} tasks, "
+              f"{len(rest)} more arrive while the daemon runs", flush=True)
+
+        log_path = base / "daemon.log"
+        log_file = stack.enter_context(open(log_path, "wb"))
+        daemon = subprocess.Popen(
+            [sys.executable, "-m", "taskomatic", "--dsn", pg.dsn, "--shards", str(args.shards),
+             "--set", f"state_dir={base / 'state'}", "--log-level", "warning"],
+            stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [
+                str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH")]))},
+        )
+        stack.callback(_stop_daemon, daemon)
+        ok = _follow(pg.dsn, order, rest, daemon, log_path, progress=not args.no_progress)
+        wall = time.monotonic() - started
+        if not ok:
+            return 1
+        if _stop_daemon(daemon) != 0:
+            print(f"daemon exited with {daemon.returncode}; log: {log_path}", file=sys.stderr)
+        print("\n".join(_summary(pg.dsn, expected)))
+        print(f"\ntotal demo time {wall:.1f} s; stopping the daemon, the libvirt nodes and PostgreSQL")
+    return 0
+
+
+def _follow(dsn: str, order: list[tuple[int, str]], rest: list[tuple[int, str]],
+            daemon: subprocess.Popen[bytes], log_path: Path, progress: bool) -> bool:
+    """Feed the second half in bursts while showing progress; False if the daemon died."""
+    from tqdm import tqdm
+
+    bursts = [rest[i:i + max(1, len(rest) // 5)] for i in range(0, len(rest), max(1, len(rest) // 5))]
+    deadline = time.monotonic() + 600
+    with tqdm(total=len(order), unit="task", disable=not progress, dynamic_ncols=True) as bar:
+        while True:
+            if daemon.poll() is not None:
+                print(f"\nthe daemon exited with {daemon.returncode}; last log lines:", file=sys.stderr)
+                print(log_path.read_text(errors="replace")[-3000:], file=sys.stderr)
+                return False
+            done = _ended(dsn)
+            bar.update(done - bar.n)
+            if bursts and done >= (len(order) - sum(len(b) for b in bursts)) * 0.6:
+                _insert_tasks(dsn, bursts.pop(0))
+            if done >= len(order) and not bursts:
+                return True
+            if time.monotonic() > deadline:
+                print("\ndemo: tasks did not finish within 10 minutes", file=sys.stderr)
+                return False
+            time.sleep(0.2)  # a progress display's refresh, not synchronisation
+
+
+def _stop_daemon(daemon: subprocess.Popen[bytes]) -> int:
+    """SIGTERM (drain), then make sure its whole process group is gone."""
+    if daemon.poll() is None:
+        daemon.send_signal(signal.SIGTERM)
+        try:
+            daemon.wait(60)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(daemon.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    return daemon.wait()
