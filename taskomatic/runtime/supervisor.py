@@ -29,13 +29,14 @@ from pathlib import Path
 from typing import Any
 
 import multiprocess
+import psycopg2
 import sdnotify
 
 from taskomatic import __version__
 from taskomatic import config as config_mod
 from taskomatic.config import Config
 from taskomatic.db import migrate
-from taskomatic.db.store import Store
+from taskomatic.db.store import DatabaseUnavailable, Store
 from taskomatic.logsetup import set_process_title
 from taskomatic.runtime.fetcher import fetcher_main
 from taskomatic.runtime.messages import FetcherStatus
@@ -287,9 +288,8 @@ class Supervisor:
                             break
                         self._spawn(child)
                 self._check_fetcher_heartbeat(now)
-                if now >= next_heartbeat and self.store is not None:
-                    self.store.run("instance_heartbeat", instance_id=self.instance_id)
-                    self.store.commit()
+                if now >= next_heartbeat:
+                    self._heartbeat()
                     next_heartbeat = now + HEARTBEAT_INTERVAL
             waitables: list[Any] = [wake_read]
             waitables += [c.process.sentinel for c in self.children if c.process is not None]
@@ -307,6 +307,27 @@ class Supervisor:
                     for child in self.children:
                         if child.process is not None and child.process.sentinel == ready:
                             self._reap(child)
+
+    def _heartbeat(self) -> None:
+        """Record that the instance lives; after a lost connection, take the guard again."""
+        try:
+            if self.store is None:
+                self.store = Store.open(self.config.dsn, "taskomatic supervisor", self.config.connect_timeout)
+                guard = "try_standalone_guard" if self.config.mode == "standalone" else "try_multihost_guard"
+                if not self.store.scalar(guard, lock_id=INSTANCE_LOCK_ID):
+                    log.error("lost the instance guard while the database was away, and another "
+                              "instance holds it now; stopping")
+                    self.exit_code = EXIT_ALREADY_RUNNING
+                    self._begin_fast_stop("guard lost")
+                    return
+                log.info("database connection restored; instance guard held again")
+            self.store.run("instance_heartbeat", instance_id=self.instance_id)
+            self.store.commit()
+        except (psycopg2.Error, DatabaseUnavailable) as exc:
+            log.warning("supervisor cannot reach the database: %s", str(exc).strip().splitlines()[0])
+            if self.store is not None:
+                self.store.close()
+            self.store = None
 
     def _read_status(self) -> None:
         try:
