@@ -292,3 +292,20 @@ def settings_table() -> str:
             default = "yes" if default else "no"
         rows.append(f"| `[{s.section}] {s.name}` | `{s.env_var}` | `{default}` | {s.help} |")
     return "\n".join(rows)
+
+
+# What a running instance cannot change without a restart.
+FIXED_AT_START = ("dsn", "shards", "mode", "state_dir")
+
+
+def reload(current: Config) -> Config:
+    """Re-read the configuration for SIGHUP, keeping what needs a restart.
+
+    Raises ConfigError (the running configuration stays) on a bad file. The
+    log level takes effect at once in the calling process.
+    """
+    import logging
+
+    fresh = load(current.source_path, overrides={name: getattr(current, name) for name in FIXED_AT_START})
+    logging.getLogger().setLevel(fresh.log_level.upper())
+    return fresh

@@ -28,6 +28,7 @@ import psycopg2
 import psycopg2.extensions
 from multiprocess.connection import Connection, wait
 
+from taskomatic import config as config_mod
 from taskomatic.config import Config
 from taskomatic.db.store import Store, connect
 from taskomatic.logsetup import set_process_title, setup_logging
@@ -166,7 +167,10 @@ class Fetcher:
             elif signum in (signal.SIGTERM, signal.SIGINT):
                 self.stopping_fast = True
             elif signum == signal.SIGHUP:
-                log.info("reload requested (claim settings take effect on restart)")
+                try:
+                    self.config = config_mod.reload(self.config)
+                except config_mod.ConfigError as exc:
+                    log.error("reload refused, keeping the old configuration: %s", exc)
 
     # -- shards -------------------------------------------------------------------
     def _accept(self) -> None:

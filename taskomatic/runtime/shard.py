@@ -102,15 +102,9 @@ class Shard:
 
     def _reload(self) -> None:
         try:
-            fresh = config_mod.load(self.config.source_path, overrides={
-                "dsn": self.config.dsn, "shards": self.config.shards, "mode": self.config.mode})
+            self.config = self.ctx.config = config_mod.reload(self.config)
         except config_mod.ConfigError as exc:
             log.error("reload refused, keeping the old configuration: %s", exc)
-            return
-        self.config = fresh
-        self.ctx.config = fresh
-        logging.getLogger().setLevel(fresh.log_level.upper())
-        log.info("configuration reloaded")
 
     # -- channel to the fetcher -------------------------------------------------
     def _connect(self) -> bool:
@@ -161,6 +155,10 @@ class Shard:
             if self.channel is None and time.monotonic() - last_attempt >= _RECONNECT_SECONDS:
                 last_attempt = time.monotonic()
                 self._connect()
+            if not self.queue:
+                self._flush()  # falling idle: the last outcome must not wait for a next task
+                if self.channel is None:
+                    time.sleep(_RECONNECT_SECONDS / 5)  # fetcher away, nothing to do: retry soon
             self._receive(0 if self.queue else 0.5)
             if self.stop_fast or self.draining:
                 self._flush()
@@ -169,8 +167,6 @@ class Shard:
                 return 0
             if self.queue:
                 self.run_task(self.queue.popleft())
-            elif self.pending is not None:
-                self._flush()
 
     # -- one task ---------------------------------------------------------------
     def _check(self, task: TaskRow) -> Action:

@@ -164,7 +164,7 @@ class Supervisor:
 
     def _reap(self, child: Child) -> None:
         process = child.process
-        process.join(0)
+        process.join(2)  # it is dead (its sentinel fired); this reaps it
         code = process.exitcode
         child.process = None
         if self.stopping:
@@ -223,13 +223,10 @@ class Supervisor:
     def _reload(self) -> None:
         self.notifier.notify("RELOADING=1")
         try:
-            fresh = config_mod.load(self.config.source_path, overrides={
-                "dsn": self.config.dsn, "shards": self.config.shards, "mode": self.config.mode})
+            self.config = config_mod.reload(self.config)
         except config_mod.ConfigError as exc:
             log.error("SIGHUP: configuration not reloaded, keeping the running one: %s", exc)
         else:
-            logging.getLogger().setLevel(fresh.log_level.upper())
-            self.config = fresh
             self._signal_children(signal.SIGHUP)
             log.info("SIGHUP: configuration reloaded")
         self.notifier.notify("READY=1")
