@@ -12,8 +12,9 @@ def test_lifecycle_runs_in_order(dsn, hosts, daemon_factory):
         query(dsn, "INSERT INTO tasks (task_target_type, task_target_id, action) VALUES ('Vm', %s, %s) "
                    "RETURNING id", (vm, action))
     daemon_factory(shards=2)
-    wait_for(lambda: query(dsn, "SELECT count(*) AS n FROM tasks WHERE state = 'queued' OR state = 'running'")[0]["n"] == 0,
-             what="all tasks to end")
+    active = "SELECT count(*) AS n FROM tasks WHERE state IN ('queued', 'running')"
+    wait_for(lambda: query(dsn, active)[0]["n"] == 0, what="all tasks to end")
     rows = query(dsn, "SELECT action, state, message FROM tasks ORDER BY id")
     assert [r["state"] for r in rows] == ["finished"] * 5, rows
-    assert query(dsn, "SELECT state, host_id FROM vms WHERE id = %s", (vm,))[0] == {"state": "stopped", "host_id": None}
+    final = query(dsn, "SELECT state, host_id FROM vms WHERE id = %s", (vm,))[0]
+    assert final == {"state": "stopped", "host_id": None}
