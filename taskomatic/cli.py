@@ -262,6 +262,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_CONFIG
     setup_logging(config.log_level, role="supervisor" if args.command in (None, "run") else "cli")
     from taskomatic.db.store import DatabaseUnavailable
+    from taskomatic.embedded.libvirtd import ManagedNodeError
+    from taskomatic.embedded.postgres import EmbeddedPostgresError
 
     try:
         if args.command in (None, "run"):
@@ -280,6 +282,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_demo(config, args)
     except DatabaseUnavailable as exc:
         print(f"taskomatic: {exc}", file=sys.stderr)
+        return EXIT_DATABASE
+    except (EmbeddedPostgresError, ManagedNodeError) as exc:
+        print(f"taskomatic: cannot start a private server: {exc}", file=sys.stderr)
         return EXIT_DATABASE
     except KeyboardInterrupt:
         return 130

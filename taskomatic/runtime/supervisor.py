@@ -96,6 +96,11 @@ class Supervisor:
     # -- startup --------------------------------------------------------------------
     def start(self) -> None:
         """Connect, check the schema, take the guard, settle what an earlier run left."""
+        if self.config.mode != "standalone":
+            # Without leases and fencing, two instances could run tasks of one
+            # key at once; refuse rather than break per-key order.
+            raise StartupRefused("mode 'multihost' is not available in this version; use standalone",
+                                 EXIT_CONFIG)
         self.store = Store.open(self.config.dsn, "taskomatic supervisor", self.config.connect_timeout)
         try:
             migrate.check_current(self.store.conn)
