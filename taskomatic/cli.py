@@ -17,12 +17,17 @@ import json
 import logging
 import sys
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import psycopg2
 
 from taskomatic import __version__
 from taskomatic import config as config_mod
 from taskomatic.config import Config, ConfigError
 from taskomatic.logsetup import setup_logging
+
+if TYPE_CHECKING:
+    from taskomatic.db.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     for flag, kind in TARGET_FLAGS:
         tasks.add_argument(f"--{flag}", type=int, metavar="ID", help=f"only tasks on this {kind}")
     tasks.add_argument("--action")
-    tasks.add_argument("--limit", type=int, default=50)
+    tasks.add_argument("--limit", type=_positive_int, default=50)
     tasks.add_argument("--json", action="store_true", help="one JSON object per line")
 
     cancel = sub.add_parser("cancel", help="cancel a queued task")
@@ -178,8 +183,28 @@ def cmd_db_upgrade(config: Config, dry_run: bool) -> int:
     return 0
 
 
-def cmd_submit(config: Config, args: argparse.Namespace) -> int:
+def _open_store(config: Config, purpose: str) -> Store:
+    """A connection for a CLI command, refused (SchemaOutOfDate) if the schema is not current."""
+    from taskomatic.db import migrate
     from taskomatic.db.store import Store
+
+    store = Store.open(config.dsn, f"taskomatic {purpose}", config.connect_timeout)
+    try:
+        migrate.check_current(store.conn)
+    except migrate.SchemaOutOfDate:
+        store.close()
+        raise
+    return store
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def cmd_submit(config: Config, args: argparse.Namespace) -> int:
 
     try:
         task_args = json.loads(args.args)
@@ -192,11 +217,17 @@ def cmd_submit(config: Config, args: argparse.Namespace) -> int:
     target_type, target_id = next((kind, getattr(args, flag)) for flag, kind in TARGET_FLAGS
                                   if getattr(args, flag) is not None)
     with database(config) as resolved:
-        store = Store.open(resolved.dsn, "taskomatic submit", resolved.connect_timeout)
-        with store.transaction():
-            task_id = store.scalar("submit_task", target_type=target_type, target_id=target_id,
-                                   action=args.action, args=json.dumps(task_args), submitted_by=args.by)
-        store.close()
+        store = _open_store(resolved, "submit")
+        try:
+            with store.transaction():
+                task_id = store.scalar("submit_task", target_type=target_type, target_id=target_id,
+                                       action=args.action, args=json.dumps(task_args), submitted_by=args.by)
+        except psycopg2.DataError as exc:  # e.g. a \u0000 that jsonb cannot store
+            print(f"taskomatic: the database refused the task: {str(exc).strip().splitlines()[0]}",
+                  file=sys.stderr)
+            return EXIT_USAGE
+        finally:
+            store.close()
     print(task_id)
     return 0
 
@@ -206,14 +237,13 @@ def _fmt_time(value: Any) -> str:
 
 
 def cmd_tasks(config: Config, args: argparse.Namespace) -> int:
-    from taskomatic.db.store import Store
 
     target_type = target_id = None
     for flag, kind in TARGET_FLAGS:
         if getattr(args, flag) is not None:
             target_type, target_id = kind, getattr(args, flag)
     with database(config) as resolved:
-        store = Store.open(resolved.dsn, "taskomatic tasks", resolved.connect_timeout)
+        store = _open_store(resolved, "tasks")
         rows = store.all("list_tasks", state=args.state, target_type=target_type, target_id=target_id,
                          action=args.action, limit=args.limit)
         store.close()
@@ -233,10 +263,9 @@ def cmd_tasks(config: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(config: Config, task_id: int) -> int:
-    from taskomatic.db.store import Store
 
     with database(config) as resolved:
-        store = Store.open(resolved.dsn, "taskomatic cancel", resolved.connect_timeout)
+        store = _open_store(resolved, "cancel")
         with store.transaction():
             canceled = store.one("cancel_task", task_id=task_id, message="canceled by taskomatic cancel")
             state = None if canceled else store.one("task_states", ids=[task_id])
@@ -261,6 +290,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"taskomatic: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     setup_logging(config.log_level, role="supervisor" if args.command in (None, "run") else "cli")
+    from taskomatic.db.migrate import SchemaOutOfDate
     from taskomatic.db.store import DatabaseUnavailable
     from taskomatic.embedded.libvirtd import ManagedNodeError
     from taskomatic.embedded.postgres import EmbeddedPostgresError
@@ -280,7 +310,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from taskomatic.demo import run_demo
 
             return run_demo(config, args)
-    except DatabaseUnavailable as exc:
+    except (DatabaseUnavailable, SchemaOutOfDate) as exc:
         print(f"taskomatic: {exc}", file=sys.stderr)
         return EXIT_DATABASE
     except (EmbeddedPostgresError, ManagedNodeError) as exc:

@@ -60,7 +60,20 @@ def pending_migrations(conn: Connection) -> list[Migration]:
 
 
 def upgrade(conn: Connection, dry_run: bool = False) -> list[Migration]:
-    """Apply every pending migration; return those applied (or, dry run, pending)."""
+    """Apply every pending migration; return those applied (or, dry run, pending).
+
+    Runs as one transaction whatever the connection's autocommit setting: the
+    advisory lock and the migrations must share it.
+    """
+    autocommit = conn.autocommit
+    conn.autocommit = False
+    try:
+        return _upgrade(conn, dry_run)
+    finally:
+        conn.autocommit = autocommit
+
+
+def _upgrade(conn: Connection, dry_run: bool) -> list[Migration]:
     with conn.cursor() as cur:
         cur.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK_ID,))
         cur.execute(

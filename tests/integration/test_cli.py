@@ -289,30 +289,17 @@ def test_unreachable_database_exits_4_quickly(tmp_path: Path) -> None:
     assert elapsed < 15, f"took {elapsed:.1f}s to give up"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG taskomatic/cli.py cmd_submit/cmd_tasks/cmd_cancel (lines 181, 208, 235): they never check "
-    "the schema (migrate.check_current) and main() (line 283) only catches DatabaseUnavailable, so on a database "
-    "without the schema they die with a psycopg2 UndefinedTable traceback and exit 1, not exit 4 "
-    "('schema out of date') with a hint to run 'taskomatic db upgrade'"))
 @pytest.mark.parametrize("command", [["tasks"], ["submit", "start_vm", "--vm", "1"], ["cancel", "1"]])
 def test_queue_commands_on_an_unmigrated_database_exit_4(empty_dsn: str, command: list[str]) -> None:
     err = assert_clean_failure(run_cli(*command, "--dsn", empty_dsn), 4)
     assert "db upgrade" in err
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG taskomatic/cli.py cmd_submit (lines 185-197): --args is checked with json.loads only; "
-    "valid JSON that jsonb rejects (a \\u0000 escape) reaches INSERT and crashes with a psycopg2 "
-    "UntranslatableCharacter traceback, exit 1, instead of a usage error (exit 2)"))
 def test_submit_args_that_jsonb_rejects_is_a_usage_error(dsn: str, cli: Cli) -> None:
     assert_clean_failure(cli("submit", "start_vm", "--vm", "1", "--args", '{"a": "\\u0000"}'), 2)
     assert query(dsn, "SELECT count(*) AS n FROM tasks")[0]["n"] == 0
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG taskomatic/cli.py build_parser (line 92): 'tasks --limit' is type=int with no check, "
-    "so --limit -1 reaches SQL and crashes with an InvalidRowCountInLimitClause traceback, exit 1, "
-    "instead of a usage error (exit 2)"))
 def test_tasks_negative_limit_is_a_usage_error(cli: Cli) -> None:
     assert_clean_failure(cli("tasks", "--limit", "-1"), 2)
 

@@ -405,11 +405,6 @@ def test_migration_files_are_plain_sql() -> None:
         assert m.sql.strip(), f"{m.version:04d}_{m.name} is empty"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG taskomatic/db/migrate.py upgrade() (lines 62-85): it assumes the connection is not in "
-    "autocommit mode. On an autocommit connection pg_advisory_xact_lock (line 65) is released at the "
-    "end of its own statement and every statement commits on its own, so the upgrade is neither one "
-    "transaction nor serialised, and a dry run leaves schema_migrations created (line 67)"))
 def test_dry_run_on_an_autocommit_connection_changes_nothing(
         empty_dsn: str, empty_conn: psycopg2.extensions.connection) -> None:
     empty_conn.autocommit = True
