@@ -176,7 +176,7 @@ def _line_of(text: str, section: str, name: str) -> int | None:
 
 def _section_line(text: str, section: str) -> int | None:
     for number, line in enumerate(text.splitlines(), start=1):
-        if line.strip() == f"[{section}]":
+        if re.match(rf"^\s*\[{re.escape(section)}\]", line):
             return number
     return None
 
@@ -207,6 +207,10 @@ def read_file(path: str) -> dict[str, Any]:
 
     values: dict[str, Any] = {}
     known_sections = {s.section for s in SETTINGS}
+    if parser.defaults():
+        name = next(iter(parser.defaults()))
+        raise ConfigError(f"setting {name!r} is in [{parser.default_section}], which taskomatic does not use; "
+                          f"put it in its own section", path, _line_of(text, parser.default_section, name))
     for section in parser.sections():
         if section not in known_sections:
             raise ConfigError(

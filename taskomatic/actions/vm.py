@@ -57,9 +57,15 @@ def domain_name(description: str) -> str:
     libvirt refuses '/' and control characters in names; everything else
     (XML metacharacters included) is kept and escaped by the XML library.
     """
-    cleaned = "".join("_" if ch == "/" else (" " if ord(ch) < 32 or ord(ch) == 127 else ch)
+    cleaned = "".join("_" if ch == "/" or not _xml_char(ch) else (" " if ord(ch) < 32 or ord(ch) == 127 else ch)
                       for ch in description)
     return cleaned.strip() or "vm"
+
+
+def _xml_char(ch: str) -> bool:
+    """Allowed in an XML 1.0 document (control characters are handled by the caller)."""
+    code = ord(ch)
+    return code < 0xD800 or 0xE000 <= code <= 0xFFFD or code >= 0x10000
 
 
 @dataclass

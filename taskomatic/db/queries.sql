@@ -39,6 +39,13 @@ FROM tasks
 WHERE claimed_by = %(instance_id)s AND state IN ('queued', 'running')
 ORDER BY id;
 
+-- held_tasks_by_id --
+-- Those of some tasks this instance still holds unfinished (a shard's lost tasks).
+SELECT id, task_target_type, task_target_id, action, args, key_type, key_id, state
+FROM tasks
+WHERE id = ANY(%(ids)s) AND claimed_by = %(instance_id)s AND state IN ('queued', 'running')
+ORDER BY id;
+
 -- claim_tasks --
 -- Take the oldest unclaimed queued tasks in one statement. Reads the partial
 -- index tasks_claimable_idx only, so it is O(limit) whatever the table holds.

@@ -81,16 +81,21 @@ class Dispatcher:
         for task_id in task_ids:
             self.slots[index].sent.pop(task_id, None)
 
-    def shard_connected(self, index: int, held: set[int]) -> list[TaskRow]:
-        """A shard (re)connected holding ``held``. Returns what the slot lost, removed from ``sent``.
+    def shard_connected(self, index: int, held: set[int]) -> list[int]:
+        """A shard (re)connected holding ``held``. Returns the ids the slot lost, removed from ``sent``.
 
-        The caller looks up their database state and hands the survivors to ``requeue``.
+        Lost: sent to (or reported by) an earlier shard of the slot and not held
+        now. The caller reads their database state and hands the unfinished ones
+        to ``requeue``. A held task that was also adopted into the backlog (a
+        busy shard that reconnected late) is the shard's: its copy is dropped.
         """
         slot = self.slots[index]
-        lost = [task for task_id, task in slot.sent.items() if task_id not in held and task is not None]
-        for task_id in [t for t in slot.sent if t not in held]:
+        lost = [task_id for task_id in slot.sent if task_id not in held]
+        for task_id in lost:
             del slot.sent[task_id]
-        for task_id in held:
+        if any(t.id in held for t in slot.backlog):
+            slot.backlog = deque(t for t in slot.backlog if t.id not in held)
+        for task_id in sorted(held):
             slot.sent.setdefault(task_id, None)
         return lost
 

@@ -22,7 +22,7 @@ import os
 import signal
 import socket
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import psycopg2
 import psycopg2.extensions
@@ -206,17 +206,10 @@ class Fetcher:
         lost = self.dispatch.shard_connected(slot.index, held)
         if not lost:
             return
-        states = {r["id"]: r for r in self.store.all("task_states", ids=[t.id for t in lost])}
+        rows = self.store.all("held_tasks_by_id", instance_id=self.instance_id, ids=lost)
         self.store.rollback()
-        again: list[TaskRow] = []
-        for task in lost:
-            row = states.get(task.id)
-            if row is None or row["claimed_by"] != self.instance_id:
-                continue
-            if row["state"] in ("queued", "running"):
-                again.append(replace(task, state=row["state"]))
-            else:
-                self.done_total += 1
+        again = [task_from_row(r) for r in rows]
+        self.done_total += len(lost) - len(again)
         if again:
             log.info("shard %d lost %d tasks; resending (%d to reconcile)", slot.index, len(again),
                      sum(t.state == "running" for t in again))

@@ -21,7 +21,7 @@ import socket
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -108,6 +108,8 @@ class Shard:
 
     # -- channel to the fetcher -------------------------------------------------
     def _connect(self) -> bool:
+        # Settle the last outcome first, so Hello.held is exactly what is left to do.
+        self._flush()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.connect(self.fetcher_socket)
@@ -185,6 +187,15 @@ class Shard:
         return action
 
     def run_task(self, task: TaskRow) -> None:
+        if self._run(task):
+            return
+        if task.state == "queued" and self._interrupted(task):
+            self._run(replace(task, state="running"))
+        else:
+            self._send(Ended(task.id, "skipped"))
+
+    def _run(self, task: TaskRow) -> bool:
+        """Run or settle one task. False: it was not ours to start (canceled, ended, taken)."""
         pending_key = None if self.pending is None else (self.pending.task.key_type, self.pending.task.key_id)
         if pending_key == (task.key_type, task.key_id):
             self._flush()  # this task must see its predecessor's effects in the rows
@@ -197,28 +208,25 @@ class Shard:
                 log.info("task %s (%s %s:%s) reconciled: %s: %s", task.id, task.action, task.target_type,
                          task.target_id, settled.kind, settled.message)
                 if settled.kind == Settlement.DONE:
-                    self._settle(task, Outcome.finished(settled.message, *settled.row_updates))
-                    return
+                    return self._settle(task, Outcome.finished(settled.message, *settled.row_updates))
                 if settled.kind == Settlement.NEITHER:
-                    self._settle(task, Outcome.failed(settled.message, *settled.row_updates))
-                    return
+                    return self._settle(task, Outcome.failed(settled.message, *settled.row_updates))
                 rerun = True
             plan = action.prepare(self.ctx, task)
             self.store.rollback()
         except TaskFailed as failure:
             self.store.rollback()
             self._fail_before_start(task, failure.message, failure.row_updates)
-            return
+            return True
         except Exception as exc:  # a bug must cost one task, not the shard
             self.store.rollback()
             log.exception("task %s: unexpected error while preparing", task.id)
             self._fail_before_start(task, f"internal error while preparing {task.action}: {exc!r}", [])
-            return
+            return True
         if plan.already_done is not None:
-            self._settle(task, plan.already_done, mark_running=not rerun)
-            return
+            return self._settle(task, plan.already_done, mark_running=not rerun)
         if not self._begin(task, plan, rerun):
-            return
+            return False
         self._send(Started(task.id))
         started = now()
         try:
@@ -230,6 +238,7 @@ class Shard:
         self.store.rollback()  # end any read transaction the action left open
         self.pending = PendingOutcome(task, outcome, started, ended)
         self._log_outcome(task, outcome)
+        return True
 
     def _commit_with_pending(self, work: Callable[[], T]) -> T:
         """Run ``work`` in one transaction that also writes the held outcome.
@@ -256,11 +265,21 @@ class Shard:
         marked = self.store.one(query_name, task_id=task.id, instance_id=self.instance_id,
                                 time_started=moment)
         if marked is None:
-            log.info("task %s was canceled or is no longer ours; skipped", task.id)
+            log.info("task %s was canceled, has ended or is no longer ours; skipped", task.id)
         return marked is not None
 
+    def _interrupted(self, task: TaskRow) -> bool:
+        """Is this 'queued' copy really a task an earlier shard left running?
+
+        A copy can be stale (adopted while a busy shard was away, and that
+        shard then died mid-task); the task must then be reconciled, not skipped.
+        """
+        row = self.store.one("task_states", ids=[task.id])
+        self.store.rollback()
+        return bool(row and row["state"] == "running" and row["claimed_by"] == self.instance_id)
+
     def _begin(self, task: TaskRow, plan: Plan, rerun: bool) -> bool:
-        """Commit 'running' + transient state (and the previous outcome). False: skip the task."""
+        """Commit 'running' + transient state (and the previous outcome). False: not ours to start."""
 
         def work() -> bool:
             if not self._mark(task, "mark_rerun" if rerun else "mark_running", now()):
@@ -269,15 +288,12 @@ class Shard:
             return True
 
         try:
-            began = self._commit_with_pending(work)
+            return self._commit_with_pending(work)
         except TaskFailed as failure:
             self._fail_before_start(task, failure.message, failure.row_updates)
-            return False
-        if not began:
-            self._send(Ended(task.id, "skipped"))
-        return began
+            return True
 
-    def _settle(self, task: TaskRow, outcome: Outcome, mark_running: bool = False) -> None:
+    def _settle(self, task: TaskRow, outcome: Outcome, mark_running: bool = False) -> bool:
         """Write an outcome decided without performing anything (no-op success, reconciliation)."""
         moment = now()
 
@@ -289,7 +305,8 @@ class Shard:
         written = self._commit_with_pending(work)
         if written:
             self._log_outcome(task, outcome)
-        self._send(Ended(task.id, outcome.state if written else "skipped"))
+            self._send(Ended(task.id, outcome.state))
+        return written
 
     def _fail_before_start(self, task: TaskRow, message: str, updates: list[RowUpdate]) -> None:
         moment = now()

@@ -20,7 +20,6 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field, replace
 
-import pytest
 from hypothesis import Phase, example, given, settings
 from hypothesis import strategies as st
 
@@ -116,8 +115,8 @@ class Pipeline:
             return  # a shard only reconnects between tasks
         held = {t.id for t in proc.queue}
         lost = self.dispatch.shard_connected(slot, held)
-        again = [replace(t, state=self.db[t.id]) for t in lost
-                 if t.id in self.claimed and self.db[t.id] in ("queued", "running")]
+        again = [replace(self.by_id[i], state=self.db[i]) for i in lost
+                 if i in self.claimed and self.db[i] in ("queued", "running")]
         self.dispatch.requeue(slot, again)
         link.up = True
 
@@ -173,9 +172,13 @@ class Pipeline:
         if shard_for(key, self.shards) != slot:
             raise Violation(f"task {task.id} of {key} reached slot {slot}")
         if self.db[task.id] != task.state:
-            # mark_running (queued) / mark_rerun, record_outcome (running) refuse it: skipped.
-            self._report(slot, task.id)
-            return
+            if task.state == "queued" and self.db[task.id] == "running":
+                # Shard.run_task: a refused mark_running of a task left running = interrupted: reconcile it.
+                task = replace(task, state="running")
+            else:
+                # mark_running (queued) / mark_rerun, record_outcome (running) refuse it: skipped.
+                self._report(slot, task.id)
+                return
         unfinished = [i for i in self.submitted[key] if self.db[i] != "finished"]
         if unfinished[0] != task.id:
             raise Violation(f"{key}: task {task.id} starts while earlier task {unfinished[0]} has not ended")
@@ -387,10 +390,6 @@ ADOPTED_BY_TIMEOUT_THEN_SHARD_DIES = (
 )
 
 
-@pytest.mark.xfail(strict=True, raises=(Violation, ExceptionGroup), reason=(
-    "after a fetcher restart, Dispatcher.shard_connected drops the tasks a shard reported in Hello.held "
-    "(kept as sent[id] = None) when that shard dies: the interrupted task is never reconciled, and "
-    "Fetcher._adopt_held by timeout queues stale 'queued' copies that mark_running then skips"))
 @settings(max_examples=300, phases=(Phase.explicit, Phase.generate))
 @example(*FETCHER_RESTART_THEN_SHARD_DIES)
 @example(*ADOPTED_BY_TIMEOUT_THEN_SHARD_DIES)
@@ -406,9 +405,6 @@ def test_per_key_order_survives_fetcher_restarts(keys: list[OrderingKey], shards
     run(keys, shards, window, ops)
 
 
-@pytest.mark.xfail(strict=True, raises=Violation, reason=(
-    "Dispatcher.shard_connected deletes sent[id] = None entries (tasks a shard reported in Hello.held "
-    "after a fetcher restart) that the new shard does not hold, without returning them as lost"))
 def test_held_task_survives_fetcher_restart_then_shard_death() -> None:
     key = OrderingKey("Vm", 1)
     sim = Pipeline([key, key], shards=1, window=8)
@@ -425,10 +421,6 @@ def test_held_task_survives_fetcher_restart_then_shard_death() -> None:
     assert sim.ended[key] == [1, 2]
 
 
-@pytest.mark.xfail(strict=True, raises=Violation, reason=(
-    "Fetcher._adopt_held after STARTUP_WAIT routes copies of tasks a busy, not yet reconnected shard "
-    "still holds, with the state they had then; if that shard dies mid-task, the stale 'queued' copy is "
-    "skipped by mark_running, the interrupted task is never reconciled and its key's next task runs"))
 def test_adopted_copies_after_startup_timeout_then_shard_death() -> None:
     key = OrderingKey("Vm", 1)
     sim = Pipeline([key, key, key], shards=1, window=8)

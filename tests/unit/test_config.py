@@ -335,15 +335,11 @@ def test_config_error_text() -> None:
     assert (error.reason, error.path, error.line) == ("bad", "/etc/t.conf", 7)
 
 
-@pytest.mark.xfail(strict=True, reason="read_file only walks parser.sections(), which omits [DEFAULT]: "
-                                       "unknown settings there are silently ignored")
 def test_unknown_key_in_default_section_is_reported(tmp_path: Path) -> None:
     error = file_error(tmp_path, "[DEFAULT]\nshardz = 3\n")
     assert error.line == 2
 
 
-@pytest.mark.xfail(strict=True, reason="_section_line compares the whole stripped line with '[name]', "
-                                       "so a header with a trailing comment gets line None")
 def test_unknown_section_with_trailing_comment_names_line(tmp_path: Path) -> None:
     error = file_error(tmp_path, "[daemon]\nshards = 2\n[deamon] ; typo\nshards = 3\n")
     assert error.line == 3

@@ -241,8 +241,6 @@ def test_any_description_gives_well_formed_xml_with_that_name(description: str) 
     assert [el.text for el in root.iter("name")] == [name]
 
 
-@pytest.mark.xfail(strict=True, reason="domain_name keeps U+FFFE/U+FFFF (valid in PostgreSQL text, illegal in "
-                                       "XML 1.0), so domain_xml emits a document no parser accepts")
 @pytest.mark.parametrize("description", ["vm\ufffe", "vm\uffff"])
 def test_xml_illegal_noncharacters_do_not_break_the_document(description: str) -> None:
     name = domain_name(description)
