@@ -120,6 +120,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("libvirt", "shutdown_poweroff_fallback", _parse_bool, False,
             "power the VM off when a graceful shutdown times out (else the task fails)"),
     Setting("libvirt", "vnc_listen", str, "127.0.0.1", "address VNC consoles listen on"),
+    Setting("libvirt", "save_dir", str, "/var/lib/libvirt/qemu/save",
+            "directory on each node where save_vm keeps memory images (must exist there)"),
+    Setting("libvirt", "migration_timeout", _positive_float, 300.0,
+            "seconds a live migration may take before it is aborted (the VM stays on its source)"),
+    Setting("libvirt", "migration_uri", str, "",
+            "migration data URI passed to libvirt (e.g. tcp://10.0.0.5); empty lets libvirt choose"),
 )
 
 SETTINGS_BY_KEY: dict[str, Setting] = {f"{s.section}.{s.name}": s for s in SETTINGS}
@@ -148,6 +154,9 @@ class Config:
     shutdown_timeout: float = 120.0
     shutdown_poweroff_fallback: bool = False
     vnc_listen: str = "127.0.0.1"
+    save_dir: str = "/var/lib/libvirt/qemu/save"
+    migration_timeout: float = 300.0
+    migration_uri: str = ""
     # Where the values came from, for reloads and error messages.
     source_path: str | None = field(default=None, compare=False)
 

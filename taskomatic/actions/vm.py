@@ -9,6 +9,8 @@ no host, or whose domain is gone, is not running anywhere.
 from __future__ import annotations
 
 import logging
+import posixpath
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -45,6 +47,8 @@ _DOMAIN_STATES = {
 }
 # States that only the database knows: a VM in one of these has no domain.
 _ROW_ONLY_STATES = ("pending", "create_failed", "invalid", "saved")
+# A stopped domain with a save image is 'saved' while the row is in one of these.
+_SAVE_STATES = ("saved", "saving", "restoring")
 _SHUTDOWN_POLL_SECONDS = 0.2
 
 # Cleared when a VM no longer runs anywhere.
@@ -119,7 +123,23 @@ def observe(ctx: ActionContext, vm: dict[str, Any]) -> Observed:
     except libvirt.libvirtError as exc:
         raise TaskFailed(f"cannot read VM {vm['id']} on {_host_label(host)}: {exc.get_error_message()}") from None
     state = _DOMAIN_STATES.get(code, "stopped")
+    if state == "stopped" and vm["state"] in _SAVE_STATES and _image_exists(conn, save_path(ctx, vm)):
+        return Observed("saved", f"domain saved to {save_path(ctx, vm)} on {_host_label(host)}", domain, host)
     return Observed(state, f"domain is {state} on {_host_label(host)}", domain, host)
+
+
+def save_path(ctx: ActionContext, vm: dict[str, Any]) -> str:
+    """Where save_vm keeps a VM's memory image on its node: named after the VM, in save_dir."""
+    return posixpath.join(ctx.config.save_dir, f"taskomatic-vm{vm['id']}-{vm['uuid']}.save")
+
+
+def _image_exists(conn: libvirt.virConnect, path: str) -> bool:
+    # The node's own view of the file: works for remote nodes too.
+    try:
+        conn.saveImageGetXMLDesc(path, 0)
+        return True
+    except libvirt.libvirtError:
+        return False
 
 
 def _libvirt_failure(action: str, host: dict[str, Any] | None, exc: libvirt.libvirtError) -> str:
@@ -414,6 +434,194 @@ class ResumeVm(VmAction):
         observed.domain.resume()
 
 
+class SaveVm(VmAction):
+    """running -> saved: the memory image goes to save_dir on the node; the domain stays defined."""
+
+    def act(self, ctx: ActionContext, vm: dict[str, Any], observed: Observed) -> None:
+        assert observed.domain is not None
+        observed.domain.save(save_path(ctx, vm))
+
+    def success_updates(self, ctx: ActionContext, vm: dict[str, Any], observed: Observed) -> list[RowUpdate]:
+        # host_id stays: the image lives on that node and restore_vm needs it.
+        return [RowUpdate("vms", vm["id"], {"state": "saved", "vnc_port": None, "memory_used": 0,
+                                            "num_vcpus_used": 0})]
+
+
+class RestoreVm(VmAction):
+    """saved -> running: restore from the image, then delete the image."""
+
+    def act(self, ctx: ActionContext, vm: dict[str, Any], observed: Observed) -> None:
+        assert observed.host is not None
+        conn = _connect(ctx, observed.host)
+        path = save_path(ctx, vm)
+        conn.restore(path)
+        _delete_image(conn, path)
+
+    def success_updates(self, ctx: ActionContext, vm: dict[str, Any], observed: Observed) -> list[RowUpdate]:
+        if observed.host is not None and observed.state == "running":
+            # Settled after a crash: the restore worked; the image may still be there.
+            _delete_image(_connect(ctx, observed.host), save_path(ctx, vm))
+        return [RowUpdate("vms", vm["id"], _running_updates(vm, observed))]
+
+
+def _delete_image(conn: libvirt.virConnect, path: str) -> None:
+    """Remove a save image on its node through libvirt's storage API (works for remote nodes).
+
+    The save directory is wrapped in a dir pool; a node whose driver has no
+    real storage (the test driver) keeps the file, which is logged.
+    """
+    try:
+        directory = posixpath.dirname(path)
+        pool = None
+        for candidate in conn.listAllStoragePools(0):
+            if _pool_target(candidate) == directory:
+                pool = candidate
+                break
+        if pool is None:
+            pool = conn.storagePoolCreateXML(_save_pool_xml(directory), 0)
+        pool.refresh(0)
+        pool.storageVolLookupByName(posixpath.basename(path)).delete(0)
+    except libvirt.libvirtError as exc:
+        log.info("save image %s not removed: %s", path, exc.get_error_message())
+
+
+def _pool_target(pool: libvirt.virStoragePool) -> str | None:
+    import xml.etree.ElementTree as ET
+
+    try:
+        node = ET.fromstring(pool.XMLDesc(0)).find("target/path")
+    except (libvirt.libvirtError, ET.ParseError):
+        return None
+    return node.text if node is not None else None
+
+
+def _save_pool_xml(directory: str) -> str:
+    import xml.etree.ElementTree as ET
+
+    pool = ET.Element("pool", type="dir")
+    ET.SubElement(pool, "name").text = "taskomatic-save-" + directory.strip("/").replace("/", "-")
+    target = ET.SubElement(pool, "target")
+    ET.SubElement(target, "path").text = directory
+    return ET.tostring(pool, encoding="unicode")
+
+
+class MigrateVm(VmAction):
+    """running -> running on another host: live migration (libvirt), bounded by migration_timeout."""
+
+    allowed_args = frozenset({"host_id"})
+
+    def validate_args(self, args: dict[str, Any]) -> None:
+        super().validate_args(args)
+        host_id = args.get("host_id")
+        if host_id is not None and (isinstance(host_id, bool) or not isinstance(host_id, int)):
+            raise TaskFailed(f"migrate_vm: args.host_id must be an integer host id, got {host_id!r}")
+
+    def prepare(self, ctx: ActionContext, task: TaskRow) -> Plan:
+        plan = super().prepare(ctx, task)
+        if plan.already_done is None:
+            wanted = task.args.get("host_id")
+            if wanted is not None and wanted == plan.data["vm"]["host_id"]:
+                raise TaskFailed(f"migrate_vm: VM {task.target_id} already runs on host {wanted}; "
+                                 "a VM is never migrated to its own host")
+            plan.begin_updates = []
+            plan.begin_hook = lambda store: self._place(store, plan)
+        return plan
+
+    def _place(self, store: Any, plan: Plan) -> None:
+        vm = plan.data["vm"]
+        wanted = plan.task.args.get("host_id")
+        candidates = [h for h in store.all("place_vm", vm_id=vm["id"], memory=vm["memory_allocated"],
+                                           vcpus=vm["num_vcpus_allocated"]) if h["id"] != vm["host_id"]]
+        if wanted is not None:
+            chosen = [h for h in candidates if h["id"] == wanted]
+            if not chosen:
+                host = store.one("get_host", host_id=wanted)
+                if host is None:
+                    raise TaskFailed(f"migrate_vm: host {wanted} does not exist")
+                raise TaskFailed(
+                    f"migrate_vm: host {wanted} ({host['hostname']}) cannot take VM {vm['id']}: it is "
+                    f"{'disabled' if host['is_disabled'] else host['state']} or lacks "
+                    f"{vm['memory_allocated']} KB free memory / {vm['num_vcpus_allocated']} free vcpus")
+            candidates = chosen
+        if not candidates:
+            raise TaskFailed(f"migrate_vm: no other available, enabled host can take VM {vm['id']} "
+                             f"({vm['memory_allocated']} KB, {vm['num_vcpus_allocated']} vcpus)")
+        destination = candidates[0]
+        store.update_row("vms", vm["id"], {"state": "migrating", "target_host_id": destination["id"]})
+        plan.data["destination"] = destination
+
+    def perform(self, ctx: ActionContext, plan: Plan) -> Outcome:
+        vm, source, destination = plan.data["vm"], plan.data["observed"].host, plan.data["destination"]
+        domain = plan.data["observed"].domain
+        try:
+            target = _connect(ctx, destination)
+            if destination["hypervisor_type"] == "TEST" or source["hypervisor_type"] == "TEST":
+                moved = _move_test_domain(domain, target)
+            else:
+                moved = _live_migrate(ctx, domain, target)
+        except (libvirt.libvirtError, TaskFailed) as exc:
+            message = exc.message if isinstance(exc, TaskFailed) else _libvirt_failure(
+                "migrate_vm", source, exc) + f" (to {_host_label(destination)})"
+            after = self._state_after_failure(ctx, vm)
+            return Outcome.failed(message, RowUpdate("vms", vm["id"], {**after, "target_host_id": None}))
+        observed = Observed("running", f"domain running on {_host_label(destination)}", moved, destination)
+        return Outcome.finished(None, RowUpdate("vms", vm["id"], {**_running_updates(vm, observed),
+                                                                  "target_host_id": None}))
+
+    def reconcile(self, ctx: ActionContext, task: TaskRow) -> Reconciled:
+        try:
+            vm = _vm_row(ctx, task)
+            on_source = observe(ctx, vm)
+            on_target = None
+            if vm.get("target_host_id") is not None:
+                on_target = observe(ctx, {**vm, "host_id": vm["target_host_id"]})
+        except TaskFailed as failure:
+            return Reconciled(Settlement.NEITHER, f"interrupted, and the real state is unknown: {failure.message}")
+        if on_target is not None and on_target.state == "running":
+            return Reconciled(Settlement.DONE, f"interrupted, but it took effect ({on_target.detail})",
+                              [RowUpdate("vms", vm["id"], {**_running_updates(vm, on_target),
+                                                           "target_host_id": None})])
+        if on_source.state == "running":
+            return Reconciled(Settlement.NOT_STARTED, f"interrupted before it took effect ({on_source.detail})",
+                              [RowUpdate("vms", vm["id"], {"target_host_id": None})])
+        return Reconciled(Settlement.NEITHER,
+                          f"interrupted; VM {vm['id']} is {on_source.state} ({on_source.detail})",
+                          [RowUpdate("vms", vm["id"], {"state": on_source.state, "target_host_id": None})])
+
+
+def _live_migrate(ctx: ActionContext, domain: libvirt.virDomain, target: libvirt.virConnect) -> libvirt.virDomain:
+    flags = libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PERSIST_DEST | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE
+    # A migration that does not converge in time is aborted; the guest keeps running on the source.
+    timer = threading.Timer(ctx.config.migration_timeout, _abort_job, args=(domain,))
+    timer.daemon = True
+    timer.start()
+    try:
+        return domain.migrate(target, flags, None, ctx.config.migration_uri or None, 0)
+    except libvirt.libvirtError as exc:
+        if not timer.is_alive():
+            raise TaskFailed(f"migrate_vm: did not complete within {ctx.config.migration_timeout:g} s and "
+                             f"was aborted ({exc.get_error_message()})") from None
+        raise
+    finally:
+        timer.cancel()
+
+
+def _abort_job(domain: libvirt.virDomain) -> None:
+    try:
+        domain.abortJob()
+    except libvirt.libvirtError as exc:
+        log.warning("could not abort a migration that timed out: %s", exc.get_error_message())
+
+
+def _move_test_domain(domain: libvirt.virDomain, target: libvirt.virConnect) -> libvirt.virDomain:
+    """libvirt's test driver cannot migrate: define and start on the target, then remove the source."""
+    moved = target.defineXML(domain.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+    moved.create()
+    domain.destroy()
+    domain.undefine()
+    return moved
+
+
 ACTIONS = [
     CreateVm("create_vm"),
     StartVm("start_vm"),
@@ -421,4 +629,7 @@ ACTIONS = [
     StopVm("poweroff_vm", graceful=False),
     SuspendVm("suspend_vm"),
     ResumeVm("resume_vm"),
+    SaveVm("save_vm"),
+    RestoreVm("restore_vm"),
+    MigrateVm("migrate_vm"),
 ]

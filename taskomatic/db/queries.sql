@@ -121,13 +121,13 @@ RETURNING id;
 -- get_vm --
 -- A VM row with what actions need.
 SELECT id, uuid::text AS uuid, description, num_vcpus_allocated, memory_allocated,
-       state, host_id, boot_device, vnic_mac_addr, vnc_port
+       state, host_id, target_host_id, boot_device, vnic_mac_addr, vnc_port
 FROM vms WHERE id = %(vm_id)s;
 
 -- get_vm_for_update --
 -- The VM row, locked for the transaction that marks a task running.
 SELECT id, uuid::text AS uuid, description, num_vcpus_allocated, memory_allocated,
-       state, host_id, boot_device, vnic_mac_addr, vnc_port
+       state, host_id, target_host_id, boot_device, vnic_mac_addr, vnc_port
 FROM vms WHERE id = %(vm_id)s FOR UPDATE;
 
 -- get_host --
@@ -147,7 +147,7 @@ FROM hosts h
 LEFT JOIN LATERAL (
     SELECT sum(v.memory_allocated) AS memory, sum(v.num_vcpus_allocated) AS vcpus
     FROM vms v
-    WHERE v.host_id = h.id AND v.id <> %(vm_id)s
+    WHERE (v.host_id = h.id OR v.target_host_id = h.id) AND v.id <> %(vm_id)s
       AND v.state IN ('running', 'starting', 'suspended', 'suspending', 'resuming',
                       'stopping', 'powering_off', 'saving', 'migrating', 'restoring', 'unreachable')
 ) c ON true

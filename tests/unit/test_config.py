@@ -212,6 +212,8 @@ def test_every_setting_can_be_set_in_the_file(tmp_path: Path) -> None:
         "embedded_user": ("pg", "pg"), "log_level": ("DEBUG", "debug"), "emulator": ("/bin/q", "/bin/q"),
         "machine_type": ("q35", "q35"), "shutdown_timeout": ("30", 30.0),
         "shutdown_poweroff_fallback": ("true", True), "vnc_listen": ("0.0.0.0", "0.0.0.0"),
+        "save_dir": ("/srv/save", "/srv/save"), "migration_timeout": ("60", 60.0),
+        "migration_uri": ("tcp://10.0.0.5", "tcp://10.0.0.5"),
     }
     assert set(samples) == {s.name for s in SETTINGS}
     sections: dict[str, list[str]] = {}
