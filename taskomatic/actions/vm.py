@@ -254,8 +254,8 @@ class CreateVm(VmAction):
     """pending -> stopped: check the VM can be defined. No domain exists until start_vm."""
 
     def real_state(self, ctx: ActionContext, vm: dict[str, Any]) -> Observed:
-        # create_vm works on the row only; a failed create may be tried again.
-        state = "pending" if vm["state"] == "create_failed" else vm["state"]
+        # create_vm works on the row only; a failed or interrupted create may be tried again.
+        state = "pending" if vm["state"] in ("create_failed", "creating") else vm["state"]
         return Observed(state, f"VM row is {vm['state']}", None, None)
 
     def act(self, ctx: ActionContext, vm: dict[str, Any], observed: Observed) -> None:
@@ -302,6 +302,16 @@ def _running_updates(vm: dict[str, Any], observed: Observed) -> dict[str, Any]:
     return values
 
 
+PLACEMENT_LOCK_ID = 0x7A5C0003
+
+
+def _placement_candidates(store: Any, vm: dict[str, Any]) -> list[dict[str, Any]]:
+    """Hosts that can take ``vm``, best first; serialised with every other placement."""
+    store.scalar("lock_placement", lock_id=PLACEMENT_LOCK_ID)
+    return list(store.all("place_vm", vm_id=vm["id"], memory=vm["memory_allocated"],
+                          vcpus=vm["num_vcpus_allocated"]))
+
+
 class StartVm(VmAction):
     """stopped -> running: place, define from the row, start, read the VNC port."""
 
@@ -323,8 +333,7 @@ class StartVm(VmAction):
     def _place(self, store: Any, plan: Plan) -> None:
         vm = plan.data["vm"]
         wanted = plan.task.args.get("host_id")
-        candidates = store.all("place_vm", vm_id=vm["id"], memory=vm["memory_allocated"],
-                               vcpus=vm["num_vcpus_allocated"])
+        candidates = _placement_candidates(store, vm)
         if wanted is not None:
             candidates = [h for h in candidates if h["id"] == wanted]
             if not candidates:
@@ -530,8 +539,7 @@ class MigrateVm(VmAction):
     def _place(self, store: Any, plan: Plan) -> None:
         vm = plan.data["vm"]
         wanted = plan.task.args.get("host_id")
-        candidates = [h for h in store.all("place_vm", vm_id=vm["id"], memory=vm["memory_allocated"],
-                                           vcpus=vm["num_vcpus_allocated"]) if h["id"] != vm["host_id"]]
+        candidates = [h for h in _placement_candidates(store, vm) if h["id"] != vm["host_id"]]
         if wanted is not None:
             chosen = [h for h in candidates if h["id"] == wanted]
             if not chosen:

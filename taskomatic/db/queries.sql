@@ -135,10 +135,16 @@ FROM vms WHERE id = %(vm_id)s FOR UPDATE;
 SELECT id, hostname, libvirt_uri, hypervisor_type, arch, state, is_disabled, num_cpus, memory
 FROM hosts WHERE id = %(host_id)s;
 
+-- lock_placement --
+-- Placement decisions are serialised (held to the end of the transaction), so
+-- two concurrent starts cannot both take a host's last free memory. One lock,
+-- not row locks in changing order: those deadlock.
+SELECT pg_advisory_xact_lock(%(lock_id)s);
+
 -- place_vm --
 -- Hosts that can take a VM, most free memory first. Counts what VMs placed
--- there already hold or are about to hold. Locks the chosen rows so two
--- concurrent starts cannot both take the last free memory.
+-- there already hold or are about to hold (in-flight starts and migrations
+-- too). Call with lock_placement held.
 SELECT h.id, h.hostname, h.libvirt_uri, h.hypervisor_type, h.arch, h.state, h.is_disabled,
        h.num_cpus, h.memory,
        h.memory - coalesce(c.memory, 0) AS free_memory,
@@ -154,8 +160,7 @@ LEFT JOIN LATERAL (
 WHERE h.state = 'available' AND NOT h.is_disabled
   AND h.memory - coalesce(c.memory, 0) >= %(memory)s
   AND h.num_cpus - coalesce(c.vcpus, 0) >= %(vcpus)s
-ORDER BY h.memory - coalesce(c.memory, 0) DESC, h.id
-FOR UPDATE OF h;
+ORDER BY h.memory - coalesce(c.memory, 0) DESC, h.id;
 
 -- list_tasks --
 -- Recent tasks, newest first, with optional filters (NULL means any).

@@ -127,7 +127,8 @@ class Fetcher:
             if now >= next_poll:
                 claim_wanted = True
                 next_poll = now + self.config.poll_interval
-            if claim_wanted and self.adopted and not self.draining:
+            can_claim = self.adopted and not self.draining
+            if claim_wanted and can_claim:
                 claim_wanted = self._claim()
             for slot in self.slots:
                 if slot.channel is not None and not self.draining:
@@ -135,7 +136,8 @@ class Fetcher:
             if now >= next_status:
                 self._report_status()
                 next_status = now + STATUS_INTERVAL
-            timeout = 0.0 if claim_wanted else max(0.0, min(next_poll, next_status) - time.monotonic())
+            busy = claim_wanted and can_claim  # more to claim right away; otherwise sleep until due
+            timeout = 0.0 if busy else max(0.0, min(next_poll, next_status) - time.monotonic())
             if self._wait(timeout):
                 claim_wanted = True
 

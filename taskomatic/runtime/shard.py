@@ -25,6 +25,8 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
+import psycopg2
+import psycopg2.errors
 from multiprocess.connection import Connection, wait
 
 from taskomatic import config as config_mod
@@ -50,6 +52,11 @@ _RECONNECT_SECONDS = 1.0
 T = TypeVar("T")
 
 
+_DB_ATTEMPTS = 3
+_CONFLICTS = (psycopg2.errors.DeadlockDetected, psycopg2.errors.SerializationFailure)
+_CONNECTION_LOST = (psycopg2.OperationalError, psycopg2.InterfaceError)
+
+
 def now() -> datetime:
     return datetime.now(UTC)
 
@@ -60,6 +67,13 @@ class PendingOutcome:
     outcome: Outcome
     time_started: datetime | None
     time_ended: datetime
+    # Set when the real outcome's row changes were refused and this is the fallback.
+    unrecordable: bool = False
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _json_type(value: Any) -> str:
@@ -187,7 +201,16 @@ class Shard:
         return action
 
     def run_task(self, task: TaskRow) -> None:
-        if self._run(task):
+        try:
+            done = self._run(task)
+        except psycopg2.DatabaseError as exc:
+            if isinstance(exc, _CONNECTION_LOST):
+                raise
+            self.store.rollback()
+            log.error("task %s: the database refused a write: %s", task.id, _first_line(exc))
+            self._fail_before_start(task, f"the database refused {task.action}'s changes: {_first_line(exc)}", [])
+            return
+        if done:
             return
         if task.state == "queued" and self._interrupted(task):
             self._run(replace(task, state="running"))
@@ -244,8 +267,33 @@ class Shard:
         """Run ``work`` in one transaction that also writes the held outcome.
 
         The fetcher hears a task ended only after its outcome is committed, so
-        it never forgets a task whose end could still be lost.
+        it never forgets a task whose end could still be lost. A lock conflict
+        (deadlock, serialization failure) is retried; if the database refuses
+        the held outcome's row changes, the outcome is recorded as failed with
+        the reason instead, so one bad write cannot wedge the shard. A lost
+        connection is not handled here: the shard exits, and its replacement
+        reconciles.
         """
+        for attempt in range(1, _DB_ATTEMPTS + 1):
+            try:
+                return self._commit_once(work)
+            except _CONFLICTS as exc:
+                self.store.rollback()
+                log.warning("database conflict (%s), retrying (%d/%d)", type(exc).__name__, attempt, _DB_ATTEMPTS)
+                if attempt == _DB_ATTEMPTS:
+                    raise
+            except psycopg2.DatabaseError as exc:
+                if isinstance(exc, _CONNECTION_LOST) or self.pending is None or self.pending.unrecordable:
+                    raise
+                self.store.rollback()
+                held = self.pending
+                log.error("task %s: the database refused its result: %s", held.task.id, _first_line(exc))
+                self.pending = PendingOutcome(held.task, Outcome.failed(
+                    f"{held.task.action} ran ({held.outcome.state}), but the database refused its result: "
+                    f"{_first_line(exc)}"), held.time_started, held.time_ended, unrecordable=True)
+        raise AssertionError("unreachable")
+
+    def _commit_once(self, work: Callable[[], T]) -> T:
         try:
             with self.store.transaction():
                 if self.pending is not None:

@@ -19,6 +19,7 @@ import signal
 import psycopg2
 import pytest
 
+from taskomatic.actions.vm import PLACEMENT_LOCK_ID
 from tests.acceptance import checks
 from tests.helpers import execute, query, wait_for
 
@@ -128,10 +129,6 @@ def test_killed_shard_comes_back_and_its_task_is_reconciled(dsn, hosts, daemon_f
     assert_everything_finished(dsn, scripts)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: a create_vm interrupted by a crash leaves the row 'creating'; reconciliation says "
-    "'not started' and re-runs it, and the re-run fails because CreateVm.real_state only maps "
-    "create_failed back to pending (taskomatic/actions/vm.py, CreateVm)"))
 def test_interrupted_create_vm_is_run_again(dsn, hosts, daemon_factory, prefix):
     vm_ids = checks.insert_vms(dsn, [f"{prefix}-create-{i:03d}" for i in range(300)])
     daemon = daemon_factory(shards=SHARDS)
@@ -152,16 +149,13 @@ def test_interrupted_create_vm_is_run_again(dsn, hosts, daemon_factory, prefix):
     checks.assert_vms_match_libvirt(dsn, [task["task_target_id"]])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: a database error in the transaction that marks a task running (here a deadlock in "
-    "start_vm's placement, which locks hosts rows in free-memory order: queries.sql place_vm) "
-    "escapes Shard.run_task/_begin (taskomatic/runtime/shard.py) and kills the shard process"))
 def test_a_deadlock_costs_no_shard(dsn, hosts, daemon_factory, prefix):
     """A transient database error (deadlock) must cost at most a retry, never a process.
 
-    Another program holds the second host's row lock, and asks for the first
-    one once a shard waits for the second: a lock cycle PostgreSQL breaks by
-    aborting the shard's transaction (its deadlock check runs first).
+    Another program holds the placement lock, and once a shard (which has
+    already marked its task running in the same transaction) waits for it,
+    asks for that task's row: a lock cycle PostgreSQL breaks by aborting the
+    shard's transaction (its deadlock check runs first).
     """
     dbname = checks.unique_prefix(dsn)
     execute(dsn, f"ALTER DATABASE {dbname} SET deadlock_timeout = '3s'")  # the daemon's sessions
@@ -170,22 +164,22 @@ def test_a_deadlock_costs_no_shard(dsn, hosts, daemon_factory, prefix):
     daemon = daemon_factory(shards=2)
     checks.wait_all_ended(dsn, daemon, timeout=60)
     pids = daemon.child_pids()
-    first, second = sorted(hosts)  # placement locks equally free hosts in id order
-
     blocker = psycopg2.connect(dsn)
     try:
         with blocker.cursor() as cur:
             cur.execute("SET deadlock_timeout = '30s'")
-            cur.execute("SELECT id FROM hosts WHERE id = %s FOR UPDATE", (second,))
+            cur.execute("SELECT pg_advisory_lock(%s)", (PLACEMENT_LOCK_ID,))
             [task] = checks.insert_tasks(dsn, [("Vm", vm, "start_vm")])
             wait_for(lambda: query(dsn, "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
                                         "AND application_name LIKE 'taskomatic shard%%'"),
-                     60, 0.02, "a shard to wait for the host lock")
+                     60, 0.02, "a shard to wait for the placement lock")
             try:
-                cur.execute("SELECT id FROM hosts WHERE id = %s FOR UPDATE", (first,))
+                cur.execute("SELECT id FROM tasks WHERE id = %s FOR UPDATE", (task,))
             except psycopg2.errors.DeadlockDetected:
                 pytest.skip("inconclusive: PostgreSQL aborted this session, not the shard's")
-        blocker.rollback()
+            blocker.rollback()
+            cur.execute("SELECT pg_advisory_unlock(%s)", (PLACEMENT_LOCK_ID,))
+        blocker.commit()
     finally:
         blocker.close()
 

@@ -113,9 +113,7 @@ def test_concurrent_starts_keep_every_shard_alive(dsn, hosts, daemon_factory, pr
     checks.assert_vms_match_libvirt(dsn, vm_ids)
 
     log = daemon.log()
-    if "DeadlockDetected" in log:
-        pytest.xfail("known bug: shards deadlock in start_vm placement (queries.sql place_vm) and the "
-                     f"shard that loses dies ({log.count('DeadlockDetected')} times in this run)")
+    assert "DeadlockDetected" not in log, "placement must not deadlock"
     assert "Traceback" not in log, log[log.index("Traceback") - 200:][:3000]
     assert daemon.child_pids() == pids, "a shard or the fetcher was restarted"
     interrupted = query(dsn, "SELECT id, action, message FROM tasks WHERE message ILIKE '%%interrupted%%'")
