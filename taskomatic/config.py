@@ -108,6 +108,10 @@ SETTINGS: tuple[Setting, ...] = (
             "seconds a fast stop waits for processes before killing them"),
     Setting("daemon", "heartbeat_timeout", _positive_float, 60.0,
             "seconds without a heartbeat after which the supervisor restarts a wedged fetcher"),
+    Setting("daemon", "retry_limit", _positive_int, 8,
+            "transient failures (node unreachable, connection lost) a task may have before it fails"),
+    Setting("daemon", "retry_backoff_max", _positive_float, 60.0,
+            "longest wait between retries (waits double from 1 s); the key's later tasks wait too"),
     Setting("daemon", "embedded_user", str, "",
             "unprivileged user that runs the private PostgreSQL when taskomatic runs as root; "
             "empty: postgres if it exists, else nobody"),
@@ -147,6 +151,8 @@ class Config:
     drain_timeout: float = 300.0
     fast_stop_timeout: float = 10.0
     heartbeat_timeout: float = 60.0
+    retry_limit: int = 8
+    retry_backoff_max: float = 60.0
     embedded_user: str = ""
     log_level: str = "info"
     emulator: str = "/usr/bin/qemu-system-x86_64"

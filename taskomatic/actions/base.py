@@ -43,6 +43,19 @@ class TaskFailed(Exception):
         self.row_updates = row_updates or []
 
 
+class TaskRetry(Exception):
+    """A transient failure (node unreachable, connection lost, timeout): try again later.
+
+    The shard parks the task's key and retries with backoff; the key's later
+    tasks wait behind it. A retried task that had started is settled by
+    ``reconcile`` first, so a half-done action is never run twice blindly.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
 @dataclass(frozen=True)
 class RowUpdate:
     table: str
@@ -52,9 +65,15 @@ class RowUpdate:
 
 @dataclass
 class Outcome:
-    state: str  # 'finished' or 'failed'
+    # 'finished' or 'failed'; 'waiting' (not an end): the task stays running
+    # until the tasks it queued (children) have all ended.
+    state: str
     message: str | None = None
     row_updates: list[RowUpdate] = field(default_factory=list)
+
+    @classmethod
+    def waiting(cls, message: str) -> Outcome:
+        return cls("waiting", message)
 
     @classmethod
     def finished(cls, message: str | None = None, *updates: RowUpdate) -> Outcome:
@@ -87,6 +106,8 @@ class Settlement:
     DONE = "done"
     NOT_STARTED = "not_started"
     NEITHER = "neither"
+    # The task had queued children that are still running: wait for them.
+    WAITING = "waiting"
 
 
 @dataclass
@@ -126,9 +147,9 @@ def load_actions() -> dict[str, Action]:
     always present, even when the package is run from a source tree that was
     never installed (no entry-point metadata).
     """
-    from taskomatic.actions import vm
+    from taskomatic.actions import host, vm
 
-    found: dict[str, Action] = {a.name: a for a in vm.ACTIONS}
+    found: dict[str, Action] = {a.name: a for a in (*vm.ACTIONS, *host.ACTIONS)}
     for entry in metadata.entry_points(group=ENTRY_POINT_GROUP):
         try:
             provided = entry.load()

@@ -25,6 +25,7 @@ from taskomatic.actions.base import (
     RowUpdate,
     Settlement,
     TaskFailed,
+    TaskRetry,
 )
 from taskomatic.actions.connections import HostUnreachable
 from taskomatic.actions.domain_xml import DomainSpec, domain_xml, vnc_port
@@ -99,7 +100,17 @@ def _connect(ctx: ActionContext, host: dict[str, Any]) -> libvirt.virConnect:
     try:
         return ctx.libvirt.get(host["libvirt_uri"])
     except HostUnreachable as exc:
-        raise TaskFailed(f"{_host_label(host)} is unreachable: {exc}") from None
+        raise TaskRetry(f"{_host_label(host)} is unreachable: {exc}") from None
+
+
+def _read_failure(ctx: ActionContext, vm: dict[str, Any], host: dict[str, Any],
+                  exc: libvirt.libvirtError) -> Exception:
+    """A failed read of a domain: transient (retry) if the node or connection failed."""
+    message = f"cannot read VM {vm['id']} on {_host_label(host)}: {exc.get_error_message()}"
+    if is_transient(exc):
+        ctx.libvirt.drop(host["libvirt_uri"])
+        return TaskRetry(message)
+    return TaskFailed(message)
 
 
 def observe(ctx: ActionContext, vm: dict[str, Any]) -> Observed:
@@ -116,12 +127,11 @@ def observe(ctx: ActionContext, vm: dict[str, Any]) -> Observed:
         if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
             state = vm["state"] if vm["state"] in _ROW_ONLY_STATES else "stopped"
             return Observed(state, f"no domain for VM {vm['id']} on {_host_label(host)}", None, host)
-        ctx.libvirt.drop(host["libvirt_uri"])
-        raise TaskFailed(f"cannot read VM {vm['id']} on {_host_label(host)}: {exc.get_error_message()}") from None
+        raise _read_failure(ctx, vm, host, exc) from None
     try:
         code = domain.state()[0]
     except libvirt.libvirtError as exc:
-        raise TaskFailed(f"cannot read VM {vm['id']} on {_host_label(host)}: {exc.get_error_message()}") from None
+        raise _read_failure(ctx, vm, host, exc) from None
     state = _DOMAIN_STATES.get(code, "stopped")
     if state == "stopped" and vm["state"] in _SAVE_STATES and _image_exists(conn, save_path(ctx, vm)):
         return Observed("saved", f"domain saved to {save_path(ctx, vm)} on {_host_label(host)}", domain, host)
@@ -197,8 +207,9 @@ class VmAction:
         try:
             self.act(ctx, vm, observed)
         except libvirt.libvirtError as exc:
-            if observed.host is not None and _is_connection_error(exc):
+            if observed.host is not None and is_transient(exc):
                 ctx.libvirt.drop(observed.host["libvirt_uri"])
+                raise TaskRetry(_libvirt_failure(self.name, observed.host, exc)) from None
             after = self._state_after_failure(ctx, vm)
             return Outcome.failed(_libvirt_failure(self.name, observed.host, exc),
                                   RowUpdate("vms", vm["id"], after))
@@ -218,7 +229,7 @@ class VmAction:
         """The real state if it can be read, else the table's failure state."""
         try:
             real = observe(ctx, vm)
-        except TaskFailed:
+        except (TaskFailed, TaskRetry):
             return {"state": self.transition.failure}
         values: dict[str, Any] = {"state": real.state}
         if real.domain is None and real.state in ("stopped", *_ROW_ONLY_STATES):
@@ -245,9 +256,18 @@ class VmAction:
         )
 
 
-def _is_connection_error(exc: libvirt.libvirtError) -> bool:
-    return exc.get_error_code() in (libvirt.VIR_ERR_SYSTEM_ERROR, libvirt.VIR_ERR_RPC,
-                                     libvirt.VIR_ERR_NO_CONNECT, libvirt.VIR_ERR_INVALID_CONN)
+# libvirt errors that say "the node or the way to it failed", not "this request is wrong":
+# connection refused or reset, RPC failure, keepalive timeout, no connection.
+_TRANSIENT_CODES = frozenset({
+    libvirt.VIR_ERR_SYSTEM_ERROR, libvirt.VIR_ERR_RPC, libvirt.VIR_ERR_NO_CONNECT,
+    libvirt.VIR_ERR_INVALID_CONN, libvirt.VIR_ERR_OPERATION_TIMEOUT, libvirt.VIR_ERR_AUTH_UNAVAILABLE,
+})
+
+
+def is_transient(exc: libvirt.libvirtError) -> bool:
+    return exc.get_error_code() in _TRANSIENT_CODES
+
+
 
 
 class CreateVm(VmAction):
@@ -354,19 +374,17 @@ class StartVm(VmAction):
 
     def perform(self, ctx: ActionContext, plan: Plan) -> Outcome:
         vm, host = plan.data["vm"], plan.data["host"]
-        try:
-            conn = _connect(ctx, host)
-        except TaskFailed as failure:
-            return Outcome.failed(failure.message, RowUpdate("vms", vm["id"], {"state": "stopped", **_NOT_RUNNING}))
+        conn = _connect(ctx, host)
         domain = None
         try:
             domain = conn.defineXML(domain_xml(_spec(ctx, vm, host)))
             domain.create()
         except libvirt.libvirtError as exc:
+            if is_transient(exc):
+                ctx.libvirt.drop(host["libvirt_uri"])
+                raise TaskRetry(_libvirt_failure("start_vm", host, exc)) from None
             if domain is not None:
                 _undefine_quietly(domain)
-            if _is_connection_error(exc):
-                ctx.libvirt.drop(host["libvirt_uri"])
             return Outcome.failed(_libvirt_failure("start_vm", host, exc),
                                   RowUpdate("vms", vm["id"], {"state": "stopped", **_NOT_RUNNING}))
         observed = Observed("running", f"domain running on {_host_label(host)}", domain, host)
@@ -568,6 +586,8 @@ class MigrateVm(VmAction):
             else:
                 moved = _live_migrate(ctx, domain, target)
         except (libvirt.libvirtError, TaskFailed) as exc:
+            if isinstance(exc, libvirt.libvirtError) and is_transient(exc):
+                raise TaskRetry(_libvirt_failure("migrate_vm", source, exc)) from None
             message = exc.message if isinstance(exc, TaskFailed) else _libvirt_failure(
                 "migrate_vm", source, exc) + f" (to {_host_label(destination)})"
             after = self._state_after_failure(ctx, vm)

@@ -177,3 +177,18 @@ LIMIT %(limit)s;
 -- task_counts --
 -- How many tasks are in each state.
 SELECT state, count(*) FROM tasks GROUP BY state;
+
+-- children_of --
+-- The tasks a task queued (clear_vms's migrations), to know when it is done.
+SELECT id, action, task_target_type, task_target_id, state, message
+FROM tasks WHERE parent_task_id = %(task_id)s ORDER BY id;
+
+-- vms_on_host --
+-- The VMs placed on a host, for clear_vms.
+SELECT id, description, state FROM vms WHERE host_id = %(host_id)s ORDER BY id;
+
+-- insert_child_task --
+-- A task queued by another task; it goes to the back of its key's queue.
+INSERT INTO tasks (task_target_type, task_target_id, action, args, submitted_by, parent_task_id)
+VALUES (%(target_type)s, %(target_id)s, %(action)s, %(args)s, %(submitted_by)s, %(parent_task_id)s)
+RETURNING id;

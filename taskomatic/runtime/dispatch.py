@@ -33,6 +33,9 @@ class SlotQueue:
     # Sent and not ended. None: a task a shard reported holding after a
     # fetcher restart, which this fetcher never saw.
     sent: dict[int, TaskRow | None] = field(default_factory=dict)
+    # Sent tasks the shard parked (retry backoff, waiting for children): they
+    # do not count in the window, so a stuck key cannot starve the others.
+    deferred: set[int] = field(default_factory=set)
 
     @property
     def held(self) -> int:
@@ -60,7 +63,7 @@ class Dispatcher:
         """Move tasks from backlog to sent, up to the window; the caller sends them in this order."""
         slot = self.slots[index]
         out = []
-        while slot.backlog and len(slot.sent) < self.window:
+        while slot.backlog and len(slot.sent) - len(slot.deferred) < self.window:
             task = slot.backlog.popleft()
             slot.sent[task.id] = task
             out.append(task)
@@ -75,11 +78,16 @@ class Dispatcher:
 
     def ended(self, index: int, task_id: int) -> None:
         self.slots[index].sent.pop(task_id, None)
+        self.slots[index].deferred.discard(task_id)
+
+    def defer(self, index: int, task_ids: tuple[int, ...]) -> None:
+        slot = self.slots[index]
+        slot.deferred.update(t for t in task_ids if t in slot.sent)
 
     def returned(self, index: int, task_ids: tuple[int, ...]) -> None:
         """A draining shard handed these back unstarted (the database releases them)."""
         for task_id in task_ids:
-            self.slots[index].sent.pop(task_id, None)
+            self.ended(index, task_id)
 
     def shard_connected(self, index: int, held: set[int]) -> list[int]:
         """A shard (re)connected holding ``held``. Returns the ids the slot lost, removed from ``sent``.
@@ -93,6 +101,7 @@ class Dispatcher:
         lost = [task_id for task_id in slot.sent if task_id not in held]
         for task_id in lost:
             del slot.sent[task_id]
+            slot.deferred.discard(task_id)
         if any(t.id in held for t in slot.backlog):
             slot.backlog = deque(t for t in slot.backlog if t.id not in held)
         for task_id in sorted(held):

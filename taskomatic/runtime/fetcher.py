@@ -34,6 +34,7 @@ from taskomatic.db.store import Store, connect
 from taskomatic.logsetup import set_process_title, setup_logging
 from taskomatic.runtime.dispatch import Dispatcher
 from taskomatic.runtime.messages import (
+    Deferred,
     Drain,
     Drained,
     Ended,
@@ -226,6 +227,8 @@ class Fetcher:
                     self.dispatch.ended(slot.index, message.task_id)
                     slot.current = None
                     self.done_total += 1
+                elif isinstance(message, Deferred):
+                    self.dispatch.defer(slot.index, message.task_ids)
                 elif isinstance(message, Started):
                     slot.current = message.task_id
                 elif isinstance(message, Drained):

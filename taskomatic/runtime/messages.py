@@ -57,6 +57,13 @@ class Ended:
 
 
 @dataclass(frozen=True)
+class Deferred:
+    """Parked behind a retry or a wait: still held, but not counted in the send window."""
+
+    task_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class Drained:
     returned: tuple[int, ...]
 

@@ -38,13 +38,15 @@ from taskomatic.actions.base import (
     RowUpdate,
     Settlement,
     TaskFailed,
+    TaskRetry,
     load_actions,
 )
 from taskomatic.actions.connections import LibvirtConnections
 from taskomatic.config import Config
 from taskomatic.db.store import Store
 from taskomatic.logsetup import set_process_title, setup_logging
-from taskomatic.runtime.messages import Drain, Drained, Ended, Hello, Run, Started, TaskRow
+from taskomatic.runtime.messages import Deferred, Drain, Drained, Ended, Hello, Run, Started, TaskRow
+from taskomatic.runtime.parking import ParkingLot
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +103,7 @@ class Shard:
         self.store = Store.open(config.dsn, f"taskomatic shard {slot}", config.connect_timeout)
         self.actions: dict[str, Action] = load_actions()
         self.ctx = ActionContext(self.store, config, LibvirtConnections())
+        self.parking = ParkingLot(config.retry_limit, config.retry_backoff_max)
 
     # -- signals: the handler only records; the loop acts ---------------------
     def _record_signal(self, signum: int, _frame: object) -> None:
@@ -132,7 +135,7 @@ class Shard:
             log.debug("fetcher not reachable yet: %s", exc)
             return False
         self.channel = Connection(sock.detach())
-        held = tuple(t.id for t in self.queue)
+        held = tuple(t.id for t in self.queue) + tuple(self.parking.held_ids())
         self.channel.send(Hello(self.slot, os.getpid(), held))
         return True
 
@@ -175,14 +178,72 @@ class Shard:
                 self._flush()  # falling idle: the last outcome must not wait for a next task
                 if self.channel is None:
                     time.sleep(_RECONNECT_SECONDS / 5)  # fetcher away, nothing to do: retry soon
-            self._receive(0 if self.queue else 0.5)
+            self._receive(self._idle_wait())
             if self.stop_fast or self.draining:
                 self._flush()
                 if self.draining:
-                    self._send(Drained(tuple(t.id for t in self.queue)))
+                    # Parked heads that had started stay 'running': the next start reconciles them.
+                    returned = [t.id for t in self.queue] + self.parking.held_ids()
+                    self._send(Drained(tuple(returned)))
                 return 0
+            self._wake_parked()
             if self.queue:
-                self.run_task(self.queue.popleft())
+                task = self.queue.popleft()
+                if self.parking.is_parked(task):
+                    self.parking.hold_behind(task)  # its key waits for a retry or for children
+                    self._send(Deferred((task.id,)))
+                else:
+                    self.run_task(task)
+
+    def _idle_wait(self) -> float:
+        if self.queue:
+            return 0.0
+        wake = self.parking.next_wake()
+        return 0.5 if wake is None else max(0.0, min(0.5, wake - time.monotonic()))
+
+    # -- parked keys ------------------------------------------------------------
+    def _wake_parked(self) -> None:
+        now = time.monotonic()
+        for parked in self.parking.due(now):
+            if parked.waiting_for_children:
+                outcome = self._children_outcome(parked.head)
+                if outcome is None:
+                    self.parking.snooze(parked, now)
+                    continue
+                tasks = self.parking.unpark(parked)
+                self._settle(parked.head, outcome)
+                tasks = tasks[1:]  # the head has ended
+            else:
+                tasks = self.parking.unpark(parked)
+                log.info("task %s: retrying (%s)", parked.head.id, parked.reason)
+            self.queue.extendleft(reversed(tasks))
+
+    def _children_outcome(self, parent: TaskRow) -> Outcome | None:
+        """The parent's outcome once every task it queued has ended; None while some run."""
+        children = self.store.all("children_of", task_id=parent.id)
+        self.store.rollback()
+        if any(c["state"] not in ("finished", "failed", "canceled") for c in children):
+            return None
+        bad = [c for c in children if c["state"] != "finished"]
+        if not bad:
+            return Outcome.finished(f"all {len(children)} tasks it queued finished")
+        details = "; ".join(f"task {c['id']} ({c['action']} {c['task_target_type']} {c['task_target_id']}) "
+                            f"{c['state']}: {c['message'] or 'no message'}" for c in bad)
+        return Outcome.failed(f"{len(bad)} of {len(children)} tasks it queued did not finish: {details}")
+
+    def _park_for_retry(self, task: TaskRow, reason: str) -> None:
+        delay = self.parking.park_for_retry(task, reason, time.monotonic())
+        if delay is None:
+            count = self.parking.failures.pop(task.id, 0)
+            message = f"gave up after {count} transient failures: {reason}"
+            if task.state == "running":  # it had started: the real state is for the reconciler now
+                self._settle(task, Outcome.failed(message))
+            else:
+                self._fail_before_start(task, message, [])
+            return
+        log.warning("task %s (%s %s:%s): %s; retrying in %.0fs (the key's later tasks wait)",
+                    task.id, task.action, task.target_type, task.target_id, reason, delay)
+        self._send(Deferred((task.id,)))
 
     # -- one task ---------------------------------------------------------------
     def _check(self, task: TaskRow) -> Action:
@@ -234,12 +295,20 @@ class Shard:
                     return self._settle(task, Outcome.finished(settled.message, *settled.row_updates))
                 if settled.kind == Settlement.NEITHER:
                     return self._settle(task, Outcome.failed(settled.message, *settled.row_updates))
+                if settled.kind == Settlement.WAITING:
+                    self.parking.park_for_children(task, settled.message, time.monotonic())
+                    self._send(Deferred((task.id,)))
+                    return True
                 rerun = True
             plan = action.prepare(self.ctx, task)
             self.store.rollback()
         except TaskFailed as failure:
             self.store.rollback()
             self._fail_before_start(task, failure.message, failure.row_updates)
+            return True
+        except TaskRetry as retry:
+            self.store.rollback()
+            self._park_for_retry(task, retry.message)
             return True
         except Exception as exc:  # a bug must cost one task, not the shard
             self.store.rollback()
@@ -254,11 +323,21 @@ class Shard:
         started = now()
         try:
             outcome = action.perform(self.ctx, plan)
+        except TaskRetry as retry:
+            self.store.rollback()
+            self._park_for_retry(replace(task, state="running"), retry.message)
+            return True
         except Exception as exc:
             log.exception("task %s: unexpected error in %s", task.id, task.action)
             outcome = Outcome.failed(f"internal error in {task.action}: {exc!r}")
         ended = now()
         self.store.rollback()  # end any read transaction the action left open
+        if outcome.state == "waiting":
+            log.info("task %s (%s %s:%s) waiting: %s", task.id, task.action, task.target_type,
+                     task.target_id, outcome.message)
+            self.parking.park_for_children(replace(task, state="running"), outcome.message or "", time.monotonic())
+            self._send(Deferred((task.id,)))
+            return True
         self.pending = PendingOutcome(task, outcome, started, ended)
         self._log_outcome(task, outcome)
         return True
@@ -367,6 +446,7 @@ class Shard:
                     self.store.update_row(update.table, update.row_id, update.values)
 
         self._commit_with_pending(work)
+        self.parking.ended(task.id)
         log.warning("task %s (%s %s:%s) failed: %s", task.id, task.action, task.target_type,
                     task.target_id, message)
         self._send(Ended(task.id, "failed"))
@@ -390,8 +470,8 @@ class Shard:
         if self.pending is not None:
             self._commit_with_pending(lambda: None)
 
-    @staticmethod
-    def _log_outcome(task: TaskRow, outcome: Outcome) -> None:
+    def _log_outcome(self, task: TaskRow, outcome: Outcome) -> None:
+        self.parking.ended(task.id)
         level = logging.INFO if outcome.state == "finished" else logging.WARNING
         log.log(level, "task %s (%s %s:%s) %s%s", task.id, task.action, task.target_type, task.target_id,
                 outcome.state, f": {outcome.message}" if outcome.message else "")

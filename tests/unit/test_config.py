@@ -214,6 +214,7 @@ def test_every_setting_can_be_set_in_the_file(tmp_path: Path) -> None:
         "shutdown_poweroff_fallback": ("true", True), "vnc_listen": ("0.0.0.0", "0.0.0.0"),
         "save_dir": ("/srv/save", "/srv/save"), "migration_timeout": ("60", 60.0),
         "migration_uri": ("tcp://10.0.0.5", "tcp://10.0.0.5"),
+        "retry_limit": ("3", 3), "retry_backoff_max": ("10", 10.0),
     }
     assert set(samples) == {s.name for s in SETTINGS}
     sections: dict[str, list[str]] = {}
