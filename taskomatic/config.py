@@ -124,6 +124,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("libvirt", "shutdown_poweroff_fallback", _parse_bool, False,
             "power the VM off when a graceful shutdown times out (else the task fails)"),
     Setting("libvirt", "vnc_listen", str, "127.0.0.1", "address VNC consoles listen on"),
+    Setting("libvirt", "keepalive_interval", _positive_int, 5,
+            "seconds between libvirt keepalive probes; a node silent for interval x count is dead"),
+    Setting("libvirt", "keepalive_count", _positive_int, 3,
+            "unanswered keepalive probes before a connection is declared dead"),
+    Setting("daemon", "task_timeout", _positive_float, 900.0,
+            "hard limit on one task's run: a shard stuck longer is killed and the task reconciled "
+            "(keep it above shutdown_timeout and migration_timeout)"),
     Setting("libvirt", "save_dir", str, "/var/lib/libvirt/qemu/save",
             "directory on each node where save_vm keeps memory images (must exist there)"),
     Setting("libvirt", "migration_timeout", _positive_float, 300.0,
@@ -160,6 +167,9 @@ class Config:
     shutdown_timeout: float = 120.0
     shutdown_poweroff_fallback: bool = False
     vnc_listen: str = "127.0.0.1"
+    keepalive_interval: int = 5
+    keepalive_count: int = 3
+    task_timeout: float = 900.0
     save_dir: str = "/var/lib/libvirt/qemu/save"
     migration_timeout: float = 300.0
     migration_uri: str = ""

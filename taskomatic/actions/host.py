@@ -13,6 +13,7 @@ import logging
 from typing import Any
 
 from taskomatic.actions.base import (
+    Action,
     ActionContext,
     Outcome,
     Plan,
@@ -67,4 +68,4 @@ class ClearVms:
         return Reconciled(Settlement.WAITING, "interrupted while waiting for its migrations; waiting again")
 
 
-ACTIONS = [ClearVms()]
+ACTIONS: list[Action] = [ClearVms()]

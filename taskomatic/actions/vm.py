@@ -18,6 +18,7 @@ from typing import Any
 import libvirt
 
 from taskomatic.actions.base import (
+    Action,
     ActionContext,
     Outcome,
     Plan,
@@ -265,7 +266,9 @@ _TRANSIENT_CODES = frozenset({
 
 
 def is_transient(exc: libvirt.libvirtError) -> bool:
-    return exc.get_error_code() in _TRANSIENT_CODES
+    # Anything from the RPC layer (keepalive timeout: "internal error" from VIR_FROM_RPC)
+    # is about the connection, not the request.
+    return exc.get_error_code() in _TRANSIENT_CODES or exc.get_error_domain() == libvirt.VIR_FROM_RPC
 
 
 
@@ -650,7 +653,7 @@ def _move_test_domain(domain: libvirt.virDomain, target: libvirt.virConnect) -> 
     return moved
 
 
-ACTIONS = [
+ACTIONS: list[Action] = [
     CreateVm("create_vm"),
     StartVm("start_vm"),
     StopVm("shutdown_vm", graceful=True),

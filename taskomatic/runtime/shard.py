@@ -87,12 +87,13 @@ def _json_type(value: Any) -> str:
 
 class Shard:
     def __init__(self, slot: int, shards: int, config: Config, instance_id: int,
-                 fetcher_socket: str) -> None:
+                 fetcher_socket: str, deadline: Any) -> None:
         self.slot = slot
         self.shards = shards
         self.config = config
         self.instance_id = instance_id
         self.fetcher_socket = fetcher_socket
+        self.deadline = deadline  # multiprocess Value('d'): 0 when idle
         self.queue: deque[TaskRow] = deque()
         self.pending: PendingOutcome | None = None
         self.channel: Connection | None = None
@@ -102,7 +103,8 @@ class Shard:
         self.draining = False
         self.store = Store.open(config.dsn, f"taskomatic shard {slot}", config.connect_timeout)
         self.actions: dict[str, Action] = load_actions()
-        self.ctx = ActionContext(self.store, config, LibvirtConnections())
+        self.ctx = ActionContext(self.store, config,
+                                 LibvirtConnections(config.keepalive_interval, config.keepalive_count))
         self.parking = ParkingLot(config.retry_limit, config.retry_backoff_max)
 
     # -- signals: the handler only records; the loop acts ---------------------
@@ -262,6 +264,15 @@ class Shard:
         return action
 
     def run_task(self, task: TaskRow) -> None:
+        # The supervisor kills a shard still on one task past this moment (wall clock,
+        # shared memory): the last resort against a libvirt call that never returns.
+        self.deadline.value = time.time() + self.config.task_timeout
+        try:
+            self._run_task(task)
+        finally:
+            self.deadline.value = 0.0
+
+    def _run_task(self, task: TaskRow) -> None:
         try:
             done = self._run(task)
         except psycopg2.DatabaseError as exc:
@@ -478,14 +489,14 @@ class Shard:
 
 
 def shard_main(slot: int, shards: int, config: Config, instance_id: int,
-               fetcher_socket: str) -> None:
+               fetcher_socket: str, deadline: Any) -> None:
     """Entry point of a shard process (spawned, so it starts with nothing inherited)."""
     setup_logging(config.log_level, role=f"shard {slot}")
     set_process_title(f"taskomatic: shard {slot}/{shards}")
     # A shard runs until told; a terminal's Ctrl-C goes to the whole group and
     # the supervisor decides what it means.
     try:
-        shard = Shard(slot, shards, config, instance_id, fetcher_socket)
+        shard = Shard(slot, shards, config, instance_id, fetcher_socket, deadline)
     except Exception:
         log.exception("shard %d failed to start", slot)
         raise SystemExit(3) from None

@@ -72,6 +72,8 @@ class Child:
     started_at: float = 0.0
     boot_failures: int = 0
     respawn_at: float = 0.0
+    # Shard only: wall-clock moment its current task must be over (0: idle); the shard sets it.
+    deadline: Any = None
 
 
 class Supervisor:
@@ -159,9 +161,11 @@ class Supervisor:
             self.status_reader = reader
             self.last_status_at = time.monotonic()
         else:
+            child.deadline = self.mp.Value("d", 0.0, lock=False)
             process = self.mp.Process(
                 target=shard_main, name=f"taskomatic-shard-{child.slot}",
-                args=(child.slot, self.config.shards, self.config, self.instance_id, self.socket_path))
+                args=(child.slot, self.config.shards, self.config, self.instance_id, self.socket_path,
+                      child.deadline))
             process.start()
         child.process = process
         child.started_at = time.monotonic()
@@ -290,6 +294,7 @@ class Supervisor:
                             break
                         self._spawn(child)
                 self._check_fetcher_heartbeat(now)
+                self._check_shard_deadlines()
                 if now >= next_heartbeat:
                     self._heartbeat()
                     next_heartbeat = now + HEARTBEAT_INTERVAL
@@ -369,6 +374,16 @@ class Supervisor:
                       now - self.last_status_at)
             fetcher.kill()
             self.last_status_at = now
+
+    def _check_shard_deadlines(self) -> None:
+        wall = time.time()
+        for child in self.children[1:]:
+            deadline = child.deadline.value if child.deadline is not None else 0.0
+            if child.process is not None and deadline and wall > deadline:
+                log.error("shard %d (pid %d) is stuck on a task past task_timeout (%gs); killing it, "
+                          "its task will be reconciled", child.slot, child.process.pid, self.config.task_timeout)
+                child.deadline.value = 0.0
+                child.process.kill()
 
     def _shutdown(self) -> None:
         for child in self.children:
