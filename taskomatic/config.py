@@ -112,6 +112,8 @@ SETTINGS: tuple[Setting, ...] = (
             "transient failures (node unreachable, connection lost) a task may have before it fails"),
     Setting("daemon", "retry_backoff_max", _positive_float, 60.0,
             "longest wait between retries (waits double from 1 s); the key's later tasks wait too"),
+    Setting("daemon", "reconcile_interval", _positive_float, 20.0,
+            "seconds between host-status passes that correct VM and host rows from the nodes"),
     Setting("daemon", "embedded_user", str, "",
             "unprivileged user that runs the private PostgreSQL when taskomatic runs as root; "
             "empty: postgres if it exists, else nobody"),
@@ -159,6 +161,7 @@ class Config:
     fast_stop_timeout: float = 10.0
     heartbeat_timeout: float = 60.0
     retry_limit: int = 8
+    reconcile_interval: float = 20.0
     retry_backoff_max: float = 60.0
     embedded_user: str = ""
     log_level: str = "info"

@@ -188,7 +188,13 @@ class VmAction:
                 *self.success_updates(ctx, vm, observed)))
         if verdict == Verdict.IMPOSSIBLE:
             corrections = []
-            if observed.state != vm["state"]:
+            if observed.state == "stopped" and vm["host_id"] is not None:
+                # Found stopped (a lost save image, a guest that powered itself off): it
+                # holds no host any more, and a leftover definition is removed.
+                if observed.domain is not None:
+                    _undefine_quietly(observed.domain)
+                corrections.append(RowUpdate("vms", vm["id"], {"state": "stopped", **_NOT_RUNNING}))
+            elif observed.state != vm["state"]:
                 corrections.append(RowUpdate("vms", vm["id"], {"state": observed.state}))
             raise TaskFailed(
                 f"cannot {self.name.replace('_vm', '')} VM {vm['id']} ({vm['description']!r}): it is "
@@ -257,18 +263,18 @@ class VmAction:
         )
 
 
-# libvirt errors that say "the node or the way to it failed", not "this request is wrong":
-# connection refused or reset, RPC failure, keepalive timeout, no connection.
+# libvirt errors that say "the node or the way to it failed", not "this request is wrong".
+# A system error counts only when it comes from the RPC/remote layer (connection
+# refused, reset, keepalive timeout): a file the node cannot create is permanent.
 _TRANSIENT_CODES = frozenset({
-    libvirt.VIR_ERR_SYSTEM_ERROR, libvirt.VIR_ERR_RPC, libvirt.VIR_ERR_NO_CONNECT,
-    libvirt.VIR_ERR_INVALID_CONN, libvirt.VIR_ERR_OPERATION_TIMEOUT, libvirt.VIR_ERR_AUTH_UNAVAILABLE,
+    libvirt.VIR_ERR_NO_CONNECT, libvirt.VIR_ERR_INVALID_CONN, libvirt.VIR_ERR_OPERATION_TIMEOUT,
+    libvirt.VIR_ERR_AUTH_UNAVAILABLE,
 })
+_TRANSIENT_DOMAINS = frozenset({libvirt.VIR_FROM_RPC, libvirt.VIR_FROM_REMOTE})
 
 
 def is_transient(exc: libvirt.libvirtError) -> bool:
-    # Anything from the RPC layer (keepalive timeout: "internal error" from VIR_FROM_RPC)
-    # is about the connection, not the request.
-    return exc.get_error_code() in _TRANSIENT_CODES or exc.get_error_domain() == libvirt.VIR_FROM_RPC
+    return exc.get_error_code() in _TRANSIENT_CODES or exc.get_error_domain() in _TRANSIENT_DOMAINS
 
 
 
@@ -363,6 +369,9 @@ class StartVm(VmAction):
                 host = store.one("get_host", host_id=wanted)
                 if host is None:
                     raise TaskFailed(f"start_vm: host {wanted} does not exist")
+                if host["state"] == "unavailable" and not host["is_disabled"]:
+                    # The host asked for may come back (a node restarting): worth waiting for.
+                    raise TaskRetry(f"start_vm: host {wanted} ({host['hostname']}) is unavailable")
                 raise TaskFailed(
                     f"start_vm: host {wanted} ({host['hostname']}) cannot take VM {vm['id']}: it is "
                     f"{'disabled' if host['is_disabled'] else host['state']} or lacks "
@@ -377,6 +386,10 @@ class StartVm(VmAction):
 
     def perform(self, ctx: ActionContext, plan: Plan) -> Outcome:
         vm, host = plan.data["vm"], plan.data["host"]
+        leftover: Observed = plan.data["observed"]
+        if leftover.domain is not None and leftover.host is not None and leftover.host["id"] != host["id"]:
+            # An inactive definition on the VM's previous host would be a second copy to start.
+            _undefine_quietly(leftover.domain)
         conn = _connect(ctx, host)
         domain = None
         try:

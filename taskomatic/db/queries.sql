@@ -144,7 +144,8 @@ SELECT pg_advisory_xact_lock(%(lock_id)s);
 -- place_vm --
 -- Hosts that can take a VM, most free memory first. Counts what VMs placed
 -- there already hold or are about to hold (in-flight starts and migrations
--- too). Call with lock_placement held.
+-- too, and saved VMs, which come back to their host on restore). Call with
+-- lock_placement held.
 SELECT h.id, h.hostname, h.libvirt_uri, h.hypervisor_type, h.arch, h.state, h.is_disabled,
        h.num_cpus, h.memory,
        h.memory - coalesce(c.memory, 0) AS free_memory,
@@ -155,7 +156,8 @@ LEFT JOIN LATERAL (
     FROM vms v
     WHERE (v.host_id = h.id OR v.target_host_id = h.id) AND v.id <> %(vm_id)s
       AND v.state IN ('running', 'starting', 'suspended', 'suspending', 'resuming',
-                      'stopping', 'powering_off', 'saving', 'migrating', 'restoring', 'unreachable')
+                      'stopping', 'powering_off', 'saving', 'saved', 'migrating', 'restoring',
+                      'unreachable')
 ) c ON true
 WHERE h.state = 'available' AND NOT h.is_disabled
   AND h.memory - coalesce(c.memory, 0) >= %(memory)s
@@ -191,4 +193,38 @@ SELECT id, description, state FROM vms WHERE host_id = %(host_id)s ORDER BY id;
 -- A task queued by another task; it goes to the back of its key's queue.
 INSERT INTO tasks (task_target_type, task_target_id, action, args, submitted_by, parent_task_id)
 VALUES (%(target_type)s, %(target_id)s, %(action)s, %(args)s, %(submitted_by)s, %(parent_task_id)s)
+RETURNING id;
+
+-- all_hosts --
+-- Every host, for the host-status pass.
+SELECT id, hostname, libvirt_uri, hypervisor_type, state FROM hosts ORDER BY id;
+
+-- set_host_state --
+-- Mark a host available or unavailable; no row when it already was.
+UPDATE hosts SET state = %(state)s, updated_at = clock_timestamp()
+WHERE id = %(host_id)s AND state <> %(state)s
+RETURNING id;
+
+-- idle_vms_on_host --
+-- VMs on a host with no task running: the ones the host-status pass may correct.
+SELECT v.id, v.uuid::text AS uuid, v.state, v.host_id
+FROM vms v
+WHERE v.host_id = %(host_id)s
+  AND NOT EXISTS (SELECT 1 FROM tasks t
+                  WHERE t.key_type = 'Vm' AND t.key_id = v.id AND t.state = 'running')
+ORDER BY v.id;
+
+-- correct_vm --
+-- Set a VM's row to what its node reports, unless it changed meanwhile or a
+-- task of the VM started: reconciliation never fights an action over a row.
+UPDATE vms
+SET state = %(new_state)s,
+    host_id = CASE WHEN %(clear_host)s THEN NULL ELSE host_id END,
+    vnc_port = CASE WHEN %(clear_host)s THEN NULL ELSE vnc_port END,
+    memory_used = CASE WHEN %(clear_host)s THEN 0 ELSE memory_used END,
+    num_vcpus_used = CASE WHEN %(clear_host)s THEN 0 ELSE num_vcpus_used END,
+    updated_at = clock_timestamp()
+WHERE id = %(vm_id)s AND state = %(old_state)s
+  AND NOT EXISTS (SELECT 1 FROM tasks t
+                  WHERE t.key_type = 'Vm' AND t.key_id = %(vm_id)s AND t.state = 'running')
 RETURNING id;

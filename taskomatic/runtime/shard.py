@@ -54,6 +54,8 @@ _RECONNECT_SECONDS = 1.0
 T = TypeVar("T")
 
 
+# What _begin did.
+_STARTED, _NOT_OURS, _HANDLED = "started", "not ours", "handled"
 _DB_ATTEMPTS = 3
 _CONFLICTS = (psycopg2.errors.DeadlockDetected, psycopg2.errors.SerializationFailure)
 _CONNECTION_LOST = (psycopg2.OperationalError, psycopg2.InterfaceError)
@@ -328,8 +330,9 @@ class Shard:
             return True
         if plan.already_done is not None:
             return self._settle(task, plan.already_done, mark_running=not rerun)
-        if not self._begin(task, plan, rerun):
-            return False
+        began = self._begin(task, plan, rerun)
+        if began != _STARTED:
+            return began == _HANDLED
         self._send(Started(task.id))
         started = now()
         try:
@@ -349,6 +352,9 @@ class Shard:
             self.parking.park_for_children(replace(task, state="running"), outcome.message or "", time.monotonic())
             self._send(Deferred((task.id,)))
             return True
+        if self.pending is not None:  # cannot happen: _begin wrote it; never drop an outcome
+            log.error("task %s: an outcome was still held; writing it first", self.pending.task.id)
+            self._flush()
         self.pending = PendingOutcome(task, outcome, started, ended)
         self._log_outcome(task, outcome)
         return True
@@ -416,8 +422,12 @@ class Shard:
         self.store.rollback()
         return bool(row and row["state"] == "running" and row["claimed_by"] == self.instance_id)
 
-    def _begin(self, task: TaskRow, plan: Plan, rerun: bool) -> bool:
-        """Commit 'running' + transient state (and the previous outcome). False: not ours to start."""
+    def _begin(self, task: TaskRow, plan: Plan, rerun: bool) -> str:
+        """Commit 'running' + transient state (and the previous outcome).
+
+        STARTED: perform it now. NOT_OURS: canceled, ended or taken meanwhile.
+        HANDLED: it failed or was parked for a retry before it started.
+        """
 
         def work() -> bool:
             if not self._mark(task, "mark_rerun" if rerun else "mark_running", now()):
@@ -426,10 +436,13 @@ class Shard:
             return True
 
         try:
-            return self._commit_with_pending(work)
+            return _STARTED if self._commit_with_pending(work) else _NOT_OURS
         except TaskFailed as failure:
             self._fail_before_start(task, failure.message, failure.row_updates)
-            return True
+            return _HANDLED
+        except TaskRetry as retry:  # rolled back: the task is still queued
+            self._park_for_retry(task, retry.message)
+            return _HANDLED
 
     def _settle(self, task: TaskRow, outcome: Outcome, mark_running: bool = False) -> bool:
         """Write an outcome decided without performing anything (no-op success, reconciliation)."""

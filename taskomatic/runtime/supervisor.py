@@ -1,4 +1,5 @@
-"""The supervisor: owns signals, starts and restarts the fetcher and the shards.
+"""The supervisor: owns signals, starts and restarts the fetcher, the shards
+and the reconciler (the periodic host-status pass).
 
 Signal handlers only record the signal (and wake the loop through a pipe);
 the loop acts on it:
@@ -40,6 +41,7 @@ from taskomatic.db.store import DatabaseUnavailable, Store
 from taskomatic.logsetup import set_process_title
 from taskomatic.runtime.fetcher import fetcher_main
 from taskomatic.runtime.messages import FetcherStatus
+from taskomatic.runtime.reconciler import reconciler_main
 from taskomatic.runtime.shard import shard_main
 
 log = logging.getLogger(__name__)
@@ -66,7 +68,7 @@ class StartupRefused(Exception):
 
 @dataclass
 class Child:
-    role: str  # "fetcher" or "shard"
+    role: str  # "fetcher", "shard" or "reconciler"
     slot: int
     process: Any = None
     started_at: float = 0.0
@@ -149,7 +151,10 @@ class Supervisor:
         return str(Path(tempfile.mkdtemp(prefix="taskomatic-")) / "fetcher.sock")
 
     def _spawn(self, child: Child) -> None:
-        if child.role == "fetcher":
+        if child.role == "reconciler":
+            process = self.mp.Process(target=reconciler_main, name="taskomatic-reconciler", args=(self.config,))
+            process.start()
+        elif child.role == "fetcher":
             reader, writer = self.mp.Pipe(duplex=False)
             process = self.mp.Process(
                 target=fetcher_main, name="taskomatic-fetcher",
@@ -211,6 +216,9 @@ class Supervisor:
             os.kill(fetcher.pid, signal.SIGTERM)
         else:  # no fetcher to tell the shards: let them finish their task and go
             self._signal_children(signal.SIGTERM, shards_only=True)
+        reconciler = self.children[-1].process
+        if reconciler is not None:
+            os.kill(reconciler.pid, signal.SIGTERM)
 
     def _begin_fast_stop(self, why: str) -> None:
         if self.stopping == "fast":
@@ -252,7 +260,9 @@ class Supervisor:
         try:
             self.start()
             self.socket_path = self._socket_path()
-            self.children = [Child("fetcher", 0)] + [Child("shard", i) for i in range(self.config.shards)]
+            # Layout: the fetcher first, the shards by slot, the reconciler last.
+            self.children = [Child("fetcher", 0), *(Child("shard", i) for i in range(self.config.shards)),
+                             Child("reconciler", 0)]
             for child in self.children:
                 self._spawn(child)
             return self._loop(wake_read)
@@ -360,7 +370,7 @@ class Supervisor:
             (t0, d0), (t1, d1) = self.done_history[0], self.done_history[-1]
             if t1 > t0 and d1 >= d0:
                 per_minute = int((d1 - d0) * 60.0 / (t1 - t0))
-        shards_alive = sum(1 for c in self.children[1:] if c.process is not None)
+        shards_alive = sum(1 for c in self.children if c.role == "shard" and c.process is not None)
         self.notifier.notify(
             f"STATUS=holding {status.queued_local}, running {status.running}, "
             f"done {per_minute}/min, shards {shards_alive}/{self.config.shards} alive")
@@ -377,7 +387,9 @@ class Supervisor:
 
     def _check_shard_deadlines(self) -> None:
         wall = time.time()
-        for child in self.children[1:]:
+        for child in self.children:
+            if child.role != "shard":
+                continue
             deadline = child.deadline.value if child.deadline is not None else 0.0
             if child.process is not None and deadline and wall > deadline:
                 log.error("shard %d (pid %d) is stuck on a task past task_timeout (%gs); killing it, "

@@ -9,7 +9,6 @@ also ignores ACPI: that is how the shutdown timeout is exercised.
 from __future__ import annotations
 
 import libvirt
-import pytest
 
 from tests.acceptance.checks import assert_all_ended_once, assert_key_order
 from tests.qemu_support import *  # noqa: F403 - fixtures (pytest plugin) and helpers
@@ -162,12 +161,6 @@ def test_shutdown_ignored_without_fallback(dsn, qemu_hosts, qemu_vms, save_dir, 
     assert_all_ended_once(dsn, single_attempt=True)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: taskomatic/actions/vm.py is_transient() (_TRANSIENT_CODES, ~l.262-271) counts "
-    "VIR_ERR_SYSTEM_ERROR as transient, so a permanent 'No such file or directory' from "
-    "domain.save() is retried retry_limit times with backoff (~3 min by default) while the VM's "
-    "later tasks wait; when the shard gives up (taskomatic/runtime/shard.py _park_for_retry, ~l.236-244) "
-    "the task fails but the VM row stays 'saving' although the guest runs"))
 def test_save_failure_leaves_vm_running(dsn, qemu_hosts, qemu_vms, save_dir, daemon_factory):
     """save_dir missing on the node: save_vm fails at once with libvirt's reason (a missing
     directory is not a transient fault: no retry), and the guest runs on."""
@@ -186,9 +179,6 @@ def test_save_failure_leaves_vm_running(dsn, qemu_hosts, qemu_vms, save_dir, dae
     assert row["attempts"] == 1, f"a permanent error was retried: {row['attempts']} attempts, {row['message']!r}"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: taskomatic/actions/vm.py VmAction.prepare (IMPOSSIBLE branch, ~l.190-192) corrects only "
-    "vms.state to 'stopped': host_id stays set and the shut-off definition stays on the node"))
 def test_restore_with_lost_image(dsn, qemu_hosts, qemu_vms, save_dir, daemon_factory):
     """The save image vanished from the node: restore_vm fails naming the state, and the VM
     is stopped for good (no host, no stale definition), so start_vm works anywhere."""
@@ -208,9 +198,6 @@ def test_restore_with_lost_image(dsn, qemu_hosts, qemu_vms, save_dir, daemon_fac
     assert_vm_consistent(dsn, vm, qemu_hosts, save_dir, "stopped")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: taskomatic/actions/vm.py StartVm._place/perform (~l.356-390) places a stopped VM anywhere "
-    "and never undefines its shut-off definition on the old host: same name and UUID on two nodes"))
 def test_start_after_guest_powered_itself_off(dsn, qemu_hosts, qemu_vms, save_dir, daemon_factory):
     """The guest stopped behind the daemon's back (as a guest OS powering off does: the
     domain stays defined, shut off). start_vm runs it again on one host only."""
