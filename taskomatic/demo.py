@@ -35,8 +35,10 @@ from taskomatic.config import Config
 # each VM a plausible history.
 _MOVES = {
     "stopped": [("start_vm", "running")],
-    "running": [("suspend_vm", "suspended"), ("shutdown_vm", "stopped"), ("poweroff_vm", "stopped")],
+    "running": [("suspend_vm", "suspended"), ("shutdown_vm", "stopped"), ("poweroff_vm", "stopped"),
+                ("save_vm", "saved"), ("migrate_vm", "running")],
     "suspended": [("resume_vm", "running")],
+    "saved": [("restore_vm", "running")],
 }
 # A few requests a real UI lets through that cannot work, to show how they fail.
 _MISTAKES = [
@@ -147,7 +149,17 @@ def _ended(dsn: str) -> int:
     return int(row[0]) if row else 0
 
 
-def _check_vms_against_libvirt(dsn: str) -> tuple[int, list[str]]:
+def _has_save_image(conn: Any, path: str) -> bool:
+    import libvirt
+
+    try:
+        conn.saveImageGetXMLDesc(path, 0)
+        return True
+    except libvirt.libvirtError:
+        return False
+
+
+def _check_vms_against_libvirt(dsn: str, save_dir: Path) -> tuple[int, list[str]]:
     """Compare each VM row with its domain; return (checked, mismatches)."""
     import libvirt
 
@@ -156,7 +168,7 @@ def _check_vms_against_libvirt(dsn: str) -> tuple[int, list[str]]:
     with _connection(dsn) as conn, conn.cursor(cursor_factory=psycopg2.extras.RealDictCursor) as cur:
         cur.execute("SELECT v.id, v.uuid::text AS uuid, v.state, h.libvirt_uri FROM vms v "
                     "LEFT JOIN hosts h ON h.id = v.host_id ORDER BY v.id")
-        rows = cur.fetchall()
+        rows = [{**r, "save_path": f"{save_dir}/taskomatic-vm{r['id']}-{r['uuid']}.save"} for r in cur.fetchall()]
     for row in rows:
         real = "stopped"
         if row["libvirt_uri"]:
@@ -168,6 +180,8 @@ def _check_vms_against_libvirt(dsn: str) -> tuple[int, list[str]]:
                     code, "stopped")
             except libvirt.libvirtError:
                 real = "stopped"
+            if real == "stopped" and row["state"] == "saved" and _has_save_image(lv, row["save_path"]):
+                real = "saved"
         if real != row["state"]:
             mismatches.append(f"VM {row['id']}: row says {row['state']}, libvirt says {real}")
     for lv in connections.values():
@@ -175,7 +189,7 @@ def _check_vms_against_libvirt(dsn: str) -> tuple[int, list[str]]:
     return len(rows), mismatches
 
 
-def _summary(dsn: str, expected: dict[int, str]) -> list[str]:
+def _summary(dsn: str, expected: dict[int, str], save_dir: Path) -> list[str]:
     lines: list[str] = []
     with _connection(dsn) as conn, conn.cursor(cursor_factory=psycopg2.extras.RealDictCursor) as cur:
         cur.execute("SELECT state, count(*) AS n FROM tasks GROUP BY state ORDER BY state")
@@ -230,7 +244,7 @@ def _summary(dsn: str, expected: dict[int, str]) -> list[str]:
                  f"({'OK' if violations == 0 else 'VIOLATED'})")
     wrong_final = [vm for vm, want in expected.items() if final.get(vm) != want]
     lines.append(f"VM rows in the state their last task implies: {len(expected) - len(wrong_final)}/{len(expected)}")
-    checked, mismatches = _check_vms_against_libvirt(dsn)
+    checked, mismatches = _check_vms_against_libvirt(dsn, save_dir)
     lines.append(f"VM rows matching libvirt: {checked - len(mismatches)}/{checked}")
     for m in mismatches[:5]:
         lines.append(f"  {m}")
@@ -274,11 +288,14 @@ def run_demo(config: Config, args: argparse.Namespace) -> int:
         print(f"seeded {len(vms)} VMs on {args.nodes} hosts; queued {len(first)} tasks, "
               f"{len(rest)} more arrive while the daemon runs", flush=True)
 
+        save_dir = base / "save"  # the nodes' libvirtd (an unprivileged user) writes the images here
+        save_dir.mkdir(mode=0o777)
+        save_dir.chmod(0o777)
         log_path = base / "daemon.log"
         log_file = stack.enter_context(open(log_path, "wb"))
         daemon = subprocess.Popen(
             [sys.executable, "-m", "taskomatic", "--dsn", pg.dsn, "--shards", str(args.shards),
-             "--set", f"state_dir={base / 'state'}", "--log-level", "warning"],
+             "--set", f"state_dir={base / 'state'}", "--set", f"save_dir={save_dir}", "--log-level", "warning"],
             stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
             env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [
                 str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH")]))},
@@ -288,9 +305,10 @@ def run_demo(config: Config, args: argparse.Namespace) -> int:
         wall = time.monotonic() - started
         if not ok:
             return 1
+        print("\n".join(_summary(pg.dsn, expected, save_dir)))
+        print("\n".join(_clear_host_phase(pg.dsn, daemon)))
         if _stop_daemon(daemon) != 0:
             print(f"daemon exited with {daemon.returncode}; log: {log_path}", file=sys.stderr)
-        print("\n".join(_summary(pg.dsn, expected)))
         print(f"\ntotal demo time {wall:.1f} s; stopping the daemon, the libvirt nodes and PostgreSQL")
     return 0
 
@@ -318,6 +336,37 @@ def _follow(dsn: str, order: list[tuple[int, str]], rest: list[tuple[int, str]],
                 print("\ndemo: tasks did not finish within 10 minutes", file=sys.stderr)
                 return False
             time.sleep(0.2)  # a progress display's refresh, not synchronisation
+
+
+def _clear_host_phase(dsn: str, daemon: subprocess.Popen[bytes]) -> list[str]:
+    """Disable the first host and empty it with clear_vms, as an operator would before maintenance."""
+    with _connection(dsn) as conn, conn.cursor() as cur:
+        cur.execute("SELECT id, hostname FROM hosts ORDER BY id LIMIT 1")
+        host_id, hostname = cur.fetchone()
+        cur.execute("UPDATE hosts SET is_disabled = true WHERE id = %s", (host_id,))
+        cur.execute("SELECT count(*) FROM vms WHERE host_id = %s", (host_id,))
+        on_host = cur.fetchone()[0]
+        cur.execute("INSERT INTO tasks (task_target_type, task_target_id, action, submitted_by) "
+                    "VALUES ('Host', %s, 'clear_vms', 'taskomatic demo') RETURNING id", (host_id,))
+        task_id = cur.fetchone()[0]
+        conn.commit()
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and daemon.poll() is None:
+        with _connection(dsn) as conn, conn.cursor() as cur:
+            cur.execute("SELECT state, message FROM tasks WHERE id = %s", (task_id,))
+            state, message = cur.fetchone()
+            cur.execute("SELECT count(*) FROM vms WHERE host_id = %s", (host_id,))
+            left = cur.fetchone()[0]
+        if state in ("finished", "failed"):
+            lines = ["", f"maintenance: disabled {hostname} and queued clear_vms (task {task_id}) for its "
+                     f"{on_host} VMs: {state}; {left} VMs left on it"]
+            if message:
+                lines.append(f"  {message[:300]}{'...' if len(message) > 300 else ''}")
+            if state == "failed":
+                lines.append("  (expected for VMs that are suspended or saved there: migrate_vm needs a running VM)")
+            return lines
+        time.sleep(0.2)  # polling the table for the demo's report, not synchronisation
+    return ["", f"maintenance: clear_vms (task {task_id}) did not end in time"]
 
 
 def _stop_daemon(daemon: subprocess.Popen[bytes]) -> int:
