@@ -147,9 +147,9 @@ def load_actions() -> dict[str, Action]:
     always present, even when the package is run from a source tree that was
     never installed (no entry-point metadata).
     """
-    from taskomatic.actions import host, vm
+    from taskomatic.actions import host, storage, vm
 
-    found: dict[str, Action] = {a.name: a for a in (*vm.ACTIONS, *host.ACTIONS)}
+    found: dict[str, Action] = {a.name: a for a in (*vm.ACTIONS, *host.ACTIONS, *storage.ACTIONS)}
     for entry in metadata.entry_points(group=ENTRY_POINT_GROUP):
         try:
             provided = entry.load()

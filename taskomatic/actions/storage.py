@@ -84,85 +84,6 @@ from taskomatic.runtime.messages import TaskRow
 
 log = logging.getLogger(__name__)
 
-# -- SQL (to move into queries.sql) ---------------------------------------------------
-
-GET_POOL = """
-SELECT id, name, pool_type, source_host, source_path, target_path, state, capacity, allocation, host_id
-FROM storage_pools WHERE id = %(pool_id)s
-"""
-
-GET_VOLUME = """
-SELECT id, storage_pool_id, name, size, path, key, state, format
-FROM storage_volumes WHERE id = %(volume_id)s
-"""
-
-LOCK_VOLUME = """
-SELECT id FROM storage_volumes WHERE id = %(volume_id)s FOR UPDATE
-"""
-
-# Hosts a pool may be activated on, its current host first.
-POOL_HOSTS = """
-SELECT id, hostname, libvirt_uri, hypervisor_type, state, is_disabled
-FROM hosts
-WHERE state = 'available' AND NOT is_disabled
-ORDER BY (id IS NOT DISTINCT FROM %(current_host_id)s::bigint) DESC, id
-"""
-
-# VMs that use a volume as a disk, whatever their state.
-VOLUME_USERS = """
-SELECT d.vm_id, v.description, v.state
-FROM vm_disks d JOIN vms v ON v.id = d.vm_id
-WHERE d.storage_volume_id = %(volume_id)s
-ORDER BY d.vm_id
-"""
-
-# The claim under which a task was marked running (read in that transaction).
-TASK_CLAIM = """
-SELECT claimed_by, attempts FROM tasks WHERE id = %(task_id)s
-"""
-
-# Fencing for writes made in perform: the task is still running under that claim.
-HOLD_TASK = """
-SELECT id FROM tasks
-WHERE id = %(task_id)s AND state = 'running'
-  AND claimed_by = %(claimed_by)s AND attempts = %(attempts)s
-FOR UPDATE
-"""
-
-POOL_VOLUME_ROWS = """
-SELECT id, name, size, path, key, state, format
-FROM storage_volumes WHERE storage_pool_id = %(pool_id)s
-ORDER BY id
-FOR UPDATE
-"""
-
-INSERT_FOUND_VOLUME = """
-INSERT INTO storage_volumes (storage_pool_id, name, size, path, key, format, state)
-VALUES (%(pool_id)s, %(name)s, %(size)s, %(path)s, %(key)s, %(format)s, 'available')
-ON CONFLICT (storage_pool_id, name) DO NOTHING
-RETURNING id
-"""
-
-# The row goes only if no VM took the volume as a disk meanwhile (vm_disks RESTRICT).
-DELETE_VOLUME_ROW = """
-DELETE FROM storage_volumes
-WHERE id = %(volume_id)s
-  AND NOT EXISTS (SELECT 1 FROM vm_disks WHERE storage_volume_id = %(volume_id)s)
-RETURNING id
-"""
-
-
-def _rows(store: Store, sql: str, **params: Any) -> list[dict[str, Any]]:
-    with store.conn.cursor(cursor_factory=psycopg2.extras.RealDictCursor) as cur:
-        cur.execute(sql, params)
-        return [dict(r) for r in cur.fetchall()] if cur.description else []
-
-
-def _one(store: Store, sql: str, **params: Any) -> dict[str, Any] | None:
-    rows = _rows(store, sql, **params)
-    return rows[0] if rows else None
-
-
 # -- fencing for writes made in perform ------------------------------------------------
 
 
@@ -184,7 +105,7 @@ def refused(exc: psycopg2.Error) -> str | None:
 
 def _capture_claim(store: Store, plan: Plan) -> None:
     """In the mark-running transaction: remember the claim that marked it running."""
-    row = _one(store, TASK_CLAIM, task_id=plan.task.id)
+    row = store.one("task_claim", task_id=plan.task.id)
     plan.data["claim"] = (row["claimed_by"], row["attempts"]) if row else None
 
 
@@ -193,7 +114,7 @@ def fenced(store: Store, plan: Plan) -> Iterator[None]:
     """One transaction that runs only while the task is still ours; commits on success."""
     claim = plan.data.get("claim")
     try:
-        held = claim is not None and _one(store, HOLD_TASK, task_id=plan.task.id, claimed_by=claim[0],
+        held = claim is not None and store.one("hold_running_task", task_id=plan.task.id, claimed_by=claim[0],
                                           attempts=claim[1]) is not None
         if not held:
             raise ClaimLost(f"task {plan.task.id} is no longer running under this claim")
@@ -224,7 +145,7 @@ def _volume_label(volume: dict[str, Any]) -> str:
 def _pool_row(ctx: ActionContext, pool_id: int | None, action: str) -> dict[str, Any]:
     if pool_id is None:
         raise TaskFailed(f"{action}: task_target_id is NULL; a StoragePool task needs the pool's id")
-    pool = _one(ctx.store, GET_POOL, pool_id=pool_id)
+    pool = ctx.store.one("get_storage_pool", pool_id=pool_id)
     if pool is None:
         raise TaskFailed(f"{action}: storage pool {pool_id} does not exist")
     return pool
@@ -233,7 +154,7 @@ def _pool_row(ctx: ActionContext, pool_id: int | None, action: str) -> dict[str,
 def _volume_row(ctx: ActionContext, task: TaskRow, action: str) -> dict[str, Any]:
     if task.target_id is None:
         raise TaskFailed(f"{action}: task_target_id is NULL; a StorageVolume task needs the volume's id")
-    volume = _one(ctx.store, GET_VOLUME, volume_id=task.target_id)
+    volume = ctx.store.one("get_storage_volume", volume_id=task.target_id)
     if volume is None:
         raise TaskFailed(f"{action}: storage volume {task.target_id} does not exist")
     return volume
@@ -398,7 +319,7 @@ class RefreshPool(StorageAction):
     def _candidates(self, ctx: ActionContext, pool: dict[str, Any]) -> list[dict[str, Any]]:
         label = _pool_label(pool)
         unavailable = [RowUpdate("storage_pools", pool["id"], {"state": "unavailable"})]
-        usable = _rows(ctx.store, POOL_HOSTS, current_host_id=pool["host_id"])
+        usable = ctx.store.all("pool_hosts", current_host_id=pool["host_id"])
         if pool["pool_type"] in LOCAL_POOL_TYPES and pool["host_id"] is not None:
             current = [h for h in usable if h["id"] == pool["host_id"]]
             if current:
@@ -411,7 +332,7 @@ class RefreshPool(StorageAction):
                     f"which is {why}; its volumes live there, so it does not move to another host. "
                     "Make that host available again, or set storage_pools.host_id to NULL to place "
                     "the pool anew", unavailable)
-            usable = _rows(ctx.store, POOL_HOSTS, current_host_id=None)
+            usable = ctx.store.all("pool_hosts", current_host_id=None)
         if not usable:
             raise TaskFailed(f"refresh_pool: no available, enabled host to activate {label} on", unavailable)
         return usable
@@ -550,7 +471,7 @@ def _list_volumes(handle: libvirt.virStoragePool) -> tuple[list[FoundVolume], li
 
 def sync_volumes(store: Store, pool_id: int, volumes: list[FoundVolume]) -> dict[str, int]:
     """Make the pool's volume rows match what libvirt listed. Caller commits."""
-    rows = _rows(store, POOL_VOLUME_ROWS, pool_id=pool_id)
+    rows = store.all("pool_volume_rows", pool_id=pool_id)
     by_name = {row["name"]: row for row in rows}
     listed = {volume.name for volume in volumes}
     counts = {"added": 0, "reappeared": 0, "vanished": 0}
@@ -558,7 +479,7 @@ def sync_volumes(store: Store, pool_id: int, volumes: list[FoundVolume]) -> dict
         row = by_name.get(volume.name)
         values = {"size": volume.size, "path": volume.path, "key": volume.key, "format": volume.format}
         if row is None:
-            if _rows(store, INSERT_FOUND_VOLUME, pool_id=pool_id, name=volume.name, **values):
+            if store.all("insert_found_volume", pool_id=pool_id, name=volume.name, **values):
                 counts["added"] += 1
             continue
         if row["state"] in ("pending_setup", "pending_deletion"):
@@ -684,7 +605,7 @@ class DeleteVolume(StorageAction):
         return plan
 
     def _refuse_if_used(self, store: Store, volume: dict[str, Any]) -> None:
-        users = _rows(store, VOLUME_USERS, volume_id=volume["id"])
+        users = store.all("volume_users", volume_id=volume["id"])
         if users:
             used_by = ", ".join(f"VM {u['vm_id']} ({u['description']!r}, {u['state']})" for u in users)
             raise TaskFailed(f"delete_volume: {_volume_label(volume)} is in use as a disk by {used_by}; "
@@ -692,7 +613,7 @@ class DeleteVolume(StorageAction):
 
     def _begin(self, store: Store, plan: Plan) -> None:
         volume = plan.data["volume"]
-        if _one(store, LOCK_VOLUME, volume_id=volume["id"]) is None:
+        if store.one("lock_storage_volume", volume_id=volume["id"]) is None:
             raise TaskFailed(f"delete_volume: storage volume {volume['id']} does not exist")
         self._refuse_if_used(store, volume)  # a disk attached since prepare
         _capture_claim(store, plan)
@@ -718,8 +639,8 @@ class DeleteVolume(StorageAction):
                 note = f"volume {volume['name']!r} disappeared from {site.where()} meanwhile; removed its row"
         try:
             with fenced(ctx.store, plan):
-                removed = _rows(ctx.store, DELETE_VOLUME_ROW, volume_id=volume["id"])
-                users = [] if removed else _rows(ctx.store, VOLUME_USERS, volume_id=volume["id"])
+                removed = ctx.store.all("delete_volume_row", volume_id=volume["id"])
+                users = [] if removed else ctx.store.all("volume_users", volume_id=volume["id"])
                 if not removed:
                     ctx.store.update_row("storage_volumes", volume["id"], {"state": "vanished"})
         except ClaimLost as exc:
@@ -744,7 +665,7 @@ class DeleteVolume(StorageAction):
             return "unavailable"
 
     def reconcile(self, ctx: ActionContext, task: TaskRow) -> Reconciled:
-        if task.target_id is not None and _one(ctx.store, GET_VOLUME, volume_id=task.target_id) is None:
+        if task.target_id is not None and ctx.store.one("get_storage_volume", volume_id=task.target_id) is None:
             return Reconciled(Settlement.DONE, f"interrupted, but storage volume {task.target_id} is already removed")
         try:
             volume = _volume_row(ctx, task, self.name)

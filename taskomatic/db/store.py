@@ -66,22 +66,22 @@ class Store:
     def _cursor(self) -> psycopg2.extras.RealDictCursor:
         return self.conn.cursor(cursor_factory=psycopg2.extras.RealDictCursor)
 
-    def all(self, name: str, **params: Any) -> list[Row]:
+    def all(self, name: str, /, **params: Any) -> list[Row]:
         with self._cursor() as cur:
             cur.execute(query(name), params)
             return [dict(r) for r in cur.fetchall()] if cur.description else []
 
-    def one(self, name: str, **params: Any) -> Row | None:
+    def one(self, name: str, /, **params: Any) -> Row | None:
         rows = self.all(name, **params)
         return rows[0] if rows else None
 
-    def run(self, name: str, **params: Any) -> int:
+    def run(self, name: str, /, **params: Any) -> int:
         """Execute; return the affected row count."""
         with self._cursor() as cur:
             cur.execute(query(name), params)
             return cur.rowcount
 
-    def scalar(self, name: str, **params: Any) -> Any:
+    def scalar(self, name: str, /, **params: Any) -> Any:
         with self.conn.cursor() as cur:
             cur.execute(query(name), params)
             row = cur.fetchone()
