@@ -306,6 +306,7 @@ def run_demo(config: Config, args: argparse.Namespace) -> int:
         if not ok:
             return 1
         print("\n".join(_summary(pg.dsn, expected, save_dir)))
+        print("\n".join(_storage_phase(pg.dsn, daemon)))
         print("\n".join(_clear_host_phase(pg.dsn, daemon)))
         if _stop_daemon(daemon) != 0:
             print(f"daemon exited with {daemon.returncode}; log: {log_path}", file=sys.stderr)
@@ -336,6 +337,55 @@ def _follow(dsn: str, order: list[tuple[int, str]], rest: list[tuple[int, str]],
                 print("\ndemo: tasks did not finish within 10 minutes", file=sys.stderr)
                 return False
             time.sleep(0.2)  # a progress display's refresh, not synchronisation
+
+
+def _wait_tasks(dsn: str, ids: list[int], daemon: subprocess.Popen[bytes]) -> list[dict[str, Any]] | None:
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and daemon.poll() is None:
+        with _connection(dsn) as conn, conn.cursor(cursor_factory=psycopg2.extras.RealDictCursor) as cur:
+            cur.execute("SELECT id, action, state, message FROM tasks WHERE id = ANY(%s) ORDER BY id", (ids,))
+            rows = cur.fetchall()
+        if all(r["state"] in ("finished", "failed", "canceled") for r in rows):
+            return rows
+        time.sleep(0.2)  # polling the table for the demo's report, not synchronisation
+    return None
+
+
+def _storage_phase(dsn: str, daemon: subprocess.Popen[bytes]) -> list[str]:
+    """A storage pool refreshed, three volumes created and one deleted, as plain INSERTs."""
+    with _connection(dsn) as conn, conn.cursor() as cur:
+        cur.execute("INSERT INTO storage_pools (name, pool_type, target_path) "
+                    "VALUES ('demo-pool', 'dir', '/var/lib/taskomatic-demo/images') RETURNING id")
+        pool = cur.fetchone()[0]
+        cur.execute("INSERT INTO tasks (task_target_type, task_target_id, action, submitted_by) "
+                    "VALUES ('StoragePool', %s, 'refresh_pool', 'taskomatic demo') RETURNING id", (pool,))
+        ids = [cur.fetchone()[0]]
+        volumes = []
+        for i, size in enumerate((1048576, 2097152, 524288)):
+            cur.execute("INSERT INTO storage_volumes (storage_pool_id, name, size) VALUES (%s, %s, %s) "
+                        "RETURNING id", (pool, f"disk{i}.img", size))
+            volumes.append(cur.fetchone()[0])
+        for volume in volumes:
+            cur.execute("INSERT INTO tasks (task_target_type, task_target_id, action, submitted_by) "
+                        "VALUES ('StorageVolume', %s, 'create_volume', 'taskomatic demo') RETURNING id", (volume,))
+            ids.append(cur.fetchone()[0])
+        cur.execute("INSERT INTO tasks (task_target_type, task_target_id, action, submitted_by) "
+                    "VALUES ('StorageVolume', %s, 'delete_volume', 'taskomatic demo') RETURNING id",
+                    (volumes[-1],))
+        ids.append(cur.fetchone()[0])
+        conn.commit()
+    rows = _wait_tasks(dsn, ids, daemon)
+    if rows is None:
+        return ["", "storage: the tasks did not end in time"]
+    with _connection(dsn) as conn, conn.cursor() as cur:
+        cur.execute("SELECT state FROM storage_pools WHERE id = %s", (pool,))
+        pool_state = cur.fetchone()[0]
+        cur.execute("SELECT name, size, state FROM storage_volumes WHERE storage_pool_id = %s ORDER BY id", (pool,))
+        listed = ", ".join(f"{n} ({size // 1024} MiB, {st})" for n, size, st in cur.fetchall())
+    done = ", ".join(f"{r['action']} {r['state']}" for r in rows)
+    lines = ["", f"storage: pool demo-pool {pool_state}; {done}", f"  volumes now: {listed or 'none'}"]
+    lines += [f"  task {r['id']} {r['action']}: {r['message']}" for r in rows if r["state"] != "finished"]
+    return lines
 
 
 def _clear_host_phase(dsn: str, daemon: subprocess.Popen[bytes]) -> list[str]:
