@@ -126,6 +126,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("libvirt", "shutdown_poweroff_fallback", _parse_bool, False,
             "power the VM off when a graceful shutdown times out (else the task fails)"),
     Setting("libvirt", "vnc_listen", str, "127.0.0.1", "address VNC consoles listen on"),
+    Setting("libvirt", "nic_network", str, "",
+            "libvirt network for VM NICs (e.g. default); empty: user-mode networking"),
     Setting("libvirt", "keepalive_interval", _positive_int, 5,
             "seconds between libvirt keepalive probes; a node silent for interval x count is dead"),
     Setting("libvirt", "keepalive_count", _positive_int, 3,
@@ -170,6 +172,7 @@ class Config:
     shutdown_timeout: float = 120.0
     shutdown_poweroff_fallback: bool = False
     vnc_listen: str = "127.0.0.1"
+    nic_network: str = ""
     keepalive_interval: int = 5
     keepalive_count: int = 3
     task_timeout: float = 900.0

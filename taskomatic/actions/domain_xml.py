@@ -13,6 +13,14 @@ DOMAIN_TYPE_BY_HYPERVISOR = {"KVM": "kvm", "QEMU": "qemu", "TEST": "test"}
 
 
 @dataclass(frozen=True)
+class Disk:
+    """A storage volume attached to the VM, in attachment order."""
+
+    path: str
+    format: str = "raw"
+
+
+@dataclass(frozen=True)
 class DomainSpec:
     name: str
     uuid: str
@@ -25,6 +33,9 @@ class DomainSpec:
     emulator: str = "/usr/bin/qemu-system-x86_64"
     vnc_listen: str = "127.0.0.1"
     mac_address: str | None = None
+    # libvirt network for the NIC; empty: user-mode networking (works unprivileged)
+    network: str = ""
+    disks: tuple[Disk, ...] = ()
 
 
 def domain_xml(spec: DomainSpec) -> str:
@@ -54,11 +65,33 @@ def domain_xml(spec: DomainSpec) -> str:
     devices = ET.SubElement(domain, "devices")
     if domain_type != "test":
         ET.SubElement(devices, "emulator").text = spec.emulator
+    for index, disk in enumerate(spec.disks):
+        element = ET.SubElement(devices, "disk", type="file", device="disk")
+        if domain_type != "test":
+            ET.SubElement(element, "driver", name="qemu", type=disk.format)
+        ET.SubElement(element, "source", file=disk.path)
+        ET.SubElement(element, "target", dev=_disk_target(index), bus="virtio")
     if spec.mac_address:
-        nic = ET.SubElement(devices, "interface", type="user")
+        if spec.network:
+            nic = ET.SubElement(devices, "interface", type="network")
+            ET.SubElement(nic, "source", network=spec.network)
+        else:
+            nic = ET.SubElement(devices, "interface", type="user")
         ET.SubElement(nic, "mac", address=spec.mac_address)
+        if domain_type != "test":
+            ET.SubElement(nic, "model", type="virtio")
     ET.SubElement(devices, "graphics", type="vnc", port="-1", autoport="yes", listen=spec.vnc_listen)
     return ET.tostring(domain, encoding="unicode")
+
+
+def _disk_target(index: int) -> str:
+    """vda, vdb, ... vdz, vdaa, ... (the guest-visible device names)."""
+    name = ""
+    index += 1
+    while index:
+        index, rest = divmod(index - 1, 26)
+        name = chr(ord("a") + rest) + name
+    return "vd" + name
 
 
 def vnc_port(xml_desc: str) -> int | None:

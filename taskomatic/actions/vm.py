@@ -29,7 +29,7 @@ from taskomatic.actions.base import (
     TaskRetry,
 )
 from taskomatic.actions.connections import HostUnreachable
-from taskomatic.actions.domain_xml import DomainSpec, domain_xml, vnc_port
+from taskomatic.actions.domain_xml import Disk, DomainSpec, domain_xml, vnc_port
 from taskomatic.actions.states import VM_TRANSITIONS, Verdict, precondition
 from taskomatic.runtime.messages import TaskRow
 
@@ -289,7 +289,8 @@ class CreateVm(VmAction):
 
     def act(self, ctx: ActionContext, vm: dict[str, Any], observed: Observed) -> None:
         # Building the XML proves every field fits a domain definition.
-        domain_xml(_spec(ctx, vm, {"hypervisor_type": "QEMU", "arch": "x86_64"}))
+        # (Disks may still be on their way: a create_volume of the VM's pool can run later.)
+        domain_xml(_spec(ctx, vm, {"hypervisor_type": "QEMU", "arch": "x86_64"}, with_disks=False))
 
     def _state_after_failure(self, ctx: ActionContext, vm: dict[str, Any]) -> dict[str, Any]:
         return {"state": "create_failed"}
@@ -299,7 +300,13 @@ class CreateVm(VmAction):
         return Reconciled(Settlement.NOT_STARTED, "interrupted; create_vm has no effect outside the database")
 
 
-def _spec(ctx: ActionContext, vm: dict[str, Any], host: dict[str, Any]) -> DomainSpec:
+def _spec(ctx: ActionContext, vm: dict[str, Any], host: dict[str, Any], with_disks: bool = True) -> DomainSpec:
+    disks = []
+    for row in ctx.store.all("vm_disks", vm_id=vm["id"]) if with_disks else ():
+        if row["path"] is None or row["state"] != "available":
+            raise TaskFailed(f"VM {vm['id']}: disk volume {row['id']} ({row['name']!r}) is {row['state']}"
+                             f"{' and has no path' if row['path'] is None else ''}; create or refresh it first")
+        disks.append(Disk(row["path"], row["format"] or "raw"))
     return DomainSpec(
         name=domain_name(vm["description"]),
         uuid=vm["uuid"],
@@ -312,6 +319,8 @@ def _spec(ctx: ActionContext, vm: dict[str, Any], host: dict[str, Any]) -> Domai
         emulator=ctx.config.emulator,
         vnc_listen=ctx.config.vnc_listen,
         mac_address=vm.get("vnic_mac_addr"),
+        network=ctx.config.nic_network,
+        disks=tuple(disks),
     )
 
 
@@ -355,6 +364,7 @@ class StartVm(VmAction):
     def prepare(self, ctx: ActionContext, task: TaskRow) -> Plan:
         plan = super().prepare(ctx, task)
         if plan.already_done is None:
+            _spec(ctx, plan.data["vm"], {"hypervisor_type": "TEST"})  # its disks must be ready: fail now if not
             plan.begin_updates = []  # placement writes state and host together
             plan.begin_hook = lambda store: self._place(store, plan)
         return plan

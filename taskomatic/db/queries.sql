@@ -288,3 +288,10 @@ DELETE FROM storage_volumes
 WHERE id = %(volume_id)s
   AND NOT EXISTS (SELECT 1 FROM vm_disks WHERE storage_volume_id = %(volume_id)s)
 RETURNING id;
+
+-- vm_disks --
+-- The volumes a VM boots with, in attachment order.
+SELECT sv.id, sv.name, sv.path, sv.format, sv.state
+FROM vm_disks d JOIN storage_volumes sv ON sv.id = d.storage_volume_id
+WHERE d.vm_id = %(vm_id)s
+ORDER BY d.position, sv.id;
