@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import libvirt
 
+from tests.acceptance import checks
 from tests.acceptance.checks import assert_all_ended_once, assert_key_order
+from tests.helpers import query
 from tests.qemu_support import *  # noqa: F403 - fixtures (pytest plugin) and helpers
 from tests.qemu_support import assert_vm_consistent, qemu_processes, run_task, start_qemu_daemon, vm_row
 
@@ -233,6 +235,24 @@ def test_tasks_after_node_libvirtd_restart(dsn, qemu_hosts, qemu_vms, save_dir, 
     assert_vm_consistent(dsn, vm, qemu_hosts, save_dir, "running")
     _finished(run_task(dsn, daemon, vm, "poweroff_vm"))
     assert_vm_consistent(dsn, vm, qemu_hosts, save_dir, "stopped")
+
+
+def test_clear_vms_live_migrates_every_guest_off_a_disabled_host(dsn, qemu_hosts, qemu_vms, save_dir,
+                                                                  daemon_factory):
+    daemon = start_qemu_daemon(daemon_factory, save_dir)
+    a, b = qemu_hosts
+    vms = [qemu_vms(f"clear{i}") for i in range(2)]
+    for vm in vms:
+        _finished(run_task(dsn, daemon, vm, "create_vm"))
+        _finished(run_task(dsn, daemon, vm, "start_vm", {"host_id": a.id}))
+    query(dsn, "UPDATE hosts SET is_disabled = true WHERE id = %s RETURNING id", (a.id,))
+    [clear] = checks.insert_tasks(dsn, [("Host", a.id, "clear_vms")])
+    row = checks.wait_task_ended(dsn, clear, timeout=240)
+    assert row["state"] == "finished", row
+    for vm in vms:
+        assert_vm_consistent(dsn, vm, qemu_hosts, save_dir, "running")
+        assert vm_row(dsn, vm)["host_id"] == b.id
+    assert_key_order(dsn)
 
 
 def test_zz_no_guest_left_running(qemu_nodes):
