@@ -36,17 +36,17 @@ import select
 import shutil
 import signal
 import socket
-import stat
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING
 
 import libvirt
+
+from taskomatic.embedded.processes import check_traversable, exited_unreaped, kill_group, proc_state, tail, wait_until
 
 if TYPE_CHECKING:
     from typing import Self  # annotations only: the runtime floor is below 3.11
@@ -86,79 +86,14 @@ def _find_libvirtd() -> str:
     return path
 
 
-def _can_search(st: os.stat_result, uid: int, groups: Sequence[int]) -> bool:
-    # Kernel order: owner bits, else group bits, else other bits. ACLs ignored.
-    if uid == 0:
-        return True
-    if st.st_uid == uid:
-        return bool(st.st_mode & stat.S_IXUSR)
-    if st.st_gid in groups:
-        return bool(st.st_mode & stat.S_IXGRP)
-    return bool(st.st_mode & stat.S_IXOTH)
-
-
-def _proc_state(pid: int) -> str:
-    """ "alive", "zombie" (exited, not reaped by its parent) or "gone"."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            fields = f.read().rsplit(b")", 1)[1].split()
-    except (FileNotFoundError, ProcessLookupError):
-        return "gone"
-    return "zombie" if fields[0] in (b"Z", b"X") else "alive"
-
-
 def _is_libvirtd(pid: int) -> bool:
     """Is ``pid`` a live libvirtd? (A stale pid file may name a reused pid.)"""
-    if _proc_state(pid) != "alive":
+    if proc_state(pid) != "alive":
         return False
     try:
         return os.path.basename(os.readlink(f"/proc/{pid}/exe")).startswith("libvirtd")
     except OSError:
         return True  # cannot look (another user's process): assume the worst
-
-
-def _exited_unreaped(proc: subprocess.Popen[bytes]) -> bool:
-    """Has our child exited? Peeks without reaping (WNOWAIT), so that its pid, and
-    with it its process group id, stay reserved for a safe killpg()."""
-    if proc.returncode is not None:
-        return True
-    try:
-        return os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
-    except ChildProcessError:
-        return True
-
-
-def _kill_group(proc: subprocess.Popen[bytes]) -> None:
-    """SIGKILL the process group our child leads (it has its own session)."""
-    if proc.returncode is not None:
-        return  # reaped: its pid could belong to someone else by now
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-
-
-def _wait_until(predicate: Callable[[], bool], deadline: float) -> bool:
-    """Poll ``predicate`` with a short backoff until it holds or ``deadline`` passes."""
-    delay = 0.01
-    while True:
-        if predicate():
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
-        delay = min(delay * 2, 0.2)
-
-
-def _tail(path: Path, lines: int = 20) -> str:
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - 8192))
-            text = f.read().decode("utf-8", "replace")
-    except OSError:
-        return "(no log)"
-    return "\n".join(text.splitlines()[-lines:])
 
 
 class ManagedNode:
@@ -226,7 +161,7 @@ class ManagedNode:
     def start(self, timeout: float = 30) -> None:
         """Start the daemon and wait until a real libvirt connection works."""
         if self._proc is not None:
-            if not _exited_unreaped(self._proc):
+            if not exited_unreaped(self._proc):
                 return
             self._stop_daemon(0, destroy_guests=False)  # it died: reap it first
         deadline = time.monotonic() + timeout
@@ -259,20 +194,20 @@ class ManagedNode:
         self._proc = proc
 
         def ready() -> bool:
-            if _exited_unreaped(proc):
+            if exited_unreaped(proc):
                 return True  # reported below
             # Only our daemon counts: it writes its pid before it opens the socket.
             return self._daemon_pid_from_file() == proc.pid and self._can_open()
 
-        ok = _wait_until(ready, deadline)
-        if _exited_unreaped(proc):
+        ok = wait_until(ready, deadline)
+        if exited_unreaped(proc):
             self._stop_daemon(0, destroy_guests=False)
-            raise ManagedNodeError(f"libvirtd for node {self.name} exited during startup:\n{_tail(self.log_path)}")
+            raise ManagedNodeError(f"libvirtd for node {self.name} exited during startup:\n{tail(self.log_path)}")
         if not ok:
             self._stop_daemon(5, destroy_guests=False)
             raise ManagedNodeError(
                 f"libvirtd for node {self.name} not reachable at {self.socket_path} "
-                f"within {timeout}s:\n{_tail(self.log_path)}"
+                f"within {timeout}s:\n{tail(self.log_path)}"
             )
         if self.keep_test_state:
             self._start_keeper(deadline)
@@ -292,7 +227,7 @@ class ManagedNode:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        if not _wait_until(lambda: not self.guest_pids(), max(deadline, time.monotonic() + 5)):
+        if not wait_until(lambda: not self.guest_pids(), max(deadline, time.monotonic() + 5)):
             raise ManagedNodeError(f"node {self.name}: qemu pids {self.guest_pids()} survived SIGKILL")
 
     def kill(self) -> None:
@@ -302,7 +237,7 @@ class ManagedNode:
         if proc is None:
             return
         log.info("node %s: killing libvirtd pid %d", self.name, proc.pid)
-        _kill_group(proc)
+        kill_group(proc)
         proc.wait()
 
     def restart(self, timeout: float = 30) -> None:
@@ -332,7 +267,7 @@ class ManagedNode:
                     cmdline = f.read()
             except OSError:
                 continue  # gone meanwhile, a zombie (no exe), or not ours to read
-            if marker in cmdline and _proc_state(pid) == "alive":
+            if marker in cmdline and proc_state(pid) == "alive":
                 pids.append(pid)
         return pids
 
@@ -371,18 +306,7 @@ class ManagedNode:
                 f"socket path {self.socket_path} is longer than {_MAX_SOCKET_PATH} "
                 "bytes, the limit for unix sockets; use a shorter base_dir"
             )
-        for directory in [*reversed(self.node_dir.parents), self.node_dir]:
-            try:
-                st = directory.stat()
-            except FileNotFoundError:
-                break  # created below, by us, traversable
-            if not _can_search(st, self._uid, self._groups):
-                raise ManagedNodeError(
-                    f"user {self.user!r} cannot traverse {directory} "
-                    f"(mode {stat.filemode(st.st_mode)}, owner uid {st.st_uid}), so "
-                    f"libvirtd could not reach {self.node_dir}. Use a directory it can "
-                    "reach, for example one under /var/tmp or /tmp made with mode 0755."
-                )
+        check_traversable(self.node_dir, self.user, self._uid, self._groups, program="libvirtd", error=ManagedNodeError)
         for directory, mode in (
             (self.node_dir, 0o755),
             (self.config_home / "libvirt", 0o755),
@@ -461,7 +385,7 @@ class ManagedNode:
         ready, _, _ = select.select([stdout], [], [], max(0.0, deadline - time.monotonic()))
         if not ready or stdout.readline() != b"ready\n":
             self._stop_keeper()
-            raise ManagedNodeError(f"node {self.name}: the test-driver keeper did not connect:\n{_tail(self.log_path)}")
+            raise ManagedNodeError(f"node {self.name}: the test-driver keeper did not connect:\n{tail(self.log_path)}")
 
     def _stop_keeper(self) -> None:
         keeper, self._keeper = self._keeper, None
@@ -495,16 +419,16 @@ class ManagedNode:
         if proc is None:
             return
         deadline = time.monotonic() + timeout
-        if not _exited_unreaped(proc):
+        if not exited_unreaped(proc):
             if destroy_guests:
                 self._destroy_guests()
             log.info("node %s: stopping libvirtd pid %d", self.name, proc.pid)
             os.kill(proc.pid, signal.SIGTERM)  # unreaped, so the pid is still ours
-            if not _wait_until(lambda: _exited_unreaped(proc), deadline):
+            if not wait_until(lambda: exited_unreaped(proc), deadline):
                 log.warning("node %s: libvirtd pid %d ignored SIGTERM; killing", self.name, proc.pid)
         # Sweep the group (ours alone: own session, leader not yet reaped), for
         # anything the daemon left behind in it or a daemon that did not exit.
-        _kill_group(proc)
+        kill_group(proc)
         proc.wait()
 
 

@@ -30,10 +30,9 @@ import pwd
 import re
 import shutil
 import signal
-import stat
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -41,6 +40,8 @@ from typing import TYPE_CHECKING
 
 import psycopg2
 import psycopg2.errors
+
+from taskomatic.embedded.processes import check_traversable, exited_unreaped, kill_group, proc_state, tail, wait_until
 
 if TYPE_CHECKING:
     from typing import Self  # annotations only: the runtime floor is below 3.11
@@ -156,45 +157,6 @@ def _resolve_user(user: str | None) -> _RunAs:
     return _RunAs(pw.pw_name, pw.pw_uid, pw.pw_gid, groups, True)
 
 
-def _can_search(st: os.stat_result, uid: int, groups: Sequence[int]) -> bool:
-    # Same order as the kernel: owner bits, else group bits, else other bits
-    # (the first class that matches decides, even if it is the most restrictive).
-    # ACLs are ignored; they can only make this check pessimistic.
-    if uid == 0:
-        return True
-    if st.st_uid == uid:
-        return bool(st.st_mode & stat.S_IXUSR)
-    if st.st_gid in groups:
-        return bool(st.st_mode & stat.S_IXGRP)
-    return bool(st.st_mode & stat.S_IXOTH)
-
-
-def _check_traversable(path: Path, who: _RunAs) -> None:
-    """Raise unless ``who`` can reach ``path`` through every existing ancestor."""
-    for directory in [*reversed(path.parents), path]:
-        try:
-            st = directory.stat()
-        except FileNotFoundError:
-            return  # we create the rest ourselves, with permissive modes
-        if not _can_search(st, who.uid, who.groups):
-            raise EmbeddedPostgresError(
-                f"user {who.name!r} cannot traverse {directory} "
-                f"(mode {stat.filemode(st.st_mode)}, owner uid {st.st_uid}), so the "
-                f"server could not reach {path}. Use a directory it can reach, for "
-                "example one under /var/tmp or /tmp made with mode 0755."
-            )
-
-
-def _proc_state(pid: int) -> str:
-    """ "alive", "zombie" (exited, not reaped by its parent) or "gone"."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            fields = f.read().rsplit(b")", 1)[1].split()
-    except (FileNotFoundError, ProcessLookupError):
-        return "gone"
-    return "zombie" if fields[0] in (b"Z", b"X") else "alive"
-
-
 def _proc_cwd(pid: int) -> Path | None:
     try:
         return Path(os.readlink(f"/proc/{pid}/cwd"))
@@ -209,56 +171,6 @@ def _pids_with_cwd(directory: Path) -> list[int]:
         if entry.isdigit() and _proc_cwd(int(entry)) == directory:
             pids.append(int(entry))
     return pids
-
-
-def _exited_unreaped(proc: subprocess.Popen[bytes]) -> bool:
-    """Has our child exited? Peeks without reaping (WNOWAIT).
-
-    While an exited child is not reaped its pid stays reserved, so its process
-    group id cannot be handed to anyone else: killpg() on it is then safe.
-    """
-    if proc.returncode is not None:
-        return True
-    try:
-        return os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
-    except ChildProcessError:
-        return True
-
-
-def _wait_until(predicate: Callable[[], bool], deadline: float) -> bool:
-    """Poll ``predicate`` with a short backoff until it holds or ``deadline`` passes."""
-    delay = 0.01
-    while True:
-        if predicate():
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
-        delay = min(delay * 2, 0.2)
-
-
-def _kill_group(proc: subprocess.Popen[bytes]) -> None:
-    """SIGKILL the process group led by our child ``proc`` (own session, so only ours).
-
-    Only while the leader is unreaped: a reaped pid could be reused.
-    """
-    if proc.returncode is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-
-
-def _tail(path: Path, lines: int = 20) -> str:
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - 8192))
-            text = f.read().decode("utf-8", "replace")
-    except OSError:
-        return "(no log)"
-    return "\n".join(text.splitlines()[-lines:])
 
 
 class EmbeddedPostgres:
@@ -300,7 +212,7 @@ class EmbeddedPostgres:
     def start(self, timeout: float = 60) -> None:
         """Initialise if needed, start (or reuse) the server, create the database."""
         if self._proc is not None:
-            if not _exited_unreaped(self._proc):
+            if not exited_unreaped(self._proc):
                 return
             self.stop()  # it crashed: reap it and sweep its orphans first
         deadline = time.monotonic() + timeout
@@ -310,7 +222,7 @@ class EmbeddedPostgres:
 
         existing = self._running_postmaster(deadline)
         if existing is not None:
-            if not _wait_until(lambda: self._can_connect("postgres"), deadline):
+            if not wait_until(lambda: self._can_connect("postgres"), deadline):
                 raise EmbeddedPostgresError(
                     f"a postmaster (pid {existing}) holds {self.data_dir} but does not "
                     f"answer on {self.socket_dir} port {self.port} within {timeout}s"
@@ -332,18 +244,18 @@ class EmbeddedPostgres:
         proc, self._proc = self._proc, None
         self.started_by_us = False
         deadline = time.monotonic() + timeout
-        crashed = _exited_unreaped(proc)
+        crashed = exited_unreaped(proc)
         if not crashed:
             # SIGINT = "fast" shutdown: abort sessions, checkpoint, exit. The
             # postmaster is in its own session so only we ever send it this.
             log.info("stopping PostgreSQL pid %d", proc.pid)
             os.kill(proc.pid, signal.SIGINT)  # unreaped, so the pid is still ours
-        clean = _wait_until(lambda: _exited_unreaped(proc), deadline) and not crashed
+        clean = wait_until(lambda: exited_unreaped(proc), deadline) and not crashed
         if not clean:
             # After a crash its backends may be orphans in the group we created
             # (nobody else is in it); after a timeout, the postmaster too.
             log.warning("PostgreSQL pid %d did not shut down cleanly; killing its process group", proc.pid)
-            _kill_group(proc)
+            kill_group(proc)
         proc.wait()
 
     def restart(self, timeout: float = 60) -> None:
@@ -376,7 +288,10 @@ class EmbeddedPostgres:
         return env
 
     def _prepare_dirs(self) -> None:
-        _check_traversable(self.base_dir, self._run_as)
+        who = self._run_as
+        check_traversable(
+            self.base_dir, who.name, who.uid, who.groups, program="the server", error=EmbeddedPostgresError
+        )
         self.base_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
         for directory, mode in ((self.data_dir, 0o700), (self.socket_dir, 0o755)):
             directory.mkdir(mode=mode, exist_ok=True)
@@ -432,7 +347,7 @@ class EmbeddedPostgres:
             except subprocess.TimeoutExpired:
                 raise EmbeddedPostgresError(f"initdb timed out; see {self.log_path}") from None
         if result.returncode != 0:
-            raise EmbeddedPostgresError(f"initdb failed with exit code {result.returncode}:\n{_tail(self.log_path)}")
+            raise EmbeddedPostgresError(f"initdb failed with exit code {result.returncode}:\n{tail(self.log_path)}")
 
     def _read_postmaster_pid(self) -> list[str] | None:
         try:
@@ -454,7 +369,7 @@ class EmbeddedPostgres:
         if not lines or not lines[0].strip().isdigit():
             return None
         pid = int(lines[0])
-        state = _proc_state(pid)
+        state = proc_state(pid)
         if state == "alive":
             cwd = _proc_cwd(pid)
             if cwd is None or cwd == self.data_dir.resolve():  # None: cannot tell, trust it
@@ -471,7 +386,7 @@ class EmbeddedPostgres:
         # dead server that are still running, so do that check here: each of
         # them has its cwd in the data dir. They exit soon after the postmaster.
         data_dir = self.data_dir.resolve()
-        if not _wait_until(lambda: not _pids_with_cwd(data_dir), deadline):
+        if not wait_until(lambda: not _pids_with_cwd(data_dir), deadline):
             raise EmbeddedPostgresError(
                 f"processes {_pids_with_cwd(data_dir)} still run in {self.data_dir} "
                 "(backends of a crashed server?); stop them before starting a new one"
@@ -520,22 +435,22 @@ class EmbeddedPostgres:
         proc = self._proc
 
         def ready() -> bool:
-            if _exited_unreaped(proc):
+            if exited_unreaped(proc):
                 return True  # reported below
             return self._can_connect("postgres")
 
-        ok = _wait_until(ready, deadline)
-        if _exited_unreaped(proc):
-            _kill_group(proc)
+        ok = wait_until(ready, deadline)
+        if exited_unreaped(proc):
+            kill_group(proc)
             proc.wait()
             self._proc = None
             self.started_by_us = False
             raise EmbeddedPostgresError(
-                f"PostgreSQL exited with code {proc.returncode} during startup:\n{_tail(self.log_path)}"
+                f"PostgreSQL exited with code {proc.returncode} during startup:\n{tail(self.log_path)}"
             )
         if not ok:
             self.stop()
-            raise EmbeddedPostgresError(f"PostgreSQL not ready before the deadline:\n{_tail(self.log_path)}")
+            raise EmbeddedPostgresError(f"PostgreSQL not ready before the deadline:\n{tail(self.log_path)}")
         log.info("PostgreSQL pid %d ready", proc.pid)
 
     def _connect(self, dbname: str) -> psycopg2.extensions.connection:
