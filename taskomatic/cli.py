@@ -96,6 +96,16 @@ def build_parser() -> argparse.ArgumentParser:
     tasks.add_argument("--action")
     tasks.add_argument("--limit", type=_positive_int, default=50)
     tasks.add_argument("--json", action="store_true", help="one JSON object per line")
+    tasks.add_argument("--follow", action="store_true",
+                       help="after the list, print tasks as they are queued and as they end (Ctrl-C stops)")
+
+    retry = sub.add_parser("retry", help="queue a failed or canceled task again, at the end of its key's queue")
+    _common_options(retry)
+    retry.add_argument("task_id", type=int)
+
+    status = sub.add_parser("status", help="instances, queue depth, oldest queued task, running tasks")
+    _common_options(status)
+    status.add_argument("--json", action="store_true", help="one JSON document")
 
     cancel = sub.add_parser("cancel", help="cancel a queued task")
     _common_options(cancel)
@@ -247,19 +257,50 @@ def cmd_tasks(config: Config, args: argparse.Namespace) -> int:
         rows = store.all("list_tasks", state=args.state, target_type=target_type, target_id=target_id,
                          action=args.action, limit=args.limit)
         store.close()
-    if args.json:
+    _print_tasks(rows, args.json)
+    if args.follow:
+        with database(config) as resolved:
+            _follow(resolved, args.json, last_id=max((r["id"] for r in rows), default=0))
+    return 0
+
+
+_HEADER = ("ID", "STATE", "ACTION", "TARGET", "STARTED", "ENDED", "MESSAGE")
+_WIDTHS = (8, 9, 14, 18, 23, 23)
+
+
+def _print_tasks(rows: list[dict[str, Any]], as_json: bool, header: bool = True) -> None:
+    if as_json:
         for row in rows:
-            print(json.dumps(row, default=str))
-        return 0
-    header = ("ID", "STATE", "ACTION", "TARGET", "STARTED", "ENDED", "MESSAGE")
-    lines = [header]
+            print(json.dumps(row, default=str), flush=True)
+        return
+    lines = [_HEADER] if header else []
     for r in rows:
         lines.append((str(r["id"]), r["state"], r["action"], f"{r['task_target_type']}:{r['task_target_id']}",
                       _fmt_time(r["time_started"]), _fmt_time(r["time_ended"]), (r["message"] or "")[:80]))
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header) - 1)]
     for line in lines:
-        print("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=False)) + "  " + line[-1])
-    return 0
+        cells = [cell.ljust(max(w, len(_HEADER[i]))) for i, (cell, w) in enumerate(zip(line, _WIDTHS, strict=False))]
+        print("  ".join(cells) + "  " + line[-1], flush=True)
+
+
+def _follow(config: Config, as_json: bool, last_id: int) -> None:
+    import datetime as dt
+    import time
+
+    store = _open_store(config, "tasks --follow")
+    since = dt.datetime.now(dt.UTC)
+    try:
+        while True:
+            rows = store.all("tasks_changed_since", last_id=last_id, since=since)
+            store.rollback()
+            if rows:
+                _print_tasks(rows, as_json, header=False)
+                last_id = max(last_id, *(r["id"] for r in rows))
+                since = max([since, *(r["time_ended"] for r in rows if r["time_ended"] is not None)])
+            time.sleep(1.0)  # a terminal refresh interval
+    except KeyboardInterrupt:
+        pass
+    finally:
+        store.close()
 
 
 def cmd_cancel(config: Config, task_id: int) -> int:
@@ -279,6 +320,53 @@ def cmd_cancel(config: Config, task_id: int) -> int:
         print(f"taskomatic: task {task_id} is {state['state']}; only queued tasks can be canceled",
               file=sys.stderr)
     return EXIT_FAILED
+
+
+def cmd_retry(config: Config, task_id: int) -> int:
+    with database(config) as resolved:
+        store = _open_store(resolved, "retry")
+        with store.transaction():
+            new_id = store.scalar("retry_task", task_id=task_id)
+            state = None if new_id else store.one("task_states", ids=[task_id])
+        store.close()
+    if new_id:
+        print(f"task {task_id} queued again as task {new_id}")
+        return 0
+    if state is None:
+        print(f"taskomatic: no task {task_id}", file=sys.stderr)
+    else:
+        print(f"taskomatic: task {task_id} is {state['state']}; only failed or canceled tasks can be retried",
+              file=sys.stderr)
+    return EXIT_FAILED
+
+
+def cmd_status(config: Config, as_json: bool) -> int:
+    with database(config) as resolved:
+        store = _open_store(resolved, "status")
+        instances = store.all("live_instances")
+        counts = {r["state"]: r["n"] for r in store.all("active_counts")}
+        oldest = store.one("oldest_queued")
+        running = store.all("running_tasks")
+        store.close()
+    if as_json:
+        report = {"instances": instances, "tasks": counts, "oldest_queued": oldest, "running": running}
+        print(json.dumps(report, default=str, indent=2))
+        return 0
+    print("instances:")
+    for i in instances:
+        health = "alive" if float(i["heartbeat_age"]) < 30 else f"silent for {float(i['heartbeat_age']):.0f} s"
+        print(f"  #{i['id']} {i['hostname']} pid {i['pid']} {i['mode']}, {i['shards']} shards, "
+              f"v{i['version']}, since {_fmt_time(i['started_at'])}: {health}")
+    if not instances:
+        print("  none running")
+    print(f"tasks: {counts.get('queued', 0)} queued, {counts.get('running', 0)} running")
+    if oldest:
+        print(f"oldest queued: task {oldest['id']} ({oldest['action']} {oldest['task_target_type']}:"
+              f"{oldest['task_target_id']}), waiting {float(oldest['age']):.1f} s")
+    for r in running:
+        print(f"  running: task {r['id']} {r['action']} {r['task_target_type']}:{r['task_target_id']} "
+              f"for {float(r['seconds'] or 0):.1f} s (instance {r['claimed_by']}, attempt {r['attempts']})")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -306,6 +394,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_tasks(config, args)
         if args.command == "cancel":
             return cmd_cancel(config, args.task_id)
+        if args.command == "retry":
+            return cmd_retry(config, args.task_id)
+        if args.command == "status":
+            return cmd_status(config, args.json)
         if args.command == "demo":
             from taskomatic.demo import run_demo
 

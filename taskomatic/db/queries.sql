@@ -295,3 +295,40 @@ SELECT sv.id, sv.name, sv.path, sv.format, sv.state
 FROM vm_disks d JOIN storage_volumes sv ON sv.id = d.storage_volume_id
 WHERE d.vm_id = %(vm_id)s
 ORDER BY d.position, sv.id;
+
+-- retry_task --
+-- Queue a copy of a failed or canceled task at the end of its key's queue.
+INSERT INTO tasks (task_target_type, task_target_id, action, args, submitted_by)
+SELECT task_target_type, task_target_id, action, args, 'taskomatic retry of task ' || id
+FROM tasks WHERE id = %(task_id)s AND state IN ('failed', 'canceled')
+RETURNING id;
+
+-- active_counts --
+-- Queued and running tasks (partial indexes: cheap however large the table).
+SELECT state, count(*) AS n FROM tasks WHERE state IN ('queued', 'running') GROUP BY state;
+
+-- oldest_queued --
+-- The task waiting longest.
+SELECT id, action, task_target_type, task_target_id, created_at,
+       extract(epoch FROM clock_timestamp() - created_at) AS age
+FROM tasks WHERE state = 'queued' ORDER BY id LIMIT 1;
+
+-- running_tasks --
+-- What runs now, and for how long.
+SELECT id, action, task_target_type, task_target_id, claimed_by, attempts, time_started,
+       extract(epoch FROM clock_timestamp() - time_started) AS seconds
+FROM tasks WHERE state = 'running' ORDER BY id;
+
+-- live_instances --
+-- Instances that have not stopped, with the age of their last heartbeat.
+SELECT id, hostname, pid, version, mode, shards, started_at,
+       extract(epoch FROM clock_timestamp() - heartbeat_at) AS heartbeat_age
+FROM instances WHERE stopped_at IS NULL ORDER BY id DESC LIMIT 20;
+
+-- tasks_changed_since --
+-- For tasks --follow: tasks created or ended after a point.
+SELECT id, task_target_type, task_target_id, action, state, message, time_started, time_ended, created_at
+FROM tasks
+WHERE id > %(last_id)s OR time_ended > %(since)s
+ORDER BY coalesce(time_ended, created_at), id
+LIMIT 1000;
