@@ -76,3 +76,47 @@ def test_a_node_that_goes_away_and_comes_back(dsn, state_dir, daemon_factory):
         assert checks.wait_task_ended(dsn, start)["state"] == "finished"
     finally:
         node.stop()
+
+
+def test_a_node_killed_mid_run(dsn, state_dir, daemon_factory):
+    """Tasks in flight on a node that dies retry as transient or fail; none hangs; the host goes
+    unavailable; once the node is back every task has ended and the rows match the node."""
+    prefix = checks.unique_prefix(dsn)
+    state_dir.chmod(0o755)
+    node = ManagedNode(state_dir / "doomed", "doomed")
+    node.start()
+    try:
+        host = query(dsn, "INSERT INTO hosts (hostname, libvirt_uri, hypervisor_type, num_cpus, memory) "
+                          "VALUES ('doomed', %s, 'TEST', 64, 67108864) RETURNING id", (node.test_uri,))[0]["id"]
+        vms = checks.insert_vms(dsn, [f"{prefix}-doomed-{i}" for i in range(6)])
+        checks.insert_tasks(dsn, [("Vm", vm, a, {"host_id": host} if a == "start_vm" else {})
+                                  for vm in vms for a in ("create_vm", "start_vm")])
+        daemon = daemon_factory(shards=3, extra=[*FAST, "--set", "retry_limit=6", "--set", "retry_backoff_max=1",
+                                                 "--set", "keepalive_interval=1", "--set", "keepalive_count=2",
+                                                 "--set", "task_timeout=60"])
+        checks.wait_all_ended(dsn, daemon)
+        # A stream of work for every VM, then the node dies under it.
+        checks.insert_tasks(dsn, [("Vm", vm, a) for _ in range(20) for vm in vms
+                                  for a in ("suspend_vm", "resume_vm")])
+        wait_for(lambda: query(dsn, "SELECT count(*) AS n FROM tasks WHERE state = 'finished' "
+                                    "AND action = 'resume_vm'")[0]["n"] >= 6, 60, what="some work done")
+        node.kill()
+        wait_for(lambda: query(dsn, "SELECT state FROM hosts WHERE id = %s", (host,))[0]["state"] == "unavailable",
+                 60, what="the host marked unavailable")
+        wait_for(lambda: "retrying in" in daemon.log(), 60, what="transient retries")
+
+        node.start()  # the test driver comes back empty: the VMs are gone
+        checks.wait_all_ended(dsn, daemon, timeout=240)
+        checks.assert_all_ended_once(dsn)
+        checks.assert_key_order(dsn)
+        assert query(dsn, "SELECT count(*) AS n FROM tasks WHERE state = 'running'")[0]["n"] == 0
+        failed = query(dsn, "SELECT message FROM tasks WHERE state = 'failed'")
+        assert all(("unreachable" in f["message"] or "stopped" in f["message"] or "interrupted" in f["message"])
+                   for f in failed), failed
+        wait_for(lambda: query(dsn, "SELECT state FROM hosts WHERE id = %s", (host,))[0]["state"] == "available",
+                 60, what="the host available again")
+        wait_for(lambda: {r["state"] for r in query(dsn, "SELECT state FROM vms WHERE id = ANY(%s)", (vms,))}
+                 == {"stopped"}, 60, what="the VM rows settled from the node")
+        checks.assert_vms_match_libvirt(dsn, vms)
+    finally:
+        node.stop()
