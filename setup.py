@@ -15,6 +15,7 @@ setup(
         "sdnotify>=0.3",
         "setproctitle>=1.2",
         "tqdm>=4.60",
+        "prometheus-client>=0.12",
     ],
     extras_require={
         "test": ["pytest>=7", "hypothesis>=6", "ruff", "mypy"],

@@ -57,6 +57,13 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise ValueError(f"must be a TCP port (1-65535) or 0 for off, got {value}")
+    return value
+
+
 def _choice(*allowed: str) -> Callable[[str], str]:
     def parse(text: str) -> str:
         value = text.strip()
@@ -117,6 +124,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("daemon", "embedded_user", str, "",
             "unprivileged user that runs the private PostgreSQL when taskomatic runs as root; "
             "empty: postgres if it exists, else nobody"),
+    Setting("metrics", "metrics_port", _port, 0,
+            "port of the Prometheus endpoint (/metrics); 0 turns metrics off"),
+    Setting("metrics", "metrics_address", str, "127.0.0.1",
+            "address the metrics endpoint binds to (localhost: put a proxy in front to expose it)"),
     Setting("logging", "log_level", _log_level, "info", "debug, info, warning or error"),
     Setting("libvirt", "emulator", str, "/usr/bin/qemu-system-x86_64",
             "emulator binary for QEMU and KVM domains"),
@@ -166,6 +177,8 @@ class Config:
     reconcile_interval: float = 20.0
     retry_backoff_max: float = 60.0
     embedded_user: str = ""
+    metrics_port: int = 0
+    metrics_address: str = "127.0.0.1"
     log_level: str = "info"
     emulator: str = "/usr/bin/qemu-system-x86_64"
     machine_type: str = "pc"

@@ -29,6 +29,7 @@ import psycopg2.extensions
 from multiprocess.connection import Connection, wait
 
 from taskomatic import config as config_mod
+from taskomatic import metrics
 from taskomatic.config import Config
 from taskomatic.db.store import Store, connect
 from taskomatic.logsetup import set_process_title, setup_logging
@@ -109,6 +110,9 @@ class Fetcher:
     def serve(self) -> int:
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(signum, self._record_signal)
+        if self.config.metrics_port:
+            metrics.serve(self.config.metrics_address, self.config.metrics_port, self.config.dsn,
+                          lambda: (self.dispatch.held(), sum(s.current is not None for s in self.slots)))
         claim_wanted = True
         next_poll = time.monotonic()
         next_status = time.monotonic()

@@ -21,6 +21,7 @@ from typing import Any
 
 import libvirt
 
+from taskomatic import metrics
 from taskomatic.actions.connections import HostUnreachable, LibvirtConnections
 from taskomatic.actions.vm import is_transient
 from taskomatic.config import Config
@@ -96,6 +97,7 @@ def _correct(store: Store, vm: dict[str, Any], new_state: str, clear_host: bool,
                         clear_host=clear_host)
     if changed:
         log.info("VM %s: row said %s, now %s (%s)", vm["id"], vm["state"], new_state, why)
+        metrics.row_corrected(new_state)
         return 1
     return 0
 

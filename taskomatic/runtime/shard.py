@@ -30,6 +30,7 @@ import psycopg2.errors
 from multiprocess.connection import Connection, wait
 
 from taskomatic import config as config_mod
+from taskomatic import metrics
 from taskomatic.actions.base import (
     Action,
     ActionContext,
@@ -245,6 +246,7 @@ class Shard:
             else:
                 self._fail_before_start(task, message, [])
             return
+        metrics.task_retried(self._action_label(task))
         log.warning("task %s (%s %s:%s): %s; retrying in %.0fs (the key's later tasks wait)",
                     task.id, task.action, task.target_type, task.target_id, reason, delay)
         self._send(Deferred((task.id,)))
@@ -304,6 +306,7 @@ class Shard:
                 self.store.rollback()
                 log.info("task %s (%s %s:%s) reconciled: %s: %s", task.id, task.action, task.target_type,
                          task.target_id, settled.kind, settled.message)
+                metrics.task_reconciled(settled.kind)
                 if settled.kind == Settlement.DONE:
                     return self._settle(task, Outcome.finished(settled.message, *settled.row_updates))
                 if settled.kind == Settlement.NEITHER:
@@ -356,7 +359,7 @@ class Shard:
             log.error("task %s: an outcome was still held; writing it first", self.pending.task.id)
             self._flush()
         self.pending = PendingOutcome(task, outcome, started, ended)
-        self._log_outcome(task, outcome)
+        self._log_outcome(task, outcome, (ended - started).total_seconds())
         return True
 
     def _commit_with_pending(self, work: Callable[[], T]) -> T:
@@ -471,6 +474,7 @@ class Shard:
 
         self._commit_with_pending(work)
         self.parking.ended(task.id)
+        metrics.task_ended(self._action_label(task), "failed", None)
         log.warning("task %s (%s %s:%s) failed: %s", task.id, task.action, task.target_type,
                     task.target_id, message)
         self._send(Ended(task.id, "failed"))
@@ -494,8 +498,13 @@ class Shard:
         if self.pending is not None:
             self._commit_with_pending(lambda: None)
 
-    def _log_outcome(self, task: TaskRow, outcome: Outcome) -> None:
+    def _action_label(self, task: TaskRow) -> str:
+        # Only known names become metric labels: a hostile action string must not mint series.
+        return task.action if task.action in self.actions else "unknown"
+
+    def _log_outcome(self, task: TaskRow, outcome: Outcome, seconds: float | None = None) -> None:
         self.parking.ended(task.id)
+        metrics.task_ended(self._action_label(task), outcome.state, seconds)
         level = logging.INFO if outcome.state == "finished" else logging.WARNING
         log.log(level, "task %s (%s %s:%s) %s%s", task.id, task.action, task.target_type, task.target_id,
                 outcome.state, f": {outcome.message}" if outcome.message else "")

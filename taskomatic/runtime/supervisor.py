@@ -33,7 +33,7 @@ import multiprocess
 import psycopg2
 import sdnotify
 
-from taskomatic import __version__
+from taskomatic import __version__, metrics
 from taskomatic import config as config_mod
 from taskomatic.config import Config
 from taskomatic.db import migrate
@@ -181,6 +181,7 @@ class Supervisor:
         process.join(2)  # it is dead (its sentinel fired); this reaps it
         code = process.exitcode
         child.process = None
+        metrics.mark_dead(process.pid)
         if self.stopping:
             return
         lived = time.monotonic() - child.started_at
@@ -260,6 +261,9 @@ class Supervisor:
         try:
             self.start()
             self.socket_path = self._socket_path()
+            if self.config.metrics_port:
+                # Before any child starts: they find the sample directory in their environment.
+                metrics.prepare_directory(self.config.resolved_state_dir(), self.instance_id)
             # Layout: the fetcher first, the shards by slot, the reconciler last.
             self.children = [Child("fetcher", 0), *(Child("shard", i) for i in range(self.config.shards)),
                              Child("reconciler", 0)]

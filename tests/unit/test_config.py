@@ -217,6 +217,7 @@ def test_every_setting_can_be_set_in_the_file(tmp_path: Path) -> None:
         "retry_limit": ("3", 3), "retry_backoff_max": ("10", 10.0),
         "keepalive_interval": ("2", 2), "keepalive_count": ("4", 4), "task_timeout": ("100", 100.0),
         "reconcile_interval": ("5", 5.0), "nic_network": ("default", "default"),
+        "metrics_port": ("9188", 9188), "metrics_address": ("::1", "::1"),
     }
     assert set(samples) == {s.name for s in SETTINGS}
     sections: dict[str, list[str]] = {}
