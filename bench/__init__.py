@@ -1,0 +1,1 @@
+"""taskomatic's benchmark suite: workloads, baselines, measurements, reports (``python -m bench.run``)."""

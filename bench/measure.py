@@ -1,0 +1,238 @@
+"""What the bench measures: CPU and memory from /proc, and everything else from the tasks table.
+
+CPU seconds of a set of processes between two moments: for each process
+alive at either moment, utime + stime (its own) plus cutime + cstime (the
+children it has reaped: a backend or worker that exited in between is counted
+through its parent). The difference of the two sums is what the set used in
+between; processes are identified by (pid, start time), so a reused pid is
+not mistaken for the same process.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg2
+import psycopg2.extras
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True)
+class ProcStat:
+    pid: int
+    ppid: int
+    pgrp: int
+    starttime: int
+    own_ticks: int  # utime + stime
+    reaped_ticks: int  # cutime + cstime
+
+
+def read_stat(pid: int) -> ProcStat | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    # The command name may hold spaces and parentheses: split after the last ')'.
+    fields = data.rsplit(b")", 1)[1].split()
+    # fields[0] is field 3 (state), so field n is fields[n - 3].
+    return ProcStat(pid=pid, ppid=int(fields[1]), pgrp=int(fields[2]), starttime=int(fields[19]),
+                    own_ticks=int(fields[11]) + int(fields[12]),
+                    reaped_ticks=int(fields[13]) + int(fields[14]))
+
+
+def all_stats() -> list[ProcStat]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            stat = read_stat(int(entry))
+            if stat is not None:
+                found.append(stat)
+    return found
+
+
+def group_members(pgid: int, stats: list[ProcStat] | None = None) -> list[ProcStat]:
+    """Every process of process group ``pgid``."""
+    return [s for s in (stats if stats is not None else all_stats()) if s.pgrp == pgid]
+
+
+def tree_members(root: int, stats: list[ProcStat] | None = None) -> list[ProcStat]:
+    """``root`` and all its descendants (PostgreSQL backends leave the postmaster's group, not its tree)."""
+    stats = stats if stats is not None else all_stats()
+    children: dict[int, list[ProcStat]] = defaultdict(list)
+    by_pid = {}
+    for s in stats:
+        children[s.ppid].append(s)
+        by_pid[s.pid] = s
+    if root not in by_pid:
+        return []
+    found, todo = [], [by_pid[root]]
+    while todo:
+        s = todo.pop()
+        found.append(s)
+        todo.extend(children[s.pid])
+    return found
+
+
+CpuSnapshot = dict[tuple[int, int], int]
+
+
+def cpu_snapshot(members: list[ProcStat]) -> CpuSnapshot:
+    return {(s.pid, s.starttime): s.own_ticks + s.reaped_ticks for s in members}
+
+
+def cpu_seconds(before: CpuSnapshot, after: CpuSnapshot) -> float:
+    """CPU seconds the set used between the snapshots (see the module doc).
+
+    A process of ``before`` gone by ``after`` was reaped by its parent in the
+    set, whose reaped ticks now hold its whole lifetime: its ticks at
+    ``before`` come off like everyone's. (Both snapshots are taken while the
+    runner lives, so nobody outside the set reaps a member in between.)
+    """
+    return max(0, sum(after.values()) - sum(before.values())) / CLOCK_TICKS
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds all cores have spent busy since boot (/proc/stat: everything but idle and iowait)."""
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
+    # user nice system idle iowait irq softirq steal (guest time is inside user)
+    return (sum(fields[:8]) - fields[3] - fields[4]) / CLOCK_TICKS
+
+
+def self_cpu_seconds() -> float:
+    """CPU seconds of this process (the bench: inserts, progress queries)."""
+    times = os.times()
+    return times.user + times.system
+
+
+def process_title(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return "?"
+    return raw.replace(b"\0", b" ").decode("utf-8", "replace").strip()
+
+
+def peak_rss_kb(pid: int) -> int | None:
+    """VmHWM: the process's peak resident set, in kB."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def peak_rss(members: list[ProcStat], role_of: Any) -> list[dict[str, Any]]:
+    """[{role, pid, peak_rss_kb}] for the live members, ``role_of(pid, title)`` naming each."""
+    rows = []
+    for s in members:
+        kb = peak_rss_kb(s.pid)
+        if kb is None:
+            continue
+        rows.append({"role": role_of(s.pid, process_title(s.pid)), "pid": s.pid, "peak_rss_kb": kb})
+    return sorted(rows, key=lambda r: (r["role"], r["pid"]))
+
+
+# -- the tasks table ---------------------------------------------------------------
+
+ORDER_CHECK_SQL = """
+WITH ordered AS (
+    SELECT id, key_type, key_id, state, time_started, time_ended,
+           lag(time_ended) OVER w AS previous_end,
+           lag(state) OVER w AS previous_state
+    FROM tasks
+    WINDOW w AS (PARTITION BY key_type, key_id ORDER BY id)
+)
+SELECT count(*) FILTER (WHERE previous_end > time_started) AS overlapping_or_reordered,
+       count(*) FILTER (WHERE time_started IS NOT NULL AND previous_state IS NOT NULL
+                        AND previous_end IS NULL) AS started_before_previous_ended,
+       count(DISTINCT (key_type, key_id)) AS keys
+FROM ordered
+"""
+
+TASK_ROWS_SQL = """
+SELECT id, key_id, state, action,
+       extract(epoch FROM created_at)::float8 AS created,
+       extract(epoch FROM time_started)::float8 AS started,
+       extract(epoch FROM time_ended)::float8 AS ended
+FROM tasks ORDER BY id
+"""
+
+
+def order_check(conn: Any) -> dict[str, Any]:
+    """Per-key order from SQL: for each key, in id order, every task started after the previous one ended."""
+    with conn.cursor(cursor_factory=psycopg2.extras.RealDictCursor) as cur:
+        cur.execute(ORDER_CHECK_SQL)
+        row = dict(cur.fetchone())
+    conn.rollback()
+    violations = int(row["overlapping_or_reordered"]) + int(row["started_before_previous_ended"])
+    return {"violations": violations, "overlapping_or_reordered": int(row["overlapping_or_reordered"]),
+            "started_before_previous_ended": int(row["started_before_previous_ended"]),
+            "keys": int(row["keys"]), "ok": violations == 0}
+
+
+def task_rows(conn: Any) -> list[dict[str, Any]]:
+    with conn.cursor(cursor_factory=psycopg2.extras.RealDictCursor) as cur:
+        cur.execute(TASK_ROWS_SQL)
+        rows = [dict(r) for r in cur.fetchall()]
+    conn.rollback()
+    return rows
+
+
+def percentile(sorted_values: list[float], q: float) -> float | None:
+    """Linear interpolation between closest ranks (numpy's default); None when empty."""
+    if not sorted_values:
+        return None
+    pos = q * (len(sorted_values) - 1)
+    low = int(pos)
+    high = min(low + 1, len(sorted_values) - 1)
+    return sorted_values[low] + (sorted_values[high] - sorted_values[low]) * (pos - low)
+
+
+def cdf_points(sorted_values: list[float], points: int = 200) -> list[list[float]]:
+    """A compact CDF: [value, fraction <= value] at ``points`` evenly spaced fractions (and the max)."""
+    if not sorted_values:
+        return []
+    n = len(sorted_values)
+    out = []
+    for i in range(points + 1):
+        q = i / points
+        value = percentile(sorted_values, q)
+        assert value is not None
+        out.append([round(value, 4), round(bisect.bisect_right(sorted_values, value) / n, 5)])
+    return out
+
+
+def busy_union(intervals: list[tuple[float, float]]) -> float:
+    """Length of the union of [start, end] intervals."""
+    total, current_start, current_end = 0.0, None, None
+    for start, end in sorted(intervals):
+        if current_end is None or start > current_end:
+            if current_end is not None and current_start is not None:
+                total += current_end - current_start
+            current_start, current_end = start, end
+        else:
+            current_end = max(current_end, end)
+    if current_end is not None and current_start is not None:
+        total += current_end - current_start
+    return total
+
+
+def serial_ok(intervals: list[tuple[float, float]]) -> bool:
+    """Do the intervals never overlap (one at a time)?"""
+    previous_end = None
+    for start, end in sorted(intervals):
+        if previous_end is not None and start < previous_end:
+            return False
+        previous_end = end
+    return True

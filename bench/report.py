@@ -1,0 +1,334 @@
+"""Render a results.json: a Markdown report and PNG plots (matplotlib, optional).
+
+``python -m bench.report bench/results/<dir>/results.json`` re-renders one.
+Every number shown comes from the JSON, which holds only measured figures
+(and the workload's planned work, for the lower bound).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+PLOTS = ("throughput_vs_shards.png", "latency_cdf.png", "makespan_ratio.png")
+
+
+def _fmt(value: Any, spec: str = ".1f", missing: str = "-") -> str:
+    if value is None:
+        return missing
+    return format(value, spec)
+
+
+def _ratio(run: dict[str, Any], which: str, figure: str) -> str:
+    value = (run.get("ratios", {}).get(which) or {}).get(figure)
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def _max_rss_mb(run: dict[str, Any], prefix: str) -> float | None:
+    values = [p["peak_rss_kb"] for p in (run.get("rss") or {}).get("runner", []) if p["role"].startswith(prefix)]
+    return max(values) / 1024.0 if values else None
+
+
+def summary_table(results: dict[str, Any]) -> str:
+    """One row per run; ratios are this run's figure divided by the baseline's, same workload, same suite run."""
+    head = ("| workload | runner | tasks/s | xorig | xpool | p50 ms | p95 ms | p99 ms | p99 xpool | makespan/LB "
+            "| runner CPU s/1k | PG CPU s/1k | order |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in results["runs"]:
+        if r.get("error") and "latency_ms" not in r:
+            lines.append(f"| {r['workload']} | {r['label']} | FAILED: {r['error'].splitlines()[0]} |"
+                         + " |" * 10)
+            continue
+        lat = r.get("latency_ms") or {}
+        cpu = r.get("cpu") or {}
+        order = r.get("order") or {}
+        if order.get("ok"):
+            order_text = "ok"
+        elif r["runner"] == "pool":
+            order_text = f"none promised ({order.get('violations', '?')} out of order)"
+        else:
+            order_text = f"VIOLATED ({order.get('violations', '?')})"
+        lines.append(
+            f"| {r['workload']} | {r['label']} | {_fmt(r.get('throughput_tps'), ',.0f')} "
+            f"| {_ratio(r, 'vs_original', 'throughput_tps')} | {_ratio(r, 'vs_pool', 'throughput_tps')} "
+            f"| {_fmt(lat.get('p50'))} | {_fmt(lat.get('p95'))} | {_fmt(lat.get('p99'))} "
+            f"| {_ratio(r, 'vs_pool', 'latency_p99_ms')} "
+            f"| {_fmt(r.get('makespan_ratio'), '.2f')} "
+            f"| {_fmt(cpu.get('runner_s_per_1k'), '.2f')} | {_fmt(cpu.get('postgres_s_per_1k'), '.2f')} "
+            f"| {order_text}{'' if r.get('complete') else ' (INCOMPLETE)'} |")
+    return "\n".join(lines)
+
+
+def _machine_line(m: dict[str, Any]) -> str:
+    mem = f"{m['memory_kb'] / 1024 / 1024:.1f} GiB" if m.get("memory_kb") else "? GiB"
+    pgs = m.get("postgresql_settings", {})
+    dirty = " (with uncommitted changes)" if m.get("commit_dirty") else ""
+    return (f"{m.get('cpu_model')}, {m.get('cores')} cores ({m.get('cores_usable')} usable), {mem}; "
+            f"Linux {m.get('kernel')} ({m.get('os')}); Python {m.get('python')}; PostgreSQL {m.get('postgresql')} "
+            f"(fsync {pgs.get('fsync')}, synchronous_commit {pgs.get('synchronous_commit')}, "
+            f"shared_buffers {pgs.get('shared_buffers')}); commit {str(m.get('commit'))[:12]}{dirty}")
+
+
+def _settings_line(results: dict[str, Any]) -> str:
+    settings = results.get("settings", {})
+    config = settings.get("daemon_config") or {}
+    shown = ", ".join(f"{k} {config[k]}" for k in ("poll_interval", "claim_batch", "max_claimed_per_shard",
+                                                     "log_level") if k in config)
+    overrides = ", ".join(settings.get("daemon_settings") or []) or "none"
+    return (f"Daemon: default settings ({shown}); overrides: {overrides}. Baselines poll every "
+            f"{settings.get('baseline_poll_s')} s when idle.")
+
+
+def markdown(results: dict[str, Any], plots: list[str]) -> str:
+    m = results["machine"]
+    out = [f"# taskomatic benchmark: {results['suite']} suite", "",
+           f"Run {results['started_at']}, seed {results['seed']}, {results['wall_s']:.0f} s in all.",
+           "", f"Machine: {_machine_line(m)}.", "", _settings_line(results), ""]
+    checks = results["checks"]
+    out += ["## Checks", "",
+            f"* every run complete (all tasks ended, runner stopped cleanly): **{checks['all_runs_complete']}**",
+            f"* every task finished: **{checks['all_tasks_finished']}**",
+            f"* per-key order held in every taskomatic run (SQL check): **{checks['taskomatic_order_ok']}**",
+            f"* per-key order held by the runners that promise it (taskomatic, original): "
+            f"**{checks['ordered_runners_order_ok']}** (the SKIP LOCKED pool promises none; its count is shown)",
+            _foreign_line(results), ""]
+    out += ["## Workloads", "", "| workload | what | total work s | heaviest key work s | tasks on hottest key |",
+            "|---|---|---|---|---|"]
+    for w in results["workloads"]:
+        out.append(f"| {w['name']} | {w['description']} | {w['total_work_s']:.2f} | {w['heaviest_key_work_s']:.2f} "
+                   f"| {w['heaviest_key_tasks']} |")
+    out += ["", "## Results", "",
+            "xorig and xpool: this run's figure divided by the same figure of the original design and of the "
+            "SKIP LOCKED pool with the same number of workers (or its largest), measured in this suite run "
+            "on the same workload. Throughput: tasks / (last time_ended - first time_started). Latency: "
+            "created_at -> time_started. makespan/LB: (last time_ended - first created_at) / max(heaviest key's "
+            "work, total work / shards); for the pool, whose order is not per key, max(longest task, total / "
+            "workers). CPU: seconds of the runner's process group and of PostgreSQL (postmaster and every "
+            "process under it, the bench's own progress queries included) per 1,000 tasks, from the first "
+            "insert to the last end.", "", summary_table(results), ""]
+    out += _scaling_section(results)
+    out += _utilisation_section(results)
+    out += _rss_section(results)
+    if plots:
+        out += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
+    else:
+        out += ["(No plots: matplotlib is not installed or --no-plots was given.)", ""]
+    return "\n".join(out)
+
+
+FOREIGN_LOAD_WARN = 0.10
+
+
+def _foreign_line(results: dict[str, Any]) -> str:
+    """How much of the machine other processes used during the runs (a disturbed run is not comparable)."""
+    shares: list[tuple[float, dict[str, Any]]] = []
+    for r in results["runs"]:
+        value = (r.get("cpu") or {}).get("other_share")
+        if value is not None:
+            shares.append((float(value), r))
+    if not shares:
+        return "* other load on the machine: not measured"
+    worst = max(v for v, _ in shares)
+    suspect = [f"{r['workload']} / {r['label']} ({v:.0%})" for v, r in shares if v >= FOREIGN_LOAD_WARN]
+    text = (f"* other processes' CPU during the runs (machine busy time minus runner, PostgreSQL and bench), "
+            f"as a share of all cores: at most **{worst:.0%}**")
+    if suspect:
+        text += f"; runs disturbed by more than {FOREIGN_LOAD_WARN:.0%}: " + ", ".join(suspect)
+    return text
+
+
+def _scaling_section(results: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
+    for workload in _scaling_workloads(results):
+        runs = [r for r in results["runs"] if r["workload"] == workload]
+        original = next((r for r in runs if r["runner"] == "original"), None)
+        counts = sorted({r["parallelism"] for r in runs if r["runner"] != "original"})
+        lines += [f"## Scaling over shards: {workload}", "",
+                  "| shards / workers | taskomatic tasks/s | pool tasks/s | taskomatic / pool | "
+                  "taskomatic / original |", "|---|---|---|---|---|"]
+        for n in counts:
+            mine = next((r for r in runs if r["runner"] == "taskomatic" and r["parallelism"] == n), None)
+            pool = next((r for r in runs if r["runner"] == "pool" and r["parallelism"] == n), None)
+            t = mine.get("throughput_tps") if mine else None
+            p = pool.get("throughput_tps") if pool else None
+            o = original.get("throughput_tps") if original else None
+            lines.append(f"| {n} | {_fmt(t, ',.0f')} | {_fmt(p, ',.0f')} | "
+                         f"{_fmt(t / p if t and p else None, '.2f')} | {_fmt(t / o if t and o else None, '.2f')} |")
+        if original:
+            lines.append(f"\nOriginal design (1 process): {_fmt(original.get('throughput_tps'), ',.0f')} tasks/s.")
+        lines.append("")
+    return lines
+
+
+def _scaling_workloads(results: dict[str, Any]) -> list[str]:
+    found = []
+    for w in results["workloads"]:
+        shards = {r["parallelism"] for r in results["runs"] if r["workload"] == w["name"]
+                  and r["runner"] == "taskomatic"}
+        if len(shards) > 1:
+            found.append(w["name"])
+    return found
+
+
+def _utilisation_section(results: dict[str, Any]) -> list[str]:
+    lines = ["## Utilisation", "",
+             "Pool: the sum of every task's time_started -> time_ended over (workers x the first start -> last end "
+             "window). Per shard: the same for each shard, when it can be derived (see the note).", "",
+             "| workload | runner | pool | per shard | tasks per shard |", "|---|---|---|---|---|"]
+    for r in results["runs"]:
+        u = r.get("utilisation")
+        if not u:
+            continue
+        per = ", ".join(f"{v:.2f}" for v in u["per_shard"]) if u.get("per_shard") else "-"
+        tasks = ", ".join(str(v) for v in u.get("tasks_per_shard") or []) or "-"
+        lines.append(f"| {r['workload']} | {r['label']} | {_fmt(u.get('pool'), '.2f')} | {per} | {tasks} |")
+    notes = {r["utilisation"]["per_shard_note"] for r in results["runs"]
+             if r.get("utilisation", {}).get("per_shard_note")}
+    lines += [""] + [f"Note: {n}." for n in sorted(notes)] + [""]
+    return lines
+
+
+def _rss_section(results: dict[str, Any]) -> list[str]:
+    lines = ["## Peak RSS (VmHWM) per process, MB", "",
+             "Runner processes by role (the largest of each role in the run). PostgreSQL backends count the "
+             "shared buffers they touched, so theirs overstates private memory.", "",
+             "| workload | runner | processes (role: peak MB) | largest PostgreSQL backend MB |", "|---|---|---|---|"]
+    for r in results["runs"]:
+        rss = r.get("rss")
+        if not rss:
+            continue
+        by_role: dict[str, int] = {}
+        for p in rss["runner"]:
+            role = "shard" if p["role"].startswith("shard ") else p["role"]
+            by_role[role] = max(by_role.get(role, 0), p["peak_rss_kb"])
+        roles = ", ".join(f"{k}: {v / 1024:.1f}" for k, v in sorted(by_role.items()))
+        backends = [p["peak_rss_kb"] for p in rss["postgres"] if p["role"] == "backend"]
+        lines.append(f"| {r['workload']} | {r['label']} | {roles} | "
+                     f"{_fmt(max(backends) / 1024 if backends else None, '.1f')} |")
+    return [*lines, ""]
+
+
+# -- plots ---------------------------------------------------------------------------------
+
+_COLOURS = {"taskomatic": "tab:blue", "pool": "tab:orange", "original": "tab:grey"}
+
+
+def plot(results: dict[str, Any], out: Path) -> list[Path]:
+    """The PNGs; [] when matplotlib is missing."""
+    try:
+        import matplotlib
+    except ImportError:
+        return []
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    runs = results["runs"]
+    scaling = _scaling_workloads(results) or [w["name"] for w in results["workloads"]][:1]
+    fig, axes = plt.subplots(1, len(scaling), figsize=(6.4 * len(scaling), 4.4), squeeze=False)
+    for ax, workload in zip(axes[0], scaling, strict=True):
+        mine = [r for r in runs if r["workload"] == workload]
+        for kind, label in (("taskomatic", "taskomatic (per-key order)"), ("pool", "SKIP LOCKED pool (no order)")):
+            pts = sorted((r["parallelism"], r["throughput_tps"]) for r in mine
+                         if r["runner"] == kind and r.get("throughput_tps"))
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=_COLOURS[kind], label=label)
+        original = next((r for r in mine if r["runner"] == "original" and r.get("throughput_tps")), None)
+        if original:
+            ax.axhline(original["throughput_tps"], color=_COLOURS["original"], linestyle="--",
+                       label="original design (1 process, poll loop)")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("shards / workers")
+        ax.set_ylabel("tasks/s")
+        ax.set_ylim(bottom=0)
+        ax.set_title(f"Throughput vs shards: {workload}")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    written.append(_save(fig, out / PLOTS[0]))
+
+    names = [w["name"] for w in results["workloads"]]
+    cols = min(3, len(names))
+    rows = (len(names) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.8 * rows), squeeze=False)
+    for ax, workload in zip(axes.flat, names, strict=False):
+        for r in runs:
+            if r["workload"] != workload or not r.get("latency_cdf_ms"):
+                continue
+            xs = [max(p[0], 1e-3) for p in r["latency_cdf_ms"]]
+            ys = [p[1] for p in r["latency_cdf_ms"]]
+            style = "-" if r["runner"] == "taskomatic" else "--"
+            ax.plot(xs, ys, style, label=r["label"], linewidth=1.3,
+                    color=None if r["runner"] == "taskomatic" else _COLOURS[r["runner"]])
+        ax.set_xscale("log")
+        ax.set_xlabel("enqueue -> start, ms (log)")
+        ax.set_ylabel("fraction of tasks")
+        ax.set_title(workload)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(names):]:
+        ax.set_visible(False)
+    fig.suptitle("Enqueue-to-start latency CDF")
+    fig.tight_layout()
+    written.append(_save(fig, out / PLOTS[1]))
+
+    with_work = [w["name"] for w in results["workloads"]
+                 if any(r.get("makespan_ratio") for r in runs if r["workload"] == w["name"])]
+    if with_work:
+        labels = sorted({r["label"] for r in runs if r.get("makespan_ratio")},
+                        key=lambda s: (not s.startswith("taskomatic"), s))
+        fig, ax = plt.subplots(figsize=(max(6.4, 1.6 * len(with_work) * max(1, len(labels)) / 2), 4.4))
+        width = 0.8 / max(1, len(labels))
+        for i, label in enumerate(labels):
+            values = []
+            for workload in with_work:
+                r = next((r for r in runs if r["workload"] == workload and r["label"] == label), None)
+                values.append(r.get("makespan_ratio") if r else None)
+            xs = [j + i * width for j in range(len(with_work))]
+            ax.bar([x for x, v in zip(xs, values, strict=True) if v],
+                   [v for v in values if v], width, label=label)
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.axhline(1.10, color="red", linewidth=0.8, linestyle=":", label="target 1.10x (issue 5)")
+        ax.set_xticks([j + width * (len(labels) - 1) / 2 for j in range(len(with_work))])
+        ax.set_xticklabels(with_work)
+        ax.set_ylabel("makespan / lower bound")
+        ax.set_title("Makespan against its lower bound (burst workloads with work)")
+        ax.grid(True, axis="y", alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        written.append(_save(fig, out / PLOTS[2]))
+    return written
+
+
+def _save(fig: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write(results: dict[str, Any], out: Path, plots: bool = True) -> list[Path]:
+    """report.md (+ the PNGs) into ``out``; the paths written."""
+    written = plot(results, out) if plots else []
+    report = out / "report.md"
+    report.write_text(markdown(results, [p.name for p in written]))
+    return [report, *written]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.report", description="re-render a results.json")
+    parser.add_argument("results", type=Path)
+    parser.add_argument("--no-plots", action="store_true")
+    args = parser.parse_args(argv)
+    results = json.loads(args.results.read_text())
+    for path in write(results, args.results.parent, plots=not args.no_plots):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

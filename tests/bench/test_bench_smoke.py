@@ -1,0 +1,142 @@
+"""The benchmark suite in its tiny mode (``python -m bench.run --smoke``), plus its pure parts.
+
+The smoke run is the real thing at toy size: a private PostgreSQL, the real
+daemon with the bench's ``noop`` plugin (shards 1 and 2) and both baselines,
+200 tasks over 20 keys each. It asserts that every figure is there, every task
+finished and per-key order held; never what the figures are.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench import workloads
+from bench.workloads import PlannedTask, Workload
+
+REPO = Path(__file__).resolve().parents[2]
+SMOKE_TASKS = 200
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    out = tmp_path_factory.mktemp("bench-smoke")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.run", "--smoke", "--no-progress", "--no-plots", "--out", str(out)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=180, check=False)
+    assert proc.returncode == 0, f"bench exited with {proc.returncode}:\n{proc.stdout}\n{proc.stderr[-4000:]}"
+    results: dict[str, Any] = json.loads((out / "results.json").read_text())
+    results["_out"] = str(out)
+    return results
+
+
+def test_smoke_runs_the_daemon_and_both_baselines(smoke: dict[str, Any]) -> None:
+    runs = {(r["runner"], r["parallelism"]) for r in smoke["runs"]}
+    assert runs == {("original", 1), ("pool", 2), ("taskomatic", 1), ("taskomatic", 2)}
+    assert smoke["suite"] == "smoke"
+    assert smoke["checks"] == {"all_runs_complete": True, "all_tasks_finished": True,
+                               "taskomatic_order_ok": True, "ordered_runners_order_ok": True}
+
+
+def test_every_task_finished_in_every_run(smoke: dict[str, Any]) -> None:
+    for run in smoke["runs"]:
+        assert run["complete"], run.get("error")
+        assert run["error"] is None
+        assert run["runner_exit_code"] == 0
+        assert run["tasks"] == {"total": SMOKE_TASKS, "expected": SMOKE_TASKS, "finished": SMOKE_TASKS,
+                                "failed": 0, "other": 0}
+
+
+def test_per_key_order_checked_in_sql_and_held(smoke: dict[str, Any]) -> None:
+    for run in smoke["runs"]:
+        order = run["order"]
+        assert set(order) >= {"violations", "keys", "ok"}
+        assert order["keys"] == 20
+        if run["runner"] != "pool":  # the SKIP LOCKED pool promises no order; its count is only recorded
+            assert order["ok"] and order["violations"] == 0, run["label"]
+
+
+def test_every_figure_is_there(smoke: dict[str, Any]) -> None:
+    machine = smoke["machine"]
+    for key in ("cpu_model", "cores", "memory_kb", "kernel", "python", "postgresql", "commit"):
+        assert machine[key], key
+    for run in smoke["runs"]:
+        assert run["throughput_tps"] > 0
+        assert set(run["latency_ms"]) == {"p50", "p95", "p99", "max", "mean"}
+        assert run["latency_ms"]["p50"] <= run["latency_ms"]["p95"] <= run["latency_ms"]["p99"]
+        assert run["latency_cdf_ms"][-1][1] == 1.0
+        assert run["makespan_s"] > 0
+        assert set(run["cpu"]) >= {"runner_s", "postgres_s", "runner_s_per_1k", "postgres_s_per_1k",
+                                   "machine_busy_s", "other_share"}
+        assert run["rss"]["runner"] and run["rss"]["postgres"]
+        assert all(p["peak_rss_kb"] > 0 for p in run["rss"]["runner"])
+        assert "vs_original" in run["ratios"] or run["runner"] == "original"
+        assert "vs_pool" in run["ratios"] or run["runner"] == "pool"
+        assert run["utilisation"]["pool"] is not None
+    for run in (r for r in smoke["runs"] if r["runner"] == "taskomatic"):
+        roles = {p["role"] for p in run["rss"]["runner"]}
+        assert {"supervisor", "fetcher"} <= roles
+        assert {f"shard {i}" for i in range(run["parallelism"])} <= roles
+        assert len(run["utilisation"]["per_shard"]) == run["parallelism"]
+        assert sum(run["utilisation"]["tasks_per_shard"]) == SMOKE_TASKS
+        assert run["ratios"]["vs_original"]["baseline"].startswith("original")
+        assert run["ratios"]["vs_pool"]["baseline"].startswith("SKIP LOCKED pool")
+    report = (Path(smoke["_out"]) / "report.md").read_text()
+    assert "| noop-uniform | taskomatic 2 shards |" in report
+
+
+def test_plots_render(smoke: dict[str, Any], tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    from bench import report
+
+    written = {p.name for p in report.write(smoke, tmp_path, plots=True)}
+    assert {"report.md", "throughput_vs_shards.png", "latency_cdf.png"} <= written
+    assert (tmp_path / "latency_cdf.png").stat().st_size > 0
+
+
+# -- the pure parts -------------------------------------------------------------------
+
+
+def test_workloads_are_deterministic_per_seed() -> None:
+    w = Workload("w", 500, 50, "zipf", latency="heavy", base_ms=20)
+    assert workloads.generate(w, 7) == workloads.generate(w, 7)
+    assert workloads.generate(w, 7) != workloads.generate(w, 8)
+    tasks = workloads.generate(w, 7)
+    assert len(tasks) == 500 and all(1 <= t.key <= 50 for t in tasks)
+    assert {t.ms for t in tasks} <= {20.0, 1000.0}
+
+
+def test_zipf_weights() -> None:
+    weights = workloads.zipf_weights(100, 1.1)
+    assert abs(sum(weights) - 1.0) < 1e-9
+    assert weights[0] / weights[1] == pytest.approx(2 ** 1.1)
+
+
+def test_lower_bound_formula() -> None:
+    # Key 1: 3 x 100 ms serial = 0.3 s; total 0.5 s.
+    tasks = [PlannedTask(1, "sleep", 100.0)] * 3 + [PlannedTask(k, "sleep", 100.0) for k in (2, 3)]
+    stats = workloads.work_stats(tasks)
+    assert stats.total_s == pytest.approx(0.5) and stats.heaviest_key_s == pytest.approx(0.3)
+    assert workloads.lower_bound(stats, 1) == pytest.approx(0.5)  # total / 1
+    assert workloads.lower_bound(stats, 4) == pytest.approx(0.3)  # the hot key's serial work
+    assert workloads.lower_bound(stats, 4, keyed=False) == pytest.approx(0.125)  # total / 4
+    assert workloads.lower_bound(stats, 100, keyed=False) == pytest.approx(0.1)  # one task
+
+
+def test_plugin_entry_point_is_found(tmp_path: Path) -> None:
+    from bench.plugin import write_dist_info
+
+    write_dist_info(tmp_path)
+    code = ("from taskomatic.actions.base import load_actions; a = load_actions(); "
+            "print(a['noop'].name, a['sleep'].name)")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(tmp_path)])}
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                         check=True, timeout=60)
+    assert out.stdout.split() == ["noop", "sleep"]
