@@ -316,7 +316,7 @@ class Fetcher:
 
 
 def fetcher_main(config: Config, instance_id: int, socket_path: str, supervisor: Connection) -> None:
-    setup_logging(config.log_level, role="fetcher")
+    setup_logging(config.log_level, role=f"instance {instance_id} fetcher")
     set_process_title(f"taskomatic: fetcher ({config.shards} shards)")
     try:
         fetcher = Fetcher(config, instance_id, socket_path, supervisor)

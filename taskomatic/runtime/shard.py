@@ -513,7 +513,7 @@ class Shard:
 def shard_main(slot: int, shards: int, config: Config, instance_id: int,
                fetcher_socket: str, deadline: Any) -> None:
     """Entry point of a shard process (spawned, so it starts with nothing inherited)."""
-    setup_logging(config.log_level, role=f"shard {slot}")
+    setup_logging(config.log_level, role=f"instance {instance_id} shard {slot}")
     set_process_title(f"taskomatic: shard {slot}/{shards}")
     # A shard runs until told; a terminal's Ctrl-C goes to the whole group and
     # the supervisor decides what it means.
