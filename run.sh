@@ -53,7 +53,7 @@ setup_venv() {
     local stamp="$VENV/.installed-$(sha1sum setup.py | cut -c1-12)"
     if [ ! -e "$stamp" ]; then
         "$VENV/bin/python" -m pip install -q --upgrade pip
-        "$VENV/bin/python" -m pip install -q -e '.[test]'
+        "$VENV/bin/python" -m pip install -q -e '.[test,bench]'
         touch "$stamp"
     fi
 }
@@ -69,8 +69,8 @@ case "$cmd" in
     test)
         setup_system
         setup_venv
-        "$VENV/bin/ruff" check taskomatic tests
-        "$VENV/bin/mypy" taskomatic
+        "$VENV/bin/ruff" check taskomatic tests bench
+        "$VENV/bin/mypy" taskomatic bench
         exec "$VENV/bin/python" -m pytest -p no:cacheprovider "$@"
         ;;
     *)

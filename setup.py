@@ -19,6 +19,7 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=7", "hypothesis>=6", "ruff", "mypy"],
+        "bench": ["matplotlib>=3.5"],
     },
     entry_points={
         "console_scripts": ["taskomatic = taskomatic.cli:main"],

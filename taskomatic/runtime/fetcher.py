@@ -132,7 +132,9 @@ class Fetcher:
             if now >= next_poll:
                 claim_wanted = True
                 next_poll = now + self.config.poll_interval
-            can_claim = self.adopted and not self.draining
+            # claim_wanted: the queue may hold claimable tasks. It stays set while there is no
+            # room, so the next Ended that frees room claims again at once (not at the next poll).
+            can_claim = self.adopted and not self.draining and self._room() > 0
             if claim_wanted and can_claim:
                 claim_wanted = self._claim()
             for slot in self.slots:
@@ -278,13 +280,18 @@ class Fetcher:
                      sum(t.state == "running" for t in adopted))
         self.adopted = True
 
-    def _claim(self) -> bool:
-        """Claim a batch if there is room; True if more may be waiting."""
+    def _room(self) -> int:
+        """How many tasks to claim now; 0 while the held tasks are near the cap (no tiny claims)."""
         capacity = len(self.slots) * self.config.max_claimed_per_shard
         held = self.dispatch.held()
         room = min(self.config.claim_batch, capacity - held)
         if room <= 0 or (room < self.config.claim_batch // 4 and held > 0):
-            return False
+            return 0
+        return room
+
+    def _claim(self) -> bool:
+        """Claim a batch (there is room); True if more may be waiting."""
+        room = self._room()
         with self.store.transaction():
             rows = self.store.all("claim_tasks", instance_id=self.instance_id, limit=room)
         for row in sorted(rows, key=lambda r: r["id"]):
