@@ -18,11 +18,14 @@ as_root() {
 # Install only what is missing, so a second run costs nothing.
 setup_system() {
     local missing=0
-    for tool in libvirtd qemu-system-x86_64 pkg-config pg_config gcc ps; do
+    for tool in libvirtd qemu-system-x86_64 pkg-config pg_config gcc ps git rpmbuild rpmlint rpm2cpio cpio \
+                systemd-analyze; do
         command -v "$tool" >/dev/null 2>&1 || [ -x "/usr/sbin/$tool" ] || missing=1
     done
     ls /usr/lib/postgresql/*/bin/initdb /usr/bin/initdb /usr/pgsql-*/bin/initdb >/dev/null 2>&1 || missing=1
     pkg-config --exists libvirt 2>/dev/null || missing=1
+    # rpm's Python dependency generator (the RPM tests) runs on the system Python.
+    [ -x /usr/bin/python3 ] && { /usr/bin/python3 -c 'import packaging' 2>/dev/null || missing=1; }
     "$PYTHON" -c 'import sysconfig, os, venv; assert os.path.exists(sysconfig.get_paths()["include"] + "/Python.h")' \
         2>/dev/null || missing=1
     [ "$missing" -eq 0 ] && return 0
@@ -31,13 +34,14 @@ setup_system() {
         as_root apt-get update -q
         as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
             libvirt-dev pkg-config libvirt-daemon qemu-system-x86 libpq-dev gcc python3-dev python3-venv \
-            procps ca-certificates
+            procps ca-certificates git rpm rpm2cpio cpio rpmlint python3-packaging systemd
         ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || \
             as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends postgresql
     elif command -v dnf >/dev/null 2>&1; then
         echo "installing system packages with dnf ..." >&2
         as_root dnf install -y libvirt-devel libvirt-daemon libvirt-daemon-driver-qemu qemu-system-x86 \
-            postgresql-server libpq-devel gcc python3-devel pkgconf-pkg-config procps-ng
+            postgresql-server libpq-devel gcc python3-devel pkgconf-pkg-config procps-ng git rpm-build rpmlint \
+            cpio systemd systemd-rpm-macros pyproject-rpm-macros
     else
         echo "run.sh: no apt-get or dnf; install libvirt (daemon + headers), qemu-system-x86," \
              "PostgreSQL server binaries, libpq headers, gcc and Python headers yourself" >&2
