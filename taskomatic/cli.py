@@ -303,41 +303,38 @@ def _follow(config: Config, as_json: bool, last_id: int) -> None:
         store.close()
 
 
-def cmd_cancel(config: Config, task_id: int) -> int:
+def _change_task(config: Config, task_id: int, purpose: str, query_name: str, rule: str,
+                 **params: Any) -> Any:
+    """Run a query that changes one task if its state allows; print why not otherwise.
 
+    Returns the query's value (a row or an id), or None after printing the refusal.
+    """
     with database(config) as resolved:
-        store = _open_store(resolved, "cancel")
+        store = _open_store(resolved, purpose)
         with store.transaction():
-            canceled = store.one("cancel_task", task_id=task_id, message="canceled by taskomatic cancel")
-            state = None if canceled else store.one("task_states", ids=[task_id])
+            changed = store.scalar(query_name, task_id=task_id, **params)
+            state = None if changed else store.one("task_states", ids=[task_id])
         store.close()
-    if canceled:
-        print(f"task {task_id} canceled")
-        return 0
-    if state is None:
-        print(f"taskomatic: no task {task_id}", file=sys.stderr)
-    else:
-        print(f"taskomatic: task {task_id} is {state['state']}; only queued tasks can be canceled",
-              file=sys.stderr)
-    return EXIT_FAILED
+    if not changed:
+        why = f"no task {task_id}" if state is None else f"task {task_id} is {state['state']}; {rule}"
+        print(f"taskomatic: {why}", file=sys.stderr)
+    return changed
+
+
+def cmd_cancel(config: Config, task_id: int) -> int:
+    if not _change_task(config, task_id, "cancel", "cancel_task", "only queued tasks can be canceled",
+                        message="canceled by taskomatic cancel"):
+        return EXIT_FAILED
+    print(f"task {task_id} canceled")
+    return 0
 
 
 def cmd_retry(config: Config, task_id: int) -> int:
-    with database(config) as resolved:
-        store = _open_store(resolved, "retry")
-        with store.transaction():
-            new_id = store.scalar("retry_task", task_id=task_id)
-            state = None if new_id else store.one("task_states", ids=[task_id])
-        store.close()
-    if new_id:
-        print(f"task {task_id} queued again as task {new_id}")
-        return 0
-    if state is None:
-        print(f"taskomatic: no task {task_id}", file=sys.stderr)
-    else:
-        print(f"taskomatic: task {task_id} is {state['state']}; only failed or canceled tasks can be retried",
-              file=sys.stderr)
-    return EXIT_FAILED
+    new_id = _change_task(config, task_id, "retry", "retry_task", "only failed or canceled tasks can be retried")
+    if not new_id:
+        return EXIT_FAILED
+    print(f"task {task_id} queued again as task {new_id}")
+    return 0
 
 
 def cmd_status(config: Config, as_json: bool) -> int:

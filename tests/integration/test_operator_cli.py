@@ -32,7 +32,7 @@ def test_retry_queues_a_copy_at_the_end_of_the_queue(dsn):
     assert query(dsn, "SELECT state FROM tasks WHERE id = %s", (failed,))[0]["state"] == "failed"
 
     refused = cli(dsn, "retry", str(later))
-    assert refused.returncode == 1 and "is queued" in refused.stderr
+    assert refused.returncode == 1 and "is queued; only failed or canceled tasks can be retried" in refused.stderr
     missing = cli(dsn, "retry", "999999")
     assert missing.returncode == 1 and "no task 999999" in missing.stderr
 
