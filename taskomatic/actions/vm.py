@@ -350,8 +350,8 @@ def _placement_candidates(store: Any, vm: dict[str, Any]) -> list[dict[str, Any]
                           vcpus=vm["num_vcpus_allocated"]))
 
 
-class StartVm(VmAction):
-    """stopped -> running: place, define from the row, start, read the VNC port."""
+class PlacedAction(VmAction):
+    """An action that puts the VM on a host: placement, or ``args.host_id`` when given."""
 
     allowed_args = frozenset({"host_id"})
 
@@ -359,7 +359,34 @@ class StartVm(VmAction):
         super().validate_args(args)
         host_id = args.get("host_id")
         if host_id is not None and (isinstance(host_id, bool) or not isinstance(host_id, int)):
-            raise TaskFailed(f"start_vm: args.host_id must be an integer host id, got {host_id!r}")
+            raise TaskFailed(f"{self.name}: args.host_id must be an integer host id, got {host_id!r}")
+
+    def choose_host(self, store: Any, plan: Plan, exclude: int | None = None) -> dict[str, Any]:
+        """Inside the mark-running transaction: the host for the VM, or TaskFailed/TaskRetry saying why."""
+        vm = plan.data["vm"]
+        wanted = plan.task.args.get("host_id")
+        candidates = [h for h in _placement_candidates(store, vm) if h["id"] != exclude]
+        needs = f"{vm['memory_allocated']} KB free memory and {vm['num_vcpus_allocated']} free vcpus"
+        if wanted is None:
+            if not candidates:
+                other = "other " if exclude is not None else ""
+                raise TaskFailed(f"{self.name}: no {other}available, enabled host has {needs} for VM {vm['id']}")
+            return candidates[0]
+        chosen = [h for h in candidates if h["id"] == wanted]
+        if chosen:
+            return chosen[0]
+        host = store.one("get_host", host_id=wanted)
+        if host is None:
+            raise TaskFailed(f"{self.name}: host {wanted} does not exist")
+        if host["state"] == "unavailable" and not host["is_disabled"]:
+            # The host asked for may come back (a node restarting): worth waiting for.
+            raise TaskRetry(f"{self.name}: host {wanted} ({host['hostname']}) is unavailable")
+        raise TaskFailed(f"{self.name}: host {wanted} ({host['hostname']}) cannot take VM {vm['id']}: it is "
+                         f"{'disabled' if host['is_disabled'] else host['state']} or lacks {needs}")
+
+
+class StartVm(PlacedAction):
+    """stopped -> running: place, define from the row, start, read the VNC port."""
 
     def prepare(self, ctx: ActionContext, task: TaskRow) -> Plan:
         plan = super().prepare(ctx, task)
@@ -370,28 +397,8 @@ class StartVm(VmAction):
         return plan
 
     def _place(self, store: Any, plan: Plan) -> None:
-        vm = plan.data["vm"]
-        wanted = plan.task.args.get("host_id")
-        candidates = _placement_candidates(store, vm)
-        if wanted is not None:
-            candidates = [h for h in candidates if h["id"] == wanted]
-            if not candidates:
-                host = store.one("get_host", host_id=wanted)
-                if host is None:
-                    raise TaskFailed(f"start_vm: host {wanted} does not exist")
-                if host["state"] == "unavailable" and not host["is_disabled"]:
-                    # The host asked for may come back (a node restarting): worth waiting for.
-                    raise TaskRetry(f"start_vm: host {wanted} ({host['hostname']}) is unavailable")
-                raise TaskFailed(
-                    f"start_vm: host {wanted} ({host['hostname']}) cannot take VM {vm['id']}: it is "
-                    f"{'disabled' if host['is_disabled'] else host['state']} or lacks "
-                    f"{vm['memory_allocated']} KB free memory / {vm['num_vcpus_allocated']} free vcpus")
-        if not candidates:
-            raise TaskFailed(
-                f"start_vm: no available, enabled host has {vm['memory_allocated']} KB free memory "
-                f"and {vm['num_vcpus_allocated']} free vcpus for VM {vm['id']}")
-        host = candidates[0]
-        store.update_row("vms", vm["id"], {"state": "starting", "host_id": host["id"]})
+        host = self.choose_host(store, plan)
+        store.update_row("vms", plan.data["vm"]["id"], {"state": "starting", "host_id": host["id"]})
         plan.data["host"] = host
 
     def perform(self, ctx: ActionContext, plan: Plan) -> Outcome:
@@ -558,16 +565,8 @@ def _save_pool_xml(directory: str) -> str:
     return ET.tostring(pool, encoding="unicode")
 
 
-class MigrateVm(VmAction):
+class MigrateVm(PlacedAction):
     """running -> running on another host: live migration (libvirt), bounded by migration_timeout."""
-
-    allowed_args = frozenset({"host_id"})
-
-    def validate_args(self, args: dict[str, Any]) -> None:
-        super().validate_args(args)
-        host_id = args.get("host_id")
-        if host_id is not None and (isinstance(host_id, bool) or not isinstance(host_id, int)):
-            raise TaskFailed(f"migrate_vm: args.host_id must be an integer host id, got {host_id!r}")
 
     def prepare(self, ctx: ActionContext, task: TaskRow) -> Plan:
         plan = super().prepare(ctx, task)
@@ -582,23 +581,7 @@ class MigrateVm(VmAction):
 
     def _place(self, store: Any, plan: Plan) -> None:
         vm = plan.data["vm"]
-        wanted = plan.task.args.get("host_id")
-        candidates = [h for h in _placement_candidates(store, vm) if h["id"] != vm["host_id"]]
-        if wanted is not None:
-            chosen = [h for h in candidates if h["id"] == wanted]
-            if not chosen:
-                host = store.one("get_host", host_id=wanted)
-                if host is None:
-                    raise TaskFailed(f"migrate_vm: host {wanted} does not exist")
-                raise TaskFailed(
-                    f"migrate_vm: host {wanted} ({host['hostname']}) cannot take VM {vm['id']}: it is "
-                    f"{'disabled' if host['is_disabled'] else host['state']} or lacks "
-                    f"{vm['memory_allocated']} KB free memory / {vm['num_vcpus_allocated']} free vcpus")
-            candidates = chosen
-        if not candidates:
-            raise TaskFailed(f"migrate_vm: no other available, enabled host can take VM {vm['id']} "
-                             f"({vm['memory_allocated']} KB, {vm['num_vcpus_allocated']} vcpus)")
-        destination = candidates[0]
+        destination = self.choose_host(store, plan, exclude=vm["host_id"])  # never its own host
         store.update_row("vms", vm["id"], {"state": "migrating", "target_host_id": destination["id"]})
         plan.data["destination"] = destination
 

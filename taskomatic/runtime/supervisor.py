@@ -110,8 +110,7 @@ class Supervisor:
             migrate.check_current(self.store.conn)
         except migrate.SchemaOutOfDate as exc:
             raise StartupRefused(str(exc), EXIT_DATABASE) from None
-        guard = "try_standalone_guard" if self.config.mode == "standalone" else "try_multihost_guard"
-        if not self.store.scalar(guard, lock_id=INSTANCE_LOCK_ID):
+        if not self._take_guard():
             holder = self._guard_holder()
             raise StartupRefused(
                 f"another taskomatic instance holds this database{holder}; a standalone instance "
@@ -126,6 +125,12 @@ class Supervisor:
                 log.info("took over %d tasks left by an earlier run; they will be settled", adopted)
         self.store.commit()
         log.info("instance %d started (%s, %d shards)", self.instance_id, self.config.mode, self.config.shards)
+
+    def _take_guard(self) -> bool:
+        """The instance guard on this connection: exclusive for standalone, shared for multihost."""
+        assert self.store is not None
+        guard = "try_standalone_guard" if self.config.mode == "standalone" else "try_multihost_guard"
+        return bool(self.store.scalar(guard, lock_id=INSTANCE_LOCK_ID))
 
     def _guard_holder(self) -> str:
         assert self.store is not None
@@ -334,8 +339,7 @@ class Supervisor:
         try:
             if self.store is None:
                 self.store = Store.open(self.config.dsn, "taskomatic supervisor", self.config.connect_timeout)
-                guard = "try_standalone_guard" if self.config.mode == "standalone" else "try_multihost_guard"
-                if not self.store.scalar(guard, lock_id=INSTANCE_LOCK_ID):
+                if not self._take_guard():
                     log.error("lost the instance guard while the database was away, and another "
                               "instance holds it now; stopping")
                     self.exit_code = EXIT_ALREADY_RUNNING
