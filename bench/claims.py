@@ -142,7 +142,7 @@ def build_case(server_dsn: str, name: str, finished: int, queued: int, batch: in
     dsn = _create_database(server_dsn, name)
     store = Store.open(dsn, "bench claims")
     instance_id = int(store.scalar("register_instance", hostname=socket.gethostname(), pid=os.getpid(),
-                                   version=__version__, mode="standalone", shards=1))
+                                   version=__version__, mode="standalone", shards=1, lease=None))
     store.commit()
     result: dict[str, Any] = {"finished_rows": finished, "queued_rows": queued}
     with store.conn.cursor() as cur:

@@ -113,6 +113,18 @@ SETTINGS: tuple[Setting, ...] = (
             "seconds a SIGTERM drain waits for running tasks before stopping fast"),
     Setting("daemon", "fast_stop_timeout", _positive_float, 10.0,
             "seconds a fast stop waits for processes before killing them"),
+    Setting("multihost", "lease_seconds", _positive_float, 10.0,
+            "multihost: how long an instance's key claims stay valid without a renewal; shorter means "
+            "faster takeover after a crash, but more renewal traffic and keys lost on a shorter "
+            "database hiccup"),
+    Setting("multihost", "lease_renew_interval", _positive_float, 2.0,
+            "multihost: seconds between lease renewals (at most a third of lease_seconds, so one "
+            "missed renewal costs nothing)"),
+    Setting("multihost", "keys_per_shard", _positive_int, 2,
+            "multihost: most ordering keys an instance holds per shard (one running, the next one "
+            "ready); more hides claim latency, fewer spreads keys more evenly across instances"),
+    Setting("multihost", "tasks_per_key", _positive_int, 16,
+            "multihost: most claimed tasks of one key an instance loads at a time"),
     Setting("daemon", "heartbeat_timeout", _positive_float, 60.0,
             "seconds without a heartbeat after which the supervisor restarts a wedged fetcher"),
     Setting("daemon", "retry_limit", _positive_int, 8,
@@ -173,6 +185,10 @@ class Config:
     drain_timeout: float = 300.0
     fast_stop_timeout: float = 10.0
     heartbeat_timeout: float = 60.0
+    lease_seconds: float = 10.0
+    lease_renew_interval: float = 2.0
+    keys_per_shard: int = 2
+    tasks_per_key: int = 16
     retry_limit: int = 8
     reconcile_interval: float = 20.0
     retry_backoff_max: float = 60.0
@@ -328,7 +344,11 @@ def load(
     unknown = set(values) - names
     if unknown:
         raise ConfigError(f"unknown settings: {', '.join(sorted(unknown))}")
-    return Config(source_path=source, **values)
+    config = Config(source_path=source, **values)
+    if config.lease_renew_interval * 3 > config.lease_seconds:
+        raise ConfigError(f"lease_renew_interval ({config.lease_renew_interval:g}s) must be at most a third of "
+                          f"lease_seconds ({config.lease_seconds:g}s), so one missed renewal does not lose the lease")
+    return config
 
 
 def settings_table() -> str:

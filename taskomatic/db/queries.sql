@@ -3,8 +3,10 @@
 
 -- register_instance --
 -- Record one daemon start; its id tags every claim it makes.
-INSERT INTO instances (hostname, pid, version, mode, shards)
-VALUES (%(hostname)s, %(pid)s, %(version)s, %(mode)s, %(shards)s)
+-- Multihost instances start with a lease (lease: seconds); standalone ones have none.
+INSERT INTO instances (hostname, pid, version, mode, shards, lease_expires_at)
+VALUES (%(hostname)s, %(pid)s, %(version)s, %(mode)s, %(shards)s,
+        clock_timestamp() + make_interval(secs => %(lease)s::double precision))
 RETURNING id;
 
 -- instance_heartbeat --
@@ -34,17 +36,22 @@ WHERE claimed_by IS NOT NULL AND claimed_by <> %(instance_id)s
 
 -- held_tasks --
 -- What this instance holds: claimed but unfinished tasks, in id order.
-SELECT id, task_target_type, task_target_id, action, args, key_type, key_id, state
-FROM tasks
-WHERE claimed_by = %(instance_id)s AND state IN ('queued', 'running')
-ORDER BY id;
+-- token: the key's fencing token when a multihost key claim covers it, else NULL.
+SELECT t.id, t.task_target_type, t.task_target_id, t.action, t.args, t.key_type, t.key_id, t.state,
+       c.token
+FROM tasks t
+LEFT JOIN key_claims c ON c.key_type = t.key_type AND c.key_id = t.key_id AND c.instance_id = t.claimed_by
+WHERE t.claimed_by = %(instance_id)s AND t.state IN ('queued', 'running')
+ORDER BY t.id;
 
 -- held_tasks_by_id --
 -- Those of some tasks this instance still holds unfinished (a shard's lost tasks).
-SELECT id, task_target_type, task_target_id, action, args, key_type, key_id, state
-FROM tasks
-WHERE id = ANY(%(ids)s) AND claimed_by = %(instance_id)s AND state IN ('queued', 'running')
-ORDER BY id;
+SELECT t.id, t.task_target_type, t.task_target_id, t.action, t.args, t.key_type, t.key_id, t.state,
+       c.token
+FROM tasks t
+LEFT JOIN key_claims c ON c.key_type = t.key_type AND c.key_id = t.key_id AND c.instance_id = t.claimed_by
+WHERE t.id = ANY(%(ids)s) AND t.claimed_by = %(instance_id)s AND t.state IN ('queued', 'running')
+ORDER BY t.id;
 
 -- claim_tasks --
 -- Take the oldest unclaimed queued tasks in one statement. Reads the partial
@@ -60,7 +67,8 @@ UPDATE tasks t
 SET claimed_by = %(instance_id)s, claimed_at = clock_timestamp()
 FROM picked
 WHERE t.id = picked.id
-RETURNING t.id, t.task_target_type, t.task_target_id, t.action, t.args, t.key_type, t.key_id, t.state;
+RETURNING t.id, t.task_target_type, t.task_target_id, t.action, t.args, t.key_type, t.key_id, t.state,
+          NULL::bigint AS token;
 
 -- task_states --
 -- Current state and holder of some tasks.
@@ -332,3 +340,175 @@ FROM tasks
 WHERE id > %(last_id)s OR time_ended > %(since)s
 ORDER BY coalesce(time_ended, created_at), id
 LIMIT 1000;
+
+-- adopt_orphaned_key_claims --
+-- Standalone start: key claims left by multihost instances mean nothing now
+-- (adopt_orphaned_claims took their tasks).
+DELETE FROM key_claims;
+
+-- key_claims_for_standalone_leftovers --
+-- Multihost start: tasks a dead standalone instance still held get key claims in
+-- its name, so the usual takeover settles them.
+INSERT INTO key_claims (key_type, key_id, instance_id)
+SELECT DISTINCT t.key_type, t.key_id, t.claimed_by
+FROM tasks t JOIN instances i ON i.id = t.claimed_by AND i.mode = 'standalone'
+WHERE t.claimed_by IS NOT NULL AND t.state IN ('queued', 'running')
+ORDER BY t.key_type, t.key_id
+ON CONFLICT DO NOTHING;
+
+-- renew_lease --
+-- Multihost: extend this instance's lease (and heartbeat). No row when it had
+-- already run out: other instances may own its keys now, so it must rejoin
+-- under a new id. remaining: seconds the lease has left, by the database clock.
+UPDATE instances
+SET lease_expires_at = clock_timestamp() + make_interval(secs => %(lease)s::double precision),
+    heartbeat_at = clock_timestamp()
+WHERE id = %(instance_id)s AND stopped_at IS NULL AND lease_expires_at > clock_timestamp()
+RETURNING extract(epoch FROM lease_expires_at - clock_timestamp())::double precision AS remaining;
+
+-- end_lease --
+-- Graceful leave: the lease ends now, so others take over what is left at once.
+UPDATE instances SET lease_expires_at = least(lease_expires_at, clock_timestamp())
+WHERE id = %(instance_id)s;
+
+-- take_over_keys --
+-- Keys whose holder's lease ran out (or that stopped) become ours, each with a
+-- new token. SKIP LOCKED: a claim another instance is taking over or a shard is
+-- writing under is not waited for. Only while our own lease is live.
+WITH expired AS (
+    SELECT c.key_type, c.key_id, c.instance_id AS previous
+    FROM key_claims c JOIN instances i ON i.id = c.instance_id
+    WHERE c.instance_id <> %(instance_id)s
+      AND (i.stopped_at IS NOT NULL OR i.lease_expires_at IS NULL OR i.lease_expires_at <= clock_timestamp())
+      AND EXISTS (SELECT 1 FROM instances me
+                  WHERE me.id = %(instance_id)s AND me.lease_expires_at > clock_timestamp())
+    ORDER BY c.claimed_at
+    LIMIT %(limit)s
+    FOR UPDATE OF c SKIP LOCKED
+)
+UPDATE key_claims c
+SET instance_id = %(instance_id)s, token = nextval('key_claim_tokens'), claimed_at = clock_timestamp()
+FROM expired
+WHERE c.key_type = expired.key_type AND c.key_id = expired.key_id
+RETURNING c.key_type, c.key_id, c.token, expired.previous;
+
+-- adopt_key_tasks --
+-- In the takeover's transaction: the tasks of those keys their old holders had
+-- claimed become ours, to run (queued) or to reconcile (running).
+UPDATE tasks t
+SET claimed_by = %(instance_id)s, claimed_at = clock_timestamp()
+FROM unnest(%(key_types)s::text[], %(key_ids)s::bigint[], %(previous)s::bigint[]) AS k(key_type, key_id, previous)
+WHERE t.claimed_by = k.previous AND t.key_type = k.key_type AND t.key_id = k.key_id
+  AND t.state IN ('queued', 'running')
+RETURNING t.id, t.task_target_type, t.task_target_id, t.action, t.args, t.key_type, t.key_id, t.state;
+
+-- free_keys --
+-- Keys with unclaimed queued tasks and no claim, in key order from a rotating
+-- start point. A loose index scan on tasks_unclaimed_key_idx: one index
+-- descent per key visited, so it costs O(keys visited), however many tasks wait.
+WITH RECURSIVE walk(key_type, key_id, depth) AS (
+    (SELECT key_type, key_id, 1 FROM tasks
+     WHERE state = 'queued' AND claimed_by IS NULL
+       AND (key_type, key_id) > (%(after_type)s::text, %(after_id)s::bigint)
+     ORDER BY key_type, key_id LIMIT 1)
+    UNION ALL
+    SELECT nxt.key_type, nxt.key_id, walk.depth + 1
+    FROM walk CROSS JOIN LATERAL (
+        SELECT t.key_type, t.key_id FROM tasks t
+        WHERE t.state = 'queued' AND t.claimed_by IS NULL
+          AND (t.key_type, t.key_id) > (walk.key_type, walk.key_id)
+        ORDER BY t.key_type, t.key_id LIMIT 1) nxt
+    WHERE walk.depth < %(max_visit)s
+)
+SELECT walk.key_type, walk.key_id FROM walk
+WHERE NOT EXISTS (SELECT 1 FROM key_claims c WHERE c.key_type = walk.key_type AND c.key_id = walk.key_id)
+LIMIT %(limit)s;
+
+-- claim_keys --
+-- Claim free keys: new rows, fresh tokens; no row for a key someone else got
+-- first. Inserted in key order, so instances claiming overlapping sets never
+-- wait on each other in a cycle. Only while our lease is live.
+INSERT INTO key_claims (key_type, key_id, instance_id)
+SELECT k.key_type, k.key_id, %(instance_id)s
+FROM unnest(%(key_types)s::text[], %(key_ids)s::bigint[]) AS k(key_type, key_id)
+WHERE EXISTS (SELECT 1 FROM instances me
+              WHERE me.id = %(instance_id)s AND me.lease_expires_at > clock_timestamp())
+ORDER BY k.key_type, k.key_id
+ON CONFLICT DO NOTHING
+RETURNING key_type, key_id, token;
+
+-- claim_key_tasks --
+-- The next unclaimed tasks of keys we hold, oldest first, up to a count per
+-- key. Nothing for a key whose claim is no longer ours under that token, or
+-- once our lease ran out.
+WITH wanted AS (
+    SELECT w.key_type, w.key_id, w.n, c.token
+    FROM unnest(%(key_types)s::text[], %(key_ids)s::bigint[], %(tokens)s::bigint[], %(counts)s::int[])
+         AS w(key_type, key_id, token, n)
+    JOIN key_claims c ON c.key_type = w.key_type AND c.key_id = w.key_id
+                     AND c.instance_id = %(instance_id)s AND c.token = w.token
+    JOIN instances me ON me.id = c.instance_id AND me.lease_expires_at > clock_timestamp()
+), picked AS (
+    SELECT p.id, wanted.token FROM wanted CROSS JOIN LATERAL (
+        SELECT t.id FROM tasks t
+        WHERE t.key_type = wanted.key_type AND t.key_id = wanted.key_id
+          AND t.state = 'queued' AND t.claimed_by IS NULL
+        ORDER BY t.id LIMIT wanted.n) p
+)
+UPDATE tasks t
+SET claimed_by = %(instance_id)s, claimed_at = clock_timestamp()
+FROM picked
+WHERE t.id = picked.id AND t.state = 'queued' AND t.claimed_by IS NULL
+RETURNING t.id, t.task_target_type, t.task_target_id, t.action, t.args, t.key_type, t.key_id, t.state,
+          picked.token;
+
+-- release_keys --
+-- Hand back keys whose local queue drained. Claimed tasks of theirs that never
+-- started (none, normally) go back to the queue and keep their place.
+WITH gone AS (
+    DELETE FROM key_claims c
+    USING unnest(%(key_types)s::text[], %(key_ids)s::bigint[], %(tokens)s::bigint[]) AS k(key_type, key_id, token)
+    WHERE c.key_type = k.key_type AND c.key_id = k.key_id
+      AND c.instance_id = %(instance_id)s AND c.token = k.token
+    RETURNING c.key_type, c.key_id
+)
+UPDATE tasks t SET claimed_by = NULL, claimed_at = NULL
+FROM gone
+WHERE t.claimed_by = %(instance_id)s AND t.key_type = gone.key_type AND t.key_id = gone.key_id
+  AND t.state = 'queued';
+
+-- release_idle_keys --
+-- Graceful leave (after release_unstarted): every claim of ours with no task
+-- still running under it goes. A key whose task is still running (parked) keeps
+-- its claim; end_lease lets another instance take it over and settle that task.
+DELETE FROM key_claims c
+WHERE c.instance_id = %(instance_id)s
+  AND NOT EXISTS (SELECT 1 FROM tasks t
+                  WHERE t.key_type = c.key_type AND t.key_id = c.key_id
+                    AND t.claimed_by = %(instance_id)s AND t.state = 'running');
+
+-- held_keys --
+-- The keys this instance holds (a restarted fetcher picks them up).
+SELECT key_type, key_id, token FROM key_claims WHERE instance_id = %(instance_id)s ORDER BY key_type, key_id;
+
+-- hold_key_claim --
+-- Fencing, in the transaction of every task write in multihost mode: the key
+-- is still ours under this token and our lease is live. Locks the claim row
+-- (shared) so that no takeover can commit before this transaction does.
+SELECT 1 AS held
+FROM key_claims c JOIN instances i ON i.id = c.instance_id
+WHERE c.key_type = %(key_type)s AND c.key_id = %(key_id)s AND c.instance_id = %(instance_id)s
+  AND c.token = %(token)s AND i.lease_expires_at > clock_timestamp()
+FOR SHARE OF c;
+
+-- all_instances --
+-- Every instance, newest first, with its lease and what it holds.
+SELECT i.id, i.hostname, i.pid, i.version, i.mode, i.shards, i.started_at, i.stopped_at,
+       extract(epoch FROM clock_timestamp() - i.heartbeat_at)::double precision AS heartbeat_age,
+       extract(epoch FROM i.lease_expires_at - clock_timestamp())::double precision AS lease_left,
+       (SELECT count(*) FROM key_claims c WHERE c.instance_id = i.id) AS keys_held,
+       (SELECT count(*) FROM tasks t WHERE t.claimed_by = i.id AND t.state = 'queued') AS tasks_claimed,
+       (SELECT count(*) FROM tasks t WHERE t.claimed_by = i.id AND t.state = 'running') AS tasks_running
+FROM instances i
+ORDER BY i.id DESC
+LIMIT %(limit)s;

@@ -47,7 +47,7 @@ def store(stores: StoreFactory) -> Store:
 def register(store: Store, pid: int = 1234, mode: str = "standalone") -> int:
     with store.transaction():
         instance_id = store.scalar("register_instance", hostname="testhost", pid=pid, version="test",
-                                   mode=mode, shards=2)
+                                   mode=mode, shards=2, lease=None if mode == "standalone" else 30.0)
     assert isinstance(instance_id, int)
     return instance_id
 

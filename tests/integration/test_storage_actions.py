@@ -211,7 +211,7 @@ def env(dsn: str, libvirt_nodes: list[Any]) -> Iterator[Env]:
     store = Store.open(dsn, "test_storage_actions", timeout=10)
     with store.transaction():
         instance_id = store.scalar("register_instance", hostname="testhost", pid=os.getpid(), version="test",
-                                   mode="standalone", shards=1)
+                                   mode="standalone", shards=1, lease=None)
     connections = LibvirtConnections()
     e = Env(dsn, prefix, libvirt_nodes[0], store, ActionContext(store, Config(dsn=dsn), connections),
             int(instance_id), tmp)
@@ -655,7 +655,7 @@ def test_delete_volume_writes_nothing_after_losing_its_claim(env: Env, ready_poo
     assert started is not None
     with env.store.transaction():
         other = env.store.scalar("register_instance", hostname="other", pid=1, version="test",
-                                 mode="standalone", shards=1)
+                                 mode="standalone", shards=1, lease=None)
     query(env.dsn, "UPDATE tasks SET claimed_by = %s WHERE id = %s", (other, task.id))
 
     outcome = env.perform(started)
