@@ -48,6 +48,14 @@ class _Metrics:
                                   "Interrupted tasks settled by reconciliation, by verdict", ["verdict"])
         self.corrections = Counter("taskomatic_host_status_corrections",
                                    "VM rows corrected by the host-status pass", ["state"])
+        self.renewals = Counter("taskomatic_lease_renewals", "Multihost lease renewals the database accepted")
+        self.losses = Counter("taskomatic_lease_losses", "Multihost leases found run out (the instance rejoined)")
+        self.keys_claimed = Counter("taskomatic_keys_claimed",
+                                    "Ordering keys claimed, by how: free, or taken over from an instance "
+                                    "whose lease ran out", ["how"])
+        self.keys_released = Counter("taskomatic_keys_released", "Ordering keys released after their queue drained")
+        self.fenced = Counter("taskomatic_fenced_writes",
+                              "Task writes refused because the key claim or the lease was no longer ours")
 
 
 _metrics: _Metrics | None = None
@@ -82,6 +90,36 @@ def task_reconciled(verdict: str) -> None:
         m.reconciled.labels(verdict).inc()
 
 
+def lease_renewed() -> None:
+    m = _get()
+    if m is not None:
+        m.renewals.inc()
+
+
+def lease_lost() -> None:
+    m = _get()
+    if m is not None:
+        m.losses.inc()
+
+
+def keys_claimed(count: int, how: str) -> None:
+    m = _get()
+    if m is not None:
+        m.keys_claimed.labels(how).inc(count)
+
+
+def keys_released(count: int) -> None:
+    m = _get()
+    if m is not None:
+        m.keys_released.inc(count)
+
+
+def write_fenced() -> None:
+    m = _get()
+    if m is not None:
+        m.fenced.inc()
+
+
 def row_corrected(state: str) -> None:
     m = _get()
     if m is not None:
@@ -93,7 +131,7 @@ class _LiveCollector:
 
     def __init__(self, dsn: str, holding: Any) -> None:
         self.dsn = dsn
-        self.holding = holding  # () -> (claimed tasks held, shards busy)
+        self.holding = holding  # () -> (claimed tasks held, shards busy, keys held)
         self.conn: Any = None
 
     def collect(self) -> Iterator[Any]:
@@ -121,13 +159,16 @@ class _LiveCollector:
         except Exception as exc:  # a scrape must not kill the fetcher
             log.warning("metrics: cannot read the queue: %s", exc)
             self.conn = None
-        held, busy = self.holding()
+        held, busy, keys = self.holding()
         claims = GaugeMetricFamily("taskomatic_claims_held", "Claimed tasks this instance holds, not yet ended")
         claims.add_metric([], held)
         yield claims
         shards = GaugeMetricFamily("taskomatic_shards_busy", "Shards running a task now")
         shards.add_metric([], busy)
         yield shards
+        held_keys = GaugeMetricFamily("taskomatic_keys_held", "Ordering keys this instance holds (multihost)")
+        held_keys.add_metric([], keys)
+        yield held_keys
 
 
 def serve(address: str, port: int, dsn: str, holding: Any) -> None:

@@ -13,6 +13,17 @@ so a busy shard never blocks the fetcher and a drain hands back almost
 everything from here. When a new shard connects for a slot, what the old one
 was sent is checked against the database: ended tasks are forgotten, the
 ``running`` one is sent for reconciliation, the rest again in id order.
+
+In multihost mode the fetcher claims ordering keys, not just rows (see
+``keys.KeyBook`` and the queries from ``take_over_keys`` on): each round it
+takes over keys whose holder's lease ran out (their in-flight tasks come back
+``running``, to be reconciled), claims free keys up to its capacity, tops up
+the held keys with their next tasks, and releases the keys that drained. It
+renews the instance's lease every ``lease_renew_interval`` and publishes how
+long it is safe to start tasks (``lease_until``, monotonic clock) to the
+shards; a renewal the database refuses means other instances may own our keys
+already, so the fetcher exits with EXIT_LEASE_LOST and the supervisor rejoins
+under a new instance id.
 """
 
 from __future__ import annotations
@@ -22,7 +33,9 @@ import os
 import signal
 import socket
 import time
+from collections import Counter
 from dataclasses import dataclass
+from typing import Any
 
 import psycopg2
 import psycopg2.extensions
@@ -33,7 +46,8 @@ from taskomatic import metrics
 from taskomatic.config import Config
 from taskomatic.db.store import Store, connect
 from taskomatic.logsetup import set_process_title, setup_logging
-from taskomatic.runtime.dispatch import Dispatcher
+from taskomatic.runtime.dispatch import Dispatcher, key_of
+from taskomatic.runtime.keys import KeyBook
 from taskomatic.runtime.messages import (
     Deferred,
     Drain,
@@ -45,6 +59,7 @@ from taskomatic.runtime.messages import (
     Started,
     TaskRow,
 )
+from taskomatic.runtime.router import OrderingKey
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +67,11 @@ NOTIFY_CHANNEL = "taskomatic_new_tasks"
 SEND_WINDOW = 8  # tasks sent to a shard ahead of the one it runs
 STATUS_INTERVAL = 1.0
 STARTUP_WAIT = 30.0  # how long to wait for every shard before adopting held tasks
+EXIT_LEASE_LOST = 7  # multihost: the database refused to renew our lease
+# The shards start tasks only until this share of the lease has passed since the
+# renewal was sent: the margin covers a task's start after the check and clock drift.
+LEASE_SAFE_SHARE = 0.8
+FREE_KEYS_START = ("", -(2**63) + 1)  # before every key (-2**63 does not parse as a bigint literal)
 
 
 @dataclass
@@ -65,18 +85,27 @@ class ShardLink:
     drained: bool = False
 
 
-def task_from_row(row: dict) -> TaskRow:
+def task_from_row(row: dict, token: int | None = None) -> TaskRow:
     return TaskRow(
         id=row["id"], target_type=row["task_target_type"], target_id=row["task_target_id"],
         action=row["action"], args=row["args"], key_type=row["key_type"], key_id=row["key_id"],
-        state=row["state"],
+        state=row["state"], token=row.get("token") if token is None else token,
     )
+
+
+class LeaseLost(Exception):
+    """The database refused to renew the instance's lease."""
 
 
 class Fetcher:
     def __init__(self, config: Config, instance_id: int, socket_path: str,
-                 supervisor: Connection) -> None:
+                 supervisor: Connection, lease_until: Any) -> None:
         self.config = config
+        self.multihost = config.mode == "multihost"
+        self.lease_until = lease_until  # multiprocess Value('d'), shared with the shards
+        self.book = KeyBook(config.shards, config.keys_per_shard, config.tasks_per_key)
+        self.free_cursor = FREE_KEYS_START
+        self.next_takeover = 0.0
         self.instance_id = instance_id
         self.supervisor = supervisor
         self.slots = [ShardLink(i) for i in range(config.shards)]
@@ -87,6 +116,7 @@ class Fetcher:
         self.adopted = False
         self.started_at = time.monotonic()
         self.done_total = 0
+        self.ended_since_claim = False
         self.store = Store.open(config.dsn, "taskomatic fetcher", config.connect_timeout)
         self.listen_conn = self._listen()
         self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -112,12 +142,23 @@ class Fetcher:
             signal.signal(signum, self._record_signal)
         if self.config.metrics_port:
             metrics.serve(self.config.metrics_address, self.config.metrics_port, self.config.dsn,
-                          lambda: (self.dispatch.held(), sum(s.current is not None for s in self.slots)))
+                          lambda: (self.dispatch.held(), sum(s.current is not None for s in self.slots),
+                                   len(self.book.keys)))
+        try:
+            return self._serve()
+        except LeaseLost:
+            return EXIT_LEASE_LOST
+
+    def _serve(self) -> int:
         claim_wanted = True
         next_poll = time.monotonic()
         next_status = time.monotonic()
+        next_renewal = time.monotonic()
         while True:
             self._handle_signals()
+            if self.multihost and time.monotonic() >= next_renewal:
+                self._renew()
+                next_renewal = time.monotonic() + self.config.lease_renew_interval
             if self.stopping_fast:
                 self._release_unstarted()
                 return 0
@@ -131,12 +172,19 @@ class Fetcher:
             now = time.monotonic()
             if now >= next_poll:
                 claim_wanted = True
+                self.book.queue_changed()
                 next_poll = now + self.config.poll_interval
+            if self.ended_since_claim and self.multihost:
+                claim_wanted = True  # a key may want topping up or releasing
             # claim_wanted: the queue may hold claimable tasks. It stays set while there is no
             # room, so the next Ended that frees room claims again at once (not at the next poll).
-            can_claim = self.adopted and not self.draining and self._room() > 0
+            if self.multihost:
+                can_claim = self.adopted and not self.draining and now < self.lease_until.value
+            else:
+                can_claim = self.adopted and not self.draining and self._room() > 0
             if claim_wanted and can_claim:
-                claim_wanted = self._claim()
+                self.ended_since_claim = False
+                claim_wanted = self._claim_keys(now) if self.multihost else self._claim()
             for slot in self.slots:
                 if slot.channel is not None and not self.draining:
                     self._send_window(slot)
@@ -144,9 +192,11 @@ class Fetcher:
                 self._report_status()
                 next_status = now + STATUS_INTERVAL
             busy = claim_wanted and can_claim  # more to claim right away; otherwise sleep until due
-            timeout = 0.0 if busy else max(0.0, min(next_poll, next_status) - time.monotonic())
+            due = min(next_poll, next_status, next_renewal if self.multihost else next_poll)
+            timeout = 0.0 if busy else max(0.0, due - time.monotonic())
             if self._wait(timeout):
                 claim_wanted = True
+                self.book.queue_changed()
 
     def _wait(self, timeout: float) -> bool:
         """Wait for shard messages, new shards or a notification; True if notified."""
@@ -219,6 +269,8 @@ class Fetcher:
         self.store.rollback()
         again = [task_from_row(r) for r in rows]
         self.done_total += len(lost) - len(again)
+        for task_id in set(lost) - {t.id for t in again}:
+            self.book.ended(task_id)
         if again:
             log.info("shard %d lost %d tasks; resending (%d to reconcile)", slot.index, len(again),
                      sum(t.state == "running" for t in again))
@@ -231,6 +283,8 @@ class Fetcher:
                 message = channel.recv()
                 if isinstance(message, Ended):
                     self.dispatch.ended(slot.index, message.task_id)
+                    self.book.ended(message.task_id)
+                    self.ended_since_claim = True
                     slot.current = None
                     self.done_total += 1
                 elif isinstance(message, Deferred):
@@ -240,6 +294,8 @@ class Fetcher:
                 elif isinstance(message, Drained):
                     slot.drained = True
                     self.dispatch.returned(slot.index, message.returned)
+                    for task_id in message.returned:
+                        self.book.ended(task_id)
         except (EOFError, OSError):
             if not slot.drained:
                 log.warning("shard %d disconnected with %d tasks in hand", slot.index,
@@ -271,10 +327,17 @@ class Fetcher:
         """Route every task we hold that no shard has: left by a dead fetcher or an earlier crash."""
         in_hand = self.dispatch.in_hand()
         rows = self.store.all("held_tasks", instance_id=self.instance_id)
+        keys = self.store.all("held_keys", instance_id=self.instance_id) if self.multihost else []
         self.store.rollback()
+        for key in keys:
+            self.book.hold(OrderingKey(key["key_type"], key["key_id"]), key["token"])
+        for row in rows:  # in hand of a shard or not: they count against their key
+            self.book.add(task_from_row(row))
         adopted = [task_from_row(r) for r in rows if r["id"] not in in_hand]
         for task in adopted:
             self.dispatch.route(task)
+        if keys:
+            log.info("holding %d keys from before this fetcher started", len(keys))
         if adopted:
             log.info("adopted %d held tasks (%d to reconcile)", len(adopted),
                      sum(t.state == "running" for t in adopted))
@@ -303,8 +366,112 @@ class Fetcher:
     def _release_unstarted(self) -> None:
         with self.store.transaction():
             released = self.store.run("release_unstarted", instance_id=self.instance_id)
+            keys = self.store.run("release_idle_keys", instance_id=self.instance_id) if self.multihost else 0
         if released:
             log.info("handed back %d claimed tasks that had not started", released)
+        if keys:
+            log.info("released %d keys", keys)
+            metrics.keys_released(keys)
+
+    # -- multihost: lease and keys --------------------------------------------------------
+    def _renew(self) -> None:
+        """Extend the lease; tell the shards until when starting a task is safe."""
+        sent = time.monotonic()
+        with self.store.transaction():
+            row = self.store.one("renew_lease", instance_id=self.instance_id, lease=self.config.lease_seconds)
+        if row is None:
+            self.lease_until.value = 0.0
+            metrics.lease_lost()
+            log.error("lease lost: the database says it ran out (paused, cut off or too slow); other "
+                      "instances may own our keys now, so this instance rejoins under a new id")
+            raise LeaseLost
+        self.lease_until.value = sent + self.config.lease_seconds * LEASE_SAFE_SHARE
+        metrics.lease_renewed()
+
+    def _claim_keys(self, now: float) -> bool:
+        """One multihost claim round; True if free keys may be left to claim at once."""
+        if now >= self.next_takeover:
+            self.next_takeover = now + self.config.lease_renew_interval
+            self._take_over()
+        more = self._claim_free_keys() if self.book.key_room() > 0 else False
+        self._top_up()
+        self._release_drained()
+        return more
+
+    def _take_over(self) -> None:
+        """Keys of instances whose lease ran out become ours; their claimed tasks with them.
+
+        A little beyond our key capacity, so that work orphaned by a dead instance
+        moves even while every live instance is full.
+        """
+        limit = self.book.key_room() + self.config.shards
+        with self.store.transaction():
+            keys = self.store.all("take_over_keys", instance_id=self.instance_id, limit=limit)
+            rows = self.store.all(
+                "adopt_key_tasks", instance_id=self.instance_id, key_types=[k["key_type"] for k in keys],
+                key_ids=[k["key_id"] for k in keys], previous=[k["previous"] for k in keys]) if keys else []
+        if not keys:
+            return
+        for key in keys:
+            self.book.hold(OrderingKey(key["key_type"], key["key_id"]), key["token"])
+        self._route_claimed(rows)
+        log.info("took over %d keys from instances %s whose lease ran out (%d claimed tasks, %d to reconcile)",
+                 len(keys), ", ".join(str(i) for i in sorted({k["previous"] for k in keys})), len(rows),
+                 sum(r["state"] == "running" for r in rows))
+        metrics.keys_claimed(len(keys), "takeover")
+
+    def _claim_free_keys(self) -> bool:
+        asked = self.book.key_room() * 4  # more than we take: some land on full shard slots
+        with self.store.transaction():
+            rows = self.store.all("free_keys", after_type=self.free_cursor[0], after_id=self.free_cursor[1],
+                                  max_visit=asked + 256, limit=asked)
+        candidates = [OrderingKey(r["key_type"], r["key_id"]) for r in rows]
+        # Rotate through the key space, so every key with work gets its turn.
+        self.free_cursor = (candidates[-1].kind, candidates[-1].ident or 0) if len(rows) == asked \
+            else FREE_KEYS_START
+        chosen = self.book.choose_free(candidates)
+        if not chosen:
+            return False
+        with self.store.transaction():
+            won = self.store.all("claim_keys", instance_id=self.instance_id,
+                                 key_types=[k.kind for k in chosen], key_ids=[k.ident for k in chosen])
+        for row in won:
+            self.book.hold(OrderingKey(row["key_type"], row["key_id"]), row["token"])
+        if won:
+            log.debug("claimed %d keys", len(won))
+            metrics.keys_claimed(len(won), "free")
+        return bool(won) and len(rows) == asked
+
+    def _top_up(self) -> None:
+        """Claim the next tasks of held keys that run low."""
+        asked = self.book.wanting_tasks()
+        if not asked:
+            return
+        with self.store.transaction():
+            rows = self.store.all(
+                "claim_key_tasks", instance_id=self.instance_id, key_types=[k.kind for k, _, _ in asked],
+                key_ids=[k.ident for k, _, _ in asked], tokens=[t for _, t, _ in asked],
+                counts=[n for _, _, n in asked])
+        got = Counter(key_of(task_from_row(r)) for r in rows)
+        self._route_claimed(rows)
+        self.book.topped_up(asked, got)
+
+    def _route_claimed(self, rows: list[dict]) -> None:
+        for row in sorted(rows, key=lambda r: r["id"]):
+            task = task_from_row(row, self.book.token_of(key_of(task_from_row(row))))
+            self.dispatch.route(task)
+            self.book.add(task)
+
+    def _release_drained(self) -> None:
+        drained = self.book.drained()
+        if not drained:
+            return
+        with self.store.transaction():
+            self.store.run("release_keys", instance_id=self.instance_id,
+                           key_types=[k.kind for k, _ in drained], key_ids=[k.ident for k, _ in drained],
+                           tokens=[t for _, t in drained])
+        self.book.release([k for k, _ in drained])
+        metrics.keys_released(len(drained))
 
     def _report_status(self) -> None:
         status = FetcherStatus(
@@ -322,11 +489,12 @@ class Fetcher:
             self.stopping_fast = True
 
 
-def fetcher_main(config: Config, instance_id: int, socket_path: str, supervisor: Connection) -> None:
+def fetcher_main(config: Config, instance_id: int, socket_path: str, supervisor: Connection,
+                 lease_until: Any) -> None:
     setup_logging(config.log_level, role=f"instance {instance_id} fetcher")
     set_process_title(f"taskomatic: fetcher ({config.shards} shards)")
     try:
-        fetcher = Fetcher(config, instance_id, socket_path, supervisor)
+        fetcher = Fetcher(config, instance_id, socket_path, supervisor, lease_until)
     except Exception:
         log.exception("fetcher failed to start")
         raise SystemExit(3) from None

@@ -23,6 +23,9 @@ class TaskRow:
     key_id: int | None
     # 'queued': run it. 'running': it was interrupted, reconcile first.
     state: str
+    # Multihost: the fencing token of the key claim it was claimed under; every
+    # write for it checks the claim still holds that token. None in standalone.
+    token: int | None = None
 
 
 # fetcher -> shard

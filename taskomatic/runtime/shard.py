@@ -10,6 +10,13 @@ nothing ambiguous for reconciliation.
 
 A task the fetcher sends with state ``running`` was interrupted by a crash:
 the shard reconciles it against the real state before anything else.
+
+Multihost fencing: every write for a task first checks, in its transaction,
+that the task's key claim is still ours under the task's token and that our
+lease is live (``hold_key_claim``, which also locks the claim against a
+takeover until the write commits). And the shard starts a task only while
+the fetcher's last renewal is recent enough (``lease_until``), checked again
+between committing ``running`` and touching the node.
 """
 
 from __future__ import annotations
@@ -90,8 +97,10 @@ def _json_type(value: Any) -> str:
 
 class Shard:
     def __init__(self, slot: int, shards: int, config: Config, instance_id: int,
-                 fetcher_socket: str, deadline: Any) -> None:
+                 fetcher_socket: str, deadline: Any, lease_until: Any) -> None:
         self.slot = slot
+        self.multihost = config.mode == "multihost"
+        self.lease_until = lease_until  # multiprocess Value('d'), monotonic; the fetcher renews it
         self.shards = shards
         self.config = config
         self.instance_id = instance_id
@@ -191,6 +200,10 @@ class Shard:
                     returned = [t.id for t in self.queue] + self.parking.held_ids()
                     self._send(Drained(tuple(returned)))
                 return 0
+            if self.queue and not self._lease_ok():
+                self._flush()  # the database may still take it: its lease outlasts ours
+                self._receive(_RECONNECT_SECONDS / 5)  # wait for a renewal; the supervisor rejoins if it is lost
+                continue
             self._wake_parked()
             if self.queue:
                 task = self.queue.popleft()
@@ -199,6 +212,22 @@ class Shard:
                     self._send(Deferred((task.id,)))
                 else:
                     self.run_task(task)
+
+    def _lease_ok(self) -> bool:
+        return time.monotonic() < self.lease_until.value
+
+    def _fenced_out(self, task: TaskRow) -> bool:
+        """Multihost: is the task's key claim no longer ours (or our lease over)? Locks it if ours."""
+        if not self.multihost:
+            return False
+        if task.token is not None and self.store.one(
+                "hold_key_claim", key_type=task.key_type, key_id=task.key_id, instance_id=self.instance_id,
+                token=task.token) is not None:
+            return False
+        metrics.write_fenced()
+        log.warning("task %s (%s %s:%s): write refused: the key claim (token %s) or our lease is no "
+                    "longer ours", task.id, task.action, task.target_type, task.target_id, task.token)
+        return True
 
     def _idle_wait(self) -> float:
         if self.queue:
@@ -336,6 +365,12 @@ class Shard:
         began = self._begin(task, plan, rerun)
         if began != _STARTED:
             return began == _HANDLED
+        if not self._lease_ok():
+            # Committed 'running', not started: once the lease is renewed it is reconciled
+            # ("not started") and runs; if it is lost, the key's next owner does that.
+            log.warning("task %s: lease too old to start it now; holding it", task.id)
+            self.queue.appendleft(replace(task, state="running"))
+            return True
         self._send(Started(task.id))
         started = now()
         try:
@@ -409,6 +444,8 @@ class Shard:
         return result
 
     def _mark(self, task: TaskRow, query_name: str, moment: datetime) -> bool:
+        if self._fenced_out(task):
+            return False
         marked = self.store.one(query_name, task_id=task.id, instance_id=self.instance_id,
                                 time_started=moment)
         if marked is None:
@@ -466,6 +503,8 @@ class Shard:
         moment = now()
 
         def work() -> None:
+            if self._fenced_out(task):
+                return
             failed = self.store.one("fail_unstartable", task_id=task.id, instance_id=self.instance_id,
                                     message=message, time=moment)
             if failed is not None:
@@ -481,6 +520,8 @@ class Shard:
 
     # -- outcomes ---------------------------------------------------------------
     def _write(self, pending: PendingOutcome) -> bool:
+        if self._fenced_out(pending.task):
+            return False
         written = self.store.one(
             "record_outcome", task_id=pending.task.id, instance_id=self.instance_id,
             state=pending.outcome.state, message=pending.outcome.message,
@@ -511,14 +552,14 @@ class Shard:
 
 
 def shard_main(slot: int, shards: int, config: Config, instance_id: int,
-               fetcher_socket: str, deadline: Any) -> None:
+               fetcher_socket: str, deadline: Any, lease_until: Any) -> None:
     """Entry point of a shard process (spawned, so it starts with nothing inherited)."""
     setup_logging(config.log_level, role=f"instance {instance_id} shard {slot}")
     set_process_title(f"taskomatic: shard {slot}/{shards}")
     # A shard runs until told; a terminal's Ctrl-C goes to the whole group and
     # the supervisor decides what it means.
     try:
-        shard = Shard(slot, shards, config, instance_id, fetcher_socket, deadline)
+        shard = Shard(slot, shards, config, instance_id, fetcher_socket, deadline, lease_until)
     except Exception:
         log.exception("shard %d failed to start", slot)
         raise SystemExit(3) from None

@@ -15,11 +15,18 @@ interpreter and opens its own database and libvirt connections, so nothing
 the supervisor holds (its guard connection) leaks into them. A dead child is
 replaced in the same slot; one that keeps failing to boot stops the
 supervisor with EXIT_CHILD_FAILING so systemd decides what next.
+
+Multihost: when the fetcher exits with EXIT_LEASE_LOST (the database refused
+to renew the lease, so other instances may own our keys already), the
+supervisor stops every child, registers the instance again under a new id
+and starts them afresh: nothing of the old claims is resumed, and what the
+old id left is settled by whichever instance takes its keys over.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import socket
@@ -39,7 +46,7 @@ from taskomatic.config import Config
 from taskomatic.db import migrate
 from taskomatic.db.store import DatabaseUnavailable, Store
 from taskomatic.logsetup import set_process_title
-from taskomatic.runtime.fetcher import fetcher_main
+from taskomatic.runtime.fetcher import EXIT_LEASE_LOST, fetcher_main
 from taskomatic.runtime.messages import FetcherStatus
 from taskomatic.runtime.reconciler import reconciler_main
 from taskomatic.runtime.shard import shard_main
@@ -96,15 +103,16 @@ class Supervisor:
         self.status_reader: Any = None
         self.socket_path = ""
         self.exit_code = EXIT_OK
+        self.multihost = config.mode == "multihost"
+        # Monotonic moment until which shards may start tasks: the fetcher sets it at each
+        # renewal in multihost mode; standalone has no lease.
+        self.lease_until = self.mp.Value("d", 0.0 if self.multihost else math.inf, lock=False)
+        self.rejoining = False
+        self.rejoin_at = 0.0
 
     # -- startup --------------------------------------------------------------------
     def start(self) -> None:
         """Connect, check the schema, take the guard, settle what an earlier run left."""
-        if self.config.mode != "standalone":
-            # Without leases and fencing, two instances could run tasks of one
-            # key at once; refuse rather than break per-key order.
-            raise StartupRefused("mode 'multihost' is not available in this version; use standalone",
-                                 EXIT_CONFIG)
         self.store = Store.open(self.config.dsn, "taskomatic supervisor", self.config.connect_timeout)
         try:
             migrate.check_current(self.store.conn)
@@ -116,15 +124,26 @@ class Supervisor:
                 f"another taskomatic instance holds this database{holder}; a standalone instance "
                 "must be the only one (stop it, or run both with --mode multihost)",
                 EXIT_ALREADY_RUNNING)
-        self.instance_id = self.store.scalar(
-            "register_instance", hostname=socket.gethostname(), pid=os.getpid(), version=__version__,
-            mode=self.config.mode, shards=self.config.shards)
-        if self.config.mode == "standalone":
+        self._register()
+        if self.multihost:
+            # Tasks a dead standalone instance held get key claims in its name; the usual
+            # takeover then settles them.
+            self.store.run("key_claims_for_standalone_leftovers")
+        else:
             adopted = self.store.run("adopt_orphaned_claims", instance_id=self.instance_id)
+            self.store.run("adopt_orphaned_key_claims")
             if adopted:
                 log.info("took over %d tasks left by an earlier run; they will be settled", adopted)
         self.store.commit()
         log.info("instance %d started (%s, %d shards)", self.instance_id, self.config.mode, self.config.shards)
+
+    def _register(self) -> None:
+        """A new instance row: ids are never reused, so no old claim can pass for ours."""
+        assert self.store is not None
+        self.instance_id = self.store.scalar(
+            "register_instance", hostname=socket.gethostname(), pid=os.getpid(), version=__version__,
+            mode=self.config.mode, shards=self.config.shards,
+            lease=self.config.lease_seconds if self.multihost else None)
 
     def _take_guard(self) -> bool:
         """The instance guard on this connection: exclusive for standalone, shared for multihost."""
@@ -163,7 +182,7 @@ class Supervisor:
             reader, writer = self.mp.Pipe(duplex=False)
             process = self.mp.Process(
                 target=fetcher_main, name="taskomatic-fetcher",
-                args=(self.config, self.instance_id, self.socket_path, writer))
+                args=(self.config, self.instance_id, self.socket_path, writer, self.lease_until))
             process.start()
             writer.close()  # our copy; the fetcher has its own
             if self.status_reader is not None:
@@ -175,7 +194,7 @@ class Supervisor:
             process = self.mp.Process(
                 target=shard_main, name=f"taskomatic-shard-{child.slot}",
                 args=(child.slot, self.config.shards, self.config, self.instance_id, self.socket_path,
-                      child.deadline))
+                      child.deadline, self.lease_until))
             process.start()
         child.process = process
         child.started_at = time.monotonic()
@@ -187,7 +206,10 @@ class Supervisor:
         code = process.exitcode
         child.process = None
         metrics.mark_dead(process.pid)
-        if self.stopping:
+        if self.stopping or self.rejoining:
+            return
+        if child.role == "fetcher" and code == EXIT_LEASE_LOST:
+            self._begin_rejoin()
             return
         lived = time.monotonic() - child.started_at
         how = f"exit code {code}" if code is not None and code >= 0 else f"signal {-(code or 0)}"
@@ -234,6 +256,42 @@ class Supervisor:
         self.stopping = "fast"
         self.stop_deadline = time.monotonic() + self.config.fast_stop_timeout
         self._signal_children(signal.SIGINT)
+
+    def _begin_rejoin(self) -> None:
+        """Lease lost: stop every child (a shard finishes its call; its writes are refused)."""
+        log.warning("instance %d lost its lease; stopping its processes to rejoin under a new id",
+                    self.instance_id)
+        self.lease_until.value = 0.0
+        self.rejoining = True
+        self.stop_deadline = time.monotonic() + self.config.fast_stop_timeout
+        self._signal_children(signal.SIGINT)
+
+    def _finish_rejoin(self) -> None:
+        """Every child is gone: register afresh and start them all again."""
+        try:
+            if self.store is None:
+                self.store = Store.open(self.config.dsn, "taskomatic supervisor", self.config.connect_timeout)
+                if not self._take_guard():
+                    raise StartupRefused("a standalone instance holds the database now", EXIT_ALREADY_RUNNING)
+            old = self.instance_id
+            self.store.run("instance_stopped", instance_id=old)
+            self._register()
+            self.store.commit()
+        except (psycopg2.Error, DatabaseUnavailable) as exc:
+            log.warning("cannot rejoin yet, the database is not answering: %s", str(exc).strip().splitlines()[0])
+            if self.store is not None:
+                self.store.close()
+            self.store = None
+            self.rejoin_at = time.monotonic() + 1.0  # try again soon
+            return
+        log.info("instance %d rejoined as instance %d", old, self.instance_id)
+        self.rejoining = False
+        self.socket_path = self._socket_path()
+        if self.config.metrics_port:
+            metrics.prepare_directory(self.config.resolved_state_dir(), self.instance_id)
+        for child in self.children:
+            child.boot_failures, child.respawn_at = 0, 0.0
+            self._spawn(child)
 
     def _signal_children(self, signum: int, shards_only: bool = False) -> None:
         for child in self.children:
@@ -302,7 +360,16 @@ class Supervisor:
                     self.stop_deadline = now + self.config.fast_stop_timeout
             if self.stopping == "drain" and self.children[0].process is None:
                 self._signal_children(signal.SIGTERM, shards_only=True)
-            if not self.stopping:
+            if self.rejoining and not self.stopping:
+                if not alive:
+                    if now >= self.rejoin_at:
+                        self._finish_rejoin()
+                elif now >= self.stop_deadline:
+                    for child in alive:
+                        log.warning("%s %d did not stop in time; killing it", child.role, child.slot)
+                        child.process.kill()
+                    self.stop_deadline = now + self.config.fast_stop_timeout
+            elif not self.stopping:
                 for child in self.children:
                     if child.process is None and now >= child.respawn_at:
                         if child.boot_failures >= MAX_BOOT_FAILURES:
@@ -417,6 +484,10 @@ class Supervisor:
                     released = self.store.run("release_unstarted", instance_id=self.instance_id)
                     if released:
                         log.info("handed back %d claimed tasks", released)
+                    if self.multihost:
+                        # What is left (a parked task still 'running') is for others to take over now.
+                        self.store.run("release_idle_keys", instance_id=self.instance_id)
+                        self.store.run("end_lease", instance_id=self.instance_id)
                     self.store.run("instance_stopped", instance_id=self.instance_id)
                 self.store.commit()
             except Exception as exc:  # the database may be what failed
