@@ -20,7 +20,7 @@ takes over keys whose holder's lease ran out (their in-flight tasks come back
 ``running``, to be reconciled), claims free keys up to its capacity, tops up
 the held keys with their next tasks, and releases the keys that drained. It
 renews the instance's lease every ``lease_renew_interval`` and publishes how
-long it is safe to start tasks (``lease_until``, monotonic clock) to the
+long it is safe to start tasks (``lease_until``, on ``lease_clock``) to the
 shards; a renewal the database refuses means other instances may own our keys
 already, so the fetcher exits with EXIT_LEASE_LOST and the supervisor rejoins
 under a new instance id.
@@ -47,7 +47,7 @@ from taskomatic.config import Config
 from taskomatic.db.store import Store, connect
 from taskomatic.logsetup import set_process_title, setup_logging
 from taskomatic.runtime.dispatch import Dispatcher, key_of
-from taskomatic.runtime.keys import KeyBook
+from taskomatic.runtime.keys import KeyBook, lease_clock
 from taskomatic.runtime.messages import (
     Deferred,
     Drain,
@@ -179,7 +179,7 @@ class Fetcher:
             # claim_wanted: the queue may hold claimable tasks. It stays set while there is no
             # room, so the next Ended that frees room claims again at once (not at the next poll).
             if self.multihost:
-                can_claim = self.adopted and not self.draining and now < self.lease_until.value
+                can_claim = self.adopted and not self.draining and lease_clock() < self.lease_until.value
             else:
                 can_claim = self.adopted and not self.draining and self._room() > 0
             if claim_wanted and can_claim:
@@ -376,7 +376,7 @@ class Fetcher:
     # -- multihost: lease and keys --------------------------------------------------------
     def _renew(self) -> None:
         """Extend the lease; tell the shards until when starting a task is safe."""
-        sent = time.monotonic()
+        sent = lease_clock()
         with self.store.transaction():
             row = self.store.one("renew_lease", instance_id=self.instance_id, lease=self.config.lease_seconds)
         if row is None:

@@ -53,6 +53,7 @@ from taskomatic.actions.connections import LibvirtConnections
 from taskomatic.config import Config
 from taskomatic.db.store import Store
 from taskomatic.logsetup import set_process_title, setup_logging
+from taskomatic.runtime.keys import lease_clock
 from taskomatic.runtime.messages import Deferred, Drain, Drained, Ended, Hello, Run, Started, TaskRow
 from taskomatic.runtime.parking import ParkingLot
 
@@ -100,7 +101,7 @@ class Shard:
                  fetcher_socket: str, deadline: Any, lease_until: Any) -> None:
         self.slot = slot
         self.multihost = config.mode == "multihost"
-        self.lease_until = lease_until  # multiprocess Value('d'), monotonic; the fetcher renews it
+        self.lease_until = lease_until  # multiprocess Value('d') on keys.lease_clock; the fetcher renews it
         self.shards = shards
         self.config = config
         self.instance_id = instance_id
@@ -214,7 +215,7 @@ class Shard:
                     self.run_task(task)
 
     def _lease_ok(self) -> bool:
-        return time.monotonic() < self.lease_until.value
+        return lease_clock() < self.lease_until.value
 
     def _fenced_out(self, task: TaskRow) -> bool:
         """Multihost: is the task's key claim no longer ours (or our lease over)? Locks it if ours."""
