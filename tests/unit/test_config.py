@@ -218,6 +218,8 @@ def test_every_setting_can_be_set_in_the_file(tmp_path: Path) -> None:
         "keepalive_interval": ("2", 2), "keepalive_count": ("4", 4), "task_timeout": ("100", 100.0),
         "reconcile_interval": ("5", 5.0), "nic_network": ("default", "default"),
         "metrics_port": ("9188", 9188), "metrics_address": ("::1", "::1"),
+        "lease_seconds": ("30", 30.0), "lease_renew_interval": ("5", 5.0), "keys_per_shard": ("3", 3),
+        "tasks_per_key": ("8", 8),
     }
     assert set(samples) == {s.name for s in SETTINGS}
     sections: dict[str, list[str]] = {}
@@ -393,3 +395,10 @@ def test_parse_overrides_rejects_bad_values(pair: str) -> None:
 def test_unknown_override_name_in_load() -> None:
     with pytest.raises(ConfigError, match="bogus"):
         load(None, environ={}, overrides={"bogus": 1})
+
+
+def test_lease_renewal_must_fit_three_times_in_the_lease() -> None:
+    with pytest.raises(ConfigError, match="lease_renew_interval .* at most a third of lease_seconds"):
+        load(None, {"TASKOMATIC_LEASE_SECONDS": "5", "TASKOMATIC_LEASE_RENEW_INTERVAL": "2"})
+    config = load(None, {"TASKOMATIC_LEASE_SECONDS": "6", "TASKOMATIC_LEASE_RENEW_INTERVAL": "2"})
+    assert (config.lease_seconds, config.lease_renew_interval) == (6.0, 2.0)
