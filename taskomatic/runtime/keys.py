@@ -12,7 +12,9 @@ answers the fetcher's three questions each round:
 - ``wanting_tasks``: which held keys to top up with their next tasks, and how
   many (at most ``tasks_per_key`` in hand per key, which bounds memory);
 - ``drained``: which held keys have nothing in hand and nothing more queued,
-  to release so any instance can take them when new work comes.
+  or have had their turn (``TURN_KEYS`` x tasks_per_key tasks under one
+  claim), to release so any instance can take them: a key with endless work
+  circulates between instances instead of staying with the first one.
 """
 
 from __future__ import annotations
@@ -35,11 +37,16 @@ def lease_clock() -> float:
     return time.clock_gettime(time.CLOCK_BOOTTIME)
 
 
+# A claim covers at most this many top-ups' worth of tasks (tasks_per_key each).
+TURN_KEYS = 4
+
+
 @dataclass
 class HeldKey:
     token: int
     slot: int
     in_hand: int = 0  # claimed tasks routed and not ended
+    loaded: int = 0  # tasks claimed under this claim so far
     more: bool = True  # its queue may hold unclaimed tasks (unknown until a top-up comes back short)
 
 
@@ -55,6 +62,10 @@ class KeyBook:
     def capacity(self) -> int:
         return self.shards * self.keys_per_shard
 
+    @property
+    def turn(self) -> int:
+        return TURN_KEYS * self.tasks_per_key
+
     def key_room(self) -> int:
         return max(0, self.capacity - len(self.keys))
 
@@ -67,8 +78,8 @@ class KeyBook:
         held = self.keys.get(key)
         if held is None:
             self.keys[key] = HeldKey(token, shard_for(key, self.shards))
-        else:
-            held.token, held.more = max(held.token, token), True
+        elif token > held.token:  # a new claim: a new turn
+            held.token, held.more, held.loaded = token, True, 0
 
     def add(self, task: TaskRow) -> None:
         """A claimed task of a held key is now in hand."""
@@ -78,6 +89,7 @@ class KeyBook:
             return
         self.task_keys[task.id] = key
         held.in_hand += 1
+        held.loaded += 1
 
     def ended(self, task_id: int) -> None:
         """A task left our hands (ended, skipped, handed back)."""
@@ -109,9 +121,12 @@ class KeyBook:
 
     def wanting_tasks(self) -> list[tuple[OrderingKey, int, int]]:
         """(key, token, count) for held keys to top up: those at or below half their allowance."""
-        return [(key, held.token, self.tasks_per_key - held.in_hand)
-                for key, held in sorted(self.keys.items())
-                if held.more and held.in_hand <= self.tasks_per_key // 2]
+        wanted = []
+        for key, held in sorted(self.keys.items()):
+            count = min(self.tasks_per_key - held.in_hand, self.turn - held.loaded)
+            if held.more and count > 0 and held.in_hand <= self.tasks_per_key // 2:
+                wanted.append((key, held.token, count))
+        return wanted
 
     def topped_up(self, asked: list[tuple[OrderingKey, int, int]], got: dict[OrderingKey, int]) -> None:
         """A top-up came back: a key that got fewer tasks than asked has none left queued for now."""
@@ -121,9 +136,9 @@ class KeyBook:
                 held.more = False
 
     def drained(self) -> list[tuple[OrderingKey, int]]:
-        """(key, token) of held keys with nothing in hand and nothing more queued."""
+        """(key, token) of held keys with nothing in hand and nothing more queued, or had their turn."""
         return [(key, held.token) for key, held in sorted(self.keys.items())
-                if held.in_hand <= 0 and not held.more]
+                if held.in_hand <= 0 and (not held.more or held.loaded >= self.turn)]
 
     def release(self, keys: list[OrderingKey]) -> None:
         for key in keys:

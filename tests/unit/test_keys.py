@@ -90,3 +90,21 @@ def test_a_takeover_token_replaces_an_older_one() -> None:
     book.hold(vm(1), 9)
     book.hold(vm(1), 4)
     assert book.token_of(vm(1)) == 9
+
+
+def test_a_busy_key_is_handed_back_after_its_turn() -> None:
+    book = KeyBook(shards=1, keys_per_shard=1, tasks_per_key=2)
+    book.hold(vm(1), 1)
+    next_id = 1
+    while book.wanting_tasks():
+        (key, token, count), = book.wanting_tasks()
+        for _ in range(count):
+            book.add(task(next_id, 1))
+            next_id += 1
+        book.topped_up([(key, token, count)], {key: count})  # the queue always has more
+        for task_id in list(book.task_keys):
+            book.ended(task_id)
+    assert next_id - 1 == book.turn  # no more than one turn's worth under one claim
+    assert book.drained() == [(vm(1), 1)]
+    book.hold(vm(1), 2)  # claimed again (a new token): a new turn
+    assert book.wanting_tasks() == [(vm(1), 2, 2)]

@@ -106,7 +106,7 @@ def test_writes_that_fence_check_the_holder() -> None:
 
 
 def test_held_tasks_come_in_id_order() -> None:
-    assert query("held_tasks").rstrip().endswith("ORDER BY id")
+    assert query("held_tasks").rstrip().endswith("ORDER BY t.id")
 
 
 def test_dynamically_named_queries_take_the_same_parameters() -> None:
