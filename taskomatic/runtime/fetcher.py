@@ -174,8 +174,8 @@ class Fetcher:
                 claim_wanted = True
                 self.book.queue_changed()
                 next_poll = now + self.config.poll_interval
-            if self.ended_since_claim and self.multihost:
-                claim_wanted = True  # a key may want topping up or releasing
+            if self.multihost and (self.ended_since_claim or now >= self.next_takeover):
+                claim_wanted = True  # a key may want topping up or releasing, or taking over
             # claim_wanted: the queue may hold claimable tasks. It stays set while there is no
             # room, so the next Ended that frees room claims again at once (not at the next poll).
             if self.multihost:
@@ -192,7 +192,7 @@ class Fetcher:
                 self._report_status()
                 next_status = now + STATUS_INTERVAL
             busy = claim_wanted and can_claim  # more to claim right away; otherwise sleep until due
-            due = min(next_poll, next_status, next_renewal if self.multihost else next_poll)
+            due = min(next_poll, next_status, *((next_renewal, self.next_takeover) if self.multihost else ()))
             timeout = 0.0 if busy else max(0.0, due - time.monotonic())
             if self._wait(timeout):
                 claim_wanted = True
