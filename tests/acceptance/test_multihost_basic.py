@@ -7,7 +7,7 @@ import random
 import pytest
 
 from tests.acceptance import checks
-from tests.helpers import query
+from tests.helpers import query, wait_for
 
 MULTIHOST = ["--mode", "multihost", "--set", "multihost.lease_seconds=3",
              "--set", "multihost.lease_renew_interval=1"]
@@ -38,3 +38,24 @@ def test_two_instances_share_the_work_in_order(dsn, hosts, daemon_factory, prefi
     assert len(by_instance) == 2, by_instance
     assert query(dsn, "SELECT count(*) AS n FROM key_claims")[0]["n"] == 0  # drained keys were released
     assert first.process.poll() is None and second.process.poll() is None
+
+
+def test_lease_and_key_metrics(dsn, hosts, daemon_factory, prefix):
+    from tests.acceptance.test_metrics import _free_port, _scrape
+
+    port = _free_port()
+    vms = checks.insert_vms(dsn, [f"{prefix}-mm{i}" for i in range(6)])
+    checks.insert_tasks(dsn, [("Vm", vm, a) for vm in vms for a in ("create_vm", "start_vm")])
+    daemon = daemon_factory(shards=2, extra=[*MULTIHOST, "--set", f"metrics_port={port}"])
+    checks.wait_all_ended(dsn, daemon)
+    wait_for(lambda: query(dsn, "SELECT count(*) AS n FROM key_claims")[0]["n"] == 0, 30, 0.1,
+             "every drained key to be released")
+
+    samples = _scrape(port)
+    assert samples["taskomatic_lease_renewals_total"] >= 1
+    assert samples["taskomatic_lease_losses_total"] == 0
+    claimed = samples['taskomatic_keys_claimed_total{how="free"}']
+    assert claimed >= 6  # every VM's key, at least once
+    assert samples["taskomatic_keys_released_total"] == claimed
+    assert samples["taskomatic_keys_held"] == 0
+    assert samples['taskomatic_tasks_total{action="start_vm",outcome="finished"}'] == 6
