@@ -215,7 +215,7 @@ RETURNING id;
 
 -- idle_vms_on_host --
 -- VMs on a host with no task running: the ones the host-status pass may correct.
-SELECT v.id, v.uuid::text AS uuid, v.state, v.host_id
+SELECT v.id, v.uuid::text AS uuid, v.state, v.host_id, v.updated_at
 FROM vms v
 WHERE v.host_id = %(host_id)s
   AND NOT EXISTS (SELECT 1 FROM tasks t
@@ -223,8 +223,9 @@ WHERE v.host_id = %(host_id)s
 ORDER BY v.id;
 
 -- correct_vm --
--- Set a VM's row to what its node reports, unless it changed meanwhile or a
--- task of the VM started: reconciliation never fights an action over a row.
+-- Set a VM's row to what its node reports, unless it changed since the pass
+-- read it (seen: its updated_at then) or a task of the VM started:
+-- reconciliation never fights an action over a row.
 UPDATE vms
 SET state = %(new_state)s,
     host_id = CASE WHEN %(clear_host)s THEN NULL ELSE host_id END,
@@ -232,7 +233,7 @@ SET state = %(new_state)s,
     memory_used = CASE WHEN %(clear_host)s THEN 0 ELSE memory_used END,
     num_vcpus_used = CASE WHEN %(clear_host)s THEN 0 ELSE num_vcpus_used END,
     updated_at = clock_timestamp()
-WHERE id = %(vm_id)s AND state = %(old_state)s
+WHERE id = %(vm_id)s AND state = %(old_state)s AND updated_at = %(seen)s
   AND NOT EXISTS (SELECT 1 FROM tasks t
                   WHERE t.key_type = 'Vm' AND t.key_id = %(vm_id)s AND t.state = 'running')
 RETURNING id;

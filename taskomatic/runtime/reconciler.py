@@ -52,13 +52,17 @@ class PassResult:
 def reconcile_once(store: Store, connections: LibvirtConnections) -> PassResult:
     result = PassResult()
     for host in store.all("all_hosts"):
+        # The rows before the node: a VM a task starts between the two reads then
+        # shows as changed (updated_at) and is left alone, instead of being
+        # "corrected" from a domain list older than its row.
+        vms = store.all("idle_vms_on_host", host_id=host["id"])
         store.rollback()
         domains = _read_domains(connections, host)
         if domains is None:
             result.hosts_down += 1
             if store.one("set_host_state", host_id=host["id"], state="unavailable"):
                 log.warning("host %s (%s) is unreachable: marked unavailable", host["id"], host["hostname"])
-            for vm in store.all("idle_vms_on_host", host_id=host["id"]):
+            for vm in vms:
                 if vm["state"] not in _LEAVE_ALONE | {"unreachable"}:
                     result.corrections += _correct(store, vm, "unreachable", clear_host=False,
                                                    why=f"host {host['id']} is unreachable")
@@ -67,7 +71,7 @@ def reconcile_once(store: Store, connections: LibvirtConnections) -> PassResult:
         result.hosts_up += 1
         if store.one("set_host_state", host_id=host["id"], state="available"):
             log.info("host %s (%s) answers again: marked available", host["id"], host["hostname"])
-        for vm in store.all("idle_vms_on_host", host_id=host["id"]):
+        for vm in vms:
             if vm["state"] in _LEAVE_ALONE:
                 continue
             real = domains.get(vm["uuid"], "stopped")
@@ -94,7 +98,7 @@ def _read_domains(connections: LibvirtConnections, host: dict[str, Any]) -> dict
 
 def _correct(store: Store, vm: dict[str, Any], new_state: str, clear_host: bool, why: str) -> int:
     changed = store.one("correct_vm", vm_id=vm["id"], old_state=vm["state"], new_state=new_state,
-                        clear_host=clear_host)
+                        clear_host=clear_host, seen=vm["updated_at"])
     if changed:
         log.info("VM %s: row said %s, now %s (%s)", vm["id"], vm["state"], new_state, why)
         metrics.row_corrected(new_state)
