@@ -71,6 +71,7 @@ EXIT_LEASE_LOST = 7  # multihost: the database refused to renew our lease
 # The shards start tasks only until this share of the lease has passed since the
 # renewal was sent: the margin covers a task's start after the check and clock drift.
 LEASE_SAFE_SHARE = 0.8
+TAKEOVER_BATCH = 1000  # expired keys taken over in one round at most
 FREE_KEYS_START = ("", -(2**63) + 1)  # before every key (-2**63 does not parse as a bigint literal)
 
 
@@ -174,8 +175,9 @@ class Fetcher:
                 claim_wanted = True
                 self.book.queue_changed()
                 next_poll = now + self.config.poll_interval
-            if self.multihost and (self.ended_since_claim or now >= self.next_takeover):
-                claim_wanted = True  # a key may want topping up or releasing, or taking over
+            if self.multihost and (now >= self.next_takeover or (
+                    self.ended_since_claim and (self.book.wanting_tasks() or self.book.drained()))):
+                claim_wanted = True  # a key wants topping up or releasing, or a takeover check is due
             # claim_wanted: the queue may hold claimable tasks. It stays set while there is no
             # room, so the next Ended that frees room claims again at once (not at the next poll).
             if self.multihost:
@@ -389,42 +391,68 @@ class Fetcher:
         metrics.lease_renewed()
 
     def _claim_keys(self, now: float) -> bool:
-        """One multihost claim round; True if free keys may be left to claim at once."""
-        if now >= self.next_takeover:
+        """One multihost claim round, in one transaction; True if free keys may be left to claim.
+
+        Take over expired keys (when due), claim free ones, top up the held ones,
+        release the drained ones. The statements that can wait on another
+        instance (claim inserts, in key order) come before the release, and the
+        rest skip or touch only our own keys, so two rounds cannot wait on each
+        other in a cycle.
+        """
+        takeover_due = now >= self.next_takeover
+        if takeover_due:
             self.next_takeover = now + self.config.lease_renew_interval
-            self._take_over()
-        more = self._claim_free_keys() if self.book.key_room() > 0 else False
-        self._top_up()
-        self._release_drained()
+        with self.store.transaction():
+            if takeover_due:
+                self._take_over()
+            more = self._claim_free_keys() if self.book.key_room() > 0 else False
+            self._top_up()
+            self._release_drained()
         return more
 
     def _take_over(self) -> None:
-        """Keys of instances whose lease ran out become ours; their claimed tasks with them.
+        """Keys of instances whose lease ran out: we take them all, keep what we can run.
 
-        A little beyond our key capacity, so that work orphaned by a dead instance
-        moves even while every live instance is full.
+        We keep those with a task to reconcile and as many more as we have room
+        for; the rest we release at once, so every instance with room can claim
+        them, instead of one survivor moving them a few at a time.
         """
-        limit = self.book.key_room() + self.config.shards
-        with self.store.transaction():
-            keys = self.store.all("take_over_keys", instance_id=self.instance_id, limit=limit)
-            rows = self.store.all(
-                "adopt_key_tasks", instance_id=self.instance_id, key_types=[k["key_type"] for k in keys],
-                key_ids=[k["key_id"] for k in keys], previous=[k["previous"] for k in keys]) if keys else []
+        keys = self.store.all("take_over_keys", instance_id=self.instance_id, limit=TAKEOVER_BATCH)
         if not keys:
             return
+        rows = self.store.all(
+            "adopt_key_tasks", instance_id=self.instance_id, key_types=[k["key_type"] for k in keys],
+            key_ids=[k["key_id"] for k in keys], previous=[k["previous"] for k in keys])
+        to_settle = {(r["key_type"], r["key_id"]) for r in rows if r["state"] == "running"}
+        room = self.book.key_room()
+        kept: list[dict] = []
+        passed_on: list[dict] = []
         for key in keys:
+            if (key["key_type"], key["key_id"]) in to_settle:
+                kept.append(key)  # beyond our room if need be: at most one per shard of the dead
+            elif room > 0:
+                kept.append(key)
+                room -= 1
+            else:
+                passed_on.append(key)
+        kept_pairs = {(k["key_type"], k["key_id"]) for k in kept}
+        for key in kept:
             self.book.hold(OrderingKey(key["key_type"], key["key_id"]), key["token"])
-        self._route_claimed(rows)
-        log.info("took over %d keys from instances %s whose lease ran out (%d claimed tasks, %d to reconcile)",
-                 len(keys), ", ".join(str(i) for i in sorted({k["previous"] for k in keys})), len(rows),
-                 sum(r["state"] == "running" for r in rows))
+        self._route_claimed([r for r in rows if (r["key_type"], r["key_id"]) in kept_pairs])
+        if passed_on:
+            self.store.run("release_keys", instance_id=self.instance_id,
+                           key_types=[k["key_type"] for k in passed_on], key_ids=[k["key_id"] for k in passed_on],
+                           tokens=[k["token"] for k in passed_on])
+        log.info("took over %d keys from instances %s whose lease ran out: kept %d (%d tasks to reconcile), "
+                 "passed %d on to whoever has room", len(keys),
+                 ", ".join(str(i) for i in sorted({k["previous"] for k in keys})), len(kept), len(to_settle),
+                 len(passed_on))
         metrics.keys_claimed(len(keys), "takeover")
 
     def _claim_free_keys(self) -> bool:
         asked = self.book.key_room() * 4  # more than we take: some land on full shard slots
-        with self.store.transaction():
-            rows = self.store.all("free_keys", after_type=self.free_cursor[0], after_id=self.free_cursor[1],
-                                  max_visit=asked + 256, limit=asked)
+        rows = self.store.all("free_keys", after_type=self.free_cursor[0], after_id=self.free_cursor[1],
+                              max_visit=asked + 256, limit=asked)
         candidates = [OrderingKey(r["key_type"], r["key_id"]) for r in rows]
         # Rotate through the key space, so every key with work gets its turn.
         self.free_cursor = (candidates[-1].kind, candidates[-1].ident or 0) if len(rows) == asked \
@@ -432,9 +460,8 @@ class Fetcher:
         chosen = self.book.choose_free(candidates)
         if not chosen:
             return False
-        with self.store.transaction():
-            won = self.store.all("claim_keys", instance_id=self.instance_id,
-                                 key_types=[k.kind for k in chosen], key_ids=[k.ident for k in chosen])
+        won = self.store.all("claim_keys", instance_id=self.instance_id,
+                             key_types=[k.kind for k in chosen], key_ids=[k.ident for k in chosen])
         for row in won:
             self.book.hold(OrderingKey(row["key_type"], row["key_id"]), row["token"])
         if won:
@@ -447,11 +474,10 @@ class Fetcher:
         asked = self.book.wanting_tasks()
         if not asked:
             return
-        with self.store.transaction():
-            rows = self.store.all(
-                "claim_key_tasks", instance_id=self.instance_id, key_types=[k.kind for k, _, _ in asked],
-                key_ids=[k.ident for k, _, _ in asked], tokens=[t for _, t, _ in asked],
-                counts=[n for _, _, n in asked])
+        rows = self.store.all(
+            "claim_key_tasks", instance_id=self.instance_id, key_types=[k.kind for k, _, _ in asked],
+            key_ids=[k.ident for k, _, _ in asked], tokens=[t for _, t, _ in asked],
+            counts=[n for _, _, n in asked])
         got = Counter(key_of(task_from_row(r)) for r in rows)
         self._route_claimed(rows)
         self.book.topped_up(asked, got)
@@ -466,10 +492,9 @@ class Fetcher:
         drained = self.book.drained()
         if not drained:
             return
-        with self.store.transaction():
-            self.store.run("release_keys", instance_id=self.instance_id,
-                           key_types=[k.kind for k, _ in drained], key_ids=[k.ident for k, _ in drained],
-                           tokens=[t for _, t in drained])
+        self.store.run("release_keys", instance_id=self.instance_id,
+                       key_types=[k.kind for k, _ in drained], key_ids=[k.ident for k, _ in drained],
+                       tokens=[t for _, t in drained])
         self.book.release([k for k, _ in drained])
         metrics.keys_released(len(drained))
 
