@@ -236,3 +236,121 @@ def serial_ok(intervals: list[tuple[float, float]]) -> bool:
             return False
         previous_end = end
     return True
+
+
+# -- the per-shard utilisation timeline ------------------------------------------------
+
+TIMELINE_MAX_INTERVALS = 2000  # per shard, in the JSON; closer busy intervals are merged beyond that
+TIMELINE_MAX_POINTS = 4000  # of each step curve; beyond that, time-weighted means over equal bins
+
+
+def merge_intervals(intervals: list[tuple[float, float]], gap: float = 0.0) -> list[tuple[float, float]]:
+    """Sorted union of [start, end] intervals; intervals less than ``gap`` apart are joined too."""
+    merged: list[tuple[float, float]] = []
+    for start, end in sorted(intervals):
+        if merged and start - merged[-1][1] <= gap:
+            if end > merged[-1][1]:
+                merged[-1] = (merged[-1][0], end)
+        else:
+            merged.append((start, end))
+    return merged
+
+
+def step_curve(events: list[tuple[float, int]]) -> list[list[float]]:
+    """[t, count after t] for +1/-1 events, one point per distinct time, starting at count 0.
+
+    Events at one time are applied together (an end and a start at the same
+    instant do not show as two tasks at once).
+    """
+    out: list[list[float]] = []
+    count = 0
+    for t, delta in sorted(events):
+        count += delta
+        if out and out[-1][0] == t:
+            out[-1][1] = count
+        else:
+            out.append([t, count])
+    return out
+
+
+def bin_curve(points: list[list[float]], end: float, bins: int) -> list[list[float]]:
+    """A step curve as [bin start, time-weighted mean over the bin] for ``bins`` equal bins of [0, end]."""
+    if not points or end <= 0:
+        return []
+    width = end / bins
+    sums = [0.0] * bins
+    for i, (t, value) in enumerate(points):
+        until = points[i + 1][0] if i + 1 < len(points) else end
+        t, until = max(t, 0.0), min(until, end)
+        b = min(int(t / width), bins - 1)
+        while t < until and b < bins:
+            bin_end = until if b == bins - 1 else min(until, (b + 1) * width)
+            if bin_end > t:
+                sums[b] += value * (bin_end - t)
+                t = bin_end
+            b += 1
+    return [[round(b * width, 4), round(s / width, 4)] for b, s in enumerate(sums)]
+
+
+def _compact(points: list[list[float]], end: float, max_points: int) -> tuple[list[list[float]], float | None]:
+    if len(points) <= max_points:
+        return [[round(t, 4), int(v)] for t, v in points], None
+    bins = max_points // 2
+    return bin_curve(points, end, bins), round(end / bins, 6)
+
+
+def shard_timeline(rows: list[dict[str, Any]], shards: int, key_type: str = "Vm",
+                   max_intervals: int = TIMELINE_MAX_INTERVALS,
+                   max_points: int = TIMELINE_MAX_POINTS) -> dict[str, Any] | None:
+    """What the utilisation timeline plot shows, from task rows (``task_rows``: key_id, created, started, ended).
+
+    Times are seconds since the first ``created_at``. Each task that ran is
+    attributed to ``router.shard_for(OrderingKey(key_type, key_id), shards)``:
+    the table does not record the shard, and that is how standalone routes.
+    ``consistent`` says whether that attribution holds up (no two tasks of one
+    shard overlap). Per shard: its busy intervals (merged where they touch,
+    and, beyond ``max_intervals``, where they are closer than the window over
+    ``max_intervals``: the JSON stays small, the plot loses nothing it could
+    draw), and its busy seconds and task count (exact). ``running``: tasks
+    between time_started and time_ended; ``waiting``: between created_at and
+    time_started; both step curves [t, count], or, with more than
+    ``max_points`` points, time-weighted means over equal bins (``*_bin_s``).
+    """
+    from taskomatic.runtime.router import OrderingKey, shard_for
+
+    ran = [r for r in rows if r["started"] is not None and r["ended"] is not None]
+    if not ran:
+        return None
+    t0 = min(r["created"] for r in rows)
+    end = max(r["ended"] for r in ran) - t0
+    by_shard: dict[int, list[tuple[float, float]]] = defaultdict(list)
+    for r in ran:
+        by_shard[shard_for(OrderingKey(key_type, r["key_id"]), shards)].append((r["started"] - t0, r["ended"] - t0))
+    consistent = all(serial_ok(v) for v in by_shard.values())
+    gap = 0.0
+    if max(len(v) for v in by_shard.values()) > max_intervals:
+        gap = end / max_intervals
+    busy = []
+    for i in range(shards):
+        merged = merge_intervals(by_shard.get(i, []), gap)
+        busy.append([[round(s, 4), round(e, 4)] for s, e in merged])
+    running, running_bin = _compact(step_curve([(r["started"] - t0, 1) for r in ran]
+                                               + [(r["ended"] - t0, -1) for r in ran]), end, max_points)
+    waiting, waiting_bin = _compact(step_curve([(r["created"] - t0, 1) for r in ran]
+                                               + [(r["started"] - t0, -1) for r in ran]), end, max_points)
+    return {
+        "shards": shards,
+        "attributed_by": "router.shard_for",
+        "consistent": consistent,
+        "t0_epoch": t0,
+        "end_s": round(end, 4),
+        "first_start_s": round(min(r["started"] for r in ran) - t0, 4),
+        "merge_gap_s": round(gap, 6),
+        "busy": busy,
+        "busy_s": [round(sum(e - s for s, e in by_shard.get(i, [])), 4) for i in range(shards)],
+        "tasks_per_shard": [len(by_shard.get(i, [])) for i in range(shards)],
+        "running": running,
+        "running_bin_s": running_bin,
+        "waiting": waiting,
+        "waiting_bin_s": waiting_bin,
+    }

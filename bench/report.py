@@ -13,7 +13,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
-PLOTS = ("throughput_vs_shards.png", "latency_cdf.png", "makespan_ratio.png")
+PLOTS = ("throughput_vs_shards.png", "latency_cdf.png", "makespan_ratio.png", "utilisation_timeline.png",
+         "utilisation_timeline_lifecycle.png")
+# The representative run of the timeline plot: the first of these workloads that has
+# one, preferring 4 shards (the quick suite's default), else the run with the most.
+TIMELINE_PREFERENCE = ("heavy-zipf", "heavy-uniform", "sleep20-zipf", "lifecycle-zipf", "sleep20-uniform",
+                       "lifecycle-uniform")
+TIMELINE_SHARDS = 4
+BASELINES_NOTE = ("The baselines (the original poll loop and the SKIP LOCKED pool) do not run the lifecycle "
+                  "workloads: they only know the bench's noop and sleep actions, so these runs have no baseline "
+                  "figures and no ratios.")
 
 
 def _fmt(value: Any, spec: str = ".1f", missing: str = "-") -> str:
@@ -93,13 +102,20 @@ def markdown(results: dict[str, Any], plots: list[str]) -> str:
             f"* every task finished: **{checks['all_tasks_finished']}**",
             f"* per-key order held in every taskomatic run (SQL check): **{checks['taskomatic_order_ok']}**",
             f"* per-key order held by the runners that promise it (taskomatic, original): "
-            f"**{checks['ordered_runners_order_ok']}** (the SKIP LOCKED pool promises none; its count is shown)",
-            _foreign_line(results), ""]
+            f"**{checks['ordered_runners_order_ok']}** (the SKIP LOCKED pool promises none; its count is shown)"]
+    if "lifecycle_consistent" in checks:
+        out.append(f"* lifecycle runs: every task finished once, VM rows agree with their last task and with the "
+                   f"libvirt domains on the nodes: **{checks['lifecycle_consistent']}**")
+    out += [_foreign_line(results), ""]
     out += ["## Workloads", "", "| workload | what | total work s | heaviest key work s | tasks on hottest key |",
             "|---|---|---|---|---|"]
     for w in results["workloads"]:
-        out.append(f"| {w['name']} | {w['description']} | {w['total_work_s']:.2f} | {w['heaviest_key_work_s']:.2f} "
-                   f"| {w['heaviest_key_tasks']} |")
+        out.append(f"| {w['name']} | {w['description']} | {_fmt(w['total_work_s'], '.2f', 'measured')} "
+                   f"| {_fmt(w['heaviest_key_work_s'], '.2f', 'measured')} | {w['heaviest_key_tasks']} |")
+    if any(w.get("work_measured") for w in results["workloads"]):
+        out += ["", "Lifecycle workloads: the work of a real VM action is not known in advance; each run's lower "
+                "bound is computed from the measured time_started -> time_ended of its tasks (section below). "
+                + BASELINES_NOTE]
     out += ["", "## Results", "",
             "xorig and xpool: this run's figure divided by the same figure of the original design and of the "
             "SKIP LOCKED pool with the same number of workers (or its largest), measured in this suite run "
@@ -110,7 +126,9 @@ def markdown(results: dict[str, Any], plots: list[str]) -> str:
             "process under it, the bench's own progress queries included) per 1,000 tasks, from the first "
             "insert to the last end.", "", summary_table(results), ""]
     out += _scaling_section(results)
+    out += _lifecycle_section(results)
     out += _utilisation_section(results)
+    out += _timeline_section(results)
     out += _rss_section(results)
     if plots:
         out += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
@@ -133,8 +151,8 @@ def _foreign_line(results: dict[str, Any]) -> str:
         return "* other load on the machine: not measured"
     worst = max(v for v, _ in shares)
     suspect = [f"{r['workload']} / {r['label']} ({v:.0%})" for v, r in shares if v >= FOREIGN_LOAD_WARN]
-    text = (f"* other processes' CPU during the runs (machine busy time minus runner, PostgreSQL and bench), "
-            f"as a share of all cores: at most **{worst:.0%}**")
+    text = (f"* other processes' CPU during the runs (machine busy time minus runner, PostgreSQL, libvirt nodes "
+            f"and bench), as a share of all cores: at most **{worst:.0%}**")
     if suspect:
         text += f"; runs disturbed by more than {FOREIGN_LOAD_WARN:.0%}: " + ", ".join(suspect)
     return text
@@ -188,6 +206,123 @@ def _utilisation_section(results: dict[str, Any]) -> list[str]:
     notes = {r["utilisation"]["per_shard_note"] for r in results["runs"]
              if r.get("utilisation", {}).get("per_shard_note")}
     lines += [""] + [f"Note: {n}." for n in sorted(notes)] + [""]
+    return lines
+
+
+def _lifecycle_section(results: dict[str, Any]) -> list[str]:
+    runs = [r for r in results["runs"] if "lifecycle" in r]
+    if not runs:
+        return []
+    lines = ["## VM lifecycle on libvirt test nodes", "",
+             "Two private libvirt nodes (a session libvirtd each, libvirt's test driver), one TEST host row "
+             "each, and VMs 1..N; the tasks are a seeded mix of create/start/suspend/resume/save/restore/"
+             "migrate/shutdown/poweroff, each valid from the state its VM's earlier tasks leave it in. "
+             + BASELINES_NOTE, "",
+             "Work = the measured time_started -> time_ended of each task (the action itself); "
+             "LB = max(heaviest VM's measured work, total measured work / shards). Makespan = last time_ended - "
+             "first created_at. Per-task time outside the action (claim, dispatch, precondition reads, state "
+             "writes) is not work, so with actions this short the ratio mostly shows that overhead.", "",
+             "| workload | runner | tasks/s | p50 / p99 ms | total work s | heaviest VM work s (tasks) | LB s "
+             "| makespan s | makespan/LB | runner / PG / libvirtd CPU s per 1k | checks |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        work = r.get("measured_work") or {}
+        lat = r.get("latency_ms") or {}
+        cpu = r.get("cpu") or {}
+        lc = r["lifecycle"]
+        if lc["ok"]:
+            checks = (f"ok: {lc['tasks'].get('failed', 0)} failed, {lc['vms']} VM rows = libvirt "
+                      f"({lc['domains']} domains)")
+        else:
+            checks = (f"**FAILED**: {lc['tasks']}, {lc['vm_mismatches']} VM rows disagree"
+                      + (f", libvirt: {lc['libvirt_error']}" if lc.get("libvirt_error") else ""))
+        lines.append(
+            f"| {r['workload']} | {r['label']} | {_fmt(r.get('throughput_tps'), ',.0f')} "
+            f"| {_fmt(lat.get('p50'))} / {_fmt(lat.get('p99'))} | {_fmt(work.get('total_s'), '.2f')} "
+            f"| {_fmt(work.get('heaviest_key_s'), '.3f')} ({work.get('heaviest_key_tasks', '-')}) "
+            f"| {_fmt(r.get('lower_bound_s'), '.2f')} | {_fmt(r.get('makespan_s'), '.2f')} "
+            f"| {_fmt(r.get('makespan_ratio'), '.2f')} | {_fmt(cpu.get('runner_s_per_1k'), '.2f')} / "
+            f"{_fmt(cpu.get('postgres_s_per_1k'), '.2f')} / {_fmt(cpu.get('nodes_s_per_1k'), '.2f')} | {checks} |")
+    for r in runs:
+        for example in r["lifecycle"].get("vm_mismatch_examples") or []:
+            lines.append(f"\n* {r['workload']} / {r['label']}: VM {example['vm']}: {example['why']}")
+        for failure in r["lifecycle"].get("failures") or []:
+            lines.append(f"\n* {r['workload']} / {r['label']}: task {failure['id']} ({failure['action']} "
+                         f"VM {failure['vm']}) failed: {failure['message']}")
+    actions = _ordered_actions(runs)
+    lines += ["", "Action durations (time_started -> time_ended), ms: count, mean, p95.", "",
+              "| workload | runner | " + " | ".join(actions) + " |", "|---|---|" + "---|" * len(actions)]
+    for r in runs:
+        per = r.get("action_ms") or {}
+        cells = [f"{per[a]['count']}: {per[a]['mean_ms']:.1f}, {per[a]['p95_ms']:.1f}" if a in per else "-"
+                 for a in actions]
+        lines.append(f"| {r['workload']} | {r['label']} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
+def _ordered_actions(runs: list[dict[str, Any]]) -> list[str]:
+    from bench.workloads import LIFECYCLE_ACTIONS
+
+    seen = {a for r in runs for a in (r.get("action_ms") or {})}
+    return [a for a in LIFECYCLE_ACTIONS if a in seen] + sorted(seen - set(LIFECYCLE_ACTIONS))
+
+
+def timeline_runs(results: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(plot file, run) for the timeline plots: the representative run, and a lifecycle run if it is not one."""
+    with_timeline = [r for r in results["runs"] if r.get("timeline")]
+    if not with_timeline:
+        return []
+
+    def pick(candidates: list[dict[str, Any]]) -> dict[str, Any]:
+        preferred = [r for r in candidates if r["parallelism"] == TIMELINE_SHARDS]
+        return preferred[0] if preferred else max(candidates, key=lambda r: r["parallelism"])
+
+    chosen = None
+    for workload in TIMELINE_PREFERENCE:
+        candidates = [r for r in with_timeline if r["workload"] == workload]
+        if candidates:
+            chosen = pick(candidates)
+            break
+    if chosen is None:
+        chosen = pick([r for r in with_timeline if r["workload"] == with_timeline[0]["workload"]])
+    out = [(PLOTS[3], chosen)]
+    if "lifecycle" not in chosen:
+        for workload in ("lifecycle-zipf", "lifecycle-uniform"):
+            candidates = [r for r in with_timeline if r["workload"] == workload]
+            if candidates:
+                out.append((PLOTS[4], pick(candidates)))
+                break
+    return out
+
+
+def _timeline_section(results: dict[str, Any]) -> list[str]:
+    chosen = timeline_runs(results)
+    if not chosen:
+        return []
+    lines = ["## Utilisation timeline", "",
+             "One row per shard with its busy intervals (time_started -> time_ended of its tasks), and the tasks "
+             "running and waiting (created_at -> time_started) over time, in seconds since the first task was "
+             "queued. The tasks table does not record the shard: each task is attributed to "
+             "router.shard_for(OrderingKey(key type, key id), shards), exactly how standalone routes; the "
+             "attribution is checked (no two tasks of one shard overlap).", ""]
+    for name, r in chosen:
+        tl = r["timeline"]
+        end = tl["end_s"]
+        lines += [f"**{r['workload']} / {r['label']}** (`{name}`): makespan {end:.2f} s, lower bound "
+                  f"{_fmt(r.get('lower_bound_s'), '.2f')} s ({r.get('lower_bound_from', 'planned work')}), "
+                  f"attribution {'consistent' if tl['consistent'] else 'INCONSISTENT (routing is not only by hash)'}.",
+                  "", "| shard | tasks | busy s | busy share of the makespan | last task ended at s |",
+                  "|---|---|---|---|---|"]
+        for i in range(tl["shards"]):
+            last = tl["busy"][i][-1][1] if tl["busy"][i] else None
+            share = tl["busy_s"][i] / end if end > 0 else None
+            lines.append(f"| {i} | {tl['tasks_per_shard'][i]} | {tl['busy_s'][i]:.2f} | {_fmt(share, '.0%')} "
+                         f"| {_fmt(last, '.2f')} |")
+        lasts = [b[-1][1] for b in tl["busy"] if b]
+        if len(lasts) > 1:
+            lines.append(f"\nThe first shard to run out of work did at {min(lasts):.2f} s, the last at "
+                         f"{max(lasts):.2f} s.")
+        lines.append("")
     return lines
 
 
@@ -300,7 +435,74 @@ def plot(results: dict[str, Any], out: Path) -> list[Path]:
         ax.legend(fontsize=7)
         fig.tight_layout()
         written.append(_save(fig, out / PLOTS[2]))
+    for name, run in timeline_runs(results):
+        written.append(_save(timeline_figure(run), out / name))
     return written
+
+
+def timeline_figure(run: dict[str, Any]) -> Any:
+    """Per-shard busy intervals (one row each) above the tasks running and waiting over time."""
+    import matplotlib.pyplot as plt
+
+    tl = run["timeline"]
+    shards = tl["shards"]
+    fig, (top, bottom) = plt.subplots(
+        2, 1, sharex=True, figsize=(10, 2.6 + 0.32 * shards + 2.2),
+        gridspec_kw={"height_ratios": [max(1.5, 0.32 * shards), 2.0]})
+    for i in range(shards):
+        bars = [(s, e - s) for s, e in tl["busy"][i]]
+        if bars:
+            top.broken_barh(bars, (i - 0.4, 0.8), facecolors="tab:blue", linewidth=0)
+    top.set_yticks(range(shards))
+    top.set_yticklabels([f"shard {i} ({tl['tasks_per_shard'][i]})" for i in range(shards)], fontsize=8)
+    top.set_ylim(shards - 0.5, -0.5)
+    for ax in (top, bottom):
+        if run.get("lower_bound_s"):
+            ax.axvline(run["lower_bound_s"], color="green", linestyle=":", linewidth=1)
+        ax.axvline(tl["end_s"], color="black", linestyle="--", linewidth=0.8)
+        ax.grid(True, axis="x", alpha=0.3)
+    top.set_title(f"{run['workload']} / {run['label']}: busy time per shard (tasks in brackets; attributed by "
+                  f"router.shard_for{'' if tl['consistent'] else ', INCONSISTENT'})", fontsize=10)
+    running = tl["running"]
+    label = "running" + (f" (mean per {tl['running_bin_s'] * 1000:.0f} ms)" if tl.get("running_bin_s") else "")
+    if running:
+        bottom.step([p[0] for p in running], [p[1] for p in running], where="post", color="tab:blue",
+                    linewidth=0.6, alpha=0.45, label=label)
+        if not tl.get("running_bin_s") and tl["end_s"] > 0:
+            # Short tasks make the exact curve a comb: a time-weighted mean over 1/100 of the run reads better.
+            from bench.measure import bin_curve
+
+            bins = 100
+            mean = bin_curve(running, tl["end_s"], bins)
+            bottom.step([p[0] for p in mean] + [tl["end_s"]], [p[1] for p in mean] + [mean[-1][1]], where="post",
+                        color="tab:blue", linewidth=1.8,
+                        label=f"running, mean per {tl['end_s'] / bins * 1000:.0f} ms")
+    bottom.axhline(shards, color="tab:blue", linestyle=":", linewidth=0.8, label=f"shards ({shards})")
+    bottom.set_ylabel("tasks running")
+    bottom.set_ylim(0, shards * 1.15 + 0.5)
+    bottom.set_xlabel("seconds since the first task was queued")
+    waiting = tl.get("waiting") or []
+    handles, labels = bottom.get_legend_handles_labels()
+    if waiting:
+        twin = bottom.twinx()
+        wlabel = "waiting (right axis)" + (f", mean per {tl['waiting_bin_s'] * 1000:.0f} ms"
+                                           if tl.get("waiting_bin_s") else "")
+        twin.step([p[0] for p in waiting], [p[1] for p in waiting], where="post", color="tab:grey",
+                  linestyle="--", linewidth=1, label=wlabel)
+        twin.set_ylabel("tasks waiting")
+        twin.set_ylim(bottom=0)
+        more_handles, more_labels = twin.get_legend_handles_labels()
+        handles, labels = handles + more_handles, labels + more_labels
+    from matplotlib.lines import Line2D
+
+    handles += [Line2D([], [], color="black", linestyle="--", linewidth=0.8)]
+    labels += [f"makespan {tl['end_s']:.2f} s"]
+    if run.get("lower_bound_s"):
+        handles += [Line2D([], [], color="green", linestyle=":", linewidth=1)]
+        labels += [f"lower bound {run['lower_bound_s']:.2f} s"]
+    bottom.legend(handles, labels, fontsize=7, loc="upper right")
+    fig.tight_layout()
+    return fig
 
 
 def _save(fig: Any, path: Path) -> Path:

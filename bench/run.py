@@ -36,10 +36,18 @@ from typing import Any
 import psycopg2
 import psycopg2.extensions
 
-from bench import measure
+from bench import lifecycle, measure
 from bench.plugin import write_dist_info
 from bench.runners import REPO, Runner, RunnerFailed, RunnerSpec
-from bench.workloads import PlannedTask, Workload, generate, lower_bound, work_stats
+from bench.workloads import (
+    PlannedTask,
+    Workload,
+    generate,
+    lifecycle_final_states,
+    lower_bound,
+    measured_work_stats,
+    work_stats,
+)
 
 RESULTS_DIR = REPO / "bench" / "results"
 TEMPLATE_DB = "bench_template"
@@ -60,10 +68,16 @@ def _runners(shards: list[int], pool: list[int]) -> tuple[RunnerSpec, ...]:
             *(RunnerSpec("taskomatic", n) for n in shards))
 
 
+def _daemon_only(shards: list[int]) -> tuple[RunnerSpec, ...]:
+    """The lifecycle workloads: real VM actions, which the baselines (noop/sleep only) cannot run."""
+    return tuple(RunnerSpec("taskomatic", n) for n in shards)
+
+
 def suite(name: str) -> list[Entry]:
     """The workloads and runners of a suite (see bench/README.md for why these sizes)."""
     if name == "smoke":
-        return [Entry(Workload("noop-uniform", 200, 20), _runners([1, 2], [2]))]
+        return [Entry(Workload("noop-uniform", 200, 20), _runners([1, 2], [2])),
+                Entry(Workload("lifecycle-uniform", 60, 10, latency="lifecycle"), _daemon_only([2]))]
     if name == "quick":
         scale, default = [1, 2, 4], [4]
         return [
@@ -75,6 +89,8 @@ def suite(name: str) -> list[Entry]:
             Entry(Workload("heavy-uniform", 200, 100, latency="heavy", base_ms=20), _runners(default, default)),
             Entry(Workload("steady-idle", 100, 100, arrival="steady", rate=25), _runners(default, default)),
             Entry(Workload("steady-loaded", 1500, 400, arrival="steady", rate=300), _runners(default, default)),
+            Entry(Workload("lifecycle-uniform", 1000, 100, latency="lifecycle"), _daemon_only([1, 4])),
+            Entry(Workload("lifecycle-zipf", 1000, 100, "zipf", latency="lifecycle"), _daemon_only(default)),
         ]
     if name == "full":
         scale, default = [1, 2, 4, 8, 16], [4, 16]
@@ -89,6 +105,8 @@ def suite(name: str) -> list[Entry]:
                   _runners(default, default)),
             Entry(Workload("steady-idle", 300, 300, arrival="steady", rate=25), _runners([4], [4])),
             Entry(Workload("steady-loaded", 6000, 500, arrival="steady", rate=500), _runners([4], [4])),
+            Entry(Workload("lifecycle-uniform", 5000, 500, latency="lifecycle"), _daemon_only([1, 2, 4, 8, 16])),
+            Entry(Workload("lifecycle-zipf", 5000, 500, "zipf", latency="lifecycle"), _daemon_only(default)),
         ]
     raise ValueError(f"unknown suite {name!r}")
 
@@ -252,8 +270,13 @@ def _role(leader: int, kind: str) -> Callable[[int, str], str]:
     return role
 
 
+LIFECYCLE_TASK_S = 0.2  # a generous serial estimate of one lifecycle task, for the run's timeout
+
+
 def _timeout_for(workload: Workload, tasks: list[PlannedTask]) -> float:
     serial = sum(t.ms for t in tasks) / 1000.0
+    if workload.work_measured:
+        serial += LIFECYCLE_TASK_S * len(tasks)
     arrival = workload.tasks / workload.rate if workload.arrival == "steady" else 0.0
     return 60.0 + arrival + 3.0 * serial + workload.tasks / 50.0
 
@@ -262,59 +285,103 @@ def execute_run(ctx: Context, workload: Workload, tasks: list[PlannedTask], spec
                 index: int) -> dict[str, Any]:
     result: dict[str, Any] = {"workload": workload.name, "runner": spec.kind, "parallelism": spec.parallelism,
                               "label": spec.label, "complete": False, "error": None}
+    if workload.needs_libvirt and spec.is_baseline:
+        raise ValueError(f"{workload.name}: {spec.label} cannot run real VM actions (it knows noop and sleep only)")
     run_dir = ctx.work_dir / f"run{index:02d}-{workload.name}-{spec.kind}{spec.parallelism}"
     timeout = ctx.run_timeout or _timeout_for(workload, tasks)
     with fresh_database(ctx.server_dsn) as dsn:
-        runner = Runner(spec, dsn, run_dir, ctx.plugin_path, ctx.baseline_poll, ctx.daemon_settings)
-        ctx.on_runner(runner)
-        conn = psycopg2.connect(dsn, application_name="bench")
+        nodes = lifecycle.Nodes(lifecycle.short_dir(ctx.work_dir, index)) if workload.needs_libvirt else None
         try:
-            result["ready_s"] = round(runner.wait_ready(), 3)
-            stats = measure.all_stats()
-            runner_before = measure.cpu_snapshot(measure.group_members(runner.pid, stats))
-            pg_before = measure.cpu_snapshot(measure.tree_members(ctx.postmaster_pid, stats))
-            machine_before, self_before = measure.machine_busy_seconds(), measure.self_cpu_seconds()
-            wall_start = time.monotonic()
-            ended = _feed_and_wait(ctx, conn, workload, tasks, runner, timeout)
-            wall = time.monotonic() - wall_start
-            machine_busy = measure.machine_busy_seconds() - machine_before
-            bench_cpu = measure.self_cpu_seconds() - self_before
-            result["wall_s"] = round(wall, 3)
-            stats = measure.all_stats()
-            runner_members = measure.group_members(runner.pid, stats)
-            pg_members = measure.tree_members(ctx.postmaster_pid, stats)
-            runner_cpu = measure.cpu_seconds(runner_before, measure.cpu_snapshot(runner_members))
-            pg_cpu = measure.cpu_seconds(pg_before, measure.cpu_snapshot(pg_members))
-            result["rss"] = {
-                "runner": measure.peak_rss(runner_members, _role(runner.pid, spec.kind)),
-                "postgres": measure.peak_rss(pg_members, _role(ctx.postmaster_pid, "postgres")),
-            }
-            result["cpu"] = {
-                "runner_s": round(runner_cpu, 3), "postgres_s": round(pg_cpu, 3),
-                "runner_s_per_1k": round(runner_cpu / workload.tasks * 1000, 4),
-                "postgres_s_per_1k": round(pg_cpu / workload.tasks * 1000, 4),
-                "bench_s": round(bench_cpu, 3),
-                "machine_busy_s": round(machine_busy, 3),
-                # Whatever else ran on the machine meanwhile: when this is a large share of
-                # the machine, the run's figures are disturbed by foreign load.
-                "other_s": round(max(0.0, machine_busy - runner_cpu - pg_cpu - bench_cpu), 3),
-                "other_share": round(max(0.0, machine_busy - runner_cpu - pg_cpu - bench_cpu)
-                                     / (wall * (os.cpu_count() or 1)), 4) if wall > 0 else None,
-            }
-            if not ended:
-                result["error"] = f"not every task ended within {timeout:.0f}s"
-        except RunnerFailed as exc:
-            result["error"] = str(exc)
+            settings = ctx.daemon_settings
+            host_ids: list[int] = []
+            if nodes is not None:
+                try:
+                    nodes.start()
+                except Exception as exc:
+                    result["error"] = f"libvirt nodes did not start: {exc}"
+                    result.update(analyse(_connect(dsn), workload, tasks, spec, close=True))
+                    return result
+                host_ids = lifecycle.seed_database(dsn, nodes.uris, workload.keys)
+                settings = [*nodes.daemon_settings(), *ctx.daemon_settings]  # --set given to the bench wins
+            _run_one(ctx, workload, tasks, spec, run_dir, dsn, settings, timeout, nodes, host_ids, result)
         finally:
-            code = runner.stop()
-            ctx.on_runner(None)
-            result["runner_exit_code"] = code
-        if result["error"] is None and code != 0:
-            result["error"] = f"{spec.label} exited with {code} on SIGTERM:\n{runner.log_tail()}"
-        result.update(analyse(conn, workload, tasks, spec))
-        result["complete"] = result["error"] is None and result["tasks"]["finished"] == workload.tasks
-        conn.close()
+            if nodes is not None:
+                try:
+                    nodes.stop()
+                except RuntimeError as exc:
+                    result["error"] = result["error"] or str(exc)
+                    result["complete"] = False
     return result
+
+
+def _connect(dsn: str) -> Any:
+    return psycopg2.connect(dsn, application_name="bench")
+
+
+def _run_one(ctx: Context, workload: Workload, tasks: list[PlannedTask], spec: RunnerSpec, run_dir: Path,
+             dsn: str, settings: list[str], timeout: float, nodes: lifecycle.Nodes | None, host_ids: list[int],
+             result: dict[str, Any]) -> None:
+    runner = Runner(spec, dsn, run_dir, ctx.plugin_path, ctx.baseline_poll, settings)
+    ctx.on_runner(runner)
+    conn = _connect(dsn)
+    try:
+        result["ready_s"] = round(runner.wait_ready(), 3)
+        stats = measure.all_stats()
+        runner_before = measure.cpu_snapshot(measure.group_members(runner.pid, stats))
+        pg_before = measure.cpu_snapshot(measure.tree_members(ctx.postmaster_pid, stats))
+        nodes_before = measure.cpu_snapshot(lifecycle.node_cpu_members(nodes.pids, stats)) if nodes else {}
+        machine_before, self_before = measure.machine_busy_seconds(), measure.self_cpu_seconds()
+        wall_start = time.monotonic()
+        ended = _feed_and_wait(ctx, conn, workload, tasks, runner, timeout)
+        wall = time.monotonic() - wall_start
+        machine_busy = measure.machine_busy_seconds() - machine_before
+        bench_cpu = measure.self_cpu_seconds() - self_before
+        result["wall_s"] = round(wall, 3)
+        stats = measure.all_stats()
+        runner_members = measure.group_members(runner.pid, stats)
+        pg_members = measure.tree_members(ctx.postmaster_pid, stats)
+        runner_cpu = measure.cpu_seconds(runner_before, measure.cpu_snapshot(runner_members))
+        pg_cpu = measure.cpu_seconds(pg_before, measure.cpu_snapshot(pg_members))
+        nodes_cpu = (measure.cpu_seconds(nodes_before, measure.cpu_snapshot(lifecycle.node_cpu_members(nodes.pids,
+                                                                                                      stats)))
+                     if nodes else 0.0)
+        result["rss"] = {
+            "runner": measure.peak_rss(runner_members, _role(runner.pid, spec.kind)),
+            "postgres": measure.peak_rss(pg_members, _role(ctx.postmaster_pid, "postgres")),
+        }
+        other = max(0.0, machine_busy - runner_cpu - pg_cpu - nodes_cpu - bench_cpu)
+        result["cpu"] = {
+            "runner_s": round(runner_cpu, 3), "postgres_s": round(pg_cpu, 3),
+            "runner_s_per_1k": round(runner_cpu / workload.tasks * 1000, 4),
+            "postgres_s_per_1k": round(pg_cpu / workload.tasks * 1000, 4),
+            "bench_s": round(bench_cpu, 3),
+            "machine_busy_s": round(machine_busy, 3),
+            # Whatever else ran on the machine meanwhile: when this is a large share of
+            # the machine, the run's figures are disturbed by foreign load.
+            "other_s": round(other, 3),
+            "other_share": round(other / (wall * (os.cpu_count() or 1)), 4) if wall > 0 else None,
+        }
+        if nodes is not None:
+            # The libvirt nodes' daemons (their process groups): the test driver's side of the work.
+            result["cpu"]["nodes_s"] = round(nodes_cpu, 3)
+            result["cpu"]["nodes_s_per_1k"] = round(nodes_cpu / workload.tasks * 1000, 4)
+        if not ended:
+            result["error"] = f"not every task ended within {timeout:.0f}s"
+    except RunnerFailed as exc:
+        result["error"] = str(exc)
+    finally:
+        code = runner.stop()
+        ctx.on_runner(None)
+        result["runner_exit_code"] = code
+    if result["error"] is None and code != 0:
+        result["error"] = f"{spec.label} exited with {code} on SIGTERM:\n{runner.log_tail()}"
+    result.update(analyse(conn, workload, tasks, spec))
+    result["complete"] = result["error"] is None and result["tasks"]["finished"] == workload.tasks
+    if nodes is not None:
+        # With the daemon stopped and the nodes still up: what it left in the tables and on the nodes.
+        result["lifecycle"] = lifecycle.check(conn, nodes.uris, host_ids,
+                                              lifecycle_final_states(tasks, workload.keys))
+    conn.close()
 
 
 def _feed_and_wait(ctx: Context, conn: Any, workload: Workload, tasks: list[PlannedTask], runner: Runner,
@@ -350,10 +417,13 @@ def _feed_and_wait(ctx: Context, conn: Any, workload: Workload, tasks: list[Plan
         time.sleep(STEADY_TICK if inserted < len(tasks) else PROGRESS_INTERVAL / 4)
 
 
-def analyse(conn: Any, workload: Workload, tasks: list[PlannedTask], spec: RunnerSpec) -> dict[str, Any]:
+def analyse(conn: Any, workload: Workload, tasks: list[PlannedTask], spec: RunnerSpec,
+            close: bool = False) -> dict[str, Any]:
     """Every figure that comes from the tasks table."""
     rows = measure.task_rows(conn)
     order = measure.order_check(conn)
+    if close:
+        conn.close()
     counts: dict[str, int] = defaultdict(int)
     for r in rows:
         counts[r["state"]] += 1
@@ -381,17 +451,31 @@ def analyse(conn: Any, workload: Workload, tasks: list[PlannedTask], spec: Runne
     out["latency_cdf_ms"] = measure.cdf_points(latencies)
     runs = [(r["ended"] - r["started"]) * 1000.0 for r in ran]
     out["run_ms_mean"] = _round(sum(runs) / len(runs))
-    stats = work_stats(tasks)
     out["makespan_s"] = round(last_end - first_created, 4)
+    if workload.work_measured:
+        # Work not known in advance (real VM actions): the bound is computed from each
+        # task's measured time_started -> time_ended, per key and in all.
+        stats = measured_work_stats([(r["key_id"], r["ended"] - r["started"]) for r in ran])
+        out["measured_work"] = {"total_s": round(stats.total_s, 4), "heaviest_key_s": round(stats.heaviest_key_s, 4),
+                                "heaviest_key_tasks": stats.heaviest_key_tasks,
+                                "longest_task_s": round(stats.longest_task_s, 4),
+                                "distinct_keys": stats.distinct_keys}
+        out["action_ms"] = lifecycle.action_durations(ran)
+    else:
+        stats = work_stats(tasks)
     if workload.has_work:
         bound = lower_bound(stats, spec.parallelism, keyed=spec.keeps_order)
         out["lower_bound_s"] = round(bound, 4)
-        out["makespan_ratio"] = round((last_end - first_created) / bound, 4)
+        out["lower_bound_from"] = "measured durations" if workload.work_measured else "planned work"
+        out["makespan_ratio"] = round((last_end - first_created) / bound, 4) if bound > 0 else None
     busy = sum(r["ended"] - r["started"] for r in ran)
     out["utilisation"] = {"pool": round(busy / (spec.parallelism * span), 4) if span > 0 else None,
                           "per_shard": None, "per_shard_note": None}
     if spec.kind == "taskomatic":
         out["utilisation"].update(_per_shard(ran, spec.parallelism, first_start, span))
+        if workload.has_work:
+            # The busy intervals per shard and the tasks running over time, for the timeline plot.
+            out["timeline"] = measure.shard_timeline(rows, spec.parallelism)
     return out
 
 
@@ -521,11 +605,21 @@ def run_suite(args: argparse.Namespace) -> dict[str, Any]:
     add_ratios(runs)
     workloads = []
     for entry in entries:
-        stats = work_stats(plans[entry.workload.name])
-        workloads.append({**entry.workload.to_json(), "total_work_s": round(stats.total_s, 4),
-                          "heaviest_key_work_s": round(stats.heaviest_key_s, 4),
-                          "heaviest_key_tasks": stats.heaviest_key_tasks, "distinct_keys": stats.distinct_keys})
+        plan = plans[entry.workload.name]
+        stats = work_stats(plan)
+        described = {**entry.workload.to_json(), "total_work_s": round(stats.total_s, 4),
+                     "heaviest_key_work_s": round(stats.heaviest_key_s, 4),
+                     "heaviest_key_tasks": stats.heaviest_key_tasks, "distinct_keys": stats.distinct_keys,
+                     "runners": [spec.label for spec in entry.runners]}
+        if entry.workload.work_measured:
+            # Not known before the run: each run has its measured_work.
+            described.update(total_work_s=None, heaviest_key_work_s=None, work_measured=True,
+                             actions=dict(sorted(_count(t.action for t in plan).items())),
+                             baselines="not run: the original design and the SKIP LOCKED pool know only the "
+                                       "bench's noop and sleep actions")
+        workloads.append(described)
     daemon_runs = [r for r in runs if r["runner"] == "taskomatic"]
+    lifecycle_runs = [r for r in runs if "lifecycle" in r]
     ordered_runs = [r for r in runs if r["runner"] != "pool"]
     return {
         "schema": SCHEMA_VERSION,
@@ -536,7 +630,8 @@ def run_suite(args: argparse.Namespace) -> dict[str, Any]:
         "machine": machine,
         "settings": {"baseline_poll_s": args.baseline_poll, "daemon_settings": args.set or [],
                      "daemon_config": daemon_config(args.set or []),
-                     "progress_poll_s": PROGRESS_INTERVAL, "command": " ".join(sys.argv)},
+                     "progress_poll_s": PROGRESS_INTERVAL, "command": " ".join(sys.argv),
+                     "lifecycle_daemon_settings": ["save_dir=<the run's node directory>/save (mode 0777)"]},
         "workloads": workloads,
         "runs": runs,
         "checks": {
@@ -545,8 +640,17 @@ def run_suite(args: argparse.Namespace) -> dict[str, Any]:
                                       for r in runs),
             "taskomatic_order_ok": all(r.get("order", {}).get("ok") for r in daemon_runs),
             "ordered_runners_order_ok": all(r.get("order", {}).get("ok") for r in ordered_runs),
+            # Lifecycle runs: every task finished once, VM rows agree with the plan and with libvirt.
+            "lifecycle_consistent": all(r["lifecycle"]["ok"] for r in lifecycle_runs),
         },
     }
+
+
+def _count(values: Any) -> dict[str, int]:
+    counts: dict[str, int] = defaultdict(int)
+    for v in values:
+        counts[v] += 1
+    return dict(counts)
 
 
 def daemon_config(overrides: list[str]) -> dict[str, Any]:
@@ -591,7 +695,8 @@ def main(argv: list[str] | None = None) -> int:
                        help="the quick suite (default; under 5 minutes on 2 cores)")
     which.add_argument("--full", dest="suite", action="store_const", const="full", help="the full suite")
     which.add_argument("--smoke", dest="suite", action="store_const", const="smoke",
-                       help="a tiny run for CI: 200 noop tasks, 20 keys, shards 1 and 2, both baselines")
+                       help="a tiny run for CI: 200 noop tasks, 20 keys, shards 1 and 2, both baselines; "
+                            "60 lifecycle tasks on 10 VMs, 2 shards")
     parser.add_argument("--seed", type=int, default=1, help="workload seed (default 1)")
     parser.add_argument("--only", action="append", metavar="WORKLOAD", help="run only this workload (repeatable)")
     parser.add_argument("--out", type=Path, help="results directory (default bench/results/<stamp>-<suite>)")
@@ -632,7 +737,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nsuite {results['suite']} took {results['wall_s']:.0f} s; wrote {out / 'results.json'}"
           + "".join(f", {p.name}" for p in written))
     checks = results["checks"]
-    if not (checks["all_runs_complete"] and checks["taskomatic_order_ok"]):
+    if not (checks["all_runs_complete"] and checks["taskomatic_order_ok"] and checks["lifecycle_consistent"]):
         print(f"checks failed: {checks}", file=sys.stderr)
         return 1
     return 0

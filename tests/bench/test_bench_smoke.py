@@ -2,8 +2,10 @@
 
 The smoke run is the real thing at toy size: a private PostgreSQL, the real
 daemon with the bench's ``noop`` plugin (shards 1 and 2) and both baselines,
-200 tasks over 20 keys each. It asserts that every figure is there, every task
-finished and per-key order held; never what the figures are.
+200 tasks over 20 keys each; and the VM lifecycle mix (60 tasks on 10 VMs) on
+two private libvirt test nodes through the daemon with 2 shards. It asserts
+that every figure is there, every task finished, per-key order held and the
+VM rows agree with libvirt; never what the figures are.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from bench import workloads
 from bench.workloads import PlannedTask, Workload
 
 REPO = Path(__file__).resolve().parents[2]
-SMOKE_TASKS = 200
+SMOKE_TASKS = {"noop-uniform": 200, "lifecycle-uniform": 60}
+SMOKE_KEYS = {"noop-uniform": 20, "lifecycle-uniform": 10}
 
 
 @pytest.fixture(scope="module")
@@ -38,11 +41,13 @@ def smoke(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 
 def test_smoke_runs_the_daemon_and_both_baselines(smoke: dict[str, Any]) -> None:
-    runs = {(r["runner"], r["parallelism"]) for r in smoke["runs"]}
-    assert runs == {("original", 1), ("pool", 2), ("taskomatic", 1), ("taskomatic", 2)}
+    runs = {(r["workload"], r["runner"], r["parallelism"]) for r in smoke["runs"]}
+    assert runs == {("noop-uniform", "original", 1), ("noop-uniform", "pool", 2), ("noop-uniform", "taskomatic", 1),
+                    ("noop-uniform", "taskomatic", 2), ("lifecycle-uniform", "taskomatic", 2)}
     assert smoke["suite"] == "smoke"
     assert smoke["checks"] == {"all_runs_complete": True, "all_tasks_finished": True,
-                               "taskomatic_order_ok": True, "ordered_runners_order_ok": True}
+                               "taskomatic_order_ok": True, "ordered_runners_order_ok": True,
+                               "lifecycle_consistent": True}
 
 
 def test_every_task_finished_in_every_run(smoke: dict[str, Any]) -> None:
@@ -50,15 +55,15 @@ def test_every_task_finished_in_every_run(smoke: dict[str, Any]) -> None:
         assert run["complete"], run.get("error")
         assert run["error"] is None
         assert run["runner_exit_code"] == 0
-        assert run["tasks"] == {"total": SMOKE_TASKS, "expected": SMOKE_TASKS, "finished": SMOKE_TASKS,
-                                "failed": 0, "other": 0}
+        n = SMOKE_TASKS[run["workload"]]
+        assert run["tasks"] == {"total": n, "expected": n, "finished": n, "failed": 0, "other": 0}
 
 
 def test_per_key_order_checked_in_sql_and_held(smoke: dict[str, Any]) -> None:
     for run in smoke["runs"]:
         order = run["order"]
         assert set(order) >= {"violations", "keys", "ok"}
-        assert order["keys"] == 20
+        assert 1 <= order["keys"] <= SMOKE_KEYS[run["workload"]]
         if run["runner"] != "pool":  # the SKIP LOCKED pool promises no order; its count is only recorded
             assert order["ok"] and order["violations"] == 0, run["label"]
 
@@ -77,19 +82,46 @@ def test_every_figure_is_there(smoke: dict[str, Any]) -> None:
                                    "machine_busy_s", "other_share"}
         assert run["rss"]["runner"] and run["rss"]["postgres"]
         assert all(p["peak_rss_kb"] > 0 for p in run["rss"]["runner"])
-        assert "vs_original" in run["ratios"] or run["runner"] == "original"
-        assert "vs_pool" in run["ratios"] or run["runner"] == "pool"
+        if run["workload"] == "noop-uniform":
+            assert "vs_original" in run["ratios"] or run["runner"] == "original"
+            assert "vs_pool" in run["ratios"] or run["runner"] == "pool"
+        else:  # no baseline runs the lifecycle mix, so there is nothing to divide by
+            assert run["ratios"] == {}
         assert run["utilisation"]["pool"] is not None
     for run in (r for r in smoke["runs"] if r["runner"] == "taskomatic"):
         roles = {p["role"] for p in run["rss"]["runner"]}
         assert {"supervisor", "fetcher"} <= roles
         assert {f"shard {i}" for i in range(run["parallelism"])} <= roles
         assert len(run["utilisation"]["per_shard"]) == run["parallelism"]
-        assert sum(run["utilisation"]["tasks_per_shard"]) == SMOKE_TASKS
-        assert run["ratios"]["vs_original"]["baseline"].startswith("original")
-        assert run["ratios"]["vs_pool"]["baseline"].startswith("SKIP LOCKED pool")
+        assert sum(run["utilisation"]["tasks_per_shard"]) == SMOKE_TASKS[run["workload"]]
+        if run["workload"] == "noop-uniform":
+            assert run["ratios"]["vs_original"]["baseline"].startswith("original")
+            assert run["ratios"]["vs_pool"]["baseline"].startswith("SKIP LOCKED pool")
     report = (Path(smoke["_out"]) / "report.md").read_text()
     assert "| noop-uniform | taskomatic 2 shards |" in report
+    assert "## VM lifecycle on libvirt test nodes" in report and "do not run the lifecycle" in report
+
+
+def test_lifecycle_run_on_libvirt_nodes(smoke: dict[str, Any]) -> None:
+    run = next(r for r in smoke["runs"] if r["workload"] == "lifecycle-uniform")
+    checks = run["lifecycle"]
+    assert checks["ok"], checks
+    assert checks["tasks"] == {"not_ended": 0, "bad_times": 0, "attempts_not_1": 0, "failed": 0}
+    assert checks["vms"] == 10 and checks["vm_mismatches"] == 0 and checks["libvirt_error"] is None
+    assert checks["domains"] >= 1  # some VM was started: its domain is on a node
+    work = run["measured_work"]
+    assert 0 < work["heaviest_key_s"] <= work["total_s"]
+    assert run["lower_bound_from"] == "measured durations"
+    assert run["lower_bound_s"] == pytest.approx(max(work["heaviest_key_s"], work["total_s"] / 2), abs=2e-4)
+    assert run["makespan_ratio"] >= 1.0  # a real makespan can never beat its lower bound
+    assert {"create_vm", "start_vm"} <= set(run["action_ms"])
+    assert sum(a["count"] for a in run["action_ms"].values()) == SMOKE_TASKS["lifecycle-uniform"]
+    assert run["cpu"]["nodes_s"] >= 0
+    timeline = run["timeline"]
+    assert timeline["shards"] == 2 and timeline["consistent"]
+    assert sum(timeline["tasks_per_shard"]) == SMOKE_TASKS["lifecycle-uniform"]
+    workload = next(w for w in smoke["workloads"] if w["name"] == "lifecycle-uniform")
+    assert workload["work_measured"] and workload["total_work_s"] is None and "not run" in workload["baselines"]
 
 
 def test_plots_render(smoke: dict[str, Any], tmp_path: Path) -> None:
@@ -97,7 +129,8 @@ def test_plots_render(smoke: dict[str, Any], tmp_path: Path) -> None:
     from bench import report
 
     written = {p.name for p in report.write(smoke, tmp_path, plots=True)}
-    assert {"report.md", "throughput_vs_shards.png", "latency_cdf.png"} <= written
+    assert {"report.md", "throughput_vs_shards.png", "latency_cdf.png", "utilisation_timeline.png"} <= written
+    assert (tmp_path / "utilisation_timeline.png").stat().st_size > 0
     assert (tmp_path / "latency_cdf.png").stat().st_size > 0
 
 
