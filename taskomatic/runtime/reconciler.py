@@ -86,7 +86,16 @@ def _read_domains(connections: LibvirtConnections, host: dict[str, Any]) -> dict
     """uuid -> oVirt state of every domain on the host; None if the host cannot be read."""
     try:
         conn = connections.get(host["libvirt_uri"])
-        return {d.UUIDString(): _DOMAIN_STATES.get(d.state()[0], "stopped") for d in conn.listAllDomains(0)}
+        found = {}
+        for domain in conn.listAllDomains(0):
+            try:
+                found[domain.UUIDString()] = _DOMAIN_STATES.get(domain.state()[0], "stopped")
+            except libvirt.libvirtError as exc:
+                # Undefined between the listing and this call (a task's work): it is gone, not
+                # the host. Left out, so its VM reads as stopped unless its row changed meanwhile.
+                if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+                    raise
+        return found
     except HostUnreachable:
         return None
     except libvirt.libvirtError as exc:

@@ -106,3 +106,26 @@ def test_a_vm_nobody_touched_is_corrected(dsn: str) -> None:
         store.close()
     assert result.corrections == 1
     assert _vm(dsn, vm) == {"state": "stopped", "host_id": None}
+
+
+class _VanishingDomain(_Domain):
+    """Listed, then undefined by a task before the pass asks its state."""
+
+    def state(self) -> list[int]:
+        error = libvirt.libvirtError("Domain not found: no domain with matching uuid")
+        error.err = (libvirt.VIR_ERR_NO_DOMAIN, 0, "Domain not found", 0, "", "", "", 0, 0)
+        raise error
+
+
+def test_a_domain_undefined_while_listed_does_not_make_its_host_unreachable(dsn: str) -> None:
+    host, vm, uuid = _host_and_vm(dsn, "running")
+    gone = _VanishingDomain("00000000-0000-0000-0000-000000000001", libvirt.VIR_DOMAIN_RUNNING)
+    node = _Node([gone, _Domain(uuid, libvirt.VIR_DOMAIN_RUNNING)], lambda: None)
+    store = Store.open(dsn, "test")
+    try:
+        result = reconcile_once(store, _Connections(node))  # type: ignore[arg-type]
+    finally:
+        store.close()
+    assert (result.hosts_up, result.hosts_down, result.corrections) == (1, 0, 0)
+    assert query(dsn, "SELECT state FROM hosts WHERE id = %s", (host,))[0]["state"] == "available"
+    assert _vm(dsn, vm) == {"state": "running", "host_id": host}
