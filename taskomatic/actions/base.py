@@ -117,6 +117,19 @@ class Reconciled:
     row_updates: list[RowUpdate] = field(default_factory=list)
 
 
+class LeaseExpired(Exception):
+    """Multihost: the instance's lease is too old to change anything more for this task.
+
+    Raised by ``ActionContext.ensure_lease`` between the steps of an action; the
+    shard leaves the task 'running', to be settled by reconciliation like a task
+    a crash interrupted (by us once the lease is renewed, or by the key's next owner).
+    """
+
+
+def _always() -> bool:
+    return True
+
+
 @dataclass
 class ActionContext:
     """What an action may use; one per shard process."""
@@ -124,6 +137,13 @@ class ActionContext:
     store: Store
     config: Config
     libvirt: LibvirtConnections
+    # Multihost: is the local copy of the lease still good? (Standalone: always.)
+    lease_ok: Callable[[], bool] = _always
+
+    def ensure_lease(self) -> None:
+        """Call before each step that changes a node: stop if another instance may own the key now."""
+        if not self.lease_ok():
+            raise LeaseExpired("the instance's lease is too old to go on")
 
 
 class Action(Protocol):

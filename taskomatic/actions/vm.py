@@ -410,7 +410,9 @@ class StartVm(PlacedAction):
         conn = _connect(ctx, host)
         domain = None
         try:
+            ctx.ensure_lease()
             domain = conn.defineXML(domain_xml(_spec(ctx, vm, host)))
+            ctx.ensure_lease()
             domain.create()
         except libvirt.libvirtError as exc:
             if is_transient(exc):
@@ -456,6 +458,7 @@ class StopVm(VmAction):
                         f"{ctx.config.shutdown_timeout:g} s; it is still running "
                         "(use poweroff_vm, or set shutdown_poweroff_fallback)")
                 log.warning("VM %s ignored shutdown for %gs; powering off", vm["id"], ctx.config.shutdown_timeout)
+                ctx.ensure_lease()  # the wait was long: is the VM still ours to power off?
                 domain.destroy()
         else:
             domain.destroy()
@@ -514,6 +517,7 @@ class RestoreVm(VmAction):
         assert observed.host is not None
         conn = _connect(ctx, observed.host)
         path = save_path(ctx, vm)
+        ctx.ensure_lease()
         conn.restore(path)
         _delete_image(conn, path)
 

@@ -441,16 +441,20 @@ RETURNING key_type, key_id, token;
 -- claim_key_tasks --
 -- The next unclaimed tasks of keys we hold, oldest first, up to a count per
 -- key. Nothing for a key whose claim is no longer ours under that token, or
--- once our lease ran out.
-WITH wanted AS (
-    SELECT w.key_type, w.key_id, w.n, c.token
+-- once our lease ran out. The claims are locked (shared) to the end of the
+-- transaction, so a takeover cannot commit in between and miss these tasks.
+-- Both steps materialised and the update by primary key: on a freshly filled
+-- table the planner otherwise drove it from tasks_claimable_idx (O(queue)).
+WITH wanted AS MATERIALIZED (
+    SELECT w.key_type, w.key_id, w.n
     FROM unnest(%(key_types)s::text[], %(key_ids)s::bigint[], %(tokens)s::bigint[], %(counts)s::int[])
          AS w(key_type, key_id, token, n)
     JOIN key_claims c ON c.key_type = w.key_type AND c.key_id = w.key_id
                      AND c.instance_id = %(instance_id)s AND c.token = w.token
     JOIN instances me ON me.id = c.instance_id AND me.lease_expires_at > clock_timestamp()
-), picked AS (
-    SELECT p.id, wanted.token FROM wanted CROSS JOIN LATERAL (
+    FOR SHARE OF c
+), picked AS MATERIALIZED (
+    SELECT p.id FROM wanted CROSS JOIN LATERAL (
         SELECT t.id FROM tasks t
         WHERE t.key_type = wanted.key_type AND t.key_id = wanted.key_id
           AND t.state = 'queued' AND t.claimed_by IS NULL
@@ -458,10 +462,8 @@ WITH wanted AS (
 )
 UPDATE tasks t
 SET claimed_by = %(instance_id)s, claimed_at = clock_timestamp()
-FROM picked
-WHERE t.id = picked.id AND t.state = 'queued' AND t.claimed_by IS NULL
-RETURNING t.id, t.task_target_type, t.task_target_id, t.action, t.args, t.key_type, t.key_id, t.state,
-          picked.token;
+WHERE t.id = ANY(ARRAY(SELECT id FROM picked)) AND t.state = 'queued' AND t.claimed_by IS NULL
+RETURNING t.id, t.task_target_type, t.task_target_id, t.action, t.args, t.key_type, t.key_id, t.state;
 
 -- release_keys --
 -- Hand back keys whose local queue drained. Claimed tasks of theirs that never
@@ -513,3 +515,10 @@ SELECT i.id, i.hostname, i.pid, i.version, i.mode, i.shards, i.started_at, i.sto
 FROM instances i
 ORDER BY i.id DESC
 LIMIT %(limit)s;
+
+-- limit_idle_transaction --
+-- Multihost, first in every write transaction: if this process freezes
+-- inside it (SIGSTOP, a stalled VM), the server ends the session after ms
+-- milliseconds, so its locks (the placement lock, a key claim) do not stop
+-- the other instances for longer than a lease.
+SELECT set_config('idle_in_transaction_session_timeout', %(ms)s::text, true);

@@ -47,7 +47,8 @@ from taskomatic.config import Config
 from taskomatic.db.store import Store, connect
 from taskomatic.logsetup import set_process_title, setup_logging
 from taskomatic.runtime.dispatch import Dispatcher, key_of
-from taskomatic.runtime.keys import KeyBook, lease_clock
+from taskomatic.runtime.keys import KeyBook
+from taskomatic.runtime.lease import LeaseKeeper, LeaseLost, lease_clock, limit_idle_transaction
 from taskomatic.runtime.messages import (
     Deferred,
     Drain,
@@ -68,9 +69,6 @@ SEND_WINDOW = 8  # tasks sent to a shard ahead of the one it runs
 STATUS_INTERVAL = 1.0
 STARTUP_WAIT = 30.0  # how long to wait for every shard before adopting held tasks
 EXIT_LEASE_LOST = 7  # multihost: the database refused to renew our lease
-# The shards start tasks only until this share of the lease has passed since the
-# renewal was sent: the margin covers a task's start after the check and clock drift.
-LEASE_SAFE_SHARE = 0.8
 TAKEOVER_BATCH = 1000  # expired keys taken over in one round at most
 FREE_KEYS_START = ("", -(2**63) + 1)  # before every key (-2**63 does not parse as a bigint literal)
 
@@ -94,10 +92,6 @@ def task_from_row(row: dict, token: int | None = None) -> TaskRow:
     )
 
 
-class LeaseLost(Exception):
-    """The database refused to renew the instance's lease."""
-
-
 class Fetcher:
     def __init__(self, config: Config, instance_id: int, socket_path: str,
                  supervisor: Connection, lease_until: Any) -> None:
@@ -106,6 +100,7 @@ class Fetcher:
         self.lease_until = lease_until  # multiprocess Value('d'), shared with the shards
         self.book = KeyBook(config.shards, config.keys_per_shard, config.tasks_per_key)
         self.free_cursor = FREE_KEYS_START
+        self.lease_keeper: LeaseKeeper | None = None
         self.next_takeover = 0.0
         self.instance_id = instance_id
         self.supervisor = supervisor
@@ -145,21 +140,25 @@ class Fetcher:
             metrics.serve(self.config.metrics_address, self.config.metrics_port, self.config.dsn,
                           lambda: (self.dispatch.held(), sum(s.current is not None for s in self.slots),
                                    len(self.book.keys)))
+        if self.multihost:
+            self.lease_keeper = LeaseKeeper(self)
+            self.lease_keeper.start()
         try:
             return self._serve()
         except LeaseLost:
             return EXIT_LEASE_LOST
+        finally:
+            if self.lease_keeper is not None:
+                self.lease_keeper.stopping.set()
 
     def _serve(self) -> int:
         claim_wanted = True
         next_poll = time.monotonic()
         next_status = time.monotonic()
-        next_renewal = time.monotonic()
         while True:
             self._handle_signals()
-            if self.multihost and time.monotonic() >= next_renewal:
-                self._renew()
-                next_renewal = time.monotonic() + self.config.lease_renew_interval
+            if self.lease_keeper is not None:
+                self.lease_keeper.check()
             if self.stopping_fast:
                 self._release_unstarted()
                 return 0
@@ -194,7 +193,7 @@ class Fetcher:
                 self._report_status()
                 next_status = now + STATUS_INTERVAL
             busy = claim_wanted and can_claim  # more to claim right away; otherwise sleep until due
-            due = min(next_poll, next_status, *((next_renewal, self.next_takeover) if self.multihost else ()))
+            due = min(next_poll, next_status, *((self.next_takeover,) if self.multihost else ()))
             timeout = 0.0 if busy else max(0.0, due - time.monotonic())
             if self._wait(timeout):
                 claim_wanted = True
@@ -376,20 +375,6 @@ class Fetcher:
             metrics.keys_released(keys)
 
     # -- multihost: lease and keys --------------------------------------------------------
-    def _renew(self) -> None:
-        """Extend the lease; tell the shards until when starting a task is safe."""
-        sent = lease_clock()
-        with self.store.transaction():
-            row = self.store.one("renew_lease", instance_id=self.instance_id, lease=self.config.lease_seconds)
-        if row is None:
-            self.lease_until.value = 0.0
-            metrics.lease_lost()
-            log.error("lease lost: the database says it ran out (paused, cut off or too slow); other "
-                      "instances may own our keys now, so this instance rejoins under a new id")
-            raise LeaseLost
-        self.lease_until.value = sent + self.config.lease_seconds * LEASE_SAFE_SHARE
-        metrics.lease_renewed()
-
     def _claim_keys(self, now: float) -> bool:
         """One multihost claim round, in one transaction; True if free keys may be left to claim.
 
@@ -403,6 +388,7 @@ class Fetcher:
         if takeover_due:
             self.next_takeover = now + self.config.lease_renew_interval
         with self.store.transaction():
+            limit_idle_transaction(self.store, self.config)
             if takeover_due:
                 self._take_over()
             more = self._claim_free_keys() if self.book.key_room() > 0 else False

@@ -19,23 +19,11 @@ answers the fetcher's three questions each round:
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 from taskomatic.runtime.dispatch import key_of
 from taskomatic.runtime.messages import TaskRow
 from taskomatic.runtime.router import OrderingKey, shard_for
-
-
-def lease_clock() -> float:
-    """The clock the local copy of the lease is kept on, shared by all processes of a machine.
-
-    CLOCK_BOOTTIME: like the monotonic clock it ignores wall-clock jumps, and unlike
-    it, it keeps counting while the machine is suspended, so a node that wakes up
-    after its lease ran out does not take its old lease for a live one.
-    """
-    return time.clock_gettime(time.CLOCK_BOOTTIME)
-
 
 # A claim covers at most this many top-ups' worth of tasks (tasks_per_key each).
 TURN_KEYS = 4

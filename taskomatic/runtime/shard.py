@@ -41,6 +41,7 @@ from taskomatic import metrics
 from taskomatic.actions.base import (
     Action,
     ActionContext,
+    LeaseExpired,
     Outcome,
     Plan,
     RowUpdate,
@@ -53,7 +54,7 @@ from taskomatic.actions.connections import LibvirtConnections
 from taskomatic.config import Config
 from taskomatic.db.store import Store
 from taskomatic.logsetup import set_process_title, setup_logging
-from taskomatic.runtime.keys import lease_clock
+from taskomatic.runtime.lease import lease_clock, limit_idle_transaction
 from taskomatic.runtime.messages import Deferred, Drain, Drained, Ended, Hello, Run, Started, TaskRow
 from taskomatic.runtime.parking import ParkingLot
 
@@ -101,7 +102,7 @@ class Shard:
                  fetcher_socket: str, deadline: Any, lease_until: Any) -> None:
         self.slot = slot
         self.multihost = config.mode == "multihost"
-        self.lease_until = lease_until  # multiprocess Value('d') on keys.lease_clock; the fetcher renews it
+        self.lease_until = lease_until  # multiprocess Value('d') on lease.lease_clock; the fetcher renews it
         self.shards = shards
         self.config = config
         self.instance_id = instance_id
@@ -117,7 +118,8 @@ class Shard:
         self.store = Store.open(config.dsn, f"taskomatic shard {slot}", config.connect_timeout)
         self.actions: dict[str, Action] = load_actions()
         self.ctx = ActionContext(self.store, config,
-                                 LibvirtConnections(config.keepalive_interval, config.keepalive_count))
+                                 LibvirtConnections(config.keepalive_interval, config.keepalive_count),
+                                 lease_ok=self._lease_ok)
         self.parking = ParkingLot(config.retry_limit, config.retry_backoff_max)
 
     # -- signals: the handler only records; the loop acts ---------------------
@@ -376,6 +378,13 @@ class Shard:
         started = now()
         try:
             outcome = action.perform(self.ctx, plan)
+        except LeaseExpired:
+            # Stopped between two steps: settled by reconciliation, like a crash there.
+            self.store.rollback()
+            log.warning("task %s (%s %s:%s): lease too old to go on; left to reconciliation", task.id,
+                        task.action, task.target_type, task.target_id)
+            self.queue.appendleft(replace(task, state="running"))
+            return True
         except TaskRetry as retry:
             self.store.rollback()
             self._park_for_retry(replace(task, state="running"), retry.message)
@@ -431,6 +440,7 @@ class Shard:
     def _commit_once(self, work: Callable[[], T]) -> T:
         try:
             with self.store.transaction():
+                limit_idle_transaction(self.store, self.config)
                 if self.pending is not None:
                     self._write(self.pending)
                     self._flushed, self.pending = self.pending, None

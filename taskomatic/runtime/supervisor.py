@@ -104,7 +104,7 @@ class Supervisor:
         self.socket_path = ""
         self.exit_code = EXIT_OK
         self.multihost = config.mode == "multihost"
-        # Moment (keys.lease_clock) until which shards may start tasks: the fetcher sets it at each
+        # Moment (lease.lease_clock) until which shards may start tasks: the fetcher sets it at each
         # renewal in multihost mode; standalone has no lease.
         self.lease_until = self.mp.Value("d", 0.0 if self.multihost else math.inf, lock=False)
         self.rejoining = False
