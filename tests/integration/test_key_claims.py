@@ -238,3 +238,37 @@ def test_tasks_left_by_a_standalone_instance_become_claims_to_take_over(stores: 
         moved = store.all("adopt_key_tasks", instance_id=b, key_types=["Vm"], key_ids=[6], previous=[old])
     assert [r["previous"] for r in taken] == [old]
     assert sorted(r["id"] for r in moved) == ids
+
+
+def test_a_top_up_in_flight_holds_off_a_takeover_so_its_tasks_are_not_stranded(stores: StoreFactory) -> None:
+    import threading
+
+    from tests.helpers import wait_for
+
+    one, two, blocker = stores(), stores(), stores()
+    dsn = store_dsn(one)
+    a, b = register(one), register(two)
+    ids = submit(one, 8, count=3)
+    tokens = claim(one, a, [8])
+    # A row lock on the key's first task stands in for a slow top-up: it waits inside its UPDATE.
+    with blocker.conn.cursor() as cur:
+        cur.execute("SELECT id FROM tasks WHERE id = %s FOR UPDATE", (ids[0],))
+    loaded: list[int] = []
+    pid = one.conn.get_backend_pid()
+    thread = threading.Thread(target=lambda: loaded.extend(top_up(one, a, tokens)))
+    thread.start()
+    try:
+        wait_for(lambda: query(dsn, "SELECT 1 FROM pg_stat_activity WHERE pid = %s AND wait_event_type = 'Lock'",
+                               (pid,)), 10, 0.02, "the top-up to wait")
+        expire(dsn, a)  # its lease runs out meanwhile
+        with two.transaction():
+            assert two.all("take_over_keys", instance_id=b, limit=10) == []  # the claim is in use: skipped
+    finally:
+        blocker.rollback()
+        thread.join(10)
+    assert loaded == ids
+    with two.transaction():
+        taken = two.all("take_over_keys", instance_id=b, limit=10)
+        moved = two.all("adopt_key_tasks", instance_id=b, key_types=["Vm"], key_ids=[8], previous=[a])
+    assert [r["key_id"] for r in taken] == [8]
+    assert sorted(r["id"] for r in moved) == ids  # nothing left claimed by the expired instance
