@@ -398,7 +398,7 @@ def test_unknown_override_name_in_load() -> None:
 
 
 def test_lease_renewal_must_fit_three_times_in_the_lease() -> None:
-    with pytest.raises(ConfigError, match="lease_renew_interval .* at most a third of lease_seconds"):
+    with pytest.raises(ConfigError, match=r"lease_renew_interval .* at most a third of lease_seconds"):
         load(None, {"TASKOMATIC_LEASE_SECONDS": "5", "TASKOMATIC_LEASE_RENEW_INTERVAL": "2"})
     config = load(None, {"TASKOMATIC_LEASE_SECONDS": "6", "TASKOMATIC_LEASE_RENEW_INTERVAL": "2"})
     assert (config.lease_seconds, config.lease_renew_interval) == (6.0, 2.0)
