@@ -574,5 +574,12 @@ def shard_main(slot: int, shards: int, config: Config, instance_id: int,
     except Exception:
         log.exception("shard %d failed to start", slot)
         raise SystemExit(3) from None
-    raise SystemExit(shard.serve())
+    try:
+        code = shard.serve()
+    except _CONNECTION_LOST as exc:
+        # Expected when the database restarts or ends a frozen session: the supervisor
+        # replaces this shard, and its interrupted task is reconciled. One line, no traceback.
+        log.error("shard %d lost its database connection (%s); exiting to be replaced", slot, _first_line(exc))
+        raise SystemExit(1) from None
+    raise SystemExit(code)
 
