@@ -193,7 +193,8 @@ class Fetcher:
                 self._report_status()
                 next_status = now + STATUS_INTERVAL
             busy = claim_wanted and can_claim  # more to claim right away; otherwise sleep until due
-            due = min(next_poll, next_status, *((self.next_takeover,) if self.multihost else ()))
+            takeover_timer = (self.next_takeover,) if self.multihost and can_claim else ()  # no spin without a lease
+            due = min(next_poll, next_status, *takeover_timer)
             timeout = 0.0 if busy else max(0.0, due - time.monotonic())
             if self._wait(timeout):
                 claim_wanted = True
