@@ -227,8 +227,13 @@ class ManagedNode:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        if not wait_until(lambda: not self.guest_pids(), max(deadline, time.monotonic() + 5)):
-            raise ManagedNodeError(f"node {self.name}: qemu pids {self.guest_pids()} survived SIGKILL")
+        # Wait for them to be gone, not just unlisted: a dying process loses its command
+        # line before it has exited.
+        def all_gone() -> bool:
+            return not self.guest_pids() and all(proc_state(pid) != "alive" for pid in leftovers)
+
+        if not wait_until(all_gone, max(deadline, time.monotonic() + 5)):
+            raise ManagedNodeError(f"node {self.name}: qemu pids {self.guest_pids() or leftovers} survived SIGKILL")
 
     def kill(self) -> None:
         """SIGKILL the daemon, as a crash would (fault tests). Guests keep running."""
