@@ -480,6 +480,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"taskomatic: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     setup_logging(config.log_level, role="supervisor" if args.command in (None, "run") else "cli")
+    exposed = config_mod.exposed_password_warning(config)
+    if exposed:
+        logging.getLogger("taskomatic").warning("%s", exposed)
     from taskomatic.db.migrate import SchemaOutOfDate
     from taskomatic.db.store import DatabaseUnavailable
     from taskomatic.embedded.libvirtd import ManagedNodeError

@@ -13,6 +13,7 @@ from __future__ import annotations
 import configparser
 import os
 import re
+import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -349,6 +350,24 @@ def load(
         raise ConfigError(f"lease_renew_interval ({config.lease_renew_interval:g}s) must be at most a third of "
                           f"lease_seconds ({config.lease_seconds:g}s), so one missed renewal does not lose the lease")
     return config
+
+
+def exposed_password_warning(config: Config) -> str | None:
+    """A warning when the config file holds a database password that any local user can read.
+
+    Group-readable is fine (the package installs it root:taskomatic 0640).
+    """
+    path = config.source_path
+    if not path or "password" not in config.dsn.lower():
+        return None
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    if not mode & stat.S_IROTH:
+        return None
+    return (f"{path} holds the database password and any local user can read it (mode "
+            f"{stat.S_IMODE(mode):04o}); chmod o-r {path} (the package installs it 0640 root:taskomatic)")
 
 
 def settings_table() -> str:

@@ -322,3 +322,15 @@ def test_second_standalone_daemon_on_the_same_database_exits_5(
         assert rows[0]["n"] == 1, "the refused daemon registered an instance"
     finally:
         second.stop()
+
+
+def test_a_world_readable_password_is_warned_about_and_not_shown(dsn: str, tmp_path: Path) -> None:
+    conf = tmp_path / "taskomatic.conf"
+    conf.write_text(f"[database]\ndsn = {dsn} password=hunter2-not-used\n")
+    conf.chmod(0o644)
+    result = run_cli("--config", str(conf), "status")
+    assert result.returncode == 0, result.stderr
+    assert "any local user can read it" in result.stderr and "chmod o-r" in result.stderr
+    assert "hunter2" not in result.stderr + result.stdout
+    conf.chmod(0o600)
+    assert "any local user can read it" not in run_cli("--config", str(conf), "status").stderr

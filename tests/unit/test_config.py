@@ -402,3 +402,15 @@ def test_lease_renewal_must_fit_three_times_in_the_lease() -> None:
         load(None, {"TASKOMATIC_LEASE_SECONDS": "5", "TASKOMATIC_LEASE_RENEW_INTERVAL": "2"})
     config = load(None, {"TASKOMATIC_LEASE_SECONDS": "6", "TASKOMATIC_LEASE_RENEW_INTERVAL": "2"})
     assert (config.lease_seconds, config.lease_renew_interval) == (6.0, 2.0)
+
+
+def test_a_password_any_local_user_can_read_is_warned_about(tmp_path: Path) -> None:
+    path = Path(write(tmp_path, "[database]\ndsn = host=db user=t password=s3cret\n"))
+    path.chmod(0o644)
+    warning = config.exposed_password_warning(load(str(path), {}))
+    assert warning is not None and "0644" in warning and str(path) in warning and "s3cret" not in warning
+    path.chmod(0o640)  # group-readable is how the package installs it
+    assert config.exposed_password_warning(load(str(path), {})) is None
+    no_password = Path(write(tmp_path, "[database]\ndsn = host=db user=t\n", name="other.conf"))
+    no_password.chmod(0o644)
+    assert config.exposed_password_warning(load(str(no_password), {})) is None
