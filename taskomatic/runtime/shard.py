@@ -513,21 +513,23 @@ class Shard:
     def _fail_before_start(self, task: TaskRow, message: str, updates: list[RowUpdate]) -> None:
         moment = now()
 
-        def work() -> None:
+        def work() -> bool:
             if self._fenced_out(task):
-                return
+                return False
             failed = self.store.one("fail_unstartable", task_id=task.id, instance_id=self.instance_id,
                                     message=message, time=moment)
             if failed is not None:
                 for update in updates:
                     self.store.update_row(update.table, update.row_id, update.values)
+            return True
 
-        self._commit_with_pending(work)
+        recorded = self._commit_with_pending(work)
         self.parking.ended(task.id)
-        metrics.task_ended(self._action_label(task), "failed", None)
-        log.warning("task %s (%s %s:%s) failed: %s", task.id, task.action, task.target_type,
-                    task.target_id, message)
-        self._send(Ended(task.id, "failed"))
+        if recorded:  # a fenced-out write was logged as refused; the task is not ours to fail
+            metrics.task_ended(self._action_label(task), "failed", None)
+            log.warning("task %s (%s %s:%s) failed: %s", task.id, task.action, task.target_type,
+                        task.target_id, message)
+        self._send(Ended(task.id, "failed" if recorded else "skipped"))
 
     # -- outcomes ---------------------------------------------------------------
     def _write(self, pending: PendingOutcome) -> bool:
