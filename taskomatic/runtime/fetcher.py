@@ -416,7 +416,7 @@ class Fetcher:
         passed_on: list[dict] = []
         for key in keys:
             if (key["key_type"], key["key_id"]) in to_settle:
-                kept.append(key)  # beyond our room if need be: at most one per shard of the dead
+                kept.append(key)  # beyond our room if need be: one per shard of the dead, plus its parked tasks
             elif room > 0:
                 kept.append(key)
                 room -= 1
