@@ -57,6 +57,11 @@ _SHUTDOWN_POLL_SECONDS = 0.2
 _NOT_RUNNING = {"host_id": None, "vnc_port": None, "memory_used": 0, "num_vcpus_used": 0}
 
 
+def domain_state(code: int) -> str:
+    """The oVirt VM state of a libvirt domain state code (an unknown code reads as stopped)."""
+    return _DOMAIN_STATES.get(code, "stopped")
+
+
 def domain_name(description: str) -> str:
     """The libvirt name for a VM: its description, minus what libvirt forbids.
 
@@ -133,7 +138,7 @@ def observe(ctx: ActionContext, vm: dict[str, Any]) -> Observed:
         code = domain.state()[0]
     except libvirt.libvirtError as exc:
         raise _read_failure(ctx, vm, host, exc) from None
-    state = _DOMAIN_STATES.get(code, "stopped")
+    state = domain_state(code)
     if state == "stopped" and vm["state"] in _SAVE_STATES and _image_exists(conn, save_path(ctx, vm)):
         return Observed("saved", f"domain saved to {save_path(ctx, vm)} on {_host_label(host)}", domain, host)
     return Observed(state, f"domain is {state} on {_host_label(host)}", domain, host)

@@ -23,20 +23,13 @@ import libvirt
 
 from taskomatic import metrics
 from taskomatic.actions.connections import HostUnreachable, LibvirtConnections
-from taskomatic.actions.vm import is_transient
+from taskomatic.actions.vm import domain_state, is_transient
 from taskomatic.config import Config
 from taskomatic.db.store import Store
 from taskomatic.logsetup import set_process_title, setup_logging
 
 log = logging.getLogger(__name__)
 
-_DOMAIN_STATES = {
-    libvirt.VIR_DOMAIN_RUNNING: "running",
-    libvirt.VIR_DOMAIN_BLOCKED: "running",
-    libvirt.VIR_DOMAIN_SHUTDOWN: "running",
-    libvirt.VIR_DOMAIN_PAUSED: "suspended",
-    libvirt.VIR_DOMAIN_PMSUSPENDED: "suspended",
-}
 # Row states the pass does not touch: they have no domain by design, or a
 # stopped domain is expected (a saved VM keeps a stopped definition).
 _LEAVE_ALONE = frozenset({"pending", "create_failed", "invalid", "saved"})
@@ -89,7 +82,7 @@ def _read_domains(connections: LibvirtConnections, host: dict[str, Any]) -> dict
         found = {}
         for domain in conn.listAllDomains(0):
             try:
-                found[domain.UUIDString()] = _DOMAIN_STATES.get(domain.state()[0], "stopped")
+                found[domain.UUIDString()] = domain_state(domain.state()[0])
             except libvirt.libvirtError as exc:
                 # Undefined between the listing and this call (a task's work): it is gone, not
                 # the host. Left out, so its VM reads as stopped unless its row changed meanwhile.

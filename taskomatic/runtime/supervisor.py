@@ -269,19 +269,15 @@ class Supervisor:
     def _finish_rejoin(self) -> None:
         """Every child is gone: register afresh and start them all again."""
         try:
-            if self.store is None:
-                self.store = Store.open(self.config.dsn, "taskomatic supervisor", self.config.connect_timeout)
-                if not self._take_guard():
-                    raise StartupRefused("a standalone instance holds the database now", EXIT_ALREADY_RUNNING)
+            if not self._reconnect():
+                raise StartupRefused("a standalone instance holds the database now", EXIT_ALREADY_RUNNING)
             old = self.instance_id
+            assert self.store is not None
             self.store.run("instance_stopped", instance_id=old)
             self._register()
             self.store.commit()
         except (psycopg2.Error, DatabaseUnavailable) as exc:
-            log.warning("cannot rejoin yet, the database is not answering: %s", str(exc).strip().splitlines()[0])
-            if self.store is not None:
-                self.store.close()
-            self.store = None
+            self._drop_store("cannot rejoin yet, the database is not answering", exc)
             self.rejoin_at = time.monotonic() + 1.0  # try again soon
             return
         log.info("instance %d rejoined as instance %d", old, self.instance_id)
@@ -404,22 +400,33 @@ class Supervisor:
     def _heartbeat(self) -> None:
         """Record that the instance lives; after a lost connection, take the guard again."""
         try:
-            if self.store is None:
-                self.store = Store.open(self.config.dsn, "taskomatic supervisor", self.config.connect_timeout)
-                if not self._take_guard():
-                    log.error("lost the instance guard while the database was away, and another "
-                              "instance holds it now; stopping")
-                    self.exit_code = EXIT_ALREADY_RUNNING
-                    self._begin_fast_stop("guard lost")
-                    return
-                log.info("database connection restored; instance guard held again")
+            if not self._reconnect():
+                log.error("lost the instance guard while the database was away, and another "
+                          "instance holds it now; stopping")
+                self.exit_code = EXIT_ALREADY_RUNNING
+                self._begin_fast_stop("guard lost")
+                return
+            assert self.store is not None
             self.store.run("instance_heartbeat", instance_id=self.instance_id)
             self.store.commit()
         except (psycopg2.Error, DatabaseUnavailable) as exc:
-            log.warning("supervisor cannot reach the database: %s", str(exc).strip().splitlines()[0])
-            if self.store is not None:
-                self.store.close()
-            self.store = None
+            self._drop_store("supervisor cannot reach the database", exc)
+
+    def _reconnect(self) -> bool:
+        """After a lost connection: a new one, holding the instance guard again. False: someone took it."""
+        if self.store is not None:
+            return True
+        self.store = Store.open(self.config.dsn, "taskomatic supervisor", self.config.connect_timeout)
+        if not self._take_guard():
+            return False
+        log.info("database connection restored; instance guard held again")
+        return True
+
+    def _drop_store(self, what: str, exc: BaseException) -> None:
+        log.warning("%s: %s", what, (str(exc).strip().splitlines() or [type(exc).__name__])[0])
+        if self.store is not None:
+            self.store.close()
+        self.store = None
 
     def _read_status(self) -> None:
         try:

@@ -15,7 +15,7 @@ from typing import Any
 import libvirt
 
 from taskomatic.db.store import Store
-from taskomatic.runtime.reconciler import reconcile_once
+from taskomatic.runtime.reconciler import PassResult, reconcile_once
 from tests.helpers import execute, query
 
 
@@ -66,6 +66,15 @@ def _task_changes_vm(dsn: str, vm: int, state: str) -> Callable[[], None]:
     return run
 
 
+def _pass(dsn: str, node: _Node) -> PassResult:
+    """One host-status pass over a database whose every host is ``node``."""
+    store = Store.open(dsn, "test")
+    try:
+        return reconcile_once(store, _Connections(node))  # type: ignore[arg-type]
+    finally:
+        store.close()
+
+
 def _vm(dsn: str, vm: int) -> dict[str, Any]:
     return query(dsn, "SELECT state, host_id FROM vms WHERE id = %s", (vm,))[0]
 
@@ -73,11 +82,7 @@ def _vm(dsn: str, vm: int) -> dict[str, Any]:
 def test_a_vm_resumed_while_its_node_is_listed_is_not_set_back(dsn: str) -> None:
     host, vm, uuid = _host_and_vm(dsn, "suspended")
     node = _Node([_Domain(uuid, libvirt.VIR_DOMAIN_PAUSED)], _task_changes_vm(dsn, vm, "running"))
-    store = Store.open(dsn, "test")
-    try:
-        result = reconcile_once(store, _Connections(node))  # type: ignore[arg-type]
-    finally:
-        store.close()
+    result = _pass(dsn, node)
     assert result.corrections == 0
     assert _vm(dsn, vm) == {"state": "running", "host_id": host}
 
@@ -87,11 +92,7 @@ def test_a_vm_changed_and_back_while_its_node_is_listed_is_left_alone(dsn: str) 
     # the listing was taken in between: the row's change, not its state, shows it.
     host, vm, _uuid = _host_and_vm(dsn, "running")
     node = _Node([], _task_changes_vm(dsn, vm, "running"))
-    store = Store.open(dsn, "test")
-    try:
-        result = reconcile_once(store, _Connections(node))  # type: ignore[arg-type]
-    finally:
-        store.close()
+    result = _pass(dsn, node)
     assert result.corrections == 0
     assert _vm(dsn, vm) == {"state": "running", "host_id": host}
 
@@ -99,11 +100,7 @@ def test_a_vm_changed_and_back_while_its_node_is_listed_is_left_alone(dsn: str) 
 def test_a_vm_nobody_touched_is_corrected(dsn: str) -> None:
     _host, vm, _uuid = _host_and_vm(dsn, "running")
     node = _Node([], lambda: None)
-    store = Store.open(dsn, "test")
-    try:
-        result = reconcile_once(store, _Connections(node))  # type: ignore[arg-type]
-    finally:
-        store.close()
+    result = _pass(dsn, node)
     assert result.corrections == 1
     assert _vm(dsn, vm) == {"state": "stopped", "host_id": None}
 
@@ -121,11 +118,7 @@ def test_a_domain_undefined_while_listed_does_not_make_its_host_unreachable(dsn:
     host, vm, uuid = _host_and_vm(dsn, "running")
     gone = _VanishingDomain("00000000-0000-0000-0000-000000000001", libvirt.VIR_DOMAIN_RUNNING)
     node = _Node([gone, _Domain(uuid, libvirt.VIR_DOMAIN_RUNNING)], lambda: None)
-    store = Store.open(dsn, "test")
-    try:
-        result = reconcile_once(store, _Connections(node))  # type: ignore[arg-type]
-    finally:
-        store.close()
+    result = _pass(dsn, node)
     assert (result.hosts_up, result.hosts_down, result.corrections) == (1, 0, 0)
     assert query(dsn, "SELECT state FROM hosts WHERE id = %s", (host,))[0]["state"] == "available"
     assert _vm(dsn, vm) == {"state": "running", "host_id": host}

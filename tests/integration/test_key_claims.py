@@ -8,30 +8,13 @@ tests/property/test_claim_protocol.py; these are the named cases.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
-
-import pytest
 
 from taskomatic.db.store import Store
 from tests.helpers import execute, query
+from tests.integration.conftest import StoreFactory
 
-StoreFactory = Callable[[], Store]
 START = ("", -(2**63) + 1)
-
-
-@pytest.fixture
-def stores(dsn: str) -> Iterator[StoreFactory]:
-    opened: list[Store] = []
-
-    def open_store() -> Store:
-        store = Store.open(dsn, "test_key_claims", timeout=10)
-        opened.append(store)
-        return store
-
-    yield open_store
-    for store in opened:
-        store.close()
 
 
 def register(store: Store, lease: float = 60.0) -> int:

@@ -8,7 +8,7 @@ which is how concurrency between fetchers/instances is reproduced.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -20,23 +20,7 @@ from taskomatic.db.queries import query as named_query
 from taskomatic.db.store import Store
 from taskomatic.runtime.supervisor import INSTANCE_LOCK_ID
 from tests.helpers import query, wait_for
-
-StoreFactory = Callable[[], Store]
-
-
-@pytest.fixture
-def stores(dsn: str) -> Iterator[StoreFactory]:
-    """open() -> a new Store (its own session) on this test's database; all closed at the end."""
-    opened: list[Store] = []
-
-    def open_store() -> Store:
-        store = Store.open(dsn, "test_queue", timeout=10)
-        opened.append(store)
-        return store
-
-    yield open_store
-    for store in opened:
-        store.close()
+from tests.integration.conftest import StoreFactory
 
 
 @pytest.fixture

@@ -1,0 +1,30 @@
+"""Shared by the integration tests: several database sessions on one test database."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from taskomatic.db.store import Store
+
+StoreFactory = Callable[[], Store]
+
+
+@pytest.fixture
+def stores(dsn: str) -> Iterator[StoreFactory]:
+    """open() -> a new Store (its own session) on this test's database; all closed at the end.
+
+    Two of them are two sessions: how concurrency between fetchers, shards and
+    instances is reproduced.
+    """
+    opened: list[Store] = []
+
+    def open_store() -> Store:
+        store = Store.open(dsn, "taskomatic tests", timeout=10)
+        opened.append(store)
+        return store
+
+    yield open_store
+    for store in opened:
+        store.close()
