@@ -36,9 +36,10 @@ WHERE claimed_by IS NOT NULL AND claimed_by <> %(instance_id)s
 
 -- held_tasks --
 -- What this instance holds: claimed but unfinished tasks, in id order.
+-- run_by_shard: the slot that marked a running one (only it may settle it).
 -- token: the key's fencing token when a multihost key claim covers it, else NULL.
 SELECT t.id, t.task_target_type, t.task_target_id, t.action, t.args, t.key_type, t.key_id, t.state,
-       c.token
+       t.run_by_shard, c.token
 FROM tasks t
 LEFT JOIN key_claims c ON c.key_type = t.key_type AND c.key_id = t.key_id AND c.instance_id = t.claimed_by
 WHERE t.claimed_by = %(instance_id)s AND t.state IN ('queued', 'running')
@@ -47,7 +48,7 @@ ORDER BY t.id;
 -- held_tasks_by_id --
 -- Those of some tasks this instance still holds unfinished (a shard's lost tasks).
 SELECT t.id, t.task_target_type, t.task_target_id, t.action, t.args, t.key_type, t.key_id, t.state,
-       c.token
+       t.run_by_shard, c.token
 FROM tasks t
 LEFT JOIN key_claims c ON c.key_type = t.key_type AND c.key_id = t.key_id AND c.instance_id = t.claimed_by
 WHERE t.id = ANY(%(ids)s) AND t.claimed_by = %(instance_id)s AND t.state IN ('queued', 'running')
@@ -71,31 +72,48 @@ RETURNING t.id, t.task_target_type, t.task_target_id, t.action, t.args, t.key_ty
           NULL::bigint AS token;
 
 -- task_states --
--- Current state and holder of some tasks.
-SELECT id, state, claimed_by FROM tasks WHERE id = ANY(%(ids)s);
+-- Current state, holder and running slot of some tasks.
+SELECT id, state, claimed_by, run_by_shard FROM tasks WHERE id = ANY(%(ids)s);
 
 -- mark_running --
--- A shard is about to start a task. Refuses (no row) if it was canceled or is
--- no longer ours, so a canceled task never starts.
+-- A shard is about to start these tasks (one, or a batch of different keys).
+-- Returns those it may start: a task canceled meanwhile, or no longer ours,
+-- is left out, so it never starts. run_by_shard: only this slot may
+-- reconcile it after a crash.
 UPDATE tasks
-SET state = 'running', time_started = %(time_started)s, attempts = attempts + 1
-WHERE id = %(task_id)s AND claimed_by = %(instance_id)s AND state = 'queued'
+SET state = 'running', time_started = %(time_started)s, attempts = attempts + 1,
+    run_by_shard = %(shard)s
+WHERE id = ANY(%(task_ids)s) AND claimed_by = %(instance_id)s AND state = 'queued'
 RETURNING id;
 
 -- mark_rerun --
 -- A task found "not started" by reconciliation runs again in its place.
 UPDATE tasks
-SET time_started = %(time_started)s, attempts = attempts + 1
+SET time_started = %(time_started)s, attempts = attempts + 1, run_by_shard = %(shard)s
 WHERE id = %(task_id)s AND claimed_by = %(instance_id)s AND state = 'running'
 RETURNING id;
 
 -- record_outcome --
--- Write a task's end. Only the holder can, and only once.
+-- Write one task's end. Only the holder can, and only once. (The shards write
+-- through record_outcomes; this is the same rule for one task.)
 UPDATE tasks
 SET state = %(state)s, message = %(message)s,
     time_started = coalesce(%(time_started)s, time_started), time_ended = %(time_ended)s
 WHERE id = %(task_id)s AND claimed_by = %(instance_id)s AND state = 'running'
 RETURNING id;
+
+-- record_outcomes --
+-- Write the ends of some tasks (the arrays are parallel). Only the holder can,
+-- and only once: the ids it returns are those written. time_started is the
+-- moment the action really started (NULL: keep the one marked).
+UPDATE tasks t
+SET state = o.state, message = o.message,
+    time_started = coalesce(o.time_started, t.time_started), time_ended = o.time_ended
+FROM unnest(%(task_ids)s::bigint[], %(states)s::text[], %(messages)s::text[],
+            %(starts)s::timestamptz[], %(ends)s::timestamptz[])
+     AS o(id, state, message, time_started, time_ended)
+WHERE t.id = o.id AND t.claimed_by = %(instance_id)s AND t.state = 'running'
+RETURNING t.id;
 
 -- fail_unstartable --
 -- A queued task we hold fails before it starts (for example it cannot be parsed).
@@ -495,13 +513,26 @@ WHERE c.instance_id = %(instance_id)s
 SELECT key_type, key_id, token FROM key_claims WHERE instance_id = %(instance_id)s ORDER BY key_type, key_id;
 
 -- hold_key_claim --
--- Fencing, in the transaction of every task write in multihost mode: the key
--- is still ours under this token and our lease is live. Locks the claim row
--- (shared) so that no takeover can commit before this transaction does.
+-- Fencing for one key: the claim is still ours under this token and our lease
+-- is live; locks the claim row (shared) so that no takeover can commit before
+-- this transaction does. hold_key_claims is the same rule for many keys.
 SELECT 1 AS held
 FROM key_claims c JOIN instances i ON i.id = c.instance_id
 WHERE c.key_type = %(key_type)s AND c.key_id = %(key_id)s AND c.instance_id = %(instance_id)s
   AND c.token = %(token)s AND i.lease_expires_at > clock_timestamp()
+FOR SHARE OF c;
+
+-- hold_key_claims --
+-- Fencing, in the transaction of every task write in multihost mode: which
+-- of these (key, token) claims are still ours, with our lease live. Locks
+-- them (shared) so that no takeover can commit before this transaction does.
+SELECT c.key_type, c.key_id, c.token
+FROM key_claims c
+JOIN instances i ON i.id = c.instance_id
+JOIN unnest(%(key_types)s::text[], %(key_ids)s::bigint[], %(tokens)s::bigint[]) AS k(key_type, key_id, token)
+  ON c.key_type = k.key_type AND c.key_id = k.key_id AND c.token = k.token
+WHERE c.instance_id = %(instance_id)s AND i.lease_expires_at > clock_timestamp()
+ORDER BY c.key_type, c.key_id
 FOR SHARE OF c;
 
 -- all_instances --

@@ -1,25 +1,40 @@
 """Which claimed task goes to which shard, and when: the fetcher's bookkeeping.
 
 Pure logic, no I/O, so the order guarantees can be checked by property tests
-without processes. Per slot it keeps ``backlog`` (claimed, not yet sent) and
-``sent`` (sent, not yet ended, in id order). At most ``window`` tasks are sent
-ahead, so a busy shard never makes the fetcher block on a full socket and a
-drain hands back almost everything from here.
+without processes.
 
-Every task of one ordering key goes to one slot (``router.shard_for``), and a
-slot's shard runs what it is sent in order, one at a time: that is the whole
-per-key order argument. When a shard is replaced, whatever its predecessor
-was sent and did not end goes back to the *front* of the backlog, in id order,
-so it keeps its place ahead of the key's later tasks.
+A key is **pinned** to a shard slot while it has tasks in flight there (sent,
+not ended): its next tasks go to that slot too, after them, and the slot
+runs what it is sent in order, one at a time. That is the whole per-key
+order argument. Once its last task there ended, the key is free again and
+goes to whichever slot has room first. So a hot key or a slow action holds
+up only its own slot's few sent tasks, never a fixed share of all keys, as
+routing by a hash of the key would.
+
+A slot is sent tasks while the work it has in hand is expected to take less
+than ``lookahead`` seconds (from what each action took lately), and at least
+two: the one it runs and the next, so it never waits a round trip for work.
+Quick tasks go out many at a time (the shard starts them in batches); slow
+ones two at a time, so little queues behind a slow one.
+
+A slot prefers its pinned keys' next tasks (a hot key's chain runs without
+gaps), then takes free keys in the order they got work. Tasks an interrupted
+shard had committed ``running`` go back to its slot only (``route(task,
+slot)``): only it may settle them.
 """
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
 
 from taskomatic.runtime.messages import TaskRow
-from taskomatic.runtime.router import OrderingKey, shard_for
+from taskomatic.runtime.router import OrderingKey
+
+LOOKAHEAD = 0.005  # seconds of expected work a slot is sent ahead
+WINDOW_MAX = 256  # tasks sent ahead at most, however quick
+UNKNOWN_ESTIMATE = LOOKAHEAD  # an action not seen yet: two in flight until it has run
+ESTIMATE_WEIGHT = 0.2  # of the newest duration in an action's running estimate
 
 
 def key_of(task: TaskRow) -> OrderingKey:
@@ -29,85 +44,191 @@ def key_of(task: TaskRow) -> OrderingKey:
 @dataclass
 class SlotQueue:
     index: int
-    backlog: deque[TaskRow] = field(default_factory=deque)
-    # Sent and not ended. None: a task a shard reported holding after a
-    # fetcher restart, which this fetcher never saw.
-    sent: dict[int, TaskRow | None] = field(default_factory=dict)
+    # Sent and not ended, in send order, with the work expected of each.
+    sent: dict[int, tuple[TaskRow, float]] = field(default_factory=dict)
     # Sent tasks the shard parked (retry backoff, waiting for children): they
-    # do not count in the window, so a stuck key cannot starve the others.
+    # do not count as work in hand, so a stuck key cannot starve the others.
     deferred: set[int] = field(default_factory=set)
+    work: float = 0.0  # expected seconds of the sent, not deferred tasks
+    # Pinned keys with tasks waiting to be sent here, oldest first.
+    pinned_waiting: OrderedDict[OrderingKey, None] = field(default_factory=OrderedDict)
 
     @property
-    def held(self) -> int:
-        return len(self.backlog) + len(self.sent)
+    def active(self) -> int:
+        return len(self.sent) - len(self.deferred)
 
 
 class Dispatcher:
-    def __init__(self, shards: int, window: int) -> None:
-        self.window = window
+    def __init__(self, shards: int, lookahead: float = LOOKAHEAD, window_max: int = WINDOW_MAX) -> None:
+        self.lookahead = lookahead
+        self.window_max = window_max
         self.slots = [SlotQueue(i) for i in range(shards)]
+        self.waiting: dict[OrderingKey, deque[TaskRow]] = {}  # claimed, not sent, in id order
+        self.free_keys: OrderedDict[OrderingKey, None] = OrderedDict()  # waiting, not pinned
+        self.pinned: dict[OrderingKey, int] = {}
+        self.in_flight: Counter[OrderingKey] = Counter()
+        self.estimates: dict[str, float] = {}
 
-    def route(self, task: TaskRow) -> int:
-        """Append a claimed task to its key's slot; tasks must arrive in id order per key."""
-        index = shard_for(key_of(task), len(self.slots))
-        self.slots[index].backlog.append(task)
-        return index
-
+    # -- what the fetcher holds -----------------------------------------------------
     def held(self) -> int:
-        return sum(s.held for s in self.slots)
+        return sum(len(q) for q in self.waiting.values()) + sum(len(s.sent) for s in self.slots)
 
     def in_hand(self) -> set[int]:
-        return {task_id for s in self.slots for task_id in s.sent} | {t.id for s in self.slots for t in s.backlog}
+        return {t.id for q in self.waiting.values() for t in q} | {i for s in self.slots for i in s.sent}
+
+    def estimate(self, action: str) -> float:
+        return self.estimates.get(action, UNKNOWN_ESTIMATE)
+
+    def learn(self, action: str, seconds: float) -> None:
+        old = self.estimates.get(action)
+        self.estimates[action] = seconds if old is None else old + ESTIMATE_WEIGHT * (seconds - old)
+
+    # -- claimed tasks in --------------------------------------------------------------
+    def route(self, task: TaskRow, slot: int | None = None) -> None:
+        """Add a claimed task; a key's tasks must arrive in id order.
+
+        ``slot``: only that slot may run it (a task its shard committed running);
+        the key is pinned there until it has nothing left in flight.
+        """
+        key = key_of(task)
+        if slot is not None:
+            self._pin(key, slot)
+        queue = self.waiting.get(key)
+        if queue is None:
+            queue = self.waiting[key] = deque()
+        queue.append(task)
+        self._mark_waiting(key)
+
+    def _pin(self, key: OrderingKey, slot: int) -> None:
+        current = self.pinned.get(key)
+        if current is not None and current != slot:
+            raise ValueError(f"{key} is pinned to slot {current}, not {slot}")
+        self.pinned[key] = slot
+        self.free_keys.pop(key, None)
+
+    def _mark_waiting(self, key: OrderingKey) -> None:
+        slot = self.pinned.get(key)
+        if slot is None:
+            self.free_keys.setdefault(key, None)
+        else:
+            self.slots[slot].pinned_waiting.setdefault(key, None)
+
+    # -- tasks out to a slot ------------------------------------------------------------
+    def has_room(self, index: int) -> bool:
+        slot = self.slots[index]
+        active = slot.active
+        if active < 2:
+            return True
+        return active < self.window_max and slot.work < self.lookahead
 
     def take_sendable(self, index: int) -> list[TaskRow]:
-        """Move tasks from backlog to sent, up to the window; the caller sends them in this order."""
+        """The tasks to send to a slot now, in order; they count as sent."""
         slot = self.slots[index]
-        out = []
-        while slot.backlog and len(slot.sent) - len(slot.deferred) < self.window:
-            task = slot.backlog.popleft()
-            slot.sent[task.id] = task
+        out: list[TaskRow] = []
+        while self.has_room(index):
+            key = next(iter(slot.pinned_waiting), None)
+            if key is None:
+                key = next(iter(self.free_keys), None)
+                if key is None:
+                    break
+                del self.free_keys[key]
+                self.pinned[key] = index
+            queue = self.waiting[key]
+            task = queue.popleft()
+            if queue:
+                slot.pinned_waiting.setdefault(key, None)
+            else:
+                del self.waiting[key]
+                slot.pinned_waiting.pop(key, None)
+            expected = self.estimate(task.action)
+            slot.sent[task.id] = (task, expected)
+            slot.work += expected
+            self.in_flight[key] += 1
             out.append(task)
         return out
 
     def unsend(self, index: int, tasks: list[TaskRow]) -> None:
-        """Sending failed: put the tasks back at the front, in order."""
-        slot = self.slots[index]
-        for task in tasks:
-            slot.sent.pop(task.id, None)
-        slot.backlog.extendleft(reversed(tasks))
+        """Sending failed: they go back ahead of their keys' other tasks."""
+        self._lose(index, [t.id for t in tasks])
+        self.requeue(index, tasks)
 
+    # -- news from a slot -----------------------------------------------------------------
     def ended(self, index: int, task_id: int) -> None:
-        self.slots[index].sent.pop(task_id, None)
-        self.slots[index].deferred.discard(task_id)
+        slot = self.slots[index]
+        entry = slot.sent.pop(task_id, None)
+        if entry is None:
+            return
+        task, expected = entry
+        if task_id in slot.deferred:
+            slot.deferred.discard(task_id)
+        else:
+            slot.work = max(0.0, slot.work - expected)
+        self._left_flight(key_of(task))
+
+    def _left_flight(self, key: OrderingKey) -> None:
+        self.in_flight[key] -= 1
+        if self.in_flight[key] > 0:
+            return
+        del self.in_flight[key]
+        slot = self.pinned.pop(key)
+        self.slots[slot].pinned_waiting.pop(key, None)
+        if key in self.waiting:
+            # Free again: its next tasks go to whichever slot has room first, ahead of
+            # keys that got work later (a long chain keeps going).
+            self.free_keys[key] = None
+            self.free_keys.move_to_end(key, last=False)
 
     def defer(self, index: int, task_ids: tuple[int, ...]) -> None:
         slot = self.slots[index]
-        slot.deferred.update(t for t in task_ids if t in slot.sent)
+        for task_id in task_ids:
+            entry = slot.sent.get(task_id)
+            if entry is not None and task_id not in slot.deferred:
+                slot.deferred.add(task_id)
+                slot.work = max(0.0, slot.work - entry[1])
 
     def returned(self, index: int, task_ids: tuple[int, ...]) -> None:
         """A draining shard handed these back unstarted (the database releases them)."""
         for task_id in task_ids:
             self.ended(index, task_id)
 
-    def shard_connected(self, index: int, held: set[int]) -> list[int]:
-        """A shard (re)connected holding ``held``. Returns the ids the slot lost, removed from ``sent``.
+    def shard_connected(self, index: int) -> list[int]:
+        """A new shard (or the same one, after a fetcher restart) connected for a slot.
 
-        Lost: sent to (or reported by) an earlier shard of the slot and not held
-        now. The caller reads their database state and hands the unfinished ones
-        to ``requeue``. A held task that was also adopted into the backlog (a
-        busy shard that reconnected late) is the shard's: its copy is dropped.
+        Everything sent to the slot and not ended is lost (a shard drops its
+        unstarted tasks when it loses the fetcher). Returns their ids, removed
+        from ``sent``; the caller reads their database state and hands the
+        unfinished ones to ``requeue``.
         """
-        slot = self.slots[index]
-        lost = [task_id for task_id in slot.sent if task_id not in held]
-        for task_id in lost:
-            del slot.sent[task_id]
-            slot.deferred.discard(task_id)
-        if any(t.id in held for t in slot.backlog):
-            slot.backlog = deque(t for t in slot.backlog if t.id not in held)
-        for task_id in sorted(held):
-            slot.sent.setdefault(task_id, None)
+        lost = list(self.slots[index].sent)
+        self._lose(index, lost)
         return lost
 
+    def _lose(self, index: int, task_ids: list[int]) -> None:
+        slot = self.slots[index]
+        for task_id in task_ids:
+            entry = slot.sent.pop(task_id, None)
+            if entry is None:
+                continue
+            if task_id in slot.deferred:
+                slot.deferred.discard(task_id)
+            else:
+                slot.work = max(0.0, slot.work - entry[1])
+            self._left_flight(key_of(entry[0]))
+
     def requeue(self, index: int, tasks: list[TaskRow]) -> None:
-        """Put lost tasks back ahead of everything else of the slot, in id order."""
-        self.slots[index].backlog.extendleft(reversed(sorted(tasks, key=lambda t: t.id)))
+        """Put lost tasks back ahead of their keys' waiting tasks, in id order.
+
+        One committed ``running`` goes back to slot ``index`` only: its shard
+        (this slot's) is the one to settle it.
+        """
+        for task in sorted(tasks, key=lambda t: t.id, reverse=True):
+            key = key_of(task)
+            if task.state == "running":
+                self._pin(key, index)
+            queue = self.waiting.get(key)
+            if queue is None:
+                queue = self.waiting[key] = deque()
+            queue.appendleft(task)
+            self._mark_waiting(key)
+            if key in self.free_keys:
+                self.free_keys.move_to_end(key, last=False)

@@ -2,17 +2,19 @@
 
 ::
 
-    tasks table --claim_tasks (oldest first, in bulk)--> backlog[slot] --Run (window)--> shard slot
+    tasks table --claim_tasks (oldest first, in bulk)--> waiting[key] --Run (batches)--> shard slot
          ^                                                                               |
-         +------------------------------- Ended (after the outcome is committed) --------+
+         +------------------------------- Ended (after the outcomes are committed) ------+
 
 Each shard has its own socket, so a shard that dies can only break its own
-channel. The fetcher keeps what it claimed for a slot (``backlog``: not yet
-sent; ``sent``: sent, not yet ended) and sends at most ``SEND_WINDOW`` ahead,
-so a busy shard never blocks the fetcher and a drain hands back almost
-everything from here. When a new shard connects for a slot, what the old one
-was sent is checked against the database: ended tasks are forgotten, the
-``running`` one is sent for reconciliation, the rest again in id order.
+channel. The fetcher keeps what it claimed (``dispatch.Dispatcher``: waiting
+per key; sent per slot, not yet ended); a key goes to a slot with room and
+stays there while it has tasks in flight, and a slot gets only a few
+milliseconds of expected work ahead, so a busy shard never blocks the fetcher
+and a drain hands back almost everything from here. When a new shard
+connects for a slot, what the slot was sent is checked against the database:
+ended tasks are forgotten, ``running`` ones go back to that slot for
+reconciliation, the rest again ahead of their keys' later tasks.
 
 In multihost mode the fetcher claims ordering keys, not just rows (see
 ``keys.KeyBook`` and the queries from ``take_over_keys`` on): each round it
@@ -46,6 +48,7 @@ from taskomatic import metrics
 from taskomatic.config import Config
 from taskomatic.db.store import Store, connect
 from taskomatic.logsetup import set_process_title, setup_logging
+from taskomatic.runtime import channel as wire
 from taskomatic.runtime.dispatch import Dispatcher, key_of
 from taskomatic.runtime.keys import KeyBook
 from taskomatic.runtime.lease import LeaseKeeper, LeaseLost, lease_clock, limit_idle_transaction
@@ -60,12 +63,11 @@ from taskomatic.runtime.messages import (
     Started,
     TaskRow,
 )
-from taskomatic.runtime.router import OrderingKey
+from taskomatic.runtime.router import OrderingKey, shard_for
 
 log = logging.getLogger(__name__)
 
 NOTIFY_CHANNEL = "taskomatic_new_tasks"
-SEND_WINDOW = 8  # tasks sent to a shard ahead of the one it runs
 STATUS_INTERVAL = 1.0
 STARTUP_WAIT = 30.0  # how long to wait for every shard before adopting held tasks
 EXIT_LEASE_LOST = 7  # multihost: the database refused to renew our lease
@@ -105,7 +107,7 @@ class Fetcher:
         self.instance_id = instance_id
         self.supervisor = supervisor
         self.slots = [ShardLink(i) for i in range(config.shards)]
-        self.dispatch = Dispatcher(config.shards, SEND_WINDOW)
+        self.dispatch = Dispatcher(config.shards)
         self.signals: list[int] = []
         self.draining = False
         self.stopping_fast = False
@@ -245,8 +247,8 @@ class Fetcher:
             channel.close()
             return
         try:
-            hello = channel.recv()
-        except (EOFError, OSError):
+            hello = wire.recv(channel)
+        except (EOFError, OSError, ValueError, TypeError, AttributeError, ImportError, IndexError):
             channel.close()
             return
         if not isinstance(hello, Hello) or not 0 <= hello.slot < len(self.slots):
@@ -257,14 +259,14 @@ class Fetcher:
         if slot.channel is not None:
             slot.channel.close()
         slot.channel, slot.pid, slot.drained, slot.current = channel, hello.pid, False, None
-        self._resync(slot, set(hello.held))
+        self._resync(slot)
         log.info("shard %d connected (pid %d)", slot.index, hello.pid)
         if self.draining:
             self._send(slot, Drain())
 
-    def _resync(self, slot: ShardLink, held: set[int]) -> None:
-        """A shard (re)connected holding ``held``; send again what the slot lost."""
-        lost = self.dispatch.shard_connected(slot.index, held)
+    def _resync(self, slot: ShardLink) -> None:
+        """A shard (re)connected; send again what the slot lost."""
+        lost = self.dispatch.shard_connected(slot.index)
         if not lost:
             return
         rows = self.store.all("held_tasks_by_id", instance_id=self.instance_id, ids=lost)
@@ -282,17 +284,20 @@ class Fetcher:
         slot = next(s for s in self.slots if s.channel is channel)
         try:
             while channel.poll(0):
-                message = channel.recv()
+                message = wire.recv(channel)
                 if isinstance(message, Ended):
-                    self.dispatch.ended(slot.index, message.task_id)
-                    self.book.ended(message.task_id)
+                    for end in message.ends:
+                        self.dispatch.ended(slot.index, end.task_id)
+                        if end.seconds is not None:
+                            self.dispatch.learn(end.action, end.seconds)
+                        self.book.ended(end.task_id)
                     self.ended_since_claim = True
                     slot.current = None
-                    self.done_total += 1
+                    self.done_total += len(message.ends)
                 elif isinstance(message, Deferred):
                     self.dispatch.defer(slot.index, message.task_ids)
                 elif isinstance(message, Started):
-                    slot.current = message.task_id
+                    slot.current = message.task_ids[-1]
                 elif isinstance(message, Drained):
                     slot.drained = True
                     self.dispatch.returned(slot.index, message.returned)
@@ -310,7 +315,7 @@ class Fetcher:
         if slot.channel is None:
             return False
         try:
-            slot.channel.send(message)
+            wire.send(slot.channel, message)
             return True
         except (OSError, EOFError):
             slot.channel.close()
@@ -319,10 +324,8 @@ class Fetcher:
 
     def _send_window(self, slot: ShardLink) -> None:
         batch = self.dispatch.take_sendable(slot.index)
-        for position, task in enumerate(batch):
-            if not self._send(slot, Run(task)):
-                self.dispatch.unsend(slot.index, batch[position:])
-                return
+        if batch and not self._send(slot, Run(tuple(batch))):
+            self.dispatch.unsend(slot.index, batch)
 
     # -- database ---------------------------------------------------------------------
     def _adopt_held(self) -> None:
@@ -335,15 +338,25 @@ class Fetcher:
             self.book.hold(OrderingKey(key["key_type"], key["key_id"]), key["token"])
         for row in rows:  # in hand of a shard or not: they count against their key
             self.book.add(task_from_row(row))
-        adopted = [task_from_row(r) for r in rows if r["id"] not in in_hand]
-        for task in adopted:
-            self.dispatch.route(task)
+        adopted = [(task_from_row(r), r["run_by_shard"]) for r in rows if r["id"] not in in_hand]
+        for task, slot in adopted:
+            self.dispatch.route(task, self._settling_slot(task, slot))
         if keys:
             log.info("holding %d keys from before this fetcher started", len(keys))
         if adopted:
             log.info("adopted %d held tasks (%d to reconcile)", len(adopted),
-                     sum(t.state == "running" for t in adopted))
+                     sum(t.state == "running" for t, _ in adopted))
         self.adopted = True
+
+    def _settling_slot(self, task: TaskRow, run_by_shard: int | None) -> int | None:
+        """The slot a task committed running must go back to: only that slot's shard may settle it."""
+        if task.state != "running":
+            return None
+        if run_by_shard is not None and 0 <= run_by_shard < len(self.slots):
+            return run_by_shard
+        # Marked by a shard slot we no longer have (--shards changed) or before slots were
+        # recorded: no shard of ours runs it now, any slot may settle it; the key's hash picks one.
+        return shard_for(key_of(task), len(self.slots))
 
     def _room(self) -> int:
         """How many tasks to claim now; 0 while the held tasks are near the cap (no tiny claims)."""
@@ -472,7 +485,7 @@ class Fetcher:
     def _route_claimed(self, rows: list[dict]) -> None:
         for row in sorted(rows, key=lambda r: r["id"]):
             task = task_from_row(row, self.book.token_of(key_of(task_from_row(row))))
-            self.dispatch.route(task)
+            self.dispatch.route(task, self._settling_slot(task, row.get("run_by_shard")))
             self.book.add(task)
 
     def _release_drained(self) -> None:

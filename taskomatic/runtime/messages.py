@@ -1,7 +1,10 @@
 """Messages between the fetcher, the shards and the supervisor.
 
 Frozen dataclasses, pickled over each shard's own socket (one channel per
-shard, so a shard killed mid-message can only break its own channel).
+shard, so a shard killed mid-message can only break its own channel), sent
+through ``channel.send``/``channel.recv``. Tasks travel in batches: one
+message carries every task sent to a shard in one go, and every outcome a
+shard committed in one transaction.
 """
 
 from __future__ import annotations
@@ -31,7 +34,9 @@ class TaskRow:
 # fetcher -> shard
 @dataclass(frozen=True)
 class Run:
-    task: TaskRow
+    """Run these, after what was sent before, in this order."""
+
+    tasks: tuple[TaskRow, ...]
 
 
 @dataclass(frozen=True)
@@ -42,21 +47,34 @@ class Drain:
 # shard -> fetcher
 @dataclass(frozen=True)
 class Hello:
+    """A shard connected for a slot. It holds nothing unstarted: it drops that when it loses the fetcher."""
+
     slot: int
     pid: int
-    # Tasks the shard still holds (current first) after a fetcher restart.
-    held: tuple[int, ...]
 
 
 @dataclass(frozen=True)
 class Started:
+    """The shard is starting these (a batch of different keys, or one task)."""
+
+    task_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class TaskEnd:
     task_id: int
+    state: str  # finished / failed / skipped (not ours to run after all)
+    # How long the action ran (None: it did not run); the fetcher's estimate of
+    # how much work a shard has in hand comes from these.
+    seconds: float | None = None
+    action: str = ""
 
 
 @dataclass(frozen=True)
 class Ended:
-    task_id: int
-    state: str
+    """These tasks' outcomes are committed (or they were not ours): the fetcher forgets them."""
+
+    ends: tuple[TaskEnd, ...]
 
 
 @dataclass(frozen=True)

@@ -3,10 +3,18 @@
 The shard owns its task writes. Before a task's action touches a node, the
 shard commits ``running`` (refused if the task was canceled or is no longer
 ours) together with the resource's transient state. The outcome is taken when
-the action returns and written with the next task's start, or at once when the
-shard falls idle; either way before the fetcher hears the task ended. So at
-most one task per shard is ``running`` in the database, and a crash leaves
-nothing ambiguous for reconciliation.
+the action returns and written with the next start, or at once when the shard
+falls idle; either way before the fetcher hears the task ended.
+
+Quick tasks go in batches: when the actions at the front of the queue are
+expected (from what they took here before) to take less than
+``BATCH_BUDGET`` together, the shard marks a batch of them, of different
+keys, ``running`` in one transaction, performs them one after another, and
+writes their outcomes with the next batch's start. So a no-op costs a share
+of one commit instead of a commit of its own, while a slow action still
+starts alone, and nothing sits ``running`` for long before it really starts
+(``time_started`` is rewritten with the moment it did). A crash mid-batch
+leaves a few ``running`` tasks, each settled by reconciliation as usual.
 
 A task the fetcher sends with state ``running`` was interrupted by a crash:
 the shard reconciles it against the real state before anything else.
@@ -54,14 +62,23 @@ from taskomatic.actions.connections import LibvirtConnections
 from taskomatic.config import Config
 from taskomatic.db.store import Store
 from taskomatic.logsetup import set_process_title, setup_logging
+from taskomatic.runtime import channel as wire
 from taskomatic.runtime.lease import lease_clock, limit_idle_transaction
-from taskomatic.runtime.messages import Deferred, Drain, Drained, Ended, Hello, Run, Started, TaskRow
-from taskomatic.runtime.parking import ParkingLot
+from taskomatic.runtime.messages import Deferred, Drain, Drained, Ended, Hello, Run, Started, TaskEnd, TaskRow
+from taskomatic.runtime.parking import ParkingLot, key_of
 
 log = logging.getLogger(__name__)
 
 _RECONNECT_SECONDS = 1.0
 T = TypeVar("T")
+
+# Batches: tasks whose actions are expected to take this long together start
+# in one transaction. An action not yet seen here counts as the whole budget,
+# so it starts alone until it has shown it is quick.
+BATCH_BUDGET = 0.002
+BATCH_MAX = 64
+BATCH_SCAN = 256  # queue entries looked at to fill a batch
+ESTIMATE_WEIGHT = 0.2  # of the newest duration in an action's running estimate
 
 
 # What _begin did.
@@ -83,6 +100,10 @@ class PendingOutcome:
     time_ended: datetime
     # Set when the real outcome's row changes were refused and this is the fallback.
     unrecordable: bool = False
+
+    def end(self) -> TaskEnd:
+        seconds = None if self.time_started is None else (self.time_ended - self.time_started).total_seconds()
+        return TaskEnd(self.task.id, self.outcome.state, seconds, self.task.action)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -109,9 +130,10 @@ class Shard:
         self.fetcher_socket = fetcher_socket
         self.deadline = deadline  # multiprocess Value('d'): 0 when idle
         self.queue: deque[TaskRow] = deque()
-        self.pending: PendingOutcome | None = None
+        # Outcomes taken, not yet committed: written with the next start (at most one per key).
+        self.pending: list[PendingOutcome] = []
         self.channel: Connection | None = None
-        self._flushed: PendingOutcome | None = None
+        self.estimates: dict[str, float] = {}  # action -> running estimate of its duration (s)
         self.signals: list[int] = []
         self.stop_fast = False
         self.draining = False
@@ -152,18 +174,29 @@ class Shard:
             log.debug("fetcher not reachable yet: %s", exc)
             return False
         self.channel = Connection(sock.detach())
-        held = tuple(t.id for t in self.queue) + tuple(self.parking.held_ids())
-        self.channel.send(Hello(self.slot, os.getpid(), held))
+        wire.send(self.channel, Hello(self.slot, os.getpid()))
         return True
+
+    def _lost_fetcher(self) -> None:
+        """The fetcher is gone: drop what has not started; its successor sends it again.
+
+        The successor may give those tasks to any shard, so this one must not
+        run them. What is committed ``running`` (the rest of a batch) is
+        finished first; the successor sends such a task only to the slot that
+        marked it (``run_by_shard``), so it comes back here to be settled.
+        """
+        dropped = len(self.queue) + len(self.parking.release_all())
+        self.queue.clear()
+        self.channel = None
+        log.warning("lost the fetcher; dropped %d tasks that had not started (they are sent again)", dropped)
 
     def _send(self, message: object) -> None:
         if self.channel is None:
             return
         try:
-            self.channel.send(message)
+            wire.send(self.channel, message)
         except (OSError, EOFError):
-            log.warning("lost the fetcher; carrying on with %d local tasks", len(self.queue))
-            self.channel = None
+            self._lost_fetcher()
 
     def _receive(self, timeout: float) -> None:
         if self.channel is None:
@@ -171,15 +204,14 @@ class Shard:
         try:
             ready = wait([self.channel], timeout)
             while ready:
-                message = self.channel.recv()
+                message = wire.recv(self.channel)
                 if isinstance(message, Run):
-                    self.queue.append(message.task)
+                    self.queue.extend(message.tasks)
                 elif isinstance(message, Drain):
                     self.draining = True
                 ready = wait([self.channel], 0)
         except (OSError, EOFError):
-            log.warning("lost the fetcher; carrying on with %d local tasks", len(self.queue))
-            self.channel = None
+            self._lost_fetcher()
 
     # -- main loop ----------------------------------------------------------------
     def serve(self) -> int:
@@ -209,28 +241,43 @@ class Shard:
                 continue
             self._wake_parked()
             if self.queue:
-                task = self.queue.popleft()
-                if self.parking.is_parked(task):
+                if self.parking.is_parked(self.queue[0]):
+                    task = self.queue.popleft()
                     self.parking.hold_behind(task)  # its key waits for a retry or for children
                     self._send(Deferred((task.id,)))
+                    continue
+                batch = self._take_batch()
+                if len(batch) == 1:
+                    self.run_task(batch[0])
                 else:
-                    self.run_task(task)
+                    self._run_batch(batch)
 
     def _lease_ok(self) -> bool:
         return lease_clock() < self.lease_until.value
 
+    def _fenced(self, tasks: list[TaskRow]) -> list[TaskRow]:
+        """Multihost: those of ``tasks`` whose key claim is still ours (and our lease live), locked.
+
+        The others are logged and counted as refused writes. Standalone: all of them.
+        """
+        if not self.multihost or not tasks:
+            return tasks
+        claimed = [t for t in tasks if t.token is not None]
+        held = {(r["key_type"], r["key_id"], r["token"]) for r in self.store.all(
+            "hold_key_claims", instance_id=self.instance_id, key_types=[t.key_type for t in claimed],
+            key_ids=[t.key_id for t in claimed], tokens=[t.token for t in claimed])} if claimed else set()
+        allowed = []
+        for task in tasks:
+            if (task.key_type, task.key_id, task.token) in held:
+                allowed.append(task)
+                continue
+            metrics.write_fenced()
+            log.warning("task %s (%s %s:%s): write refused: the key claim (token %s) or our lease is no "
+                        "longer ours", task.id, task.action, task.target_type, task.target_id, task.token)
+        return allowed
+
     def _fenced_out(self, task: TaskRow) -> bool:
-        """Multihost: is the task's key claim no longer ours (or our lease over)? Locks it if ours."""
-        if not self.multihost:
-            return False
-        if task.token is not None and self.store.one(
-                "hold_key_claim", key_type=task.key_type, key_id=task.key_id, instance_id=self.instance_id,
-                token=task.token) is not None:
-            return False
-        metrics.write_fenced()
-        log.warning("task %s (%s %s:%s): write refused: the key claim (token %s) or our lease is no "
-                    "longer ours", task.id, task.action, task.target_type, task.target_id, task.token)
-        return True
+        return not self._fenced([task])
 
     def _idle_wait(self) -> float:
         if self.queue:
@@ -283,6 +330,137 @@ class Shard:
                     task.id, task.action, task.target_type, task.target_id, reason, delay)
         self._send(Deferred((task.id,)))
 
+    # -- batches -----------------------------------------------------------------
+    def _estimate(self, task: TaskRow) -> float:
+        return self.estimates.get(task.action, BATCH_BUDGET)
+
+    def _learn(self, task: TaskRow, seconds: float) -> None:
+        old = self.estimates.get(task.action)
+        self.estimates[task.action] = seconds if old is None else old + ESTIMATE_WEIGHT * (seconds - old)
+
+    def _take_batch(self) -> list[TaskRow]:
+        """Take the next task and, if it is quick, more quick ones of other keys to start with it.
+
+        A key's first task in the queue may join; its later ones never jump
+        ahead of it, and a task left behind (slow, parked, to be reconciled)
+        holds its key's later tasks back too.
+        """
+        first = self.queue.popleft()
+        budget = self._estimate(first)
+        if first.state != "queued" or budget >= BATCH_BUDGET:
+            return [first]
+        batch = [first]
+        seen = {key_of(first)}
+        skipped: list[TaskRow] = []
+        for _ in range(min(len(self.queue), BATCH_SCAN)):
+            task = self.queue.popleft()
+            key = key_of(task)
+            quick = budget + self._estimate(task) < BATCH_BUDGET
+            if key in seen or task.state != "queued" or self.parking.is_parked(task) or not quick:
+                skipped.append(task)
+                seen.add(key)
+                if not quick or len(batch) >= BATCH_MAX:
+                    break
+                continue
+            seen.add(key)
+            batch.append(task)
+            budget += self._estimate(task)
+            if len(batch) >= BATCH_MAX:
+                break
+        self.queue.extendleft(reversed(skipped))
+        return batch
+
+    def _run_batch(self, batch: list[TaskRow]) -> None:
+        """Prepare each, mark those still ours running in one transaction, perform them in order."""
+        keys = {key_of(t) for t in batch}
+        if any(key_of(p.task) in keys for p in self.pending):
+            self._flush()  # their prepare must see their predecessors' effects in the rows
+        prepared: list[tuple[TaskRow, Action, Plan]] = []
+        for task in batch:
+            step = self._prepare(task)
+            if step is not None:
+                prepared.append((task, *step))
+        if not prepared:
+            return
+
+        def work() -> set[int]:
+            allowed = self._fenced([t for t, _, _ in prepared])
+            if not allowed:
+                return set()
+            marked = {r["id"] for r in self.store.all(
+                "mark_running", task_ids=[t.id for t in allowed], instance_id=self.instance_id,
+                time_started=now(), shard=self.slot)}
+            for task, _, plan in prepared:
+                if task.id in marked:
+                    plan.begin(self.store)
+            return marked
+
+        try:
+            marked = self._commit_with_pending(work)
+        except (TaskFailed, TaskRetry, psycopg2.DatabaseError) as exc:
+            if isinstance(exc, _CONNECTION_LOST):
+                raise
+            # One task's start was refused, and with it the batch's: start them one by one.
+            self.store.rollback()
+            for task, _, _ in prepared:
+                self.run_task(task)
+            return
+        for task, _, _ in prepared:
+            if task.id not in marked:
+                self._not_started(task)
+        started = [p for p in prepared if p[0].id in marked]
+        if not started:
+            return
+        self._send(Started(tuple(t.id for t, _, _ in started)))
+        for position, (task, action, plan) in enumerate(started):
+            if not self._lease_ok():
+                # Committed 'running', not started: settled by reconciliation once the lease is back.
+                log.warning("lease too old to start %d tasks of a batch; holding them", len(started) - position)
+                self.queue.extendleft(reversed([replace(t, state="running") for t, _, _ in started[position:]]))
+                return
+            self.deadline.value = time.time() + self.config.task_timeout
+            try:
+                self._perform(task, action, plan)
+            finally:
+                self.deadline.value = 0.0
+
+    def _prepare(self, task: TaskRow) -> tuple[Action, Plan] | None:
+        """Check and prepare a queued task of a batch; None if it was settled or set aside here."""
+        self.deadline.value = time.time() + self.config.task_timeout
+        try:
+            action = self._check(task)
+            plan = action.prepare(self.ctx, task)
+            self.store.rollback()
+        except TaskFailed as failure:
+            self.store.rollback()
+            self._fail_before_start(task, failure.message, failure.row_updates)
+            return None
+        except TaskRetry as retry:
+            self.store.rollback()
+            self._park_for_retry(task, retry.message)
+            return None
+        except Exception as exc:  # a bug must cost one task, not the shard
+            if isinstance(exc, _CONNECTION_LOST):
+                raise
+            self.store.rollback()
+            log.exception("task %s: unexpected error while preparing", task.id)
+            self._fail_before_start(task, f"internal error while preparing {task.action}: {exc!r}", [])
+            return None
+        finally:
+            self.deadline.value = 0.0
+        if plan.already_done is not None:
+            if not self._settle(task, plan.already_done, mark_running=True):
+                self._not_started(task)
+            return None
+        return action, plan
+
+    def _not_started(self, task: TaskRow) -> None:
+        """Marking a queued task running was refused: settle it if an earlier shard of ours left it running."""
+        if task.state == "queued" and self._interrupted(task):
+            self._run(replace(task, state="running"))
+        else:
+            self._send_ended(TaskEnd(task.id, "skipped"))
+
     # -- one task ---------------------------------------------------------------
     def _check(self, task: TaskRow) -> Action:
         """The action for a task, or TaskFailed saying what is wrong with the row."""
@@ -318,17 +496,12 @@ class Shard:
             log.error("task %s: the database refused a write: %s", task.id, _first_line(exc))
             self._fail_before_start(task, f"the database refused {task.action}'s changes: {_first_line(exc)}", [])
             return
-        if done:
-            return
-        if task.state == "queued" and self._interrupted(task):
-            self._run(replace(task, state="running"))
-        else:
-            self._send(Ended(task.id, "skipped"))
+        if not done:
+            self._not_started(task)
 
     def _run(self, task: TaskRow) -> bool:
         """Run or settle one task. False: it was not ours to start (canceled, ended, taken)."""
-        pending_key = None if self.pending is None else (self.pending.task.key_type, self.pending.task.key_id)
-        if pending_key == (task.key_type, task.key_id):
+        if any(key_of(p.task) == key_of(task) for p in self.pending):
             self._flush()  # this task must see its predecessor's effects in the rows
         rerun = False
         try:
@@ -359,6 +532,8 @@ class Shard:
             self._park_for_retry(task, retry.message)
             return True
         except Exception as exc:  # a bug must cost one task, not the shard
+            if isinstance(exc, _CONNECTION_LOST):
+                raise
             self.store.rollback()
             log.exception("task %s: unexpected error while preparing", task.id)
             self._fail_before_start(task, f"internal error while preparing {task.action}: {exc!r}", [])
@@ -374,7 +549,12 @@ class Shard:
             log.warning("task %s: lease too old to start it now; holding it", task.id)
             self.queue.appendleft(replace(task, state="running"))
             return True
-        self._send(Started(task.id))
+        self._send(Started((task.id,)))
+        self._perform(task, action, plan)
+        return True
+
+    def _perform(self, task: TaskRow, action: Action, plan: Plan) -> None:
+        """Perform a task committed running; its outcome is held for the next commit."""
         started = now()
         try:
             outcome = action.perform(self.ctx, plan)
@@ -384,36 +564,33 @@ class Shard:
             log.warning("task %s (%s %s:%s): lease too old to go on; left to reconciliation", task.id,
                         task.action, task.target_type, task.target_id)
             self.queue.appendleft(replace(task, state="running"))
-            return True
+            return
         except TaskRetry as retry:
             self.store.rollback()
             self._park_for_retry(replace(task, state="running"), retry.message)
-            return True
+            return
         except Exception as exc:
             log.exception("task %s: unexpected error in %s", task.id, task.action)
             outcome = Outcome.failed(f"internal error in {task.action}: {exc!r}")
         ended = now()
         self.store.rollback()  # end any read transaction the action left open
+        self._learn(task, (ended - started).total_seconds())
         if outcome.state == "waiting":
             log.info("task %s (%s %s:%s) waiting: %s", task.id, task.action, task.target_type,
                      task.target_id, outcome.message)
             self.parking.park_for_children(replace(task, state="running"), outcome.message or "", time.monotonic())
             self._send(Deferred((task.id,)))
-            return True
-        if self.pending is not None:  # cannot happen: _begin wrote it; never drop an outcome
-            log.error("task %s: an outcome was still held; writing it first", self.pending.task.id)
-            self._flush()
-        self.pending = PendingOutcome(task, outcome, started, ended)
+            return
+        self.pending.append(PendingOutcome(task, outcome, started, ended))
         self._log_outcome(task, outcome, (ended - started).total_seconds())
-        return True
 
     def _commit_with_pending(self, work: Callable[[], T]) -> T:
-        """Run ``work`` in one transaction that also writes the held outcome.
+        """Run ``work`` in one transaction that also writes the held outcomes.
 
         The fetcher hears a task ended only after its outcome is committed, so
         it never forgets a task whose end could still be lost. A lock conflict
         (deadlock, serialization failure) is retried; if the database refuses
-        the held outcome's row changes, the outcome is recorded as failed with
+        a held outcome's row changes, that outcome is recorded as failed with
         the reason instead, so one bad write cannot wedge the shard. A lost
         connection is not handled here: the shard exits, and its replacement
         reconciles.
@@ -427,61 +604,81 @@ class Shard:
                 if attempt == _DB_ATTEMPTS:
                     raise
             except psycopg2.DatabaseError as exc:
-                if isinstance(exc, _CONNECTION_LOST) or self.pending is None or self.pending.unrecordable:
+                if isinstance(exc, _CONNECTION_LOST) or not self.pending:
                     raise
                 self.store.rollback()
-                held = self.pending
+                if len(self.pending) > 1:
+                    self._flush_each()  # find the outcome the database refuses
+                    continue
+                held = self.pending[0]
+                if held.unrecordable:
+                    raise
                 log.error("task %s: the database refused its result: %s", held.task.id, _first_line(exc))
-                self.pending = PendingOutcome(held.task, Outcome.failed(
+                self.pending = [PendingOutcome(held.task, Outcome.failed(
                     f"{held.task.action} ran ({held.outcome.state}), but the database refused its result: "
-                    f"{_first_line(exc)}"), held.time_started, held.time_ended, unrecordable=True)
+                    f"{_first_line(exc)}"), held.time_started, held.time_ended, unrecordable=True)]
         raise AssertionError("unreachable")
 
+    def _flush_each(self) -> None:
+        """Write the held outcomes one transaction each (after a batch of them was refused)."""
+        outcomes, self.pending = self.pending, []
+        for outcome in outcomes:
+            self.pending = [outcome]
+            self._commit_with_pending(lambda: None)
+
     def _commit_once(self, work: Callable[[], T]) -> T:
+        flushed: list[PendingOutcome] = []
         try:
             with self.store.transaction():
                 limit_idle_transaction(self.store, self.config)
-                if self.pending is not None:
+                if self.pending:
                     self._write(self.pending)
-                    self._flushed, self.pending = self.pending, None
+                    flushed, self.pending = self.pending, []
                 result = work()
         except BaseException:
-            if self._flushed is not None:  # rolled back: hold it again
-                self.pending, self._flushed = self._flushed, None
+            self.pending = flushed + self.pending  # rolled back: hold them again
             raise
-        if self._flushed is not None:
-            self._send(Ended(self._flushed.task.id, self._flushed.outcome.state))
-            self._flushed = None
+        if flushed:
+            self._send_ended(*(p.end() for p in flushed))
         return result
 
-    def _mark(self, task: TaskRow, query_name: str, moment: datetime) -> bool:
+    def _send_ended(self, *ends: TaskEnd) -> None:
+        self._send(Ended(ends))
+
+    def _mark(self, task: TaskRow, rerun: bool, moment: datetime) -> bool:
         if self._fenced_out(task):
             return False
-        marked = self.store.one(query_name, task_id=task.id, instance_id=self.instance_id,
-                                time_started=moment)
-        if marked is None:
+        if rerun:
+            marked = self.store.one("mark_rerun", task_id=task.id, instance_id=self.instance_id,
+                                    time_started=moment, shard=self.slot) is not None
+        else:
+            marked = bool(self.store.all("mark_running", task_ids=[task.id], instance_id=self.instance_id,
+                                         time_started=moment, shard=self.slot))
+        if not marked:
             log.info("task %s was canceled, has ended or is no longer ours; skipped", task.id)
-        return marked is not None
+        return marked
 
     def _interrupted(self, task: TaskRow) -> bool:
-        """Is this 'queued' copy really a task an earlier shard left running?
+        """Is this 'queued' copy really a task this slot's earlier shard left running?
 
-        A copy can be stale (adopted while a busy shard was away, and that
-        shard then died mid-task); the task must then be reconciled, not skipped.
+        A copy can be stale (sent again after a fetcher restart, while this
+        slot's shard was finishing it); the task must then be reconciled, not
+        skipped. Only the slot that marked it may: another may still run it.
         """
         row = self.store.one("task_states", ids=[task.id])
         self.store.rollback()
-        return bool(row and row["state"] == "running" and row["claimed_by"] == self.instance_id)
+        return bool(row and row["state"] == "running" and row["claimed_by"] == self.instance_id
+                    and row["run_by_shard"] == self.slot)
 
     def _begin(self, task: TaskRow, plan: Plan, rerun: bool) -> str:
-        """Commit 'running' + transient state (and the previous outcome).
+        """Commit 'running' + transient state (and the held outcomes).
 
         STARTED: perform it now. NOT_OURS: canceled, ended or taken meanwhile.
         HANDLED: it failed or was parked for a retry before it started.
         """
 
         def work() -> bool:
-            if not self._mark(task, "mark_rerun" if rerun else "mark_running", now()):
+            if not self._mark(task, rerun, now()):
                 return False
             plan.begin(self.store)
             return True
@@ -500,14 +697,14 @@ class Shard:
         moment = now()
 
         def work() -> bool:
-            if mark_running and not self._mark(task, "mark_running", moment):
+            if mark_running and not self._mark(task, False, moment):
                 return False
-            return self._write(PendingOutcome(task, outcome, moment if mark_running else None, moment))
+            return bool(self._write([PendingOutcome(task, outcome, moment if mark_running else None, moment)]))
 
         written = self._commit_with_pending(work)
         if written:
             self._log_outcome(task, outcome)
-            self._send(Ended(task.id, outcome.state))
+            self._send_ended(TaskEnd(task.id, outcome.state))
         return written
 
     def _fail_before_start(self, task: TaskRow, message: str, updates: list[RowUpdate]) -> None:
@@ -529,27 +726,31 @@ class Shard:
             metrics.task_ended(self._action_label(task), "failed", None)
             log.warning("task %s (%s %s:%s) failed: %s", task.id, task.action, task.target_type,
                         task.target_id, message)
-        self._send(Ended(task.id, "failed" if recorded else "skipped"))
+        self._send_ended(TaskEnd(task.id, "failed" if recorded else "skipped"))
 
     # -- outcomes ---------------------------------------------------------------
-    def _write(self, pending: PendingOutcome) -> bool:
-        if self._fenced_out(pending.task):
-            return False
-        written = self.store.one(
-            "record_outcome", task_id=pending.task.id, instance_id=self.instance_id,
-            state=pending.outcome.state, message=pending.outcome.message,
-            time_started=pending.time_started, time_ended=pending.time_ended)
-        if written is None:
-            # Fencing: someone else owns the task now; our rows must not overwrite theirs.
-            log.warning("task %s: outcome %s not recorded, the task is no longer ours",
-                        pending.task.id, pending.outcome.state)
-            return False
-        for update in pending.outcome.row_updates:
-            self.store.update_row(update.table, update.row_id, update.values)
-        return True
+    def _write(self, outcomes: list[PendingOutcome]) -> set[int]:
+        """Write outcomes and their row changes, those we may; the ids written."""
+        allowed = {t.id for t in self._fenced([p.task for p in outcomes])}
+        todo = [p for p in outcomes if p.task.id in allowed]
+        if not todo:
+            return set()
+        written = {r["id"] for r in self.store.all(
+            "record_outcomes", instance_id=self.instance_id, task_ids=[p.task.id for p in todo],
+            states=[p.outcome.state for p in todo], messages=[p.outcome.message for p in todo],
+            starts=[p.time_started for p in todo], ends=[p.time_ended for p in todo])}
+        for pending in todo:
+            if pending.task.id not in written:
+                # Fencing: someone else owns the task now; our rows must not overwrite theirs.
+                log.warning("task %s: outcome %s not recorded, the task is no longer ours",
+                            pending.task.id, pending.outcome.state)
+                continue
+            for update in pending.outcome.row_updates:
+                self.store.update_row(update.table, update.row_id, update.values)
+        return written
 
     def _flush(self) -> None:
-        if self.pending is not None:
+        if self.pending:
             self._commit_with_pending(lambda: None)
 
     def _action_label(self, task: TaskRow) -> str:

@@ -115,7 +115,7 @@ def test_takeover_waits_for_the_lease_gives_a_new_token_and_brings_the_tasks(sto
     assert top_up(one, a, tokens, count=2) == ids[:2]
     with one.transaction():
         assert one.one("hold_key_claim", key_type="Vm", key_id=9, instance_id=a, token=tokens[9])
-        assert one.one("mark_running", task_id=ids[0], instance_id=a, time_started=datetime.now(UTC))
+        assert one.one("mark_running", shard=0, task_ids=[ids[0]], instance_id=a, time_started=datetime.now(UTC))
     with two.transaction():
         assert two.all("take_over_keys", instance_id=b, limit=10) == []  # a's lease is live
     expire(dsn, a)
@@ -189,7 +189,7 @@ def test_graceful_leave_keeps_only_claims_with_a_running_task_and_ends_the_lease
     tokens = claim(one, a, [1, 2])
     top_up(one, a, tokens)
     with one.transaction():  # a parked task (clear_vms waiting for its children) stays running
-        one.one("mark_running", task_id=ids[0], instance_id=a, time_started=datetime.now(UTC))
+        one.one("mark_running", shard=0, task_ids=[ids[0]], instance_id=a, time_started=datetime.now(UTC))
     with one.transaction():
         one.run("release_unstarted", instance_id=a)
         one.run("release_idle_keys", instance_id=a)

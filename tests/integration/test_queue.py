@@ -58,7 +58,7 @@ def now() -> datetime:
 
 def start(store: Store, task_id: int, instance_id: int) -> bool:
     with store.transaction():
-        return store.one("mark_running", task_id=task_id, instance_id=instance_id, time_started=now()) is not None
+        return store.one("mark_running", shard=0, task_ids=[task_id], instance_id=instance_id, time_started=now()) is not None
 
 
 def finish(store: Store, task_id: int, instance_id: int, state: str = "finished",
@@ -292,7 +292,7 @@ def test_record_outcome_keeps_microsecond_times(dsn: str, store: Store) -> None:
     started = datetime(2024, 5, 1, 12, 0, 0, 123456, tzinfo=UTC)
     ended = datetime(2024, 5, 1, 12, 0, 1, 654321, tzinfo=UTC)
     with store.transaction():
-        assert store.one("mark_running", task_id=task_id, instance_id=me, time_started=started)
+        assert store.one("mark_running", shard=0, task_ids=[task_id], instance_id=me, time_started=started)
     with store.transaction():
         assert store.one("record_outcome", task_id=task_id, instance_id=me, state="finished", message=None,
                          time_started=None, time_ended=ended)

@@ -145,7 +145,7 @@ class Env:
     def record(self, task: TaskRow, outcome: Outcome, mark_running: bool = False) -> bool:
         with self.store.transaction():
             if mark_running:
-                assert self.store.one("mark_running", task_id=task.id, instance_id=self.instance_id,
+                assert self.store.one("mark_running", shard=0, task_ids=[task.id], instance_id=self.instance_id,
                                       time_started=now()) is not None
             written = self.store.one("record_outcome", task_id=task.id, instance_id=self.instance_id,
                                      state=outcome.state, message=outcome.message, time_started=None,
@@ -174,7 +174,7 @@ class Env:
             return None
         try:
             with self.store.transaction():
-                assert self.store.one("mark_running", task_id=task.id, instance_id=self.instance_id,
+                assert self.store.one("mark_running", shard=0, task_ids=[task.id], instance_id=self.instance_id,
                                       time_started=now()) is not None
                 plan.begin(self.store)
         except TaskFailed as failure:
@@ -612,7 +612,7 @@ def test_delete_volume_rechecks_users_when_it_starts(env: Env, ready_pool: tuple
     vm_id = query(env.dsn, "INSERT INTO vms (description) VALUES ('late') RETURNING id")[0]["id"]
     query(env.dsn, "INSERT INTO vm_disks (vm_id, storage_volume_id) VALUES (%s, %s)", (vm_id, volume_id))
     with pytest.raises(TaskFailed, match=f"in use as a disk by VM {vm_id}"), env.store.transaction():
-        assert env.store.one("mark_running", task_id=task.id, instance_id=env.instance_id,
+        assert env.store.one("mark_running", shard=0, task_ids=[task.id], instance_id=env.instance_id,
                              time_started=now()) is not None
         plan.begin(env.store)
     assert env.task(task.id)["state"] == "queued"  # rolled back with it
@@ -708,7 +708,7 @@ def test_reconcile_delete_volume(env: Env, ready_pool: tuple[int, Path]) -> None
     plan = started.action.prepare(env.ctx, task)
     env.store.rollback()
     with env.store.transaction():
-        assert env.store.one("mark_rerun", task_id=task.id, instance_id=env.instance_id,
+        assert env.store.one("mark_rerun", shard=0, task_id=task.id, instance_id=env.instance_id,
                              time_started=now()) is not None
         plan.begin(env.store)
     outcome = env.perform(Started(task, started.action, plan))

@@ -321,9 +321,9 @@ class ClaimProtocol(RuleBasedStateMachine):
     def write_query(self, tid: int, how: str) -> tuple[str, dict[str, Any]]:
         """The write that starts, ends or reconciles a task."""
         if how == "start":
-            return "mark_running", {"task_id": tid, "time_started": self.stamp()}
+            return "mark_running", {"task_ids": [tid], "shard": 0, "time_started": self.stamp()}
         if how == "rerun":
-            return "mark_rerun", {"task_id": tid, "time_started": self.stamp()}
+            return "mark_rerun", {"shard": 0, "task_id": tid, "time_started": self.stamp()}
         state, message = {
             "finished": ("finished", None),
             "failed": ("failed", "the action failed"),
