@@ -83,7 +83,7 @@ SELECT id, state, claimed_by, run_by_shard FROM tasks WHERE id = ANY(%(ids)s);
 UPDATE tasks
 SET state = 'running', time_started = %(time_started)s, attempts = attempts + 1,
     run_by_shard = %(shard)s
-WHERE id = ANY(%(task_ids)s) AND claimed_by = %(instance_id)s AND state = 'queued'
+WHERE id = ANY(%(task_ids)s::bigint[]) AND claimed_by = %(instance_id)s AND state = 'queued'
 RETURNING id;
 
 -- mark_rerun --

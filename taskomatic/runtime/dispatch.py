@@ -18,7 +18,10 @@ Quick tasks go out many at a time (the shard starts them in batches); slow
 ones two at a time, so little queues behind a slow one.
 
 A slot prefers its pinned keys' next tasks (a hot key's chain runs without
-gaps), then takes free keys in the order they got work. Tasks an interrupted
+gaps), then takes free keys in the order they got work. At most
+``per_key_ahead`` tasks of one key are in flight: a shard starts one task per
+key per transaction, so more would only crowd out other keys' tasks, which
+it could start in the same transaction. Tasks an interrupted
 shard had committed ``running`` go back to its slot only (``route(task,
 slot)``): only it may settle them.
 """
@@ -33,6 +36,7 @@ from taskomatic.runtime.router import OrderingKey
 
 LOOKAHEAD = 0.005  # seconds of expected work a slot is sent ahead
 WINDOW_MAX = 256  # tasks sent ahead at most, however quick
+PER_KEY_AHEAD = 2  # tasks of one key in flight at most: the one running and its successor
 UNKNOWN_ESTIMATE = LOOKAHEAD  # an action not seen yet: two in flight until it has run
 ESTIMATE_WEIGHT = 0.2  # of the newest duration in an action's running estimate
 
@@ -50,7 +54,7 @@ class SlotQueue:
     # do not count as work in hand, so a stuck key cannot starve the others.
     deferred: set[int] = field(default_factory=set)
     work: float = 0.0  # expected seconds of the sent, not deferred tasks
-    # Pinned keys with tasks waiting to be sent here, oldest first.
+    # Pinned keys with tasks waiting to be sent here and room under per_key_ahead, oldest first.
     pinned_waiting: OrderedDict[OrderingKey, None] = field(default_factory=OrderedDict)
 
     @property
@@ -59,9 +63,11 @@ class SlotQueue:
 
 
 class Dispatcher:
-    def __init__(self, shards: int, lookahead: float = LOOKAHEAD, window_max: int = WINDOW_MAX) -> None:
+    def __init__(self, shards: int, lookahead: float = LOOKAHEAD, window_max: int = WINDOW_MAX,
+                 per_key_ahead: int = PER_KEY_AHEAD) -> None:
         self.lookahead = lookahead
         self.window_max = window_max
+        self.per_key_ahead = per_key_ahead
         self.slots = [SlotQueue(i) for i in range(shards)]
         self.waiting: dict[OrderingKey, deque[TaskRow]] = {}  # claimed, not sent, in id order
         self.free_keys: OrderedDict[OrderingKey, None] = OrderedDict()  # waiting, not pinned
@@ -110,7 +116,7 @@ class Dispatcher:
         slot = self.pinned.get(key)
         if slot is None:
             self.free_keys.setdefault(key, None)
-        else:
+        elif self.in_flight[key] < self.per_key_ahead:
             self.slots[slot].pinned_waiting.setdefault(key, None)
 
     # -- tasks out to a slot ------------------------------------------------------------
@@ -135,16 +141,17 @@ class Dispatcher:
                 self.pinned[key] = index
             queue = self.waiting[key]
             task = queue.popleft()
-            if queue:
-                slot.pinned_waiting.setdefault(key, None)
-            else:
-                del self.waiting[key]
-                slot.pinned_waiting.pop(key, None)
             expected = self.estimate(task.action)
             slot.sent[task.id] = (task, expected)
             slot.work += expected
             self.in_flight[key] += 1
             out.append(task)
+            if not queue:
+                del self.waiting[key]
+            if queue and self.in_flight[key] < self.per_key_ahead:
+                slot.pinned_waiting.setdefault(key, None)
+            else:
+                slot.pinned_waiting.pop(key, None)
         return out
 
     def unsend(self, index: int, tasks: list[TaskRow]) -> None:
@@ -168,6 +175,8 @@ class Dispatcher:
     def _left_flight(self, key: OrderingKey) -> None:
         self.in_flight[key] -= 1
         if self.in_flight[key] > 0:
+            if key in self.waiting:
+                self._mark_waiting(key)  # room under per_key_ahead again
             return
         del self.in_flight[key]
         slot = self.pinned.pop(key)

@@ -36,7 +36,7 @@ import socket
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -104,6 +104,26 @@ class PendingOutcome:
     def end(self) -> TaskEnd:
         seconds = None if self.time_started is None else (self.time_ended - self.time_started).total_seconds()
         return TaskEnd(self.task.id, self.outcome.state, seconds, self.task.action)
+
+
+class _WorkRefused(Exception):
+    """The database refused a transaction's own work, after its held outcomes were written fine."""
+
+    def __init__(self, error: psycopg2.DatabaseError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+@dataclass
+class BatchStart:
+    """What starting a batch did, acted on once its transaction committed."""
+
+    run: list[tuple[TaskRow, Action, Plan]] = field(default_factory=list)  # marked running: perform these
+    done: list[tuple[TaskRow, Outcome]] = field(default_factory=list)  # already done: outcome recorded
+    failed: list[tuple[TaskRow, str]] = field(default_factory=list)  # could not start: recorded failed
+    retry: list[tuple[TaskRow, str]] = field(default_factory=list)  # transient: park for a retry
+    refused: list[TaskRow] = field(default_factory=list)  # marking refused: canceled, ended, or ours to settle
+    ends: list[TaskEnd] = field(default_factory=list)  # for the fetcher
 
 
 def _first_line(exc: BaseException) -> str:
@@ -371,52 +391,38 @@ class Shard:
         return batch
 
     def _run_batch(self, batch: list[TaskRow]) -> None:
-        """Prepare each, mark those still ours running in one transaction, perform them in order."""
-        keys = {key_of(t) for t in batch}
-        if any(key_of(p.task) in keys for p in self.pending):
-            self._flush()  # their prepare must see their predecessors' effects in the rows
-        prepared: list[tuple[TaskRow, Action, Plan]] = []
-        for task in batch:
-            step = self._prepare(task)
-            if step is not None:
-                prepared.append((task, *step))
-        if not prepared:
-            return
-
-        def work() -> set[int]:
-            allowed = self._fenced([t for t, _, _ in prepared])
-            if not allowed:
-                return set()
-            marked = {r["id"] for r in self.store.all(
-                "mark_running", task_ids=[t.id for t in allowed], instance_id=self.instance_id,
-                time_started=now(), shard=self.slot)}
-            for task, _, plan in prepared:
-                if task.id in marked:
-                    plan.begin(self.store)
-            return marked
-
+        """Start a batch in one transaction (with the held outcomes), then perform it in order."""
         try:
-            marked = self._commit_with_pending(work)
+            started = self._commit_with_pending(lambda: self._start_batch(batch))
         except (TaskFailed, TaskRetry, psycopg2.DatabaseError) as exc:
             if isinstance(exc, _CONNECTION_LOST):
                 raise
             # One task's start was refused, and with it the batch's: start them one by one.
             self.store.rollback()
-            for task, _, _ in prepared:
+            self._flush()
+            for task in batch:
                 self.run_task(task)
             return
-        for task, _, _ in prepared:
-            if task.id not in marked:
-                self._not_started(task)
-        started = [p for p in prepared if p[0].id in marked]
-        if not started:
+        for task, message in started.failed:
+            self.parking.ended(task.id)
+            metrics.task_ended(self._action_label(task), "failed", None)
+            log.warning("task %s (%s %s:%s) failed: %s", task.id, task.action, task.target_type,
+                        task.target_id, message)
+        for task, outcome in started.done:
+            self._log_outcome(task, outcome)
+        self._send_ended(*started.ends)
+        for task, reason in started.retry:
+            self._park_for_retry(task, reason)
+        for task in started.refused:
+            self._not_started(task)
+        if not started.run:
             return
-        self._send(Started(tuple(t.id for t, _, _ in started)))
-        for position, (task, action, plan) in enumerate(started):
+        self._send(Started(tuple(t.id for t, _, _ in started.run)))
+        for position, (task, action, plan) in enumerate(started.run):
             if not self._lease_ok():
                 # Committed 'running', not started: settled by reconciliation once the lease is back.
-                log.warning("lease too old to start %d tasks of a batch; holding them", len(started) - position)
-                self.queue.extendleft(reversed([replace(t, state="running") for t, _, _ in started[position:]]))
+                log.warning("lease too old to start %d tasks of a batch; holding them", len(started.run) - position)
+                self.queue.extendleft(reversed([replace(t, state="running") for t, _, _ in started.run[position:]]))
                 return
             self.deadline.value = time.time() + self.config.task_timeout
             try:
@@ -424,35 +430,69 @@ class Shard:
             finally:
                 self.deadline.value = 0.0
 
-    def _prepare(self, task: TaskRow) -> tuple[Action, Plan] | None:
-        """Check and prepare a queued task of a batch; None if it was settled or set aside here."""
+    def _start_batch(self, batch: list[TaskRow]) -> BatchStart:
+        """In the transaction that wrote the held outcomes: prepare, then mark running and begin.
+
+        Prepare runs after those writes, so a task sees its key's previous
+        outcome in the rows without a commit of its own in between. A task
+        that cannot start fails here, in the same transaction; a transient
+        failure is parked after the commit. A database error, or a begin that
+        refuses, rolls the batch back (the caller then starts its tasks one by one).
+        """
+        result = BatchStart()
+        prepared: list[tuple[TaskRow, Action, Plan]] = []
+        failing: list[tuple[TaskRow, str, list[RowUpdate]]] = []
         self.deadline.value = time.time() + self.config.task_timeout
         try:
-            action = self._check(task)
-            plan = action.prepare(self.ctx, task)
-            self.store.rollback()
-        except TaskFailed as failure:
-            self.store.rollback()
-            self._fail_before_start(task, failure.message, failure.row_updates)
-            return None
-        except TaskRetry as retry:
-            self.store.rollback()
-            self._park_for_retry(task, retry.message)
-            return None
-        except Exception as exc:  # a bug must cost one task, not the shard
-            if isinstance(exc, _CONNECTION_LOST):
-                raise
-            self.store.rollback()
-            log.exception("task %s: unexpected error while preparing", task.id)
-            self._fail_before_start(task, f"internal error while preparing {task.action}: {exc!r}", [])
-            return None
+            for task in batch:
+                try:
+                    action = self._check(task)
+                    prepared.append((task, action, action.prepare(self.ctx, task)))
+                except TaskFailed as failure:
+                    failing.append((task, failure.message, failure.row_updates))
+                except TaskRetry as retry:
+                    result.retry.append((task, retry.message))
+                except psycopg2.DatabaseError:
+                    raise
+                except Exception as exc:  # a bug must cost one task, not the shard
+                    log.exception("task %s: unexpected error while preparing", task.id)
+                    failing.append((task, f"internal error while preparing {task.action}: {exc!r}", []))
         finally:
             self.deadline.value = 0.0
-        if plan.already_done is not None:
-            if not self._settle(task, plan.already_done, mark_running=True):
-                self._not_started(task)
-            return None
-        return action, plan
+        allowed = {t.id for t in self._fenced([t for t, _, _ in prepared] + [t for t, _, _ in failing])}
+        moment = now()
+        to_mark = [t.id for t, _, _ in prepared if t.id in allowed]
+        marked = {r["id"] for r in self.store.all(
+            "mark_running", task_ids=to_mark, instance_id=self.instance_id, time_started=moment,
+            shard=self.slot)} if to_mark else set()
+        done: list[PendingOutcome] = []
+        for task, action, plan in prepared:
+            if task.id not in marked:
+                if task.id in allowed:
+                    result.refused.append(task)
+                else:
+                    result.ends.append(TaskEnd(task.id, "skipped"))
+            elif plan.already_done is not None:
+                done.append(PendingOutcome(task, plan.already_done, moment, moment))
+            else:
+                plan.begin(self.store)
+                result.run.append((task, action, plan))
+        written = self._write(done) if done else set()
+        for pending in done:
+            if pending.task.id in written:
+                result.done.append((pending.task, pending.outcome))
+            result.ends.append(TaskEnd(pending.task.id, pending.outcome.state if pending.task.id in written
+                                       else "skipped"))
+        for task, message, updates in failing:
+            recorded = task.id in allowed and self.store.one(
+                "fail_unstartable", task_id=task.id, instance_id=self.instance_id, message=message,
+                time=moment) is not None
+            if recorded:
+                for update in updates:
+                    self.store.update_row(update.table, update.row_id, update.values)
+                result.failed.append((task, message))
+            result.ends.append(TaskEnd(task.id, "failed" if recorded else "skipped"))
+        return result
 
     def _not_started(self, task: TaskRow) -> None:
         """Marking a queued task running was refused: settle it if an earlier shard of ours left it running."""
@@ -603,6 +643,11 @@ class Shard:
                 log.warning("database conflict (%s), retrying (%d/%d)", type(exc).__name__, attempt, _DB_ATTEMPTS)
                 if attempt == _DB_ATTEMPTS:
                     raise
+            except _WorkRefused as refused:
+                # Not the held outcomes' fault: write them alone, then report the refusal.
+                self.store.rollback()
+                self._flush()
+                raise refused.error from None
             except psycopg2.DatabaseError as exc:
                 if isinstance(exc, _CONNECTION_LOST) or not self.pending:
                     raise
@@ -634,7 +679,12 @@ class Shard:
                 if self.pending:
                     self._write(self.pending)
                     flushed, self.pending = self.pending, []
-                result = work()
+                try:
+                    result = work()
+                except psycopg2.DatabaseError as exc:
+                    if flushed and not isinstance(exc, _CONNECTION_LOST + _CONFLICTS):
+                        raise _WorkRefused(exc) from exc
+                    raise
         except BaseException:
             self.pending = flushed + self.pending  # rolled back: hold them again
             raise

@@ -335,12 +335,10 @@ def expected_states(scripts: dict[int, list[str]]) -> dict[int, str]:
 
 # -- crashing shards on purpose ----------------------------------------------------------
 def running_tasks_by_slot(dsn: str, shards: int) -> dict[int, dict[str, Any]]:
-    """slot -> the task the database shows running on that shard (at most one each)."""
-    from taskomatic.runtime.router import OrderingKey, shard_for
-
-    rows = query(dsn, "SELECT id, action, key_type, key_id, task_target_id FROM tasks "
-                      "WHERE state = 'running' ORDER BY id")
-    return {shard_for(OrderingKey(r["key_type"], r["key_id"]), shards): r for r in rows}
+    """slot -> a task the database shows running on that shard (the latest marked, if a batch)."""
+    rows = query(dsn, "SELECT id, action, key_type, key_id, task_target_id, run_by_shard FROM tasks "
+                      "WHERE state = 'running' AND run_by_shard < %s ORDER BY time_started, id", (shards,))
+    return {r["run_by_shard"]: r for r in rows}
 
 
 def kill_shard_mid_task(daemon: Daemon, dsn: str, shards: int, want: Any = None,
