@@ -78,7 +78,7 @@ from taskomatic.actions.pool_xml import (
     volume_format,
     volume_xml,
 )
-from taskomatic.actions.vm import is_transient
+from taskomatic.actions.vm import is_transient, quoted
 from taskomatic.db.store import Store
 from taskomatic.runtime.messages import TaskRow
 
@@ -135,11 +135,11 @@ def _host_label(host: dict[str, Any]) -> str:
 
 
 def _pool_label(pool: dict[str, Any]) -> str:
-    return f"pool {pool['id']} ({pool['name']!r})"
+    return f"pool {pool['id']} ({quoted(pool['name'])})"
 
 
 def _volume_label(volume: dict[str, Any]) -> str:
-    return f"volume {volume['id']} ({volume['name']!r})"
+    return f"volume {volume['id']} ({quoted(volume['name'])})"
 
 
 def _pool_row(ctx: ActionContext, pool_id: int | None, action: str) -> dict[str, Any]:
@@ -595,6 +595,12 @@ class DeleteVolume(StorageAction):
 
     def prepare(self, ctx: ActionContext, task: TaskRow) -> Plan:
         volume = _volume_row(ctx, task, self.name)
+        problem = name_problem(volume["name"], "volume name")
+        if problem:
+            # Never looked up: no volume by such a name can exist in a pool (create_volume refuses it,
+            # refresh_pool only finds file names), and it must not name a file outside the pool.
+            raise TaskFailed(f"delete_volume: {_volume_label(volume)}: {problem}; no such volume can exist "
+                             "in a pool (remove the row itself if it is a mistake)")
         self._refuse_if_used(ctx.store, volume)
         pool = _pool_row(ctx, volume["storage_pool_id"], self.name)
         site = pool_site(ctx, pool, self.name)

@@ -73,6 +73,32 @@ def domain_name(description: str) -> str:
     return cleaned.strip() or "vm"
 
 
+# libvirt names files on the node after the domain (<name>.xml, <name>.log): a file name holds
+# 255 bytes, minus the longest suffix.
+MAX_DOMAIN_NAME_BYTES = 250
+# What a message quotes of a VM's description (it may be megabytes long).
+_QUOTED_CHARS = 60
+# The ids the database can hold (bigint).
+MAX_ID = 2**63 - 1
+
+
+def quoted(text: str) -> str:
+    """``text`` quoted for a message, shortened if long."""
+    if len(text) <= _QUOTED_CHARS:
+        return repr(text)
+    return repr(text[:_QUOTED_CHARS]) + f"... ({len(text)} characters)"
+
+
+def name_problem(vm: dict[str, Any]) -> str | None:
+    """Why the VM's description cannot become a libvirt domain name (None if it can)."""
+    size = len(domain_name(vm["description"]).encode("utf-8", "surrogatepass"))
+    if size > MAX_DOMAIN_NAME_BYTES:
+        return (f"VM {vm['id']}: its description {quoted(vm['description'])} is {size} bytes long; the libvirt "
+                f"domain name made from it may be at most {MAX_DOMAIN_NAME_BYTES} bytes (the node names files "
+                "after it): shorten vms.description")
+    return None
+
+
 def _xml_char(ch: str) -> bool:
     """Allowed in an XML 1.0 document (control characters are handled by the caller)."""
     code = ord(ch)
@@ -202,7 +228,7 @@ class VmAction:
             elif observed.state != vm["state"]:
                 corrections.append(RowUpdate("vms", vm["id"], {"state": observed.state}))
             raise TaskFailed(
-                f"cannot {self.name.replace('_vm', '')} VM {vm['id']} ({vm['description']!r}): it is "
+                f"cannot {self.name.replace('_vm', '')} VM {vm['id']} ({quoted(vm['description'])}): it is "
                 f"{observed.state}, {self.name} needs {self.transition.start} ({observed.detail})",
                 corrections,
             )
@@ -306,6 +332,9 @@ class CreateVm(VmAction):
 
 
 def _spec(ctx: ActionContext, vm: dict[str, Any], host: dict[str, Any], with_disks: bool = True) -> DomainSpec:
+    problem = name_problem(vm)
+    if problem:
+        raise TaskFailed(problem)
     disks = []
     for row in ctx.store.all("vm_disks", vm_id=vm["id"]) if with_disks else ():
         if row["path"] is None or row["state"] != "available":
@@ -364,7 +393,11 @@ class PlacedAction(VmAction):
         super().validate_args(args)
         host_id = args.get("host_id")
         if host_id is not None and (isinstance(host_id, bool) or not isinstance(host_id, int)):
-            raise TaskFailed(f"{self.name}: args.host_id must be an integer host id, got {host_id!r}")
+            shown = quoted(host_id) if isinstance(host_id, str) else repr(host_id)
+            raise TaskFailed(f"{self.name}: args.host_id must be an integer host id, got {shown}")
+        if host_id is not None and not 1 <= host_id <= MAX_ID:
+            raise TaskFailed(f"{self.name}: args.host_id must be an integer host id (1 to {MAX_ID}), "
+                             f"got {host_id}; no host has that id")
 
     def choose_host(self, store: Any, plan: Plan, exclude: int | None = None) -> dict[str, Any]:
         """Inside the mark-running transaction: the host for the VM, or TaskFailed/TaskRetry saying why."""
