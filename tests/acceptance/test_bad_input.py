@@ -394,3 +394,18 @@ def test_a_task_inserted_already_running_is_refused(dsn, state):
     with pytest.raises(psycopg2.IntegrityError):
         execute(dsn, "INSERT INTO tasks (task_target_type, task_target_id, action, state) "
                      "VALUES ('Vm', 1, 'start_vm', %s)", (state,))
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "runtime/shard.py Shard._check (not ours to change now) quotes the whole action name, and lists every "
+    "known action, in the task's message and the log line: a 1 MB action name gives a 1 MB message. "
+    "Proposed fix: quote it shortened, e.g. taskomatic.actions.vm.quoted(task.action), as the actions "
+    "now do for descriptions and volume names"))
+def test_a_huge_action_name_gives_a_short_message(dsn, hosts, daemon_factory, prefix):
+    vm, = checks.insert_vms(dsn, [f"{prefix}-long-action"])
+    [task] = checks.insert_tasks(dsn, [("Vm", vm, "a" * MB)])
+    daemon = daemon_factory(shards=1)
+    row = checks.wait_task_ended(dsn, task, timeout=60)
+    assert row["state"] == "failed" and "unknown action" in row["message"]
+    assert len(row["message"]) < 2000, f"a message of {len(row['message'])} characters"
+    assert max(len(line) for line in daemon.log().splitlines()) < 4000
