@@ -151,6 +151,17 @@ def check_run(dsn: str, logs: Iterable[str], expected: dict[int, str] | None = N
     return [*ended_once(dsn), *key_order(dsn), *reruns(dsn, logs), *vm_rows(dsn, expected)]
 
 
+def no_work_found_done(dsn: str) -> list[str]:
+    """For consistent scripts on nodes nobody else touches: no task found its work already done.
+
+    Each VM's script only asks for what its previous action made possible, so a
+    "nothing to do" success means the same work had been done before: a task run
+    twice (or a re-run after an effect the reconciliation missed)."""
+    rows = query(dsn, "SELECT id, action, task_target_id, attempts, message FROM tasks "
+                      "WHERE state = 'finished' AND message LIKE '%%nothing to do%%' ORDER BY id LIMIT 20")
+    return [f"task found its work already done (it, or the same work, ran twice): {r}" for r in rows]
+
+
 def all_finished(dsn: str) -> list[str]:
     """For faults that must cost no task: every task finished (none failed)."""
     rows = query(dsn, "SELECT id, action, task_target_id, state, attempts, message FROM tasks "

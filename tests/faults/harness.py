@@ -212,6 +212,7 @@ class FaultRun:
         violations = checker.check_run(self.dsn, [d.log() for d in self.daemons], expected)
         if must_finish:
             violations += checker.all_finished(self.dsn)
+            violations += checker.no_work_found_done(self.dsn)
         later_bad = query(self.dsn, "SELECT id, action, state, message FROM tasks WHERE task_target_id = ANY(%s) "
                                     "AND state <> 'finished' ORDER BY id LIMIT 10", (list(later),))
         violations += [f"work queued after the fault did not finish: {r}" for r in later_bad]
@@ -223,10 +224,12 @@ class FaultRun:
         stats = query(self.dsn, "SELECT count(*) FILTER (WHERE attempts > 1) AS reruns, "
                                 "count(*) FILTER (WHERE message ILIKE '%%interrupted%%') AS reconciled "
                                 "FROM tasks")[0]
+        failures = query(self.dsn, "SELECT left(regexp_replace(message, '[0-9]+', 'N', 'g'), 70) AS m, count(*) AS n "
+                                   "FROM tasks WHERE state = 'failed' GROUP BY 1 ORDER BY 2 DESC LIMIT 5")
         result = {"fault": self.fault, "seed": self.seed, "moment": self.moment, "tasks": sum(counts.values()),
                   "counts": counts, "reruns": stats["reruns"], "reconciled": stats["reconciled"],
                   "violations": len(violations), "seconds": round(time.monotonic() - self.started, 1),
-                  **self.notes}
+                  "failures": {r["m"]: r["n"] for r in failures}, **self.notes}
         print(f"fault run: {json.dumps(result, default=str)}")
         for v in violations:
             print(f"  violation: {v}")

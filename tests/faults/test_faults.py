@@ -156,14 +156,25 @@ def test_database_unreachable(seed: int, make_run: Any, dsn: str) -> None:
     cut_off = [d for i, d in enumerate(daemons) if via[i] == proxy.dsn]
     ids = [run.instance_ids(d)[-1] for d in cut_off]
     offsets = run.log_from()
+    ended_before = {r["id"] for r in query(dsn, "SELECT id FROM tasks WHERE claimed_by = ANY(%s) AND state IN "
+                                                "('finished', 'failed')", (ids,))}
     proxy.cut()
+    cut_at = query(dsn, "SELECT clock_timestamp() AS t")[0]["t"]
     extra = round(run.rng.uniform(0.0, 2.0), 2)
     wait_for(lambda: query(dsn, "SELECT bool_and(lease_expires_at + make_interval(secs => %s) < clock_timestamp()) "
                                 "AS x FROM instances WHERE id = ANY(%s)", (extra, ids))[0]["x"],
              LEASE_SECONDS + 30, 0.05, "the cut-off instances' leases to run out")
     proxy.restore()
     run.notes.update(instances=count, cut_all=cut_all, past_lease_seconds=extra)
+    # Back: each cut-off instance finds its lease lost and rejoins under a new id (its children
+    # may be in their boot backoff, having died at every start while the database was away).
+    wait_for(lambda: run.assert_alive(daemons) or run.logged_since(offsets, "rejoined as instance") >= len(cut_off),
+             60, 0.1, "the cut-off instances to rejoin")
     violations = run.finish(scripts, must_finish=True)
+    late = query(dsn, "SELECT id, action, key_id, claimed_by, time_ended FROM tasks WHERE claimed_by = ANY(%s) "
+                      "AND state IN ('finished', 'failed') AND NOT (id = ANY(%s)) AND time_ended > %s",
+                 (ids, list(ended_before), cut_at))
+    violations += [f"fencing: a cut-off instance recorded an outcome under its lost id: {r}" for r in late]
     if run.logged_since(offsets, "rejoined as instance") < len(cut_off):
         violations.append("a cut-off instance did not rejoin under a new id")
     verdict(violations)
