@@ -229,7 +229,8 @@ class FaultRun:
         result = {"fault": self.fault, "seed": self.seed, "moment": self.moment, "tasks": sum(counts.values()),
                   "counts": counts, "reruns": stats["reruns"], "reconciled": stats["reconciled"],
                   "violations": len(violations), "seconds": round(time.monotonic() - self.started, 1),
-                  "failures": {r["m"]: r["n"] for r in failures}, **self.notes}
+                  "failures": {r["m"]: r["n"] for r in failures},
+                  "tracebacks": sum(d.log().count("Traceback") for d in self.daemons), **self.notes}
         print(f"fault run: {json.dumps(result, default=str)}")
         for v in violations:
             print(f"  violation: {v}")

@@ -135,7 +135,15 @@ def test_database_restarted(seed: int, make_run: Any, restartable_dsn: tuple[Any
     scripts = run.workload()
     run.wait_ended(run.moment)
     server.restart()
-    verdict(run.finish(scripts, must_finish=True))
+    violations = run.finish(scripts, must_finish=True)
+    violations += reconciler_tracebacks(run)
+    verdict(violations)
+
+
+def reconciler_tracebacks(run: FaultRun) -> list[str]:
+    """The host-status process exits on a lost database like the shards do: one line, no traceback."""
+    return [f"the reconciler died with a traceback on a lost database (daemon {d.pid})"
+            for d in run.daemons if "Process taskomatic-reconciler:\nTraceback" in d.log()]
 
 
 # -- 6. the database unreachable for longer than a lease (multihost) ------------------------------------
@@ -175,6 +183,7 @@ def test_database_unreachable(seed: int, make_run: Any, dsn: str) -> None:
                       "AND state IN ('finished', 'failed') AND NOT (id = ANY(%s)) AND time_ended > %s",
                  (ids, list(ended_before), cut_at))
     violations += [f"fencing: a cut-off instance recorded an outcome under its lost id: {r}" for r in late]
+    violations += reconciler_tracebacks(run)
     if run.logged_since(offsets, "rejoined as instance") < len(cut_off):
         violations.append("a cut-off instance did not rejoin under a new id")
     verdict(violations)
