@@ -21,6 +21,15 @@ def _num(value: Any, digits: int = 0) -> str:
     return f"{value:,}" if isinstance(value, int) else str(value)
 
 
+def _backlog(samples: dict[str, Any], end: float) -> str:
+    """Peak and mean of queued + running over the load window's samples."""
+    tasks = samples["tasks"]
+    values = [q + r for t, q, r in zip(samples["t"], tasks["queued"], tasks["running"], strict=True) if t <= end]
+    if not values:
+        return "-"
+    return f"peak {max(values):,}, mean {sum(values) / len(values):,.0f} over the load window"
+
+
 def summary(results: dict[str, Any]) -> str:
     from bench.report import _machine_line
     from bench.soak import verdict_flags
@@ -47,6 +56,7 @@ def summary(results: dict[str, Any]) -> str:
                 f"(first start to last end); queue-to-start latency p50 {_num(lat.get('p50'), 1)} ms, "
                 f"p99 {_num(lat.get('p99'), 1)} ms, max {_num(lat.get('max'), 1)} ms; "
                 f"load window 0-{v['load_window_s'][1]:.1f} s, {len(r['samples']['t'])} samples; "
+                f"unsettled tasks (queued + running) {_backlog(r['samples'], v['load_window_s'][1])}; "
                 f"task states {r.get('task_states')}.", "",
                 "| verdict | result |", "|---|---|"]
         for name, ok in verdict_flags(v).items():
