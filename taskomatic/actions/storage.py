@@ -78,7 +78,7 @@ from taskomatic.actions.pool_xml import (
     volume_format,
     volume_xml,
 )
-from taskomatic.actions.vm import is_transient, quoted
+from taskomatic.actions.vm import is_transient, libvirt_uri_problem, quoted
 from taskomatic.db.store import Store
 from taskomatic.runtime.messages import TaskRow
 
@@ -162,6 +162,9 @@ def _volume_row(ctx: ActionContext, task: TaskRow, action: str) -> dict[str, Any
 
 def _connect(ctx: ActionContext, host: dict[str, Any], action: str) -> libvirt.virConnect:
     """The host's connection; an unreachable node is transient (the shard retries later)."""
+    problem = libvirt_uri_problem(host["libvirt_uri"])
+    if problem:
+        raise TaskFailed(f"{action}: {_host_label(host)}: {problem}")
     try:
         return ctx.libvirt.get(host["libvirt_uri"])
     except HostUnreachable as exc:
@@ -376,6 +379,9 @@ class RefreshPool(StorageAction):
 
     def _activate(self, ctx: ActionContext, host: dict[str, Any], pool: dict[str, Any], xml: str) -> ActivePool:
         where = _host_label(host)
+        problem = libvirt_uri_problem(host["libvirt_uri"])
+        if problem:
+            raise HostAttemptFailed(f"refresh_pool: {where}: {problem}")
         try:
             conn = ctx.libvirt.get(host["libvirt_uri"])
         except HostUnreachable as exc:

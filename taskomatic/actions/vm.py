@@ -128,7 +128,40 @@ def _host_label(host: dict[str, Any]) -> str:
     return f"host {host['id']} ({host['hostname']})"
 
 
+# libvirt URI parts that make the client run a program: the ext transport runs ``command``
+# locally, ssh runs ``command`` (its ssh binary) locally and ``netcat`` on the node.
+_EXEC_TRANSPORTS = frozenset({"ext"})
+_EXEC_PARAMETERS = frozenset({"command", "netcat"})
+
+
+def libvirt_uri_problem(uri: str) -> str | None:
+    """Why taskomatic must not open ``uri`` (None if it may).
+
+    ``hosts.libvirt_uri`` is data anyone who may insert a host row controls;
+    opening it must not run a program of their choosing.
+    """
+    from urllib.parse import parse_qsl, urlsplit
+
+    try:
+        parts = urlsplit(uri)
+    except ValueError as exc:
+        return f"libvirt_uri {quoted(uri)} is not a URI: {exc}"
+    transport = parts.scheme.partition("+")[2].lower()
+    if transport in _EXEC_TRANSPORTS:
+        return (f"libvirt_uri {quoted(uri)} uses the {transport!r} transport, which runs a local command; "
+                "refused (use unix, tcp, tls or ssh)")
+    risky = sorted({name.lower() for name, _ in parse_qsl(parts.query, keep_blank_values=True)}
+                   & _EXEC_PARAMETERS)
+    if risky:
+        return (f"libvirt_uri {quoted(uri)} sets {', '.join(risky)}, which names a program to run; refused "
+                "(configure ssh in ~/.ssh/config instead)")
+    return None
+
+
 def _connect(ctx: ActionContext, host: dict[str, Any]) -> libvirt.virConnect:
+    problem = libvirt_uri_problem(host["libvirt_uri"])
+    if problem:
+        raise TaskFailed(f"{_host_label(host)}: {problem}")
     try:
         return ctx.libvirt.get(host["libvirt_uri"])
     except HostUnreachable as exc:

@@ -434,3 +434,81 @@ def test_running_as_root_is_warned_about_and_not_otherwise(pg_server: Any, daemo
     assert result.returncode == 4, result.stderr
     assert "no_such_database_here" in result.stderr
     assert ROOT_WARNING not in result.stderr
+
+
+# -- libvirt URIs that run programs ----------------------------------------------------------------------
+
+@pytest.mark.parametrize(("uri", "words"), [
+    ("test+ext:///default?command=/tmp/x", ("'ext' transport", "runs a local command")),
+    ("qemu+ssh://node/system?command=/tmp/x", ("sets command",)),
+    ("qemu+ssh://node/system?netcat=rm%20-rf%20~", ("sets netcat",)),
+    ("QEMU+EXT:///system", ("'ext' transport",)),
+])
+def test_uris_that_name_a_program_are_refused(uri: str, words: tuple[str, ...]) -> None:
+    from taskomatic.actions.vm import libvirt_uri_problem
+
+    problem = libvirt_uri_problem(uri)
+    assert problem is not None and all(w in problem for w in words), problem
+
+
+@pytest.mark.parametrize("uri", ["qemu:///system", "qemu+tcp://node/system", "qemu+tls://node.example.org/system",
+                                 "qemu+ssh://root@node/system?keyfile=/var/lib/taskomatic/.ssh/id",
+                                 "test+unix:///default?socket=/tmp/n/libvirt-sock", "test:///default"])
+def test_ordinary_uris_are_allowed(uri: str) -> None:
+    from taskomatic.actions.vm import libvirt_uri_problem
+
+    assert libvirt_uri_problem(uri) is None
+
+
+@pytest.fixture
+def marker(state_dir: Path) -> Iterator[tuple[Path, Path]]:
+    """A program that leaves a file when run, in a place the daemon can reach."""
+    ran = state_dir / "ext-ran"
+    script = state_dir / "evil.sh"
+    script.write_text(f"#!/bin/sh\ntouch {ran}\nexit 1\n")
+    script.chmod(0o755)
+    yield script, ran
+
+
+def test_a_task_on_a_host_whose_uri_runs_a_program_fails_saying_so(dsn: str, daemon_factory: Any, prefix: str,
+                                                                    marker: tuple[Path, Path]) -> None:
+    script, _ = marker
+    host = query(dsn, "INSERT INTO hosts (hostname, libvirt_uri, hypervisor_type, num_cpus, memory) "
+                      "VALUES ('evil', %s, 'TEST', 8, 8388608) RETURNING id",
+                 (f"test+ext:///default?command={script}",))[0]["id"]
+    # Work that must reach the host whatever the host-status pass makes of it: a VM the row says runs
+    # there, a volume in a pool the row says is active there.
+    vm, = checks.insert_vms(dsn, [f"{prefix}-ext"])
+    query(dsn, "UPDATE vms SET state = 'running', host_id = %s WHERE id = %s RETURNING id", (host, vm))
+    pool = query(dsn, "INSERT INTO storage_pools (name, target_path, host_id, state) "
+                      "VALUES (%s, '/tmp/p', %s, 'available') RETURNING id", (f"{prefix}-ext", host))[0]["id"]
+    volume = query(dsn, "INSERT INTO storage_volumes (storage_pool_id, name, size) VALUES (%s, 'v.img', 1024) "
+                        "RETURNING id", (pool,))[0]["id"]
+    ids = checks.insert_tasks(dsn, [("Vm", vm, "suspend_vm"), ("StorageVolume", volume, "create_volume")])
+    daemon = daemon_factory(shards=1)
+    checks.wait_all_ended(dsn, daemon, timeout=60)
+    rows = query(dsn, "SELECT id, state, message FROM tasks WHERE id = ANY(%s) ORDER BY id", (ids,))
+    assert len(rows) == 2
+    for row in rows:
+        assert row["state"] == "failed", row
+        assert f"host {host} (evil): libvirt_uri" in row["message"] and "'ext' transport" in row["message"], row
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "taskomatic/actions/connections.py LibvirtConnections.get (not ours to change now) opens any "
+    "hosts.libvirt_uri; the host-status pass (runtime/reconciler.py) opens every host's URI, so a host row "
+    "with test+ext:///default?command=/path (or qemu+ssh://...?command=) runs that program as the daemon's "
+    "user at start. The actions refuse such URIs (vm.libvirt_uri_problem); proposed fix: call "
+    "taskomatic.actions.vm.libvirt_uri_problem in LibvirtConnections.get and raise HostUnreachable (or a "
+    "permanent error) with its text, or a CHECK constraint on hosts.libvirt_uri"))
+def test_no_program_named_by_a_host_uri_is_ever_run(dsn: str, daemon_factory: Any, marker: tuple[Path, Path]
+                                                   ) -> None:
+    script, ran = marker
+    host = query(dsn, "INSERT INTO hosts (hostname, libvirt_uri, hypervisor_type, num_cpus, memory) "
+                      "VALUES ('evil', %s, 'TEST', 8, 8388608) RETURNING id",
+                 (f"test+ext:///default?command={script}",))[0]["id"]
+    daemon_factory(shards=1)
+    # The host-status pass at start looks at every host: it marks this one unavailable either way.
+    wait_for(lambda: query(dsn, "SELECT state FROM hosts WHERE id = %s", (host,))[0]["state"] == "unavailable",
+             60, what="the host-status pass to judge the host")
+    assert not ran.exists(), f"{script} was run by the daemon"
