@@ -166,6 +166,7 @@ MORE_FAILURES = {
     "1 mb description create": ("description", "1048576 bytes long", "at most 250 bytes", "shorten"),
     "1 mb description start": ("cannot start", "1048576 characters", "create_failed"),
     "memory 2^62 kb": ("no available, enabled host has 4611686018427387904 kb free memory",),
+    "bad mac address": ("start_vm failed on host", "unable to parse mac address", "'; rm -rf / <x>"),
     "pool does not exist": ("refresh_pool", "storage pool 876543 does not exist"),
     "volume does not exist": ("create_volume", "storage volume 876543 does not exist"),
     "volume deleted while queued": ("create_volume", "does not exist"),
@@ -187,10 +188,11 @@ MORE_FAILURES = {
 
 
 def test_more_bad_rows_fail_clearly_and_disturb_nothing(dsn, hosts, daemon_factory, prefix):
-    e, f, big, huge, shell = checks.insert_vms(
+    e, f, big, huge, shell, mac = checks.insert_vms(
         dsn, [f"{prefix}-e", f"{prefix}-f", f"{prefix}-big " + "x" * (MB - len(prefix) - 5),
-              f"{prefix}-huge", f"{prefix} {SHELL}"])
+              f"{prefix}-huge", f"{prefix} {SHELL}", f"{prefix}-mac"])
     execute(dsn, "UPDATE vms SET memory_allocated = %s WHERE id = %s", (2**62, huge))
+    execute(dsn, "UPDATE vms SET vnic_mac_addr = %s WHERE id = %s", ("'; rm -rf / <x>", mac))
     pool = query(dsn, "INSERT INTO storage_pools (name, pool_type, target_path) "
                       "VALUES (%s, 'dir', '/nonexistent/tkm') RETURNING id", (f"{prefix}-pool",))[0]["id"]
     names = ["../../etc/passwd", "/etc/passwd", "..", ".", "..hidden", "new\nline", "n" * 300, "zero",
@@ -223,6 +225,8 @@ def test_more_bad_rows_fail_clearly_and_disturb_nothing(dsn, hosts, daemon_facto
         ("memory 2^62 kb", ("Vm", huge, "start_vm")),
         (None, ("Vm", shell, "create_vm")),
         (None, ("Vm", shell, "start_vm")),
+        (None, ("Vm", mac, "create_vm")),
+        ("bad mac address", ("Vm", mac, "start_vm")),
         ("pool does not exist", ("StoragePool", 876543, "refresh_pool")),
         ("volume does not exist", ("StorageVolume", 876543, "create_volume")),
         ("volume deleted while queued", ("StorageVolume", vol["deleted-while-queued"], "create_volume")),
@@ -275,6 +279,8 @@ def test_more_bad_rows_fail_clearly_and_disturb_nothing(dsn, hosts, daemon_facto
     state = {r["id"]: r["state"] for r in query(dsn, "SELECT id, state FROM vms WHERE id = ANY(%s)",
                                                  ([big, huge],))}
     assert state == {big: "create_failed", huge: "stopped"}, state
+    checks.assert_vms_in_expected_state(dsn, {mac: "stopped"})
+    checks.assert_vms_match_libvirt(dsn, [mac])  # no half-defined domain left behind
 
     # Shell metacharacters are a name like any other: the domain has exactly that name, nothing ran.
     vm = query(dsn, "SELECT v.uuid::text AS uuid, h.libvirt_uri FROM vms v JOIN hosts h ON h.id = v.host_id "
