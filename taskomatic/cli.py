@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import sys
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
@@ -35,6 +36,11 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_CONFIG = 3
 EXIT_DATABASE = 4
+
+# The daemon needs no privilege: libvirt and PostgreSQL are reached through their sockets
+# with their own access control. Root is allowed (a quick try, the demo) but warned about.
+ROOT_WARNING = ("running as root: taskomatic needs no privileges (the packaged unit runs it as user "
+                "taskomatic); run it as an unprivileged user that may use the libvirt and database sockets")
 
 TARGET_FLAGS = (("vm", "Vm"), ("pool", "StoragePool"), ("volume", "StorageVolume"), ("host", "Host"))
 
@@ -145,6 +151,11 @@ def resolve_config(args: argparse.Namespace) -> Config:
         value = getattr(args, name, None)
         if value is not None:
             overrides[name] = value
+    if overrides.get("dsn"):
+        try:
+            overrides["dsn"] = config_mod.SETTINGS_BY_NAME["dsn"].parse(overrides["dsn"])
+        except ValueError as exc:
+            raise ConfigError(f"bad --dsn: {exc}") from None
     if "shards" in overrides and overrides["shards"] < 1:
         raise ConfigError("--shards must be at least 1")
     return config_mod.load(getattr(args, "config", None), overrides=overrides)
@@ -483,6 +494,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     exposed = config_mod.exposed_password_warning(config)
     if exposed:
         logging.getLogger("taskomatic").warning("%s", exposed)
+    if args.command in (None, "run") and os.geteuid() == 0:
+        logging.getLogger("taskomatic").warning("%s", ROOT_WARNING)
     from taskomatic.db.migrate import SchemaOutOfDate
     from taskomatic.db.store import DatabaseUnavailable
     from taskomatic.embedded.libvirtd import ManagedNodeError

@@ -65,6 +65,25 @@ def _port(text: str) -> int:
     return value
 
 
+def _dsn(text: str) -> str:
+    """A libpq connection string (key=value pairs or a postgresql:// URI), checked by libpq's own parser.
+
+    Only libpq's reason is shown, never the string: it may hold a password.
+    """
+    value = text.strip()
+    if value:
+        import psycopg2.extensions
+
+        try:
+            psycopg2.extensions.parse_dsn(value)
+        except psycopg2.ProgrammingError as exc:
+            reason = str(exc).strip().removeprefix("invalid dsn: ")
+            if "password" in value.lower():  # libpq quotes the word it stopped at: maybe the password
+                reason = re.sub(r'after "[^"]*"', 'after "…"', reason)
+            raise ValueError(f"not a valid libpq connection string: {reason}") from None
+    return value
+
+
 def _choice(*allowed: str) -> Callable[[str], str]:
     def parse(text: str) -> str:
         value = text.strip()
@@ -93,10 +112,13 @@ class Setting:
 
 
 SETTINGS: tuple[Setting, ...] = (
-    Setting("database", "dsn", str, "",
+    Setting("database", "dsn", _dsn, "",
             "libpq connection string; empty means a private PostgreSQL under state_dir"),
     Setting("database", "connect_timeout", _positive_float, 10.0,
             "seconds to wait for a database connection"),
+    Setting("database", "startup_retry_max", _positive_float, 60.0,
+            "daemon start with the database down: longest wait between connection attempts (waits "
+            "double from 1 s; it waits as long as it takes, logging each attempt)"),
     Setting("daemon", "mode", _choice("standalone", "multihost"), "standalone",
             "standalone refuses to share the database; multihost shares it with other instances"),
     Setting("daemon", "shards", _positive_int, 4,
@@ -177,6 +199,7 @@ class Config:
 
     dsn: str = ""
     connect_timeout: float = 10.0
+    startup_retry_max: float = 60.0
     mode: str = "standalone"
     shards: int = 4
     state_dir: str = ""

@@ -78,7 +78,7 @@ from taskomatic.actions.pool_xml import (
     volume_format,
     volume_xml,
 )
-from taskomatic.actions.vm import is_transient
+from taskomatic.actions.vm import is_transient, libvirt_uri_problem, quoted
 from taskomatic.db.store import Store
 from taskomatic.runtime.messages import TaskRow
 
@@ -135,11 +135,11 @@ def _host_label(host: dict[str, Any]) -> str:
 
 
 def _pool_label(pool: dict[str, Any]) -> str:
-    return f"pool {pool['id']} ({pool['name']!r})"
+    return f"pool {pool['id']} ({quoted(pool['name'])})"
 
 
 def _volume_label(volume: dict[str, Any]) -> str:
-    return f"volume {volume['id']} ({volume['name']!r})"
+    return f"volume {volume['id']} ({quoted(volume['name'])})"
 
 
 def _pool_row(ctx: ActionContext, pool_id: int | None, action: str) -> dict[str, Any]:
@@ -162,6 +162,9 @@ def _volume_row(ctx: ActionContext, task: TaskRow, action: str) -> dict[str, Any
 
 def _connect(ctx: ActionContext, host: dict[str, Any], action: str) -> libvirt.virConnect:
     """The host's connection; an unreachable node is transient (the shard retries later)."""
+    problem = libvirt_uri_problem(host["libvirt_uri"])
+    if problem:
+        raise TaskFailed(f"{action}: {_host_label(host)}: {problem}")
     try:
         return ctx.libvirt.get(host["libvirt_uri"])
     except HostUnreachable as exc:
@@ -376,6 +379,9 @@ class RefreshPool(StorageAction):
 
     def _activate(self, ctx: ActionContext, host: dict[str, Any], pool: dict[str, Any], xml: str) -> ActivePool:
         where = _host_label(host)
+        problem = libvirt_uri_problem(host["libvirt_uri"])
+        if problem:
+            raise HostAttemptFailed(f"refresh_pool: {where}: {problem}")
         try:
             conn = ctx.libvirt.get(host["libvirt_uri"])
         except HostUnreachable as exc:
@@ -595,6 +601,12 @@ class DeleteVolume(StorageAction):
 
     def prepare(self, ctx: ActionContext, task: TaskRow) -> Plan:
         volume = _volume_row(ctx, task, self.name)
+        problem = name_problem(volume["name"], "volume name")
+        if problem:
+            # Never looked up: no volume by such a name can exist in a pool (create_volume refuses it,
+            # refresh_pool only finds file names), and it must not name a file outside the pool.
+            raise TaskFailed(f"delete_volume: {_volume_label(volume)}: {problem}; no such volume can exist "
+                             "in a pool (remove the row itself if it is a mistake)")
         self._refuse_if_used(ctx.store, volume)
         pool = _pool_row(ctx, volume["storage_pool_id"], self.name)
         site = pool_site(ctx, pool, self.name)

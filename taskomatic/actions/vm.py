@@ -73,6 +73,32 @@ def domain_name(description: str) -> str:
     return cleaned.strip() or "vm"
 
 
+# libvirt names files on the node after the domain (<name>.xml, <name>.log): a file name holds
+# 255 bytes, minus the longest suffix.
+MAX_DOMAIN_NAME_BYTES = 250
+# What a message quotes of a VM's description (it may be megabytes long).
+_QUOTED_CHARS = 60
+# The ids the database can hold (bigint).
+MAX_ID = 2**63 - 1
+
+
+def quoted(text: str) -> str:
+    """``text`` quoted for a message, shortened if long."""
+    if len(text) <= _QUOTED_CHARS:
+        return repr(text)
+    return repr(text[:_QUOTED_CHARS]) + f"... ({len(text)} characters)"
+
+
+def name_problem(vm: dict[str, Any]) -> str | None:
+    """Why the VM's description cannot become a libvirt domain name (None if it can)."""
+    size = len(domain_name(vm["description"]).encode("utf-8", "surrogatepass"))
+    if size > MAX_DOMAIN_NAME_BYTES:
+        return (f"VM {vm['id']}: its description {quoted(vm['description'])} is {size} bytes long; the libvirt "
+                f"domain name made from it may be at most {MAX_DOMAIN_NAME_BYTES} bytes (the node names files "
+                "after it): shorten vms.description")
+    return None
+
+
 def _xml_char(ch: str) -> bool:
     """Allowed in an XML 1.0 document (control characters are handled by the caller)."""
     code = ord(ch)
@@ -102,7 +128,40 @@ def _host_label(host: dict[str, Any]) -> str:
     return f"host {host['id']} ({host['hostname']})"
 
 
+# libvirt URI parts that make the client run a program: the ext transport runs ``command``
+# locally, ssh runs ``command`` (its ssh binary) locally and ``netcat`` on the node.
+_EXEC_TRANSPORTS = frozenset({"ext"})
+_EXEC_PARAMETERS = frozenset({"command", "netcat"})
+
+
+def libvirt_uri_problem(uri: str) -> str | None:
+    """Why taskomatic must not open ``uri`` (None if it may).
+
+    ``hosts.libvirt_uri`` is data anyone who may insert a host row controls;
+    opening it must not run a program of their choosing.
+    """
+    from urllib.parse import parse_qsl, urlsplit
+
+    try:
+        parts = urlsplit(uri)
+    except ValueError as exc:
+        return f"libvirt_uri {quoted(uri)} is not a URI: {exc}"
+    transport = parts.scheme.partition("+")[2].lower()
+    if transport in _EXEC_TRANSPORTS:
+        return (f"libvirt_uri {quoted(uri)} uses the {transport!r} transport, which runs a local command; "
+                "refused (use unix, tcp, tls or ssh)")
+    risky = sorted({name.lower() for name, _ in parse_qsl(parts.query, keep_blank_values=True)}
+                   & _EXEC_PARAMETERS)
+    if risky:
+        return (f"libvirt_uri {quoted(uri)} sets {', '.join(risky)}, which names a program to run; refused "
+                "(configure ssh in ~/.ssh/config instead)")
+    return None
+
+
 def _connect(ctx: ActionContext, host: dict[str, Any]) -> libvirt.virConnect:
+    problem = libvirt_uri_problem(host["libvirt_uri"])
+    if problem:
+        raise TaskFailed(f"{_host_label(host)}: {problem}")
     try:
         return ctx.libvirt.get(host["libvirt_uri"])
     except HostUnreachable as exc:
@@ -202,7 +261,7 @@ class VmAction:
             elif observed.state != vm["state"]:
                 corrections.append(RowUpdate("vms", vm["id"], {"state": observed.state}))
             raise TaskFailed(
-                f"cannot {self.name.replace('_vm', '')} VM {vm['id']} ({vm['description']!r}): it is "
+                f"cannot {self.name.replace('_vm', '')} VM {vm['id']} ({quoted(vm['description'])}): it is "
                 f"{observed.state}, {self.name} needs {self.transition.start} ({observed.detail})",
                 corrections,
             )
@@ -306,6 +365,9 @@ class CreateVm(VmAction):
 
 
 def _spec(ctx: ActionContext, vm: dict[str, Any], host: dict[str, Any], with_disks: bool = True) -> DomainSpec:
+    problem = name_problem(vm)
+    if problem:
+        raise TaskFailed(problem)
     disks = []
     for row in ctx.store.all("vm_disks", vm_id=vm["id"]) if with_disks else ():
         if row["path"] is None or row["state"] != "available":
@@ -364,7 +426,11 @@ class PlacedAction(VmAction):
         super().validate_args(args)
         host_id = args.get("host_id")
         if host_id is not None and (isinstance(host_id, bool) or not isinstance(host_id, int)):
-            raise TaskFailed(f"{self.name}: args.host_id must be an integer host id, got {host_id!r}")
+            shown = quoted(host_id) if isinstance(host_id, str) else repr(host_id)
+            raise TaskFailed(f"{self.name}: args.host_id must be an integer host id, got {shown}")
+        if host_id is not None and not 1 <= host_id <= MAX_ID:
+            raise TaskFailed(f"{self.name}: args.host_id must be an integer host id (1 to {MAX_ID}), "
+                             f"got {host_id}; no host has that id")
 
     def choose_host(self, store: Any, plan: Plan, exclude: int | None = None) -> dict[str, Any]:
         """Inside the mark-running transaction: the host for the VM, or TaskFailed/TaskRetry saying why."""

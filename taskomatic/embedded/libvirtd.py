@@ -245,6 +245,21 @@ class ManagedNode:
         kill_group(proc)
         proc.wait()
 
+    def freeze(self) -> None:
+        """SIGSTOP the daemon (fault tests): every call to it hangs until ``thaw()``.
+
+        Its socket still accepts connections (the kernel queues them), so a client
+        sees a node that stops answering, not one that is gone.
+        """
+        if self._proc is not None and not exited_unreaped(self._proc):
+            log.info("node %s: freezing libvirtd pid %d", self.name, self._proc.pid)
+            os.kill(self._proc.pid, signal.SIGSTOP)  # unreaped, so the pid is still ours
+
+    def thaw(self) -> None:
+        """SIGCONT the daemon after ``freeze()`` (harmless if it was not frozen)."""
+        if self._proc is not None and not exited_unreaped(self._proc):
+            os.kill(self._proc.pid, signal.SIGCONT)
+
     def restart(self, timeout: float = 30) -> None:
         """Graceful daemon restart; running guests are kept and reattached."""
         self._stop_daemon(timeout, destroy_guests=False)
@@ -425,6 +440,7 @@ class ManagedNode:
             return
         deadline = time.monotonic() + timeout
         if not exited_unreaped(proc):
+            os.kill(proc.pid, signal.SIGCONT)  # a frozen daemon would answer nothing, SIGTERM included
             if destroy_guests:
                 self._destroy_guests()
             log.info("node %s: stopping libvirtd pid %d", self.name, proc.pid)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import libvirt
+import psycopg2
 
 from taskomatic import metrics
 from taskomatic.actions.connections import HostUnreachable, LibvirtConnections
@@ -29,6 +30,9 @@ from taskomatic.db.store import Store
 from taskomatic.logsetup import set_process_title, setup_logging
 
 log = logging.getLogger(__name__)
+
+# The database went away (restart, network): the supervisor replaces this process.
+_CONNECTION_LOST = (psycopg2.OperationalError, psycopg2.InterfaceError)
 
 # Row states the pass does not touch: they have no domain by design, or a
 # stopped domain is expected (a saved VM keeps a stopped definition).
@@ -138,7 +142,21 @@ def reconciler_main(config: Config) -> None:
     set_process_title("taskomatic: reconciler")
     try:
         reconciler = Reconciler(config)
+    except _CONNECTION_LOST as exc:
+        log.error("reconciler cannot reach the database (%s); exiting to be restarted", _first_line(exc))
+        raise SystemExit(3) from None
     except Exception:
         log.exception("reconciler failed to start")
         raise SystemExit(3) from None
-    raise SystemExit(reconciler.serve())
+    try:
+        code = reconciler.serve()
+    except _CONNECTION_LOST as exc:
+        # Expected when the database restarts or is cut off: one line, no traceback.
+        log.error("reconciler lost its database connection (%s); exiting to be replaced", _first_line(exc))
+        raise SystemExit(1) from None
+    raise SystemExit(code)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -111,9 +111,74 @@ class Supervisor:
         self.rejoin_at = 0.0
 
     # -- startup --------------------------------------------------------------------
+    def _wait_for_database(self, wake_read: int) -> bool:
+        """Connect, waiting for a database that is down (exponential backoff, capped).
+
+        Waiting is right at start: systemd often starts taskomatic before the
+        database (or the network to it) is up. Each attempt and the next delay
+        are logged and shown in systemd's STATUS; EXTEND_TIMEOUT_USEC keeps
+        the unit's start timeout from killing a daemon that is only waiting. A
+        refusal no wait can cure (bad password, unknown database or role,
+        pg_hba.conf) is raised at once. False: a signal asked to stop meanwhile.
+        """
+        delay = 1.0
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                self.store = Store.open(self.config.dsn, "taskomatic supervisor", self.config.connect_timeout)
+            except psycopg2.ProgrammingError as exc:  # a DSN libpq cannot parse (config.py checks it first)
+                raise StartupRefused(f"bad dsn: {str(exc).strip()}", EXIT_CONFIG) from None
+            except DatabaseUnavailable as exc:
+                reason = str(exc)
+                if _permanent_refusal(reason):
+                    raise StartupRefused(f"{reason} (not retried: check the dsn and the database's "
+                                         "roles and pg_hba.conf)", EXIT_DATABASE) from None
+                log.warning("waiting for the database (attempt %d): %s; retry in %g s", attempt, reason, delay)
+                self.notifier.notify(f"STATUS=waiting for the database: {reason}; retry in {delay:g} s")
+                # The unit is still "activating": give systemd's start timeout this attempt and the next.
+                extend = int((delay + self.config.connect_timeout + 5.0) * 1_000_000)
+                self.notifier.notify(f"EXTEND_TIMEOUT_USEC={extend}")
+                if not self._sleep_unless_stopped(wake_read, delay):
+                    log.info("stopped while waiting for the database")
+                    return False
+                delay = min(delay * 2, self.config.startup_retry_max)
+                continue
+            if attempt > 1:
+                log.info("the database answered after %d attempts", attempt)
+                self.notifier.notify("STATUS=database reached; starting")
+            return True
+
+    def _sleep_unless_stopped(self, wake_read: int, seconds: float) -> bool:
+        """Sleep (woken by signals); False if SIGTERM or SIGINT arrived. SIGHUP reloads meanwhile."""
+        import select
+
+        deadline = time.monotonic() + seconds
+        while True:
+            while self.signals:
+                signum = self.signals.pop(0)
+                if signum in (signal.SIGTERM, signal.SIGINT):
+                    return False
+                if signum == signal.SIGHUP:  # not ready yet: no RELOADING/READY for systemd
+                    try:
+                        self.config = config_mod.reload(self.config)
+                        log.info("SIGHUP: configuration reloaded")
+                    except config_mod.ConfigError as exc:
+                        log.error("SIGHUP: configuration not reloaded, keeping the running one: %s", exc)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return True
+            ready, _, _ = select.select([wake_read], [], [], left)
+            if ready:
+                try:
+                    os.read(wake_read, 512)
+                except BlockingIOError:
+                    pass
+
     def start(self) -> None:
-        """Connect, check the schema, take the guard, settle what an earlier run left."""
-        self.store = Store.open(self.config.dsn, "taskomatic supervisor", self.config.connect_timeout)
+        """Check the schema, take the guard, settle what an earlier run left (connected already)."""
+        if self.store is None:
+            self.store = Store.open(self.config.dsn, "taskomatic supervisor", self.config.connect_timeout)
         try:
             migrate.check_current(self.store.conn)
         except migrate.SchemaOutOfDate as exc:
@@ -318,6 +383,8 @@ class Supervisor:
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(signum, self._record_signal)
         try:
+            if not self._wait_for_database(wake_read):
+                return EXIT_OK
             self.start()
             self.socket_path = self._socket_path()
             if self.config.metrics_port:
@@ -500,6 +567,19 @@ class Supervisor:
             except Exception as exc:  # the database may be what failed
                 log.warning("could not record the stop: %s", exc)
             self.store.close()
+
+
+# What libpq says when the server answered and refused us: waiting does not help.
+_PERMANENT_REFUSALS = (
+    "password authentication failed", "authentication failed", "no pg_hba.conf entry",
+    "does not exist", "invalid dsn", "invalid connection option", "invalid integer value",
+    "invalid port number",
+)
+
+
+def _permanent_refusal(reason: str) -> bool:
+    lowered = reason.lower()
+    return any(phrase in lowered for phrase in _PERMANENT_REFUSALS)
 
 
 def run_daemon(config: Config) -> int:

@@ -334,3 +334,88 @@ def test_a_world_readable_password_is_warned_about_and_not_shown(dsn: str, tmp_p
     assert "hunter2" not in result.stderr + result.stdout
     conf.chmod(0o600)
     assert "any local user can read it" not in run_cli("--config", str(conf), "status").stderr
+
+
+# -- bad configuration: every case exits 3 with the file and line, the daemon as well as a command ------
+
+BAD_FILES = {
+    # label: (file text, line the message must name, words it must hold)
+    "unknown key": ("[daemon]\nshards = 2\nshardz = 3\n", 3, ("unknown setting 'shardz'", "known:")),
+    "unknown section": ("[daemon]\nshards = 2\n\n[deamon]\nmode = multihost\n", 4, ("unknown section [deamon]",)),
+    "wrong type": ("[libvirt]\nshutdown_timeout = soon\n", 2, ("bad value for libvirt.shutdown_timeout",)),
+    "wrong choice": ("[daemon]\nmode = cluster\n", 2, ("mode", "must be one of standalone, multihost")),
+    "bad bool": ("[libvirt]\nshutdown_poweroff_fallback = maybe\n", 2, ("expected a boolean",)),
+    "no section": ("shards = 2\n", 1, ("[section] header",)),
+    "bad dsn": ("[database]\n\ndsn = host=/run dbname=ovirt oops\n", 3,
+                ("bad value for database.dsn", "not a valid libpq connection string", '"oops"')),
+}
+
+
+@pytest.mark.parametrize("command", [[], ["status"]], ids=["daemon", "status"])
+@pytest.mark.parametrize("label", sorted(BAD_FILES))
+def test_a_bad_config_file_exits_3_naming_file_and_line(tmp_path: Path, label: str, command: list[str]) -> None:
+    text, line, words = BAD_FILES[label]
+    conf = tmp_path / "taskomatic.conf"
+    conf.write_text(text)
+    # No dsn anywhere but the file: nothing may be started before the file is judged.
+    err = assert_clean_failure(run_cli("--config", str(conf), "--set", f"state_dir={tmp_path}", *command,
+                                       timeout=30), 3)
+    assert f"{conf}:{line}: " in err, err
+    for word in words:
+        assert word in err, (word, err)
+    assert not (tmp_path / "postgres").exists(), "a private PostgreSQL was started for a bad configuration"
+
+
+def test_a_config_file_that_is_not_text_exits_3(tmp_path: Path) -> None:
+    conf = tmp_path / "latin1.conf"
+    conf.write_bytes(b"[daemon]\nstate_dir = /var/lib/t\xe9\n")
+    err = assert_clean_failure(run_cli("--config", str(conf), "status"), 3)
+    assert str(conf) in err and "cannot read config file" in err
+    err = assert_clean_failure(run_cli("--config", str(tmp_path), "status"), 3)
+    assert str(tmp_path) in err
+
+
+def test_an_unreadable_config_file_exits_3(tmp_path: Path) -> None:
+    """Run as an unprivileged user (root reads any file): the CLI drops to nobody before reading it."""
+    conf = tmp_path / "taskomatic.conf"
+    conf.write_text("[daemon]\nshards = 2\n")
+    conf.chmod(0o600)
+    tmp_path.chmod(0o755)
+    # The interpreter, the package and argparse's lazy imports are loaded as root first.
+    script = ("import locale, os, sys\n"
+              "from taskomatic import cli\n"
+              "cli.build_parser()\n"
+              "if os.geteuid() == 0:\n"
+              "    os.setgroups([]); os.setgid(65534); os.setuid(65534)\n"
+              f"sys.exit(cli.main(['--config', {str(conf)!r}, 'status']))\n")
+    result = subprocess.run([PYTHON, "-c", script], capture_output=True, text=True, env=_env(), cwd=str(REPO),
+                            timeout=60, check=False)
+    err = assert_clean_failure(result, 3)
+    assert f"{conf}: config file is not readable (permission denied)" in err, err
+
+
+def test_a_bad_dsn_on_the_command_line_or_in_the_environment_exits_3() -> None:
+    err = assert_clean_failure(run_cli("--dsn", "host=/run dbname=x oops", "status"), 3)
+    assert "bad --dsn: not a valid libpq connection string" in err and '"oops"' in err
+    err = assert_clean_failure(run_cli("status", env={"TASKOMATIC_DSN": "dbname='unterminated"}), 3)
+    assert "TASKOMATIC_DSN" in err and "unterminated quoted string" in err
+    # The daemon too, before it starts anything.
+    err = assert_clean_failure(run_cli(env={"TASKOMATIC_DSN": "postgresql://u@h/db?nosuchoption=1"}), 3)
+    assert "TASKOMATIC_DSN" in err and "nosuchoption" in err
+
+
+def test_a_bad_dsn_with_a_password_is_not_shown(tmp_path: Path) -> None:
+    conf = tmp_path / "taskomatic.conf"
+    conf.write_text("[database]\ndsn = host=/run password=hunter2 secret-part\n")
+    conf.chmod(0o600)
+    result = run_cli("--config", str(conf), "status")
+    err = assert_clean_failure(result, 3)
+    assert f"{conf}:2" in err
+    assert "hunter2" not in result.stdout + err and "secret-part" not in result.stdout + err
+
+
+def test_a_wrong_password_exits_4_without_showing_it(dsn: str) -> None:
+    # The test server trusts local users, so a wrong user stands in for a refused login.
+    result = run_cli("status", "--dsn", dsn + " user=no_such_role password=hunter2", timeout=30)
+    err = assert_clean_failure(result, 4)
+    assert "no_such_role" in err and "hunter2" not in err + result.stdout

@@ -219,7 +219,7 @@ def test_every_setting_can_be_set_in_the_file(tmp_path: Path) -> None:
         "reconcile_interval": ("5", 5.0), "nic_network": ("default", "default"),
         "metrics_port": ("9188", 9188), "metrics_address": ("::1", "::1"),
         "lease_seconds": ("30", 30.0), "lease_renew_interval": ("5", 5.0), "keys_per_shard": ("3", 3),
-        "tasks_per_key": ("8", 8),
+        "tasks_per_key": ("8", 8), "startup_retry_max": ("30", 30.0),
     }
     assert set(samples) == {s.name for s in SETTINGS}
     sections: dict[str, list[str]] = {}
@@ -414,3 +414,59 @@ def test_a_password_any_local_user_can_read_is_warned_about(tmp_path: Path) -> N
     no_password = Path(write(tmp_path, "[database]\ndsn = host=db user=t\n", name="other.conf"))
     no_password.chmod(0o644)
     assert config.exposed_password_warning(load(str(no_password), {})) is None
+
+
+# -- the dsn is checked by libpq's parser when the configuration is read ---------------
+
+
+def test_a_dsn_libpq_cannot_parse_names_file_and_line(tmp_path: Path) -> None:
+    path = write(tmp_path, "[database]\n# the database\ndsn = host=/run dbname=ovirt oops\n")
+    with pytest.raises(ConfigError) as info:
+        read_file(path)
+    assert (info.value.path, info.value.line) == (path, 3)
+    assert "not a valid libpq connection string" in info.value.reason
+    assert 'missing "=" after "oops"' in info.value.reason
+
+
+def test_a_bad_dsn_with_a_password_does_not_show_it(tmp_path: Path) -> None:
+    path = write(tmp_path, "[database]\ndsn = host=/run password=hunter2 secret-part\n")
+    with pytest.raises(ConfigError) as info:
+        read_file(path)
+    assert "not a valid libpq connection string" in str(info.value)
+    assert "hunter2" not in str(info.value) and "secret-part" not in str(info.value)
+
+
+@pytest.mark.parametrize("dsn", ["", "dbname=t", "host=/run/postgresql dbname=t user=u",
+                                 "postgresql://u@db.example.org:5432/t?sslmode=require"])
+def test_good_dsns_are_kept_as_given(tmp_path: Path, dsn: str) -> None:
+    assert load(write(tmp_path, f"[database]\ndsn = {dsn}\n"), environ={}).dsn == dsn
+
+
+def test_a_bad_dsn_in_the_environment_is_an_error() -> None:
+    with pytest.raises(ConfigError) as info:
+        load(None, environ={"TASKOMATIC_DSN": "dbname='unterminated"})
+    assert "TASKOMATIC_DSN" in str(info.value) and "unterminated quoted string" in str(info.value)
+
+
+def test_startup_retry_max_must_be_positive(tmp_path: Path) -> None:
+    assert load(None, environ={}).startup_retry_max == 60.0
+    with pytest.raises(ConfigError) as info:
+        read_file(write(tmp_path, "[database]\nstartup_retry_max = 0\n"))
+    assert info.value.line == 2 and "startup_retry_max" in info.value.reason
+
+
+@pytest.mark.parametrize(("reason", "permanent"), [
+    ('cannot connect to the database: connection to server on socket "/x/.s.PGSQL.5432" failed: '
+     "No such file or directory", False),
+    ('cannot connect to the database: connection to server at "db" (10.0.0.5), port 5432 failed: '
+     "Connection refused", False),
+    ("cannot connect to the database: FATAL:  the database system is starting up", False),
+    ('cannot connect to the database: could not translate host name "db" to address', False),
+    ('cannot connect to the database: FATAL:  password authentication failed for user "t"', True),
+    ('cannot connect to the database: FATAL:  database "nope" does not exist', True),
+    ('cannot connect to the database: FATAL:  no pg_hba.conf entry for host "10.0.0.9"', True),
+])
+def test_which_connection_failures_the_daemon_waits_out(reason: str, permanent: bool) -> None:
+    from taskomatic.runtime.supervisor import _permanent_refusal
+
+    assert _permanent_refusal(reason) is permanent

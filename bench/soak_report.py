@@ -1,0 +1,190 @@
+"""The soak's Markdown summary and plots (``bench/soak.py`` writes them; ``python -m bench.soak_report
+<soak.json>`` re-renders them from the JSON)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def _mib(kb: float | None) -> str:
+    return "-" if kb is None else f"{kb / 1024:.1f}"
+
+
+def _num(value: Any, digits: int = 0) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}"
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def _backlog(samples: dict[str, Any], end: float) -> str:
+    """Peak and mean of queued + running over the load window's samples."""
+    tasks = samples["tasks"]
+    values = [q + r for t, q, r in zip(samples["t"], tasks["queued"], tasks["running"], strict=True) if t <= end]
+    if not values:
+        return "-"
+    return f"peak {max(values):,}, mean {sum(values) / len(values):,.0f} over the load window"
+
+
+def summary(results: dict[str, Any]) -> str:
+    from bench.report import _machine_line
+    from bench.soak import verdict_flags
+
+    w = results["workload"]
+    out = [f"# taskomatic soak ({results['size']}), seed {results['seed']}, {results['started_at']}, "
+           f"{results['wall_s']:.0f} s in all", "",
+           f"Machine: {_machine_line(results['machine'])}", "",
+           f"Workload: {w['description']}. Actions: "
+           + ", ".join(f"{a} {n:,}" for a, n in w["actions"].items()) + ".", "",
+           f"Command: `{results['settings']['command']}`; daemon overrides: "
+           f"{', '.join(results['settings']['overrides']) or 'none (defaults)'}; "
+           f"sampled every {results['settings']['interval_s']:g} s.", ""]
+    for r in results["runs"]:
+        out += [f"## {r['setup']}: {r['label']}, queued at {r['rate_tps']:g} tasks/s", ""]
+        if r.get("error"):
+            out += [f"**ERROR**: {r['error'].splitlines()[0]}", ""]
+        if "verdicts" not in r:
+            continue
+        v = r["verdicts"]
+        lat = r.get("latency_ms") or {}
+        out += [f"{r['tasks']:,} tasks over {r['vms']:,} VMs; first queued to last ended "
+                f"{_num(r.get('duration_s'), 1)} s; throughput {_num(r.get('throughput_tps'), 1)} tasks/s "
+                f"(first start to last end); queue-to-start latency p50 {_num(lat.get('p50'), 1)} ms, "
+                f"p99 {_num(lat.get('p99'), 1)} ms, max {_num(lat.get('max'), 1)} ms; "
+                f"load window 0-{v['load_window_s'][1]:.1f} s, {len(r['samples']['t'])} samples; "
+                f"unsettled tasks (queued + running) {_backlog(r['samples'], v['load_window_s'][1])}; "
+                f"task states {r.get('task_states')}.", "",
+                "| verdict | result |", "|---|---|"]
+        for name, ok in verdict_flags(v).items():
+            out.append(f"| {name} | {'ok' if ok else '**FAILED**'} |")
+        b = v["backlog"]
+        out += ["", f"Backlog at the end: {b['queued']} queued, {b['running']} running; {b['ended']:,} ended of "
+                    f"{b['inserted']:,} queued. Restarts: {v['restarts'] or 'none'}. Per-key order: "
+                    f"{v['order']['violations']} violations over {v['order']['keys']:,} keys. VM rows: "
+                    f"{v['lifecycle']['vms']:,}, {v['lifecycle']['vm_mismatches']} disagree with the "
+                    f"{v['lifecycle']['domains']:,} domains; tasks {v['lifecycle']['tasks']}.", "",
+                "RSS per process (MiB; slopes in MiB/min over the middle and last third of the load window):", "",
+                "| process | start | peak | end | middle-third peak | last-third peak | middle slope | last slope "
+                "| levels off |", "|---|---|---|---|---|---|---|---|---|"]
+        for role, m in list(v["memory"].items()) + [(f"libvirtd {n} (info)", m) for n, m in
+                                                    v["nodes_memory"].items()]:
+            slope_mid = m["middle_slope_kb_per_min"]
+            slope_last = m["last_slope_kb_per_min"]
+            verdict = "-" if m["growing"] is None else ("**no: grows**" if m["growing"] else "yes")
+            out.append(f"| {role} | {_mib(m['start_kb'])} | {_mib(m['peak_kb'])} | {_mib(m['end_kb'])} "
+                       f"| {_mib(m['middle_peak_kb'])} | {_mib(m['last_peak_kb'])} "
+                       f"| {'-' if slope_mid is None else f'{slope_mid / 1024:+.2f}'} "
+                       f"| {'-' if slope_last is None else f'{slope_last / 1024:+.2f}'} | {verdict} |")
+        out += ["", "Connections (steady: the middle third's median and max; end: idle, after every task ended):",
+                "", "| connections | steady | steady max | last-third median | peak | end | leaked |",
+                "|---|---|---|---|---|---|---|"]
+        rows = ([(f"PostgreSQL `{name}`", c) for name, c in v["pg_connections"].items()]
+                + [("PostgreSQL, all the daemon's", v["pg_connections_total"])]
+                + [(f"libvirt {node} clients", c) for node, c in v["libvirt_connections"].items()])
+        for name, c in rows:
+            leaked = "-" if c["leaked"] is None else ("**yes**" if c["leaked"] else "no")
+            out.append(f"| {name} | {_num(c['steady'])} | {_num(c['steady_max'])} | {_num(c['last_third_median'])} "
+                       f"| {_num(c['peak'])} | {_num(c['end'])} | {leaked} |")
+        notes = [line for lines in r.get("log_notes", {}).values() for line in lines]
+        if notes:
+            out += ["", "Daemon log lines worth a look:", "", "```", *notes[:20], "```"]
+        out.append("")
+    out.append(f"Overall: {'every verdict ok' if results['ok'] else 'FAILED'}.")
+    return "\n".join(out)
+
+
+def plot(results: dict[str, Any], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for r in results["runs"]:
+        s = r.get("samples")
+        if not s or not s["t"]:
+            continue
+        t = s["t"]
+        end = r["verdicts"]["load_window_s"][1] if "verdicts" in r else t[-1]
+        fig, ax = plt.subplots(figsize=(11, 6))
+        for role, values in s["rss_kb"].items():
+            points = [(a, v / 1024) for a, v in zip(t, values, strict=True) if v is not None]
+            ax.plot([p[0] for p in points], [p[1] for p in points], label=role, linewidth=1)
+        for x in (end / 3, 2 * end / 3, end):
+            ax.axvline(x, color="grey", linestyle=":", linewidth=0.8)
+        ax.set_xlabel("seconds since the first task was queued (dotted: thirds and end of the load window)")
+        ax.set_ylabel("RSS, MiB")
+        ax.set_title(f"soak {results['size']}, {r['label']}: RSS per daemon process")
+        ax.legend(fontsize=7, ncol=2 if len(s["rss_kb"]) > 8 else 1, loc="lower right")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        path = out / f"rss-{r['setup']}.png"
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        written.append(path)
+
+        fig, axes = plt.subplots(3, 1, figsize=(11, 9), sharex=True)
+        for name, values in s["pg"].items():
+            axes[0].plot(t, [v or 0 for v in values], label=name, linewidth=1)
+        axes[0].plot(t, s["pg_total"], label="all the daemon's", color="black", linewidth=1.5)
+        axes[0].set_ylabel("PostgreSQL connections")
+        axes[0].legend(fontsize=7, ncol=2, loc="upper right")
+        for node, values in s["libvirt"].items():
+            axes[1].plot(t, values, label=f"{node} clients", linewidth=1)
+        axes[1].set_ylabel("libvirt connections")
+        axes[1].legend(fontsize=7)
+        tasks = s["tasks"]
+        axes[2].plot(t, [q + r_ for q, r_ in zip(tasks["queued"], tasks["running"], strict=True)],
+                     label="unsettled (queued + running)")
+        axes[2].plot(t, tasks["running"], label="running", linewidth=0.8)
+        rate = [0.0] + [(tasks["ended"][i] - tasks["ended"][i - 1]) / (t[i] - t[i - 1]) if t[i] > t[i - 1] else 0.0
+                        for i in range(1, len(t))]
+        twin = axes[2].twinx()
+        twin.plot(t, rate, color="grey", linewidth=0.6, label="ended per second (right)")
+        twin.set_ylabel("ended / s")
+        axes[2].set_ylabel("tasks")
+        axes[2].legend(fontsize=7, loc="upper left")
+        twin.legend(fontsize=7, loc="upper right")
+        axes[2].set_xlabel("seconds since the first task was queued")
+        for ax in axes:
+            ax.axvline(end, color="grey", linestyle=":", linewidth=0.8)
+            ax.grid(alpha=0.3)
+        axes[0].set_title(f"soak {results['size']}, {r['label']}: connections and backlog")
+        fig.tight_layout()
+        path = out / f"connections-{r['setup']}.png"
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def write(results: dict[str, Any], out: Path, plots: bool = True) -> list[Path]:
+    path = out / "summary.md"
+    path.write_text(summary(results) + "\n")
+    written = [path]
+    if plots:
+        try:
+            written += plot(results, out)
+        except ImportError:
+            print("matplotlib is not installed: no plots (pip install -e '.[bench]')", file=sys.stderr)
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = argv if argv is not None else sys.argv[1:]
+    if len(args) != 1:
+        print("usage: python -m bench.soak_report <soak.json>", file=sys.stderr)
+        return 2
+    source = Path(args[0])
+    results = json.loads(source.read_text())
+    for path in write(results, source.parent):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,174 @@
+"""The soak's verdicts (``bench/soak.py``), as pure functions of the samples.
+
+A *series* is a list of ``(t, value)`` pairs, ``t`` in seconds, sorted by
+``t``. The verdicts look at the **load window** (from the first task queued
+to the moment every task had ended), split into three equal thirds of time:
+the first third holds the warm-up (imports, caches, the first connections),
+so a process's behaviour over the long run is read from the middle and the
+last third.
+
+**Memory that does not level off** (:func:`memory_verdict`): a process is
+flagged ``growing`` when, in its last third, it is both
+
+* still reaching new highs: the last third's peak RSS exceeds the middle
+  third's peak by more than the tolerance, and
+* still climbing: the least-squares slope of its RSS over the last third,
+  times the last third's length (the growth that slope accounts for over the
+  last third), exceeds the tolerance.
+
+The tolerance is max(``rel_tolerance`` of the middle third's peak,
+``abs_tolerance_kb``): 2 % and 1 MiB by default. A series that levels off
+(a warm-up ramp, then flat or a saw-tooth of allocations and frees) has a
+last-third peak no higher than the middle third's, or a flat last third; a
+leak proportional to the tasks run (steady arrival: to time) keeps both the
+new highs and the slope. Both conditions are needed: a single late spike
+makes a new high but no sustained slope, and noise makes a slope but no new
+high above the tolerance.
+
+**Leaked connections** (:func:`connection_verdict`): a count of open
+connections (PostgreSQL backends of the daemon, client sockets of a libvirt
+node) is *steady* over the middle third (its median; its max is the
+ceiling). It leaks when the count **at the end** (the last sample, taken
+while the daemon still runs, idle, after every task ended) is above the
+middle third's maximum, or when the last third's median is above the middle
+third's: a count that grows with the tasks run. Transients (a connection
+closed and reopened between two samples) move a max, not a median, and are
+gone by the end.
+
+**Backlog** (:func:`backlog_verdict`): at the end no task is queued or
+running, and the ended count equals the number queued.
+"""
+
+from __future__ import annotations
+
+import itertools
+import statistics
+from typing import Any
+
+Series = list[tuple[float, float]]
+
+REL_TOLERANCE = 0.02
+ABS_TOLERANCE_KB = 1024.0
+MIN_SAMPLES_PER_THIRD = 3
+
+
+def slope(points: Series) -> float | None:
+    """Least-squares slope (value per second) of the points; None with fewer than 2 distinct times."""
+    if len(points) < 2:
+        return None
+    n = len(points)
+    mean_t = sum(t for t, _ in points) / n
+    mean_v = sum(v for _, v in points) / n
+    var = sum((t - mean_t) ** 2 for t, _ in points)
+    if var == 0:
+        return None
+    return sum((t - mean_t) * (v - mean_v) for t, v in points) / var
+
+
+def window(points: Series, start: float, end: float) -> Series:
+    """The points with start <= t <= end."""
+    return [(t, v) for t, v in points if start <= t <= end]
+
+
+def thirds(points: Series, start: float | None = None, end: float | None = None) -> tuple[Series, Series, Series]:
+    """The points of [start, end] (default: the series' own span) in three equal thirds of time."""
+    if not points:
+        return [], [], []
+    start = points[0][0] if start is None else start
+    end = points[-1][0] if end is None else end
+    third = (end - start) / 3.0
+    a, b = start + third, start + 2 * third
+    return ([(t, v) for t, v in points if start <= t < a], [(t, v) for t, v in points if a <= t < b],
+            [(t, v) for t, v in points if b <= t <= end])
+
+
+def memory_verdict(points: Series, start: float | None = None, end: float | None = None,
+                   rel_tolerance: float = REL_TOLERANCE, abs_tolerance_kb: float = ABS_TOLERANCE_KB,
+                   min_samples: int = MIN_SAMPLES_PER_THIRD) -> dict[str, Any]:
+    """RSS (kB) of one process over the load window [start, end]: does it level off? (see the module doc)."""
+    inside = window(points, start if start is not None else float("-inf"), end if end is not None else float("inf"))
+    first, middle, last = thirds(inside, start, end)
+    out: dict[str, Any] = {"samples": len(inside), "start_kb": None, "peak_kb": None, "end_kb": None,
+                           "middle_peak_kb": None, "last_peak_kb": None,
+                           "middle_slope_kb_per_min": None, "last_slope_kb_per_min": None,
+                           "last_third_growth_kb": None, "tolerance_kb": None, "growing": None,
+                           "enough_samples": False, "why": None}
+    if inside:
+        out.update(start_kb=inside[0][1], peak_kb=max(v for _, v in inside), end_kb=inside[-1][1])
+    if min(len(first), len(middle), len(last)) < min_samples:
+        out["why"] = f"fewer than {min_samples} samples in a third of the load window: no verdict"
+        return out
+    mid_peak, last_peak = max(v for _, v in middle), max(v for _, v in last)
+    mid_slope, last_slope = slope(middle), slope(last)
+    last_span = last[-1][0] - last[0][0]
+    growth = (last_slope or 0.0) * last_span
+    tolerance = max(rel_tolerance * mid_peak, abs_tolerance_kb)
+    new_high = last_peak - mid_peak > tolerance
+    climbing = growth > tolerance
+    growing = new_high and climbing
+    out.update(middle_peak_kb=mid_peak, last_peak_kb=last_peak,
+               middle_slope_kb_per_min=round(mid_slope * 60, 1) if mid_slope is not None else None,
+               last_slope_kb_per_min=round(last_slope * 60, 1) if last_slope is not None else None,
+               last_third_growth_kb=round(growth, 1), tolerance_kb=round(tolerance, 1), growing=growing,
+               enough_samples=True)
+    if growing:
+        out["why"] = (f"last third peaks {last_peak - mid_peak:.0f} kB above the middle third and still climbs "
+                      f"{growth:.0f} kB over it (tolerance {tolerance:.0f} kB)")
+    elif new_high:
+        out["why"] = "a new high in the last third, but no sustained climb: levelled off"
+    else:
+        out["why"] = "no new high in the last third: levelled off"
+    return out
+
+
+def connection_verdict(points: Series, start: float | None = None, end: float | None = None,
+                       final: float | None = None, min_samples: int = MIN_SAMPLES_PER_THIRD) -> dict[str, Any]:
+    """A connection count over the load window: steady state, the count at the end, and whether it leaked.
+
+    ``final``: the count at the end (default: the last point of the whole series, which the soak takes
+    while the daemon is idle after the backlog drained).
+    """
+    inside = window(points, start if start is not None else float("-inf"), end if end is not None else float("inf"))
+    _, middle, last = thirds(inside, start, end)
+    at_end = final if final is not None else (points[-1][1] if points else None)
+    out: dict[str, Any] = {"samples": len(inside), "steady": None, "steady_max": None, "last_third_median": None,
+                           "peak": max((v for _, v in points), default=None), "end": at_end, "leaked": None,
+                           "enough_samples": False, "why": None}
+    if min(len(middle), len(last)) < min_samples or at_end is None:
+        out["why"] = f"fewer than {min_samples} samples in the middle or last third: no verdict"
+        return out
+    steady = statistics.median(v for _, v in middle)
+    steady_max = max(v for _, v in middle)
+    last_median = statistics.median(v for _, v in last)
+    above_at_end = at_end > steady_max
+    trend = last_median > steady
+    out.update(steady=steady, steady_max=steady_max, last_third_median=last_median, leaked=above_at_end or trend,
+               enough_samples=True)
+    if above_at_end:
+        out["why"] = f"{at_end:g} open at the end, above the steady state's maximum {steady_max:g}"
+    elif trend:
+        out["why"] = f"grows with the tasks: last third's median {last_median:g} above the middle third's {steady:g}"
+    else:
+        out["why"] = f"{at_end:g} at the end, steady {steady:g} (max {steady_max:g})"
+    return out
+
+
+def backlog_verdict(inserted: int, queued: int, running: int, ended: int) -> dict[str, Any]:
+    """At the end: nothing queued or running, and every task queued has ended."""
+    unsettled = queued + running
+    ok = unsettled == 0 and ended == inserted
+    return {"inserted": inserted, "queued": queued, "running": running, "ended": ended, "unsettled": unsettled,
+            "ok": ok}
+
+
+def restarts(pids: dict[str, list[int]]) -> dict[str, int]:
+    """Role -> how many times its pid changed over the samples (a respawned shard, a restarted fetcher)."""
+    out = {}
+    for role, seen in pids.items():
+        changes = sum(1 for a, b in itertools.pairwise(seen) if a != b)
+        if changes:
+            out[role] = changes
+    return out
+
+
+__all__ = ["backlog_verdict", "connection_verdict", "memory_verdict", "restarts", "slope", "thirds", "window"]
