@@ -59,6 +59,7 @@ from taskomatic.actions.base import (
     load_actions,
 )
 from taskomatic.actions.connections import LibvirtConnections
+from taskomatic.actions.vm import quoted
 from taskomatic.config import Config
 from taskomatic.db.store import Store
 from taskomatic.logsetup import set_process_title, setup_logging
@@ -124,6 +125,15 @@ class BatchStart:
     retry: list[tuple[TaskRow, str]] = field(default_factory=list)  # transient: park for a retry
     refused: list[TaskRow] = field(default_factory=list)  # marking refused: canceled, ended, or ours to settle
     ends: list[TaskEnd] = field(default_factory=list)  # for the fetcher
+
+
+def _named(task: TaskRow) -> str:
+    """How log lines name a task: "task 12 (start_vm Vm:3)"; row text shortened (it is input)."""
+    return f"task {task.id} ({_short(task.action)} {_short(task.target_type)}:{task.target_id})"
+
+
+def _short(text: str, limit: int = 64) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}...({len(text)} characters)"
 
 
 def _first_line(exc: BaseException) -> str:
@@ -292,8 +302,8 @@ class Shard:
                 allowed.append(task)
                 continue
             metrics.write_fenced()
-            log.warning("task %s (%s %s:%s): write refused: the key claim (token %s) or our lease is no "
-                        "longer ours", task.id, task.action, task.target_type, task.target_id, task.token)
+            log.warning("%s: write refused: the key claim (token %s) or our lease is no "
+                        "longer ours", _named(task), task.token)
         return allowed
 
     def _fenced_out(self, task: TaskRow) -> bool:
@@ -346,8 +356,8 @@ class Shard:
                 self._fail_before_start(task, message, [])
             return
         metrics.task_retried(self._action_label(task))
-        log.warning("task %s (%s %s:%s): %s; retrying in %.0fs (the key's later tasks wait)",
-                    task.id, task.action, task.target_type, task.target_id, reason, delay)
+        log.warning("%s: %s; retrying in %.0fs (the key's later tasks wait)",
+                    _named(task), reason, delay)
         self._send(Deferred((task.id,)))
 
     # -- batches -----------------------------------------------------------------
@@ -406,8 +416,7 @@ class Shard:
         for task, message in started.failed:
             self.parking.ended(task.id)
             metrics.task_ended(self._action_label(task), "failed", None)
-            log.warning("task %s (%s %s:%s) failed: %s", task.id, task.action, task.target_type,
-                        task.target_id, message)
+            log.warning("%s failed: %s", _named(task), message)
         for task, outcome in started.done:
             self._log_outcome(task, outcome)
         self._send_ended(*started.ends)
@@ -507,11 +516,11 @@ class Shard:
         action = self.actions.get(task.action)
         if action is None:
             known = ", ".join(sorted(self.actions))
-            raise TaskFailed(f"unknown action {task.action!r} (known actions: {known})")
+            raise TaskFailed(f"unknown action {quoted(task.action)} (known actions: {known})")
         if task.target_type not in action.target_types:
             raise TaskFailed(
                 f"action {task.action} acts on {' or '.join(action.target_types)}, "
-                f"not on task_target_type {task.target_type!r}")
+                f"not on task_target_type {quoted(task.target_type)}")
         if not isinstance(task.args, dict):
             raise TaskFailed(f"args must be a JSON object, got {_json_type(task.args)}")
         action.validate_args(task.args)
@@ -549,8 +558,7 @@ class Shard:
             if task.state == "running":
                 settled = action.reconcile(self.ctx, task)
                 self.store.rollback()
-                log.info("task %s (%s %s:%s) reconciled: %s: %s", task.id, task.action, task.target_type,
-                         task.target_id, settled.kind, settled.message)
+                log.info("%s reconciled: %s: %s", _named(task), settled.kind, settled.message)
                 metrics.task_reconciled(settled.kind)
                 if settled.kind == Settlement.DONE:
                     return self._settle(task, Outcome.finished(settled.message, *settled.row_updates))
@@ -601,8 +609,7 @@ class Shard:
         except LeaseExpired:
             # Stopped between two steps: settled by reconciliation, like a crash there.
             self.store.rollback()
-            log.warning("task %s (%s %s:%s): lease too old to go on; left to reconciliation", task.id,
-                        task.action, task.target_type, task.target_id)
+            log.warning("%s: lease too old to go on; left to reconciliation", _named(task))
             self.queue.appendleft(replace(task, state="running"))
             return
         except TaskRetry as retry:
@@ -616,8 +623,7 @@ class Shard:
         self.store.rollback()  # end any read transaction the action left open
         self._learn(task, (ended - started).total_seconds())
         if outcome.state == "waiting":
-            log.info("task %s (%s %s:%s) waiting: %s", task.id, task.action, task.target_type,
-                     task.target_id, outcome.message)
+            log.info("%s waiting: %s", _named(task), outcome.message)
             self.parking.park_for_children(replace(task, state="running"), outcome.message or "", time.monotonic())
             self._send(Deferred((task.id,)))
             return
@@ -774,8 +780,7 @@ class Shard:
         self.parking.ended(task.id)
         if recorded:  # a fenced-out write was logged as refused; the task is not ours to fail
             metrics.task_ended(self._action_label(task), "failed", None)
-            log.warning("task %s (%s %s:%s) failed: %s", task.id, task.action, task.target_type,
-                        task.target_id, message)
+            log.warning("%s failed: %s", _named(task), message)
         self._send_ended(TaskEnd(task.id, "failed" if recorded else "skipped"))
 
     # -- outcomes ---------------------------------------------------------------
@@ -811,7 +816,7 @@ class Shard:
         self.parking.ended(task.id)
         metrics.task_ended(self._action_label(task), outcome.state, seconds)
         level = logging.INFO if outcome.state == "finished" else logging.WARNING
-        log.log(level, "task %s (%s %s:%s) %s%s", task.id, task.action, task.target_type, task.target_id,
+        log.log(level, "%s %s%s", _named(task),
                 outcome.state, f": {outcome.message}" if outcome.message else "")
 
 

@@ -389,24 +389,13 @@ def test_values_the_column_types_cannot_hold_are_refused(dsn, sql, error):
     assert query(dsn, "SELECT count(*) AS n FROM storage_volumes")[0]["n"] == 0
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "schema gap (migrations are not ours to change now): nothing stops an INSERT of a task that is not "
-    "'queued'. A row inserted 'running' (or 'paused') with no claim is never claimed, adopted or "
-    "reconciled, so it never ends, against guarantee 3. Proposed migration: a BEFORE INSERT check that a "
-    "new row with claimed_by NULL is 'queued' (or 'canceled'), e.g. CONSTRAINT tasks_unclaimed_running "
-    "CHECK (state NOT IN ('running', 'paused') OR claimed_by IS NOT NULL)"))
 @pytest.mark.parametrize("state", ["running", "paused"])
 def test_a_task_inserted_already_running_is_refused(dsn, state):
-    with pytest.raises(psycopg2.IntegrityError):
+    with pytest.raises(psycopg2.IntegrityError, match="tasks_unclaimed_running"):
         execute(dsn, "INSERT INTO tasks (task_target_type, task_target_id, action, state) "
                      "VALUES ('Vm', 1, 'start_vm', %s)", (state,))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "runtime/shard.py Shard._check (not ours to change now) quotes the whole action name, and lists every "
-    "known action, in the task's message and the log line: a 1 MB action name gives a 1 MB message. "
-    "Proposed fix: quote it shortened, e.g. taskomatic.actions.vm.quoted(task.action), as the actions "
-    "now do for descriptions and volume names"))
 def test_a_huge_action_name_gives_a_short_message(dsn, hosts, daemon_factory, prefix):
     vm, = checks.insert_vms(dsn, [f"{prefix}-long-action"])
     [task] = checks.insert_tasks(dsn, [("Vm", vm, "a" * MB)])

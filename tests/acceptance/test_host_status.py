@@ -31,9 +31,12 @@ def test_changes_behind_our_back_are_corrected(dsn, hosts, daemon_factory):
     daemon = daemon_factory(shards=2, extra=FAST)
     checks.wait_all_ended(dsn, daemon)
 
-    # A task of `busy` is running (as far as the database knows): the pass must leave it alone.
-    query(dsn, "INSERT INTO tasks (task_target_type, task_target_id, action, state, time_started) "
-               "VALUES ('Vm', %s, 'suspend_vm', 'running', clock_timestamp()) RETURNING id", (busy,))
+    # A task of `busy` is running (as far as the database knows; held by an instance
+    # elsewhere, as a running task always is): the pass must leave it alone.
+    elsewhere = query(dsn, "INSERT INTO instances (hostname, pid, version, mode, shards) "
+                           "VALUES ('elsewhere', 1, 'test', 'standalone', 1) RETURNING id")[0]["id"]
+    query(dsn, "INSERT INTO tasks (task_target_type, task_target_id, action, state, time_started, claimed_by) "
+               "VALUES ('Vm', %s, 'suspend_vm', 'running', clock_timestamp(), %s) RETURNING id", (busy, elsewhere))
     for vm, act in ((paused, "suspend"), (killed, "destroy"), (busy, "destroy")):
         conn, domain = _domain(dsn, vm)
         getattr(domain, act)()
