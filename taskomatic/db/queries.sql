@@ -553,3 +553,12 @@ LIMIT %(limit)s;
 -- milliseconds, so its locks (the placement lock, a key claim) do not stop
 -- the other instances for longer than a lease.
 SELECT set_config('idle_in_transaction_session_timeout', %(ms)s::text, true);
+
+-- commit_without_flush --
+-- Standalone claims only: this transaction's commit does not wait for its WAL
+-- to reach the disk (one fsync less between a task's insert and its start).
+-- Safe because a claim is bookkeeping: if the server crashes before the WAL
+-- is flushed, the claim is lost with everything after it that depended on it
+-- (a shard's synchronous commit of 'running' flushes the claim first), and
+-- the task is simply claimed again.
+SELECT set_config('synchronous_commit', 'off', true);

@@ -12,10 +12,12 @@ up only its own slot's few sent tasks, never a fixed share of all keys, as
 routing by a hash of the key would.
 
 A slot is sent tasks while the work it has in hand is expected to take less
-than ``lookahead`` seconds (from what each action took lately), and at least
-two: the one it runs and the next, so it never waits a round trip for work.
-Quick tasks go out many at a time (the shard starts them in batches); slow
-ones two at a time, so little queues behind a slow one.
+than ``lookahead`` seconds (from what each action took lately), and always
+when it has none. Quick tasks go out many at a time (the shard starts them in
+batches); a slow one goes out only once the slot's previous task has run
+(the shard says ``Performed`` before it commits the outcome, and the next
+start carries that commit), so nothing ever waits behind a slow task on one
+shard while another shard could run it.
 
 A slot prefers its pinned keys' next tasks (a hot key's chain runs without
 gaps), then takes free keys in the order they got work. At most
@@ -53,13 +55,38 @@ class SlotQueue:
     # Sent tasks the shard parked (retry backoff, waiting for children): they
     # do not count as work in hand, so a stuck key cannot starve the others.
     deferred: set[int] = field(default_factory=set)
-    work: float = 0.0  # expected seconds of the sent, not deferred tasks
+    # Sent tasks that ran, their outcomes not yet committed: in flight, but no work left.
+    performed: set[int] = field(default_factory=set)
+    work: float = 0.0  # expected seconds of the sent tasks neither deferred nor performed
     # Pinned keys with tasks waiting to be sent here and room under per_key_ahead, oldest first.
     pinned_waiting: OrderedDict[OrderingKey, None] = field(default_factory=OrderedDict)
 
     @property
     def active(self) -> int:
-        return len(self.sent) - len(self.deferred)
+        return len(self.sent) - len(self.deferred) - len(self.performed)
+
+    def set_aside(self, task_id: int, into: set[int]) -> None:
+        """Stop counting a sent task as work in hand (it was parked, or it ran)."""
+        entry = self.sent.get(task_id)
+        if entry is None or task_id in into:
+            return
+        if task_id not in self.deferred and task_id not in self.performed:
+            self.work = max(0.0, self.work - entry[1])
+        self.deferred.discard(task_id)
+        self.performed.discard(task_id)
+        into.add(task_id)
+
+    def forget(self, task_id: int) -> TaskRow | None:
+        """A sent task ended or was lost: drop it and its work; the task, if it was sent."""
+        entry = self.sent.pop(task_id, None)
+        if entry is None:
+            return None
+        if task_id in self.deferred or task_id in self.performed:
+            self.deferred.discard(task_id)
+            self.performed.discard(task_id)
+        else:
+            self.work = max(0.0, self.work - entry[1])
+        return entry[0]
 
 
 class Dispatcher:
@@ -123,9 +150,7 @@ class Dispatcher:
     def has_room(self, index: int) -> bool:
         slot = self.slots[index]
         active = slot.active
-        if active < 2:
-            return True
-        return active < self.window_max and slot.work < self.lookahead
+        return active == 0 or (active < self.window_max and slot.work < self.lookahead)
 
     def take_sendable(self, index: int) -> list[TaskRow]:
         """The tasks to send to a slot now, in order; they count as sent."""
@@ -161,16 +186,9 @@ class Dispatcher:
 
     # -- news from a slot -----------------------------------------------------------------
     def ended(self, index: int, task_id: int) -> None:
-        slot = self.slots[index]
-        entry = slot.sent.pop(task_id, None)
-        if entry is None:
-            return
-        task, expected = entry
-        if task_id in slot.deferred:
-            slot.deferred.discard(task_id)
-        else:
-            slot.work = max(0.0, slot.work - expected)
-        self._left_flight(key_of(task))
+        task = self.slots[index].forget(task_id)
+        if task is not None:
+            self._left_flight(key_of(task))
 
     def _left_flight(self, key: OrderingKey) -> None:
         self.in_flight[key] -= 1
@@ -190,10 +208,13 @@ class Dispatcher:
     def defer(self, index: int, task_ids: tuple[int, ...]) -> None:
         slot = self.slots[index]
         for task_id in task_ids:
-            entry = slot.sent.get(task_id)
-            if entry is not None and task_id not in slot.deferred:
-                slot.deferred.add(task_id)
-                slot.work = max(0.0, slot.work - entry[1])
+            slot.set_aside(task_id, slot.deferred)
+
+    def performed(self, index: int, task_ids: tuple[int, ...]) -> None:
+        """These ran: the slot has room for the next (the key stays pinned until they end)."""
+        slot = self.slots[index]
+        for task_id in task_ids:
+            slot.set_aside(task_id, slot.performed)
 
     def returned(self, index: int, task_ids: tuple[int, ...]) -> None:
         """A draining shard handed these back unstarted (the database releases them)."""
@@ -215,14 +236,9 @@ class Dispatcher:
     def _lose(self, index: int, task_ids: list[int]) -> None:
         slot = self.slots[index]
         for task_id in task_ids:
-            entry = slot.sent.pop(task_id, None)
-            if entry is None:
-                continue
-            if task_id in slot.deferred:
-                slot.deferred.discard(task_id)
-            else:
-                slot.work = max(0.0, slot.work - entry[1])
-            self._left_flight(key_of(entry[0]))
+            task = slot.forget(task_id)
+            if task is not None:
+                self._left_flight(key_of(task))
 
     def requeue(self, index: int, tasks: list[TaskRow]) -> None:
         """Put lost tasks back ahead of their keys' waiting tasks, in id order.

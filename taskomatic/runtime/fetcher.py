@@ -59,6 +59,7 @@ from taskomatic.runtime.messages import (
     Ended,
     FetcherStatus,
     Hello,
+    Performed,
     Run,
     Started,
     TaskRow,
@@ -294,6 +295,8 @@ class Fetcher:
                     self.ended_since_claim = True
                     slot.current = None
                     self.done_total += len(message.ends)
+                elif isinstance(message, Performed):
+                    self.dispatch.performed(slot.index, message.task_ids)
                 elif isinstance(message, Deferred):
                     self.dispatch.defer(slot.index, message.task_ids)
                 elif isinstance(message, Started):
@@ -371,6 +374,7 @@ class Fetcher:
         """Claim a batch (there is room); True if more may be waiting."""
         room = self._room()
         with self.store.transaction():
+            self.store.one("commit_without_flush")
             rows = self.store.all("claim_tasks", instance_id=self.instance_id, limit=room)
         for row in sorted(rows, key=lambda r: r["id"]):
             self.dispatch.route(task_from_row(row))

@@ -78,6 +78,13 @@ class Ended:
 
 
 @dataclass(frozen=True)
+class Performed:
+    """These ran; their outcomes are held for the next commit. The slot may take more work now."""
+
+    task_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class Deferred:
     """Parked behind a retry or a wait: still held, but not counted in the send window."""
 

@@ -65,7 +65,18 @@ from taskomatic.db.store import Store
 from taskomatic.logsetup import set_process_title, setup_logging
 from taskomatic.runtime import channel as wire
 from taskomatic.runtime.lease import lease_clock, limit_idle_transaction
-from taskomatic.runtime.messages import Deferred, Drain, Drained, Ended, Hello, Run, Started, TaskEnd, TaskRow
+from taskomatic.runtime.messages import (
+    Deferred,
+    Drain,
+    Drained,
+    Ended,
+    Hello,
+    Performed,
+    Run,
+    Started,
+    TaskEnd,
+    TaskRow,
+)
 from taskomatic.runtime.parking import ParkingLot, key_of
 
 log = logging.getLogger(__name__)
@@ -79,6 +90,9 @@ T = TypeVar("T")
 BATCH_BUDGET = 0.002
 BATCH_MAX = 64
 BATCH_SCAN = 256  # queue entries looked at to fill a batch
+# Falling idle with outcomes held: how long to wait for the next task (the
+# fetcher sends it on Performed), whose start then commits them too.
+NEXT_TASK_WAIT = 0.002
 ESTIMATE_WEIGHT = 0.2  # of the newest duration in an action's running estimate
 
 
@@ -253,8 +267,10 @@ class Shard:
             if self.channel is None and time.monotonic() - last_attempt >= _RECONNECT_SECONDS:
                 last_attempt = time.monotonic()
                 self._connect()
+            if not self.queue and self.pending and self.channel is not None:
+                self._receive(NEXT_TASK_WAIT)
             if not self.queue:
-                self._flush()  # falling idle: the last outcome must not wait for a next task
+                self._flush()  # falling idle: the last outcome must not wait longer for a next task
                 if self.channel is None:
                     time.sleep(_RECONNECT_SECONDS / 5)  # fetcher away, nothing to do: retry soon
             self._receive(self._idle_wait())
@@ -277,10 +293,10 @@ class Shard:
                     self._send(Deferred((task.id,)))
                     continue
                 batch = self._take_batch()
-                if len(batch) == 1:
-                    self.run_task(batch[0])
-                else:
+                if batch[0].state == "queued":
                     self._run_batch(batch)
+                else:
+                    self.run_task(batch[0])  # to reconcile first
 
     def _lease_ok(self) -> bool:
         return lease_clock() < self.lease_until.value
@@ -438,6 +454,12 @@ class Shard:
                 self._perform(task, action, plan)
             finally:
                 self.deadline.value = 0.0
+        self._say_performed()
+
+    def _say_performed(self) -> None:
+        """Tell the fetcher which tasks ran and wait for a commit: it may send the next ones now."""
+        if self.pending:
+            self._send(Performed(tuple(p.task.id for p in self.pending)))
 
     def _start_batch(self, batch: list[TaskRow]) -> BatchStart:
         """In the transaction that wrote the held outcomes: prepare, then mark running and begin.
@@ -599,6 +621,7 @@ class Shard:
             return True
         self._send(Started((task.id,)))
         self._perform(task, action, plan)
+        self._say_performed()
         return True
 
     def _perform(self, task: TaskRow, action: Action, plan: Plan) -> None:
