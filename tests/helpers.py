@@ -51,13 +51,14 @@ class Daemon:
     """The real daemon as a subprocess in its own process group."""
 
     def __init__(self, dsn: str, state_dir: Path, shards: int = 4, extra: list[str] | None = None,
-                 log_path: Path | None = None) -> None:
+                 log_path: Path | None = None, python_path: list[str] | None = None) -> None:
         self.log_path = log_path or state_dir / "daemon.log"
         state_dir.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         cmd = [sys.executable, "-m", "taskomatic", "--dsn", dsn, "--shards", str(shards),
                "--set", f"state_dir={state_dir}", "--set", "poll_interval=0.5", *(extra or [])]
-        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        # python_path: more import roots, e.g. a plugin's dist-info directory (bench/plugin).
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), *(python_path or [])])}
         self.process = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env,
                                         cwd=str(REPO), start_new_session=True)
 
