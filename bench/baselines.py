@@ -45,8 +45,14 @@ SELECT id, action, args FROM tasks
 WHERE state = 'queued' AND claimed_by IS NULL
 ORDER BY id LIMIT 1
 """
+# A running task names its holder (the schema's tasks_unclaimed_running): the
+# baselines register one instances row, as any program running tasks must.
+REGISTER = """
+INSERT INTO instances (hostname, pid, version, mode, shards)
+VALUES ('bench baseline', %s, 'baseline', 'standalone', %s) RETURNING id
+"""
 MARK_RUNNING = """
-UPDATE tasks SET state = 'running', time_started = clock_timestamp(), attempts = attempts + 1
+UPDATE tasks SET state = 'running', time_started = clock_timestamp(), attempts = attempts + 1, claimed_by = %s
 WHERE id = %s AND state = 'queued'
 """
 # time_started/time_ended are taken in Python right around the action and
@@ -59,7 +65,8 @@ WITH picked AS (
     ORDER BY id LIMIT 1
     FOR UPDATE SKIP LOCKED
 )
-UPDATE tasks t SET state = 'running', time_started = clock_timestamp(), attempts = attempts + 1
+UPDATE tasks t SET state = 'running', time_started = clock_timestamp(), attempts = attempts + 1,
+                   claimed_by = %s
 FROM picked WHERE t.id = picked.id
 RETURNING t.id, t.action, t.args
 """
@@ -110,9 +117,22 @@ def _connect(dsn: str, name: str) -> psycopg2.extensions.connection:
     return psycopg2.connect(dsn, application_name=name)
 
 
+def register(dsn: str, workers: int) -> int:
+    conn = _connect(dsn, "bench baseline")
+    try:
+        with conn.cursor() as cur:
+            cur.execute(REGISTER, (os.getpid(), workers))
+            instance_id = int(cur.fetchone()[0])
+        conn.commit()
+    finally:
+        conn.close()
+    return instance_id
+
+
 def run_original(dsn: str, poll: float) -> int:
     """Baseline (a): one process, a poll loop, one task at a time."""
     _install_stop_handlers()
+    instance_id = register(dsn, 1)
     conn = _connect(dsn, "bench baseline original")
     conn.autocommit = True  # every statement is its own transaction
     cur = conn.cursor()
@@ -124,7 +144,7 @@ def run_original(dsn: str, poll: float) -> int:
             time.sleep(poll)
             continue
         task_id, action, args = row
-        cur.execute(MARK_RUNNING, (task_id,))
+        cur.execute(MARK_RUNNING, (instance_id, task_id))
         if cur.rowcount != 1:
             continue
         started = now()
@@ -135,7 +155,7 @@ def run_original(dsn: str, poll: float) -> int:
     return 0
 
 
-def _pool_worker(dsn: str, poll: float, index: int, barrier: Any) -> None:
+def _pool_worker(dsn: str, poll: float, index: int, barrier: Any, instance_id: int) -> None:
     _install_stop_handlers()
     conn = _connect(dsn, f"bench baseline pool worker {index}")
     with conn.cursor() as cur:
@@ -144,7 +164,7 @@ def _pool_worker(dsn: str, poll: float, index: int, barrier: Any) -> None:
     barrier.wait(60)
     cur = conn.cursor()
     while not _stop:
-        cur.execute(CLAIM_SKIP_LOCKED)
+        cur.execute(CLAIM_SKIP_LOCKED, (instance_id,))
         row = cur.fetchone()
         conn.commit()
         if row is None:
@@ -173,7 +193,8 @@ def run_pool(dsn: str, workers: int, poll: float) -> int:
     context = multiprocessing.get_context("fork")
     barrier = context.Barrier(workers + 1)
     _install_stop_handlers()
-    procs = [context.Process(target=_pool_worker, args=(dsn, poll, i, barrier), name=f"pool worker {i}")
+    instance_id = register(dsn, workers)
+    procs = [context.Process(target=_pool_worker, args=(dsn, poll, i, barrier, instance_id), name=f"pool worker {i}")
              for i in range(workers)]
     for proc in procs:
         proc.start()
