@@ -838,7 +838,10 @@ class Shard:
     def _log_outcome(self, task: TaskRow, outcome: Outcome, seconds: float | None = None) -> None:
         self.parking.ended(task.id)
         metrics.task_ended(self._action_label(task), outcome.state, seconds)
-        level = logging.INFO if outcome.state == "finished" else logging.WARNING
+        # A routine success is a debug line: at thousands of tasks a second, info lines would
+        # flood the journal (journald drops a unit's lines beyond 10,000 per 30 s by default);
+        # the tasks table and `taskomatic tasks --follow` are the record of every task.
+        level = logging.DEBUG if outcome.state == "finished" else logging.WARNING
         log.log(level, "%s %s%s", _named(task),
                 outcome.state, f": {outcome.message}" if outcome.message else "")
 

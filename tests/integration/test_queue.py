@@ -58,7 +58,8 @@ def now() -> datetime:
 
 def start(store: Store, task_id: int, instance_id: int) -> bool:
     with store.transaction():
-        return store.one("mark_running", shard=0, task_ids=[task_id], instance_id=instance_id, time_started=now()) is not None
+        return store.one("mark_running", shard=0, task_ids=[task_id], instance_id=instance_id,
+                         time_started=now()) is not None
 
 
 def finish(store: Store, task_id: int, instance_id: int, state: str = "finished",
