@@ -161,7 +161,7 @@ FROM ordered
 """
 
 TASK_ROWS_SQL = """
-SELECT id, key_id, state, action,
+SELECT id, key_id, state, action, run_by_shard,
        extract(epoch FROM created_at)::float8 AS created,
        extract(epoch FROM time_started)::float8 AS started,
        extract(epoch FROM time_ended)::float8 AS ended
@@ -238,6 +238,16 @@ def serial_ok(intervals: list[tuple[float, float]]) -> bool:
     return True
 
 
+def overlap_count(intervals: list[tuple[float, float]]) -> int:
+    """How many intervals start before an earlier-starting one has ended (0 iff ``serial_ok``)."""
+    count, latest_end = 0, None
+    for start, end in sorted(intervals):
+        if latest_end is not None and start < latest_end:
+            count += 1
+        latest_end = end if latest_end is None else max(latest_end, end)
+    return count
+
+
 # -- the per-shard utilisation timeline ------------------------------------------------
 
 TIMELINE_MAX_INTERVALS = 2000  # per shard, in the JSON; closer busy intervals are merged beyond that
@@ -299,34 +309,68 @@ def _compact(points: list[list[float]], end: float, max_points: int) -> tuple[li
     return bin_curve(points, end, bins), round(end / bins, 6)
 
 
+def shard_of(row: dict[str, Any], shards: int, key_type: str = "Vm") -> tuple[int, bool]:
+    """The shard slot that ran a task row, and whether the table recorded it.
+
+    ``tasks.run_by_shard`` is the slot that marked the task running (the
+    fetcher pins a key to whichever shard has room, so the key alone does not
+    tell). Rows without it (results from before migration 0006, or tasks run
+    by a baseline, which is not taskomatic) fall back to the old hash routing,
+    ``router.shard_for(OrderingKey(key_type, key_id), shards)``.
+    """
+    recorded = row.get("run_by_shard")
+    if recorded is not None:
+        return int(recorded), True
+    from taskomatic.runtime.router import OrderingKey, shard_for
+
+    return shard_for(OrderingKey(key_type, row["key_id"]), shards), False
+
+
+def _attributed_by(from_hash: int, total: int) -> str:
+    if from_hash == 0:
+        return "tasks.run_by_shard"
+    if from_hash == total:
+        return "router.shard_for (no run_by_shard recorded)"
+    return f"tasks.run_by_shard, router.shard_for for {from_hash} of {total} tasks with none recorded"
+
+
 def shard_timeline(rows: list[dict[str, Any]], shards: int, key_type: str = "Vm",
                    max_intervals: int = TIMELINE_MAX_INTERVALS,
                    max_points: int = TIMELINE_MAX_POINTS) -> dict[str, Any] | None:
-    """What the utilisation timeline plot shows, from task rows (``task_rows``: key_id, created, started, ended).
+    """What the utilisation timeline plot shows, from task rows (``task_rows``).
 
     Times are seconds since the first ``created_at``. Each task that ran is
-    attributed to ``router.shard_for(OrderingKey(key_type, key_id), shards)``:
-    the table does not record the shard, and that is how standalone routes.
-    ``consistent`` says whether that attribution holds up (no two tasks of one
-    shard overlap). Per shard: its busy intervals (merged where they touch,
-    and, beyond ``max_intervals``, where they are closer than the window over
-    ``max_intervals``: the JSON stays small, the plot loses nothing it could
-    draw), and its busy seconds and task count (exact). ``running``: tasks
-    between time_started and time_ended; ``waiting``: between created_at and
+    attributed to the shard slot that marked it running, ``tasks.run_by_shard``
+    (see ``shard_of``). ``consistent`` says whether no two tasks of one shard
+    overlap and no task names a slot outside [0, shards) (``out_of_range``):
+    a shard runs one task at a time, so for a taskomatic run it must hold,
+    and ``False`` is a daemon bug (unless rows had no ``run_by_shard`` and
+    were attributed by the old hash, which the daemon no longer routes by:
+    ``attributed_by`` says which). Per shard: its busy intervals (merged
+    where they touch, and, beyond ``max_intervals``, where they are closer
+    than the window over ``max_intervals``: the JSON stays small, the plot
+    loses nothing it could draw), and its busy seconds and task count
+    (exact), and ``overlaps``: how many of its tasks started before an
+    earlier one of it ended (0 when consistent). ``running``: tasks between
+    time_started and time_ended; ``waiting``: between created_at and
     time_started; both step curves [t, count], or, with more than
     ``max_points`` points, time-weighted means over equal bins (``*_bin_s``).
     """
-    from taskomatic.runtime.router import OrderingKey, shard_for
-
     ran = [r for r in rows if r["started"] is not None and r["ended"] is not None]
     if not ran:
         return None
     t0 = min(r["created"] for r in rows)
     end = max(r["ended"] for r in ran) - t0
     by_shard: dict[int, list[tuple[float, float]]] = defaultdict(list)
+    from_hash = 0
     for r in ran:
-        by_shard[shard_for(OrderingKey(key_type, r["key_id"]), shards)].append((r["started"] - t0, r["ended"] - t0))
-    consistent = all(serial_ok(v) for v in by_shard.values())
+        shard, recorded = shard_of(r, shards, key_type)
+        from_hash += not recorded
+        by_shard[shard].append((r["started"] - t0, r["ended"] - t0))
+    # A slot outside [0, shards) cannot be (the run had ``shards`` slots): counted, never drawn.
+    out_of_range = sum(len(v) for i, v in by_shard.items() if not 0 <= i < shards)
+    overlaps = [overlap_count(by_shard.get(i, [])) for i in range(shards)]
+    consistent = out_of_range == 0 and all(serial_ok(v) for v in by_shard.values())
     gap = 0.0
     if max(len(v) for v in by_shard.values()) > max_intervals:
         gap = end / max_intervals
@@ -340,7 +384,9 @@ def shard_timeline(rows: list[dict[str, Any]], shards: int, key_type: str = "Vm"
                                                + [(r["started"] - t0, -1) for r in ran]), end, max_points)
     return {
         "shards": shards,
-        "attributed_by": "router.shard_for",
+        "attributed_by": _attributed_by(from_hash, len(ran)),
+        "attributed_by_hash": from_hash,
+        "out_of_range": out_of_range,
         "consistent": consistent,
         "t0_epoch": t0,
         "end_s": round(end, 4),
@@ -349,6 +395,7 @@ def shard_timeline(rows: list[dict[str, Any]], shards: int, key_type: str = "Vm"
         "busy": busy,
         "busy_s": [round(sum(e - s for s, e in by_shard.get(i, [])), 4) for i in range(shards)],
         "tasks_per_shard": [len(by_shard.get(i, [])) for i in range(shards)],
+        "overlaps": overlaps,
         "running": running,
         "running_bin_s": running_bin,
         "waiting": waiting,

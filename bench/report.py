@@ -194,7 +194,8 @@ def _scaling_workloads(results: dict[str, Any]) -> list[str]:
 def _utilisation_section(results: dict[str, Any]) -> list[str]:
     lines = ["## Utilisation", "",
              "Pool: the sum of every task's time_started -> time_ended over (workers x the first start -> last end "
-             "window). Per shard: the same for each shard, when it can be derived (see the note).", "",
+             "window). Per shard: the same for each shard, the shard being the slot that marked each task "
+             "running (tasks.run_by_shard; see the note).", "",
              "| workload | runner | pool | per shard | tasks per shard |", "|---|---|---|---|---|"]
     for r in results["runs"]:
         u = r.get("utilisation")
@@ -302,15 +303,16 @@ def _timeline_section(results: dict[str, Any]) -> list[str]:
     lines = ["## Utilisation timeline", "",
              "One row per shard with its busy intervals (time_started -> time_ended of its tasks), and the tasks "
              "running and waiting (created_at -> time_started) over time, in seconds since the first task was "
-             "queued. The tasks table does not record the shard: each task is attributed to "
-             "router.shard_for(OrderingKey(key type, key id), shards), exactly how standalone routes; the "
-             "attribution is checked (no two tasks of one shard overlap).", ""]
+             "queued. Each task is attributed to the shard slot that marked it running, as the tasks table "
+             "records it (tasks.run_by_shard): a key is pinned to a shard only while it has tasks in flight "
+             "there, so the key alone does not say which shard ran a task. The attribution is checked: a shard "
+             "runs one task at a time, so two tasks of one shard that overlap are a daemon bug.", ""]
     for name, r in chosen:
         tl = r["timeline"]
         end = tl["end_s"]
         lines += [f"**{r['workload']} / {r['label']}** (`{name}`): makespan {end:.2f} s, lower bound "
                   f"{_fmt(r.get('lower_bound_s'), '.2f')} s ({r.get('lower_bound_from', 'planned work')}), "
-                  f"attribution {'consistent' if tl['consistent'] else 'INCONSISTENT (routing is not only by hash)'}.",
+                  f"attributed by {tl.get('attributed_by', 'router.shard_for')}, {_consistency(tl)}.",
                   "", "| shard | tasks | busy s | busy share of the makespan | last task ended at s |",
                   "|---|---|---|---|---|"]
         for i in range(tl["shards"]):
@@ -324,6 +326,19 @@ def _timeline_section(results: dict[str, Any]) -> list[str]:
                          f"{max(lasts):.2f} s.")
         lines.append("")
     return lines
+
+
+def _consistency(tl: dict[str, Any]) -> str:
+    if tl["consistent"]:
+        return "consistent (no two tasks of one shard overlap)"
+    overlaps = sum(tl.get("overlaps") or [])
+    outside = tl.get("out_of_range") or 0
+    found = ", ".join(part for part in (f"{overlaps} tasks overlapping an earlier one of their shard" if overlaps
+                                        else "", f"{outside} on a slot outside the run's" if outside else "")
+                      if part)
+    if tl.get("attributed_by", "router.shard_for").startswith("tasks."):
+        return f"INCONSISTENT ({found or 'overlap within a shard'}: a shard ran two tasks at once, a daemon bug)"
+    return f"INCONSISTENT ({found or 'overlap within a shard'}: the hash attribution does not hold)"
 
 
 def _rss_section(results: dict[str, Any]) -> list[str]:
@@ -461,8 +476,9 @@ def timeline_figure(run: dict[str, Any]) -> Any:
             ax.axvline(run["lower_bound_s"], color="green", linestyle=":", linewidth=1)
         ax.axvline(tl["end_s"], color="black", linestyle="--", linewidth=0.8)
         ax.grid(True, axis="x", alpha=0.3)
+    source = "tasks.run_by_shard" if tl.get("attributed_by", "").startswith("tasks.") else "router.shard_for"
     top.set_title(f"{run['workload']} / {run['label']}: busy time per shard (tasks in brackets; attributed by "
-                  f"router.shard_for{'' if tl['consistent'] else ', INCONSISTENT'})", fontsize=10)
+                  f"{source}{'' if tl['consistent'] else ', INCONSISTENT'})", fontsize=10)
     running = tl["running"]
     label = "running" + (f" (mean per {tl['running_bin_s'] * 1000:.0f} ms)" if tl.get("running_bin_s") else "")
     if running:

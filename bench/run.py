@@ -480,25 +480,41 @@ def analyse(conn: Any, workload: Workload, tasks: list[PlannedTask], spec: Runne
 
 
 def _per_shard(ran: list[dict[str, Any]], shards: int, first_start: float, span: float) -> dict[str, Any]:
-    """Busy fraction of each shard, if the tasks table can tell which shard ran what.
+    """Busy fraction and task count of each shard, from the slot the tasks table recorded.
 
-    The table does not record the shard. With hash routing it is
-    ``router.shard_for(key)``; that attribution is kept only if it is
-    consistent: no two tasks attributed to one shard overlap in time.
+    ``tasks.run_by_shard`` is the shard slot that marked each task running
+    (``measure.shard_of``; a key goes to whichever shard has room, so the key
+    alone does not say). A shard runs one task at a time, so no two tasks of
+    one shard may overlap: if some do, the figures are kept and the note says
+    so, since that is a daemon bug to look into. Rows with no slot recorded
+    fall back to the old hash routing, ``router.shard_for(key)``, which is
+    kept only if it is consistent (it no longer is how the daemon routes).
     """
-    from taskomatic.runtime.router import OrderingKey, shard_for
-
     by_shard: dict[int, list[tuple[float, float]]] = defaultdict(list)
+    from_hash = 0
     for r in ran:
-        by_shard[shard_for(OrderingKey("Vm", r["key_id"]), shards)].append((r["started"], r["ended"]))
-    if not all(measure.serial_ok(v) for v in by_shard.values()):
-        return {"per_shard": None, "per_shard_note": "not derivable: tasks attributed to one shard by "
-                "router.shard_for overlap, so routing is not (only) by that hash"}
+        shard, recorded = measure.shard_of(r, shards)
+        from_hash += not recorded
+        by_shard[shard].append((r["started"], r["ended"]))
+    out_of_range = sum(len(v) for i, v in by_shard.items() if not 0 <= i < shards)
+    overlapping = sum(measure.overlap_count(v) for v in by_shard.values())
+    if from_hash and (overlapping or out_of_range):
+        return {"per_shard": None, "per_shard_note": f"not derivable: {from_hash} of {len(ran)} tasks have no "
+                "tasks.run_by_shard, and attributing them by router.shard_for (the old hash routing) puts "
+                "overlapping tasks on one shard"}
     per = [round(sum(e - s for s, e in by_shard.get(i, [])) / span, 4) if span > 0 else None
            for i in range(shards)]
     tasks_per = [len(by_shard.get(i, [])) for i in range(shards)]
-    return {"per_shard": per, "tasks_per_shard": tasks_per,
-            "per_shard_note": "attributed by router.shard_for (consistent: no overlap within a shard); "
+    source = ("tasks.run_by_shard" if not from_hash else
+              f"tasks.run_by_shard (router.shard_for for the {from_hash} of {len(ran)} tasks with none recorded)")
+    if overlapping or out_of_range:
+        verdict = (f"INCONSISTENT: {overlapping} tasks started on a shard before its previous one ended"
+                   + (f", {out_of_range} name a slot outside 0..{shards - 1}" if out_of_range else "")
+                   + " (a daemon bug: a shard runs one task at a time)")
+    else:
+        verdict = "consistent: no overlap within a shard"
+    return {"per_shard": per, "tasks_per_shard": tasks_per, "per_shard_overlaps": overlapping,
+            "per_shard_note": f"attributed by {source} ({verdict}); "
                               "busy = time_started..time_ended over the first start..last end window"}
 
 

@@ -174,46 +174,84 @@ def test_node_dirs_fit_a_unix_socket(tmp_path: Path) -> None:
 
 
 def keys_on(shard: int, shards: int, count: int) -> list[int]:
-    """VM ids that standalone routes to ``shard``."""
+    """VM ids the old hash routing (``router.shard_for``) sends to ``shard``: the fallback for rows with no slot."""
     found = [k for k in range(1, 1000) if shard_for(OrderingKey("Vm", k), shards) == shard]
     return found[:count]
 
 
-def row(key: int, created: float, started: float | None, ended: float | None) -> dict[str, Any]:
-    return {"key_id": key, "created": created, "started": started, "ended": ended}
+def row(key: int, created: float, started: float | None, ended: float | None,
+        shard: int | None = None) -> dict[str, Any]:
+    return {"key_id": key, "run_by_shard": shard, "created": created, "started": started, "ended": ended}
 
 
 def test_timeline_by_hand() -> None:
-    a, b = keys_on(0, 2, 2)
-    (c,) = keys_on(1, 2, 1)
-    rows = [row(a, 100.0, 100.5, 101.0), row(b, 100.0, 101.0, 101.5),  # shard 0, back to back
-            row(c, 100.2, 100.6, 100.8), row(c, 100.2, 102.0, 103.0),  # shard 1, a gap
-            row(a, 100.3, None, None)]  # never ran: counted for t0 only
+    # Attributed by the slot the table recorded: key 7 moves from shard 0 to shard 1 once it has nothing in
+    # flight (a free key goes to whichever shard has room), keys 8 and 9 share shard 1; no key hash involved.
+    rows = [row(7, 100.0, 100.5, 101.0, 0), row(8, 100.0, 101.0, 101.5, 0),  # shard 0, back to back
+            row(9, 100.2, 100.6, 100.8, 1), row(7, 100.2, 102.0, 103.0, 1),  # shard 1, a gap
+            row(7, 100.3, None, None, None)]  # never ran: counted for t0 only
     tl = measure.shard_timeline(rows, 2)
     assert tl is not None
     assert tl["t0_epoch"] == 100.0 and tl["end_s"] == pytest.approx(3.0)
     assert tl["first_start_s"] == pytest.approx(0.5)
-    assert tl["consistent"] and tl["attributed_by"] == "router.shard_for"
+    assert tl["consistent"] and tl["attributed_by"] == "tasks.run_by_shard" and tl["attributed_by_hash"] == 0
     assert tl["busy"] == [[[0.5, 1.5]], [[0.6, 0.8], [2.0, 3.0]]]  # touching intervals merged
     assert tl["busy_s"] == pytest.approx([1.0, 1.2])
-    assert tl["tasks_per_shard"] == [2, 2]
+    assert tl["tasks_per_shard"] == [2, 2] and tl["overlaps"] == [0, 0] and tl["out_of_range"] == 0
     # One task ending as the next starts (t=1.0) is one running, not two.
     assert tl["running"] == [[0.5, 1], [0.6, 2], [0.8, 1], [1.0, 1], [1.5, 0], [2.0, 1], [3.0, 0]]
     assert tl["waiting"] == [[0.0, 2], [0.2, 4], [0.5, 3], [0.6, 2], [1.0, 1], [2.0, 0]]
     assert tl["running_bin_s"] is None and tl["merge_gap_s"] == 0
 
 
-def test_timeline_flags_an_attribution_that_does_not_hold() -> None:
+def test_timeline_uses_the_recorded_slot_not_the_hash() -> None:
+    a, b = keys_on(1, 3, 2)  # the old hash would put both on shard 1, where they overlap
+    tl = measure.shard_timeline([row(a, 0.0, 1.0, 3.0, 0), row(b, 0.0, 2.0, 4.0, 2)], 3)
+    assert tl is not None and tl["consistent"] and tl["attributed_by"] == "tasks.run_by_shard"
+    assert tl["tasks_per_shard"] == [1, 0, 1] and tl["busy"] == [[[1.0, 3.0]], [], [[2.0, 4.0]]]
+
+
+def test_timeline_flags_a_shard_running_two_tasks_at_once() -> None:
+    # Recorded on one slot and overlapping: the daemon broke "one task at a time per shard".
+    tl = measure.shard_timeline([row(1, 0.0, 1.0, 3.0, 1), row(2, 0.0, 2.0, 4.0, 1), row(3, 0.0, 2.5, 2.6, 1)], 3)
+    assert tl is not None and not tl["consistent"] and tl["attributed_by"] == "tasks.run_by_shard"
+    assert tl["tasks_per_shard"] == [0, 3, 0] and tl["busy"][1] == [[1.0, 4.0]] and tl["overlaps"] == [0, 2, 0]
+    # A slot the run did not have is inconsistent too, and not drawn.
+    tl = measure.shard_timeline([row(1, 0.0, 1.0, 3.0, 5)], 3)
+    assert tl is not None and not tl["consistent"] and tl["out_of_range"] == 1 and tl["tasks_per_shard"] == [0, 0, 0]
+    assert measure.shard_timeline([row(1, 0.0, None, None)], 3) is None
+
+
+def test_timeline_falls_back_to_the_hash_without_a_recorded_slot() -> None:
     a, b = keys_on(1, 3, 2)
-    tl = measure.shard_timeline([row(a, 0.0, 1.0, 3.0), row(b, 0.0, 2.0, 4.0)], 3)
-    assert tl is not None and not tl["consistent"]
+    tl = measure.shard_timeline([row(a, 0.0, 1.0, 3.0), row(b, 0.0, 2.0, 4.0)], 3)  # old rows: no run_by_shard
+    assert tl is not None and not tl["consistent"] and tl["attributed_by_hash"] == 2
+    assert tl["attributed_by"].startswith("router.shard_for")
     assert tl["tasks_per_shard"] == [0, 2, 0] and tl["busy"][1] == [[1.0, 4.0]]
-    assert measure.shard_timeline([row(a, 0.0, None, None)], 3) is None
+    # A row dict from before the column existed (no key at all) is the same.
+    old = [{k: v for k, v in row(a, 0.0, 1.0, 3.0).items() if k != "run_by_shard"}, row(b, 0.0, 3.0, 4.0, 0)]
+    tl = measure.shard_timeline(old, 3)
+    assert tl is not None and tl["consistent"] and tl["tasks_per_shard"] == [1, 1, 0]
+    assert tl["attributed_by"] == "tasks.run_by_shard, router.shard_for for 1 of 2 tasks with none recorded"
+
+
+def test_per_shard_utilisation_from_the_recorded_slot() -> None:
+    from bench.run import _per_shard
+
+    ran = [row(1, 0.0, 0.0, 1.0, 0), row(1, 0.0, 1.0, 2.0, 1), row(2, 0.0, 0.5, 1.5, 1)]  # shard 1 overlaps
+    out = _per_shard(ran[:2], 2, 0.0, 2.0)
+    assert out["per_shard"] == [0.5, 0.5] and out["tasks_per_shard"] == [1, 1] and out["per_shard_overlaps"] == 0
+    assert "tasks.run_by_shard" in out["per_shard_note"] and "consistent" in out["per_shard_note"]
+    out = _per_shard(ran, 2, 0.0, 2.0)  # kept, and flagged: a shard ran two tasks at once
+    assert out["per_shard"] == [0.5, 1.0] and out["per_shard_overlaps"] == 1
+    assert "INCONSISTENT" in out["per_shard_note"] and "daemon bug" in out["per_shard_note"]
+    a, b = keys_on(0, 2, 2)
+    out = _per_shard([row(a, 0.0, 0.0, 1.0), row(b, 0.0, 0.5, 1.5)], 2, 0.0, 1.5)  # hash fallback, overlapping
+    assert out["per_shard"] is None and "router.shard_for" in out["per_shard_note"]
 
 
 def test_timeline_stays_small() -> None:
-    keys = keys_on(0, 1, 1) * 1000
-    rows = [row(k, 0.0, i * 0.01, i * 0.01 + 0.005) for i, k in enumerate(keys)]
+    rows = [row(1 + i % 7, 0.0, i * 0.01, i * 0.01 + 0.005, 0) for i in range(1000)]
     tl = measure.shard_timeline(rows, 1, max_intervals=100, max_points=200)
     assert tl is not None
     assert len(tl["busy"][0]) <= 100  # 5 ms gaps closed at a 0.1 s resolution
@@ -244,10 +282,10 @@ def fake_results() -> dict[str, Any]:
     clock = [0.0] * shards
     for i in range(200):
         key = rng.randint(1, 40)
-        shard = shard_for(OrderingKey("Vm", key), shards)
+        shard = min(range(shards), key=lambda s: clock[s])  # the shard with room first
         start = clock[shard] + 0.001
         clock[shard] = start + (1.0 if i % 20 == 0 else 0.02)
-        rows.append(row(key, 0.0, start, clock[shard]))
+        rows.append(row(key, 0.0, start, clock[shard], shard))
     timeline = measure.shard_timeline(rows, shards)
 
     def run(workload: str, **extra: Any) -> dict[str, Any]:
@@ -259,7 +297,7 @@ def fake_results() -> dict[str, Any]:
                 "order": {"ok": True, "violations": 0, "keys": 40},
                 "tasks": {"total": 200, "expected": 200, "finished": 200, "failed": 0, "other": 0},
                 "utilisation": {"pool": 0.5, "per_shard": [0.5] * shards, "tasks_per_shard": [50] * shards,
-                                "per_shard_note": "attributed by router.shard_for"},
+                                "per_shard_note": "attributed by tasks.run_by_shard"},
                 "rss": {"runner": [{"role": "shard 0", "pid": 1, "peak_rss_kb": 20000}], "postgres": []},
                 "ratios": {}, "timeline": timeline, **extra}
 
@@ -304,6 +342,7 @@ def test_report_renders_the_timeline_and_lifecycle_sections(tmp_path: Path) -> N
     results = fake_results()
     text = report.markdown(results, [])
     assert "## Utilisation timeline" in text and "**heavy-zipf / taskomatic 4 shards**" in text
+    assert "attributed by tasks.run_by_shard, consistent" in text and "shard_for" not in text
     assert "## VM lifecycle on libvirt test nodes" in text
     assert "do not run the lifecycle workloads" in text
     assert "| lifecycle-zipf | lifecycle | measured | measured | 30 |" in text
