@@ -39,7 +39,6 @@ from taskomatic.runtime.router import OrderingKey
 LOOKAHEAD = 0.005  # seconds of expected work a slot is sent ahead
 WINDOW_MAX = 256  # tasks sent ahead at most, however quick
 PER_KEY_AHEAD = 2  # tasks of one key in flight at most: the one running and its successor
-UNKNOWN_ESTIMATE = LOOKAHEAD  # an action not seen yet: two in flight until it has run
 ESTIMATE_WEIGHT = 0.2  # of the newest duration in an action's running estimate
 
 
@@ -110,7 +109,8 @@ class Dispatcher:
         return {t.id for q in self.waiting.values() for t in q} | {i for s in self.slots for i in s.sent}
 
     def estimate(self, action: str) -> float:
-        return self.estimates.get(action, UNKNOWN_ESTIMATE)
+        # An action not seen yet counts as a whole lookahead: one at a time until it has run.
+        return self.estimates.get(action, self.lookahead)
 
     def learn(self, action: str, seconds: float) -> None:
         old = self.estimates.get(action)

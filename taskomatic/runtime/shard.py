@@ -121,6 +121,10 @@ class PendingOutcome:
         return TaskEnd(self.task.id, self.outcome.state, seconds, self.task.action)
 
 
+class _FetcherGone(Exception):
+    """The fetcher died while a batch was being prepared: the batch must not start."""
+
+
 class _WorkRefused(Exception):
     """The database refused a transaction's own work, after its held outcomes were written fine."""
 
@@ -208,8 +212,11 @@ class Shard:
 
     # -- channel to the fetcher -------------------------------------------------
     def _connect(self) -> bool:
-        # Settle the last outcome first, so Hello.held is exactly what is left to do.
+        # Settle the last outcomes first, and hold nothing unstarted: a new fetcher
+        # sends every unfinished task again (what was set aside after the link broke
+        # mid-batch too: a parked task, or one put back for its lease).
         self._flush()
+        self._drop_unstarted()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.connect(self.fetcher_socket)
@@ -229,10 +236,24 @@ class Shard:
         finished first; the successor sends such a task only to the slot that
         marked it (``run_by_shard``), so it comes back here to be settled.
         """
+        self.channel = None
+        log.warning("lost the fetcher; dropped %d tasks that had not started (they are sent again)",
+                    self._drop_unstarted())
+
+    def _drop_unstarted(self) -> int:
         dropped = len(self.queue) + len(self.parking.release_all())
         self.queue.clear()
-        self.channel = None
-        log.warning("lost the fetcher; dropped %d tasks that had not started (they are sent again)", dropped)
+        return dropped
+
+    def _fetcher_gone(self) -> bool:
+        """Has the fetcher that sent us our tasks died? Reads what it sent meanwhile.
+
+        Checked just before a batch is marked running: a fetcher's successor may
+        already have sent those tasks to another shard (it does not wait for a
+        shard stuck in a long prepare forever), so they must not start here.
+        """
+        self._receive(0)
+        return self.channel is None
 
     def _send(self, message: object) -> None:
         if self.channel is None:
@@ -420,6 +441,10 @@ class Shard:
         """Start a batch in one transaction (with the held outcomes), then perform it in order."""
         try:
             started = self._commit_with_pending(lambda: self._start_batch(batch))
+        except _FetcherGone:
+            self.store.rollback()
+            log.warning("lost the fetcher before starting %d tasks; they are sent again", len(batch))
+            return
         except (TaskFailed, TaskRetry, psycopg2.DatabaseError) as exc:
             if isinstance(exc, _CONNECTION_LOST):
                 raise
@@ -490,6 +515,8 @@ class Shard:
                     failing.append((task, f"internal error while preparing {task.action}: {exc!r}", []))
         finally:
             self.deadline.value = 0.0
+        if self._fetcher_gone():
+            raise _FetcherGone
         allowed = {t.id for t in self._fenced([t for t, _, _ in prepared] + [t for t, _, _ in failing])}
         moment = now()
         to_mark = [t.id for t, _, _ in prepared if t.id in allowed]
