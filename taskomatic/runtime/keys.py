@@ -6,9 +6,9 @@ work for it. Per key the book counts the claimed tasks in hand (routed to a
 shard and not ended) and whether the key's queue may hold more. From that it
 answers the fetcher's three questions each round:
 
-- ``choose_free``: which of the free keys the database offered to claim, at
-  most ``keys_per_shard`` per shard slot, so keys spread over the shards and
-  one instance never holds more than it can run soon (no hoarding);
+- ``choose_free``: which of the free keys the database offered to claim, up
+  to ``shards x keys_per_shard`` held keys, so one instance never holds more
+  than its shards can run soon (no hoarding: the others find free keys);
 - ``wanting_tasks``: which held keys to top up with their next tasks, and how
   many (at most ``tasks_per_key`` in hand per key, which bounds memory);
 - ``drained``: which held keys have nothing in hand and nothing more queued,
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from taskomatic.runtime.dispatch import key_of
 from taskomatic.runtime.messages import TaskRow
-from taskomatic.runtime.router import OrderingKey, shard_for
+from taskomatic.runtime.router import OrderingKey
 
 # A claim covers at most this many top-ups' worth of tasks (tasks_per_key each).
 TURN_KEYS = 4
@@ -32,7 +32,6 @@ TURN_KEYS = 4
 @dataclass
 class HeldKey:
     token: int
-    slot: int
     in_hand: int = 0  # claimed tasks routed and not ended
     loaded: int = 0  # tasks claimed under this claim so far
     more: bool = True  # its queue may hold unclaimed tasks (unknown until a top-up comes back short)
@@ -65,7 +64,7 @@ class KeyBook:
         """A claim won or taken over (or found at startup); a newer token replaces an older one."""
         held = self.keys.get(key)
         if held is None:
-            self.keys[key] = HeldKey(token, shard_for(key, self.shards))
+            self.keys[key] = HeldKey(token)
         elif token > held.token:  # a new claim: a new turn
             held.token, held.more, held.loaded = token, True, 0
 
@@ -91,21 +90,13 @@ class KeyBook:
             held.more = True
 
     def choose_free(self, candidates: list[OrderingKey]) -> list[OrderingKey]:
-        """The free keys worth claiming: within the capacity, at most keys_per_shard per slot."""
-        per_slot = [0] * self.shards
-        for held in self.keys.values():
-            per_slot[held.slot] += 1
-        room = self.key_room()
-        chosen: list[OrderingKey] = []
-        for key in candidates:
-            if len(chosen) >= room:
-                break
-            slot = shard_for(key, self.shards)
-            if key in self.keys or per_slot[slot] >= self.keys_per_shard:
-                continue
-            per_slot[slot] += 1
-            chosen.append(key)
-        return chosen
+        """The free keys worth claiming, in the order offered, within the capacity.
+
+        Any shard may run any key (the dispatcher assigns keys to shards as they
+        get room), so only the total is bounded.
+        """
+        fresh = [key for key in dict.fromkeys(candidates) if key not in self.keys]
+        return fresh[:self.key_room()]
 
     def wanting_tasks(self) -> list[tuple[OrderingKey, int, int]]:
         """(key, token, count) for held keys to top up: those at or below half their allowance."""
