@@ -5,14 +5,34 @@
 
 The model (printed with every answer):
 
-* **Shards are M/G/1 servers.** A shard runs one task at a time, in order
-  (``taskomatic/runtime/shard.py``); tasks arrive as a Poisson stream.
-* **Keys are not split.** Every task of one VM goes to the shard
-  ``taskomatic.runtime.router.shard_for(Vm:id, shards)`` picks, so a shard's
-  arrival rate is the sum of the rates of the keys hashed to it, computed key
-  by key with the real router: the busiest shard carries the hottest key's
-  whole load plus whatever else hashes there. A key whose own utilisation is
-  >= 1 cannot be served by any number of shards.
+* **The shards are a pool of c servers fed from one queue.** A shard runs
+  one task at a time (``taskomatic/runtime/shard.py``), but it owns no keys:
+  the fetcher sends a key with nothing in flight to whichever shard has room
+  (``taskomatic/runtime/dispatch.py``). Tasks arrive as a Poisson stream of
+  rate λ, so the pool is an **M/G/c** queue with offered load a = λ E[S]
+  erlangs and utilisation rho = a / c (< 1 needed).
+* **Pool wait: Erlang C with the Allen-Cunneen correction.** The probability
+  that a task waits for a shard is Erlang C, C(c, a) (computed through the
+  Erlang B recursion); the M/M/c mean wait C(c, a) E[S] / (c - a) is
+  multiplied by (Ca² + Cs²) / 2 with Ca² = 1 (Poisson) and Cs² the service
+  time's squared coefficient of variation: Wq = C(c, a) E[S] (1 + Cs²) /
+  (2 (c - a)). For the **p95**: a task waits at all with probability
+  C(c, a), and a waiting task's wait is exponential with mean Wq / C(c, a)
+  (exact for M/M/c), so P(wait > t) = C exp(-C t / Wq) and
+  p95 = (Wq / C) ln(C / 0.05), 0 when C <= 0.05. At c = 1 this is exactly
+  the Pollaczek-Khinchine mean with the same exponential tail.
+* **Each key is serial: its own M/G/1 queue.** Per-key order runs a key's
+  tasks one after another, whatever the number of shards, so a key of rate
+  λ_k is also an M/G/1 queue: rho_k = λ_k E[S] must be < 1, and its wait
+  (Pollaczek-Khinchine, W_k = λ_k E[S²] / (2 (1 - rho_k)), with the same
+  exponential tail) adds to the pool's: a task of key k waits
+  W_k + W_pool, the two taken as independent, and the p95 of that sum is
+  solved exactly for the two atom-plus-exponential distributions. (A
+  conservative sum: a key's next task is pinned to the shard already running
+  it and rarely waits for the pool as well.) No number of shards shortens
+  W_k, so under skew the hottest key can need more than the shards the load
+  alone needs, or be impossible: utilisation >= 1, or its own p95 over the
+  target, and then the answer is the rate its tasks would have to slow to.
 * **Keys** are VM ids 1..``--vms``; ``uniform``, or ``zipf:s`` (P(rank r) ∝
   1/r^s, ranks shuffled over the ids by ``--seed``, as the bench's workloads
   do). Every key has the same action mix (the mix is independent of the key).
@@ -22,17 +42,19 @@ The model (printed with every answer):
   taskomatic run of a no-op workload, shards / throughput is the time a shard
   spends per task with no work; the planner takes the largest (the most
   contended run: conservative).
-* **Waiting** (enqueue to start; the queueing delay): Pollaczek-Khinchine
-  mean, W = λ E[S²] / (2 (1 - rho)). **p95**: the exponential-tail
-  approximation: a task waits at all with probability rho, and a waiting task's
-  wait is exponential with mean W / rho, so P(wait > t) = rho exp(-rho t / W) and
-  p95 = (W / rho) ln(rho / 0.05) (0 when rho <= 0.05). Exact for M/M/1; for other
-  service distributions it matches the mean and the heavy-traffic tail.
-* **Answer**: the fewest shards whose every shard has rho < 1 and whose busiest
-  shard's p95 meets the target; instances = ceil(shards / shards per
-  instance). Not modelled: the fetcher's claim and dispatch limits (the
-  overhead stands for them), CPU contention between shards beyond what the
-  measured overhead holds, bursts (arrivals are Poisson), retries.
+* **Answer**: the fewest shards c (searched from 1 up; both p95s fall as c
+  grows) with rho < 1 whose pool p95 and hottest key's p95 both meet the
+  target (the hottest key's is the largest of all keys'); ``pool_shards`` is
+  the count the pool alone would need. The p95 over all tasks (a mix of the
+  keys by rate; keys in buckets of 5 % rate, each at its bucket's highest
+  rate; keys with rho_k < 0.001 counted as never waiting for themselves) is
+  shown, not used. Instances (multihost) multiply shards: the instances'
+  shards form one pool, since every fetcher claims the oldest queued tasks;
+  instances = ceil(c / shards per instance). Not modelled: the fetcher's
+  claim and dispatch limits (the overhead stands for them; an instance
+  claims ahead of its own shards, which makes instances a little less than
+  one pool), CPU contention between shards beyond what the measured overhead
+  holds, bursts (arrivals are Poisson), retries.
 """
 
 from __future__ import annotations
@@ -42,11 +64,10 @@ import json
 import math
 import random
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
-
-from taskomatic.runtime.router import OrderingKey, shard_for
 
 P95 = 0.95
 
@@ -98,13 +119,14 @@ class Workload:
 class Row:
     shards: int
     instances: int
-    max_utilisation: float
-    mean_utilisation: float
-    busiest_shard: int
-    busiest_mean_wait_s: float | None  # None: utilisation >= 1, the queue grows without bound
-    busiest_p95_wait_s: float | None
+    utilisation: float  # rho = a / c, every shard's (the pool shares the load)
+    wait_probability: float  # Erlang C: the chance a task waits for a shard (1 when rho >= 1)
+    pool_mean_wait_s: float | None  # None: utilisation >= 1, the queue grows without bound
+    pool_p95_wait_s: float | None
+    hottest_key_p95_wait_s: float | None  # its own M/G/1 wait plus the pool's
     overall_p95_wait_s: float | None
     meets_target: bool
+    limited_by: str | None  # why it misses: "capacity", "pool", "hottest key" (None when it meets)
 
 
 @dataclass
@@ -115,24 +137,100 @@ class Plan:
     shards_per_instance: int
     max_shards: int
     hottest_key: str
+    hottest_key_per_hour: float
     hottest_key_utilisation: float
-    hottest_key_alone_p95_s: float | None
+    hottest_key_alone_p95_s: float | None  # its own queue only, as if a shard were always free
+    hottest_key_max_per_hour: float  # the highest rate at which its own queue alone meets the target
+    offered_load: float = 0.0  # a = λ E[S], in shards
     rows: list[Row] = field(default_factory=list)
+    pool_shards: int | None = None  # the fewest shards the pool alone needs (the hottest key aside)
     shards: int | None = None
     instances: int | None = None
     verdict: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return {"workload": asdict(self.workload), "service": {**asdict(self.service), "cv": self.service.cv},
+                "model": MODEL_NAME,
                 "target_p95_s": self.target_p95_s, "shards_per_instance": self.shards_per_instance,
-                "max_shards": self.max_shards, "hottest_key": self.hottest_key,
+                "max_shards": self.max_shards, "offered_load": self.offered_load,
+                "hottest_key": self.hottest_key, "hottest_key_per_hour": self.hottest_key_per_hour,
                 "hottest_key_utilisation": self.hottest_key_utilisation,
                 "hottest_key_alone_p95_s": self.hottest_key_alone_p95_s,
-                "shards": self.shards, "instances": self.instances, "verdict": self.verdict,
-                "rows": [asdict(r) for r in self.rows]}
+                "hottest_key_max_per_hour": self.hottest_key_max_per_hour,
+                "pool_shards": self.pool_shards, "shards": self.shards, "instances": self.instances,
+                "verdict": self.verdict, "rows": [asdict(r) for r in self.rows]}
+
+
+MODEL_NAME = ("M/G/c pool (Erlang C, Allen-Cunneen) + per-key M/G/1 (Pollaczek-Khinchine), "
+              "exponential-tail p95")
 
 
 # -- queueing ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Wait:
+    """A wait that is 0 with probability 1 - ``probability`` and else exponential with mean ``mean_if_waiting_s``."""
+
+    probability: float
+    mean_if_waiting_s: float
+
+    @property
+    def mean_s(self) -> float:
+        return self.probability * self.mean_if_waiting_s
+
+    @property
+    def never(self) -> bool:
+        return self.probability <= 0.0 or self.mean_if_waiting_s <= 0.0
+
+    def tail(self, t: float) -> float:
+        """P(wait > t), t >= 0."""
+        return 0.0 if self.never else self.probability * math.exp(-t / self.mean_if_waiting_s)
+
+    def quantile(self, q: float = P95) -> float:
+        """(W / P) ln(P / (1 - q)), 0 when P <= 1 - q."""
+        if self.never or self.probability <= 1.0 - q:
+            return 0.0
+        return self.mean_if_waiting_s * math.log(self.probability / (1.0 - q))
+
+
+NO_WAIT = Wait(0.0, 0.0)
+
+
+def erlang_c(servers: int, offered: float) -> float:
+    """Erlang C: the probability that an arrival waits in an M/M/c queue of ``servers`` with ``offered`` erlangs.
+
+    Through the Erlang B recursion B(0) = 1, B(k) = a B(k-1) / (k + a B(k-1)),
+    then C = B / (1 - rho (1 - B)) with rho = a / c: no factorials, stable for
+    any c. 1 when a >= c (every arrival waits), 0 when a = 0.
+    """
+    if servers < 1:
+        raise ValueError("servers must be at least 1")
+    if offered <= 0.0:
+        return 0.0
+    if offered >= servers:
+        return 1.0
+    b = 1.0
+    for k in range(1, servers + 1):
+        b = offered * b / (k + offered * b)
+    return b / (1.0 - offered / servers * (1.0 - b))
+
+
+def mgc_wait(servers: int, rate: float, service: Service) -> Wait | None:
+    """The wait for one of ``servers`` (M/G/c, Allen-Cunneen); None when utilisation >= 1.
+
+    P(wait) = C(c, a); mean wait Wq = C(c, a) E[S] / (c - a) x (1 + Cs²) / 2;
+    a waiting task's wait exponential with mean Wq / C(c, a). At c = 1:
+    C = rho and Wq = λ E[S²] / (2 (1 - rho)), Pollaczek-Khinchine exactly.
+    """
+    offered = rate * service.mean_s
+    if offered >= servers:
+        return None
+    probability = erlang_c(servers, offered)
+    if probability <= 0.0:
+        return NO_WAIT
+    correction = (1.0 + service.cv ** 2) / 2.0  # (Ca² + Cs²) / 2, Poisson arrivals: Ca² = 1
+    return Wait(probability, service.mean_s / (servers - offered) * correction)
 
 
 def mg1_mean_wait(rate: float, service: Service) -> float | None:
@@ -143,39 +241,28 @@ def mg1_mean_wait(rate: float, service: Service) -> float | None:
     return rate * service.second_moment_s2 / (2.0 * (1.0 - rho))
 
 
-def wait_tail(rate: float, service: Service, t: float) -> float:
-    """P(wait > t) under the exponential-tail approximation: rho exp(-rho t / W)."""
-    rho = rate * service.mean_s
-    wait = mg1_mean_wait(rate, service)
-    if wait is None:
-        return 1.0
-    if rho <= 0.0 or wait <= 0.0:
-        return 0.0
-    return rho * math.exp(-rho * t / wait)
+def p95_wait(rate: float, service: Service, q: float = P95, servers: int = 1) -> float | None:
+    """The q-quantile of the wait of an M/G/c queue (M/G/1 by default); None when utilisation >= 1."""
+    wait = mgc_wait(servers, rate, service)
+    return None if wait is None else wait.quantile(q)
 
 
-def p95_wait(rate: float, service: Service, q: float = P95) -> float | None:
-    """The q-quantile of the wait: (W/rho) ln(rho/(1-q)), 0 when rho <= 1-q; None when rho >= 1."""
-    rho = rate * service.mean_s
-    wait = mg1_mean_wait(rate, service)
-    if wait is None:
-        return None
-    if rho <= 1.0 - q or wait <= 0.0:
-        return 0.0
-    return wait / rho * math.log(rho / (1.0 - q))
+def sum_tail(first: Wait, second: Wait, t: float) -> float:
+    """P(X + Y > t) for independent atom-plus-exponential waits X and Y."""
+    if first.never:
+        return second.tail(t)
+    if second.never:
+        return first.tail(t)
+    p1, m1, p2, m2 = first.probability, first.mean_if_waiting_s, second.probability, second.mean_if_waiting_s
+    if abs(m1 - m2) <= 1e-9 * max(m1, m2):
+        both = math.exp(-t / m1) * (1.0 + t / m1)  # Erlang-2
+    else:
+        both = (m1 * math.exp(-t / m1) - m2 * math.exp(-t / m2)) / (m1 - m2)  # hypoexponential
+    return p1 * (1.0 - p2) * math.exp(-t / m1) + (1.0 - p1) * p2 * math.exp(-t / m2) + p1 * p2 * both
 
 
-def mixture_p95(rates: list[float], service: Service, q: float = P95) -> float | None:
-    """The q-quantile of the wait of a random task over all shards (each shard weighted by its rate)."""
-    total = sum(rates)
-    if total <= 0:
-        return 0.0
-    if any(r * service.mean_s >= 1.0 for r in rates):
-        return None
-
-    def tail(t: float) -> float:
-        return sum(r * wait_tail(r, service, t) for r in rates if r > 0) / total
-
+def solve_quantile(tail: Callable[[float], float], q: float = P95) -> float:
+    """The smallest t with tail(t) <= 1 - q, for a non-increasing tail (bisection)."""
     if tail(0.0) <= 1.0 - q:
         return 0.0
     high = 1.0
@@ -188,10 +275,50 @@ def mixture_p95(rates: list[float], service: Service, q: float = P95) -> float |
             low = mid
         else:
             high = mid
+        if high - low <= 1e-9 * high:
+            break
     return high
 
 
-# -- keys and shards -----------------------------------------------------------------
+def sum_quantile(first: Wait, second: Wait, q: float = P95) -> float:
+    """The q-quantile of X + Y (see ``sum_tail``)."""
+    if first.never:
+        return second.quantile(q)
+    if second.never:
+        return first.quantile(q)
+    return solve_quantile(lambda t: sum_tail(first, second, t), q)
+
+
+def mixture_p95(groups: list[tuple[float, Wait | None]], pool: Wait, q: float = P95) -> float | None:
+    """The q-quantile of the wait of a random task: groups of keys (share of all tasks, own wait), plus the pool's.
+
+    None when a key's own queue has utilisation >= 1 (its waits grow without bound).
+    """
+    if any(own is None for _, own in groups):
+        return None
+    known = [(share, own) for share, own in groups if own is not None]
+    total = sum(share for share, _ in known)
+    if total <= 0:
+        return 0.0
+    return solve_quantile(lambda t: sum(share * sum_tail(own, pool, t) for share, own in known) / total, q)
+
+
+def max_key_rate(service: Service, target_p95_s: float, q: float = P95) -> float:
+    """Tasks/s at which one key's own M/G/1 queue has its p95 wait just at the target (the most a key can take)."""
+    low, high = 0.0, 1.0 / service.mean_s
+    for _ in range(200):
+        mid = (low + high) / 2.0
+        wait = mgc_wait(1, mid, service)
+        if wait is not None and wait.quantile(q) <= target_p95_s:
+            low = mid
+        else:
+            high = mid
+        if high - low <= 1e-12 * high:
+            break
+    return low
+
+
+# -- keys ------------------------------------------------------------------------------
 
 
 def parse_skew(skew: str) -> float | None:
@@ -223,26 +350,56 @@ def key_rates(workload: Workload) -> dict[int, float]:
     return {vm: total * w / norm for vm, w in zip(ids, weights, strict=True)}
 
 
-def shard_rates(rates: dict[int, float], shards: int) -> list[float]:
-    """Arrival rate of each shard: every key's rate to the shard the real router gives it."""
-    loads = [0.0] * shards
-    for vm, rate in rates.items():
-        loads[shard_for(OrderingKey("Vm", vm), shards)] += rate
-    return loads
+KEY_BUCKET = 1.05  # keys whose rates are within 5 % share a bucket (at its highest rate) in the all-tasks p95
+KEY_NEGLIGIBLE = 1e-3  # a key whose own utilisation is below this is taken as never waiting for itself
+
+
+def key_groups(rates: dict[int, float], service: Service) -> list[tuple[float, Wait | None]]:
+    """The keys as (share of all tasks, own M/G/1 wait; None at utilisation >= 1), bucketed by rate."""
+    total = sum(rates.values())
+    if total <= 0:
+        return []
+    buckets: dict[int | None, list[float]] = {}
+    for rate in rates.values():
+        if rate <= 0:
+            continue
+        bucket = (None if rate * service.mean_s < KEY_NEGLIGIBLE
+                  else math.floor(math.log(rate * service.mean_s) / math.log(KEY_BUCKET)))
+        entry = buckets.setdefault(bucket, [0.0, 0.0])
+        entry[0] += rate
+        entry[1] = max(entry[1], rate)
+    return [(summed / total, NO_WAIT if bucket is None else mgc_wait(1, highest, service))
+            for bucket, (summed, highest) in buckets.items()]
+
+
+# -- the search ------------------------------------------------------------------------
 
 
 def evaluate(workload: Workload, shards: int, target_p95_s: float, shards_per_instance: int = 8,
-             rates: dict[int, float] | None = None) -> Row:
+             rates: dict[int, float] | None = None,
+             groups: list[tuple[float, Wait | None]] | None = None) -> Row:
+    """One shard count: the pool's wait, the hottest key's (its own plus the pool's), all tasks'."""
     service = workload.service()
-    loads = shard_rates(rates if rates is not None else key_rates(workload), shards)
-    busiest = max(range(shards), key=lambda i: loads[i])
-    utilisations = [r * service.mean_s for r in loads]
-    p95 = p95_wait(loads[busiest], service)
-    return Row(shards=shards, instances=math.ceil(shards / shards_per_instance),
-               max_utilisation=max(utilisations), mean_utilisation=sum(utilisations) / shards,
-               busiest_shard=busiest, busiest_mean_wait_s=mg1_mean_wait(loads[busiest], service),
-               busiest_p95_wait_s=p95, overall_p95_wait_s=mixture_p95(loads, service),
-               meets_target=p95 is not None and p95 <= target_p95_s)
+    rates = rates if rates is not None else key_rates(workload)
+    offered = workload.rate_per_s * service.mean_s
+    pool = mgc_wait(shards, workload.rate_per_s, service)
+    instances = math.ceil(shards / shards_per_instance)
+    if pool is None:
+        return Row(shards=shards, instances=instances, utilisation=offered / shards, wait_probability=1.0,
+                   pool_mean_wait_s=None, pool_p95_wait_s=None, hottest_key_p95_wait_s=None,
+                   overall_p95_wait_s=None, meets_target=False, limited_by="capacity")
+    hot = mgc_wait(1, max(rates.values()), service)
+    pool_p95 = pool.quantile()
+    hot_p95 = None if hot is None else sum_quantile(hot, pool)
+    if groups is None:
+        groups = key_groups(rates, service)
+    overall = mixture_p95(groups, pool)
+    limited_by = ("pool" if pool_p95 > target_p95_s
+                  else "hottest key" if hot_p95 is None or hot_p95 > target_p95_s else None)
+    return Row(shards=shards, instances=instances, utilisation=offered / shards,
+               wait_probability=pool.probability, pool_mean_wait_s=pool.mean_s, pool_p95_wait_s=pool_p95,
+               hottest_key_p95_wait_s=hot_p95, overall_p95_wait_s=overall, meets_target=limited_by is None,
+               limited_by=limited_by)
 
 
 def plan(workload: Workload, target_p95_s: float, shards_per_instance: int = 8, max_shards: int = 256) -> Plan:
@@ -254,24 +411,34 @@ def plan(workload: Workload, target_p95_s: float, shards_per_instance: int = 8, 
     rates = key_rates(workload)
     hottest = max(rates, key=lambda vm: rates[vm])
     hot_rate = rates[hottest]
+    hot_alone = mgc_wait(1, hot_rate, service)
     result = Plan(workload=workload, service=service, target_p95_s=target_p95_s,
                   shards_per_instance=shards_per_instance, max_shards=max_shards, hottest_key=f"Vm:{hottest}",
-                  hottest_key_utilisation=hot_rate * service.mean_s,
-                  hottest_key_alone_p95_s=p95_wait(hot_rate, service))
+                  hottest_key_per_hour=hot_rate * 3600.0, hottest_key_utilisation=hot_rate * service.mean_s,
+                  hottest_key_alone_p95_s=None if hot_alone is None else hot_alone.quantile(),
+                  hottest_key_max_per_hour=max_key_rate(service, target_p95_s) * 3600.0,
+                  offered_load=workload.rate_per_s * service.mean_s)
+    slower = (f"its tasks would have to arrive at under {result.hottest_key_max_per_hour:,.0f}/h "
+              f"(now {result.hottest_key_per_hour:,.0f}/h) to meet the target")
     if result.hottest_key_utilisation >= 1.0:
         result.verdict = (f"impossible: key Vm:{hottest} alone needs more than one shard (its tasks arrive at "
-                          f"{hot_rate * 3600:.0f}/h and take {service.mean_s:.3g} s each: utilisation "
-                          f"{result.hottest_key_utilisation:.2f}); per-key order forbids splitting it")
+                          f"{hot_rate * 3600:,.0f}/h and take {service.mean_s:.3g} s each: utilisation "
+                          f"{result.hottest_key_utilisation:.2f}); per-key order runs them one at a time, so no "
+                          f"number of shards helps: {slower}")
     elif result.hottest_key_alone_p95_s is not None and result.hottest_key_alone_p95_s > target_p95_s:
-        result.verdict = (f"impossible: key Vm:{hottest} alone, on a shard of its own, waits p95 "
-                          f"{result.hottest_key_alone_p95_s:.3g} s > target {target_p95_s:g} s; no number of "
-                          f"shards helps (per-key order: its tasks queue behind each other)")
+        result.verdict = (f"impossible: key Vm:{hottest} waits behind its own tasks: p95 "
+                          f"{result.hottest_key_alone_p95_s:.3g} s > target {target_p95_s:g} s even with a shard "
+                          f"always free for it; per-key order runs them one at a time, so no number of shards "
+                          f"helps: {slower}")
     # When no count can work, show a few for context instead of searching them all.
     counts = ([n for n in (1, 2, 4, 8, 16, 32, 64) if n <= max_shards] if result.verdict
               else list(range(1, max_shards + 1)))
+    groups = key_groups(rates, service)
     for shards in counts:
-        row = evaluate(workload, shards, target_p95_s, shards_per_instance, rates)
+        row = evaluate(workload, shards, target_p95_s, shards_per_instance, rates, groups)
         result.rows.append(row)
+        if result.pool_shards is None and row.pool_p95_wait_s is not None and row.pool_p95_wait_s <= target_p95_s:
+            result.pool_shards = shards
         if row.meets_target and result.shards is None and not result.verdict:
             result.shards, result.instances = shards, row.instances
             break
@@ -279,6 +446,9 @@ def plan(workload: Workload, target_p95_s: float, shards_per_instance: int = 8, 
         result.verdict = (f"{result.shards} shard{'s' if result.shards != 1 else ''}, "
                           f"{result.instances} instance{'s' if result.instances != 1 else ''} "
                           f"at {shards_per_instance} shards each")
+        if result.pool_shards is not None and result.pool_shards < result.shards:
+            result.verdict += (f" (set by the hottest key {result.hottest_key}: the pool alone would need "
+                               f"{result.pool_shards})")
     elif not result.verdict:
         result.verdict = f"not within {max_shards} shards (raise --max-shards)"
     return result
@@ -342,29 +512,38 @@ def render(result: Plan, overhead_source: str) -> str:
         f"keys {w.skew} (seed {w.seed})",
         f"  per-task overhead {w.overhead_s * 1000:.3f} ms ({overhead_source})",
         f"  service time: mean {svc.mean_s:.4g} s, E[S²] {svc.second_moment_s2:.4g} s², cv {svc.cv:.3f}; "
-        f"offered load {w.rate_per_s * svc.mean_s:.3f} shard-equivalents",
-        f"  hottest key {result.hottest_key}: utilisation {result.hottest_key_utilisation:.3f} on its own, "
-        f"p95 wait alone {_s(result.hottest_key_alone_p95_s)} s",
+        f"offered load a = λE[S] = {result.offered_load:.3f} shards",
+        f"  hottest key {result.hottest_key}: {result.hottest_key_per_hour:,.0f} tasks/h, utilisation "
+        f"{result.hottest_key_utilisation:.3f} on its own, p95 wait behind its own tasks "
+        f"{_s(result.hottest_key_alone_p95_s)} s; the most one key can take for the target: "
+        f"{result.hottest_key_max_per_hour:,.0f} tasks/h",
         "",
-        "Model: each shard an M/G/1 server (one task at a time, Poisson arrivals); keys are never split, a key's",
-        "whole rate goes to the shard taskomatic.runtime.router.shard_for picks; mean wait by Pollaczek-Khinchine",
-        "W = λE[S²]/(2(1-rho)); p95 by the exponential-tail approximation P(wait > t) = rho·exp(-rhot/W),",
-        "i.e. p95 = (W/rho)·ln(rho/0.05) (exact for M/M/1). Service = latency + constant overhead; the action mix",
-        "is the same for every key. Not modelled: fetcher limits beyond the measured overhead, bursts, retries.",
+        "Model: the shards are a pool of c servers fed from one queue (a key with nothing in flight goes to",
+        "whichever shard has room; one task at a time per shard; Poisson arrivals): an M/G/c queue with a = λE[S],",
+        "rho = a/c. Pool wait: Erlang C, C(c,a) = P(wait), with the Allen-Cunneen correction for general service",
+        "times, Wq = C(c,a)·E[S]/(c-a)·(1+Cs²)/2; p95 by the exponential tail P(wait > t) = C·exp(-C·t/Wq),",
+        "i.e. p95 = (Wq/C)·ln(C/0.05) (exact for M/M/c). Each key is also its own M/G/1 queue (per-key order runs",
+        "its tasks one at a time): rho_k = λ_k·E[S] < 1, Pollaczek-Khinchine W_k = λ_k·E[S²]/(2(1-rho_k)) with the",
+        "same tail; a key's task waits W_k + the pool's wait (independent; the sum's p95 solved exactly). No shard",
+        "count shortens W_k. Service = latency + constant overhead; the action mix is the same for every key.",
+        "Instances: their shards form one pool; instances = ceil(c / shards per instance). Not modelled: fetcher",
+        "limits beyond the measured overhead, claims ahead per instance, bursts, retries.",
         "",
-        f"Target: p95 queueing delay (enqueue to start) <= {result.target_p95_s:g} s on the busiest shard.",
+        f"Target: p95 queueing delay (enqueue to start) <= {result.target_p95_s:g} s, for the pool and for the "
+        f"hottest key's tasks.",
         "",
-        "| shards | instances | max rho | mean rho | busiest shard mean wait s | busiest p95 s | all tasks p95 s "
+        "| shards | instances | rho | P(wait) | pool mean wait s | pool p95 s | hottest key p95 s | all tasks p95 s "
         "| meets |",
-        "|---:|---:|---:|---:|---:|---:|---:|:---:|",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|:---:|",
     ]
     shown = _rows_to_show(result)
     for row in result.rows:
         if row.shards in shown or result.verdict.startswith("impossible"):
-            lines.append(f"| {row.shards} | {row.instances} | {row.max_utilisation:.3f} | "
-                         f"{row.mean_utilisation:.3f} | {_s(row.busiest_mean_wait_s)} | "
-                         f"{_s(row.busiest_p95_wait_s)} | {_s(row.overall_p95_wait_s)} | "
-                         f"{'yes' if row.meets_target else 'no'} |")
+            meets = "yes" if row.meets_target else f"no ({row.limited_by})"
+            lines.append(f"| {row.shards} | {row.instances} | {row.utilisation:.3f} | "
+                         f"{row.wait_probability:.3f} | {_s(row.pool_mean_wait_s)} | "
+                         f"{_s(row.pool_p95_wait_s)} | {_s(row.hottest_key_p95_wait_s)} | "
+                         f"{_s(row.overall_p95_wait_s)} | {meets} |")
     lines += ["", f"Answer: {result.verdict}"]
     return "\n".join(lines)
 
@@ -373,6 +552,8 @@ def _rows_to_show(result: Plan) -> set[int]:
     n = result.rows[-1].shards if result.rows else 0
     shown = {1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256} & set(range(1, n + 1))
     shown |= set(range(max(1, n - 3), n + 1))
+    if result.pool_shards is not None:
+        shown.add(result.pool_shards)
     return shown
 
 
