@@ -471,6 +471,21 @@ def analyse(conn: Any, tasks: list[PlannedTask], size: Size, nodes: lifecycle.No
         out["throughput_tps"] = round(len(ran) / (last_end - first_start), 1) if last_end > first_start else None
         out["latency_ms"] = {q: round(measure.percentile(latencies, p) or 0.0, 1)
                              for q, p in (("p50", 0.5), ("p95", 0.95), ("p99", 0.99), ("max", 1.0))}
+        # Queue-to-start includes waiting behind the VM's own earlier tasks (per-key order); from the
+        # moment a task was ready (created, and its VM's previous task ended) the wait is the scheduler's.
+        ready = verdicts.ready_times(rows)
+        after_ready = sorted(max(0.0, r["started"] - ready[r["id"]]) * 1000.0 for r in ran)
+        out["ready_wait_ms"] = {q: round(measure.percentile(after_ready, p) or 0.0, 1)
+                                for q, p in (("p50", 0.5), ("p95", 0.95), ("p99", 0.99), ("max", 1.0))}
+        out["latency_over_time"] = verdicts.latency_over_time(rows, first_created, buckets=12)
+        out["longest_ready_waits"] = verdicts.longest_ready_waits(rows, first_created)
+        ids = [w["id"] for w in out["longest_ready_waits"]]
+        with conn.cursor() as cur:
+            cur.execute("SELECT id, claimed_by FROM tasks WHERE id = ANY(%s)", (ids,))
+            holder = dict(cur.fetchall())
+        conn.rollback()
+        for w in out["longest_ready_waits"]:
+            w["claimed_by"] = holder.get(w["id"])
         out["action_ms"] = lifecycle.action_durations(ran)
     return out
 
@@ -551,7 +566,7 @@ def run_soak(args: argparse.Namespace, size: Size) -> dict[str, Any]:
                                     f"{lifecycle.NODES} libvirt test nodes, queued at a steady rate in "
                                     f"workload order (one INSERT every {FEED_TICK:g} s)",
                      "actions": dict(sorted(actions.items()))},
-        "settings": {"command": " ".join(sys.argv), "overrides": overrides,
+        "settings": {"command": " ".join(["python -m bench.soak", *sys.argv[1:]]), "overrides": overrides,
                      "daemon_config": daemon_config(overrides), "interval_s": size.interval,
                      "tail_s": size.tail_s, "setups": [asdict(s) for s in setups],
                      "tolerances": {"memory_rel": verdicts.REL_TOLERANCE,
