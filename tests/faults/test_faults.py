@@ -26,6 +26,8 @@ from tests.faults.nodeproxy import NodeProxy
 from tests.helpers import query, wait_for
 
 SHARDS = 3
+# Every test takes its database fixture before make_run: fixtures are torn down in reverse,
+# so the daemons stop before their database is dropped (or its server stopped).
 TRANSIENT = ("retrying in", "gave up after", "stuck on a task past task_timeout")
 
 
@@ -34,7 +36,7 @@ def verdict(violations: list[str]) -> None:
 
 
 # -- 1. kill -9 of a shard -------------------------------------------------------------------------
-def test_shard_killed(seed: int, make_run: Any, dsn: str) -> None:
+def test_shard_killed(seed: int, dsn: str, make_run: Any) -> None:
     run: FaultRun = make_run("shard_kill", seed, dsn)
     run.add_hosts()
     daemon = run.start_daemon(shards=SHARDS)
@@ -51,7 +53,7 @@ def test_shard_killed(seed: int, make_run: Any, dsn: str) -> None:
 
 
 # -- 2. kill -9 of the fetcher ---------------------------------------------------------------------
-def test_fetcher_killed(seed: int, make_run: Any, dsn: str) -> None:
+def test_fetcher_killed(seed: int, dsn: str, make_run: Any) -> None:
     run: FaultRun = make_run("fetcher_kill", seed, dsn)
     run.add_hosts()
     daemon = run.start_daemon(shards=SHARDS)
@@ -64,7 +66,7 @@ def test_fetcher_killed(seed: int, make_run: Any, dsn: str) -> None:
 
 
 # -- 3. kill -9 of the whole instance, restarted as systemd would ------------------------------------
-def test_instance_killed(seed: int, make_run: Any, dsn: str) -> None:
+def test_instance_killed(seed: int, dsn: str, make_run: Any) -> None:
     run: FaultRun = make_run("instance_kill", seed, dsn)
     run.add_hosts()
     daemon = run.start_daemon(shards=SHARDS)
@@ -83,7 +85,7 @@ def test_instance_killed(seed: int, make_run: Any, dsn: str) -> None:
 
 
 # -- 4. SIGSTOP of a whole multihost instance, past its lease -------------------------------------------
-def test_instance_paused(seed: int, make_run: Any, dsn: str) -> None:
+def test_instance_paused(seed: int, dsn: str, make_run: Any) -> None:
     run: FaultRun = make_run("instance_pause", seed, dsn)
     run.add_hosts()
     count = run.rng.choice([2, 3])
@@ -152,7 +154,7 @@ _RECONCILER_TRACEBACK = re.compile(r'taskomatic/runtime/reconciler\.py", line \d
 
 
 # -- 6. the database unreachable for longer than a lease (multihost) ------------------------------------
-def test_database_unreachable(seed: int, make_run: Any, dsn: str) -> None:
+def test_database_unreachable(seed: int, dsn: str, make_run: Any) -> None:
     run: FaultRun = make_run("db_cut", seed, dsn)
     run.add_hosts()
     proxy = PgProxy(dsn)
@@ -207,7 +209,7 @@ def start_some(run: FaultRun, extra: list[str] | None = None) -> list[Any]:
 
 
 # -- 7. a libvirt node killed (kill -9) and restarted ---------------------------------------------------
-def test_node_killed(seed: int, make_run: Any, dsn: str) -> None:
+def test_node_killed(seed: int, dsn: str, make_run: Any) -> None:
     run: FaultRun = make_run("node_kill", seed, dsn)
     hosts = run.add_hosts()
     start_some(run)
@@ -226,7 +228,7 @@ def test_node_killed(seed: int, make_run: Any, dsn: str) -> None:
 
 
 # -- 8. a libvirt call that hangs (the node's libvirtd frozen) ----------------------------------------------
-def test_node_hangs(seed: int, make_run: Any, dsn: str) -> None:
+def test_node_hangs(seed: int, dsn: str, make_run: Any) -> None:
     run: FaultRun = make_run("node_hang", seed, dsn)
     run.add_hosts()
     daemons = start_some(run)
@@ -252,7 +254,7 @@ def test_node_hangs(seed: int, make_run: Any, dsn: str) -> None:
 
 
 # -- 9. a node that answers errors (a proxy that resets every connection) -------------------------------------
-def test_node_errors(seed: int, make_run: Any, dsn: str) -> None:
+def test_node_errors(seed: int, dsn: str, make_run: Any) -> None:
     run: FaultRun = make_run("node_errors", seed, dsn)
     proxies = [NodeProxy(node.socket_path, run.base / f"proxy{i}.sock") for i, node in enumerate(run.nodes)]
     for p in proxies:
