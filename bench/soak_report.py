@@ -30,6 +30,16 @@ def _backlog(samples: dict[str, Any], end: float) -> str:
     return f"peak {max(values):,}, mean {sum(values) / len(values):,.0f} over the load window"
 
 
+def _cpu(r: dict[str, Any]) -> str:
+    c = r.get("cpu")
+    if not c:
+        return ""
+    return (f" CPU over the load window: taskomatic {c['daemon_s']:.0f} s ({c['daemon_s_per_1k']:.2f} s per 1,000 "
+            f"tasks), PostgreSQL {c['postgres_s']:.0f} s, libvirt nodes {c['nodes_s']:.0f} s, the bench "
+            f"{c['bench_s']:.0f} s; all cores {c['machine_busy_share']:.0%} busy, "
+            f"**other processes (foreign load) {c['other_share']:.0%} of all cores**.")
+
+
 def _ready(r: dict[str, Any]) -> str:
     ready = r.get("ready_wait_ms")
     if not ready:
@@ -66,7 +76,7 @@ def summary(results: dict[str, Any]) -> str:
                 f"{_ready(r)}"
                 f"load window 0-{v['load_window_s'][1]:.1f} s, {len(r['samples']['t'])} samples; "
                 f"unsettled tasks (queued + running) {_backlog(r['samples'], v['load_window_s'][1])}; "
-                f"task states {r.get('task_states')}.", "",
+                f"task states {r.get('task_states')}.{_cpu(r)}", "",
                 "| verdict | result |", "|---|---|"]
         for name, ok in verdict_flags(v).items():
             out.append(f"| {name} | {'ok' if ok else '**FAILED**'} |")

@@ -257,6 +257,9 @@ def test_smoke_runs_both_configurations(smoke: dict[str, Any]) -> None:
         assert run["throughput_tps"] > 0 and run["duration_s"] > 0
         assert run["ready_wait_ms"]["p50"] <= run["ready_wait_ms"]["max"] <= run["latency_ms"]["max"] + 0.1
         assert sum(b["tasks"] for b in run["latency_over_time"]) == 600
+        cpu = run["cpu"]
+        assert cpu["daemon_s"] > 0 and cpu["postgres_s"] > 0 and cpu["window_s"] > 0
+        assert 0 <= cpu["other_share"] <= cpu["machine_busy_share"] <= 1.05
         assert len(run["longest_ready_waits"]) == 10 and run["longest_ready_waits"][0]["claimed_by"] is not None
 
 
