@@ -193,8 +193,10 @@ GROUP BY 1
 class Sampler:
     """Takes the samples of one configuration run (columnar, so roles may come and go)."""
 
-    def __init__(self, conn: Any, runners: list[Runner], nodes: lifecycle.Nodes, multihost: bool) -> None:
+    def __init__(self, conn: Any, runners: list[Runner], nodes: lifecycle.Nodes, multihost: bool,
+                 postmaster_pid: int) -> None:
         self.conn = conn
+        self.postmaster_pid = postmaster_pid
         self.runners = runners
         self.nodes = nodes
         self.prefix = [f"i{i + 1} " if multihost else "" for i in range(len(runners))]
@@ -214,6 +216,13 @@ class Sampler:
                 if role in rss:  # two processes with one title (should not happen): keep both
                     role = f"{role} ({s.pid})"
                 rss[role], pids[role] = kb, s.pid
+        # Cumulative CPU seconds (own + reaped children) of the daemon's process groups, PostgreSQL's
+        # tree, the nodes' groups, the bench, and the whole machine: differences give the shares.
+        daemon = [m for r in self.runners for m in measure.group_members(r.pid, stats)]
+        cpu = {"daemon_s": _ticks(daemon), "postgres_s": _ticks(measure.tree_members(self.postmaster_pid, stats)),
+               "nodes_s": _ticks(lifecycle.node_cpu_members(self.nodes.pids, stats)),
+               "bench_s": round(measure.self_cpu_seconds(), 2),
+               "machine_busy_s": round(measure.machine_busy_seconds(), 2)}
         table = unix_sockets()
         libvirt_clients, libvirtd_rss = {}, {}
         for node in self.nodes.nodes:
@@ -228,7 +237,7 @@ class Sampler:
         self.conn.commit()
         row = {"inserted": inserted, "queued": queued, "running": running, "ended": ended, "rss_kb": rss,
                "pids": pids, "pg": pg, "pg_total": sum(pg.values()), "libvirt": libvirt_clients,
-               "libvirt_total": sum(libvirt_clients.values()), "libvirtd_rss_kb": libvirtd_rss}
+               "libvirt_total": sum(libvirt_clients.values()), "libvirtd_rss_kb": libvirtd_rss, "cpu": cpu}
         self.t.append(round(t, 3))
         self.rows.append(row)
         return row
@@ -257,7 +266,32 @@ class Sampler:
             "pg": keyed("pg"),
             "pg_total": column(lambda r: r["pg_total"]), "libvirt": keyed("libvirt"),
             "libvirt_total": column(lambda r: r["libvirt_total"]), "libvirtd_rss_kb": keyed("libvirtd_rss_kb"),
+            "cpu": keyed("cpu"),
         }
+
+
+def _ticks(members: list[measure.ProcStat]) -> float:
+    return round(sum(measure.cpu_snapshot(members).values()) / measure.CLOCK_TICKS, 2)
+
+
+def cpu_figures(columns: dict[str, Any], end: float, tasks: int) -> dict[str, Any] | None:
+    """CPU over the load window (first sample to the last one at or before ``end``): seconds of the daemon,
+    PostgreSQL, the nodes, the bench, and the share of the machine everything else took (foreign load)."""
+    t = columns["t"]
+    cpu = columns.get("cpu") or {}
+    last = max((i for i, x in enumerate(t) if x <= end), default=None)
+    if not cpu or last is None or last == 0:
+        return None
+    wall = t[last] - t[0]
+    out: dict[str, Any] = {name: round(values[last] - values[0], 2) for name, values in cpu.items()}
+    ours = sum(out[k] for k in ("daemon_s", "postgres_s", "nodes_s", "bench_s"))
+    cores = os.cpu_count() or 1
+    out["window_s"] = round(wall, 2)
+    out["daemon_s_per_1k"] = round(out["daemon_s"] / tasks * 1000, 3) if tasks else None
+    out["postgres_s_per_1k"] = round(out["postgres_s"] / tasks * 1000, 3) if tasks else None
+    out["machine_busy_share"] = round(out["machine_busy_s"] / (wall * cores), 3) if wall > 0 else None
+    out["other_share"] = round(max(0.0, out["machine_busy_s"] - ours) / (wall * cores), 3) if wall > 0 else None
+    return out
 
 
 def _role_order(role: str) -> tuple[Any, ...]:
@@ -276,6 +310,7 @@ def _role_order(role: str) -> tuple[Any, ...]:
 @dataclass
 class Ctx:
     server_dsn: str
+    postmaster_pid: int
     work_dir: Path
     plugin_path: Path
     overrides: list[str]
@@ -307,7 +342,7 @@ def run_setup(ctx: Ctx, size: Size, setup: Setup, tasks: list[PlannedTask], inde
                 ctx.started.append(runner)
             result["ready_s"] = [round(r.wait_ready(), 3) for r in runners]
             conn = psycopg2.connect(dsn, application_name=BENCH_APP)
-            sampler = Sampler(conn, runners, nodes, setup.multihost)
+            sampler = Sampler(conn, runners, nodes, setup.multihost, ctx.postmaster_pid)
             load_end = _feed_and_sample(ctx, size, setup, tasks, runners, sampler, result)
             result["load_end_s"] = load_end
             final = sampler.rows[-1] if sampler.rows else None
@@ -318,6 +353,7 @@ def run_setup(ctx: Ctx, size: Size, setup: Setup, tasks: list[PlannedTask], inde
             result["log_notes"] = {f"instance {i + 1}": _log_lines(r) for i, r in enumerate(runners)}
             columns = sampler.columns()
             result["samples"] = columns
+            result["cpu"] = cpu_figures(columns, load_end, len(tasks))
             result["verdicts"] = compute_verdicts(columns, load_end, final, len(tasks))
             result.update(analyse(conn, tasks, size, nodes, host_ids))
             result["verdicts"]["order"] = result.pop("order")
@@ -471,6 +507,21 @@ def analyse(conn: Any, tasks: list[PlannedTask], size: Size, nodes: lifecycle.No
         out["throughput_tps"] = round(len(ran) / (last_end - first_start), 1) if last_end > first_start else None
         out["latency_ms"] = {q: round(measure.percentile(latencies, p) or 0.0, 1)
                              for q, p in (("p50", 0.5), ("p95", 0.95), ("p99", 0.99), ("max", 1.0))}
+        # Queue-to-start includes waiting behind the VM's own earlier tasks (per-key order); from the
+        # moment a task was ready (created, and its VM's previous task ended) the wait is the scheduler's.
+        ready = verdicts.ready_times(rows)
+        after_ready = sorted(max(0.0, r["started"] - ready[r["id"]]) * 1000.0 for r in ran)
+        out["ready_wait_ms"] = {q: round(measure.percentile(after_ready, p) or 0.0, 1)
+                                for q, p in (("p50", 0.5), ("p95", 0.95), ("p99", 0.99), ("max", 1.0))}
+        out["latency_over_time"] = verdicts.latency_over_time(rows, first_created, buckets=12)
+        out["longest_ready_waits"] = verdicts.longest_ready_waits(rows, first_created)
+        ids = [w["id"] for w in out["longest_ready_waits"]]
+        with conn.cursor() as cur:
+            cur.execute("SELECT id, claimed_by FROM tasks WHERE id = ANY(%s)", (ids,))
+            holder = dict(cur.fetchall())
+        conn.rollback()
+        for w in out["longest_ready_waits"]:
+            w["claimed_by"] = holder.get(w["id"])
         out["action_ms"] = lifecycle.action_durations(ran)
     return out
 
@@ -513,7 +564,8 @@ def run_soak(args: argparse.Namespace, size: Size) -> dict[str, Any]:
         plugin_path = write_dist_info(base / "plugin")
         with tqdm(total=len(tasks) * len(setups), unit="task", dynamic_ncols=True, disable=args.no_progress,
                   file=sys.stderr) as bar:
-            ctx = Ctx(pg.dsn, base, plugin_path, overrides, bar, [], [])
+            assert pg.pid is not None
+            ctx = Ctx(pg.dsn, pg.pid, base, plugin_path, overrides, bar, [], [])
             for index, setup in enumerate(setups, start=1):
                 bar.set_description(f"soak {setup.name}")
                 result = run_setup(ctx, size, setup, tasks, index)
@@ -551,7 +603,7 @@ def run_soak(args: argparse.Namespace, size: Size) -> dict[str, Any]:
                                     f"{lifecycle.NODES} libvirt test nodes, queued at a steady rate in "
                                     f"workload order (one INSERT every {FEED_TICK:g} s)",
                      "actions": dict(sorted(actions.items()))},
-        "settings": {"command": " ".join(sys.argv), "overrides": overrides,
+        "settings": {"command": " ".join(["python -m bench.soak", *sys.argv[1:]]), "overrides": overrides,
                      "daemon_config": daemon_config(overrides), "interval_s": size.interval,
                      "tail_s": size.tail_s, "setups": [asdict(s) for s in setups],
                      "tolerances": {"memory_rel": verdicts.REL_TOLERANCE,

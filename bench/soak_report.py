@@ -30,6 +30,24 @@ def _backlog(samples: dict[str, Any], end: float) -> str:
     return f"peak {max(values):,}, mean {sum(values) / len(values):,.0f} over the load window"
 
 
+def _cpu(r: dict[str, Any]) -> str:
+    c = r.get("cpu")
+    if not c:
+        return ""
+    return (f" CPU over the load window: taskomatic {c['daemon_s']:.0f} s ({c['daemon_s_per_1k']:.2f} s per 1,000 "
+            f"tasks), PostgreSQL {c['postgres_s']:.0f} s, libvirt nodes {c['nodes_s']:.0f} s, the bench "
+            f"{c['bench_s']:.0f} s; all cores {c['machine_busy_share']:.0%} busy, "
+            f"**other processes (foreign load) {c['other_share']:.0%} of all cores**.")
+
+
+def _ready(r: dict[str, Any]) -> str:
+    ready = r.get("ready_wait_ms")
+    if not ready:
+        return ""
+    return (f"wait after ready (its VM's previous task ended) p50 {_num(ready.get('p50'), 1)} ms, "
+            f"p99 {_num(ready.get('p99'), 1)} ms, max {_num(ready.get('max'), 1)} ms; ")
+
+
 def summary(results: dict[str, Any]) -> str:
     from bench.report import _machine_line
     from bench.soak import verdict_flags
@@ -55,9 +73,10 @@ def summary(results: dict[str, Any]) -> str:
                 f"{_num(r.get('duration_s'), 1)} s; throughput {_num(r.get('throughput_tps'), 1)} tasks/s "
                 f"(first start to last end); queue-to-start latency p50 {_num(lat.get('p50'), 1)} ms, "
                 f"p99 {_num(lat.get('p99'), 1)} ms, max {_num(lat.get('max'), 1)} ms; "
+                f"{_ready(r)}"
                 f"load window 0-{v['load_window_s'][1]:.1f} s, {len(r['samples']['t'])} samples; "
                 f"unsettled tasks (queued + running) {_backlog(r['samples'], v['load_window_s'][1])}; "
-                f"task states {r.get('task_states')}.", "",
+                f"task states {r.get('task_states')}.{_cpu(r)}", "",
                 "| verdict | result |", "|---|---|"]
         for name, ok in verdict_flags(v).items():
             out.append(f"| {name} | {'ok' if ok else '**FAILED**'} |")
@@ -89,6 +108,23 @@ def summary(results: dict[str, Any]) -> str:
             leaked = "-" if c["leaked"] is None else ("**yes**" if c["leaked"] else "no")
             out.append(f"| {name} | {_num(c['steady'])} | {_num(c['steady_max'])} | {_num(c['last_third_median'])} "
                        f"| {_num(c['peak'])} | {_num(c['end'])} | {leaked} |")
+        if r.get("latency_over_time"):
+            out += ["", "Latency over time (tasks by when they were queued; wait = queued to started, ready wait = "
+                        "from when the task could start, its VM's previous task ended, to started; ms):", "",
+                    "| queued from s | tasks | wait p50 | wait p99 | wait max | ready wait p50 | ready wait p99 "
+                    "| ready wait max |", "|---|---|---|---|---|---|---|---|"]
+            for b in r["latency_over_time"]:
+                out.append(f"| {b['from_s']:.0f} | {b['tasks']:,} | {b['wait_p50_ms']:,.0f} | {b['wait_p99_ms']:,.0f} "
+                           f"| {b['wait_max_ms']:,.0f} | {b['ready_wait_p50_ms']:,.0f} "
+                           f"| {b['ready_wait_p99_ms']:,.0f} | {b['ready_wait_max_ms']:,.0f} |")
+        if r.get("longest_ready_waits"):
+            out += ["", "Longest waits after ready (overtaken by: tasks queued later that started earlier):", "",
+                    "| task | VM | action | queued s | ready s | started s | waited s | overtaken by | instance |",
+                    "|---|---|---|---|---|---|---|---|---|"]
+            for w in r["longest_ready_waits"][:5]:
+                out.append(f"| {w['id']} | {w['key_id']} | {w['action']} | {w['created_s']:.1f} | {w['ready_s']:.1f} "
+                           f"| {w['started_s']:.1f} | {w['ready_wait_s']:.1f} | {w['overtaken_by']:,} "
+                           f"| {w.get('claimed_by')} |")
         notes = [line for lines in r.get("log_notes", {}).values() for line in lines]
         if notes:
             out += ["", "Daemon log lines worth a look:", "", "```", *notes[:20], "```"]
@@ -127,7 +163,7 @@ def plot(results: dict[str, Any], out: Path) -> list[Path]:
         plt.close(fig)
         written.append(path)
 
-        fig, axes = plt.subplots(3, 1, figsize=(11, 9), sharex=True)
+        fig, axes = plt.subplots(4, 1, figsize=(11, 11), sharex=True)
         for name, values in s["pg"].items():
             axes[0].plot(t, [v or 0 for v in values], label=name, linewidth=1)
         axes[0].plot(t, s["pg_total"], label="all the daemon's", color="black", linewidth=1.5)
@@ -149,11 +185,21 @@ def plot(results: dict[str, Any], out: Path) -> list[Path]:
         axes[2].set_ylabel("tasks")
         axes[2].legend(fontsize=7, loc="upper left")
         twin.legend(fontsize=7, loc="upper right")
-        axes[2].set_xlabel("seconds since the first task was queued")
+        buckets = r.get("latency_over_time") or []
+        if buckets:
+            xs = [b["from_s"] for b in buckets]
+            axes[3].step(xs, [b["wait_p99_ms"] / 1000 for b in buckets], where="post", label="wait p99")
+            axes[3].step(xs, [b["wait_max_ms"] / 1000 for b in buckets], where="post", label="wait max",
+                         linewidth=0.8)
+            axes[3].step(xs, [b["ready_wait_p99_ms"] / 1000 for b in buckets], where="post",
+                         label="wait after ready p99")
+            axes[3].legend(fontsize=7)
+        axes[3].set_ylabel("s (by time queued)")
+        axes[3].set_xlabel("seconds since the first task was queued")
         for ax in axes:
             ax.axvline(end, color="grey", linestyle=":", linewidth=0.8)
             ax.grid(alpha=0.3)
-        axes[0].set_title(f"soak {results['size']}, {r['label']}: connections and backlog")
+        axes[0].set_title(f"soak {results['size']}, {r['label']}: connections, backlog and latency")
         fig.tight_layout()
         path = out / f"connections-{r['setup']}.png"
         fig.savefig(path, dpi=90)

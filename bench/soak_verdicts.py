@@ -171,4 +171,73 @@ def restarts(pids: dict[str, list[int]]) -> dict[str, int]:
     return out
 
 
-__all__ = ["backlog_verdict", "connection_verdict", "memory_verdict", "restarts", "slope", "thirds", "window"]
+# -- latency figures (from the task rows: key_id, created, started, ended epoch seconds) --------------
+
+
+def ready_times(rows: list[dict[str, Any]]) -> dict[int, float]:
+    """Task id -> when it could start at the earliest: its ``created``, or the end of its key's previous
+    task (per-key order) if that is later. A task's wait after that is the scheduler's, not its key's."""
+    by_key: dict[Any, list[dict[str, Any]]] = {}
+    for r in rows:
+        by_key.setdefault(r["key_id"], []).append(r)
+    ready = {}
+    for key_rows in by_key.values():
+        previous_end: float | None = None
+        for r in sorted(key_rows, key=lambda r: r["id"]):
+            ready[r["id"]] = r["created"] if previous_end is None else max(r["created"], previous_end)
+            previous_end = r["ended"] if r["ended"] is not None else previous_end
+    return ready
+
+
+def latency_over_time(rows: list[dict[str, Any]], t0: float, buckets: int = 40) -> list[dict[str, Any]]:
+    """Per window of creation time (``buckets`` equal windows from ``t0``): tasks, and p50/p99/max of
+    queue-to-start and of ready-to-start waits, ms. A soak's latency should not drift up over time."""
+    ran = [r for r in rows if r["started"] is not None and r["ended"] is not None]
+    if not ran:
+        return []
+    ready = ready_times(rows)
+    end = max(r["created"] for r in ran) - t0
+    width = end / buckets if end > 0 else 1.0
+    groups: list[list[dict[str, Any]]] = [[] for _ in range(buckets)]
+    for r in ran:
+        groups[min(int((r["created"] - t0) / width), buckets - 1)].append(r)
+    out = []
+    for i, group in enumerate(groups):
+        if not group:
+            continue
+        waits = sorted((r["started"] - r["created"]) * 1000.0 for r in group)
+        after_ready = sorted(max(0.0, r["started"] - ready[r["id"]]) * 1000.0 for r in group)
+        out.append({"from_s": round(i * width, 1), "tasks": len(group),
+                    "wait_p50_ms": round(_pct(waits, 0.5), 1), "wait_p99_ms": round(_pct(waits, 0.99), 1),
+                    "wait_max_ms": round(waits[-1], 1),
+                    "ready_wait_p50_ms": round(_pct(after_ready, 0.5), 1),
+                    "ready_wait_p99_ms": round(_pct(after_ready, 0.99), 1),
+                    "ready_wait_max_ms": round(after_ready[-1], 1)})
+    return out
+
+
+def longest_ready_waits(rows: list[dict[str, Any]], t0: float, top: int = 10) -> list[dict[str, Any]]:
+    """The tasks that waited longest after they were ready, and how many tasks created after them (on
+    other keys, necessarily) started before them: ``overtaken_by``, a measure of unfairness."""
+    ran = [r for r in rows if r["started"] is not None and r["ended"] is not None]
+    ready = ready_times(rows)
+    worst = sorted(ran, key=lambda r: r["started"] - ready[r["id"]], reverse=True)[:top]
+    out = []
+    for r in worst:
+        overtaken = sum(1 for o in ran if o["created"] > r["created"] and o["started"] < r["started"])
+        out.append({"id": r["id"], "key_id": r["key_id"], "action": r.get("action"),
+                    "created_s": round(r["created"] - t0, 3), "ready_s": round(ready[r["id"]] - t0, 3),
+                    "started_s": round(r["started"] - t0, 3),
+                    "ready_wait_s": round(r["started"] - ready[r["id"]], 3), "overtaken_by": overtaken})
+    return out
+
+
+def _pct(sorted_values: list[float], q: float) -> float:
+    pos = q * (len(sorted_values) - 1)
+    low = int(pos)
+    high = min(low + 1, len(sorted_values) - 1)
+    return sorted_values[low] + (sorted_values[high] - sorted_values[low]) * (pos - low)
+
+
+__all__ = ["backlog_verdict", "connection_verdict", "latency_over_time", "longest_ready_waits", "memory_verdict",
+           "ready_times", "restarts", "slope", "thirds", "window"]

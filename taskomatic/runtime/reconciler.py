@@ -142,6 +142,10 @@ def reconciler_main(config: Config) -> None:
     set_process_title("taskomatic: reconciler")
     try:
         reconciler = Reconciler(config)
+    except KeyboardInterrupt:
+        # The supervisor stops its processes fast (SIGINT) while this one was still connecting,
+        # e.g. to rejoin after a lost lease: nothing to clean up, nothing to report.
+        raise SystemExit(0) from None
     except _CONNECTION_LOST as exc:
         log.error("reconciler cannot reach the database (%s); exiting to be restarted", _first_line(exc))
         raise SystemExit(3) from None

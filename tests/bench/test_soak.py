@@ -138,6 +138,31 @@ def test_restarts() -> None:
     assert restarts({"shard 0": [10, 10, 12, 12], "shard 1": [13]}) == {"shard 0": 1}
 
 
+def _row(id_: int, key: int, created: float, started: float, ended: float) -> dict[str, Any]:
+    return {"id": id_, "key_id": key, "action": "start_vm", "state": "finished", "created": created,
+            "started": started, "ended": ended}
+
+
+def test_ready_time_is_the_later_of_queued_and_the_previous_task_of_the_key() -> None:
+    rows = [_row(1, 7, 0.0, 0.1, 5.0), _row(2, 7, 1.0, 5.5, 6.0), _row(3, 8, 2.0, 2.1, 2.2),
+            _row(4, 7, 9.0, 9.5, 9.6)]
+    assert soak_verdicts.ready_times(rows) == {1: 0.0, 2: 5.0, 3: 2.0, 4: 9.0}
+
+
+def test_latency_over_time_and_the_longest_waits() -> None:
+    # Key 1: every task ready at once and started after 0.1 s; task 5 (key 2) waits 10 s after ready while
+    # the three tasks queued after it start first.
+    rows = [_row(1, 1, 0.0, 0.1, 0.2), _row(5, 2, 1.0, 11.0, 11.1), _row(6, 1, 2.0, 2.1, 2.2),
+            _row(7, 3, 3.0, 3.1, 3.2), _row(8, 4, 4.0, 4.1, 4.2)]
+    buckets = soak_verdicts.latency_over_time(rows, 0.0, buckets=2)
+    assert [b["tasks"] for b in buckets] == [2, 3]
+    assert buckets[0]["wait_max_ms"] == pytest.approx(10_000) and buckets[1]["wait_max_ms"] == pytest.approx(100)
+    worst = soak_verdicts.longest_ready_waits(rows, 0.0, top=2)
+    assert worst[0]["id"] == 5 and worst[0]["ready_wait_s"] == pytest.approx(10.0)
+    assert worst[0]["overtaken_by"] == 3
+    assert worst[1]["overtaken_by"] == 0
+
+
 def test_roles_from_process_titles() -> None:
     assert soak.role_of("taskomatic: shard 3/8", False) == "shard 3"
     assert soak.role_of("taskomatic: fetcher (8 shards)", False) == "fetcher"
@@ -230,6 +255,12 @@ def test_smoke_runs_both_configurations(smoke: dict[str, Any]) -> None:
         assert run["exit_codes"] == [0] * run["instances"]
         assert run["task_states"] == {"finished": 600}
         assert run["throughput_tps"] > 0 and run["duration_s"] > 0
+        assert run["ready_wait_ms"]["p50"] <= run["ready_wait_ms"]["max"] <= run["latency_ms"]["max"] + 0.1
+        assert sum(b["tasks"] for b in run["latency_over_time"]) == 600
+        cpu = run["cpu"]
+        assert cpu["daemon_s"] > 0 and cpu["postgres_s"] > 0 and cpu["window_s"] > 0
+        assert 0 <= cpu["other_share"] <= cpu["machine_busy_share"] <= 1.05
+        assert len(run["longest_ready_waits"]) == 10 and run["longest_ready_waits"][0]["claimed_by"] is not None
 
 
 def test_smoke_has_samples_of_everything(smoke: dict[str, Any]) -> None:

@@ -199,6 +199,12 @@ class FaultRun:
         """Let the run end, queue new work and see it done, then judge; returns the violations
         (the caller asserts, after its own fault-specific checks)."""
         self.wait_all_ended(timeout)
+        # Rows that disagree with the nodes the moment the last task ended (before the host-status
+        # pass had its say): for the record; the verdict below allows the pass to correct them.
+        stale = checker.vm_rows(self.dsn)
+        self.notes["stale_rows_at_end"] = len(stale)
+        if stale:
+            self.notes["stale_examples"] = stale[:3]
         self.wait_hosts_available()
         later = self.more_work()
         self.wait_all_ended(timeout)
