@@ -48,13 +48,15 @@ The model (printed with every answer):
   the count the pool alone would need. The p95 over all tasks (a mix of the
   keys by rate; keys in buckets of 5 % rate, each at its bucket's highest
   rate; keys with rho_k < 0.001 counted as never waiting for themselves) is
-  shown, not used. Instances (multihost) multiply shards: the instances'
-  shards form one pool, since every fetcher claims the oldest queued tasks;
-  instances = ceil(c / shards per instance). Not modelled: the fetcher's
-  claim and dispatch limits (the overhead stands for them; an instance
-  claims ahead of its own shards, which makes instances a little less than
-  one pool), CPU contention between shards beyond what the measured overhead
-  holds, bursts (arrivals are Poisson), retries.
+  shown, not used. Instances (multihost) multiply shards: their shards are
+  taken as one pool, since a free key goes to an instance with room (each
+  claims free keys up to shards x keys_per_shard, and releases a key once
+  drained or after its turn); instances = ceil(c / shards per instance).
+  Not modelled: the fetcher's claim and dispatch limits (the overhead stands
+  for them); a key held by one instance waits for that instance's shards
+  only, which makes several instances a little less than one pool; CPU
+  contention between shards beyond what the measured overhead holds; bursts
+  (arrivals are Poisson); retries.
 """
 
 from __future__ import annotations
@@ -526,8 +528,9 @@ def render(result: Plan, overhead_source: str) -> str:
         "its tasks one at a time): rho_k = λ_k·E[S] < 1, Pollaczek-Khinchine W_k = λ_k·E[S²]/(2(1-rho_k)) with the",
         "same tail; a key's task waits W_k + the pool's wait (independent; the sum's p95 solved exactly). No shard",
         "count shortens W_k. Service = latency + constant overhead; the action mix is the same for every key.",
-        "Instances: their shards form one pool; instances = ceil(c / shards per instance). Not modelled: fetcher",
-        "limits beyond the measured overhead, claims ahead per instance, bursts, retries.",
+        "Instances: their shards taken as one pool (a free key goes to an instance with room); instances =",
+        "ceil(c / shards per instance). Not modelled: fetcher limits beyond the measured overhead, a key held by",
+        "one instance waiting for that instance's shards only, bursts, retries.",
         "",
         f"Target: p95 queueing delay (enqueue to start) <= {result.target_p95_s:g} s, for the pool and for the "
         f"hottest key's tasks.",
