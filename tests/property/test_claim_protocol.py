@@ -65,6 +65,12 @@ ENDS = ("finished", "failed")
 VERDICTS = ("done", "rerun", "neither")
 
 
+def passes_fence(store: Store, key: Key, instance: int, token: int) -> bool:
+    """The shards' fence (hold_key_claims, one key here): is the claim ours under this token, lease live?"""
+    return bool(store.all("hold_key_claims", instance_id=instance, key_types=[key[0]], key_ids=[key[1]],
+                          tokens=[token]))
+
+
 @dataclass
 class Instance:
     host: int
@@ -310,7 +316,7 @@ class ClaimProtocol(RuleBasedStateMachine):
         assert me is not None
         allowed = self.holds(me, key, token)
         with h.store.transaction():
-            if h.store.one("hold_key_claim", key_type=key[0], key_id=key[1], instance_id=me, token=token) is None:
+            if not passes_fence(h.store, key, me, token):
                 assert not allowed, f"instance {me} holds {key} under token {token}, yet hold_key_claim refused"
                 return False
             assert allowed, (f"hold_key_claim let instance {me} write for {key} under token {token}, "
@@ -330,8 +336,8 @@ class ClaimProtocol(RuleBasedStateMachine):
             "done": ("finished", "reconciled: it was done"),
             "neither": ("failed", "reconciled: neither done nor safe to rerun"),
         }[how]
-        return "record_outcome", {"task_id": tid, "state": state, "message": message, "time_started": None,
-                                  "time_ended": self.stamp()}
+        return "record_outcomes", {"task_ids": [tid], "states": [state], "messages": [message], "starts": [None],
+                                   "ends": [self.stamp()]}
 
     def written(self, h: Host, tid: int, how: str) -> None:
         """The model side of an accepted write."""
@@ -364,8 +370,8 @@ class ClaimProtocol(RuleBasedStateMachine):
             tid = self.next_task(h, key)
             if tid is None:
                 with h.store.transaction():
-                    refused = h.store.one("hold_key_claim", key_type=key[0], key_id=key[1],
-                                          instance_id=h.instance, token=h.held[key]) is None
+                    assert h.instance is not None
+                    refused = not passes_fence(h.store, key, h.instance, h.held[key])
             else:
                 how = {"queued": "start", "running": "finished", "adopted": "done"}[h.local[tid]]
                 refused = not self.write(h, key, tid, how)
@@ -558,8 +564,7 @@ class ClaimProtocol(RuleBasedStateMachine):
         me = h.instance
         assert me is not None
         with h.store.transaction():
-            assert h.store.one("hold_key_claim", key_type=key[0], key_id=key[1], instance_id=me,
-                               token=h.held[key]) is not None
+            assert passes_fence(h.store, key, me, h.held[key])
             h.status = "paused"
             self.tick(LEASE)  # its lease runs out while it sleeps, in the model and in the database
             assert not self.live(me)
@@ -652,6 +657,8 @@ class ClaimProtocol(RuleBasedStateMachine):
                     passed = self.admin.one("hold_key_claim", key_type=key[0], key_id=key[1],
                                             instance_id=instance, token=token) is not None
                     assert passed == holds, f"hold_key_claim({what}) = {passed}"
+                    # The shards' form (many keys at once) says the same.
+                    assert passes_fence(self.admin, key, instance, token) == holds, f"hold_key_claims({what})"
                     try:
                         got = self.probe.all("claim_key_tasks", instance_id=instance, **columns([key]),
                                              tokens=[token], counts=[1])
