@@ -965,6 +965,39 @@ def render_summary(results: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def plot_scaling(results: dict[str, Any], path: Path) -> Path | None:
+    """Throughput and database transactions per task over the scaling setups, as a PNG; None without data."""
+    scaling = results.get("scaling")
+    if not scaling or not scaling.get("summary"):
+        return None
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = [s for s in scaling["summary"] if s.get("throughput_tps")]
+    if not rows:
+        return None
+    labels = [s["setup"] for s in rows]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    left.bar(labels, [s["throughput_tps"] for s in rows], color=["#888" if s["mode"] == "standalone" else "#3a7"
+                                                                  for s in rows])
+    left.set_ylabel("no-op tasks/s (median of runs)")
+    left.set_title("throughput: standalone vs multihost instances")
+    right.bar(labels, [s.get("db_transactions_per_task") or 0 for s in rows], color="#37a")
+    right.set_ylabel("database transactions per task")
+    right.set_title("what coordination costs")
+    for axis in (left, right):
+        axis.tick_params(axis="x", labelrotation=20)
+    fig.suptitle(f"{scaling['workload']['description']}, {scaling['shards_per_instance']} shards per instance")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.multihost", description=__doc__.split("\n")[0])
     which = parser.add_mutually_exclusive_group()
@@ -1013,6 +1046,9 @@ def main(argv: list[str] | None = None) -> int:
     path.write_text(json.dumps(results, indent=1) + "\n")
     print(render_summary(results))
     print(f"\nwrote {path}")
+    plot = plot_scaling(results, path.with_suffix(".png"))
+    if plot is not None:
+        print(f"wrote {plot}")
     if not results["ok"]:
         print("checks failed (see the JSON: runs[].checks, runs[].error)", file=sys.stderr)
         return 1
