@@ -316,7 +316,9 @@ def shard_of(row: dict[str, Any], shards: int, key_type: str = "Vm") -> tuple[in
     fetcher pins a key to whichever shard has room, so the key alone does not
     tell). Rows without it (results from before migration 0006, or tasks run
     by a baseline, which is not taskomatic) fall back to the old hash routing,
-    ``router.shard_for(OrderingKey(key_type, key_id), shards)``.
+    ``router.shard_for(OrderingKey(key_type, key_id), shards)``. Slots are
+    numbered per instance: this is for a standalone run (one instance); a
+    multihost run's slots would have to be told apart by ``claimed_by``.
     """
     recorded = row.get("run_by_shard")
     if recorded is not None:

@@ -94,6 +94,9 @@ def test_every_figure_is_there(smoke: dict[str, Any]) -> None:
         assert {f"shard {i}" for i in range(run["parallelism"])} <= roles
         assert len(run["utilisation"]["per_shard"]) == run["parallelism"]
         assert sum(run["utilisation"]["tasks_per_shard"]) == SMOKE_TASKS[run["workload"]]
+        # Every task's slot is recorded (tasks.run_by_shard), and a shard never ran two tasks at once.
+        assert run["utilisation"]["per_shard_overlaps"] == 0, run["utilisation"]["per_shard_note"]
+        assert run["utilisation"]["per_shard_note"].startswith("attributed by tasks.run_by_shard (consistent")
         if run["workload"] == "noop-uniform":
             assert run["ratios"]["vs_original"]["baseline"].startswith("original")
             assert run["ratios"]["vs_pool"]["baseline"].startswith("SKIP LOCKED pool")
@@ -118,7 +121,8 @@ def test_lifecycle_run_on_libvirt_nodes(smoke: dict[str, Any]) -> None:
     assert sum(a["count"] for a in run["action_ms"].values()) == SMOKE_TASKS["lifecycle-uniform"]
     assert run["cpu"]["nodes_s"] >= 0
     timeline = run["timeline"]
-    assert timeline["shards"] == 2 and timeline["consistent"]
+    assert timeline["shards"] == 2 and timeline["consistent"], timeline["overlaps"]
+    assert timeline["attributed_by"] == "tasks.run_by_shard" and timeline["out_of_range"] == 0
     assert sum(timeline["tasks_per_shard"]) == SMOKE_TASKS["lifecycle-uniform"]
     workload = next(w for w in smoke["workloads"] if w["name"] == "lifecycle-uniform")
     assert workload["work_measured"] and workload["total_work_s"] is None and "not run" in workload["baselines"]
