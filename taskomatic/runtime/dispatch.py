@@ -19,8 +19,9 @@ batches); a slow one goes out only once the slot's previous task has run
 start carries that commit), so nothing ever waits behind a slow task on one
 shard while another shard could run it.
 
-A slot prefers its pinned keys' next tasks (a hot key's chain runs without
-gaps), then takes free keys in the order they got work. At most
+A slot gets its pinned keys' next tasks at once, room or not (they could not
+run elsewhere before their predecessors end, and a hot key's chain runs
+without gaps), then free keys in the order they got work. At most
 ``per_key_ahead`` tasks of one key are in flight: a shard starts one task per
 key per transaction, so more would only crowd out other keys' tasks, which
 it could start in the same transaction. Tasks an interrupted
@@ -153,12 +154,20 @@ class Dispatcher:
         return active == 0 or (active < self.window_max and slot.work < self.lookahead)
 
     def take_sendable(self, index: int) -> list[TaskRow]:
-        """The tasks to send to a slot now, in order; they count as sent."""
+        """The tasks to send to a slot now, in order; they count as sent.
+
+        A pinned key's next task goes at once, room or not: it cannot run
+        anywhere else before its predecessor here ends, so it delays nobody,
+        and the shard starts it (and commits its predecessor's outcome) without
+        waiting for a round trip. A free key needs room.
+        """
         slot = self.slots[index]
         out: list[TaskRow] = []
-        while self.has_room(index):
+        while True:
             key = next(iter(slot.pinned_waiting), None)
             if key is None:
+                if not self.has_room(index):
+                    break
                 key = next(iter(self.free_keys), None)
                 if key is None:
                     break

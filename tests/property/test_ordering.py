@@ -606,7 +606,7 @@ def test_a_key_moves_to_another_slot_once_nothing_of_it_is_in_flight() -> None:
     sim.fetcher_read(0)  # 1 and 2 ended: the key is free
     assert A not in sim.dispatch.pinned
     sim.send(1)
-    assert [t.id for t in sim.links[1].to_shard[0]] == [3]  # a slow one: alone
+    assert [t.id for t in sim.links[1].to_shard[0]] == [3, 4]  # a slow one, and its key's next (only after it)
     assert sim.dispatch.pinned == {A: 1}
     sim.finish()
     assert sim.ended[A] == [1, 2, 3, 4]
