@@ -374,7 +374,7 @@ class Fetcher:
         """Claim a batch (there is room); True if more may be waiting."""
         room = self._room()
         with self.store.transaction():
-            self.store.one("commit_without_flush")
+            self.store.one("claim_settings")
             rows = self.store.all("claim_tasks", instance_id=self.instance_id, limit=room)
         for row in sorted(rows, key=lambda r: r["id"]):
             self.dispatch.route(task_from_row(row))
