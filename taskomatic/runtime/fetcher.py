@@ -524,8 +524,18 @@ def fetcher_main(config: Config, instance_id: int, socket_path: str, supervisor:
     set_process_title(f"taskomatic: fetcher ({config.shards} shards)")
     try:
         fetcher = Fetcher(config, instance_id, socket_path, supervisor, lease_until)
+    except KeyboardInterrupt:  # the supervisor stopping everything while we started (a rejoin)
+        raise SystemExit(0) from None
     except Exception:
         log.exception("fetcher failed to start")
         raise SystemExit(3) from None
-    raise SystemExit(fetcher.serve())
+    try:
+        code = fetcher.serve()
+    except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
+        # Expected when the database restarts or is cut off: the supervisor starts a new
+        # fetcher, which adopts what this one held. One line, no traceback.
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        log.error("fetcher lost its database connection (%s); exiting to be replaced", reason)
+        raise SystemExit(1) from None
+    raise SystemExit(code)
 

@@ -882,6 +882,8 @@ def shard_main(slot: int, shards: int, config: Config, instance_id: int,
     # the supervisor decides what it means.
     try:
         shard = Shard(slot, shards, config, instance_id, fetcher_socket, deadline, lease_until)
+    except KeyboardInterrupt:  # the supervisor stopping everything while we started (a rejoin)
+        raise SystemExit(0) from None
     except Exception:
         log.exception("shard %d failed to start", slot)
         raise SystemExit(3) from None

@@ -241,7 +241,10 @@ def test_cancel_a_queued_task_then_again(dsn: str, cli: Cli) -> None:
 
 def test_cancel_a_running_task_is_refused(dsn: str, cli: Cli) -> None:
     task_id = submit(cli, "start_vm", "--vm", "1")
-    query(dsn, "UPDATE tasks SET state = 'running', time_started = clock_timestamp() WHERE id = %s", (task_id,))
+    holder = query(dsn, "INSERT INTO instances (hostname, pid, version, mode, shards) "
+                        "VALUES ('elsewhere', 1, 'test', 'standalone', 1) RETURNING id")[0]["id"]
+    query(dsn, "UPDATE tasks SET state = 'running', time_started = clock_timestamp(), claimed_by = %s "
+               "WHERE id = %s", (holder, task_id))
     err = assert_clean_failure(cli("cancel", str(task_id)), 1)
     assert "running" in err
     assert query(dsn, "SELECT state FROM tasks WHERE id = %s", (task_id,))[0]["state"] == "running"
