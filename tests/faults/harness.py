@@ -106,16 +106,26 @@ class FaultRun:
 
     # -- workload ------------------------------------------------------------------------------
     def workload(self, vms: int = VMS, per_vm: int = PER_VM) -> dict[int, list[str]]:
-        """VMs with a lifecycle script each; every create_vm ends first, alone (an interrupted
-        create_vm is a known, separate bug: tests/acceptance/test_lifecycle_signals.py), then
-        the rest of the scripts is queued in one INSERT. The moment is drawn here."""
+        """VMs with a lifecycle script each, and the moment of injection.
+
+        Mostly, every create_vm ends first and the rest of the scripts is queued in
+        one INSERT, the fault landing somewhere in the first half of the run; for a
+        quarter of the seeds everything is queued at once and the fault lands among
+        the first round (create_vm, start_vm), so interrupted creates and placements
+        are covered too."""
+        total = vms * per_vm
+        self.notes["tasks_before_fault"] = total
+        if self.rng.random() < 0.25:
+            self.notes["early"] = True
+            scripts = checks.vm_workload(self.dsn, self.prefix, vms=vms, per_vm=per_vm,
+                                         seed=f"{self.fault}:{self.seed}")
+            self.moment = self.rng.randint(vms // 4, vms + vms // 2)
+            return scripts
         scripts = checks.vm_workload(self.dsn, self.prefix, vms=vms, per_vm=per_vm, seed=f"{self.fault}:{self.seed}",
                                      rounds=range(0, 1))
         self.wait_all_ended(60)
         checks.insert_rounds(self.dsn, scripts, range(1, per_vm))
-        total = vms * per_vm
         self.moment = self.rng.randint(vms + total // 10, vms + total // 2)
-        self.notes["tasks_before_fault"] = total
         return scripts
 
     def more_work(self, vms: int = 6, per_vm: int = 6) -> dict[int, list[str]]:

@@ -265,14 +265,21 @@ def test_node_errors(seed: int, dsn: str, make_run: Any) -> None:
     run.wait_ended(run.moment)
     victim = run.rng.randrange(len(run.nodes))
     errors = run.rng.randint(1, 16)
+    give_up = run.rng.random() < 0.35
     offsets = run.log_from()
     proxies[victim].break_()
-    # Broken until the daemon logged `errors` transient failures (retry_limit 4: with many,
-    # some tasks give up and fail), or the host-status pass marked the host down.
-    wait_for(lambda: run.logged_since(offsets, *TRANSIENT) >= errors or not checks.open_tasks(dsn)
-             or (errors > 8 and query(dsn, "SELECT 1 FROM hosts WHERE id = %s AND state = 'unavailable'",
-                                      (hosts[victim],))),
-             60, 0.05, "the daemon to see the node's errors")
+    if give_up:
+        # Broken until a task used up its retries (retry_limit 4) and failed.
+        wait_for(lambda: run.logged_since(offsets, "gave up after") or not checks.open_tasks(dsn), 60, 0.05,
+                 "a task to give up on the broken node")
+    else:
+        # Broken until the daemon logged `errors` transient failures, or the host-status pass
+        # marked the host down.
+        wait_for(lambda: run.logged_since(offsets, *TRANSIENT) >= errors or not checks.open_tasks(dsn)
+                 or (errors > 8 and query(dsn, "SELECT 1 FROM hosts WHERE id = %s AND state = 'unavailable'",
+                                          (hosts[victim],))),
+                 60, 0.05, "the daemon to see the node's errors")
+    run.notes["give_up"] = give_up
     proxies[victim].repair()
     run.notes.update(node=victim, errors=errors, refused=proxies[victim].refused,
                      severed=proxies[victim].severed)
