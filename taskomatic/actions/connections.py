@@ -107,6 +107,13 @@ class LibvirtConnections:
 
     def _connect(self, uri: str) -> libvirt.virConnect:
         """A new connection to ``uri``, or HostUnreachable (refused, failed, or no answer in time)."""
+        from taskomatic.actions.vm import libvirt_uri_problem  # vm imports this module
+
+        problem = libvirt_uri_problem(uri)
+        if problem is not None:
+            # A URI that would make libvirt run a program is never opened, by an action or
+            # by the host-status pass (which opens every host's URI): the host stays unreachable.
+            raise HostUnreachable(problem)
         attempt = self._opening.get(uri)
         if attempt is None:
             attempt = self._opening[uri] = _Opening(uri)

@@ -494,13 +494,6 @@ def test_a_task_on_a_host_whose_uri_runs_a_program_fails_saying_so(dsn: str, dae
         assert f"host {host} (evil): libvirt_uri" in row["message"] and "'ext' transport" in row["message"], row
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "taskomatic/actions/connections.py LibvirtConnections.get (not ours to change now) opens any "
-    "hosts.libvirt_uri; the host-status pass (runtime/reconciler.py) opens every host's URI, so a host row "
-    "with test+ext:///default?command=/path (or qemu+ssh://...?command=) runs that program as the daemon's "
-    "user at start. The actions refuse such URIs (vm.libvirt_uri_problem); proposed fix: call "
-    "taskomatic.actions.vm.libvirt_uri_problem in LibvirtConnections.get and raise HostUnreachable (or a "
-    "permanent error) with its text, or a CHECK constraint on hosts.libvirt_uri"))
 def test_no_program_named_by_a_host_uri_is_ever_run(dsn: str, daemon_factory: Any, marker: tuple[Path, Path]
                                                    ) -> None:
     script, ran = marker
