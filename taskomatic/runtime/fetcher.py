@@ -458,10 +458,16 @@ class Fetcher:
         rows = self.store.all("free_keys", after_type=self.free_cursor[0], after_id=self.free_cursor[1],
                               max_visit=asked + 256, limit=asked)
         candidates = [OrderingKey(r["key_type"], r["key_id"]) for r in rows]
-        # Rotate through the key space, so every key with work gets its turn.
-        self.free_cursor = (candidates[-1].kind, candidates[-1].ident or 0) if len(rows) == asked \
-            else FREE_KEYS_START
         chosen = self.book.choose_free(candidates)
+        # Rotate through the key space, so every key with work gets its turn: the next
+        # round starts after the last key taken (those read but not taken come first
+        # then), or after the last one read, or from the start once the end was reached.
+        if chosen and len(chosen) < len(candidates):
+            self.free_cursor = (chosen[-1].kind, chosen[-1].ident or 0)
+        elif len(rows) == asked:
+            self.free_cursor = (candidates[-1].kind, candidates[-1].ident or 0)
+        else:
+            self.free_cursor = FREE_KEYS_START
         if not chosen:
             return False
         won = self.store.all("claim_keys", instance_id=self.instance_id,
