@@ -378,8 +378,12 @@ def plot(results: dict[str, Any], out: Path) -> list[Path]:
     written = []
     runs = results["runs"]
     scaling = _scaling_workloads(results) or [w["name"] for w in results["workloads"]][:1]
-    fig, axes = plt.subplots(1, len(scaling), figsize=(6.4 * len(scaling), 4.4), squeeze=False)
-    for ax, workload in zip(axes[0], scaling, strict=True):
+    cols = min(4, len(scaling))  # a grid, not one long row: readable at any width
+    rows = -(-len(scaling) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 4.0 * rows), squeeze=False)
+    for extra in axes.flat[len(scaling):]:
+        extra.set_visible(False)
+    for ax, workload in zip(axes.flat, scaling, strict=False):
         mine = [r for r in runs if r["workload"] == workload]
         for kind, label in (("taskomatic", "taskomatic (per-key order)"), ("pool", "SKIP LOCKED pool (no order)")):
             pts = sorted((r["parallelism"], r["throughput_tps"]) for r in mine
@@ -393,7 +397,7 @@ def plot(results: dict[str, Any], out: Path) -> list[Path]:
         ax.set_xscale("log", base=2)
         ax.set_xlabel("shards / workers")
         ax.set_ylabel("tasks/s")
-        ax.set_ylim(bottom=0)
+        ax.set_ylim(bottom=0, top=1.12 * max([ax.get_ylim()[1], *(r.get("throughput_tps") or 0 for r in mine)]))
         ax.set_title(f"Throughput vs shards: {workload}")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)

@@ -254,20 +254,37 @@ def test_bad_inputs() -> None:
 
 
 def test_overhead_from_a_results_json(tmp_path: Path) -> None:
-    results = {"workloads": [{"name": "noop-uniform", "latency": "noop"}, {"name": "sleep", "latency": "fixed"}],
-               "runs": [{"workload": "noop-uniform", "runner": "taskomatic", "parallelism": 1,
-                         "throughput_tps": 1000.0, "complete": True},
-                        {"workload": "noop-uniform", "runner": "taskomatic", "parallelism": 4,
-                         "throughput_tps": 2000.0, "complete": True},
-                        {"workload": "noop-uniform", "runner": "pool", "parallelism": 4,
-                         "throughput_tps": 100.0, "complete": True},
-                        {"workload": "sleep", "runner": "taskomatic", "parallelism": 4,
-                         "throughput_tps": 10.0, "complete": True}]}
+    burst = {"arrival": "burst", "key_distribution": "uniform"}
+    noop_only = {"workloads": [{"name": "noop-uniform", "latency": "noop", **burst},
+                               {"name": "noop-steady", "latency": "noop", "arrival": "steady",
+                                "key_distribution": "uniform"},
+                               {"name": "noop-zipf", "latency": "noop", "arrival": "burst",
+                                "key_distribution": "zipf"}],
+                 "runs": [{"workload": "noop-uniform", "runner": "taskomatic", "parallelism": 1,
+                           "throughput_tps": 1000.0, "complete": True},
+                          {"workload": "noop-uniform", "runner": "taskomatic", "parallelism": 4,
+                           "throughput_tps": 2000.0, "complete": True},
+                          {"workload": "noop-uniform", "runner": "pool", "parallelism": 4,
+                           "throughput_tps": 100.0, "complete": True},
+                          # limited by their arrival rate or a hot key: not a shard's overhead
+                          {"workload": "noop-steady", "runner": "taskomatic", "parallelism": 4,
+                           "throughput_tps": 25.0, "complete": True},
+                          {"workload": "noop-zipf", "runner": "taskomatic", "parallelism": 4,
+                           "throughput_tps": 300.0, "complete": True}]}
     path = tmp_path / "results.json"
-    path.write_text(json.dumps(results))
+    path.write_text(json.dumps(noop_only))
     overhead, source = plan.overhead_from_results(path)
     assert overhead == pytest.approx(0.002)  # 4 shards / 2,000 per s: the larger of 1 ms and 2 ms
-    assert "2 no-op taskomatic runs" in source
+    assert "2 no-op burst runs" in source and "understates" in source
+    timed = {**noop_only,
+             "workloads": [*noop_only["workloads"], {"name": "sleep20-uniform", "latency": "fixed", "tasks": 2000,
+                                                     "total_work_s": 40.0, **burst}],
+             "runs": [*noop_only["runs"], {"workload": "sleep20-uniform", "runner": "taskomatic", "parallelism": 4,
+                                           "makespan_s": 11.0, "complete": True}]}
+    path.write_text(json.dumps(timed))
+    overhead, source = plan.overhead_from_results(path)
+    assert overhead == pytest.approx((4 * 11.0 - 40.0) / 2000)  # 2 ms per task besides the 20 ms action
+    assert "fixed-latency burst runs" in source
     path.write_text(json.dumps({"workloads": [], "runs": []}))
     with pytest.raises(PlanError):
         plan.overhead_from_results(path)
