@@ -569,3 +569,14 @@ SELECT set_config('idle_in_transaction_session_timeout', %(ms)s::text, true);
 -- a million queued tasks made every claim read them all (100 ms instead of 3).
 SELECT set_config('synchronous_commit', 'off', true), set_config('enable_bitmapscan', 'off', true),
        set_config('enable_sort', 'off', true);
+
+-- tasks_changes_since_analyze --
+-- Rows of the tasks table inserted, updated or deleted since it was last
+-- analysed, and how many rows its statistics think it has.
+SELECT s.n_mod_since_analyze AS changed, greatest(c.reltuples, 0)::bigint AS estimated
+FROM pg_stat_user_tables s JOIN pg_class c ON c.oid = s.relid
+WHERE s.relid = 'tasks'::regclass;
+
+-- analyze_tasks --
+-- Refresh the tasks table's planner statistics (samples it; a fraction of a second).
+ANALYZE tasks;
