@@ -155,10 +155,10 @@ def wait_task_ended(dsn: str, task_id: int, timeout: float = 60.0) -> dict[str, 
 
 
 # -- the contract ----------------------------------------------------------------------
-def assert_all_ended_once(dsn: str, single_attempt: bool = False) -> None:
-    """Every task ended once, in a terminal state, with consistent times and a message on failure."""
-    bad = query(dsn, """
-        SELECT id, action, state, message, time_started, time_ended, attempts, claimed_by
+def not_ended_properly(dsn: str) -> list[dict[str, Any]]:
+    """Tasks (20 at most) not ended exactly once: not terminal, times missing or reversed, a failure without message."""
+    return query(dsn, """
+        SELECT id, action, task_target_id, state, message, time_started, time_ended, attempts, claimed_by
         FROM tasks
         WHERE state NOT IN ('finished', 'failed', 'canceled')
            OR time_ended IS NULL
@@ -167,26 +167,17 @@ def assert_all_ended_once(dsn: str, single_attempt: bool = False) -> None:
            OR (state = 'failed' AND coalesce(btrim(message), '') = '')
            OR (state IN ('finished', 'failed') AND attempts < 1)
         ORDER BY id LIMIT 20""")
-    assert not bad, f"tasks that did not end properly: {bad}"
-    if single_attempt:
-        rerun = query(dsn, "SELECT id, action, state, attempts, message FROM tasks "
-                           "WHERE state <> 'canceled' AND attempts <> 1 ORDER BY id LIMIT 20")
-        assert not rerun, f"tasks run more than once (or never marked running): {rerun}"
 
 
-def assert_no_running(dsn: str) -> None:
-    running = query(dsn, "SELECT id, action, time_started, claimed_by FROM tasks WHERE state = 'running'")
-    assert not running, f"tasks left running: {running}"
-
-
-def assert_key_order(dsn: str) -> None:
-    """Per ordering key, [time_started, time_ended] never overlap and follow id order.
+def key_order_violations(dsn: str) -> list[str]:
+    """Per ordering key, [time_started, time_ended] that overlap or do not follow id order (20 at most of each).
 
     Checked over every task that started (queued and canceled ones never did):
     each must start no earlier than the previous task of its key (by id) ended,
-    and a task that has not ended yet may not have a started successor.
+    and a task that has not ended yet may not have a started successor; and,
+    belt and braces, within a key start times increase with id.
     """
-    violations = query(dsn, """
+    overlap = query(dsn, """
         WITH started AS (
             SELECT id, key_type, key_id, action, state, time_started, time_ended,
                    lag(id) OVER w AS prev_id,
@@ -201,8 +192,6 @@ def assert_key_order(dsn: str) -> None:
         WHERE prev_id IS NOT NULL AND (prev_ended IS NULL OR time_started < prev_ended)
         ORDER BY key_type, key_id, id
         LIMIT 20""")
-    assert not violations, f"per-key order violated (overlap or out of id order): {violations}"
-    # Belt and braces: within a key, start times increase with id.
     reordered = query(dsn, """
         SELECT key_type, key_id, id, time_started, next_id, next_started FROM (
             SELECT key_type, key_id, id, time_started,
@@ -210,7 +199,29 @@ def assert_key_order(dsn: str) -> None:
             FROM tasks WHERE time_started IS NOT NULL AND key_id IS NOT NULL
             WINDOW w AS (PARTITION BY key_type, key_id ORDER BY id)) s
         WHERE next_id IS NOT NULL AND next_started < time_started LIMIT 20""")
-    assert not reordered, f"tasks of one key started out of id order: {reordered}"
+    return ([f"per-key order violated (overlap or out of id order): {r}" for r in overlap]
+            + [f"tasks of one key started out of id order: {r}" for r in reordered])
+
+
+def assert_all_ended_once(dsn: str, single_attempt: bool = False) -> None:
+    """Every task ended once, in a terminal state, with consistent times and a message on failure."""
+    bad = not_ended_properly(dsn)
+    assert not bad, f"tasks that did not end properly: {bad}"
+    if single_attempt:
+        rerun = query(dsn, "SELECT id, action, state, attempts, message FROM tasks "
+                           "WHERE state <> 'canceled' AND attempts <> 1 ORDER BY id LIMIT 20")
+        assert not rerun, f"tasks run more than once (or never marked running): {rerun}"
+
+
+def assert_no_running(dsn: str) -> None:
+    running = query(dsn, "SELECT id, action, time_started, claimed_by FROM tasks WHERE state = 'running'")
+    assert not running, f"tasks left running: {running}"
+
+
+def assert_key_order(dsn: str) -> None:
+    """Per ordering key, [time_started, time_ended] never overlap and follow id order."""
+    violations = key_order_violations(dsn)
+    assert not violations, "\n".join(violations)
 
 
 def last_finished_actions(dsn: str) -> dict[int, str]:

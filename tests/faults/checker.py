@@ -30,6 +30,7 @@ from typing import Any
 
 import libvirt
 
+from tests.acceptance import checks
 from tests.helpers import query
 
 TERMINAL = ("finished", "failed", "canceled")
@@ -44,41 +45,12 @@ _NOT_STARTED = re.compile(r": task (\d+) \([^)]*\) reconciled: not_started\b")
 
 
 def ended_once(dsn: str) -> list[str]:
-    bad = query(dsn, """
-        SELECT id, action, task_target_id, state, message, time_started, time_ended, attempts
-        FROM tasks
-        WHERE state NOT IN ('finished', 'failed', 'canceled')
-           OR time_ended IS NULL
-           OR (state <> 'canceled' AND time_started IS NULL)
-           OR time_started > time_ended
-           OR (state = 'failed' AND coalesce(btrim(message), '') = '')
-           OR (state IN ('finished', 'failed') AND attempts < 1)
-        ORDER BY id LIMIT 20""")
-    return [f"task did not end properly (exactly once, terminal, times, message): {r}" for r in bad]
+    return [f"task did not end properly (exactly once, terminal, times, message): {r}"
+            for r in checks.not_ended_properly(dsn)]
 
 
 def key_order(dsn: str) -> list[str]:
-    overlap = query(dsn, """
-        WITH started AS (
-            SELECT id, key_type, key_id, action, state, time_started, time_ended,
-                   lag(id) OVER w AS prev_id, lag(time_ended) OVER w AS prev_ended
-            FROM tasks
-            WHERE time_started IS NOT NULL AND key_id IS NOT NULL
-            WINDOW w AS (PARTITION BY key_type, key_id ORDER BY id))
-        SELECT key_type, key_id, prev_id, prev_ended, id, action, time_started
-        FROM started
-        WHERE prev_id IS NOT NULL AND (prev_ended IS NULL OR time_started < prev_ended)
-        ORDER BY key_type, key_id, id LIMIT 20""")
-    out = [f"per-key order violated (overlap or out of id order): {r}" for r in overlap]
-    reordered = query(dsn, """
-        SELECT key_type, key_id, id, time_started, next_id, next_started FROM (
-            SELECT key_type, key_id, id, time_started,
-                   lead(id) OVER w AS next_id, lead(time_started) OVER w AS next_started
-            FROM tasks WHERE time_started IS NOT NULL AND key_id IS NOT NULL
-            WINDOW w AS (PARTITION BY key_type, key_id ORDER BY id)) s
-        WHERE next_id IS NOT NULL AND next_started < time_started LIMIT 20""")
-    out += [f"tasks of one key started out of id order: {r}" for r in reordered]
-    return out
+    return checks.key_order_violations(dsn)
 
 
 def not_started_settlements(logs: Iterable[str]) -> dict[int, int]:
