@@ -51,6 +51,7 @@ from typing import Any
 import psycopg2
 
 from bench import measure
+from bench.claims import create_database
 from bench.runners import REPO, Runner, RunnerFailed, RunnerSpec
 
 RESULTS_DIR = REPO / "bench" / "results"
@@ -168,16 +169,7 @@ def mapping_breakdown(pid: int, top: int = 12) -> dict[str, Any] | None:
 
 def role_of(pid: int, leader: int, title: str) -> str:
     """supervisor, fetcher, shard N, reconciler (from ``taskomatic: ...`` process titles)."""
-    if pid == leader:
-        return "supervisor"
-    if title.startswith("taskomatic: "):
-        name = title.removeprefix("taskomatic: ")
-        if name.startswith("shard "):
-            return "shard " + name.split()[1].split("/")[0]
-        return name.split(" ")[0]
-    if "resource_tracker" in title:
-        return "resource tracker"
-    return title[:40] or "?"
+    return measure.daemon_role(title, pid == leader)
 
 
 def role_kind(role: str) -> str:
@@ -316,26 +308,6 @@ def analyze_effect(samples: Sequence[tuple[float, int, int]]) -> dict[str, Any]:
 
 
 # -- the database ---------------------------------------------------------------------------
-
-
-def _dsn_for(server_dsn: str, dbname: str) -> str:
-    return server_dsn.replace("dbname=taskomatic", f"dbname={dbname}")
-
-
-def create_database(server_dsn: str, name: str) -> str:
-    from taskomatic.db import migrate
-
-    admin = psycopg2.connect(_dsn_for(server_dsn, "postgres"))
-    admin.autocommit = True
-    with admin.cursor() as cur:
-        cur.execute(f"DROP DATABASE IF EXISTS {name}")
-        cur.execute(f"CREATE DATABASE {name}")
-    admin.close()
-    dsn = _dsn_for(server_dsn, name)
-    conn = psycopg2.connect(dsn)
-    migrate.upgrade(conn)
-    conn.close()
-    return dsn
 
 
 def queue_backlog(conn: Any, tasks: int, keys: int) -> dict[str, Any]:

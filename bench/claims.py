@@ -68,7 +68,8 @@ def _dsn_for(server_dsn: str, dbname: str) -> str:
     return server_dsn.replace("dbname=taskomatic", f"dbname={dbname}")
 
 
-def _create_database(server_dsn: str, name: str) -> str:
+def create_database(server_dsn: str, name: str) -> str:
+    """A fresh, migrated database on the server; its DSN."""
     from taskomatic.db import migrate
 
     admin = psycopg2.connect(_dsn_for(server_dsn, "postgres"))
@@ -139,7 +140,7 @@ def build_case(server_dsn: str, name: str, finished: int, queued: int, batch: in
     from taskomatic import __version__
     from taskomatic.db.store import Store
 
-    dsn = _create_database(server_dsn, name)
+    dsn = create_database(server_dsn, name)
     store = Store.open(dsn, "bench claims")
     instance_id = int(store.scalar("register_instance", hostname=socket.gethostname(), pid=os.getpid(),
                                    version=__version__, mode="standalone", shards=1, lease=None))

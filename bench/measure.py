@@ -132,6 +132,20 @@ def peak_rss_kb(pid: int) -> int | None:
     return None
 
 
+def daemon_role(title: str, is_leader: bool) -> str:
+    """A daemon process's role from its title (``taskomatic: shard 3/8`` -> ``shard 3``)."""
+    if is_leader:
+        return "supervisor"
+    if title.startswith("taskomatic: "):
+        name = title.removeprefix("taskomatic: ")
+        if name.startswith("shard "):
+            return "shard " + name.split()[1].split("/")[0]
+        return name.split(" ")[0]
+    if "resource_tracker" in title:
+        return "resource tracker"
+    return title[:40] or "?"
+
+
 def peak_rss(members: list[ProcStat], role_of: Any) -> list[dict[str, Any]]:
     """[{role, pid, peak_rss_kb}] for the live members, ``role_of(pid, title)`` naming each."""
     rows = []

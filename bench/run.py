@@ -258,13 +258,8 @@ def _role(leader: int, kind: str) -> Callable[[int, str], str]:
             return "backend" if "[local]" in name else name.strip()
         if pid == leader:
             return "supervisor" if kind == "taskomatic" else "main"
-        if title.startswith("taskomatic: "):
-            name = title.removeprefix("taskomatic: ")
-            if name.startswith("shard "):
-                return "shard " + name.split()[1].split("/")[0]
-            return name.split(" ")[0]
-        if "resource_tracker" in title:
-            return "resource tracker"
+        if title.startswith("taskomatic: ") or "resource_tracker" in title:
+            return measure.daemon_role(title, is_leader=False)
         return "worker" if kind == "pool" else title[:40]
 
     return role

@@ -117,18 +117,7 @@ def rss_kb(pid: int) -> int | None:
     return None
 
 
-def role_of(title: str, is_leader: bool) -> str:
-    """A daemon process's role from its title (``taskomatic: shard 3/8`` -> ``shard 3``)."""
-    if is_leader:
-        return "supervisor"
-    if title.startswith("taskomatic: "):
-        name = title.removeprefix("taskomatic: ")
-        if name.startswith("shard "):
-            return "shard " + name.split()[1].split("/")[0]
-        return name.split(" ")[0]
-    if "resource_tracker" in title:
-        return "resource tracker"
-    return title[:40] or "?"
+role_of = measure.daemon_role  # (title, is_leader) -> "supervisor", "fetcher", "shard 3"...
 
 
 def unix_sockets() -> dict[int, tuple[int, str, str]]:

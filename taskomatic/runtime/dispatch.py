@@ -97,6 +97,7 @@ class Dispatcher:
         self.per_key_ahead = per_key_ahead
         self.slots = [SlotQueue(i) for i in range(shards)]
         self.waiting: dict[OrderingKey, deque[TaskRow]] = {}  # claimed, not sent, in id order
+        self.waiting_count = 0  # tasks in ``waiting``: held() is asked every turn of the fetcher's loop
         self.free_keys: OrderedDict[OrderingKey, None] = OrderedDict()  # waiting, not pinned
         self.pinned: dict[OrderingKey, int] = {}
         self.in_flight: Counter[OrderingKey] = Counter()
@@ -104,7 +105,7 @@ class Dispatcher:
 
     # -- what the fetcher holds -----------------------------------------------------
     def held(self) -> int:
-        return sum(len(q) for q in self.waiting.values()) + sum(len(s.sent) for s in self.slots)
+        return self.waiting_count + sum(len(s.sent) for s in self.slots)
 
     def in_hand(self) -> set[int]:
         return {t.id for q in self.waiting.values() for t in q} | {i for s in self.slots for i in s.sent}
@@ -131,6 +132,7 @@ class Dispatcher:
         if queue is None:
             queue = self.waiting[key] = deque()
         queue.append(task)
+        self.waiting_count += 1
         self._mark_waiting(key)
 
     def _pin(self, key: OrderingKey, slot: int) -> None:
@@ -175,6 +177,7 @@ class Dispatcher:
                 self.pinned[key] = index
             queue = self.waiting[key]
             task = queue.popleft()
+            self.waiting_count -= 1
             expected = self.estimate(task.action)
             slot.sent[task.id] = (task, expected)
             slot.work += expected
@@ -263,6 +266,7 @@ class Dispatcher:
             if queue is None:
                 queue = self.waiting[key] = deque()
             queue.appendleft(task)
+            self.waiting_count += 1
             self._mark_waiting(key)
             if key in self.free_keys:
                 self.free_keys.move_to_end(key, last=False)

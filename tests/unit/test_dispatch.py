@@ -60,6 +60,7 @@ def check_consistent(d: Dispatcher) -> None:
     for key, queue in d.waiting.items():
         assert queue and ids(list(queue)) == sorted(ids(list(queue)))
         assert (key in d.free_keys) != (key in d.pinned)
+    assert d.waiting_count == sum(len(q) for q in d.waiting.values())
 
 
 # -- keys --------------------------------------------------------------------------
