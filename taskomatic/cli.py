@@ -25,17 +25,13 @@ import psycopg2
 from taskomatic import __version__
 from taskomatic import config as config_mod
 from taskomatic.config import Config, ConfigError
+from taskomatic.exitcodes import EXIT_CONFIG, EXIT_DATABASE, EXIT_FAILED, EXIT_USAGE
 from taskomatic.logsetup import setup_logging
 
 if TYPE_CHECKING:
     from taskomatic.db.store import Store
 
 log = logging.getLogger(__name__)
-
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-EXIT_CONFIG = 3
-EXIT_DATABASE = 4
 
 # The daemon needs no privilege: libvirt and PostgreSQL are reached through their sockets
 # with their own access control. Root is allowed (a quick try, the demo) but warned about.

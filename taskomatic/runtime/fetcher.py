@@ -47,6 +47,7 @@ from taskomatic import config as config_mod
 from taskomatic import metrics
 from taskomatic.config import Config
 from taskomatic.db.store import Store, connect
+from taskomatic.exitcodes import EXIT_LEASE_LOST
 from taskomatic.logsetup import set_process_title, setup_logging
 from taskomatic.runtime import channel as wire
 from taskomatic.runtime.dispatch import Dispatcher, key_of
@@ -71,7 +72,6 @@ log = logging.getLogger(__name__)
 NOTIFY_CHANNEL = "taskomatic_new_tasks"
 STATUS_INTERVAL = 1.0
 STARTUP_WAIT = 30.0  # how long to wait for every shard before adopting held tasks
-EXIT_LEASE_LOST = 7  # multihost: the database refused to renew our lease
 TAKEOVER_BATCH = 1000  # expired keys taken over in one round at most
 FREE_KEYS_START = ("", -(2**63) + 1)  # before every key (-2**63 does not parse as a bigint literal)
 ANALYZE_CHECK_SECONDS = 10.0  # how often a fetcher with a backlog looks at the tasks table's statistics

@@ -45,20 +45,22 @@ from taskomatic import config as config_mod
 from taskomatic.config import Config
 from taskomatic.db import migrate
 from taskomatic.db.store import DatabaseUnavailable, Store
+from taskomatic.exitcodes import (
+    EXIT_ALREADY_RUNNING,
+    EXIT_CHILD_FAILING,
+    EXIT_CONFIG,
+    EXIT_DATABASE,
+    EXIT_LEASE_LOST,
+    EXIT_OK,
+)
 from taskomatic.logsetup import set_process_title
-from taskomatic.runtime.fetcher import EXIT_LEASE_LOST, fetcher_main
+from taskomatic.runtime.fetcher import fetcher_main
 from taskomatic.runtime.messages import FetcherStatus
 from taskomatic.runtime.reconciler import reconciler_main
 from taskomatic.runtime.shard import shard_main
 
 log = logging.getLogger(__name__)
 
-# Exit codes (documented in the README).
-EXIT_OK = 0
-EXIT_CONFIG = 3
-EXIT_DATABASE = 4
-EXIT_ALREADY_RUNNING = 5
-EXIT_CHILD_FAILING = 6
 
 # Shared by every taskomatic: standalone takes it exclusively, multihost shared.
 INSTANCE_LOCK_ID = 0x7A5C0002

@@ -116,7 +116,7 @@ def test_systemd_analyze_security_rates_it_ok(tmp_path: Path) -> None:
 
 
 def test_unit_agrees_with_taskomatic() -> None:
-    from taskomatic.runtime import supervisor
+    from taskomatic import exitcodes
     from taskomatic.runtime.fetcher import STATUS_INTERVAL
 
     unit = unit_directives(UNIT_FILE.read_text())
@@ -140,8 +140,8 @@ def test_unit_agrees_with_taskomatic() -> None:
     assert 10 * STATUS_INTERVAL <= watchdog < defaults["heartbeat_timeout"]
     assert one("Service.Restart") == "on-failure"
     no_restart = {int(code) for code in one("Service.RestartPreventExitStatus").split()}
-    assert {supervisor.EXIT_CONFIG, supervisor.EXIT_ALREADY_RUNNING} <= no_restart
-    assert not {supervisor.EXIT_DATABASE, supervisor.EXIT_CHILD_FAILING} & no_restart
+    assert {exitcodes.EXIT_CONFIG, exitcodes.EXIT_ALREADY_RUNNING} <= no_restart
+    assert not {exitcodes.EXIT_DATABASE, exitcodes.EXIT_CHILD_FAILING} & no_restart
     # The user comes from the sysusers.d file; its home is the state directory.
     sysusers = [line.split() for line in SYSUSERS_FILE.read_text().splitlines()
                 if line.strip() and not line.startswith("#")]
