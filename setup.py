@@ -7,7 +7,7 @@ setup(
     license="GPL-2.0-or-later",
     python_requires=">=3.11",
     packages=find_packages(include=["taskomatic", "taskomatic.*"]),
-    package_data={"taskomatic.db": ["migrations/*.sql", "queries.sql"]},
+    package_data={"taskomatic.db": ["migrations/*.sql", "sql/*.sql"]},
     install_requires=[
         "psycopg2>=2.8",
         "libvirt-python>=6.0",

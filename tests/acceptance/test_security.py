@@ -188,13 +188,14 @@ def f(cur, name, vm_id):
 
 
 def test_queries_sql_only_binds_named_parameters() -> None:
-    text = (PACKAGE / "db" / "queries.sql").read_text()
+    text = "\n".join(path.read_text() for path in sorted((PACKAGE / "db" / "sql").glob("*.sql")))
     body = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("--"))
     # Every % is a named psycopg2 placeholder %(name)s: no positional %s, no %% tricks, no str.format braces.
     assert re.findall(r"%(?!\(\w+\)s)", body) == []
     assert "{" not in body and "}" not in body
     # No dynamic SQL in the queries or in the migrations' functions.
-    for path in [PACKAGE / "db" / "queries.sql", *sorted((PACKAGE / "db" / "migrations").glob("*.sql"))]:
+    db = PACKAGE / "db"
+    for path in [*sorted((db / "sql").glob("*.sql")), *sorted((db / "migrations").glob("*.sql"))]:
         sql = re.sub(r"EXECUTE\s+FUNCTION", "", path.read_text(), flags=re.IGNORECASE)
         assert not re.search(r"\bEXECUTE\b", sql, re.IGNORECASE), f"{path.name}: dynamic SQL"
 

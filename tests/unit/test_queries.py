@@ -1,16 +1,15 @@
-"""The named SQL blocks of queries.sql, and every call site that names one."""
+"""The named SQL blocks of taskomatic/db/sql/*.sql, and every call site that names one."""
 
 from __future__ import annotations
 
 import ast
 import re
 from collections import defaultdict
-from importlib import resources
 from pathlib import Path
 
 import pytest
 
-from taskomatic.db.queries import all_queries, query
+from taskomatic.db.queries import all_queries, query, sql_files
 
 PACKAGE = Path(__file__).resolve().parents[2] / "taskomatic"
 PLACEHOLDER = re.compile(r"%\((\w+)\)s")
@@ -36,8 +35,7 @@ def _strip_literals(sql: str) -> str:
 
 
 def test_file_has_blocks_and_each_name_once() -> None:
-    text = resources.files("taskomatic.db").joinpath("queries.sql").read_text("utf-8")
-    headers = re.findall(r"^-- ([a-z_]+) --$", text, re.MULTILINE)
+    headers = [h for text in sql_files().values() for h in re.findall(r"^-- ([a-z_]+) --$", text, re.MULTILINE)]
     assert len(headers) >= len(EXPECTED)
     duplicates = sorted({h for h in headers if headers.count(h) > 1})
     assert duplicates == [], f"blocks defined twice (the later one silently wins): {duplicates}"
