@@ -14,7 +14,7 @@ import time
 from typing import Any
 
 from taskomatic.actions.base import Action, ActionContext, Outcome, Plan, Reconciled, Settlement, TaskFailed
-from taskomatic.runtime.messages import TaskRow
+from taskomatic.model import TaskRow
 
 MAX_SLEEP_MS = 600_000.0
 

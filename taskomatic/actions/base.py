@@ -17,19 +17,22 @@ place) or NEITHER (failed, with what was found).
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from importlib import metadata
 from typing import TYPE_CHECKING, Any, Protocol
+
+from taskomatic.model import OutcomeState, Settlement, TaskRow
 
 if TYPE_CHECKING:
     from taskomatic.actions.connections import LibvirtConnections
     from taskomatic.config import Config
     from taskomatic.db.store import Store
-    from taskomatic.runtime.messages import TaskRow
 
-log = logging.getLogger(__name__)
+# Settlement and TaskRow belong to the public API of actions: a plugin may import them from here.
+__all__ = [
+    "ENTRY_POINT_GROUP", "Action", "ActionContext", "LeaseExpired", "Outcome", "OutcomeState", "Plan", "Reconciled",
+    "RowUpdate", "Settlement", "TaskFailed", "TaskRetry", "TaskRow",
+]
 
 ENTRY_POINT_GROUP = "taskomatic.actions"
 
@@ -65,23 +68,23 @@ class RowUpdate:
 
 @dataclass
 class Outcome:
-    # 'finished' or 'failed'; 'waiting' (not an end): the task stays running
+    # finished or failed; waiting (not an end): the task stays running
     # until the tasks it queued (children) have all ended.
-    state: str
+    state: OutcomeState
     message: str | None = None
     row_updates: list[RowUpdate] = field(default_factory=list)
 
     @classmethod
     def waiting(cls, message: str) -> Outcome:
-        return cls("waiting", message)
+        return cls(OutcomeState.WAITING, message)
 
     @classmethod
     def finished(cls, message: str | None = None, *updates: RowUpdate) -> Outcome:
-        return cls("finished", message, list(updates))
+        return cls(OutcomeState.FINISHED, message, list(updates))
 
     @classmethod
     def failed(cls, message: str, *updates: RowUpdate) -> Outcome:
-        return cls("failed", message, list(updates))
+        return cls(OutcomeState.FAILED, message, list(updates))
 
 
 @dataclass
@@ -102,17 +105,9 @@ class Plan:
             store.update_row(update.table, update.row_id, update.values)
 
 
-class Settlement:
-    DONE = "done"
-    NOT_STARTED = "not_started"
-    NEITHER = "neither"
-    # The task had queued children that are still running: wait for them.
-    WAITING = "waiting"
-
-
 @dataclass
 class Reconciled:
-    kind: str
+    kind: Settlement
     message: str
     row_updates: list[RowUpdate] = field(default_factory=list)
 
@@ -158,24 +153,3 @@ class Action(Protocol):
     def perform(self, ctx: ActionContext, plan: Plan) -> Outcome: ...
 
     def reconcile(self, ctx: ActionContext, task: TaskRow) -> Reconciled: ...
-
-
-def load_actions() -> dict[str, Action]:
-    """Every action installed: entry points in group ``taskomatic.actions``.
-
-    An entry point names a list of Action objects. The built-in ones are
-    always present, even when the package is run from a source tree that was
-    never installed (no entry-point metadata).
-    """
-    from taskomatic.actions import host, storage, vm
-
-    found: dict[str, Action] = {a.name: a for a in (*vm.ACTIONS, *host.ACTIONS, *storage.ACTIONS)}
-    for entry in metadata.entry_points(group=ENTRY_POINT_GROUP):
-        try:
-            provided = entry.load()
-        except Exception:  # a broken plugin must not stop the daemon
-            log.exception("cannot load action plugin %s", entry.value)
-            continue
-        for action in provided:
-            found[action.name] = action
-    return found

@@ -7,6 +7,8 @@ import threading
 
 import libvirt
 
+from taskomatic.actions.libvirt_util import libvirt_uri_problem
+
 log = logging.getLogger(__name__)
 
 
@@ -107,8 +109,6 @@ class LibvirtConnections:
 
     def _connect(self, uri: str) -> libvirt.virConnect:
         """A new connection to ``uri``, or HostUnreachable (refused, failed, or no answer in time)."""
-        from taskomatic.actions.vm import libvirt_uri_problem  # vm imports this module
-
         problem = libvirt_uri_problem(uri)
         if problem is not None:
             # A URI that would make libvirt run a program is never opened, by an action or

@@ -21,7 +21,7 @@ from taskomatic.actions.base import (
     Settlement,
     TaskFailed,
 )
-from taskomatic.runtime.messages import TaskRow
+from taskomatic.model import TaskRow
 
 log = logging.getLogger(__name__)
 

@@ -66,6 +66,7 @@ from taskomatic.actions.base import (
     TaskRetry,
 )
 from taskomatic.actions.connections import HostUnreachable
+from taskomatic.actions.libvirt_util import is_transient, libvirt_uri_problem
 from taskomatic.actions.pool_xml import (
     BUILDABLE_POOL_TYPES,
     CREATABLE_FORMATS,
@@ -78,9 +79,9 @@ from taskomatic.actions.pool_xml import (
     volume_format,
     volume_xml,
 )
-from taskomatic.actions.vm import is_transient, libvirt_uri_problem, quoted
 from taskomatic.db.store import Store
-from taskomatic.runtime.messages import TaskRow
+from taskomatic.model import TaskRow
+from taskomatic.text import first_line, quoted
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +100,7 @@ def refused(exc: psycopg2.Error) -> str | None:
     """
     if isinstance(exc, psycopg2.OperationalError | psycopg2.InterfaceError):
         return None
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    return first_line(exc)
 
 
 def _capture_claim(store: Store, plan: Plan) -> None:

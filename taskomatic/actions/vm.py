@@ -30,23 +30,13 @@ from taskomatic.actions.base import (
 )
 from taskomatic.actions.connections import HostUnreachable
 from taskomatic.actions.domain_xml import Disk, DomainSpec, domain_xml, vnc_port
+from taskomatic.actions.libvirt_util import domain_state, is_transient, libvirt_uri_problem
 from taskomatic.actions.states import VM_TRANSITIONS, Verdict, precondition
-from taskomatic.runtime.messages import TaskRow
+from taskomatic.model import TaskRow
+from taskomatic.text import quoted
 
 log = logging.getLogger(__name__)
 
-# libvirt domain state -> oVirt VM state. SHUTDOWN means "being shut down":
-# the guest still runs.
-_DOMAIN_STATES = {
-    libvirt.VIR_DOMAIN_NOSTATE: "stopped",
-    libvirt.VIR_DOMAIN_RUNNING: "running",
-    libvirt.VIR_DOMAIN_BLOCKED: "running",
-    libvirt.VIR_DOMAIN_PAUSED: "suspended",
-    libvirt.VIR_DOMAIN_SHUTDOWN: "running",
-    libvirt.VIR_DOMAIN_SHUTOFF: "stopped",
-    libvirt.VIR_DOMAIN_CRASHED: "stopped",
-    libvirt.VIR_DOMAIN_PMSUSPENDED: "suspended",
-}
 # States that only the database knows: a VM in one of these has no domain.
 _ROW_ONLY_STATES = ("pending", "create_failed", "invalid", "saved")
 # A stopped domain with a save image is 'saved' while the row is in one of these.
@@ -55,11 +45,6 @@ _SHUTDOWN_POLL_SECONDS = 0.2
 
 # Cleared when a VM no longer runs anywhere.
 _NOT_RUNNING = {"host_id": None, "vnc_port": None, "memory_used": 0, "num_vcpus_used": 0}
-
-
-def domain_state(code: int) -> str:
-    """The oVirt VM state of a libvirt domain state code (an unknown code reads as stopped)."""
-    return _DOMAIN_STATES.get(code, "stopped")
 
 
 def domain_name(description: str) -> str:
@@ -76,17 +61,8 @@ def domain_name(description: str) -> str:
 # libvirt names files on the node after the domain (<name>.xml, <name>.log): a file name holds
 # 255 bytes, minus the longest suffix.
 MAX_DOMAIN_NAME_BYTES = 250
-# What a message quotes of a VM's description (it may be megabytes long).
-_QUOTED_CHARS = 60
 # The ids the database can hold (bigint).
 MAX_ID = 2**63 - 1
-
-
-def quoted(text: str) -> str:
-    """``text`` quoted for a message, shortened if long."""
-    if len(text) <= _QUOTED_CHARS:
-        return repr(text)
-    return repr(text[:_QUOTED_CHARS]) + f"... ({len(text)} characters)"
 
 
 def name_problem(vm: dict[str, Any]) -> str | None:
@@ -126,36 +102,6 @@ def _vm_row(ctx: ActionContext, task: TaskRow) -> dict[str, Any]:
 
 def _host_label(host: dict[str, Any]) -> str:
     return f"host {host['id']} ({host['hostname']})"
-
-
-# libvirt URI parts that make the client run a program: the ext transport runs ``command``
-# locally, ssh runs ``command`` (its ssh binary) locally and ``netcat`` on the node.
-_EXEC_TRANSPORTS = frozenset({"ext"})
-_EXEC_PARAMETERS = frozenset({"command", "netcat"})
-
-
-def libvirt_uri_problem(uri: str) -> str | None:
-    """Why taskomatic must not open ``uri`` (None if it may).
-
-    ``hosts.libvirt_uri`` is data anyone who may insert a host row controls;
-    opening it must not run a program of their choosing.
-    """
-    from urllib.parse import parse_qsl, urlsplit
-
-    try:
-        parts = urlsplit(uri)
-    except ValueError as exc:
-        return f"libvirt_uri {quoted(uri)} is not a URI: {exc}"
-    transport = parts.scheme.partition("+")[2].lower()
-    if transport in _EXEC_TRANSPORTS:
-        return (f"libvirt_uri {quoted(uri)} uses the {transport!r} transport, which runs a local command; "
-                "refused (use unix, tcp, tls or ssh)")
-    risky = sorted({name.lower() for name, _ in parse_qsl(parts.query, keep_blank_values=True)}
-                   & _EXEC_PARAMETERS)
-    if risky:
-        return (f"libvirt_uri {quoted(uri)} sets {', '.join(risky)}, which names a program to run; refused "
-                "(configure ssh in ~/.ssh/config instead)")
-    return None
 
 
 def _connect(ctx: ActionContext, host: dict[str, Any]) -> libvirt.virConnect:
@@ -325,22 +271,6 @@ class VmAction:
             f"nor {self.transition.success} ({observed.detail})",
             [RowUpdate("vms", vm["id"], {"state": observed.state})],
         )
-
-
-# libvirt errors that say "the node or the way to it failed", not "this request is wrong".
-# A system error counts only when it comes from the RPC/remote layer (connection
-# refused, reset, keepalive timeout): a file the node cannot create is permanent.
-_TRANSIENT_CODES = frozenset({
-    libvirt.VIR_ERR_NO_CONNECT, libvirt.VIR_ERR_INVALID_CONN, libvirt.VIR_ERR_OPERATION_TIMEOUT,
-    libvirt.VIR_ERR_AUTH_UNAVAILABLE,
-})
-_TRANSIENT_DOMAINS = frozenset({libvirt.VIR_FROM_RPC, libvirt.VIR_FROM_REMOTE})
-
-
-def is_transient(exc: libvirt.libvirtError) -> bool:
-    return exc.get_error_code() in _TRANSIENT_CODES or exc.get_error_domain() in _TRANSIENT_DOMAINS
-
-
 
 
 class CreateVm(VmAction):

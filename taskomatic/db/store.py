@@ -17,6 +17,7 @@ import psycopg2.extensions
 import psycopg2.extras
 
 from taskomatic.db.queries import query
+from taskomatic.text import first_line
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +44,7 @@ def connect(dsn: str, application_name: str, timeout: float = 10.0) -> psycopg2.
             return conn
         except psycopg2.OperationalError as exc:
             if time.monotonic() + delay > deadline:
-                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                raise DatabaseUnavailable(f"cannot connect to the database: {reason}") from None
+                raise DatabaseUnavailable(f"cannot connect to the database: {first_line(exc)}") from None
             time.sleep(delay)
             delay = min(delay * 2, 2.0)
 

@@ -34,17 +34,12 @@ from __future__ import annotations
 from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
 
-from taskomatic.runtime.messages import TaskRow
-from taskomatic.runtime.router import OrderingKey
+from taskomatic.model import OrderingKey, TaskRow, key_of
 
 LOOKAHEAD = 0.005  # seconds of expected work a slot is sent ahead
 WINDOW_MAX = 256  # tasks sent ahead at most, however quick
 PER_KEY_AHEAD = 2  # tasks of one key in flight at most: the one running and its successor
 ESTIMATE_WEIGHT = 0.2  # of the newest duration in an action's running estimate
-
-
-def key_of(task: TaskRow) -> OrderingKey:
-    return OrderingKey(task.key_type or task.target_type, task.key_id)
 
 
 @dataclass

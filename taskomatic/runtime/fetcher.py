@@ -49,8 +49,9 @@ from taskomatic.config import Config
 from taskomatic.db.store import Store, connect
 from taskomatic.exitcodes import EXIT_LEASE_LOST
 from taskomatic.logsetup import set_process_title, setup_logging
+from taskomatic.model import OrderingKey, TaskRow, key_of
 from taskomatic.runtime import channel as wire
-from taskomatic.runtime.dispatch import Dispatcher, key_of
+from taskomatic.runtime.dispatch import Dispatcher
 from taskomatic.runtime.keys import KeyBook
 from taskomatic.runtime.lease import LeaseKeeper, LeaseLost, lease_clock, limit_idle_transaction
 from taskomatic.runtime.messages import (
@@ -63,9 +64,9 @@ from taskomatic.runtime.messages import (
     Performed,
     Run,
     Started,
-    TaskRow,
 )
-from taskomatic.runtime.router import OrderingKey, shard_for
+from taskomatic.runtime.router import shard_for
+from taskomatic.text import first_line
 
 log = logging.getLogger(__name__)
 
@@ -568,8 +569,7 @@ def fetcher_main(config: Config, instance_id: int, socket_path: str, supervisor:
     except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
         # Expected when the database restarts or is cut off: the supervisor starts a new
         # fetcher, which adopts what this one held. One line, no traceback.
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        log.error("fetcher lost its database connection (%s); exiting to be replaced", reason)
+        log.error("fetcher lost its database connection (%s); exiting to be replaced", first_line(exc))
         raise SystemExit(1) from None
     raise SystemExit(code)
 

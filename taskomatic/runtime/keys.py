@@ -21,9 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from taskomatic.runtime.dispatch import key_of
-from taskomatic.runtime.messages import TaskRow
-from taskomatic.runtime.router import OrderingKey
+from taskomatic.model import OrderingKey, TaskRow, key_of
 
 # A claim covers at most this many top-ups' worth of tasks (tasks_per_key each).
 TURN_KEYS = 4

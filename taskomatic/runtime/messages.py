@@ -10,25 +10,10 @@ shard committed in one transaction.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
+from taskomatic.model import TaskRow
 
-@dataclass(frozen=True)
-class TaskRow:
-    """A claimed task as the fetcher read it; the shard re-checks it when it starts."""
-
-    id: int
-    target_type: str
-    target_id: int | None
-    action: str
-    args: Any
-    key_type: str | None
-    key_id: int | None
-    # 'queued': run it. 'running': it was interrupted, reconcile first.
-    state: str
-    # Multihost: the fencing token of the key claim it was claimed under; every
-    # write for it checks the claim still holds that token. None in standalone.
-    token: int | None = None
+__all__ = ["TaskRow"]  # re-exported for modules not yet moved to taskomatic.model
 
 
 # fetcher -> shard

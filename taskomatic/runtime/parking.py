@@ -11,14 +11,9 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from taskomatic.runtime.messages import TaskRow
+from taskomatic.model import OrderingKey, TaskRow, key_of
 
-Key = tuple[str | None, int | None]
 CHILDREN_POLL_SECONDS = 1.0
-
-
-def key_of(task: TaskRow) -> Key:
-    return (task.key_type, task.key_id)
 
 
 @dataclass
@@ -34,7 +29,7 @@ class ParkingLot:
     def __init__(self, retry_limit: int, backoff_max: float) -> None:
         self.retry_limit = retry_limit
         self.backoff_max = backoff_max
-        self.keys: dict[Key, ParkedKey] = {}
+        self.keys: dict[OrderingKey, ParkedKey] = {}
         self.failures: dict[int, int] = {}  # task id -> transient failures so far
 
     def is_parked(self, task: TaskRow) -> bool:

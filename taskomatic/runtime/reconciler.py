@@ -24,10 +24,11 @@ import psycopg2
 
 from taskomatic import metrics
 from taskomatic.actions.connections import HostUnreachable, LibvirtConnections
-from taskomatic.actions.vm import domain_state, is_transient
+from taskomatic.actions.libvirt_util import domain_state, is_transient
 from taskomatic.config import Config
 from taskomatic.db.store import Store
 from taskomatic.logsetup import set_process_title, setup_logging
+from taskomatic.text import first_line
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +148,7 @@ def reconciler_main(config: Config) -> None:
         # e.g. to rejoin after a lost lease: nothing to clean up, nothing to report.
         raise SystemExit(0) from None
     except _CONNECTION_LOST as exc:
-        log.error("reconciler cannot reach the database (%s); exiting to be restarted", _first_line(exc))
+        log.error("reconciler cannot reach the database (%s); exiting to be restarted", first_line(exc))
         raise SystemExit(3) from None
     except Exception:
         log.exception("reconciler failed to start")
@@ -156,11 +157,6 @@ def reconciler_main(config: Config) -> None:
         code = reconciler.serve()
     except _CONNECTION_LOST as exc:
         # Expected when the database restarts or is cut off: one line, no traceback.
-        log.error("reconciler lost its database connection (%s); exiting to be replaced", _first_line(exc))
+        log.error("reconciler lost its database connection (%s); exiting to be replaced", first_line(exc))
         raise SystemExit(1) from None
     raise SystemExit(code)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

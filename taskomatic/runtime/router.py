@@ -8,18 +8,10 @@ everywhere and cheap.
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass
 
+from taskomatic.model import OrderingKey
 
-@dataclass(frozen=True, order=True)
-class OrderingKey:
-    """What serialises tasks: ('Vm', 12), ('StoragePool', 2), ('Host', 3)."""
-
-    kind: str
-    ident: int | None
-
-    def __str__(self) -> str:
-        return f"{self.kind}:{self.ident}"
+__all__ = ["OrderingKey", "shard_for"]
 
 
 def shard_for(key: OrderingKey, shards: int) -> int:

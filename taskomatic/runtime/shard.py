@@ -53,16 +53,15 @@ from taskomatic.actions.base import (
     Outcome,
     Plan,
     RowUpdate,
-    Settlement,
     TaskFailed,
     TaskRetry,
-    load_actions,
 )
 from taskomatic.actions.connections import LibvirtConnections
-from taskomatic.actions.vm import quoted
+from taskomatic.actions.registry import load_actions
 from taskomatic.config import Config
 from taskomatic.db.store import Store
 from taskomatic.logsetup import set_process_title, setup_logging
+from taskomatic.model import Settlement, TaskRow, key_of
 from taskomatic.runtime import channel as wire
 from taskomatic.runtime.lease import lease_clock, limit_idle_transaction
 from taskomatic.runtime.messages import (
@@ -75,9 +74,9 @@ from taskomatic.runtime.messages import (
     Run,
     Started,
     TaskEnd,
-    TaskRow,
 )
-from taskomatic.runtime.parking import ParkingLot, key_of
+from taskomatic.runtime.parking import ParkingLot
+from taskomatic.text import first_line, quoted
 
 log = logging.getLogger(__name__)
 
@@ -152,11 +151,6 @@ def _named(task: TaskRow) -> str:
 
 def _short(text: str, limit: int = 64) -> str:
     return text if len(text) <= limit else f"{text[:limit]}...({len(text)} characters)"
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _json_type(value: Any) -> str:
@@ -591,8 +585,8 @@ class Shard:
             if isinstance(exc, _CONNECTION_LOST):
                 raise
             self.store.rollback()
-            log.error("task %s: the database refused a write: %s", task.id, _first_line(exc))
-            self._fail_before_start(task, f"the database refused {task.action}'s changes: {_first_line(exc)}", [])
+            log.error("task %s: the database refused a write: %s", task.id, first_line(exc))
+            self._fail_before_start(task, f"the database refused {task.action}'s changes: {first_line(exc)}", [])
             return
         if not done:
             self._not_started(task)
@@ -714,10 +708,10 @@ class Shard:
                 held = self.pending[0]
                 if held.unrecordable:
                     raise
-                log.error("task %s: the database refused its result: %s", held.task.id, _first_line(exc))
+                log.error("task %s: the database refused its result: %s", held.task.id, first_line(exc))
                 self.pending = [PendingOutcome(held.task, Outcome.failed(
                     f"{held.task.action} ran ({held.outcome.state}), but the database refused its result: "
-                    f"{_first_line(exc)}"), held.time_started, held.time_ended, unrecordable=True)]
+                    f"{first_line(exc)}"), held.time_started, held.time_ended, unrecordable=True)]
         raise AssertionError("unreachable")
 
     def _flush_each(self) -> None:
@@ -892,7 +886,7 @@ def shard_main(slot: int, shards: int, config: Config, instance_id: int,
     except _CONNECTION_LOST as exc:
         # Expected when the database restarts or ends a frozen session: the supervisor
         # replaces this shard, and its interrupted task is reconciled. One line, no traceback.
-        log.error("shard %d lost its database connection (%s); exiting to be replaced", slot, _first_line(exc))
+        log.error("shard %d lost its database connection (%s); exiting to be replaced", slot, first_line(exc))
         raise SystemExit(1) from None
     raise SystemExit(code)
 

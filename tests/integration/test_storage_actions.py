@@ -42,7 +42,7 @@ from taskomatic.actions.base import (
 from taskomatic.actions.connections import LibvirtConnections
 from taskomatic.config import Config
 from taskomatic.db.store import Store
-from taskomatic.runtime.messages import TaskRow
+from taskomatic.model import TaskRow
 from tests.helpers import query
 
 ACTIONS: dict[str, Action] = {a.name: a for a in storage.ACTIONS}

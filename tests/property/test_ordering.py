@@ -49,9 +49,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from taskomatic.runtime.dispatch import Dispatcher, key_of
-from taskomatic.runtime.messages import TaskRow
-from taskomatic.runtime.router import OrderingKey
+from taskomatic.model import OrderingKey, TaskRow, key_of
+from taskomatic.runtime.dispatch import Dispatcher
 
 KINDS = ("Vm", "StoragePool")
 SECONDS = {"quick": 0.001, "slow": 1.0}  # what each action takes: quick ones go out many at a time

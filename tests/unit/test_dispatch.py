@@ -12,9 +12,8 @@ import random
 
 import pytest
 
-from taskomatic.runtime.dispatch import LOOKAHEAD, Dispatcher, key_of
-from taskomatic.runtime.messages import TaskRow
-from taskomatic.runtime.router import OrderingKey
+from taskomatic.model import OrderingKey, TaskRow, key_of
+from taskomatic.runtime.dispatch import LOOKAHEAD, Dispatcher
 
 VM = "Vm"
 

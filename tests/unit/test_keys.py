@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
+from taskomatic.model import OrderingKey, TaskRow
 from taskomatic.runtime.keys import KeyBook
-from taskomatic.runtime.messages import TaskRow
-from taskomatic.runtime.router import OrderingKey
 
 
 def vm(ident: int) -> OrderingKey:

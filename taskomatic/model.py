@@ -1,0 +1,87 @@
+"""The task model every part shares: a claimed task, its ordering key, and the names of states.
+
+This is a public module: actions (built-in and plugins) import ``TaskRow``
+from here, never from the runtime's internal modules. The enums are
+``StrEnum``, so their values are the very strings the database and the
+``tasks`` table's public contract use (``TaskState.FAILED == "failed"``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+
+class TaskState(StrEnum):
+    """``tasks.state``: queued -> running -> finished / failed; queued -> canceled."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    FINISHED = "finished"
+    FAILED = "failed"
+    CANCELED = "canceled"
+
+
+TERMINAL_STATES = frozenset({TaskState.FINISHED, TaskState.FAILED, TaskState.CANCELED})
+
+
+class OutcomeState(StrEnum):
+    """What an action's ``perform`` ended in."""
+
+    FINISHED = "finished"
+    FAILED = "failed"
+    # Not an end: the task stays running until the tasks it queued (children) have all ended.
+    WAITING = "waiting"
+
+
+class Settlement(StrEnum):
+    """What reconciling a task an earlier process left ``running`` found."""
+
+    DONE = "done"  # it took effect: finished
+    NOT_STARTED = "not_started"  # it did not: run it again in its place
+    NEITHER = "neither"  # half done: failed, with what was found
+    # The task had queued children that are still running: wait for them.
+    WAITING = "waiting"
+
+
+class EndState(StrEnum):
+    """How a task left a shard's hands (the shard tells the fetcher)."""
+
+    FINISHED = "finished"
+    FAILED = "failed"
+    SKIPPED = "skipped"  # not ours to run after all (ended elsewhere, claim lost, fenced)
+
+
+@dataclass(frozen=True)
+class TaskRow:
+    """A claimed task as the fetcher read it; the shard re-checks it when it starts."""
+
+    id: int
+    target_type: str
+    target_id: int | None
+    action: str
+    args: Any
+    key_type: str | None
+    key_id: int | None
+    # 'queued': run it. 'running': it was interrupted, reconcile first.
+    state: str
+    # Multihost: the fencing token of the key claim it was claimed under; every
+    # write for it checks the claim still holds that token. None in standalone.
+    token: int | None = None
+
+
+@dataclass(frozen=True, order=True)
+class OrderingKey:
+    """What serialises tasks: ('Vm', 12), ('StoragePool', 2), ('Host', 3)."""
+
+    kind: str
+    ident: int | None
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{self.ident}"
+
+
+def key_of(task: TaskRow) -> OrderingKey:
+    """The task's ordering key (the database sets ``key_type``; the target type stands in if it did not)."""
+    return OrderingKey(task.key_type or task.target_type, task.key_id)
