@@ -71,6 +71,7 @@ have_tool rpm2cpio                  | rpm2cpio                 | rpm
 have_tool cpio                      | cpio                     | cpio
 have_tool rpmlint                   | rpmlint                  | rpmlint
 have_tool groff                     | groff-base               | groff-base
+have_tool man                       | man-db                   | man-db
 have_tool systemd-analyze           | systemd                  | systemd
 have_system_python                  | python3-packaging,python3-setuptools | python3-packaging,python3-setuptools
 REQUIREMENTS
