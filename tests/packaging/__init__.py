@@ -1,9 +1,12 @@
-"""Packaging tests: the RPM (test_rpm.py) and the systemd unit and packaged
-configuration (test_unit.py), checked with the real tools.
+"""Packaging tests: the RPM (test_rpm.py), the systemd unit and packaged
+configuration (test_unit.py), the metadata, spec and license (test_metadata.py),
+the man page (test_man.py) and run.sh's setup (test_run_sh.py), checked with the
+real tools.
 
-Debian needs `apt-get install rpm rpm2cpio cpio rpmlint python3-packaging`
-(systemd, git and python3-setuptools are there already); Fedora
-`dnf install rpm-build rpmlint cpio git python3-devel systemd-rpm-macros`.
+Debian needs `apt-get install rpm rpm2cpio cpio rpmlint groff-base python3-packaging
+python3-setuptools` (systemd and git are there already); Fedora `dnf install rpm-build
+rpmlint cpio git groff-base python3-devel systemd-rpm-macros` (`./run.sh check` lists
+what is missing).
 A missing tool fails the test with the command that installs it; only where no
 package manager could install it (neither apt-get nor dnf) is the test skipped.
 """
@@ -20,10 +23,12 @@ REPO = Path(__file__).resolve().parents[2]
 RPM_DIR = REPO / "packaging" / "rpm"
 
 # Which package brings each tool.
-_APT = {"rpmbuild": "rpm", "rpm": "rpm", "rpm2cpio": "rpm2cpio", "cpio": "cpio", "rpmlint": "rpmlint",
-        "systemd-analyze": "systemd", "systemd-sysusers": "systemd", "git": "git"}
-_DNF = {"rpmbuild": "rpm-build", "rpm": "rpm", "rpm2cpio": "rpm", "cpio": "cpio", "rpmlint": "rpmlint",
-        "systemd-analyze": "systemd", "systemd-sysusers": "systemd", "git": "git"}
+_APT = {"rpmbuild": "rpm", "rpmspec": "rpm", "rpm": "rpm", "rpm2cpio": "rpm2cpio", "cpio": "cpio",
+        "rpmlint": "rpmlint", "groff": "groff-base", "man": "man-db", "systemd-analyze": "systemd",
+        "systemd-sysusers": "systemd", "git": "git"}
+_DNF = {"rpmbuild": "rpm-build", "rpmspec": "rpm-build", "rpm": "rpm", "rpm2cpio": "rpm", "cpio": "cpio",
+        "rpmlint": "rpmlint", "groff": "groff-base", "man": "man-db", "systemd-analyze": "systemd",
+        "systemd-sysusers": "systemd", "git": "git"}
 
 
 def require_tools(*tools: str) -> None:

@@ -4,14 +4,17 @@
   --offline=true` rates its exposure 2.0 or lower (the score is printed).
 - The unit's numbers agree with taskomatic's: stop timeout above drain plus fast
   stop, watchdog below the supervisor's heartbeat timeout, the exit codes that
-  must not restart, the config path, the user of the sysusers.d file.
+  must not restart (those waiting cannot cure: usage, configuration, already
+  running, schema out of date, database refused), the config path, the user of
+  the sysusers.d file, the state and runtime directories, the man page.
 - MemoryDenyWriteExecute=yes: without systemd as PID 1 here, the kernel's own
   PR_SET_MDWE (the same refusal of writable+executable memory, inherited across
   fork and exec) is set before the real daemon starts, and it runs a VM lifecycle
   on a libvirt node, announces READY=1 and STOPPING=1 on a real NOTIFY_SOCKET and
   exits 0 on SIGTERM.
 - packaging/rpm/taskomatic.conf is what make-conf.py generates now; as packaged it
-  sets nothing, and with every setting uncommented it gives exactly the defaults.
+  sets only the state directory (the unit's), and with every setting uncommented
+  it gives exactly the defaults.
 """
 
 from __future__ import annotations
@@ -67,33 +70,42 @@ def seconds(span: str) -> float:
 
 
 def test_systemd_analyze_verify_accepts_the_unit(tmp_path: Path) -> None:
-    require_tools("systemd-analyze")
+    require_tools("systemd-analyze", "man")
     text = UNIT_FILE.read_text()
-    # Verify refuses an ExecStart binary that does not exist, and taskomatic is not installed
-    # in /usr/bin here. As shipped, that is its only complaint:
+    # Verify refuses an ExecStart binary that does not exist and a Documentation= man page
+    # that man cannot find, and taskomatic is not installed here. As shipped, those are
+    # its only complaints:
     shipped = tmp_path / "shipped" / "taskomatic.service"
     shipped.parent.mkdir()
     shipped.write_text(text)
     result = run(["systemd-analyze", "verify", str(shipped)], check=False)
     complaints = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
     print("as shipped:", *complaints, sep="\n  ")
-    if os.access("/usr/bin/taskomatic", os.X_OK):
-        assert result.returncode == 0 and not complaints
-    else:
-        assert complaints and all("/usr/bin/taskomatic" in c and "not executable" in c for c in complaints)
-    # The same unit with ExecStart on an existing executable: nothing at all to complain about.
+    expected = []
+    if not os.access("/usr/bin/taskomatic", os.X_OK):
+        expected.append("/usr/bin/taskomatic is not executable")
+    if run(["man", "-w", "8", "taskomatic"], check=False).returncode != 0:
+        expected.append("'man taskomatic(8)' failed")
+    assert len(complaints) == len(expected) and all(e in c for e, c in zip(expected, complaints, strict=True)), \
+        complaints
+    # The same unit with ExecStart on an existing executable, and the packaged man page
+    # where man looks (MANPATH): nothing at all to complain about.
     existing = os.path.realpath(sys.executable)
     assert "\nExecStart=/usr/bin/taskomatic " in text
     patched = tmp_path / "patched" / "taskomatic.service"
     patched.parent.mkdir()
     patched.write_text(text.replace("\nExecStart=/usr/bin/taskomatic ", f"\nExecStart={existing} ", 1))
-    result = run(["systemd-analyze", "verify", str(patched)], check=False)
+    manpath = tmp_path / "man"
+    (manpath / "man8").mkdir(parents=True)
+    shutil.copy(REPO / "packaging" / "man" / "taskomatic.8", manpath / "man8" / "taskomatic.8")
+    with_man = {**os.environ, "MANPATH": str(manpath)}
+    result = run(["systemd-analyze", "verify", str(patched)], check=False, env=with_man)
     assert result.returncode == 0 and not (result.stdout + result.stderr).strip(), result
     # ... and this systemd's verify does read the directives: a bad one is reported.
     broken = tmp_path / "broken" / "taskomatic.service"
     broken.parent.mkdir()
     broken.write_text(patched.read_text().replace("KillMode=mixed", "KillMode=bogus"))
-    result = run(["systemd-analyze", "verify", str(broken)], check=False)
+    result = run(["systemd-analyze", "verify", str(broken)], check=False, env=with_man)
     assert "bogus" in result.stdout + result.stderr, result
 
 
@@ -139,16 +151,28 @@ def test_unit_agrees_with_taskomatic() -> None:
     watchdog = seconds(one("Service.WatchdogSec"))
     assert 10 * STATUS_INTERVAL <= watchdog < defaults["heartbeat_timeout"]
     assert one("Service.Restart") == "on-failure"
-    no_restart = {int(code) for code in one("Service.RestartPreventExitStatus").split()}
-    assert {exitcodes.EXIT_CONFIG, exitcodes.EXIT_ALREADY_RUNNING} <= no_restart
-    assert not {exitcodes.EXIT_DATABASE, exitcodes.EXIT_CHILD_FAILING} & no_restart
+    # Exits that waiting cannot cure stop the unit (no restart every RestartSec forever);
+    # an unreachable database and a child failing at boot are retried.
+    no_restart = [int(code) for code in one("Service.RestartPreventExitStatus").split()]
+    assert sorted(no_restart) == sorted({exitcodes.EXIT_USAGE, exitcodes.EXIT_CONFIG, exitcodes.EXIT_ALREADY_RUNNING,
+                                         exitcodes.EXIT_SCHEMA, exitcodes.EXIT_DATABASE_REFUSED}) == [2, 3, 5, 8, 9]
+    assert not {exitcodes.EXIT_DATABASE, exitcodes.EXIT_CHILD_FAILING, exitcodes.EXIT_LEASE_LOST} & set(no_restart)
+    assert one("Unit.Documentation").split()[0] == "man:taskomatic(8)"
     # The user comes from the sysusers.d file; its home is the state directory.
     sysusers = [line.split() for line in SYSUSERS_FILE.read_text().splitlines()
                 if line.strip() and not line.startswith("#")]
     assert len(sysusers) == 1 and sysusers[0][:2] == ["u", "taskomatic"]
     assert one("Service.User") == one("Service.Group") == "taskomatic"
     assert one("Service.StateDirectory") == "taskomatic"
+    assert one("Service.StateDirectoryMode") == "0700"
     assert "/var/lib/taskomatic" in sysusers[0]
+    # Sockets and the Prometheus multiprocess samples: /run/taskomatic ($RUNTIME_DIRECTORY).
+    assert one("Service.RuntimeDirectory") == "taskomatic"
+    assert one("Service.RuntimeDirectoryMode") == "0700"
+    # The state directory comes from systemd ($STATE_DIRECTORY) and the packaged
+    # configuration, not from an XDG variable only the service would see.
+    assert not any(v.startswith("XDG_") for v in unit.get("Service.Environment", []))
+    assert config.read_file(str(CONF_FILE))["state_dir"] == "/var/lib/" + one("Service.StateDirectory")
     # The hardening the issue asks for.
     for key, value in {"NoNewPrivileges": "yes", "ProtectSystem": "strict", "ProtectHome": "yes",
                        "PrivateTmp": "yes", "PrivateDevices": "yes", "ProtectKernelTunables": "yes",
@@ -261,25 +285,29 @@ def test_packaged_conf_is_what_make_conf_generates() -> None:
     run([sys.executable, str(RPM_DIR / "make-conf.py"), "--check"])
 
 
-def test_packaged_conf_sets_nothing() -> None:
-    assert config.read_file(str(CONF_FILE)) == {}
+def test_packaged_conf_sets_only_the_state_directory() -> None:
+    assert config.read_file(str(CONF_FILE)) == {"state_dir": "/var/lib/taskomatic"}
 
 
 def test_packaged_conf_uncommented_gives_every_default(tmp_path: Path) -> None:
     text = CONF_FILE.read_text()
+    packaged = config.read_file(str(CONF_FILE))
     uncommented, count = re.subn(r"(?m)^#(\w+ =)", r"\1", text)
-    assert count == len(config.SETTINGS)
+    assert count == len(config.SETTINGS) - len(packaged)
     path = tmp_path / "taskomatic.conf"
     path.write_text(uncommented)
     values = config.read_file(str(path))
     defaults = {s.name: s.default for s in config.SETTINGS}
-    assert values == defaults
+    assert values == {**defaults, **packaged}
     assert {name: type(value) for name, value in values.items()} == \
         {name: type(value) for name, value in defaults.items()}
     # Each setting is explained on the line above it.
     lines = text.splitlines()
     for setting in config.SETTINGS:
-        index = lines.index(f"#{setting.name} = {_shown(setting.default)}".rstrip())
+        if setting.name in packaged:
+            index = lines.index(f"{setting.name} = {packaged[setting.name]}")
+        else:
+            index = lines.index(f"#{setting.name} = {_shown(setting.default)}".rstrip())
         assert lines[index - 1] == f"# {setting.help}", setting.name
 
 
