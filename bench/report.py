@@ -71,7 +71,7 @@ def summary_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _machine_line(m: dict[str, Any]) -> str:
+def machine_line(m: dict[str, Any]) -> str:
     mem = f"{m['memory_kb'] / 1024 / 1024:.1f} GiB" if m.get("memory_kb") else "? GiB"
     pgs = m.get("postgresql_settings", {})
     dirty = " (with uncommitted changes)" if m.get("commit_dirty") else ""
@@ -95,7 +95,7 @@ def markdown(results: dict[str, Any], plots: list[str]) -> str:
     m = results["machine"]
     out = [f"# taskomatic benchmark: {results['suite']} suite", "",
            f"Run {results['started_at']}, seed {results['seed']}, {results['wall_s']:.0f} s in all.",
-           "", f"Machine: {_machine_line(m)}.", "", _settings_line(results), ""]
+           "", f"Machine: {machine_line(m)}.", "", _settings_line(results), ""]
     checks = results["checks"]
     out += ["## Checks", "",
             f"* every run complete (all tasks ended, runner stopped cleanly): **{checks['all_runs_complete']}**",
