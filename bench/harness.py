@@ -217,14 +217,14 @@ def unfinished(conn: Any) -> int:
     return value
 
 
-def rows(conn: Any, sql: str, params: Any = None) -> list[dict[str, Any]]:
+def fetch_rows(conn: Any, sql: str, params: Any = None) -> list[dict[str, Any]]:
     with conn.cursor() as cur:
         cur.execute(sql, params)
         names = [d[0] for d in cur.description]
         return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
 
 
-def scalar(conn: Any, sql: str, params: Any = None) -> Any:
+def fetch_scalar(conn: Any, sql: str, params: Any = None) -> Any:
     with conn.cursor() as cur:
         cur.execute(sql, params)
         return cur.fetchone()[0]
