@@ -50,7 +50,7 @@ def _ready(r: dict[str, Any]) -> str:
 
 def summary(results: dict[str, Any]) -> str:
     from bench.report import machine_line
-    from bench.soak import verdict_flags
+    from bench.soak_verdicts import verdict_flags
 
     w = results["workload"]
     out = [f"# taskomatic soak ({results['size']}), seed {results['seed']}, {results['started_at']}, "
