@@ -37,7 +37,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -51,20 +50,13 @@ from typing import Any
 import psycopg2
 
 from bench import measure
-from bench.claims import create_database
+from bench.harness import NOOP_BACKLOG_SQL, RESULTS_DIR, Harness, Interrupted, create_database
 from bench.runners import REPO, Runner, RunnerFailed, RunnerSpec
 
-RESULTS_DIR = REPO / "bench" / "results"
 SHARD_TARGET_MB = 30.0  # issue 5: <= 30 MB RSS per shard
 LEVEL_REL = 0.05  # memory levels off: last half's peak within 5 % ...
 LEVEL_ABS_KB = 2048  # ... or 2 MB of the first half's peak
 SLOWDOWN_RATIO = 0.9  # the backlog slows claiming if the last third's rate < 0.9 x the first third's
-
-QUEUED_SQL = """
-INSERT INTO tasks (task_target_type, task_target_id, action, args, submitted_by)
-SELECT 'Vm', (g %% %(keys)s) + 1, 'noop', '{}'::jsonb, 'bench'
-FROM generate_series(1, %(rows)s) AS g
-"""
 
 # One statement, one snapshot; both read partial indexes only.
 SAMPLE_SQL = """
@@ -110,10 +102,6 @@ with open("/proc/self/smaps_rollup") as f:
             out[parts[0].rstrip(":")] = int(parts[1])
 print(json.dumps(out))
 """
-
-
-class Interrupted(Exception):
-    """SIGTERM to the bench: clean up as on Ctrl-C."""
 
 
 # -- /proc ----------------------------------------------------------------------------------
@@ -314,7 +302,7 @@ def queue_backlog(conn: Any, tasks: int, keys: int) -> dict[str, Any]:
     """The backlog in one statement; (seconds, first id, last id, contiguous)."""
     with conn.cursor() as cur:
         start = time.monotonic()
-        cur.execute(QUEUED_SQL, {"rows": tasks, "keys": keys})
+        cur.execute(NOOP_BACKLOG_SQL, {"rows": tasks, "keys": keys})
         conn.commit()
         seconds = time.monotonic() - start
         cur.execute("SELECT min(id), max(id), count(*), pg_total_relation_size('tasks') FROM tasks")
@@ -412,15 +400,8 @@ def claim_capacity(shards: int, settings: list[str]) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from bench.plugin import write_dist_info
-    from bench.run import machine_description
-    from taskomatic.embedded.postgres import EmbeddedPostgres
-
     started_at = datetime.now(UTC)
     wall = time.monotonic()
-    base = Path(tempfile.mkdtemp(prefix="taskomatic-bounded-", dir="/tmp"))
-    base.chmod(0o755)  # the unprivileged PostgreSQL user must reach it
-    pg = EmbeddedPostgres(base / "postgres")
     runner: Runner | None = None
     capacity = claim_capacity(args.shards, args.set)
     timeout = args.timeout if args.timeout else 120.0 + args.tasks / 250.0
@@ -435,139 +416,123 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     samples: list[dict[str, Any]] = []
     roles: dict[int, str] = {}  # daemon pid -> role, once its title says
-    previous_term = signal.getsignal(signal.SIGTERM)
-
-    def on_term(_signum: int, _frame: object) -> None:
-        raise Interrupted()
-
-    signal.signal(signal.SIGTERM, on_term)
-    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        pg.start()
-        assert pg.pid is not None
-        conn = psycopg2.connect(pg.dsn)
-        result["machine"] = machine_description(conn)
-        conn.close()
-        dsn = create_database(pg.dsn, "bounded")
-        conn = psycopg2.connect(dsn, application_name="bench")
-        print(f"queueing {args.tasks:,} noop tasks over {args.keys:,} keys ...", file=sys.stderr, flush=True)
-        backlog = queue_backlog(conn, args.tasks, args.keys)
-        result["backlog"] = backlog
-        print(f"  inserted in {backlog['insert_s']:.1f} s ({backlog['table_mb_after_insert']} MB)", file=sys.stderr,
-              flush=True)
-        if not backlog["contiguous"]:
-            raise RuntimeError(f"the backlog's ids are not contiguous: {backlog}")
-        if args.analyze:
-            start = time.monotonic()
-            conn.autocommit = True
-            with conn.cursor() as cur:
-                cur.execute("ANALYZE tasks")
-            conn.autocommit = False
-            backlog["analyze_s"] = round(time.monotonic() - start, 3)
-        backlog["claim_plan_at_launch"] = claim_plan(conn, capacity["claim_batch"])
-        plugin_path = write_dist_info(base / "plugin")
-        spec = RunnerSpec("taskomatic", args.shards)
-        stats = measure.all_stats()
-        pg_before = measure.cpu_snapshot(measure.tree_members(pg.pid, stats))
-        machine_before, self_before = measure.machine_busy_seconds(), measure.self_cpu_seconds()
-        # Sampling starts at the launch, not at READY: the fetcher claims and the shards run
-        # while the rest of the daemon is still coming up. READY is awaited in a thread.
-        t0 = time.monotonic()
-        runner = Runner(spec, dsn, base / "daemon", plugin_path, 1.0, args.set)
-        daemon_before: measure.CpuSnapshot = {}  # the group did not exist: all its CPU counts
-        ready: dict[str, Any] = {}
-        started = runner
-
-        def wait_ready() -> None:
-            try:
-                started.wait_ready()
-                ready["s"] = time.monotonic() - t0
-            except RunnerFailed as exc:
-                ready["error"] = str(exc)
-
-        ready_thread = threading.Thread(target=wait_ready, name="wait-ready", daemon=True)
-        ready_thread.start()
-        print(f"  {spec.label} launched; sampling every {args.interval} s", file=sys.stderr, flush=True)
-        limit = min(args.seconds, timeout) if args.seconds else timeout
-        next_sample = t0
-        last_print = t0
-        while True:
-            now = time.monotonic()
-            if now < next_sample:
-                time.sleep(next_sample - now)
-            next_sample += args.interval
+    with Harness("taskomatic-bounded-", args.keep_work_dir, template=False) as harness:
+        result["machine"] = harness.machine
+        pg_pid = harness.postmaster_pid
+        try:
+            dsn = create_database(harness.server_dsn, "bounded")
+            conn = psycopg2.connect(dsn, application_name="bench")
+            print(f"queueing {args.tasks:,} noop tasks over {args.keys:,} keys ...", file=sys.stderr, flush=True)
+            backlog = queue_backlog(conn, args.tasks, args.keys)
+            result["backlog"] = backlog
+            print(f"  inserted in {backlog['insert_s']:.1f} s ({backlog['table_mb_after_insert']} MB)", file=sys.stderr,
+                  flush=True)
+            if not backlog["contiguous"]:
+                raise RuntimeError(f"the backlog's ids are not contiguous: {backlog}")
+            if args.analyze:
+                start = time.monotonic()
+                conn.autocommit = True
+                with conn.cursor() as cur:
+                    cur.execute("ANALYZE tasks")
+                conn.autocommit = False
+                backlog["analyze_s"] = round(time.monotonic() - start, 3)
+            backlog["claim_plan_at_launch"] = claim_plan(conn, capacity["claim_batch"])
+            spec = RunnerSpec("taskomatic", args.shards)
             stats = measure.all_stats()
-            t = time.monotonic() - t0
-            procs = sample_processes(runner.pid, stats)
-            pg_cpu = measure.cpu_seconds(pg_before, measure.cpu_snapshot(measure.tree_members(pg.pid, stats)))
-            daemon_cpu = measure.cpu_seconds(daemon_before,
-                                             measure.cpu_snapshot(measure.group_members(runner.pid, stats)))
-            q0 = time.monotonic()
-            ended, held, unclaimed, analyzes = db_sample(conn, args.tasks, backlog["last_id"])
-            query_ms = (time.monotonic() - q0) * 1000
-            for pid, p in procs.items():
-                if is_titled(pid, runner.pid, p["title"]):
-                    roles[pid] = role_of(pid, runner.pid, p["title"])
-            samples.append({"t": round(t, 3), "ended": ended, "held": held, "unclaimed": unclaimed,
-                            "analyzes": analyzes,
-                            "pg_cpu_s": round(pg_cpu, 2), "daemon_cpu_s": round(daemon_cpu, 2),
-                            "query_ms": round(query_ms, 2),
-                            "procs": {pid: [p["rss_kb"], p["pss_kb"], p["uss_kb"]] for pid, p in procs.items()}})
-            if time.monotonic() - last_print >= 10:
-                last_print = time.monotonic()
-                print(f"  t={t:6.1f}s ended {ended:>9,} held {held:>5,} unclaimed {unclaimed:>9,}",
-                      file=sys.stderr, flush=True)
-            if "error" in ready:
-                raise RunnerFailed(ready["error"])
-            if ended >= args.tasks:
-                result["all_ended_s"] = round(t, 3)
-                break
-            if runner.process.poll() is not None:
-                raise RunnerFailed(f"the daemon exited with {runner.process.returncode} mid-run:\n{runner.log_tail()}")
-            if t >= limit:
-                if not args.seconds or args.seconds > timeout:
-                    result["error"] = f"not every task ended within {timeout:.0f} s"
-                break
-        wall_run = time.monotonic() - t0
-        machine_busy = measure.machine_busy_seconds() - machine_before
-        bench_cpu = measure.self_cpu_seconds() - self_before
-        members = measure.group_members(runner.pid)
-        ready_thread.join(timeout=5)
-        result["ready_s"] = round(ready["s"], 3) if "s" in ready else None
-        result["mappings"] = {roles[pid]: mapping_breakdown(pid) for pid in sorted(roles)
-                              if roles[pid] in ("supervisor", "fetcher", "shard 0", "reconciler")}
-        result["peak_rss_vmhwm"] = measure.peak_rss(members, lambda pid, title: role_of(pid, runner.pid, title)
-                                                    if runner else "?")
-        last = samples[-1]
-        other = max(0.0, machine_busy - last["pg_cpu_s"] - last["daemon_cpu_s"] - bench_cpu)
-        result["cpu"] = {"wall_s": round(wall_run, 3), "postgres_s": last["pg_cpu_s"],
-                         "daemon_s": last["daemon_cpu_s"], "bench_s": round(bench_cpu, 3),
-                         "machine_busy_s": round(machine_busy, 3), "other_s": round(other, 3),
-                         "other_share": round(other / (wall_run * (os.cpu_count() or 1)), 4) if wall_run else None}
-        result["daemon_exit_code"] = runner.stop()
-        result["daemon_log_tail"] = runner.log_tail(2000)
-        runner = None
-        result["final"] = exact_counts(conn)
-        conn.close()
-    except RunnerFailed as exc:
-        result["error"] = str(exc)
-    finally:
-        if runner is not None:
-            result.setdefault("daemon_exit_code", runner.stop(timeout=5))
-        pg.stop()
-        signal.signal(signal.SIGTERM, previous_term)
-        signal.signal(signal.SIGINT, previous_int)
-        if args.keep_work_dir:
-            print(f"kept {base}", file=sys.stderr)
-        else:
-            shutil.rmtree(base, ignore_errors=True)
+            pg_before = measure.cpu_snapshot(measure.tree_members(pg_pid, stats))
+            machine_before, self_before = measure.machine_busy_seconds(), measure.self_cpu_seconds()
+            # Sampling starts at the launch, not at READY: the fetcher claims and the shards run
+            # while the rest of the daemon is still coming up. READY is awaited in a thread.
+            t0 = time.monotonic()
+            runner = harness.start(spec, dsn, harness.base / "daemon", args.set)
+            daemon_before: measure.CpuSnapshot = {}  # the group did not exist: all its CPU counts
+            ready: dict[str, Any] = {}
+            started = runner
+
+            def wait_ready() -> None:
+                try:
+                    started.wait_ready()
+                    ready["s"] = time.monotonic() - t0
+                except RunnerFailed as exc:
+                    ready["error"] = str(exc)
+
+            ready_thread = threading.Thread(target=wait_ready, name="wait-ready", daemon=True)
+            ready_thread.start()
+            print(f"  {spec.label} launched; sampling every {args.interval} s", file=sys.stderr, flush=True)
+            limit = min(args.seconds, timeout) if args.seconds else timeout
+            next_sample = t0
+            last_print = t0
+            while True:
+                now = time.monotonic()
+                if now < next_sample:
+                    time.sleep(next_sample - now)
+                next_sample += args.interval
+                stats = measure.all_stats()
+                t = time.monotonic() - t0
+                procs = sample_processes(runner.pid, stats)
+                pg_cpu = measure.cpu_seconds(pg_before, measure.cpu_snapshot(measure.tree_members(pg_pid, stats)))
+                daemon_cpu = measure.cpu_seconds(daemon_before,
+                                                 measure.cpu_snapshot(measure.group_members(runner.pid, stats)))
+                q0 = time.monotonic()
+                ended, held, unclaimed, analyzes = db_sample(conn, args.tasks, backlog["last_id"])
+                query_ms = (time.monotonic() - q0) * 1000
+                for pid, p in procs.items():
+                    if is_titled(pid, runner.pid, p["title"]):
+                        roles[pid] = role_of(pid, runner.pid, p["title"])
+                samples.append({"t": round(t, 3), "ended": ended, "held": held, "unclaimed": unclaimed,
+                                "analyzes": analyzes,
+                                "pg_cpu_s": round(pg_cpu, 2), "daemon_cpu_s": round(daemon_cpu, 2),
+                                "query_ms": round(query_ms, 2),
+                                "procs": {pid: [p["rss_kb"], p["pss_kb"], p["uss_kb"]] for pid, p in procs.items()}})
+                if time.monotonic() - last_print >= 10:
+                    last_print = time.monotonic()
+                    print(f"  t={t:6.1f}s ended {ended:>9,} held {held:>5,} unclaimed {unclaimed:>9,}",
+                          file=sys.stderr, flush=True)
+                if "error" in ready:
+                    raise RunnerFailed(ready["error"])
+                if ended >= args.tasks:
+                    result["all_ended_s"] = round(t, 3)
+                    break
+                if runner.process.poll() is not None:
+                    raise RunnerFailed(f"the daemon exited with {runner.process.returncode} mid-run:\n"
+                                       f"{runner.log_tail()}")
+                if t >= limit:
+                    if not args.seconds or args.seconds > timeout:
+                        result["error"] = f"not every task ended within {timeout:.0f} s"
+                    break
+            wall_run = time.monotonic() - t0
+            machine_busy = measure.machine_busy_seconds() - machine_before
+            bench_cpu = measure.self_cpu_seconds() - self_before
+            members = measure.group_members(runner.pid)
+            ready_thread.join(timeout=5)
+            result["ready_s"] = round(ready["s"], 3) if "s" in ready else None
+            result["mappings"] = {roles[pid]: mapping_breakdown(pid) for pid in sorted(roles)
+                                  if roles[pid] in ("supervisor", "fetcher", "shard 0", "reconciler")}
+            result["peak_rss_vmhwm"] = measure.peak_rss(members, lambda pid, title: role_of(pid, runner.pid, title)
+                                                        if runner else "?")
+            last = samples[-1]
+            other = max(0.0, machine_busy - last["pg_cpu_s"] - last["daemon_cpu_s"] - bench_cpu)
+            result["cpu"] = {"wall_s": round(wall_run, 3), "postgres_s": last["pg_cpu_s"],
+                             "daemon_s": last["daemon_cpu_s"], "bench_s": round(bench_cpu, 3),
+                             "machine_busy_s": round(machine_busy, 3), "other_s": round(other, 3),
+                             "other_share": round(other / (wall_run * (os.cpu_count() or 1)), 4) if wall_run else None}
+            result["daemon_exit_code"] = harness.stop(runner)
+            result["daemon_log_tail"] = runner.log_tail(2000)
+            runner = None
+            result["final"] = exact_counts(conn)
+            conn.close()
+        except RunnerFailed as exc:
+            result["error"] = str(exc)
+        finally:
+            if runner is not None:
+                result.setdefault("daemon_exit_code", harness.stop(runner, timeout=5))
     if not args.no_breakdown:
         print("measuring the import breakdown ...", file=sys.stderr, flush=True)
         breakdown_plugin = Path(tempfile.mkdtemp(prefix="taskomatic-bounded-plugin-", dir="/tmp"))
         try:
-            from bench.plugin import write_dist_info as _write
+            from bench.plugin import write_dist_info
 
-            result["import_breakdown"] = import_breakdown(_write(breakdown_plugin))
+            result["import_breakdown"] = import_breakdown(write_dist_info(breakdown_plugin))
         finally:
             shutil.rmtree(breakdown_plugin, ignore_errors=True)
     for sample in samples:

@@ -201,6 +201,14 @@ ORDER BY u.n
 """
 
 
+# A backlog of noop tasks over VM ids 1..keys, in one statement (bench.claims and bench.bounded).
+NOOP_BACKLOG_SQL = """
+INSERT INTO tasks (task_target_type, task_target_id, action, args, submitted_by)
+SELECT 'Vm', (g %% %(keys)s) + 1, 'noop', '{}'::jsonb, 'bench'
+FROM generate_series(1, %(rows)s) AS g
+"""
+
+
 def insert_tasks(conn: Any, tasks: list[PlannedTask]) -> None:
     """Queue tasks in one statement (one transaction, one NOTIFY), in list order."""
     with conn.cursor() as cur:
