@@ -13,9 +13,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import psycopg2
+
 from bench import measure
 from bench.harness import MULTIHOST, Harness, daemon_config, fetch_rows, fetch_scalar
-from bench.runners import Runner, RunnerSpec
+from bench.runners import Runner, RunnerFailed, RunnerSpec
 
 SHARDS = 2  # per instance, in both measurements
 POLL = 0.2  # seconds between the bench's polls of the database
@@ -155,6 +157,31 @@ def instances(ctx: Ctx, dsn: str, count: int, multihost: bool, label: str,
     finally:
         for runner in runners:
             ctx.harness.stop(runner, timeout=10)
+
+
+@contextmanager
+def run_database(ctx: Ctx, result: dict[str, Any]) -> Iterator[tuple[str, Any]]:
+    """One run's fresh database and the bench's autocommit connection to it: (dsn, conn).
+
+    A RunnerFailed inside ends the run with its message as ``result["error"]``; every instance still
+    running is stopped on the way out, whatever happened.
+    """
+    with ctx.harness.fresh_database() as dsn:
+        conn = psycopg2.connect(dsn, application_name="bench multihost")
+        conn.autocommit = True
+        try:
+            yield dsn, conn
+        except RunnerFailed as exc:
+            result["error"] = str(exc)
+            result.setdefault("checks", {})
+        finally:
+            ctx.harness.stop_all(timeout=5)
+            conn.close()
+
+
+def run_ok(result: dict[str, Any]) -> bool:
+    """A run is ok with no error and every one of its checks (at least one) held."""
+    return result["error"] is None and bool(result["checks"]) and all(result["checks"].values())
 
 
 def kill_group(runner: Runner) -> None:
