@@ -28,7 +28,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -340,7 +340,7 @@ class Harness:
         """The bench plugin's dist-info directory, for the daemons' PYTHONPATH."""
         return write_dist_info(self.base / "plugin")
 
-    def fresh_database(self) -> Any:
+    def fresh_database(self) -> AbstractContextManager[str]:
         """A copy of the template for one run, dropped afterwards (a context manager yielding its DSN)."""
         return fresh_database(self.server_dsn)
 

@@ -21,14 +21,7 @@ BENCH_APP = "bench soak"  # the bench's own connection, left out of the counts
 
 def rss_kb(pid: int) -> int | None:
     """VmRSS of a process, kB (None when it is gone)."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
+    return measure.status_kb(pid, "VmRSS")
 
 
 role_of = measure.daemon_role  # (title, is_leader) -> "supervisor", "fetcher", "shard 3"...
