@@ -32,20 +32,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import socket
 import sys
-import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import psycopg2
+from bench.harness import NOOP_BACKLOG_SQL, RESULTS_DIR, Harness, create_database, drop_database
 
-from bench.runners import REPO
-
-RESULTS_DIR = REPO / "bench" / "results"
 CLAIMABLE_INDEX = "tasks_claimable_idx"
 
 FINISHED_SQL = """
@@ -56,33 +51,6 @@ SELECT 'Vm', (g %% %(keys)s) + 1, 'noop', '{}'::jsonb, 'finished', 'bench',
 FROM generate_series(1, %(rows)s) AS g,
      LATERAL (SELECT timestamptz '2026-01-01' + g * interval '10 milliseconds') AS s(t)
 """
-
-QUEUED_SQL = """
-INSERT INTO tasks (task_target_type, task_target_id, action, args, submitted_by)
-SELECT 'Vm', (g %% %(keys)s) + 1, 'noop', '{}'::jsonb, 'bench'
-FROM generate_series(1, %(rows)s) AS g
-"""
-
-
-def _dsn_for(server_dsn: str, dbname: str) -> str:
-    return server_dsn.replace("dbname=taskomatic", f"dbname={dbname}")
-
-
-def create_database(server_dsn: str, name: str) -> str:
-    """A fresh, migrated database on the server; its DSN."""
-    from taskomatic.db import migrate
-
-    admin = psycopg2.connect(_dsn_for(server_dsn, "postgres"))
-    admin.autocommit = True
-    with admin.cursor() as cur:
-        cur.execute(f"DROP DATABASE IF EXISTS {name}")
-        cur.execute(f"CREATE DATABASE {name}")
-    admin.close()
-    dsn = _dsn_for(server_dsn, name)
-    conn = psycopg2.connect(dsn)
-    migrate.upgrade(conn)
-    conn.close()
-    return dsn
 
 
 def _plan_nodes(node: dict[str, Any]) -> list[dict[str, Any]]:
@@ -153,7 +121,7 @@ def build_case(server_dsn: str, name: str, finished: int, queued: int, batch: in
         store.commit()
         result["insert_finished_s"] = round(time.monotonic() - start, 2)
         start = time.monotonic()
-        cur.execute(QUEUED_SQL, {"rows": queued, "keys": keys})
+        cur.execute(NOOP_BACKLOG_SQL, {"rows": queued, "keys": keys})
         store.commit()
         result["insert_queued_s"] = round(time.monotonic() - start, 2)
         start = time.monotonic()
@@ -190,36 +158,19 @@ def finish_case(result: dict[str, Any], times: list[float], claimed: int, batch:
     })
 
 
-def _drop_database(server_dsn: str, name: str) -> None:
-    admin = psycopg2.connect(_dsn_for(server_dsn, "postgres"))
-    admin.autocommit = True
-    with admin.cursor() as cur:
-        cur.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-    admin.close()
-
-
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from bench.run import machine_description
-    from taskomatic.embedded.postgres import EmbeddedPostgres
-
     needed = (args.warmup + args.batches) * args.batch + args.batch  # + the rolled-back EXPLAIN claim
     queued = max(args.queued, needed)
-    base = Path(tempfile.mkdtemp(prefix="taskomatic-claims-", dir="/tmp"))
-    base.chmod(0o755)  # the unprivileged PostgreSQL user must reach it
-    pg = EmbeddedPostgres(base / "postgres")
     wall = time.monotonic()
-    try:
-        pg.start()
-        conn = psycopg2.connect(pg.dsn)
-        machine = machine_description(conn)
-        conn.close()
+    with Harness("taskomatic-claims-", template=False, signals=False) as harness:
+        machine = harness.machine
         cases: dict[str, dict[str, Any]] = {}
         stores: dict[str, tuple[Any, int]] = {}
         try:
             for label, finished in (("empty", 0), ("full", args.finished)):
                 print(f"{label}: {finished:,} finished + {queued:,} queued rows ...", file=sys.stderr, flush=True)
-                store, instance_id, cases[label] = build_case(pg.dsn, f"claims_{label}", finished, queued,
-                                                              args.batch, args.keys)
+                store, instance_id, cases[label] = build_case(harness.server_dsn, f"claims_{label}", finished,
+                                                              queued, args.batch, args.keys)
                 stores[label] = (store, instance_id)
             print(f"claiming: {args.batches} batches of {args.batch} from each, alternating ...", file=sys.stderr,
                   flush=True)
@@ -238,10 +189,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         finally:
             for label, (store, _) in stores.items():
                 store.close()
-                _drop_database(pg.dsn, f"claims_{label}")
-    finally:
-        pg.stop()
-        shutil.rmtree(base, ignore_errors=True)
+                drop_database(harness.server_dsn, f"claims_{label}")
     empty, full = cases["empty"]["claimed_per_s"], cases["full"]["claimed_per_s"]
     ratio = round(full / empty, 4) if empty and full else None
     return {

@@ -120,16 +120,21 @@ def process_title(pid: int) -> str:
     return raw.replace(b"\0", b" ").decode("utf-8", "replace").strip()
 
 
-def peak_rss_kb(pid: int) -> int | None:
-    """VmHWM: the process's peak resident set, in kB."""
+def status_kb(pid: int, field: str) -> int | None:
+    """A kB field of /proc/<pid>/status (``VmRSS``, ``VmHWM``...); None when the process is gone."""
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1])
     except OSError:
         return None
     return None
+
+
+def peak_rss_kb(pid: int) -> int | None:
+    """VmHWM: the process's peak resident set, in kB."""
+    return status_kb(pid, "VmHWM")
 
 
 def daemon_role(title: str, is_leader: bool) -> str:

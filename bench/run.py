@@ -1,12 +1,12 @@
 """Run the benchmark suite: ``python -m bench.run --quick`` (under 5 minutes), ``--full``, ``--smoke``.
 
-One private PostgreSQL (EmbeddedPostgres) for the whole suite; every run gets a
-fresh database copied from a migrated template. A run is one workload through
+One private PostgreSQL (EmbeddedPostgres, ``bench/harness.py``) for the whole
+suite; every run gets a fresh database copied from a migrated template. A run is one workload through
 one runner (the taskomatic daemon with N shards, or a baseline from
 ``bench/baselines.py``): start the runner, wait for READY, snapshot CPU,
 queue the tasks (one INSERT for a burst, or at a steady rate), wait until
 every task has ended, snapshot CPU and peak RSS, stop the runner (SIGTERM,
-then SIGKILL to its group), and read every other figure from the tasks table.
+then SIGKILL to its group), and read every other figure from the tasks table (``bench/run_figures.py``).
 Results go to ``bench/results/<stamp>-<suite>/``: results.json, report.md and
 the plots (``bench/report.py``, which can also re-render a results.json).
 """
@@ -16,41 +16,32 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
-import shutil
-import signal
-import subprocess
 import sys
-import tempfile
 import time
-import uuid
 from collections import defaultdict
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import psycopg2
-import psycopg2.extensions
 
 from bench import lifecycle, measure
-from bench.plugin import write_dist_info
-from bench.runners import REPO, Runner, RunnerFailed, RunnerSpec
-from bench.workloads import (
-    PlannedTask,
-    Workload,
-    generate,
-    lifecycle_final_states,
-    lower_bound,
-    measured_work_stats,
-    work_stats,
+from bench.harness import (
+    RESULTS_DIR,
+    CpuWindow,
+    Harness,
+    Interrupted,
+    check_overrides,
+    daemon_config,
+    insert_tasks,
+    unfinished,
 )
+from bench.run_figures import add_ratios, analyse
+from bench.runners import Runner, RunnerFailed, RunnerSpec
+from bench.workloads import PlannedTask, Workload, generate, lifecycle_final_states, work_stats
 
-RESULTS_DIR = REPO / "bench" / "results"
-TEMPLATE_DB = "bench_template"
 SCHEMA_VERSION = 1
 PROGRESS_INTERVAL = 0.2  # seconds between progress polls of the tasks table
 STEADY_TICK = 0.005  # seconds between steady-arrival inserts
@@ -111,141 +102,14 @@ def suite(name: str) -> list[Entry]:
     raise ValueError(f"unknown suite {name!r}")
 
 
-# -- the machine ---------------------------------------------------------------------
-
-
-def _first(path: str, prefix: str) -> str | None:
-    try:
-        with open(path) as f:
-            for line in f:
-                if line.startswith(prefix):
-                    return line.split(":", 1)[1].strip() if ":" in line else line.split("=", 1)[1].strip()
-    except OSError:
-        return None
-    return None
-
-
-def _git(*args: str) -> str | None:
-    try:
-        out = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip()
-
-
-def machine_description(conn: Any) -> dict[str, Any]:
-    import psycopg2 as pg
-
-    from taskomatic import __version__
-
-    mem = _first("/proc/meminfo", "MemTotal")
-    with conn.cursor() as cur:
-        settings = {}
-        for setting in ("server_version", "fsync", "synchronous_commit", "shared_buffers", "max_connections"):
-            cur.execute(f"SHOW {setting}")
-            settings[setting] = cur.fetchone()[0]
-    conn.rollback()
-    os_name = _first("/etc/os-release", "PRETTY_NAME=")
-    status = _git("status", "--porcelain", "--untracked-files=no")
-    return {
-        "cpu_model": _first("/proc/cpuinfo", "model name"),
-        "cores": os.cpu_count(),
-        "cores_usable": len(os.sched_getaffinity(0)),
-        "memory_kb": int(mem.split()[0]) if mem else None,
-        "kernel": platform.release(),
-        "os": os_name.strip('"') if os_name else None,
-        "python": platform.python_version(),
-        "postgresql": settings.pop("server_version"),
-        "postgresql_settings": settings,
-        "psycopg2": pg.__version__.split()[0],
-        "taskomatic_version": __version__,
-        "commit": _git("rev-parse", "HEAD"),
-        "commit_dirty": bool(status) if status is not None else None,
-    }
-
-
-# -- the database ----------------------------------------------------------------------
-
-
-def _dsn_for(server_dsn: str, dbname: str) -> str:
-    return server_dsn.replace("dbname=taskomatic", f"dbname={dbname}")
-
-
-def _admin(server_dsn: str) -> Any:
-    conn = psycopg2.connect(_dsn_for(server_dsn, "postgres"))
-    conn.autocommit = True
-    return conn
-
-
-def make_template(server_dsn: str) -> None:
-    from taskomatic.db import migrate
-
-    admin = _admin(server_dsn)
-    with admin.cursor() as cur:
-        cur.execute(f"DROP DATABASE IF EXISTS {TEMPLATE_DB}")
-        cur.execute(f"CREATE DATABASE {TEMPLATE_DB}")
-    admin.close()
-    conn = psycopg2.connect(_dsn_for(server_dsn, TEMPLATE_DB))
-    migrate.upgrade(conn)
-    conn.close()
-
-
-@contextmanager
-def fresh_database(server_dsn: str) -> Iterator[str]:
-    name = f"bench_{uuid.uuid4().hex[:12]}"
-    admin = _admin(server_dsn)
-    try:
-        with admin.cursor() as cur:
-            cur.execute(f"CREATE DATABASE {name} TEMPLATE {TEMPLATE_DB}")
-        yield _dsn_for(server_dsn, name)
-    finally:
-        with admin.cursor() as cur:
-            cur.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        admin.close()
-
-
-INSERT_SQL = """
-INSERT INTO tasks (task_target_type, task_target_id, action, args, submitted_by)
-SELECT 'Vm', u.key, u.action, u.args::jsonb, 'bench'
-FROM unnest(%s::bigint[], %s::text[], %s::text[]) WITH ORDINALITY AS u(key, action, args, n)
-ORDER BY u.n
-"""
-
-
-def insert_tasks(conn: Any, tasks: list[PlannedTask]) -> None:
-    """Queue tasks in one statement (one transaction, one NOTIFY), in list order."""
-    with conn.cursor() as cur:
-        cur.execute(INSERT_SQL, ([t.key for t in tasks], [t.action for t in tasks], [t.args_json for t in tasks]))
-    conn.commit()
-
-
-def unfinished(conn: Any) -> int:
-    with conn.cursor() as cur:
-        cur.execute("SELECT count(*) FROM tasks WHERE state IN ('queued', 'running')")
-        value = int(cur.fetchone()[0])
-    conn.commit()
-    return value
-
-
-# -- one run ----------------------------------------------------------------------------
-
-
-class Interrupted(Exception):
-    """SIGTERM to the bench: clean up as on Ctrl-C."""
-
-
 @dataclass
 class Context:
-    server_dsn: str
-    postmaster_pid: int
-    work_dir: Path
-    plugin_path: Path
+    harness: Harness
     seed: int
     baseline_poll: float
     daemon_settings: list[str]
     run_timeout: float | None
     bar: Any
-    on_runner: Callable[[Runner | None], None]
 
 
 def _role(leader: int, kind: str) -> Callable[[int, str], str]:
@@ -282,10 +146,10 @@ def execute_run(ctx: Context, workload: Workload, tasks: list[PlannedTask], spec
                               "label": spec.label, "complete": False, "error": None}
     if workload.needs_libvirt and spec.is_baseline:
         raise ValueError(f"{workload.name}: {spec.label} cannot run real VM actions (it knows noop and sleep only)")
-    run_dir = ctx.work_dir / f"run{index:02d}-{workload.name}-{spec.kind}{spec.parallelism}"
+    run_dir = ctx.harness.base / f"run{index:02d}-{workload.name}-{spec.kind}{spec.parallelism}"
     timeout = ctx.run_timeout or _timeout_for(workload, tasks)
-    with fresh_database(ctx.server_dsn) as dsn:
-        nodes = lifecycle.Nodes(lifecycle.short_dir(ctx.work_dir, index)) if workload.needs_libvirt else None
+    with ctx.harness.fresh_database() as dsn:
+        nodes = lifecycle.Nodes(lifecycle.short_dir(ctx.harness.base, index)) if workload.needs_libvirt else None
         try:
             settings = ctx.daemon_settings
             host_ids: list[int] = []
@@ -316,45 +180,29 @@ def _connect(dsn: str) -> Any:
 def _run_one(ctx: Context, workload: Workload, tasks: list[PlannedTask], spec: RunnerSpec, run_dir: Path,
              dsn: str, settings: list[str], timeout: float, nodes: lifecycle.Nodes | None, host_ids: list[int],
              result: dict[str, Any]) -> None:
-    runner = Runner(spec, dsn, run_dir, ctx.plugin_path, ctx.baseline_poll, settings)
-    ctx.on_runner(runner)
+    runner = ctx.harness.start(spec, dsn, run_dir, settings, ctx.baseline_poll)
     conn = _connect(dsn)
     try:
         result["ready_s"] = round(runner.wait_ready(), 3)
-        stats = measure.all_stats()
-        runner_before = measure.cpu_snapshot(measure.group_members(runner.pid, stats))
-        pg_before = measure.cpu_snapshot(measure.tree_members(ctx.postmaster_pid, stats))
-        nodes_before = measure.cpu_snapshot(lifecycle.node_cpu_members(nodes.pids, stats)) if nodes else {}
-        machine_before, self_before = measure.machine_busy_seconds(), measure.self_cpu_seconds()
-        wall_start = time.monotonic()
+        window = CpuWindow([runner.pid], ctx.harness.postmaster_pid, nodes.pids if nodes else None)
         ended = _feed_and_wait(ctx, conn, workload, tasks, runner, timeout)
-        wall = time.monotonic() - wall_start
-        machine_busy = measure.machine_busy_seconds() - machine_before
-        bench_cpu = measure.self_cpu_seconds() - self_before
-        result["wall_s"] = round(wall, 3)
-        stats = measure.all_stats()
-        runner_members = measure.group_members(runner.pid, stats)
-        pg_members = measure.tree_members(ctx.postmaster_pid, stats)
-        runner_cpu = measure.cpu_seconds(runner_before, measure.cpu_snapshot(runner_members))
-        pg_cpu = measure.cpu_seconds(pg_before, measure.cpu_snapshot(pg_members))
-        nodes_cpu = (measure.cpu_seconds(nodes_before, measure.cpu_snapshot(lifecycle.node_cpu_members(nodes.pids,
-                                                                                                      stats)))
-                     if nodes else 0.0)
+        cpu = window.close()
+        runner_cpu, pg_cpu, nodes_cpu = cpu.groups_s[0], cpu.postgres_s, cpu.nodes_s
+        result["wall_s"] = round(cpu.wall_s, 3)
         result["rss"] = {
-            "runner": measure.peak_rss(runner_members, _role(runner.pid, spec.kind)),
-            "postgres": measure.peak_rss(pg_members, _role(ctx.postmaster_pid, "postgres")),
+            "runner": measure.peak_rss(cpu.group_members[0], _role(runner.pid, spec.kind)),
+            "postgres": measure.peak_rss(cpu.postgres_members, _role(ctx.harness.postmaster_pid, "postgres")),
         }
-        other = max(0.0, machine_busy - runner_cpu - pg_cpu - nodes_cpu - bench_cpu)
         result["cpu"] = {
             "runner_s": round(runner_cpu, 3), "postgres_s": round(pg_cpu, 3),
             "runner_s_per_1k": round(runner_cpu / workload.tasks * 1000, 4),
             "postgres_s_per_1k": round(pg_cpu / workload.tasks * 1000, 4),
-            "bench_s": round(bench_cpu, 3),
-            "machine_busy_s": round(machine_busy, 3),
+            "bench_s": round(cpu.bench_s, 3),
+            "machine_busy_s": round(cpu.machine_busy_s, 3),
             # Whatever else ran on the machine meanwhile: when this is a large share of
             # the machine, the run's figures are disturbed by foreign load.
-            "other_s": round(other, 3),
-            "other_share": round(other / (wall * (os.cpu_count() or 1)), 4) if wall > 0 else None,
+            "other_s": round(cpu.other_s, 3),
+            "other_share": cpu.other_share,
         }
         if nodes is not None:
             # The libvirt nodes' daemons (their process groups): the test driver's side of the work.
@@ -365,8 +213,7 @@ def _run_one(ctx: Context, workload: Workload, tasks: list[PlannedTask], spec: R
     except RunnerFailed as exc:
         result["error"] = str(exc)
     finally:
-        code = runner.stop()
-        ctx.on_runner(None)
+        code = ctx.harness.stop(runner)
         result["runner_exit_code"] = code
     if result["error"] is None and code != 0:
         result["error"] = f"{spec.label} exited with {code} on SIGTERM:\n{runner.log_tail()}"
@@ -412,154 +259,11 @@ def _feed_and_wait(ctx: Context, conn: Any, workload: Workload, tasks: list[Plan
         time.sleep(STEADY_TICK if inserted < len(tasks) else PROGRESS_INTERVAL / 4)
 
 
-def analyse(conn: Any, workload: Workload, tasks: list[PlannedTask], spec: RunnerSpec,
-            close: bool = False) -> dict[str, Any]:
-    """Every figure that comes from the tasks table."""
-    rows = measure.task_rows(conn)
-    order = measure.order_check(conn)
-    if close:
-        conn.close()
-    counts: dict[str, int] = defaultdict(int)
-    for r in rows:
-        counts[r["state"]] += 1
-    out: dict[str, Any] = {
-        "tasks": {"total": len(rows), "expected": workload.tasks, "finished": counts.get("finished", 0),
-                  "failed": counts.get("failed", 0),
-                  "other": sum(v for k, v in counts.items() if k not in ("finished", "failed"))},
-        "order": order,
-    }
-    ran = [r for r in rows if r["started"] is not None and r["ended"] is not None]
-    if not ran:
-        return out
-    latencies = sorted((r["started"] - r["created"]) * 1000.0 for r in ran)
-    first_start = min(r["started"] for r in ran)
-    first_created = min(r["created"] for r in rows)
-    last_end = max(r["ended"] for r in ran)
-    span = last_end - first_start
-    out["throughput_tps"] = round(len(ran) / span, 2) if span > 0 else None
-    out["span_s"] = round(span, 4)
-    out["latency_ms"] = {
-        "p50": _round(measure.percentile(latencies, 0.50)), "p95": _round(measure.percentile(latencies, 0.95)),
-        "p99": _round(measure.percentile(latencies, 0.99)), "max": _round(latencies[-1]),
-        "mean": _round(sum(latencies) / len(latencies)),
-    }
-    out["latency_cdf_ms"] = measure.cdf_points(latencies)
-    runs = [(r["ended"] - r["started"]) * 1000.0 for r in ran]
-    out["run_ms_mean"] = _round(sum(runs) / len(runs))
-    out["makespan_s"] = round(last_end - first_created, 4)
-    if workload.work_measured:
-        # Work not known in advance (real VM actions): the bound is computed from each
-        # task's measured time_started -> time_ended, per key and in all.
-        stats = measured_work_stats([(r["key_id"], r["ended"] - r["started"]) for r in ran])
-        out["measured_work"] = {"total_s": round(stats.total_s, 4), "heaviest_key_s": round(stats.heaviest_key_s, 4),
-                                "heaviest_key_tasks": stats.heaviest_key_tasks,
-                                "longest_task_s": round(stats.longest_task_s, 4),
-                                "distinct_keys": stats.distinct_keys}
-        out["action_ms"] = lifecycle.action_durations(ran)
-    else:
-        stats = work_stats(tasks)
-    if workload.has_work:
-        bound = lower_bound(stats, spec.parallelism, keyed=spec.keeps_order)
-        out["lower_bound_s"] = round(bound, 4)
-        out["lower_bound_from"] = "measured durations" if workload.work_measured else "planned work"
-        out["makespan_ratio"] = round((last_end - first_created) / bound, 4) if bound > 0 else None
-    busy = sum(r["ended"] - r["started"] for r in ran)
-    out["utilisation"] = {"pool": round(busy / (spec.parallelism * span), 4) if span > 0 else None,
-                          "per_shard": None, "per_shard_note": None}
-    if spec.kind == "taskomatic":
-        out["utilisation"].update(_per_shard(ran, spec.parallelism, first_start, span))
-        if workload.has_work:
-            # The busy intervals per shard and the tasks running over time, for the timeline plot.
-            out["timeline"] = measure.shard_timeline(rows, spec.parallelism)
-    return out
-
-
-def _per_shard(ran: list[dict[str, Any]], shards: int, first_start: float, span: float) -> dict[str, Any]:
-    """Busy fraction and task count of each shard, from the slot the tasks table recorded.
-
-    ``tasks.run_by_shard`` is the shard slot that marked each task running
-    (``measure.shard_of``; a key goes to whichever shard has room, so the key
-    alone does not say). A shard runs one task at a time, so no two tasks of
-    one shard may overlap: if some do, the figures are kept and the note says
-    so, since that is a daemon bug to look into. Rows with no slot recorded
-    fall back to the old hash routing, ``router.shard_for(key)``, which is
-    kept only if it is consistent (it no longer is how the daemon routes).
-    """
-    by_shard: dict[int, list[tuple[float, float]]] = defaultdict(list)
-    from_hash = 0
-    for r in ran:
-        shard, recorded = measure.shard_of(r, shards)
-        from_hash += not recorded
-        by_shard[shard].append((r["started"], r["ended"]))
-    out_of_range = sum(len(v) for i, v in by_shard.items() if not 0 <= i < shards)
-    overlapping = sum(measure.overlap_count(v) for v in by_shard.values())
-    if from_hash and (overlapping or out_of_range):
-        return {"per_shard": None, "per_shard_note": f"not derivable: {from_hash} of {len(ran)} tasks have no "
-                "tasks.run_by_shard, and attributing them by router.shard_for (the old hash routing) puts "
-                "overlapping tasks on one shard"}
-    per = [round(sum(e - s for s, e in by_shard.get(i, [])) / span, 4) if span > 0 else None
-           for i in range(shards)]
-    tasks_per = [len(by_shard.get(i, [])) for i in range(shards)]
-    source = ("tasks.run_by_shard" if not from_hash else
-              f"tasks.run_by_shard (router.shard_for for the {from_hash} of {len(ran)} tasks with none recorded)")
-    if overlapping or out_of_range:
-        verdict = (f"INCONSISTENT: {overlapping} tasks started on a shard before its previous one ended"
-                   + (f", {out_of_range} name a slot outside 0..{shards - 1}" if out_of_range else "")
-                   + " (a daemon bug: a shard runs one task at a time)")
-    else:
-        verdict = "consistent: no overlap within a shard"
-    return {"per_shard": per, "tasks_per_shard": tasks_per, "per_shard_overlaps": overlapping,
-            "per_shard_note": f"attributed by {source} ({verdict}); "
-                              "busy = time_started..time_ended over the first start..last end window"}
-
-
-def _round(value: float | None, digits: int = 3) -> float | None:
-    return None if value is None else round(value, digits)
-
-
-# -- ratios -------------------------------------------------------------------------------
-
-RATIO_FIGURES = (
-    ("throughput_tps", lambda r: r.get("throughput_tps")),
-    ("latency_p50_ms", lambda r: (r.get("latency_ms") or {}).get("p50")),
-    ("latency_p95_ms", lambda r: (r.get("latency_ms") or {}).get("p95")),
-    ("latency_p99_ms", lambda r: (r.get("latency_ms") or {}).get("p99")),
-    ("makespan_s", lambda r: r.get("makespan_s")),
-    ("makespan_ratio", lambda r: r.get("makespan_ratio")),
-    ("runner_cpu_s_per_1k", lambda r: (r.get("cpu") or {}).get("runner_s_per_1k")),
-    ("postgres_cpu_s_per_1k", lambda r: (r.get("cpu") or {}).get("postgres_s_per_1k")),
-)
-
-
-def add_ratios(runs: list[dict[str, Any]]) -> None:
-    """Each run's figures divided by the same workload's baselines of this suite run.
-
-    vs_original: the original design. vs_pool: the SKIP LOCKED pool with as many
-    workers as the run has shards/workers, else the pool with the most workers.
-    """
-    for run in runs:
-        same = [r for r in runs if r["workload"] == run["workload"] and r is not run]
-        original = next((r for r in same if r["runner"] == "original"), None)
-        pools = sorted((r for r in same if r["runner"] == "pool"), key=lambda r: r["parallelism"])
-        pool = next((r for r in pools if r["parallelism"] == run["parallelism"]), pools[-1] if pools else None)
-        run["ratios"] = {}
-        for name, base in (("vs_original", original), ("vs_pool", pool)):
-            if base is None:
-                continue
-            figures: dict[str, Any] = {"baseline": base["label"]}
-            for figure, get in RATIO_FIGURES:
-                mine, theirs = get(run), get(base)
-                figures[figure] = round(mine / theirs, 4) if mine is not None and theirs else None
-            run["ratios"][name] = figures
-
-
 # -- the suite ----------------------------------------------------------------------------
 
 
 def run_suite(args: argparse.Namespace) -> dict[str, Any]:
     from tqdm import tqdm
-
-    from taskomatic.embedded.postgres import EmbeddedPostgres
 
     entries = suite(args.suite)
     if args.only:
@@ -567,33 +271,13 @@ def run_suite(args: argparse.Namespace) -> dict[str, Any]:
     plans = {e.workload.name: generate(e.workload, args.seed) for e in entries}
     started_at = datetime.now(UTC)
     wall_start = time.monotonic()
-    base = Path(tempfile.mkdtemp(prefix="taskomatic-bench-", dir="/tmp"))
-    base.chmod(0o755)  # the unprivileged PostgreSQL user must reach it
-    current: list[Runner | None] = [None]
-    pg = EmbeddedPostgres(base / "postgres")
-    previous_term = signal.getsignal(signal.SIGTERM)
-
-    def on_term(_signum: int, _frame: object) -> None:
-        raise Interrupted()
-
-    signal.signal(signal.SIGTERM, on_term)
-    # Ctrl-C must clean up even when the bench was started with SIGINT ignored (nohup, `&`).
-    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     runs: list[dict[str, Any]] = []
-    try:
-        print(f"bench work directory: {base}", flush=True)
-        pg.start()
-        assert pg.pid is not None
-        make_template(pg.dsn)
-        conn = psycopg2.connect(pg.dsn)
-        machine = machine_description(conn)
-        conn.close()
-        plugin_path = write_dist_info(base / "plugin")
+    with Harness("taskomatic-bench-", args.keep_work_dir, announce="bench work directory") as harness:
+        machine = harness.machine
         total = sum(e.workload.tasks * len(e.runners) for e in entries)
         with tqdm(total=total, unit="task", dynamic_ncols=True, disable=args.no_progress,
                   file=sys.stderr) as bar:
-            ctx = Context(pg.dsn, pg.pid, base, plugin_path, args.seed, args.baseline_poll, args.set or [],
-                          args.run_timeout, bar, lambda r: current.__setitem__(0, r))
+            ctx = Context(harness, args.seed, args.baseline_poll, args.set or [], args.run_timeout, bar)
             index = 0
             for entry in entries:
                 for spec in entry.runners:
@@ -602,17 +286,6 @@ def run_suite(args: argparse.Namespace) -> dict[str, Any]:
                     result = execute_run(ctx, entry.workload, plans[entry.workload.name], spec, index)
                     runs.append(result)
                     bar.write(_one_line(result))
-    finally:
-        runner = current[0]
-        if runner is not None:
-            runner.stop(timeout=5)
-        pg.stop()
-        signal.signal(signal.SIGTERM, previous_term)
-        signal.signal(signal.SIGINT, previous_int)
-        if args.keep_work_dir:
-            print(f"kept {base}", file=sys.stderr)
-        else:
-            shutil.rmtree(base, ignore_errors=True)
     add_ratios(runs)
     workloads = []
     for entry in entries:
@@ -662,18 +335,6 @@ def _count(values: Any) -> dict[str, int]:
     for v in values:
         counts[v] += 1
     return dict(counts)
-
-
-def daemon_config(overrides: list[str]) -> dict[str, Any]:
-    """The settings every taskomatic run had: defaults (empty file, no environment) plus --set."""
-    from dataclasses import asdict
-
-    from taskomatic import config as config_mod
-
-    resolved = asdict(config_mod.load(os.devnull, environ={}, overrides=config_mod.parse_overrides(overrides)))
-    for private in ("dsn", "state_dir", "source_path", "shards"):
-        resolved.pop(private, None)
-    return resolved
 
 
 def _one_line(r: dict[str, Any]) -> str:
@@ -726,13 +387,7 @@ def main(argv: list[str] | None = None) -> int:
         unknown = set(args.only) - known
         if unknown:
             parser.error(f"unknown workload(s) {', '.join(sorted(unknown))}; {args.suite} has {', '.join(known)}")
-    if args.set:
-        from taskomatic import config as config_mod
-
-        try:
-            config_mod.parse_overrides(args.set)
-        except config_mod.ConfigError as exc:
-            parser.error(str(exc))
+    check_overrides(parser, args.set)
     out = args.out or RESULTS_DIR / f"{datetime.now().strftime('%Y%m%d-%H%M%S')}-{args.suite}"
     try:
         results = run_suite(args)

@@ -49,13 +49,13 @@ def _ready(r: dict[str, Any]) -> str:
 
 
 def summary(results: dict[str, Any]) -> str:
-    from bench.report import _machine_line
-    from bench.soak import verdict_flags
+    from bench.report import machine_line
+    from bench.soak_verdicts import verdict_flags
 
     w = results["workload"]
     out = [f"# taskomatic soak ({results['size']}), seed {results['seed']}, {results['started_at']}, "
            f"{results['wall_s']:.0f} s in all", "",
-           f"Machine: {_machine_line(results['machine'])}", "",
+           f"Machine: {machine_line(results['machine'])}", "",
            f"Workload: {w['description']}. Actions: "
            + ", ".join(f"{a} {n:,}" for a, n in w["actions"].items()) + ".", "",
            f"Command: `{results['settings']['command']}`; daemon overrides: "

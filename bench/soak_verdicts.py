@@ -241,3 +241,62 @@ def _pct(sorted_values: list[float], q: float) -> float:
 
 __all__ = ["backlog_verdict", "connection_verdict", "latency_over_time", "longest_ready_waits", "memory_verdict",
            "ready_times", "restarts", "slope", "thirds", "window"]
+
+
+# -- every verdict of one run --------------------------------------------------------------------------
+
+
+def _series(t: list[float], values: list[Any]) -> Series:
+    return [(a, float(v)) for a, v in zip(t, values, strict=True) if v is not None]
+
+
+def compute_verdicts(columns: dict[str, Any], load_end: float, final: dict[str, Any] | None,
+                     inserted: int) -> dict[str, Any]:
+    """Every verdict from the samples (see bench/soak_py for the definitions)."""
+    t = columns["t"]
+    memory = {role: memory_verdict(_series(t, values), 0.0, load_end)
+              for role, values in columns["rss_kb"].items()}
+    nodes_memory = {node: memory_verdict(_series(t, values), 0.0, load_end)
+                    for node, values in columns["libvirtd_rss_kb"].items()}
+    # A connection name absent from a sample had 0 connections then.
+    pg = {name: connection_verdict([(a, float(v or 0)) for a, v in zip(t, values, strict=True)], 0.0,
+                                            load_end)
+          for name, values in columns["pg"].items()}
+    pg_total = connection_verdict(_series(t, columns["pg_total"]), 0.0, load_end)
+    libvirt = {node: connection_verdict(_series(t, values), 0.0, load_end)
+               for node, values in columns["libvirt"].items()}
+    final = final or {"queued": -1, "running": -1, "ended": -1}
+    backlog = backlog_verdict(inserted, final["queued"], final["running"], final["ended"])
+    pids = {role: [p for p in values if p is not None] for role, values in columns["pids"].items()}
+    return {
+        "load_window_s": [0.0, round(load_end, 3)],
+        "memory": memory,
+        "memory_ok": all(v["growing"] is False for v in memory.values()),
+        "memory_growing": sorted(role for role, v in memory.items() if v["growing"]),
+        "nodes_memory": nodes_memory,  # informational: the test driver's state grows with the domains defined
+        "pg_connections": pg,
+        "pg_connections_total": pg_total,
+        "libvirt_connections": libvirt,
+        "connections_ok": (pg_total["leaked"] is False and all(v["leaked"] is False for v in pg.values())
+                           and all(v["leaked"] is False for v in libvirt.values())),
+        "backlog": backlog,
+        "restarts": restarts(pids),
+    }
+
+
+def verdicts_ok(v: dict[str, Any]) -> bool:
+    """Did every verdict of a run (with its order and lifecycle checks added) hold?"""
+    return bool(v.get("memory_ok") and v.get("connections_ok") and v.get("backlog", {}).get("ok")
+                and not v.get("restarts") and v.get("order", {}).get("ok") and v.get("lifecycle", {}).get("ok"))
+
+
+
+def verdict_flags(v: dict[str, Any]) -> dict[str, bool]:
+    """Each verdict as one boolean (what the summary and the exit code go by)."""
+    return {"memory levels off": bool(v.get("memory_ok")),
+            "no leaked connections": bool(v.get("connections_ok")),
+            "backlog 0, ended == queued": bool(v.get("backlog", {}).get("ok")),
+            "no process restarted": not v.get("restarts"),
+            "per-key order": bool(v.get("order", {}).get("ok")),
+            "every task ended once, VM rows match the domains": bool(v.get("lifecycle", {}).get("ok"))}
+

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from bench import bounded
+from bench import bounded_memory, bounded_report
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_flat_memory_levels_off() -> None:
     series = [(float(t), 40_000.0) for t in range(20)]
-    verdict = bounded.levels_off(series)
+    verdict = bounded_report.levels_off(series)
     assert verdict["levels_off"] is True
     assert verdict["growth_kb"] == 0
 
@@ -31,12 +31,12 @@ def test_flat_memory_levels_off() -> None:
 def test_startup_ramp_then_flat_levels_off() -> None:
     # A spawned child grows from 10 MB to 41 MB while it imports, then stays: all growth in the first half.
     series = [(0.0, 10_000.0), (1.0, 30_000.0), (2.0, 41_000.0)] + [(float(t), 41_000.0) for t in range(3, 20)]
-    assert bounded.levels_off(series)["levels_off"] is True
+    assert bounded_report.levels_off(series)["levels_off"] is True
 
 
 def test_steady_growth_does_not_level_off() -> None:
     series = [(float(t), 40_000.0 + 500.0 * t) for t in range(20)]  # +10 MB over the run
-    verdict = bounded.levels_off(series)
+    verdict = bounded_report.levels_off(series)
     assert verdict["levels_off"] is False
     assert verdict["growth_kb"] == pytest.approx(500.0 * 19 - 500.0 * 9)
 
@@ -44,30 +44,30 @@ def test_steady_growth_does_not_level_off() -> None:
 def test_growth_within_the_allowance() -> None:
     # 2 MB absolute allowance on a small process; 5 % on a big one.
     small = [(float(t), 20_000.0) for t in range(10)] + [(float(t), 21_900.0) for t in range(10, 20)]
-    assert bounded.levels_off(small)["levels_off"] is True
+    assert bounded_report.levels_off(small)["levels_off"] is True
     small_over = [(float(t), 20_000.0) for t in range(10)] + [(float(t), 22_100.0) for t in range(10, 20)]
-    assert bounded.levels_off(small_over)["levels_off"] is False
+    assert bounded_report.levels_off(small_over)["levels_off"] is False
     big = [(float(t), 100_000.0) for t in range(10)] + [(float(t), 104_900.0) for t in range(10, 20)]
-    assert bounded.levels_off(big)["levels_off"] is True
-    assert bounded.levels_off(big, rel=0.01)["levels_off"] is False
+    assert bounded_report.levels_off(big)["levels_off"] is True
+    assert bounded_report.levels_off(big, rel=0.01)["levels_off"] is False
 
 
 def test_shrinking_memory_levels_off_and_too_few_samples_are_undecided() -> None:
-    assert bounded.levels_off([(float(t), 50_000.0 - 100.0 * t) for t in range(10)])["levels_off"] is True
-    assert bounded.levels_off([(0.0, 1.0), (1.0, 2.0), (2.0, 3.0)])["levels_off"] is None
+    assert bounded_report.levels_off([(float(t), 50_000.0 - 100.0 * t) for t in range(10)])["levels_off"] is True
+    assert bounded_report.levels_off([(0.0, 1.0), (1.0, 2.0), (2.0, 3.0)])["levels_off"] is None
 
 
 # -- held_bounded -----------------------------------------------------------------------------
 
 
 def test_held_within_capacity() -> None:
-    verdict = bounded.held_bounded([0, 200, 1800, 2000, 1500, 0], capacity=2000)
+    verdict = bounded_report.held_bounded([0, 200, 1800, 2000, 1500, 0], capacity=2000)
     assert verdict == {"held_max": 2000, "capacity": 2000, "bounded": True, "held_max_share": 1.0}
 
 
 def test_held_over_capacity_and_empty() -> None:
-    assert bounded.held_bounded([0, 2001, 100], capacity=2000)["bounded"] is False
-    assert bounded.held_bounded([], capacity=2000)["bounded"] is False
+    assert bounded_report.held_bounded([0, 2001, 100], capacity=2000)["bounded"] is False
+    assert bounded_report.held_bounded([], capacity=2000)["bounded"] is False
 
 
 # -- throughput ---------------------------------------------------------------------------------
@@ -75,16 +75,16 @@ def test_held_over_capacity_and_empty() -> None:
 
 def test_window_rates() -> None:
     samples = [(float(t), 1000 * t) for t in range(11)]  # 1,000 tasks/s
-    windows = bounded.window_rates(samples, 2.0)
+    windows = bounded_report.window_rates(samples, 2.0)
     assert [w[2] for w in windows] == [1000.0] * 5
     assert windows[0][:2] == [0.0, 2.0] and windows[-1][1] == 10.0
-    assert bounded.window_rates(samples[:1], 2.0) == []
+    assert bounded_report.window_rates(samples[:1], 2.0) == []
 
 
 def test_trend_steady_rate_does_not_slow_down() -> None:
     # 1,000/s with 10,000 unclaimed at the start, drained by t = 10.
     samples = [(float(t), 1000 * t, max(0, 9000 - 1000 * t)) for t in range(12)]
-    trend = bounded.throughput_trend(samples)
+    trend = bounded_report.throughput_trend(samples)
     assert trend["slows_down"] is False
     assert trend["last_to_first"] == pytest.approx(1.0)
 
@@ -94,23 +94,23 @@ def test_trend_halving_rate_slows_down() -> None:
     for t in range(13):
         samples.append((float(t), ended, 100_000 - ended))
         ended += 2000 if t < 6 else 1000
-    trend = bounded.throughput_trend(samples)
+    trend = bounded_report.throughput_trend(samples)
     assert trend["slows_down"] is True
     assert trend["last_to_first"] == pytest.approx(0.5)
 
 
 def test_trend_undecided_without_a_claiming_period() -> None:
-    assert bounded.throughput_trend([(0.0, 0, 0), (1.0, 100, 0)])["slows_down"] is None
-    assert bounded.throughput_trend([(float(t), 10 * t, 5) for t in range(3)])["slows_down"] is None
+    assert bounded_report.throughput_trend([(0.0, 0, 0), (1.0, 100, 0)])["slows_down"] is None
+    assert bounded_report.throughput_trend([(float(t), 10 * t, 5) for t in range(3)])["slows_down"] is None
 
 
 def test_roles_from_titles() -> None:
-    assert bounded.role_of(10, 10, "python -m taskomatic --config x") == "supervisor"
-    assert bounded.role_of(11, 10, "taskomatic: shard 3/4") == "shard 3"
-    assert bounded.role_of(12, 10, "taskomatic: fetcher (4 shards)") == "fetcher"
-    assert bounded.role_of(13, 10, "taskomatic: reconciler") == "reconciler"
-    assert not bounded.is_titled(14, 10, "/usr/bin/python -B -c from multiprocess.spawn import spawn_main")
-    assert bounded.by_role({11: [1, 2, 3], 14: [4, 5, 6]}, {11: "shard 0"}) == {
+    assert bounded_memory.role_of(10, 10, "python -m taskomatic --config x") == "supervisor"
+    assert bounded_memory.role_of(11, 10, "taskomatic: shard 3/4") == "shard 3"
+    assert bounded_memory.role_of(12, 10, "taskomatic: fetcher (4 shards)") == "fetcher"
+    assert bounded_memory.role_of(13, 10, "taskomatic: reconciler") == "reconciler"
+    assert not bounded_memory.is_titled(14, 10, "/usr/bin/python -B -c from multiprocess.spawn import spawn_main")
+    assert bounded_memory.by_role({11: [1, 2, 3], 14: [4, 5, 6]}, {11: "shard 0"}) == {
         "shard 0": [1, 2, 3], "untitled pid 14": [4, 5, 6]}
 
 

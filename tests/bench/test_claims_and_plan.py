@@ -14,8 +14,9 @@ from typing import Any
 
 import pytest
 
-from bench import plan
-from bench.plan import PlanError, Service, Workload
+from bench import plan, queueing
+from bench.plan import PlanError, Workload
+from bench.queueing import Service
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -35,74 +36,74 @@ def test_mm1_wait_and_p95_by_hand() -> None:
     assert service.mean_s == pytest.approx(0.5)
     assert service.second_moment_s2 == pytest.approx(0.5)
     assert service.cv == pytest.approx(1.0)
-    assert plan.mg1_mean_wait(1.0, service) == pytest.approx(0.5)
+    assert queueing.mg1_mean_wait(1.0, service) == pytest.approx(0.5)
     # M/M/1: P(wait > t) = rho·exp(-(μ - λ) t) = 0.5·exp(-t): p95 = ln(0.5/0.05) = ln 10.
-    assert plan.p95_wait(1.0, service) == pytest.approx(math.log(10))
-    wait = plan.mgc_wait(1, 1.0, service)
+    assert queueing.p95_wait(1.0, service) == pytest.approx(math.log(10))
+    wait = queueing.mgc_wait(1, 1.0, service)
     assert wait is not None and wait.probability == pytest.approx(0.5) and wait.mean_s == pytest.approx(0.5)
 
 
 def test_md1_and_limits() -> None:
     service = Service(mean_s=0.2, second_moment_s2=0.04)  # deterministic 0.2 s
     # λ = 2: rho = 0.4, W = 2·0.04/(2·0.6) = 1/15 s; the c = 1 case of Allen-Cunneen is Pollaczek-Khinchine exactly.
-    assert plan.mg1_mean_wait(2.0, service) == pytest.approx(1 / 15)
-    wait = plan.mgc_wait(1, 2.0, service)
+    assert queueing.mg1_mean_wait(2.0, service) == pytest.approx(1 / 15)
+    wait = queueing.mgc_wait(1, 2.0, service)
     assert wait is not None and wait.mean_s == pytest.approx(1 / 15)
-    assert plan.mg1_mean_wait(5.0, service) is None  # rho = 1
-    assert plan.p95_wait(5.0, service) is None
-    assert plan.mgc_wait(3, 15.0, service) is None  # a = 3 erlangs on 3 servers
-    assert plan.p95_wait(0.2, service) == 0.0  # rho = 0.04 <= 5 %: 95 % of tasks do not wait at all
+    assert queueing.mg1_mean_wait(5.0, service) is None  # rho = 1
+    assert queueing.p95_wait(5.0, service) is None
+    assert queueing.mgc_wait(3, 15.0, service) is None  # a = 3 erlangs on 3 servers
+    assert queueing.p95_wait(0.2, service) == 0.0  # rho = 0.04 <= 5 %: 95 % of tasks do not wait at all
 
 
 def test_erlang_c_against_textbook_values() -> None:
     # M/M/1: P(wait) = rho.
-    assert plan.erlang_c(1, 0.3) == pytest.approx(0.3)
+    assert queueing.erlang_c(1, 0.3) == pytest.approx(0.3)
     # M/M/2: P(wait) = 2 rho² / (1 + rho); rho = 0.5 (a = 1): 1/3.
-    assert plan.erlang_c(2, 1.0) == pytest.approx(1 / 3)
+    assert queueing.erlang_c(2, 1.0) == pytest.approx(1 / 3)
     for rho in (0.1, 0.5, 0.9):
-        assert plan.erlang_c(2, 2 * rho) == pytest.approx(2 * rho ** 2 / (1 + rho))
+        assert queueing.erlang_c(2, 2 * rho) == pytest.approx(2 * rho ** 2 / (1 + rho))
     # c = 10, a = 8 erlangs: 0.4092 (the closed form, a^c/c!·c/(c-a) over the sum plus that).
-    assert plan.erlang_c(10, 8.0) == pytest.approx(0.40918, abs=1e-5)
+    assert queueing.erlang_c(10, 8.0) == pytest.approx(0.40918, abs=1e-5)
     for c, a in ((10, 8.0), (5, 1.5), (30, 27.3)):
         top = a ** c / math.factorial(c) * c / (c - a)
-        assert plan.erlang_c(c, a) == pytest.approx(top / (sum(a ** k / math.factorial(k) for k in range(c)) + top))
-    assert plan.erlang_c(4, 0.0) == 0.0 and plan.erlang_c(4, 4.0) == 1.0
+        assert queueing.erlang_c(c, a) == pytest.approx(top / (sum(a ** k / math.factorial(k) for k in range(c)) + top))
+    assert queueing.erlang_c(4, 0.0) == 0.0 and queueing.erlang_c(4, 4.0) == 1.0
     # Stable where factorials overflow a float; falls with c at a fixed load.
-    assert 0.0 < plan.erlang_c(500, 480.0) < 1.0
-    assert plan.erlang_c(10, 8.0) > plan.erlang_c(11, 8.0) > plan.erlang_c(12, 8.0)
+    assert 0.0 < queueing.erlang_c(500, 480.0) < 1.0
+    assert queueing.erlang_c(10, 8.0) > queueing.erlang_c(11, 8.0) > queueing.erlang_c(12, 8.0)
 
 
 def test_mmc_and_allen_cunneen_by_hand() -> None:
     # M/M/2, λ = 1, E[S] = 1: C = 1/3, Wq = C/(cμ - λ) = 1/3 s; a waiting task waits Exp(mean 1 s).
     exponential = Service(mean_s=1.0, second_moment_s2=2.0)
-    wait = plan.mgc_wait(2, 1.0, exponential)
+    wait = queueing.mgc_wait(2, 1.0, exponential)
     assert wait is not None
     assert wait.probability == pytest.approx(1 / 3) and wait.mean_s == pytest.approx(1 / 3)
     assert wait.quantile() == pytest.approx(math.log((1 / 3) / 0.05))
-    assert plan.p95_wait(1.0, exponential, servers=2) == pytest.approx(math.log(20 / 3))
+    assert queueing.p95_wait(1.0, exponential, servers=2) == pytest.approx(math.log(20 / 3))
     # Deterministic service (Cs² = 0): Allen-Cunneen halves the M/M/c wait; cv 2 multiplies it by 2.5.
-    fixed = plan.mgc_wait(2, 1.0, Service(mean_s=1.0, second_moment_s2=1.0))
-    spread = plan.mgc_wait(2, 1.0, Service(mean_s=1.0, second_moment_s2=5.0))
+    fixed = queueing.mgc_wait(2, 1.0, Service(mean_s=1.0, second_moment_s2=1.0))
+    spread = queueing.mgc_wait(2, 1.0, Service(mean_s=1.0, second_moment_s2=5.0))
     assert fixed is not None and spread is not None
     assert fixed.mean_s == pytest.approx(1 / 6) and spread.mean_s == pytest.approx(2.5 / 3)
 
 
 def test_p95_of_a_sum_of_waits() -> None:
-    never, one = plan.NO_WAIT, plan.Wait(1.0, 1.0)
-    assert plan.sum_quantile(never, one) == pytest.approx(math.log(20))
-    assert plan.sum_quantile(one, never) == pytest.approx(math.log(20))
+    never, one = queueing.NO_WAIT, queueing.Wait(1.0, 1.0)
+    assert queueing.sum_quantile(never, one) == pytest.approx(math.log(20))
+    assert queueing.sum_quantile(one, never) == pytest.approx(math.log(20))
     # Two Exp(1): Erlang-2, P(> t) = e^-t (1 + t) = 0.05 at t = 4.7439.
-    assert plan.sum_quantile(one, one) == pytest.approx(4.743865, rel=1e-6)
+    assert queueing.sum_quantile(one, one) == pytest.approx(4.743865, rel=1e-6)
     # Exp(1) + Exp(mean 2): P(> t) = 2 e^(-t/2) - e^-t.
-    t = plan.sum_quantile(one, plan.Wait(1.0, 2.0))
+    t = queueing.sum_quantile(one, queueing.Wait(1.0, 2.0))
     assert 2 * math.exp(-t / 2) - math.exp(-t) == pytest.approx(0.05)
     # Atoms at 0 too, against a simulation.
-    first, second = plan.Wait(0.3, 2.0), plan.Wait(0.6, 0.5)
+    first, second = queueing.Wait(0.3, 2.0), queueing.Wait(0.6, 0.5)
     rng = random.Random(7)
     draws = sorted((rng.expovariate(1 / 2.0) if rng.random() < 0.3 else 0.0)
                    + (rng.expovariate(1 / 0.5) if rng.random() < 0.6 else 0.0) for _ in range(200_000))
-    assert plan.sum_quantile(first, second) == pytest.approx(draws[int(0.95 * len(draws))], rel=0.03)
-    assert plan.sum_quantile(first, second) >= max(first.quantile(), second.quantile())
+    assert queueing.sum_quantile(first, second) == pytest.approx(draws[int(0.95 * len(draws))], rel=0.03)
+    assert queueing.sum_quantile(first, second) >= max(first.quantile(), second.quantile())
 
 
 def test_overhead_adds_to_service_time() -> None:

@@ -236,17 +236,17 @@ def test_timeline_falls_back_to_the_hash_without_a_recorded_slot() -> None:
 
 
 def test_per_shard_utilisation_from_the_recorded_slot() -> None:
-    from bench.run import _per_shard
+    from bench.run_figures import per_shard
 
     ran = [row(1, 0.0, 0.0, 1.0, 0), row(1, 0.0, 1.0, 2.0, 1), row(2, 0.0, 0.5, 1.5, 1)]  # shard 1 overlaps
-    out = _per_shard(ran[:2], 2, 0.0, 2.0)
+    out = per_shard(ran[:2], 2, 0.0, 2.0)
     assert out["per_shard"] == [0.5, 0.5] and out["tasks_per_shard"] == [1, 1] and out["per_shard_overlaps"] == 0
     assert "tasks.run_by_shard" in out["per_shard_note"] and "consistent" in out["per_shard_note"]
-    out = _per_shard(ran, 2, 0.0, 2.0)  # kept, and flagged: a shard ran two tasks at once
+    out = per_shard(ran, 2, 0.0, 2.0)  # kept, and flagged: a shard ran two tasks at once
     assert out["per_shard"] == [0.5, 1.0] and out["per_shard_overlaps"] == 1
     assert "INCONSISTENT" in out["per_shard_note"] and "daemon bug" in out["per_shard_note"]
     a, b = keys_on(0, 2, 2)
-    out = _per_shard([row(a, 0.0, 0.0, 1.0), row(b, 0.0, 0.5, 1.5)], 2, 0.0, 1.5)  # hash fallback, overlapping
+    out = per_shard([row(a, 0.0, 0.0, 1.0), row(b, 0.0, 0.5, 1.5)], 2, 0.0, 1.5)  # hash fallback, overlapping
     assert out["per_shard"] is None and "router.shard_for" in out["per_shard_note"]
 
 

@@ -1,4 +1,4 @@
-"""The multihost benchmark (``bench/multihost.py``): its pure parts, and a smoke run.
+"""The multihost benchmark (``bench/multihost/``): its pure parts, and a smoke run.
 
 The smoke run (``python -m bench.multihost --smoke``) is the real thing at toy
 size: a private PostgreSQL, real daemons in multihost mode with the bench's
@@ -20,8 +20,10 @@ from typing import Any
 
 import pytest
 
-from bench import multihost
-from bench.multihost import Plan
+from bench.multihost import cli, output, suite
+from bench.multihost import scaling as mh_scaling
+from bench.multihost import takeover as mh_takeover
+from bench.multihost.suite import Plan
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -30,9 +32,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_summarise() -> None:
-    assert multihost.summarise([]) == {"n": 0, "min": None, "median": None, "max": None}
-    assert multihost.summarise([12.0, 10.0, 11.5]) == {"n": 3, "min": 10.0, "median": 11.5, "max": 12.0}
-    assert multihost.summarise([1.0, 2.0])["median"] == 1.5
+    assert suite.summarise([]) == {"n": 0, "min": None, "median": None, "max": None}
+    assert suite.summarise([12.0, 10.0, 11.5]) == {"n": 3, "min": 10.0, "median": 11.5, "max": 12.0}
+    assert suite.summarise([1.0, 2.0])["median"] == 1.5
 
 
 def _event(at: float, op: str, key: int, instance: int | None, token: int, txid: int = 1,
@@ -59,7 +61,7 @@ def test_takeover_figures_by_hand() -> None:
         {"key_type": "Vm", "key_id": 3, "claimed_by": 9, "started": 1012.0},
         {"key_type": "Vm", "key_id": 3, "claimed_by": 7, "started": 1000.1},  # the victim's: ignored
     ]
-    f = multihost.takeover_figures(t0, {7}, keys, events, starts)
+    f = mh_takeover.takeover_figures(t0, {7}, keys, events, starts)
     assert f["keys_at_kill"] == 3 and f["keys_moved"] == 3
     assert f["first_key_s"] == 9.0
     assert f["all_keys_s"] == 11.5
@@ -78,12 +80,12 @@ def test_takeover_figures_flag_what_is_wrong() -> None:
     events = [_event(1009.0, "takeover", 1, 8, 5, previous=7)]  # a token that went down
     starts = [{"key_type": "Vm", "key_id": 1, "claimed_by": 8, "started": 1008.0},  # before its key moved
               {"key_type": "Vm", "key_id": 2, "claimed_by": 8, "started": 1003.0}]  # its key never moved
-    f = multihost.takeover_figures(t0, {7}, keys, events, starts)
+    f = mh_takeover.takeover_figures(t0, {7}, keys, events, starts)
     assert f["keys_moved"] == 1
     assert f["all_keys_s"] is None
     assert f["tokens_increased"] is False
     assert {e["key"] for e in f["started_before_key_moved"]} == {"Vm:1", "Vm:2"}
-    assert multihost.takeover_figures(t0, {7}, {}, [], [])["first_key_s"] is None
+    assert mh_takeover.takeover_figures(t0, {7}, {}, [], [])["first_key_s"] is None
 
 
 def _counts(**changes: Any) -> dict[str, Any]:
@@ -93,20 +95,20 @@ def _counts(**changes: Any) -> dict[str, Any]:
 
 
 def test_ended_once_verdict() -> None:
-    assert multihost.ended_once_verdict(_counts(), 10, set())["ok"]
+    assert suite.ended_once_verdict(_counts(), 10, set())["ok"]
     # A task in flight at the kill, reconciled as "not started" and run again: allowed.
-    verdict = multihost.ended_once_verdict(_counts(rerun_ids=[3]), 10, {3})
+    verdict = suite.ended_once_verdict(_counts(rerun_ids=[3]), 10, {3})
     assert verdict["ok"] and verdict["reruns_in_flight_at_kill"] == 1
     # Any other second run is not.
-    verdict = multihost.ended_once_verdict(_counts(rerun_ids=[3, 4]), 10, {3})
+    verdict = suite.ended_once_verdict(_counts(rerun_ids=[3, 4]), 10, {3})
     assert not verdict["ok"] and verdict["reruns_unexplained"] == [4]
-    assert not multihost.ended_once_verdict(_counts(unended=1, finished=9), 10, set())["ok"]
-    assert not multihost.ended_once_verdict(_counts(total=11, finished=11), 10, set())["ok"]
-    assert not multihost.ended_once_verdict(_counts(failed=1, finished=9), 10, set())["ok"]
+    assert not suite.ended_once_verdict(_counts(unended=1, finished=9), 10, set())["ok"]
+    assert not suite.ended_once_verdict(_counts(total=11, finished=11), 10, set())["ok"]
+    assert not suite.ended_once_verdict(_counts(failed=1, finished=9), 10, set())["ok"]
 
 
 def test_plans() -> None:
-    quick, full, smoke = (multihost.plan_for(n) for n in ("quick", "full", "smoke"))
+    quick, full, smoke = (suite.plan_for(n) for n in ("quick", "full", "smoke"))
     assert (quick.takeover_repeats, full.takeover_repeats) == (3, 10)
     assert quick.settings == () and full.settings == ()  # the defaults are what is measured
     assert (quick.scale_tasks, quick.scale_keys, full.scale_tasks) == (5000, 500, 20000)
@@ -116,23 +118,23 @@ def test_plans() -> None:
     assert isinstance(three, Plan) and three.takeover_instances == 3
     assert three.takeover_initial == 1500 and three.scale_instances == quick.scale_instances
     with pytest.raises(ValueError):
-        multihost.plan_for("huge")
+        suite.plan_for("huge")
 
 
 def test_kill_jitter_is_seeded_and_within_one_renewal() -> None:
-    values = [multihost.kill_jitter(1, rep, 2.0) for rep in range(20)]
-    assert values == [multihost.kill_jitter(1, rep, 2.0) for rep in range(20)]
+    values = [mh_takeover.kill_jitter(1, rep, 2.0) for rep in range(20)]
+    assert values == [mh_takeover.kill_jitter(1, rep, 2.0) for rep in range(20)]
     assert all(0.0 <= v <= 2.0 for v in values) and len(set(values)) == 20
-    assert multihost.kill_jitter(2, 0, 2.0) != values[0]
-    stagger = multihost.start_stagger(1, 0, 3, 2.0)
+    assert mh_takeover.kill_jitter(2, 0, 2.0) != values[0]
+    stagger = mh_takeover.start_stagger(1, 0, 3, 2.0)
     assert stagger[0] == 0.0 and len(stagger) == 3 and all(0.0 <= v <= 2.0 for v in stagger)
-    assert stagger == multihost.start_stagger(1, 0, 3, 2.0) != multihost.start_stagger(1, 1, 3, 2.0)
+    assert stagger == mh_takeover.start_stagger(1, 0, 3, 2.0) != mh_takeover.start_stagger(1, 1, 3, 2.0)
 
 
 def test_results_path(tmp_path: Path) -> None:
-    assert multihost.results_path(None, "S") == multihost.RESULTS_DIR / "multihost-S.json"
-    assert multihost.results_path(tmp_path / "x.json", "S") == tmp_path / "x.json"
-    assert multihost.results_path(tmp_path, "S") == tmp_path / "multihost-S.json"
+    assert output.results_path(None, "S") == output.RESULTS_DIR / "multihost-S.json"
+    assert output.results_path(tmp_path / "x.json", "S") == tmp_path / "x.json"
+    assert output.results_path(tmp_path, "S") == tmp_path / "multihost-S.json"
 
 
 def test_scaling_summary_medians_and_ratios() -> None:
@@ -141,7 +143,7 @@ def test_scaling_summary_medians_and_ratios() -> None:
                 "cpu": {"taskomatic_s_per_1k": 1.0, "postgres_s_per_1k": 2.0, "other_share": 0.01},
                 "share_per_instance": share, "key_claims_per_1k": None if mode == "standalone" else 100.0}
 
-    rows = multihost.scaling_summary([run("standalone", "standalone", 1, 1000, [1.0]),
+    rows = mh_scaling.scaling_summary([run("standalone", "standalone", 1, 1000, [1.0]),
                                       run("2 multihost", "multihost", 2, 400, [0.5, 0.5]),
                                       run("2 multihost", "multihost", 2, 600, [0.4, 0.6]),
                                       run("2 multihost", "multihost", 2, 500, [0.45, 0.55])])
@@ -156,7 +158,7 @@ def test_bad_arguments_are_refused_before_anything_starts(capsys: pytest.Capture
     for argv in (["--set", "no.such=1"], ["--set", "multihost.lease_seconds=3"], ["--repeats", "0"],
                  ["--instances", "5"], ["--quick", "--full"]):
         with pytest.raises(SystemExit) as exc:
-            multihost.main(argv)
+            cli.main(argv)
         assert exc.value.code == 2, argv
     assert "lease_renew_interval" in capsys.readouterr().err  # 2 s renewals do not fit three times in 3 s
 

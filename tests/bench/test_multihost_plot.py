@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.multihost import plot_scaling
+from bench.multihost.output import plot_scaling
 
 
 def _results(summary: list[dict]) -> dict:

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from bench import soak, soak_verdicts
+from bench import soak_sampling, soak_verdicts
 from bench.soak_verdicts import backlog_verdict, connection_verdict, memory_verdict, restarts, slope
 
 REPO = Path(__file__).resolve().parents[2]
@@ -164,12 +164,12 @@ def test_latency_over_time_and_the_longest_waits() -> None:
 
 
 def test_roles_from_process_titles() -> None:
-    assert soak.role_of("taskomatic: shard 3/8", False) == "shard 3"
-    assert soak.role_of("taskomatic: fetcher (8 shards)", False) == "fetcher"
-    assert soak.role_of("taskomatic: reconciler", False) == "reconciler"
-    assert soak.role_of("anything", True) == "supervisor"
+    assert soak_sampling.role_of("taskomatic: shard 3/8", False) == "shard 3"
+    assert soak_sampling.role_of("taskomatic: fetcher (8 shards)", False) == "fetcher"
+    assert soak_sampling.role_of("taskomatic: reconciler", False) == "reconciler"
+    assert soak_sampling.role_of("anything", True) == "supervisor"
     roles = ["i2 shard 0", "i1 shard 10", "i1 fetcher", "i1 shard 2", "i1 supervisor"]
-    assert sorted(roles, key=soak._role_order) == ["i1 supervisor", "i1 fetcher", "i1 shard 2", "i1 shard 10",
+    assert sorted(roles, key=soak_sampling._role_order) == ["i1 supervisor", "i1 fetcher", "i1 shard 2", "i1 shard 10",
                                                    "i2 shard 0"]
 
 
@@ -185,15 +185,15 @@ def test_node_clients_counts_accepted_sockets_on_the_path(tmp_path: Path) -> Non
             for c in clients:
                 c.connect(path)
             accepted = [server.accept()[0] for _ in clients]
-            assert soak.node_clients(os.getpid(), path, soak.unix_sockets()) == 2
+            assert soak_sampling.node_clients(os.getpid(), path, soak_sampling.unix_sockets()) == 2
             accepted[0].close()
-            assert soak.node_clients(os.getpid(), path, soak.unix_sockets()) == 1
+            assert soak_sampling.node_clients(os.getpid(), path, soak_sampling.unix_sockets()) == 1
             accepted[1].close()
         finally:
             for c in clients:
                 c.close()
-        assert soak.node_clients(os.getpid(), path, soak.unix_sockets()) == 0
-        assert soak.node_clients(os.getpid(), path + "-other", soak.unix_sockets()) == 0
+        assert soak_sampling.node_clients(os.getpid(), path, soak_sampling.unix_sockets()) == 0
+        assert soak_sampling.node_clients(os.getpid(), path + "-other", soak_sampling.unix_sockets()) == 0
 
 
 def test_compute_verdicts_on_columns() -> None:
@@ -208,7 +208,7 @@ def test_compute_verdicts_on_columns() -> None:
         "libvirt": {"node0": [3] * 29 + [4]},
         "pids": {"shard 0": [5] * 30, "fetcher": [6] * 30},
     }
-    v = soak.compute_verdicts(columns, 27.0, {"queued": 0, "running": 0, "ended": 50}, 50)
+    v = soak_verdicts.compute_verdicts(columns, 27.0, {"queued": 0, "running": 0, "ended": 50}, 50)
     assert v["memory_growing"] == ["shard 0"] and v["memory_ok"] is False
     assert v["memory"]["fetcher"]["growing"] is False
     assert v["pg_connections"]["taskomatic fetcher"]["leaked"] is False  # absent early = 0, then steady
@@ -286,7 +286,7 @@ def test_smoke_has_samples_of_everything(smoke: dict[str, Any]) -> None:
 def test_smoke_verdicts_are_computed_and_none_failed(smoke: dict[str, Any]) -> None:
     for run in smoke["runs"]:
         v = run["verdicts"]
-        assert soak.verdict_flags(v) == dict.fromkeys(soak.verdict_flags(v), True)
+        assert soak_verdicts.verdict_flags(v) == dict.fromkeys(soak_verdicts.verdict_flags(v), True)
         assert v["memory"] and all(m["enough_samples"] and m["growing"] is False for m in v["memory"].values())
         assert v["pg_connections"] and all(c["leaked"] is False for c in v["pg_connections"].values())
         assert v["pg_connections_total"]["leaked"] is False

@@ -1,0 +1,162 @@
+"""2. Scaling over instances: one no-op burst through a standalone instance and 1..3 multihost instances."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections import defaultdict
+from typing import Any
+
+from bench import measure
+from bench.harness import CpuWindow, check_running, fetch_rows, fetch_scalar, insert_tasks, log_lines, unfinished
+from bench.multihost.suite import (
+    ANOMALIES,
+    ENDED_SQL,
+    POLL,
+    SHARDS,
+    Ctx,
+    Plan,
+    ended_once_verdict,
+    instance_ids_by_pid,
+    instances,
+    run_database,
+    run_ok,
+)
+from bench.workloads import PlannedTask
+
+# Pauses: from a moment when no task runs on any instance to the next start anywhere.
+PAUSE_SQL = """
+WITH o AS (
+    SELECT time_started AS s,
+           max(time_ended) OVER (ORDER BY time_started, id ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS prev
+    FROM tasks WHERE time_started IS NOT NULL AND time_ended IS NOT NULL
+)
+SELECT max(extract(epoch FROM s - prev))::float8 AS longest,
+       count(*) FILTER (WHERE s - prev > interval '100 milliseconds') AS over_100ms
+FROM o
+"""
+
+
+def database_transactions(conn: Any) -> int:
+    """Commits + rollbacks in this database so far (pg_stat_database: backends report them when idle or
+    at exit, so a figure taken while daemons run may lag by their last second)."""
+    return int(fetch_scalar(conn, "SELECT xact_commit + xact_rollback FROM pg_stat_database "
+                             "WHERE datname = current_database()"))
+
+
+def key_claims_made(conn: Any) -> int:
+    """Tokens handed out: key claims plus takeovers (every one takes a token from one sequence)."""
+    row = fetch_rows(conn, "SELECT last_value, is_called FROM key_claim_tokens")[0]
+    return int(row["last_value"]) if row["is_called"] else 0
+
+
+def run_scaling(ctx: Ctx, plan: Plan, count: int, multihost: bool, rep: int,
+                tasks: list[PlannedTask]) -> dict[str, Any]:
+    label = f"{count} multihost" if multihost else "standalone"
+    result: dict[str, Any] = {"setup": label, "mode": "multihost" if multihost else "standalone",
+                              "instances": count, "shards_per_instance": SHARDS, "repetition": rep + 1,
+                              "tasks": len(tasks), "error": None}
+    started = time.monotonic()
+    with run_database(ctx, result) as (dsn, conn):
+        with instances(ctx, dsn, count, multihost, f"scale-{'mh' if multihost else 'sa'}{count}-r{rep + 1}") \
+                as runners:
+            xacts_before = database_transactions(conn)
+            window = CpuWindow([r.pid for r in runners], ctx.harness.postmaster_pid)
+            wall_start = time.monotonic()
+            insert_tasks(conn, tasks)
+            limit = 120 + len(tasks) / 50.0
+            while True:
+                left = unfinished(conn)
+                ctx.bar.set_postfix_str(f"scaling {label}: {len(tasks) - left}/{len(tasks)} tasks ended")
+                if left == 0:
+                    break
+                if time.monotonic() - wall_start > limit:
+                    result["error"] = f"{left} tasks had not ended within {limit:.0f}s"
+                    break
+                check_running(runners)
+                time.sleep(POLL)
+            usage = window.close()
+            codes = [ctx.harness.stop(r) for r in runners]
+            result["exit_codes"] = codes
+            if any(c != 0 for c in codes) and result["error"] is None:
+                result["error"] = f"an instance did not stop cleanly on SIGTERM (exit codes {codes})"
+            result["log_notes"] = {f"instance {i + 1}": log_lines(r, ANOMALIES)[:30]
+                                   for i, r in enumerate(runners)}
+            per_pid = instance_ids_by_pid(conn)
+            ids = [per_pid.get(r.pid, []) for r in runners]
+        cpu, pg_cpu, total_cpu = usage.groups_s, usage.postgres_s, sum(usage.groups_s)
+        result["wall_s"] = round(usage.wall_s, 3)
+        result["cpu"] = {
+            "taskomatic_s": round(total_cpu, 3), "taskomatic_s_per_instance": [round(c, 3) for c in cpu],
+            "postgres_s": round(pg_cpu, 3), "bench_s": round(usage.bench_s, 3),
+            "taskomatic_s_per_1k": round(total_cpu / len(tasks) * 1000, 4),
+            "postgres_s_per_1k": round(pg_cpu / len(tasks) * 1000, 4),
+            "machine_busy_s": round(usage.machine_busy_s, 3), "other_s": round(usage.other_s, 3),
+            "other_share": usage.other_share,
+        }
+        span = fetch_rows(conn, """
+            SELECT count(*) AS n, extract(epoch FROM max(time_ended) - min(time_started))::float8 AS span,
+                   extract(epoch FROM max(time_ended) - min(created_at))::float8 AS makespan
+            FROM tasks WHERE time_started IS NOT NULL AND time_ended IS NOT NULL""")[0]
+        result["throughput_tps"] = round(span["n"] / span["span"], 1) if span["span"] else None
+        pause = fetch_rows(conn, PAUSE_SQL)[0]
+        # Every task was queued from the burst on, so a moment when no task runs anywhere is work waiting.
+        result["pauses"] = {"longest_s": round(pause["longest"] or 0.0, 3),
+                            "over_100ms": int(pause["over_100ms"] or 0)}
+        time.sleep(0.5)  # the daemons' backends have exited; their statistics land
+        xacts = database_transactions(conn) - xacts_before
+        result["db_transactions"] = xacts
+        result["db_transactions_per_task"] = round(xacts / len(tasks), 2)
+        result["makespan_s"] = round(span["makespan"], 3) if span["makespan"] is not None else None
+        share = {int(r["claimed_by"]): int(r["n"]) for r in fetch_rows(
+            conn, "SELECT claimed_by, count(*) AS n FROM tasks GROUP BY claimed_by") if r["claimed_by"]}
+        per_instance = [sum(share.get(x, 0) for x in group) for group in ids]
+        result["tasks_per_instance"] = per_instance
+        result["share_per_instance"] = [round(c / len(tasks), 4) for c in per_instance]
+        if multihost:
+            claims = key_claims_made(conn)
+            result["key_claims"] = claims
+            result["key_claims_per_1k"] = round(claims / len(tasks) * 1000, 1)
+        result["ended_once"] = ended_once_verdict(fetch_rows(conn, ENDED_SQL)[0], len(tasks), set())
+        result["order"] = measure.order_check(conn)
+        result["rejoined"] = sum(len(g) - 1 for g in ids if len(g) > 1)
+        result["checks"] = {"ended_once": result["ended_once"]["ok"], "order": result["order"]["ok"],
+                            "no_rejoin": result["rejoined"] == 0}
+    result["ok"] = run_ok(result)
+    result["run_wall_s"] = round(time.monotonic() - started, 1)
+    return result
+
+
+def scaling_summary(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per setup: the median of its repetitions; ratios to the standalone reference."""
+    setups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in runs:
+        setups[r["setup"]].append(r)
+
+    def med(rows: list[dict[str, Any]], get: Any) -> float | None:
+        values = [v for v in (get(r) for r in rows) if v is not None]
+        return round(statistics.median(values), 4) if values else None
+
+    out = []
+    for setup, rows in setups.items():
+        shares = [r["share_per_instance"] for r in rows if r.get("share_per_instance")]
+        out.append({
+            "setup": setup, "mode": rows[0]["mode"], "instances": rows[0]["instances"], "runs": len(rows),
+            "ok": all(r["ok"] for r in rows),
+            "throughput_tps": med(rows, lambda r: r.get("throughput_tps")),
+            "throughput_tps_all": [r.get("throughput_tps") for r in rows],
+            "taskomatic_cpu_s_per_1k": med(rows, lambda r: (r.get("cpu") or {}).get("taskomatic_s_per_1k")),
+            "postgres_cpu_s_per_1k": med(rows, lambda r: (r.get("cpu") or {}).get("postgres_s_per_1k")),
+            "key_claims_per_1k": med(rows, lambda r: r.get("key_claims_per_1k")),
+            "db_transactions_per_task": med(rows, lambda r: r.get("db_transactions_per_task")),
+            "longest_pause_s": med(rows, lambda r: (r.get("pauses") or {}).get("longest_s")),
+            "other_share_max": max(((r.get("cpu") or {}).get("other_share") or 0.0) for r in rows),
+            "share_per_instance": shares[len(shares) // 2] if shares else None,
+        })
+    reference = next((s for s in out if s["mode"] == "standalone"), None)
+    for s in out:
+        ref = reference["throughput_tps"] if reference else None
+        s["throughput_vs_standalone"] = round(s["throughput_tps"] / ref, 3) if ref and s["throughput_tps"] else None
+    return out
+
+

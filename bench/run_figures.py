@@ -1,0 +1,155 @@
+"""The figures of one ``bench.run`` run from the tasks table, and each run's ratios to the baselines.
+
+Everything here reads what a run left in the tasks table (``bench.measure.task_rows``
+and ``order_check``) or the runs' JSON; see bench/README.md, "Figures".
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+from bench import lifecycle, measure
+from bench.runners import RunnerSpec
+from bench.workloads import PlannedTask, Workload, lower_bound, measured_work_stats, work_stats
+
+
+def analyse(conn: Any, workload: Workload, tasks: list[PlannedTask], spec: RunnerSpec,
+            close: bool = False) -> dict[str, Any]:
+    """Every figure that comes from the tasks table."""
+    rows = measure.task_rows(conn)
+    order = measure.order_check(conn)
+    if close:
+        conn.close()
+    counts: dict[str, int] = defaultdict(int)
+    for r in rows:
+        counts[r["state"]] += 1
+    out: dict[str, Any] = {
+        "tasks": {"total": len(rows), "expected": workload.tasks, "finished": counts.get("finished", 0),
+                  "failed": counts.get("failed", 0),
+                  "other": sum(v for k, v in counts.items() if k not in ("finished", "failed"))},
+        "order": order,
+    }
+    ran = [r for r in rows if r["started"] is not None and r["ended"] is not None]
+    if not ran:
+        return out
+    latencies = sorted((r["started"] - r["created"]) * 1000.0 for r in ran)
+    first_start = min(r["started"] for r in ran)
+    first_created = min(r["created"] for r in rows)
+    last_end = max(r["ended"] for r in ran)
+    span = last_end - first_start
+    out["throughput_tps"] = round(len(ran) / span, 2) if span > 0 else None
+    out["span_s"] = round(span, 4)
+    out["latency_ms"] = {
+        "p50": _round(measure.percentile(latencies, 0.50)), "p95": _round(measure.percentile(latencies, 0.95)),
+        "p99": _round(measure.percentile(latencies, 0.99)), "max": _round(latencies[-1]),
+        "mean": _round(sum(latencies) / len(latencies)),
+    }
+    out["latency_cdf_ms"] = measure.cdf_points(latencies)
+    runs = [(r["ended"] - r["started"]) * 1000.0 for r in ran]
+    out["run_ms_mean"] = _round(sum(runs) / len(runs))
+    out["makespan_s"] = round(last_end - first_created, 4)
+    if workload.work_measured:
+        # Work not known in advance (real VM actions): the bound is computed from each
+        # task's measured time_started -> time_ended, per key and in all.
+        stats = measured_work_stats([(r["key_id"], r["ended"] - r["started"]) for r in ran])
+        out["measured_work"] = {"total_s": round(stats.total_s, 4), "heaviest_key_s": round(stats.heaviest_key_s, 4),
+                                "heaviest_key_tasks": stats.heaviest_key_tasks,
+                                "longest_task_s": round(stats.longest_task_s, 4),
+                                "distinct_keys": stats.distinct_keys}
+        out["action_ms"] = lifecycle.action_durations(ran)
+    else:
+        stats = work_stats(tasks)
+    if workload.has_work:
+        bound = lower_bound(stats, spec.parallelism, keyed=spec.keeps_order)
+        out["lower_bound_s"] = round(bound, 4)
+        out["lower_bound_from"] = "measured durations" if workload.work_measured else "planned work"
+        out["makespan_ratio"] = round((last_end - first_created) / bound, 4) if bound > 0 else None
+    busy = sum(r["ended"] - r["started"] for r in ran)
+    out["utilisation"] = {"pool": round(busy / (spec.parallelism * span), 4) if span > 0 else None,
+                          "per_shard": None, "per_shard_note": None}
+    if spec.kind == "taskomatic":
+        out["utilisation"].update(per_shard(ran, spec.parallelism, first_start, span))
+        if workload.has_work:
+            # The busy intervals per shard and the tasks running over time, for the timeline plot.
+            out["timeline"] = measure.shard_timeline(rows, spec.parallelism)
+    return out
+
+
+def per_shard(ran: list[dict[str, Any]], shards: int, first_start: float, span: float) -> dict[str, Any]:
+    """Busy fraction and task count of each shard, from the slot the tasks table recorded.
+
+    ``tasks.run_by_shard`` is the shard slot that marked each task running
+    (``measure.shard_of``; a key goes to whichever shard has room, so the key
+    alone does not say). A shard runs one task at a time, so no two tasks of
+    one shard may overlap: if some do, the figures are kept and the note says
+    so, since that is a daemon bug to look into. Rows with no slot recorded
+    fall back to the old hash routing, ``router.shard_for(key)``, which is
+    kept only if it is consistent (it no longer is how the daemon routes).
+    """
+    by_shard: dict[int, list[tuple[float, float]]] = defaultdict(list)
+    from_hash = 0
+    for r in ran:
+        shard, recorded = measure.shard_of(r, shards)
+        from_hash += not recorded
+        by_shard[shard].append((r["started"], r["ended"]))
+    out_of_range = sum(len(v) for i, v in by_shard.items() if not 0 <= i < shards)
+    overlapping = sum(measure.overlap_count(v) for v in by_shard.values())
+    if from_hash and (overlapping or out_of_range):
+        return {"per_shard": None, "per_shard_note": f"not derivable: {from_hash} of {len(ran)} tasks have no "
+                "tasks.run_by_shard, and attributing them by router.shard_for (the old hash routing) puts "
+                "overlapping tasks on one shard"}
+    per = [round(sum(e - s for s, e in by_shard.get(i, [])) / span, 4) if span > 0 else None
+           for i in range(shards)]
+    tasks_per = [len(by_shard.get(i, [])) for i in range(shards)]
+    source = ("tasks.run_by_shard" if not from_hash else
+              f"tasks.run_by_shard (router.shard_for for the {from_hash} of {len(ran)} tasks with none recorded)")
+    if overlapping or out_of_range:
+        verdict = (f"INCONSISTENT: {overlapping} tasks started on a shard before its previous one ended"
+                   + (f", {out_of_range} name a slot outside 0..{shards - 1}" if out_of_range else "")
+                   + " (a daemon bug: a shard runs one task at a time)")
+    else:
+        verdict = "consistent: no overlap within a shard"
+    return {"per_shard": per, "tasks_per_shard": tasks_per, "per_shard_overlaps": overlapping,
+            "per_shard_note": f"attributed by {source} ({verdict}); "
+                              "busy = time_started..time_ended over the first start..last end window"}
+
+
+def _round(value: float | None, digits: int = 3) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+# -- ratios -------------------------------------------------------------------------------
+
+RATIO_FIGURES = (
+    ("throughput_tps", lambda r: r.get("throughput_tps")),
+    ("latency_p50_ms", lambda r: (r.get("latency_ms") or {}).get("p50")),
+    ("latency_p95_ms", lambda r: (r.get("latency_ms") or {}).get("p95")),
+    ("latency_p99_ms", lambda r: (r.get("latency_ms") or {}).get("p99")),
+    ("makespan_s", lambda r: r.get("makespan_s")),
+    ("makespan_ratio", lambda r: r.get("makespan_ratio")),
+    ("runner_cpu_s_per_1k", lambda r: (r.get("cpu") or {}).get("runner_s_per_1k")),
+    ("postgres_cpu_s_per_1k", lambda r: (r.get("cpu") or {}).get("postgres_s_per_1k")),
+)
+
+
+def add_ratios(runs: list[dict[str, Any]]) -> None:
+    """Each run's figures divided by the same workload's baselines of this suite run.
+
+    vs_original: the original design. vs_pool: the SKIP LOCKED pool with as many
+    workers as the run has shards/workers, else the pool with the most workers.
+    """
+    for run in runs:
+        same = [r for r in runs if r["workload"] == run["workload"] and r is not run]
+        original = next((r for r in same if r["runner"] == "original"), None)
+        pools = sorted((r for r in same if r["runner"] == "pool"), key=lambda r: r["parallelism"])
+        pool = next((r for r in pools if r["parallelism"] == run["parallelism"]), pools[-1] if pools else None)
+        run["ratios"] = {}
+        for name, base in (("vs_original", original), ("vs_pool", pool)):
+            if base is None:
+                continue
+            figures: dict[str, Any] = {"baseline": base["label"]}
+            for figure, get in RATIO_FIGURES:
+                mine, theirs = get(run), get(base)
+                figures[figure] = round(mine / theirs, 4) if mine is not None and theirs else None
+            run["ratios"][name] = figures
