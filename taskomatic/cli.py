@@ -25,13 +25,16 @@ import psycopg2
 from taskomatic import __version__
 from taskomatic import config as config_mod
 from taskomatic.config import Config, ConfigError
-from taskomatic.exitcodes import EXIT_CONFIG, EXIT_DATABASE, EXIT_FAILED, EXIT_USAGE
+from taskomatic.exitcodes import EXIT_CONFIG, EXIT_DATABASE, EXIT_FAILED, EXIT_SCHEMA, EXIT_USAGE
 from taskomatic.logsetup import setup_logging
 
 if TYPE_CHECKING:
     from taskomatic.db.store import Store
 
 log = logging.getLogger(__name__)
+
+# `status` with no live instance, as `systemctl status` and `pg_ctl status` exit (LSB "not running").
+EXIT_NOT_RUNNING = 3
 
 # The daemon needs no privilege: libvirt and PostgreSQL are reached through their sockets
 # with their own access control. Root is allowed (a quick try, the demo) but warned about.
@@ -55,10 +58,16 @@ def _common_options(parser: argparse.ArgumentParser) -> None:
     s = argparse.SUPPRESS
     parser.add_argument("--config", metavar="FILE", default=s,
                         help=f"configuration file (default {config_mod.DEFAULT_CONFIG_PATH} if present)")
-    parser.add_argument("--dsn", default=s, help="libpq connection string (default: a private PostgreSQL)")
-    parser.add_argument("--state-dir", dest="state_dir", default=s, help="state directory")
+    parser.add_argument("--dsn", default=s,
+                        help="libpq connection string of the database (overrides TASKOMATIC_DSN and the file)")
+    parser.add_argument("--embedded-db", dest="embedded_db", action="store_true", default=s,
+                        help="use a private PostgreSQL under the state directory (dsn = embedded): a trial on "
+                             "one machine, not a fleet; read-only commands use it only if it is running")
+    parser.add_argument("--state-dir", dest="state_dir", default=s,
+                        help="state directory (systemd's $STATE_DIRECTORY wins; default /var/lib/taskomatic "
+                             "as root, else $XDG_STATE_HOME/taskomatic)")
     parser.add_argument("--log-level", dest="log_level", default=s,
-                        choices=["debug", "info", "warning", "error"])
+                        choices=["debug", "info", "warning", "error"], help="least severe messages logged")
     parser.add_argument("--set", dest="settings", action="append", metavar="SECTION.NAME=VALUE",
                         default=s, help="override any setting (repeatable)")
 
@@ -147,6 +156,10 @@ def resolve_config(args: argparse.Namespace) -> Config:
         value = getattr(args, name, None)
         if value is not None:
             overrides[name] = value
+    if getattr(args, "embedded_db", False):
+        if overrides.get("dsn") not in (None, config_mod.EMBEDDED_DSN):
+            raise ConfigError("--embedded-db and --dsn name two databases: give one")
+        overrides["dsn"] = config_mod.EMBEDDED_DSN
     if overrides.get("dsn"):
         try:
             overrides["dsn"] = config_mod.SETTINGS_BY_NAME["dsn"].parse(overrides["dsn"])
@@ -157,19 +170,38 @@ def resolve_config(args: argparse.Namespace) -> Config:
     return config_mod.load(getattr(args, "config", None), overrides=overrides)
 
 
-@contextlib.contextmanager
-def database(config: Config) -> Iterator[Config]:
-    """The configured database, or the private one under the state directory.
+class NoDatabase(Exception):
+    """No database is configured, or the private one a read-only command needs is not running."""
 
-    The private one is started if needed (and stopped afterwards if we started
-    it) and its schema kept current, so every command works with no setup.
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@contextlib.contextmanager
+def database(config: Config, read_only: bool = False, purpose: str = "") -> Iterator[Config]:
+    """The configured database; never one nobody asked for.
+
+    An empty dsn is refused with what to write where. dsn = embedded is the
+    private PostgreSQL under the state directory: started if needed (and
+    stopped afterwards if we started it) with its schema kept current, except
+    for a read-only command, which only uses it when it runs already.
     """
-    if config.dsn:
+    if not config.dsn:
+        raise NoDatabase(config_mod.missing_dsn_message(config), EXIT_CONFIG)
+    if not config.embedded:
         yield config
         return
     from taskomatic.embedded.postgres import EmbeddedPostgres
 
     server = EmbeddedPostgres(config.resolved_state_dir() / "postgres", user=config.embedded_user or None)
+    if read_only:
+        if not (server.socket_dir / f".s.PGSQL.{server.port}").exists():
+            raise NoDatabase(f"the private PostgreSQL (dsn = embedded) under {server.base_dir} is not running, "
+                             "so there is nothing to show; it runs while a daemon started with --embedded-db does",
+                             EXIT_NOT_RUNNING if purpose == "status" else EXIT_DATABASE)
+        yield Config(**{**_fields(config), "dsn": server.dsn})
+        return
     server.start()
     try:
         from taskomatic.db import migrate
@@ -276,14 +308,14 @@ def cmd_tasks(config: Config, args: argparse.Namespace) -> int:
     for flag, kind in TARGET_FLAGS:
         if getattr(args, flag) is not None:
             target_type, target_id = kind, getattr(args, flag)
-    with database(config) as resolved:
+    with database(config, read_only=True) as resolved:
         store = _open_store(resolved, "tasks")
         rows = store.all("list_tasks", state=args.state, target_type=target_type, target_id=target_id,
                          action=args.action, limit=args.limit)
         store.close()
     _print_tasks(rows, args.json)
     if args.follow:
-        with database(config) as resolved:
+        with database(config, read_only=True) as resolved:
             _follow(resolved, args.json, last_id=max((r["id"] for r in rows), default=0))
     return 0
 
@@ -362,7 +394,7 @@ def cmd_retry(config: Config, task_id: int) -> int:
 
 
 def cmd_status(config: Config, as_json: bool) -> int:
-    with database(config) as resolved:
+    with database(config, read_only=True, purpose="status") as resolved:
         store = _open_store(resolved, "status")
         instances = store.all("live_instances")
         counts = {r["state"]: r["n"] for r in store.all("active_counts")}
@@ -430,7 +462,7 @@ _INSTANCE_HEADER = ("ID", "HOSTNAME", "PID", "MODE", "SHARDS", "STARTED", "STATE
 
 
 def cmd_instances(config: Config, args: argparse.Namespace) -> int:
-    with database(config) as resolved:
+    with database(config, read_only=True) as resolved:
         store = _open_store(resolved, "instances")
         # Without --all the selection is made here, so every row is read (a
         # long-lived instance can be older than many short-lived ones).
@@ -518,7 +550,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             from taskomatic.demo import run_demo
 
             return run_demo(config, args)
-    except (DatabaseUnavailable, SchemaOutOfDate) as exc:
+    except NoDatabase as exc:
+        print(f"taskomatic: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except SchemaOutOfDate as exc:
+        print(f"taskomatic: {exc}", file=sys.stderr)
+        return EXIT_SCHEMA
+    except DatabaseUnavailable as exc:
         print(f"taskomatic: {exc}", file=sys.stderr)
         return EXIT_DATABASE
     except (EmbeddedPostgresError, ManagedNodeError) as exc:

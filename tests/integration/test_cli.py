@@ -293,8 +293,8 @@ def test_unreachable_database_exits_4_quickly(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("command", [["tasks"], ["submit", "start_vm", "--vm", "1"], ["cancel", "1"]])
-def test_queue_commands_on_an_unmigrated_database_exit_4(empty_dsn: str, command: list[str]) -> None:
-    err = assert_clean_failure(run_cli(*command, "--dsn", empty_dsn), 4)
+def test_queue_commands_on_an_unmigrated_database_exit_8(empty_dsn: str, command: list[str]) -> None:
+    err = assert_clean_failure(run_cli(*command, "--dsn", empty_dsn), 8)
     assert "db upgrade" in err
 
 
@@ -343,7 +343,7 @@ def test_a_world_readable_password_is_warned_about_and_not_shown(dsn: str, tmp_p
 
 BAD_FILES = {
     # label: (file text, line the message must name, words it must hold)
-    "unknown key": ("[daemon]\nshards = 2\nshardz = 3\n", 3, ("unknown setting 'shardz'", "known:")),
+    "unknown key": ("[daemon]\nshards = 2\nshardz = 3\n", 3, ("unknown setting 'shardz'", "did you mean 'shards'")),
     "unknown section": ("[daemon]\nshards = 2\n\n[deamon]\nmode = multihost\n", 4, ("unknown section [deamon]",)),
     "wrong type": ("[libvirt]\nshutdown_timeout = soon\n", 2, ("bad value for libvirt.shutdown_timeout",)),
     "wrong choice": ("[daemon]\nmode = cluster\n", 2, ("mode", "must be one of standalone, multihost")),
