@@ -257,7 +257,7 @@ def run_demo(config: Config, args: argparse.Namespace) -> int:
     from taskomatic.embedded.libvirtd import ManagedNode
     from taskomatic.embedded.postgres import EmbeddedPostgres
 
-    if args.vms < 1 or args.tasks < args.vms or args.nodes < 1 or args.shards < 1:
+    if args.vms < 1 or args.tasks < args.vms or args.nodes < 1 or config.shards < 1:
         print("taskomatic demo: need --vms >= 1, --tasks >= --vms, --nodes >= 1, --shards >= 1", file=sys.stderr)
         return 2
     started = time.monotonic()
@@ -293,9 +293,14 @@ def run_demo(config: Config, args: argparse.Namespace) -> int:
         save_dir.chmod(0o777)
         log_path = base / "daemon.log"
         log_file = stack.enter_context(open(log_path, "wb"))
+        # The demo's --config, --set and --log-level reach its daemon; the database and state
+        # directory are the demo's own.
+        given = ([f"--config={args.config}"] if getattr(args, "config", None) else []) + [
+            f"--set={pair}" for pair in getattr(args, "settings", None) or []]
         daemon = subprocess.Popen(
-            [sys.executable, "-m", "taskomatic", "--dsn", pg.dsn, "--shards", str(args.shards),
-             "--set", f"state_dir={base / 'state'}", "--set", f"save_dir={save_dir}", "--log-level", "warning"],
+            [sys.executable, "-m", "taskomatic", *given, "--dsn", pg.dsn, "--shards", str(config.shards),
+             "--set", f"state_dir={base / 'state'}", "--set", f"save_dir={save_dir}",
+             "--log-level", "debug" if config.log_level == "debug" else "warning"],
             stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
             env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [
                 str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH")]))},

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from taskomatic import cli as cli_mod
+from taskomatic import cli_status as cli_mod
 from taskomatic.db.store import Store
 from tests.helpers import REPO, query
 
