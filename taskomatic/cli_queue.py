@@ -109,7 +109,7 @@ def cmd_actions(as_json: bool) -> int:
         return 0
     width = max(len(d["name"]) for d in described)
     for d in described:
-        args = ", ".join(d["args"]) if d["args"] else ("none" if d["args"] is not None else "(any)")
+        args = ", ".join(d["args"]) if d["args"] else ("none" if d["args"] is not None else "(not declared)")
         print(f"{d['name']:<{width}}  {'/'.join(d['target_types']):<13}  args: {args}")
         if d["description"]:
             print(f"{'':<{width}}  {d['description']}")
