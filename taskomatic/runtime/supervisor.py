@@ -165,7 +165,7 @@ class Supervisor:
                     return False
                 if signum == signal.SIGHUP:  # not ready yet: no RELOADING/READY for systemd
                     try:
-                        self.config = config_mod.reload(self.config)
+                        self.config = config_mod.reload(self.config, announce=True)
                         log.info("SIGHUP: configuration reloaded")
                     except config_mod.ConfigError as exc:
                         log.error("SIGHUP: configuration not reloaded, keeping the running one: %s", exc)
@@ -371,7 +371,7 @@ class Supervisor:
     def _reload(self) -> None:
         self.notifier.notify("RELOADING=1")
         try:
-            self.config = config_mod.reload(self.config)
+            self.config = config_mod.reload(self.config, announce=True)
         except config_mod.ConfigError as exc:
             log.error("SIGHUP: configuration not reloaded, keeping the running one: %s", exc)
         else:

@@ -528,3 +528,13 @@ def test_embedded_is_an_explicit_dsn_and_empty_is_none() -> None:
     assert load(None, environ={"TASKOMATIC_DSN": "embedded"}).embedded
     assert not load(None, environ={}).embedded
     assert "TASKOMATIC_DSN" in config.missing_dsn_message(Config())
+
+
+def test_reload_keeps_overrides_applies_changes_and_holds_restart_only(tmp_path: Path) -> None:
+    path = write(tmp_path, "[daemon]\nshards = 2\nretry_limit = 8\n[logging]\nlog_level = info\n")
+    running = load(path, environ={}, overrides={"log_level": "debug", "poll_interval": 0.5})
+    write(tmp_path, "[daemon]\nshards = 6\nretry_limit = 3\npoll_interval = 9\n[logging]\nlog_level = error\n")
+    result = config.reload_config(running, environ={})
+    assert result.config.log_level == "debug" and result.config.poll_interval == 0.5  # the command line wins
+    assert result.changed == {"retry_limit": (8, 3)}
+    assert result.restart_only == {"shards": (2, 6)} and result.config.shards == 2
