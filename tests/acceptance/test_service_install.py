@@ -172,7 +172,8 @@ def test_upgrade_from_the_first_migration_loses_no_task(
     assert set(states.values()) == {"running"}, states
 
 
-def test_status_json_is_one_document_with_iso_times_and_numbers(dsn: str, daemon_factory: Callable[..., Daemon]) -> None:
+def test_status_json_is_one_document_with_iso_times_and_numbers(
+        dsn: str, daemon_factory: Callable[..., Daemon]) -> None:
     result = run_cli("status", "--json", "--dsn", dsn, timeout=30)
     assert result.returncode == 3, result.stderr  # no live instance
     report = json.loads(result.stdout)
