@@ -82,3 +82,86 @@ def live_instances(store: Store) -> list[Row]:
 
 def all_instances(store: Store, limit: int | None) -> list[Row]:
     return store.all("all_instances", limit=limit)
+
+
+# -- the demo ---------------------------------------------------------------------------------------------
+
+
+def demo_queue_vm_tasks(store: Store, tasks: list[tuple[int, str]]) -> None:
+    store.run("demo_queue_vm_tasks", vm_ids=[vm for vm, _ in tasks], actions=[action for _, action in tasks])
+
+
+def demo_add_host(store: Store, hostname: str, libvirt_uri: str) -> None:
+    store.run("demo_add_host", hostname=hostname, libvirt_uri=libvirt_uri)
+
+
+def demo_add_vms(store: Store, vms: list[tuple[str, int, int]]) -> list[int]:
+    """(description, vcpus, memory KB) each; their ids in the same order."""
+    rows = store.all("demo_add_vms", descriptions=[v[0] for v in vms], vcpus=[v[1] for v in vms],
+                     memory=[v[2] for v in vms])
+    return sorted(int(r["id"]) for r in rows)
+
+
+def ended_task_count(store: Store) -> int:
+    return int(store.scalar("ended_task_count") or 0)
+
+
+def vms_and_their_nodes(store: Store) -> list[Row]:
+    return store.all("vms_and_their_nodes")
+
+
+def task_state_counts(store: Store) -> dict[str, int]:
+    return {r["state"]: int(r["n"]) for r in store.all("task_state_counts")}
+
+
+def task_time_span(store: Store) -> Row | None:
+    return store.one("task_time_span")
+
+
+def ended_task_timings(store: Store) -> list[Row]:
+    return store.all("ended_task_timings")
+
+
+def failure_kinds(store: Store) -> list[Row]:
+    return store.all("failure_kinds")
+
+
+def order_violations(store: Store) -> Row | None:
+    return store.one("order_violations")
+
+
+def vm_states(store: Store) -> dict[int, str]:
+    return {int(r["id"]): r["state"] for r in store.all("vm_states")}
+
+
+def tasks_by_id(store: Store, ids: list[int]) -> list[Row]:
+    return store.all("tasks_by_id", ids=ids)
+
+
+def demo_add_pool(store: Store, name: str, target_path: str) -> int:
+    return int(store.scalar("demo_add_pool", name=name, target_path=target_path))
+
+
+def demo_add_volume(store: Store, pool_id: int, name: str, size_kb: int) -> int:
+    return int(store.scalar("demo_add_volume", pool_id=pool_id, name=name, size=size_kb))
+
+
+def pool_state(store: Store, pool_id: int) -> str | None:
+    value = store.scalar("pool_state", pool_id=pool_id)
+    return None if value is None else str(value)
+
+
+def pool_volume_list(store: Store, pool_id: int) -> list[Row]:
+    return store.all("pool_volume_list", pool_id=pool_id)
+
+
+def first_host(store: Store) -> Row | None:
+    return store.one("first_host")
+
+
+def disable_host(store: Store, host_id: int) -> None:
+    store.run("disable_host", host_id=host_id)
+
+
+def vm_count_on_host(store: Store, host_id: int) -> int:
+    return int(store.scalar("vm_count_on_host", host_id=host_id) or 0)

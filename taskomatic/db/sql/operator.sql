@@ -92,8 +92,7 @@ SELECT t.id, t.task_target_type, t.task_target_id, t.action, t.args, t.state, t.
        i.hostname AS holder_hostname, i.pid AS holder_pid, i.mode AS holder_mode,
        i.stopped_at AS holder_stopped_at,
        extract(epoch FROM clock_timestamp() - i.heartbeat_at)::double precision AS holder_heartbeat_age,
-       (SELECT coalesce(array_agg(c.id ORDER BY c.id), '{}') FROM tasks c WHERE c.parent_task_id = t.id)
-           AS child_task_ids,
+       ARRAY(SELECT c.id FROM tasks c WHERE c.parent_task_id = t.id ORDER BY c.id) AS child_task_ids,
        (SELECT count(*) FROM tasks q WHERE q.key_type = t.key_type AND q.key_id = t.key_id
           AND q.state IN ('queued', 'running', 'paused') AND q.id < t.id)::integer AS ahead_in_key
 FROM tasks t LEFT JOIN instances i ON i.id = t.claimed_by
@@ -122,3 +121,104 @@ SELECT task_target_type, task_target_id, action, args, 'taskomatic retry of task
 FROM tasks WHERE id = ANY(%(ids)s) AND state IN ('failed', 'canceled')
 ORDER BY id
 RETURNING id;
+
+-- demo_queue_vm_tasks --
+-- The demo queues VM tasks the way a web UI would, in the order given (arrays are parallel).
+INSERT INTO tasks (task_target_type, task_target_id, action, submitted_by)
+SELECT 'Vm', q.vm_id, q.action, 'taskomatic demo'
+FROM unnest(%(vm_ids)s::bigint[], %(actions)s::text[]) WITH ORDINALITY AS q(vm_id, action, n)
+ORDER BY q.n;
+
+-- demo_add_host --
+-- One demo host: a libvirt node with the test driver and room for the whole fleet.
+INSERT INTO hosts (hostname, libvirt_uri, hypervisor_type, num_cpus, memory)
+VALUES (%(hostname)s, %(libvirt_uri)s, 'TEST', 256, 536870912);
+
+-- demo_add_vms --
+-- The demo's VMs, in the order given (arrays are parallel); returns their ids.
+INSERT INTO vms (description, num_vcpus_allocated, memory_allocated)
+SELECT v.description, v.vcpus, v.memory
+FROM unnest(%(descriptions)s::text[], %(vcpus)s::integer[], %(memory)s::bigint[]) WITH ORDINALITY
+     AS v(description, vcpus, memory, n)
+ORDER BY v.n
+RETURNING id;
+
+-- ended_task_count --
+-- How many tasks have ended (finished, failed or canceled).
+SELECT count(*) FROM tasks WHERE state IN ('finished', 'failed', 'canceled');
+
+-- vms_and_their_nodes --
+-- Every VM with its state and the libvirt URI of its host (NULL when unplaced).
+SELECT v.id, v.uuid::text AS uuid, v.state, h.libvirt_uri
+FROM vms v LEFT JOIN hosts h ON h.id = v.host_id
+ORDER BY v.id;
+
+-- task_state_counts --
+-- How many tasks are in each state, by state name.
+SELECT state, count(*) AS n FROM tasks GROUP BY state ORDER BY state;
+
+-- task_time_span --
+-- When the first task started and the last one ended.
+SELECT min(time_started) AS first, max(time_ended) AS last FROM tasks;
+
+-- ended_task_timings --
+-- Run time (time_started to time_ended) and wait (created_at to time_started) of every ended task, in seconds.
+SELECT action, extract(epoch FROM time_ended - time_started)::double precision AS run,
+       extract(epoch FROM time_started - created_at)::double precision AS wait
+FROM tasks WHERE time_ended IS NOT NULL;
+
+-- failure_kinds --
+-- Failed tasks grouped by their wording, numbers aside ("VM 12" and "VM 31" are one kind).
+SELECT min(message) AS message, count(*) AS n FROM tasks WHERE state = 'failed'
+GROUP BY regexp_replace(message, '[0-9]+', 'N', 'g') ORDER BY n DESC, 1 LIMIT 8;
+
+-- order_violations --
+-- Per-key order check: tasks of one key that started before the previous one (by id) ended.
+WITH ordered AS (
+    SELECT id, key_type, key_id, time_started, time_ended,
+           lag(time_ended) OVER (PARTITION BY key_type, key_id ORDER BY id) AS previous_end
+    FROM tasks
+    WHERE time_started IS NOT NULL
+)
+SELECT count(*) FILTER (WHERE previous_end > time_started) AS violations,
+       count(DISTINCT (key_type, key_id)) AS keys
+FROM ordered;
+
+-- vm_states --
+-- Every VM's state.
+SELECT id, state FROM vms;
+
+-- tasks_by_id --
+-- Some tasks' action, state and message, in id order.
+SELECT id, action, state, message FROM tasks WHERE id = ANY(%(ids)s) ORDER BY id;
+
+-- demo_add_pool --
+-- The demo's directory storage pool.
+INSERT INTO storage_pools (name, pool_type, target_path)
+VALUES (%(name)s, 'dir', %(target_path)s)
+RETURNING id;
+
+-- demo_add_volume --
+-- A volume row in a pool (size in KB), to be created by a create_volume task.
+INSERT INTO storage_volumes (storage_pool_id, name, size) VALUES (%(pool_id)s, %(name)s, %(size)s)
+RETURNING id;
+
+-- pool_state --
+-- A storage pool's state.
+SELECT state FROM storage_pools WHERE id = %(pool_id)s;
+
+-- pool_volume_list --
+-- A pool's volumes: name, size (KB) and state, in id order.
+SELECT name, size, state FROM storage_volumes WHERE storage_pool_id = %(pool_id)s ORDER BY id;
+
+-- first_host --
+-- The host with the lowest id.
+SELECT id, hostname FROM hosts ORDER BY id LIMIT 1;
+
+-- disable_host --
+-- Disable a host (clear_vms then empties it; placement no longer picks it).
+UPDATE hosts SET is_disabled = true WHERE id = %(host_id)s;
+
+-- vm_count_on_host --
+-- How many VMs are placed on a host.
+SELECT count(*) FROM vms WHERE host_id = %(host_id)s;
