@@ -297,21 +297,25 @@ def missing_dsn_message(config: Config) -> str:
 
 
 def exposed_password_warning(config: Config) -> str | None:
-    """A warning when the config file holds a database password that any local user can read.
+    """A warning when a config file (or drop-in) holds a database password that any local user can read.
 
     Group-readable is fine (the package installs it root:taskomatic 0640).
     """
-    path = config.source_path
-    if not path or "password" not in config.dsn.lower():
+    if "password" not in config.dsn.lower():
         return None
-    try:
-        mode = os.stat(path).st_mode
-    except OSError:
-        return None
-    if not mode & stat.S_IROTH:
-        return None
-    return (f"{path} holds the database password and any local user can read it (mode "
-            f"{stat.S_IMODE(mode):04o}); chmod o-r {path} (the package installs it 0640 root:taskomatic)")
+    main = config.source_path
+    paths = ([main] if main else []) + [str(p) for p in dropin_files(main or DEFAULT_CONFIG_PATH)]
+    for path in paths:
+        try:
+            mode = os.stat(path).st_mode
+            text = Path(path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue
+        if not mode & stat.S_IROTH or not re.search(r"(?im)^\s*dsn\s*[=:].*password", text):
+            continue
+        return (f"{path} holds the database password and any local user can read it (mode "
+                f"{stat.S_IMODE(mode):04o}); chmod o-r {path} (the package installs it 0640 root:taskomatic)")
+    return None
 
 
 def settings_table() -> str:

@@ -185,3 +185,16 @@ def test_status_json_is_one_document_with_iso_times_and_numbers(
     instance = report["instances"][0]
     assert isinstance(instance["heartbeat_age"], float) and isinstance(instance["shards"], int)
     assert instance["started_at"].endswith("+00:00") and "T" in instance["started_at"]
+
+
+def test_the_private_server_is_an_explicit_choice_that_read_only_commands_then_use(state_dir: Path) -> None:
+    # dsn = embedded (what --embedded-db sets): the daemon starts its own PostgreSQL under the state dir.
+    daemon = Daemon("embedded", state_dir, shards=1)
+    try:
+        daemon.wait_ready(120)
+        assert (state_dir / "postgres" / "pgdata" / "PG_VERSION").exists()
+        result = run_cli("status", "--json", "--embedded-db", "--state-dir", str(state_dir), timeout=60)
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout)["live"] is True
+    finally:
+        daemon.stop()

@@ -538,3 +538,16 @@ def test_reload_keeps_overrides_applies_changes_and_holds_restart_only(tmp_path:
     assert result.config.log_level == "debug" and result.config.poll_interval == 0.5  # the command line wins
     assert result.changed == {"retry_limit": (8, 3)}
     assert result.restart_only == {"shards": (2, 6)} and result.config.shards == 2
+
+
+def test_a_readable_password_in_a_drop_in_is_warned_about(tmp_path: Path) -> None:
+    main = Path(write(tmp_path, "[daemon]\nshards = 2\n"))
+    main.chmod(0o644)
+    (tmp_path / "taskomatic.conf.d").mkdir()
+    dropin = tmp_path / "taskomatic.conf.d" / "50-db.conf"
+    dropin.write_text("[database]\ndsn = host=db user=t password=s3cret\n")
+    dropin.chmod(0o644)
+    warning = config.exposed_password_warning(load(str(main), {}))
+    assert warning is not None and str(dropin) in warning and "s3cret" not in warning
+    dropin.chmod(0o640)
+    assert config.exposed_password_warning(load(str(main), {})) is None
