@@ -80,7 +80,10 @@ def database(config: Config, read_only: bool = False, purpose: str = "") -> Iter
 
 
 def with_dsn(config: Config, dsn: str) -> Config:
-    return Config(**{**{f.name: getattr(config, f.name) for f in fields(config)}, "dsn": dsn})
+    """The configuration with the private server's real dsn, kept as an override so a reload keeps it."""
+    overrides = tuple(sorted({**dict(config.overrides), "dsn": dsn}.items()))
+    return Config(**{**{f.name: getattr(config, f.name) for f in fields(config)}, "dsn": dsn,
+                     "overrides": overrides})
 
 
 def open_store(config: Config, purpose: str) -> Store:

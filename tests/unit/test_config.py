@@ -551,3 +551,12 @@ def test_a_readable_password_in_a_drop_in_is_warned_about(tmp_path: Path) -> Non
     assert warning is not None and str(dropin) in warning and "s3cret" not in warning
     dropin.chmod(0o640)
     assert config.exposed_password_warning(load(str(main), {})) is None
+
+
+def test_reload_of_an_embedded_database_keeps_its_resolved_dsn(tmp_path: Path) -> None:
+    from taskomatic.cli_common import with_dsn
+
+    path = write(tmp_path, "[database]\ndsn = embedded\n")
+    running = with_dsn(load(path, environ={}), "host=/srv/t/postgres/run dbname=taskomatic")
+    result = config.reload_config(running, environ={})
+    assert result.restart_only == {} and result.config.dsn == running.dsn
