@@ -106,7 +106,15 @@ def upgrade_at_start(conn: Connection) -> list[Migration]:
     For single-instance installs: with several instances, upgrade once with
     ``taskomatic db upgrade`` while they are stopped.
     """
-    applied = upgrade(conn)
+    import psycopg2
+
+    try:
+        applied = upgrade(conn)
+    except psycopg2.Error as exc:  # e.g. a role that may not change the schema: exit 8, one line
+        conn.rollback()
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SchemaOutOfDate(f"auto_migrate could not upgrade the schema ({reason}): run 'taskomatic db "
+                              "upgrade' as a database role that owns the schema, then start again") from None
     if applied:
         log.info("auto_migrate: applied %s", ", ".join(f"{m.version:04d}_{m.name}" for m in applied))
     return applied
