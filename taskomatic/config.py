@@ -11,13 +11,22 @@ section ``[sec]`` is overridden by the environment variable
 from __future__ import annotations
 
 import configparser
+import difflib
 import os
 import re
 import stat
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+from taskomatic.settings import (  # re-exported: config.SETTINGS is the public name
+    EMBEDDED_DSN,
+    SETTINGS,
+    SETTINGS_BY_KEY,
+    SETTINGS_BY_NAME,
+    Setting,
+)
 
 DEFAULT_CONFIG_PATH = "/etc/taskomatic/taskomatic.conf"
 
@@ -35,169 +44,12 @@ class ConfigError(Exception):
         super().__init__(f"{where}: {reason}" if where else reason)
 
 
-def _parse_bool(text: str) -> bool:
-    lowered = text.strip().lower()
-    if lowered in ("1", "yes", "true", "on"):
-        return True
-    if lowered in ("0", "no", "false", "off"):
-        return False
-    raise ValueError(f"expected a boolean (yes/no, true/false, on/off, 1/0), got {text!r}")
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise ValueError(f"must be at least 1, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise ValueError(f"must be greater than 0, got {value}")
-    return value
-
-
-def _port(text: str) -> int:
-    value = int(text)
-    if not 0 <= value <= 65535:
-        raise ValueError(f"must be a TCP port (1-65535) or 0 for off, got {value}")
-    return value
-
-
-def _dsn(text: str) -> str:
-    """A libpq connection string (key=value pairs or a postgresql:// URI), checked by libpq's own parser.
-
-    Only libpq's reason is shown, never the string: it may hold a password.
-    """
-    value = text.strip()
-    if value:
-        import psycopg2.extensions
-
-        try:
-            psycopg2.extensions.parse_dsn(value)
-        except psycopg2.ProgrammingError as exc:
-            reason = str(exc).strip().removeprefix("invalid dsn: ")
-            if "password" in value.lower():  # libpq quotes the word it stopped at: maybe the password
-                reason = re.sub(r'after "[^"]*"', 'after "…"', reason)
-            raise ValueError(f"not a valid libpq connection string: {reason}") from None
-    return value
-
-
-def _choice(*allowed: str) -> Callable[[str], str]:
-    def parse(text: str) -> str:
-        value = text.strip()
-        if value not in allowed:
-            raise ValueError(f"must be one of {', '.join(allowed)}, got {value!r}")
-        return value
-
-    return parse
-
-
-def _log_level(text: str) -> str:
-    return _choice("debug", "info", "warning", "error")(text.strip().lower())
-
-
-@dataclass(frozen=True)
-class Setting:
-    section: str
-    name: str
-    parse: Callable[[str], Any]
-    default: Any
-    help: str
-
-    @property
-    def env_var(self) -> str:
-        return "TASKOMATIC_" + self.name.upper()
-
-
-SETTINGS: tuple[Setting, ...] = (
-    Setting("database", "dsn", _dsn, "",
-            "libpq connection string; empty means a private PostgreSQL under state_dir"),
-    Setting("database", "connect_timeout", _positive_float, 10.0,
-            "seconds to wait for a database connection"),
-    Setting("database", "startup_retry_max", _positive_float, 60.0,
-            "daemon start with the database down: longest wait between connection attempts (waits "
-            "double from 1 s; it waits as long as it takes, logging each attempt)"),
-    Setting("daemon", "mode", _choice("standalone", "multihost"), "standalone",
-            "standalone refuses to share the database; multihost shares it with other instances"),
-    Setting("daemon", "shards", _positive_int, 4,
-            "shard processes (tasks of different resources run in parallel, one per shard)"),
-    Setting("daemon", "state_dir", str, "",
-            "where the private PostgreSQL and runtime files live; empty: /var/lib/taskomatic "
-            "as root, else $XDG_STATE_HOME/taskomatic"),
-    Setting("daemon", "claim_batch", _positive_int, 200,
-            "most tasks the fetcher claims in one statement"),
-    Setting("daemon", "max_claimed_per_shard", _positive_int, 500,
-            "most claimed-but-unfinished tasks held per shard (bounds memory and what a drain hands back)"),
-    Setting("daemon", "poll_interval", _positive_float, 2.0,
-            "seconds between queue polls when no notification arrives (LISTEN/NOTIFY wakes it sooner)"),
-    Setting("daemon", "drain_timeout", _positive_float, 300.0,
-            "seconds a SIGTERM drain waits for running tasks before stopping fast"),
-    Setting("daemon", "fast_stop_timeout", _positive_float, 10.0,
-            "seconds a fast stop waits for processes before killing them"),
-    Setting("multihost", "lease_seconds", _positive_float, 10.0,
-            "multihost: how long an instance's key claims stay valid without a renewal; shorter means "
-            "faster takeover after a crash, but more renewal traffic and keys lost on a shorter "
-            "database hiccup"),
-    Setting("multihost", "lease_renew_interval", _positive_float, 2.0,
-            "multihost: seconds between lease renewals (at most a third of lease_seconds, so one "
-            "missed renewal costs nothing)"),
-    Setting("multihost", "keys_per_shard", _positive_int, 2,
-            "multihost: most ordering keys an instance holds per shard (one running, the next one "
-            "ready); more hides claim latency, fewer spreads keys more evenly across instances"),
-    Setting("multihost", "tasks_per_key", _positive_int, 16,
-            "multihost: most claimed tasks of one key an instance loads at a time"),
-    Setting("daemon", "heartbeat_timeout", _positive_float, 60.0,
-            "seconds without a heartbeat after which the supervisor restarts a wedged fetcher"),
-    Setting("daemon", "retry_limit", _positive_int, 8,
-            "transient failures (node unreachable, connection lost) a task may have before it fails"),
-    Setting("daemon", "retry_backoff_max", _positive_float, 60.0,
-            "longest wait between retries (waits double from 1 s); the key's later tasks wait too"),
-    Setting("daemon", "reconcile_interval", _positive_float, 20.0,
-            "seconds between host-status passes that correct VM and host rows from the nodes"),
-    Setting("daemon", "embedded_user", str, "",
-            "unprivileged user that runs the private PostgreSQL when taskomatic runs as root; "
-            "empty: postgres if it exists, else nobody"),
-    Setting("metrics", "metrics_port", _port, 0,
-            "port of the Prometheus endpoint (/metrics); 0 turns metrics off"),
-    Setting("metrics", "metrics_address", str, "127.0.0.1",
-            "address the metrics endpoint binds to (localhost: put a proxy in front to expose it)"),
-    Setting("logging", "log_level", _log_level, "info", "debug, info, warning or error"),
-    Setting("libvirt", "emulator", str, "/usr/bin/qemu-system-x86_64",
-            "emulator binary for QEMU and KVM domains"),
-    Setting("libvirt", "machine_type", str, "pc", "QEMU machine type of new domains"),
-    Setting("libvirt", "shutdown_timeout", _positive_float, 120.0,
-            "seconds shutdown_vm waits for the guest to stop"),
-    Setting("libvirt", "shutdown_poweroff_fallback", _parse_bool, False,
-            "power the VM off when a graceful shutdown times out (else the task fails)"),
-    Setting("libvirt", "vnc_listen", str, "127.0.0.1", "address VNC consoles listen on"),
-    Setting("libvirt", "nic_network", str, "",
-            "libvirt network for VM NICs (e.g. default); empty: user-mode networking"),
-    Setting("libvirt", "keepalive_interval", _positive_int, 5,
-            "seconds between libvirt keepalive probes; a node silent for interval x count is dead"),
-    Setting("libvirt", "keepalive_count", _positive_int, 3,
-            "unanswered keepalive probes before a connection is declared dead"),
-    Setting("daemon", "task_timeout", _positive_float, 900.0,
-            "hard limit on one task's run: a shard stuck longer is killed and the task reconciled "
-            "(keep it above shutdown_timeout and migration_timeout)"),
-    Setting("libvirt", "save_dir", str, "/var/lib/libvirt/qemu/save",
-            "directory on each node where save_vm keeps memory images (must exist there)"),
-    Setting("libvirt", "migration_timeout", _positive_float, 300.0,
-            "seconds a live migration may take before it is aborted (the VM stays on its source)"),
-    Setting("libvirt", "migration_uri", str, "",
-            "migration data URI passed to libvirt (e.g. tcp://10.0.0.5); empty lets libvirt choose"),
-)
-
-SETTINGS_BY_KEY: dict[str, Setting] = {f"{s.section}.{s.name}": s for s in SETTINGS}
-SETTINGS_BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
-
-
 @dataclass(frozen=True)
 class Config:
     """Resolved settings. Field names are the setting names."""
 
     dsn: str = ""
+    auto_migrate: bool = False
     connect_timeout: float = 10.0
     startup_retry_max: float = 60.0
     mode: str = "standalone"
@@ -234,14 +86,31 @@ class Config:
     migration_uri: str = ""
     # Where the values came from, for reloads and error messages.
     source_path: str | None = field(default=None, compare=False)
+    # The command line's overrides (setting name -> typed value), kept so a reload keeps them.
+    overrides: tuple[tuple[str, Any], ...] = field(default=(), compare=False)
+
+    @property
+    def embedded(self) -> bool:
+        """The private PostgreSQL under the state directory was chosen (dsn = embedded)."""
+        return self.dsn == EMBEDDED_DSN
 
     def resolved_state_dir(self) -> Path:
+        """One rule for the service and the CLI: systemd's STATE_DIRECTORY, the configured
+        state_dir, else /var/lib/taskomatic as root and $XDG_STATE_HOME/taskomatic otherwise."""
+        from_systemd = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
+        if from_systemd:
+            return Path(from_systemd)
         if self.state_dir:
             return Path(self.state_dir)
         if os.geteuid() == 0:
             return Path("/var/lib/taskomatic")
         base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
         return Path(base) / "taskomatic"
+
+    def resolved_runtime_dir(self) -> Path:
+        """Sockets and the metrics samples: systemd's RUNTIME_DIRECTORY, else <state dir>/run."""
+        from_systemd = os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
+        return Path(from_systemd) if from_systemd else self.resolved_state_dir() / "run"
 
 
 def _line_of(text: str, section: str, name: str) -> int | None:
@@ -305,14 +174,30 @@ def read_file(path: str) -> dict[str, Any]:
             setting = SETTINGS_BY_KEY.get(f"{section}.{name}")
             line = _line_of(text, section, name)
             if setting is None:
-                known = sorted(s.name for s in SETTINGS if s.section == section)
-                raise ConfigError(f"unknown setting {name!r} in [{section}] (known: {', '.join(known)})",
-                                  path, line)
+                raise ConfigError(_unknown_setting(name, section), path, line)
             try:
                 values[setting.name] = setting.parse(raw)
             except ValueError as exc:
                 raise ConfigError(f"bad value for {section}.{name}: {exc}", path, line) from None
     return values
+
+
+def suggest_setting(name: str) -> Setting | None:
+    """The setting a mistyped name most likely meant (difflib), or None."""
+    close = difflib.get_close_matches(name.lower(), list(SETTINGS_BY_NAME), n=1, cutoff=0.6)
+    return SETTINGS_BY_NAME[close[0]] if close else None
+
+
+def _unknown_setting(name: str, section: str) -> str:
+    """Why a file's ``name`` in ``[section]`` is refused, with the likely intended setting."""
+    if name in SETTINGS_BY_NAME:
+        right = SETTINGS_BY_NAME[name].section
+        return f"setting {name!r} belongs in [{right}], not [{section}]"
+    guess = suggest_setting(name)
+    if guess is not None:
+        return f"unknown setting {name!r} in [{section}]; did you mean {guess.name!r} (in [{guess.section}])?"
+    known = sorted(s.name for s in SETTINGS if s.section == section)
+    return f"unknown setting {name!r} in [{section}] (known: {', '.join(known)})"
 
 
 def read_environment(environ: Mapping[str, str]) -> dict[str, Any]:
@@ -335,8 +220,12 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         key, sep, raw = pair.partition("=")
         key = key.strip()
         setting = SETTINGS_BY_KEY.get(key) or SETTINGS_BY_NAME.get(key)
-        if not sep or setting is None:
-            raise ConfigError(f"bad --set {pair!r}: expected section.name=value with a known setting")
+        if not sep:
+            raise ConfigError(f"bad --set {pair!r}: expected section.name=value")
+        if setting is None:
+            guess = suggest_setting(key.rpartition(".")[2])
+            hint = f"; did you mean {guess.section}.{guess.name}?" if guess else ""
+            raise ConfigError(f"bad --set {pair!r}: no setting named {key!r}{hint}")
         try:
             values[setting.name] = setting.parse(raw)
         except ValueError as exc:
@@ -362,35 +251,71 @@ def load(
     elif os.path.exists(DEFAULT_CONFIG_PATH):
         source = DEFAULT_CONFIG_PATH
         values.update(read_file(source))
+    for dropin in dropin_files(source or DEFAULT_CONFIG_PATH):
+        values.update(read_file(str(dropin)))
     values.update(read_environment(environ))
-    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    values.update(given)
     names = {f.name for f in fields(Config)}
     unknown = set(values) - names
     if unknown:
         raise ConfigError(f"unknown settings: {', '.join(sorted(unknown))}")
-    config = Config(source_path=source, **values)
+    config = Config(source_path=source, overrides=tuple(sorted(given.items())), **values)
     if config.lease_renew_interval * 3 > config.lease_seconds:
         raise ConfigError(f"lease_renew_interval ({config.lease_renew_interval:g}s) must be at most a third of "
                           f"lease_seconds ({config.lease_seconds:g}s), so one missed renewal does not lose the lease")
     return config
 
 
+def dropin_files(main_path: str) -> list[Path]:
+    """``<main>.d/*.conf``, read after the main file in name order (edited drop-ins survive upgrades)."""
+    folder = Path(main_path + ".d")
+    try:
+        return sorted(p for p in folder.iterdir() if p.name.endswith(".conf") and p.is_file())
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    except OSError as exc:
+        raise ConfigError(f"cannot read the drop-in directory: {exc}", str(folder)) from None
+
+
+def missing_dsn_message(config: Config) -> str:
+    """What to write where when no database is configured (the daemon never guesses one)."""
+    path = config.source_path or DEFAULT_CONFIG_PATH
+    where = f"in {path}"
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+        # The packaged file has the line commented out: point at it, else at the section.
+        line = _line_of(text, "database", "#dsn") or _section_line(text, "database")
+    except OSError:
+        line = None
+    if line:
+        where = f"at {path}:{line}"
+    return (f"no database configured: write 'dsn = host=DBHOST dbname=taskomatic user=taskomatic' in the "
+            f"[database] section {where} (or a drop-in {path}.d/*.conf), or set TASKOMATIC_DSN or pass "
+            f"--dsn; for a trial on one machine, --embedded-db (dsn = embedded) runs a private PostgreSQL "
+            f"under {config.resolved_state_dir()}")
+
+
 def exposed_password_warning(config: Config) -> str | None:
-    """A warning when the config file holds a database password that any local user can read.
+    """A warning when a config file (or drop-in) holds a database password that any local user can read.
 
     Group-readable is fine (the package installs it root:taskomatic 0640).
     """
-    path = config.source_path
-    if not path or "password" not in config.dsn.lower():
+    if "password" not in config.dsn.lower():
         return None
-    try:
-        mode = os.stat(path).st_mode
-    except OSError:
-        return None
-    if not mode & stat.S_IROTH:
-        return None
-    return (f"{path} holds the database password and any local user can read it (mode "
-            f"{stat.S_IMODE(mode):04o}); chmod o-r {path} (the package installs it 0640 root:taskomatic)")
+    main = config.source_path
+    paths = ([main] if main else []) + [str(p) for p in dropin_files(main or DEFAULT_CONFIG_PATH)]
+    for path in paths:
+        try:
+            mode = os.stat(path).st_mode
+            text = Path(path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue
+        if not mode & stat.S_IROTH or not re.search(r"(?im)^\s*dsn\s*[=:].*password", text):
+            continue
+        return (f"{path} holds the database password and any local user can read it (mode "
+                f"{stat.S_IMODE(mode):04o}); chmod o-r {path} (the package installs it 0640 root:taskomatic)")
+    return None
 
 
 def settings_table() -> str:
@@ -404,18 +329,58 @@ def settings_table() -> str:
     return "\n".join(rows)
 
 
-# What a running instance cannot change without a restart.
-FIXED_AT_START = ("dsn", "shards", "mode", "state_dir")
+# What a running instance cannot change without a restart: a reload keeps the running
+# value and warns that the new one waits for `systemctl restart taskomatic`.
+RESTART_ONLY = ("dsn", "auto_migrate", "mode", "shards", "state_dir", "embedded_user", "metrics_port",
+                "metrics_address")
+_SECRET = ("dsn",)  # values never logged (a dsn may hold a password)
 
 
-def reload(current: Config) -> Config:
-    """Re-read the configuration for SIGHUP, keeping what needs a restart.
+@dataclass(frozen=True)
+class Reloaded:
+    config: Config
+    changed: dict[str, tuple[Any, Any]]  # applied now: name -> (old, new)
+    restart_only: dict[str, tuple[Any, Any]]  # changed in the files, applied at the next restart
 
-    Raises ConfigError (the running configuration stays) on a bad file. The
-    log level takes effect at once in the calling process.
+
+def reload_config(current: Config, environ: Mapping[str, str] | None = None) -> Reloaded:
+    """Read the files again with the command line's overrides kept (they still win).
+
+    Raises ConfigError (the running configuration stays) on a bad file.
+    """
+    from dataclasses import replace
+
+    fresh = load(current.source_path, environ, overrides=dict(current.overrides))
+    restart_only = {name: (getattr(current, name), getattr(fresh, name)) for name in RESTART_ONLY
+                    if getattr(current, name) != getattr(fresh, name)}
+    fresh = replace(fresh, **{name: getattr(current, name) for name in RESTART_ONLY})
+    changed = {f.name: (getattr(current, f.name), getattr(fresh, f.name)) for f in fields(Config)
+               if f.compare and getattr(current, f.name) != getattr(fresh, f.name)}
+    return Reloaded(fresh, changed, restart_only)
+
+
+def _shown(name: str, value: Any) -> str:
+    return "(not shown)" if name in _SECRET else repr(value)
+
+
+def reload(current: Config, announce: bool = False) -> Config:
+    """SIGHUP: the new configuration, with the log level applied at once in this process.
+
+    ``announce`` (the supervisor, so each change is logged once, not by every
+    process): log what changed and warn about what only a restart applies.
     """
     import logging
 
-    fresh = load(current.source_path, overrides={name: getattr(current, name) for name in FIXED_AT_START})
-    logging.getLogger().setLevel(fresh.log_level.upper())
-    return fresh
+    result = reload_config(current)
+    logging.getLogger().setLevel(result.config.log_level.upper())
+    if announce:
+        log = logging.getLogger("taskomatic.config")
+        for name, (old, new) in result.changed.items():
+            log.info("reload: %s changed from %s to %s", name, _shown(name, old), _shown(name, new))
+        if not result.changed:
+            log.info("reload: no setting changed")
+        for name, (old, new) in result.restart_only.items():
+            log.warning("reload: %s changed from %s to %s, but only a restart applies it "
+                        "(systemctl restart taskomatic); still using %s", name, _shown(name, old),
+                        _shown(name, new), _shown(name, old))
+    return result.config

@@ -26,10 +26,9 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
-import psycopg2
-import psycopg2.extras
-
 from taskomatic.config import Config
+from taskomatic.db import operator
+from taskomatic.db.store import Store
 
 # (action, state it needs, state it leaves): a random walk over these gives
 # each VM a plausible history.
@@ -88,65 +87,35 @@ def _percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[rank]
 
 
-ORDER_CHECK_SQL = """
-WITH ordered AS (
-    SELECT id, key_type, key_id, time_started, time_ended,
-           lag(time_ended) OVER (PARTITION BY key_type, key_id ORDER BY id) AS previous_end
-    FROM tasks
-    WHERE time_started IS NOT NULL
-)
-SELECT count(*) FILTER (WHERE previous_end > time_started) AS violations,
-       count(DISTINCT (key_type, key_id)) AS keys
-FROM ordered
-"""
-
-
 @contextmanager
-def _connection(dsn: str) -> Iterator[Any]:
-    conn = psycopg2.connect(dsn)
+def _store(dsn: str) -> Iterator[Store]:
+    """A short-lived connection that commits what it did."""
+    store = Store.open(dsn, "taskomatic demo", 30)
     try:
-        yield conn
+        with store.transaction():
+            yield store
     finally:
-        conn.close()
+        store.close()
 
 
 def _insert_tasks(dsn: str, tasks: list[tuple[int, str]]) -> None:
-    with _connection(dsn) as conn, conn.cursor() as cur:
-        psycopg2.extras.execute_values(
-            cur,
-            "INSERT INTO tasks (task_target_type, task_target_id, action, submitted_by) VALUES %s",
-            [("Vm", vm, action, "taskomatic demo") for vm, action in tasks],
-            page_size=1000,
-        )
-        conn.commit()
+    with _store(dsn) as store:
+        operator.demo_queue_vm_tasks(store, tasks)
 
 
 def _seed(dsn: str, node_uris: list[str], vm_count: int, seed: int) -> list[int]:
     rng = random.Random(seed)
-    with _connection(dsn) as conn, conn.cursor() as cur:
+    with _store(dsn) as store:
         for i, uri in enumerate(node_uris):
-            cur.execute(
-                "INSERT INTO hosts (hostname, libvirt_uri, hypervisor_type, num_cpus, memory) "
-                "VALUES (%s, %s, 'TEST', 256, 536870912)",
-                (f"demo-node{i}", uri),
-            )
-        psycopg2.extras.execute_values(
-            cur,
-            "INSERT INTO vms (description, num_vcpus_allocated, memory_allocated) VALUES %s RETURNING id",
-            [(f"demo-vm-{i:04d}", rng.choice((1, 1, 2, 4)), rng.choice((262144, 524288, 1048576)))
-             for i in range(vm_count)],
-            page_size=1000,
-        )
-        ids = [row[0] for row in cur.fetchall()]
-        conn.commit()
-    return ids
+            operator.demo_add_host(store, f"demo-node{i}", uri)
+        return operator.demo_add_vms(store, [
+            (f"demo-vm-{i:04d}", rng.choice((1, 1, 2, 4)), rng.choice((262144, 524288, 1048576)))
+            for i in range(vm_count)])
 
 
 def _ended(dsn: str) -> int:
-    with _connection(dsn) as conn, conn.cursor() as cur:
-        cur.execute("SELECT count(*) FROM tasks WHERE state IN ('finished', 'failed', 'canceled')")
-        row = cur.fetchone()
-    return int(row[0]) if row else 0
+    with _store(dsn) as store:
+        return operator.ended_task_count(store)
 
 
 def _has_save_image(conn: Any, path: str) -> bool:
@@ -165,10 +134,9 @@ def _check_vms_against_libvirt(dsn: str, save_dir: Path) -> tuple[int, list[str]
 
     mismatches: list[str] = []
     connections: dict[str, Any] = {}
-    with _connection(dsn) as conn, conn.cursor(cursor_factory=psycopg2.extras.RealDictCursor) as cur:
-        cur.execute("SELECT v.id, v.uuid::text AS uuid, v.state, h.libvirt_uri FROM vms v "
-                    "LEFT JOIN hosts h ON h.id = v.host_id ORDER BY v.id")
-        rows = [{**r, "save_path": f"{save_dir}/taskomatic-vm{r['id']}-{r['uuid']}.save"} for r in cur.fetchall()]
+    with _store(dsn) as store:
+        rows = [{**r, "save_path": f"{save_dir}/taskomatic-vm{r['id']}-{r['uuid']}.save"}
+                for r in operator.vms_and_their_nodes(store)]
     for row in rows:
         real = "stopped"
         if row["libvirt_uri"]:
@@ -191,23 +159,13 @@ def _check_vms_against_libvirt(dsn: str, save_dir: Path) -> tuple[int, list[str]
 
 def _summary(dsn: str, expected: dict[int, str], save_dir: Path) -> list[str]:
     lines: list[str] = []
-    with _connection(dsn) as conn, conn.cursor(cursor_factory=psycopg2.extras.RealDictCursor) as cur:
-        cur.execute("SELECT state, count(*) AS n FROM tasks GROUP BY state ORDER BY state")
-        counts = {r["state"]: r["n"] for r in cur.fetchall()}
-        cur.execute("SELECT min(time_started) AS first, max(time_ended) AS last FROM tasks")
-        span = cur.fetchone()
-        cur.execute(
-            "SELECT action, extract(epoch FROM time_ended - time_started) AS run, "
-            "extract(epoch FROM time_started - created_at) AS wait FROM tasks WHERE time_ended IS NOT NULL")
-        timings = cur.fetchall()
-        # Group failures by their wording, numbers aside ("VM 12" and "VM 31" are one kind).
-        cur.execute("SELECT min(message) AS message, count(*) AS n FROM tasks WHERE state = 'failed' "
-                    "GROUP BY regexp_replace(message, '[0-9]+', 'N', 'g') ORDER BY n DESC, 1 LIMIT 8")
-        failures = cur.fetchall()
-        cur.execute(ORDER_CHECK_SQL)
-        order = cur.fetchone()
-        cur.execute("SELECT id, state FROM vms")
-        final = {r["id"]: r["state"] for r in cur.fetchall()}
+    with _store(dsn) as store:
+        counts = operator.task_state_counts(store)
+        span = operator.task_time_span(store)
+        timings = operator.ended_task_timings(store)
+        failures = operator.failure_kinds(store)
+        order = operator.order_violations(store)
+        final = operator.vm_states(store)
     total = sum(counts.values())
     busy = (span["last"] - span["first"]).total_seconds() if span and span["first"] else 0.0
     lines.append("")
@@ -257,7 +215,7 @@ def run_demo(config: Config, args: argparse.Namespace) -> int:
     from taskomatic.embedded.libvirtd import ManagedNode
     from taskomatic.embedded.postgres import EmbeddedPostgres
 
-    if args.vms < 1 or args.tasks < args.vms or args.nodes < 1 or args.shards < 1:
+    if args.vms < 1 or args.tasks < args.vms or args.nodes < 1 or config.shards < 1:
         print("taskomatic demo: need --vms >= 1, --tasks >= --vms, --nodes >= 1, --shards >= 1", file=sys.stderr)
         return 2
     started = time.monotonic()
@@ -293,9 +251,14 @@ def run_demo(config: Config, args: argparse.Namespace) -> int:
         save_dir.chmod(0o777)
         log_path = base / "daemon.log"
         log_file = stack.enter_context(open(log_path, "wb"))
+        # The demo's --config, --set and --log-level reach its daemon; the database and state
+        # directory are the demo's own.
+        given = ([f"--config={args.config}"] if getattr(args, "config", None) else []) + [
+            f"--set={pair}" for pair in getattr(args, "settings", None) or []]
         daemon = subprocess.Popen(
-            [sys.executable, "-m", "taskomatic", "--dsn", pg.dsn, "--shards", str(args.shards),
-             "--set", f"state_dir={base / 'state'}", "--set", f"save_dir={save_dir}", "--log-level", "warning"],
+            [sys.executable, "-m", "taskomatic", *given, "--dsn", pg.dsn, "--shards", str(config.shards),
+             "--set", f"state_dir={base / 'state'}", "--set", f"save_dir={save_dir}",
+             "--log-level", "debug" if config.log_level == "debug" else "warning"],
             stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
             env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [
                 str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH")]))},
@@ -342,9 +305,8 @@ def _follow(dsn: str, order: list[tuple[int, str]], rest: list[tuple[int, str]],
 def _wait_tasks(dsn: str, ids: list[int], daemon: subprocess.Popen[bytes]) -> list[dict[str, Any]] | None:
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and daemon.poll() is None:
-        with _connection(dsn) as conn, conn.cursor(cursor_factory=psycopg2.extras.RealDictCursor) as cur:
-            cur.execute("SELECT id, action, state, message FROM tasks WHERE id = ANY(%s) ORDER BY id", (ids,))
-            rows = cur.fetchall()
+        with _store(dsn) as store:
+            rows = operator.tasks_by_id(store, ids)
         if all(r["state"] in ("finished", "failed", "canceled") for r in rows):
             return rows
         time.sleep(0.2)  # polling the table for the demo's report, not synchronisation
@@ -353,35 +315,22 @@ def _wait_tasks(dsn: str, ids: list[int], daemon: subprocess.Popen[bytes]) -> li
 
 def _storage_phase(dsn: str, daemon: subprocess.Popen[bytes]) -> list[str]:
     """A storage pool refreshed, three volumes created and one deleted, as plain INSERTs."""
-    with _connection(dsn) as conn, conn.cursor() as cur:
-        cur.execute("INSERT INTO storage_pools (name, pool_type, target_path) "
-                    "VALUES ('demo-pool', 'dir', '/var/lib/taskomatic-demo/images') RETURNING id")
-        pool = cur.fetchone()[0]
-        cur.execute("INSERT INTO tasks (task_target_type, task_target_id, action, submitted_by) "
-                    "VALUES ('StoragePool', %s, 'refresh_pool', 'taskomatic demo') RETURNING id", (pool,))
-        ids = [cur.fetchone()[0]]
-        volumes = []
-        for i, size in enumerate((1048576, 2097152, 524288)):
-            cur.execute("INSERT INTO storage_volumes (storage_pool_id, name, size) VALUES (%s, %s, %s) "
-                        "RETURNING id", (pool, f"disk{i}.img", size))
-            volumes.append(cur.fetchone()[0])
-        for volume in volumes:
-            cur.execute("INSERT INTO tasks (task_target_type, task_target_id, action, submitted_by) "
-                        "VALUES ('StorageVolume', %s, 'create_volume', 'taskomatic demo') RETURNING id", (volume,))
-            ids.append(cur.fetchone()[0])
-        cur.execute("INSERT INTO tasks (task_target_type, task_target_id, action, submitted_by) "
-                    "VALUES ('StorageVolume', %s, 'delete_volume', 'taskomatic demo') RETURNING id",
-                    (volumes[-1],))
-        ids.append(cur.fetchone()[0])
-        conn.commit()
+    with _store(dsn) as store:
+        pool = operator.demo_add_pool(store, "demo-pool", "/var/lib/taskomatic-demo/images")
+        ids = [operator.submit_task(store, "StoragePool", pool, "refresh_pool", {}, "taskomatic demo")]
+        volumes = [operator.demo_add_volume(store, pool, f"disk{i}.img", size)
+                   for i, size in enumerate((1048576, 2097152, 524288))]
+        ids += [operator.submit_task(store, "StorageVolume", volume, "create_volume", {}, "taskomatic demo")
+                for volume in volumes]
+        ids.append(operator.submit_task(store, "StorageVolume", volumes[-1], "delete_volume", {},
+                                        "taskomatic demo"))
     rows = _wait_tasks(dsn, ids, daemon)
     if rows is None:
         return ["", "storage: the tasks did not end in time"]
-    with _connection(dsn) as conn, conn.cursor() as cur:
-        cur.execute("SELECT state FROM storage_pools WHERE id = %s", (pool,))
-        pool_state = cur.fetchone()[0]
-        cur.execute("SELECT name, size, state FROM storage_volumes WHERE storage_pool_id = %s ORDER BY id", (pool,))
-        listed = ", ".join(f"{n} ({size // 1024} MiB, {st})" for n, size, st in cur.fetchall())
+    with _store(dsn) as store:
+        pool_state = operator.pool_state(store, pool)
+        listed = ", ".join(f"{v['name']} ({v['size'] // 1024} MiB, {v['state']})"
+                           for v in operator.pool_volume_list(store, pool))
     done = ", ".join(f"{r['action']} {r['state']}" for r in rows)
     lines = ["", f"storage: pool demo-pool {pool_state}; {done}", f"  volumes now: {listed or 'none'}"]
     lines += [f"  task {r['id']} {r['action']}: {r['message']}" for r in rows if r["state"] != "finished"]
@@ -390,23 +339,19 @@ def _storage_phase(dsn: str, daemon: subprocess.Popen[bytes]) -> list[str]:
 
 def _clear_host_phase(dsn: str, daemon: subprocess.Popen[bytes]) -> list[str]:
     """Disable the first host and empty it with clear_vms, as an operator would before maintenance."""
-    with _connection(dsn) as conn, conn.cursor() as cur:
-        cur.execute("SELECT id, hostname FROM hosts ORDER BY id LIMIT 1")
-        host_id, hostname = cur.fetchone()
-        cur.execute("UPDATE hosts SET is_disabled = true WHERE id = %s", (host_id,))
-        cur.execute("SELECT count(*) FROM vms WHERE host_id = %s", (host_id,))
-        on_host = cur.fetchone()[0]
-        cur.execute("INSERT INTO tasks (task_target_type, task_target_id, action, submitted_by) "
-                    "VALUES ('Host', %s, 'clear_vms', 'taskomatic demo') RETURNING id", (host_id,))
-        task_id = cur.fetchone()[0]
-        conn.commit()
+    with _store(dsn) as store:
+        host = operator.first_host(store)
+        assert host is not None  # the demo seeded its hosts
+        host_id, hostname = int(host["id"]), host["hostname"]
+        operator.disable_host(store, host_id)
+        on_host = operator.vm_count_on_host(store, host_id)
+        task_id = operator.submit_task(store, "Host", host_id, "clear_vms", {}, "taskomatic demo")
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and daemon.poll() is None:
-        with _connection(dsn) as conn, conn.cursor() as cur:
-            cur.execute("SELECT state, message FROM tasks WHERE id = %s", (task_id,))
-            state, message = cur.fetchone()
-            cur.execute("SELECT count(*) FROM vms WHERE host_id = %s", (host_id,))
-            left = cur.fetchone()[0]
+        with _store(dsn) as store:
+            task = operator.tasks_by_id(store, [task_id])[0]
+            state, message = task["state"], task["message"]
+            left = operator.vm_count_on_host(store, host_id)
         if state in ("finished", "failed"):
             lines = ["", f"maintenance: disabled {hostname} and queued clear_vms (task {task_id}) for its "
                      f"{on_host} VMs: {state}; {left} VMs left on it"]

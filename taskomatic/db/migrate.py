@@ -59,8 +59,8 @@ def pending_migrations(conn: Connection) -> list[Migration]:
     return [m for m in available_migrations() if m.version not in done]
 
 
-def upgrade(conn: Connection, dry_run: bool = False) -> list[Migration]:
-    """Apply every pending migration; return those applied (or, dry run, pending).
+def upgrade(conn: Connection, dry_run: bool = False, through: int | None = None) -> list[Migration]:
+    """Apply every pending migration (up to version ``through``); return those applied (or, dry run, pending).
 
     Runs as one transaction whatever the connection's autocommit setting: the
     advisory lock and the migrations must share it.
@@ -68,12 +68,12 @@ def upgrade(conn: Connection, dry_run: bool = False) -> list[Migration]:
     autocommit = conn.autocommit
     conn.autocommit = False
     try:
-        return _upgrade(conn, dry_run)
+        return _upgrade(conn, dry_run, through)
     finally:
         conn.autocommit = autocommit
 
 
-def _upgrade(conn: Connection, dry_run: bool) -> list[Migration]:
+def _upgrade(conn: Connection, dry_run: bool, through: int | None) -> list[Migration]:
     with conn.cursor() as cur:
         cur.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK_ID,))
         cur.execute(
@@ -84,7 +84,8 @@ def _upgrade(conn: Connection, dry_run: bool) -> list[Migration]:
         )
         cur.execute("SELECT version FROM schema_migrations")
         done = {r[0] for r in cur.fetchall()}
-        todo = [m for m in available_migrations() if m.version not in done]
+        todo = [m for m in available_migrations()
+                 if m.version not in done and (through is None or m.version <= through)]
         if dry_run:
             conn.rollback()
             return todo
@@ -99,12 +100,47 @@ def _upgrade(conn: Connection, dry_run: bool) -> list[Migration]:
     return todo
 
 
+def upgrade_at_start(conn: Connection) -> list[Migration]:
+    """auto_migrate: apply what is pending at daemon start, under the migration lock.
+
+    For single-instance installs: with several instances, upgrade once with
+    ``taskomatic db upgrade`` while they are stopped.
+    """
+    import psycopg2
+
+    try:
+        applied = upgrade(conn)
+    except psycopg2.Error as exc:  # e.g. a role that may not change the schema: exit 8, one line
+        conn.rollback()
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SchemaOutOfDate(f"auto_migrate could not upgrade the schema ({reason}): run 'taskomatic db "
+                              "upgrade' as a database role that owns the schema, then start again") from None
+    if applied:
+        log.info("auto_migrate: applied %s", ", ".join(f"{m.version:04d}_{m.name}" for m in applied))
+    return applied
+
+
 def check_current(conn: Connection) -> None:
-    """Raise SchemaOutOfDate unless every shipped migration is applied."""
-    missing = pending_migrations(conn)
+    """Raise SchemaOutOfDate unless the schema is exactly the shipped migrations.
+
+    The message is one line that says what to run (a systemd unit lists the
+    exit code in RestartPreventExitStatus: no restart loop).
+    """
+    done = applied_versions(conn)
+    conn.rollback()
+    shipped = available_migrations()
+    missing = [m for m in shipped if m.version not in done]
+    unknown = sorted(done - {m.version for m in shipped})
+    if unknown:
+        raise SchemaOutOfDate(
+            f"the database schema is newer than this taskomatic (migrations {', '.join(map(str, unknown))} "
+            "are unknown to it): install the taskomatic version that upgraded the database")
     if missing:
         names = ", ".join(f"{m.version:04d}_{m.name}" for m in missing)
-        raise SchemaOutOfDate(f"database schema is not up to date (missing {names}); run 'taskomatic db upgrade'")
+        raise SchemaOutOfDate(
+            f"the database schema is out of date (missing {names}): stop every taskomatic instance, run "
+            "'taskomatic db upgrade' (as user taskomatic, same configuration), then start them again; "
+            "single-instance installs may set auto_migrate = yes in [database] instead")
 
 
 class SchemaOutOfDate(Exception):

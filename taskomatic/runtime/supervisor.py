@@ -49,9 +49,10 @@ from taskomatic.exitcodes import (
     EXIT_ALREADY_RUNNING,
     EXIT_CHILD_FAILING,
     EXIT_CONFIG,
-    EXIT_DATABASE,
+    EXIT_DATABASE_REFUSED,
     EXIT_LEASE_LOST,
     EXIT_OK,
+    EXIT_SCHEMA,
 )
 from taskomatic.logsetup import set_process_title
 from taskomatic.runtime.fetcher import fetcher_main
@@ -134,8 +135,9 @@ class Supervisor:
             except DatabaseUnavailable as exc:
                 reason = str(exc)
                 if _permanent_refusal(reason):
-                    raise StartupRefused(f"{reason} (not retried: check the dsn and the database's "
-                                         "roles and pg_hba.conf)", EXIT_DATABASE) from None
+                    raise StartupRefused(f"{reason}; not retried, waiting cannot fix this: correct the dsn "
+                                         "(user, password, dbname) or the server's roles and pg_hba.conf, "
+                                         "then start taskomatic again", EXIT_DATABASE_REFUSED) from None
                 log.warning("waiting for the database (attempt %d): %s; retry in %g s", attempt, reason, delay)
                 self.notifier.notify(f"STATUS=waiting for the database: {reason}; retry in {delay:g} s")
                 # The unit is still "activating": give systemd's start timeout this attempt and the next.
@@ -163,7 +165,7 @@ class Supervisor:
                     return False
                 if signum == signal.SIGHUP:  # not ready yet: no RELOADING/READY for systemd
                     try:
-                        self.config = config_mod.reload(self.config)
+                        self.config = config_mod.reload(self.config, announce=True)
                         log.info("SIGHUP: configuration reloaded")
                     except config_mod.ConfigError as exc:
                         log.error("SIGHUP: configuration not reloaded, keeping the running one: %s", exc)
@@ -181,10 +183,12 @@ class Supervisor:
         """Check the schema, take the guard, settle what an earlier run left (connected already)."""
         if self.store is None:
             self.store = Store.open(self.config.dsn, "taskomatic supervisor", self.config.connect_timeout)
+        if self.config.auto_migrate:
+            migrate.upgrade_at_start(self.store.conn)
         try:
             migrate.check_current(self.store.conn)
         except migrate.SchemaOutOfDate as exc:
-            raise StartupRefused(str(exc), EXIT_DATABASE) from None
+            raise StartupRefused(str(exc), EXIT_SCHEMA) from None
         if not self._take_guard():
             holder = self._guard_holder()
             raise StartupRefused(
@@ -234,7 +238,7 @@ class Supervisor:
 
     # -- children -------------------------------------------------------------------
     def _socket_path(self) -> str:
-        run_dir = self.config.resolved_state_dir() / "run"
+        run_dir = self.config.resolved_runtime_dir()
         path = run_dir / f"fetcher-{self.instance_id}.sock"
         if len(str(path)) < 100:  # AF_UNIX paths are limited to 108 bytes
             run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -367,7 +371,7 @@ class Supervisor:
     def _reload(self) -> None:
         self.notifier.notify("RELOADING=1")
         try:
-            self.config = config_mod.reload(self.config)
+            self.config = config_mod.reload(self.config, announce=True)
         except config_mod.ConfigError as exc:
             log.error("SIGHUP: configuration not reloaded, keeping the running one: %s", exc)
         else:

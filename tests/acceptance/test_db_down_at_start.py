@@ -25,6 +25,7 @@ from typing import Any
 import psycopg2
 import pytest
 
+from taskomatic.exitcodes import EXIT_DATABASE_REFUSED
 from tests.acceptance.test_sd_notify import NotifySocket
 from tests.conftest import _private_dir
 from tests.helpers import REPO, query, wait_for
@@ -149,14 +150,16 @@ def test_a_stop_while_waiting_ends_the_daemon_at_once(state_dir: Path) -> None:
         daemon.stop()
 
 
-def test_a_refusal_waiting_cannot_cure_exits_4_at_once(pg_server: Any, state_dir: Path) -> None:
+def test_a_refusal_waiting_cannot_cure_exits_9_at_once(pg_server: Any, state_dir: Path) -> None:
     dsn = pg_server.dsn.replace("dbname=taskomatic", "dbname=no_such_database_here")
     daemon = DaemonWithNotify(dsn, state_dir, "connect_timeout=1")
     try:
         code = daemon.process.wait(30)
         log = daemon.log()
-        assert code == 4, log
+        assert code == EXIT_DATABASE_REFUSED, log
         assert 'database "no_such_database_here" does not exist' in log and "not retried" in log
+        refusal = [line for line in log.splitlines() if "not retried" in line]
+        assert len(refusal) == 1 and "pg_hba.conf" in refusal[0], log
         assert "waiting for the database" not in log
         assert "Traceback" not in log
     finally:

@@ -77,9 +77,14 @@ def test_hostile_text_is_stored_verbatim_and_handled_as_data(dsn: str, hosts: li
 
     # Through the command line: args, and submitted_by.
     args = {"host_id": HOSTILE_SQL, QUOTES: "\\'\"", "back\\slash": "a\\'b\\\\"}
+    # The command line checks the args against the action first: refused, quoted as data, nothing queued.
     result = _cli("submit", "start_vm", "--vm", str(vm), "--args", json.dumps(args), "--by", QUOTES, "--dsn", dsn)
-    assert result.returncode == 0, result.stderr
-    by_cli = int(result.stdout)
+    assert result.returncode == 2, result.stderr
+    assert "unknown argument" in result.stderr and QUOTES in result.stderr and "back\\slash" in result.stderr
+    assert query(dsn, "SELECT count(*) AS n FROM tasks")[0]["n"] == 0
+    # The same task inserted by another program reaches the daemon.
+    by_cli = query(dsn, "INSERT INTO tasks (task_target_type, task_target_id, action, args, submitted_by) "
+                        "VALUES ('Vm', %s, 'start_vm', %s, %s) RETURNING id", (vm, Json(args), QUOTES))[0]["id"]
     # Through plain SQL, as another program would.
     by_sql = checks.insert_tasks(dsn, [("Vm", vm, "create_vm"), ("Vm", vm, "start_vm", {"host_id": HOSTILE_SQL}),
                                        ("Vm", vm, "start_vm")])
@@ -114,7 +119,7 @@ def test_hostile_text_is_stored_verbatim_and_handled_as_data(dsn: str, hosts: li
     finally:
         conn.close()
     # And the command line reads it back verbatim.
-    listed = [json.loads(line) for line in _cli("tasks", "--json", "--dsn", dsn).stdout.splitlines()]
+    listed = json.loads(_cli("tasks", "--json", "--dsn", dsn).stdout)
     assert {t["id"]: t["submitted_by"] for t in listed}[by_cli] == QUOTES
 
 
@@ -432,7 +437,7 @@ def test_running_as_root_is_warned_about_and_not_otherwise(pg_server: Any, daemo
               f"sys.exit(cli.main(['--dsn', {dsn!r}, '--shards', '1', '--set', 'state_dir=/tmp']))\n")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd="/",
                             env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=60, check=False)
-    assert result.returncode == 4, result.stderr
+    assert result.returncode == 9, result.stderr  # EXIT_DATABASE_REFUSED
     assert "no_such_database_here" in result.stderr
     assert ROOT_WARNING not in result.stderr
 

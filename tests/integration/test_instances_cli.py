@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from taskomatic import cli as cli_mod
+from taskomatic import cli_status as cli_mod
 from taskomatic.db.store import Store
 from tests.helpers import REPO, query
 
@@ -206,6 +206,6 @@ def test_unreachable_database_exits_4(tmp_path: Path) -> None:
     assert "Traceback" not in done.stderr
 
 
-def test_unmigrated_database_exits_4(empty_dsn: str) -> None:
+def test_unmigrated_database_exits_8(empty_dsn: str) -> None:
     done = cli(empty_dsn, "instances")
-    assert done.returncode == 4 and "db upgrade" in done.stderr
+    assert done.returncode == 8 and "db upgrade" in done.stderr

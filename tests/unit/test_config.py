@@ -39,7 +39,7 @@ def file_error(tmp_path: Path, text: str) -> ConfigError:
 def test_settings_and_config_fields_agree() -> None:
     names = [s.name for s in SETTINGS]
     assert len(names) == len(set(names)), "a setting name is declared twice"
-    config_fields = {f.name: f.default for f in fields(Config) if f.name != "source_path"}
+    config_fields = {f.name: f.default for f in fields(Config) if f.compare}
     assert set(names) == set(config_fields)
     for setting in SETTINGS:
         assert config_fields[setting.name] == setting.default, setting.name
@@ -219,7 +219,7 @@ def test_every_setting_can_be_set_in_the_file(tmp_path: Path) -> None:
         "reconcile_interval": ("5", 5.0), "nic_network": ("default", "default"),
         "metrics_port": ("9188", 9188), "metrics_address": ("::1", "::1"),
         "lease_seconds": ("30", 30.0), "lease_renew_interval": ("5", 5.0), "keys_per_shard": ("3", 3),
-        "tasks_per_key": ("8", 8), "startup_retry_max": ("30", 30.0),
+        "tasks_per_key": ("8", 8), "startup_retry_max": ("30", 30.0), "auto_migrate": ("yes", True),
     }
     assert set(samples) == {s.name for s in SETTINGS}
     sections: dict[str, list[str]] = {}
@@ -470,3 +470,93 @@ def test_which_connection_failures_the_daemon_waits_out(reason: str, permanent: 
     from taskomatic.runtime.supervisor import _permanent_refusal
 
     assert _permanent_refusal(reason) is permanent
+
+
+# -- one state directory rule, runtime directory, drop-ins, suggestions ------------------------------
+
+
+def test_state_directory_from_systemd_wins(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STATE_DIRECTORY", "/var/lib/taskomatic:/var/lib/other")
+    assert Config(state_dir="/srv/t").resolved_state_dir() == Path("/var/lib/taskomatic")
+    monkeypatch.delenv("STATE_DIRECTORY")
+    assert Config(state_dir="/srv/t").resolved_state_dir() == Path("/srv/t")
+
+
+def test_runtime_directory_from_systemd_else_under_the_state_dir(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("STATE_DIRECTORY", raising=False)
+    monkeypatch.delenv("RUNTIME_DIRECTORY", raising=False)
+    assert Config(state_dir="/srv/t").resolved_runtime_dir() == Path("/srv/t/run")
+    monkeypatch.setenv("RUNTIME_DIRECTORY", "/run/taskomatic")
+    assert Config(state_dir="/srv/t").resolved_runtime_dir() == Path("/run/taskomatic")
+
+
+def test_drop_ins_are_read_after_the_main_file_in_name_order(tmp_path: Path) -> None:
+    main = write(tmp_path, "[daemon]\nshards = 2\nclaim_batch = 10\n")
+    (tmp_path / "taskomatic.conf.d").mkdir()
+    (tmp_path / "taskomatic.conf.d" / "20-b.conf").write_text("[daemon]\nshards = 6\n")
+    (tmp_path / "taskomatic.conf.d" / "10-a.conf").write_text("[daemon]\nshards = 5\npoll_interval = 1\n")
+    (tmp_path / "taskomatic.conf.d" / "30-c.conf.rpmsave").write_text("[daemon]\nshards = 9\n")
+    cfg = load(main, environ={})
+    assert (cfg.shards, cfg.claim_batch, cfg.poll_interval) == (6, 10, 1.0)
+
+
+def test_a_bad_drop_in_line_names_that_file(tmp_path: Path) -> None:
+    main = write(tmp_path, "[daemon]\nshards = 2\n")
+    (tmp_path / "taskomatic.conf.d").mkdir()
+    bad = tmp_path / "taskomatic.conf.d" / "50-x.conf"
+    bad.write_text("[daemon]\n\nshards = many\n")
+    with pytest.raises(ConfigError) as info:
+        load(main, environ={})
+    assert f"{bad}:3" in str(info.value)
+
+
+@pytest.mark.parametrize(("text", "words"), [
+    ("[daemon]\nshard = 2\n", "did you mean 'shards'"),
+    ("[daemon]\ndsn = x\n", "belongs in [database]"),
+])
+def test_a_mistyped_setting_gets_a_suggestion(tmp_path: Path, text: str, words: str) -> None:
+    assert words in str(file_error(tmp_path, text))
+
+
+def test_a_mistyped_set_gets_a_suggestion() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_overrides(["daemon.poll_intervall=3"])
+    assert "did you mean daemon.poll_interval" in str(info.value)
+
+
+def test_embedded_is_an_explicit_dsn_and_empty_is_none() -> None:
+    assert load(None, environ={"TASKOMATIC_DSN": "embedded"}).embedded
+    assert not load(None, environ={}).embedded
+    assert "TASKOMATIC_DSN" in config.missing_dsn_message(Config())
+
+
+def test_reload_keeps_overrides_applies_changes_and_holds_restart_only(tmp_path: Path) -> None:
+    path = write(tmp_path, "[daemon]\nshards = 2\nretry_limit = 8\n[logging]\nlog_level = info\n")
+    running = load(path, environ={}, overrides={"log_level": "debug", "poll_interval": 0.5})
+    write(tmp_path, "[daemon]\nshards = 6\nretry_limit = 3\npoll_interval = 9\n[logging]\nlog_level = error\n")
+    result = config.reload_config(running, environ={})
+    assert result.config.log_level == "debug" and result.config.poll_interval == 0.5  # the command line wins
+    assert result.changed == {"retry_limit": (8, 3)}
+    assert result.restart_only == {"shards": (2, 6)} and result.config.shards == 2
+
+
+def test_a_readable_password_in_a_drop_in_is_warned_about(tmp_path: Path) -> None:
+    main = Path(write(tmp_path, "[daemon]\nshards = 2\n"))
+    main.chmod(0o644)
+    (tmp_path / "taskomatic.conf.d").mkdir()
+    dropin = tmp_path / "taskomatic.conf.d" / "50-db.conf"
+    dropin.write_text("[database]\ndsn = host=db user=t password=s3cret\n")
+    dropin.chmod(0o644)
+    warning = config.exposed_password_warning(load(str(main), {}))
+    assert warning is not None and str(dropin) in warning and "s3cret" not in warning
+    dropin.chmod(0o640)
+    assert config.exposed_password_warning(load(str(main), {})) is None
+
+
+def test_reload_of_an_embedded_database_keeps_its_resolved_dsn(tmp_path: Path) -> None:
+    from taskomatic.cli_common import with_dsn
+
+    path = write(tmp_path, "[database]\ndsn = embedded\n")
+    running = with_dsn(load(path, environ={}), "host=/srv/t/postgres/run dbname=taskomatic")
+    result = config.reload_config(running, environ={})
+    assert result.restart_only == {} and result.config.dsn == running.dsn
