@@ -101,7 +101,7 @@ def _describe(action: Any) -> dict[str, Any]:
 
 
 def cmd_actions(as_json: bool) -> int:
-    from taskomatic.actions.base import load_actions
+    from taskomatic.actions.registry import load_actions
 
     described = [_describe(a) for _, a in sorted(load_actions().items())]
     if as_json:
@@ -118,7 +118,8 @@ def cmd_actions(as_json: bool) -> int:
 
 def _check_submission(action_name: str, target_type: str, task_args: dict[str, Any]) -> str | None:
     """Why the installed actions refuse this task, or None."""
-    from taskomatic.actions.base import TaskFailed, load_actions
+    from taskomatic.actions.base import TaskFailed
+    from taskomatic.actions.registry import load_actions
 
     installed = load_actions()
     action = installed.get(action_name)
