@@ -8,9 +8,14 @@ import socket
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 from taskomatic import __version__
 from tests.acceptance import checks
 from tests.helpers import execute, query, wait_for
+
+# Slow (not in the inner loop): daemons scraped (tests/unit/test_metrics_collector.py is the quick part).
+pytestmark = pytest.mark.slow
 
 
 def _free_port() -> int:

@@ -9,12 +9,16 @@ also ignores ACPI: that is how the shutdown timeout is exercised.
 from __future__ import annotations
 
 import libvirt
+import pytest
 
 from tests.acceptance import checks
 from tests.acceptance.checks import assert_all_ended_once, assert_key_order
 from tests.helpers import query
 from tests.qemu_support import *  # noqa: F403 - fixtures (pytest plugin) and helpers
 from tests.qemu_support import assert_vm_consistent, qemu_processes, run_task, start_qemu_daemon, vm_row
+
+# Slow (not in the inner loop): real QEMU guests.
+pytestmark = pytest.mark.slow
 
 
 def _finished(row, what=""):

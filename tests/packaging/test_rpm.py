@@ -22,6 +22,9 @@ import pytest
 from taskomatic import __version__
 from tests.packaging import REPO, require_tools, run
 
+# Slow (not in the inner loop): builds the RPM.
+pytestmark = pytest.mark.slow
+
 UNIT = "/usr/lib/systemd/system/taskomatic.service"
 CONF = "/etc/taskomatic/taskomatic.conf"
 SYSUSERS = "/usr/lib/sysusers.d/taskomatic.conf"
