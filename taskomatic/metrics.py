@@ -4,7 +4,9 @@ taskomatic is several processes, so it uses prometheus-client's multiprocess
 mode: each process writes its samples to files under one directory (set in
 the environment by the supervisor before it starts the children), and the
 fetcher serves them all, plus gauges read from the database at scrape time,
-on ``metrics_address`` (localhost by default).
+on ``metrics_address`` (localhost by default). The README's Metrics section
+lists every series; the runtime feeds them through the small functions below,
+each a no-op when metrics are off.
 """
 
 from __future__ import annotations
@@ -12,14 +14,22 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
+
+from taskomatic import __version__
 
 log = logging.getLogger(__name__)
 
 ENV = "PROMETHEUS_MULTIPROC_DIR"
 _DURATION_BUCKETS = (0.005, 0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900)
+# Enqueue-to-start: milliseconds on an idle daemon, up to hours behind a long per-VM queue.
+_WAIT_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
+# A shard that cannot read wait times (database away) tries again after this long, not at every task.
+_WAIT_READER_RETRY_SECONDS = 30.0
 
 
 def prepare_directory(state_dir: Path, instance_id: int) -> None:
@@ -38,7 +48,7 @@ class _Metrics:
     """Created lazily, in the process that records, after ENV is set."""
 
     def __init__(self) -> None:
-        from prometheus_client import Counter, Histogram
+        from prometheus_client import Counter, Gauge, Histogram
 
         self.tasks = Counter("taskomatic_tasks", "Tasks ended, by action and outcome", ["action", "outcome"])
         self.duration = Histogram("taskomatic_task_duration_seconds", "Task run time (time_started to time_ended)",
@@ -56,6 +66,14 @@ class _Metrics:
         self.keys_released = Counter("taskomatic_keys_released", "Ordering keys released after their queue drained")
         self.fenced = Counter("taskomatic_fenced_writes",
                               "Task writes refused because the key claim or the lease was no longer ours")
+        self.wait = Histogram("taskomatic_task_wait_seconds",
+                              "Enqueue-to-start latency: created_at to time_started of each task started",
+                              buckets=_WAIT_BUCKETS)
+        self.restarts = Counter("taskomatic_child_restarts",
+                                "Child processes that died and were restarted, by role", ["role"])
+        # Set by the host-status pass (one process, the reconciler): livemax drops a dead one's values.
+        self.node_up = Gauge("taskomatic_node_up", "1 if the host's libvirt answered the last host-status pass",
+                             ["host_id", "hostname"], multiprocess_mode="livemax")
 
 
 _metrics: _Metrics | None = None
@@ -126,49 +144,107 @@ def row_corrected(state: str) -> None:
         m.corrections.labels(state).inc()
 
 
+def child_restarted(role: str) -> None:
+    """Supervisor: a child died and is being restarted in its slot."""
+    m = _get()
+    if m is not None:
+        m.restarts.labels(role).inc()
+
+
+def node_seen(host_id: int, hostname: str, up: bool) -> None:
+    """Host-status pass: whether this host's libvirt answered."""
+    m = _get()
+    if m is not None:
+        m.node_up.labels(str(host_id), hostname).set(1 if up else 0)
+
+
+class _WaitReader:
+    """A shard's own autocommit session for reading wait times, apart from its task transactions."""
+
+    def __init__(self) -> None:
+        self.store: Any = None
+        self.retry_at = 0.0
+
+    def created_at(self, dsn: str, task_id: int) -> datetime | None:
+        from taskomatic.db import observability
+        from taskomatic.db.store import Store
+
+        if time.monotonic() < self.retry_at:
+            return None
+        try:
+            if self.store is None or self.store.conn.closed:
+                self.store = Store.open(dsn, "taskomatic metrics", timeout=2)
+                self.store.conn.autocommit = True
+            return observability.task_created_at(self.store, task_id)
+        except Exception as exc:  # a metric must never cost a task
+            log.warning("metrics: cannot read task %s's wait time: %s", task_id, str(exc).strip().split("\n")[0])
+            if self.store is not None:
+                self.store.close()
+            self.store = None
+            self.retry_at = time.monotonic() + _WAIT_READER_RETRY_SECONDS
+            return None
+
+
+_wait_reader = _WaitReader()
+
+
+def task_started(dsn: str, task_id: int, started: datetime) -> None:
+    """Shard, as a task's action starts (``started`` becomes its time_started): observe how long it waited."""
+    m = _get()
+    if m is not None:
+        created = _wait_reader.created_at(dsn, task_id)
+        if created is not None:
+            m.wait.observe(max(0.0, (started - created).total_seconds()))
+
+
 class _LiveCollector:
-    """Gauges read when scraped: queue depth, oldest queued task, what the fetcher holds."""
+    """Gauges read when scraped: build, database, queue sizes and age, what the fetcher holds."""
 
     def __init__(self, dsn: str, holding: Any) -> None:
         self.dsn = dsn
         self.holding = holding  # () -> (claimed tasks held, shards busy, keys held)
-        self.conn: Any = None
+        self.store: Any = None
+
+    def _queue(self) -> Any:
+        """The queue summary, or None when the database cannot be read (then database_up is 0)."""
+        from taskomatic.db import observability
+        from taskomatic.db.store import Store
+
+        try:
+            if self.store is None or self.store.conn.closed:
+                self.store = Store.open(self.dsn, "taskomatic metrics", timeout=2)
+                self.store.conn.autocommit = True
+            return observability.queue_summary(self.store)
+        except Exception as exc:  # a scrape must not kill the fetcher
+            log.warning("metrics: cannot read the queue: %s", str(exc).strip().split("\n")[0])
+            if self.store is not None:
+                self.store.close()
+            self.store = None
+            return None
 
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import GaugeMetricFamily
 
-        depth = GaugeMetricFamily("taskomatic_queue_depth", "Tasks queued or running", labels=["state"])
-        oldest = GaugeMetricFamily("taskomatic_oldest_queued_seconds", "Age of the oldest queued task")
-        try:
-            import psycopg2
-
-            if self.conn is None or self.conn.closed:
-                self.conn = psycopg2.connect(self.dsn, application_name="taskomatic metrics")
-                self.conn.autocommit = True
-            with self.conn.cursor() as cur:
-                cur.execute("SELECT state, count(*) FROM tasks WHERE state IN ('queued', 'running') GROUP BY state")
-                counts = dict(cur.fetchall())
-                cur.execute("SELECT extract(epoch FROM clock_timestamp() - min(created_at)) FROM tasks "
-                            "WHERE state = 'queued'")
-                age = cur.fetchone()[0]
-            for state in ("queued", "running"):
-                depth.add_metric([state], counts.get(state, 0))
-            oldest.add_metric([], float(age or 0.0))
-            yield depth
-            yield oldest
-        except Exception as exc:  # a scrape must not kill the fetcher
-            log.warning("metrics: cannot read the queue: %s", exc)
-            self.conn = None
+        build = GaugeMetricFamily("taskomatic_build_info", "The running taskomatic's version (always 1)",
+                                  labels=["version"])
+        build.add_metric([__version__], 1)
+        yield build
+        summary = self._queue()
+        database = GaugeMetricFamily("taskomatic_database_up", "1 if this scrape could read the database")
+        database.add_metric([], 0 if summary is None else 1)
+        yield database
+        if summary is not None:
+            yield GaugeMetricFamily("taskomatic_tasks_queued", "Tasks waiting to start (every instance's)",
+                                    value=summary.queued)
+            yield GaugeMetricFamily("taskomatic_tasks_running", "Tasks running now (every instance's)",
+                                    value=summary.running)
+            yield GaugeMetricFamily("taskomatic_oldest_queued_seconds", "Age of the oldest queued task (0: none)",
+                                    value=summary.oldest_queued_seconds)
         held, busy, keys = self.holding()
-        claims = GaugeMetricFamily("taskomatic_claims_held", "Claimed tasks this instance holds, not yet ended")
-        claims.add_metric([], held)
-        yield claims
-        shards = GaugeMetricFamily("taskomatic_shards_busy", "Shards running a task now")
-        shards.add_metric([], busy)
-        yield shards
-        held_keys = GaugeMetricFamily("taskomatic_keys_held", "Ordering keys this instance holds (multihost)")
-        held_keys.add_metric([], keys)
-        yield held_keys
+        yield GaugeMetricFamily("taskomatic_claims_held", "Claimed tasks this instance holds, not yet ended",
+                                value=held)
+        yield GaugeMetricFamily("taskomatic_shards_busy", "Shards running a task now", value=busy)
+        yield GaugeMetricFamily("taskomatic_keys_held", "Ordering keys this instance holds (multihost)", value=keys)
 
 
 def serve(address: str, port: int, dsn: str, holding: Any) -> None:

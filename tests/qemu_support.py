@@ -132,7 +132,10 @@ def qemu_vms(dsn: str, qemu_hosts: list[QemuHost]) -> Iterator[Callable[[str], i
     """make(label) -> id of a new 64 MiB, 1 vcpu VM named ``<dbname>-<label>``.
 
     At the end, domains of this test's VMs still on the nodes (a failed test)
-    are destroyed and undefined, so they cannot disturb the next test.
+    are destroyed and undefined, so they cannot disturb the next test; then no
+    guest may run on either node. Checked after every test, so the check does not
+    depend on which test runs last (the module finalizer checks again with ps
+    once the nodes are stopped).
     """
     prefix = unique_prefix(dsn)
 
@@ -143,6 +146,14 @@ def qemu_vms(dsn: str, qemu_hosts: list[QemuHost]) -> Iterator[Callable[[str], i
 
     yield make
     remove_domains([h.uri for h in qemu_hosts], prefix)
+
+    def guests_left() -> dict[str, list[int]]:
+        return {h.node.name: pids for h in qemu_hosts if (pids := h.node.guest_pids())}
+
+    try:
+        wait_for(lambda: not guests_left(), 10, 0.1, "the nodes' guests to be gone")
+    except AssertionError:
+        raise AssertionError(f"guests (node: pids) still run after this test: {guests_left()}") from None
 
 
 def start_qemu_daemon(daemon_factory: Callable[..., Daemon], save_dir: Path, *extra: str) -> Daemon:

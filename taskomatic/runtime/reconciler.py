@@ -56,6 +56,7 @@ def reconcile_once(store: Store, connections: LibvirtConnections) -> PassResult:
         vms = store.all("idle_vms_on_host", host_id=host["id"])
         store.rollback()
         domains = _read_domains(connections, host)
+        metrics.node_seen(host["id"], host["hostname"], domains is not None)
         if domains is None:
             result.hosts_down += 1
             if store.one("set_host_state", host_id=host["id"], state="unavailable"):

@@ -648,6 +648,7 @@ class Shard:
     def _perform(self, task: TaskRow, action: Action, plan: Plan) -> None:
         """Perform a task committed running; its outcome is held for the next commit."""
         started = now()
+        metrics.task_started(self.config.dsn, task.id, started)
         try:
             outcome = action.perform(self.ctx, plan)
         except LeaseExpired:

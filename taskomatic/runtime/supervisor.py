@@ -286,6 +286,7 @@ class Supervisor:
         how = f"exit code {code}" if code is not None and code >= 0 else f"signal {-(code or 0)}"
         log.warning("%s %d (pid %d) died (%s) after %.1fs; restarting it in the same slot",
                     child.role, child.slot, process.pid, how, lived)
+        metrics.child_restarted(child.role)
         # Back off only for a child that keeps dying at boot (database down, say).
         child.boot_failures = child.boot_failures + 1 if lived < CHILD_BOOT_SECONDS else 0
         delay = min(30.0, 0.5 * 2 ** child.boot_failures) if child.boot_failures else 0.0

@@ -49,6 +49,7 @@ def prefix(dsn, libvirt_nodes):
     checks.remove_domains([n.test_uri for n in libvirt_nodes], name)
 
 
+@pytest.mark.slow
 def test_bad_rows_fail_clearly_and_disturb_nothing(dsn, hosts, daemon_factory, prefix):
     weird_description = f"{prefix} {WEIRD}"
     a, b, c, d, weird = checks.insert_vms(
@@ -187,6 +188,7 @@ MORE_FAILURES = {
 }
 
 
+@pytest.mark.slow
 def test_more_bad_rows_fail_clearly_and_disturb_nothing(dsn, hosts, daemon_factory, prefix):
     e, f, big, huge, shell, mac = checks.insert_vms(
         dsn, [f"{prefix}-e", f"{prefix}-f", f"{prefix}-big " + "x" * (MB - len(prefix) - 5),
@@ -351,6 +353,7 @@ REFUSED_INSERTS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("label", sorted(REFUSED_INSERTS))
 def test_the_schema_refuses_rows_that_break_it_naming_the_rule(dsn, label):
     table, values, error, name = REFUSED_INSERTS[label]
@@ -378,6 +381,7 @@ def test_the_schema_refuses_rows_that_break_it_naming_the_rule(dsn, label):
     ("INSERT INTO storage_volumes (storage_pool_id, name) SELECT id, 'a' || chr(0) || 'b' FROM storage_pools",
      psycopg2.errors.ProgramLimitExceeded),
 ], ids=["memory 10^30", "target id 'three'", "args not JSON", "NUL in args", "NUL in a volume name"])
+@pytest.mark.slow
 def test_values_the_column_types_cannot_hold_are_refused(dsn, sql, error):
     query(dsn, "INSERT INTO storage_pools (name) VALUES ('p')")
     with pytest.raises(error):
@@ -396,6 +400,7 @@ def test_a_task_inserted_already_running_is_refused(dsn, state):
                      "VALUES ('Vm', 1, 'start_vm', %s)", (state,))
 
 
+@pytest.mark.slow
 def test_a_huge_action_name_gives_a_short_message(dsn, hosts, daemon_factory, prefix):
     vm, = checks.insert_vms(dsn, [f"{prefix}-long-action"])
     [task] = checks.insert_tasks(dsn, [("Vm", vm, "a" * MB)])

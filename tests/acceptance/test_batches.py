@@ -18,6 +18,9 @@ from bench.plugin import write_dist_info
 from tests.acceptance import checks
 from tests.helpers import Daemon, query, wait_for
 
+# Slow (not in the inner loop): daemons under batch load and a shard killed mid-batch.
+pytestmark = pytest.mark.slow
+
 SHARDS = 2
 
 

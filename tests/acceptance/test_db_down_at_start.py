@@ -84,6 +84,7 @@ def stopped_server() -> Iterator[Any]:
         shutil.rmtree(base, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_waits_for_the_database_then_starts_and_runs_a_task(stopped_server: Any, state_dir: Path,
                                                            libvirt_nodes: list[Any]) -> None:
     server = stopped_server
@@ -132,6 +133,7 @@ def test_waits_for_the_database_then_starts_and_runs_a_task(stopped_server: Any,
     assert "Traceback" not in daemon.log()
 
 
+@pytest.mark.slow
 def test_a_stop_while_waiting_ends_the_daemon_at_once(state_dir: Path) -> None:
     nowhere = state_dir / "no-such-socket-dir"
     daemon = DaemonWithNotify(f"host={nowhere} dbname=taskomatic user=taskomatic", state_dir,

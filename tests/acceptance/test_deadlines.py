@@ -7,9 +7,14 @@ from __future__ import annotations
 import os
 import signal
 
+import pytest
+
 from taskomatic.embedded.libvirtd import ManagedNode
 from tests.acceptance import checks
 from tests.helpers import query, wait_for
+
+# Slow (not in the inner loop): waits for keepalive and task deadlines to run out.
+pytestmark = pytest.mark.slow
 
 
 def _node_with_running_vm(dsn, state_dir, name):

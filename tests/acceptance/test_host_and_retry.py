@@ -5,10 +5,14 @@ keys go on."""
 from __future__ import annotations
 
 import libvirt
+import pytest
 
 from taskomatic.embedded.libvirtd import ManagedNode
 from tests.acceptance import checks
 from tests.helpers import query, wait_for
+
+# Slow (not in the inner loop): migrations and retries with back-off on real nodes.
+pytestmark = pytest.mark.slow
 
 
 def _domain_hosts(dsn: str, vm_ids: list[int]) -> dict[int, set[int]]:

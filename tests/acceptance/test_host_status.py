@@ -4,10 +4,14 @@ touching a VM that has a task running."""
 from __future__ import annotations
 
 import libvirt
+import pytest
 
 from taskomatic.embedded.libvirtd import ManagedNode
 from tests.acceptance import checks
 from tests.helpers import query, wait_for
+
+# Slow (not in the inner loop): private nodes killed and restarted under a daemon.
+pytestmark = pytest.mark.slow
 
 FAST = ["--set", "reconcile_interval=0.5", "--log-level", "debug"]
 

@@ -23,6 +23,9 @@ from taskomatic.actions.vm import PLACEMENT_LOCK_ID
 from tests.acceptance import checks
 from tests.helpers import execute, query, wait_for
 
+# Slow (not in the inner loop): daemons signalled, crashed and restarted.
+pytestmark = pytest.mark.slow
+
 SHARDS = 4
 VMS = 80
 PER_VM = 20

@@ -51,6 +51,9 @@ from tests.acceptance import checks
 from tests.dbproxy import PgProxy
 from tests.helpers import Daemon, execute, query, wait_for
 
+# Slow (not in the inner loop): several instances, lease expiries, database restarts.
+pytestmark = pytest.mark.slow
+
 LEASE_SECONDS = 3
 RENEW_INTERVAL = 1
 # Debug level: a finished task's line (which instance ended it) is a debug line.

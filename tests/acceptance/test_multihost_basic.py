@@ -9,6 +9,9 @@ import pytest
 from tests.acceptance import checks
 from tests.helpers import query, wait_for
 
+# Slow (not in the inner loop): two instances sharing a workload.
+pytestmark = pytest.mark.slow
+
 MULTIHOST = ["--mode", "multihost", "--set", "multihost.lease_seconds=3",
              "--set", "multihost.lease_renew_interval=1"]
 

@@ -16,6 +16,9 @@ import pytest
 from tests.acceptance import checks
 from tests.helpers import query, wait_for
 
+# Slow (not in the inner loop): 1,000 tasks through the daemon.
+pytestmark = pytest.mark.slow
+
 VMS = 100
 TASKS_PER_VM = 10
 

@@ -6,9 +6,13 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 
 import libvirt
+import pytest
 
 from tests.acceptance import checks
 from tests.helpers import query
+
+# Slow (not in the inner loop): bursts of concurrent starts through the daemon.
+pytestmark = pytest.mark.slow
 
 
 def test_a_burst_of_starts_never_overcommits(dsn, libvirt_nodes, daemon_factory):

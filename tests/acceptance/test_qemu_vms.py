@@ -9,12 +9,16 @@ also ignores ACPI: that is how the shutdown timeout is exercised.
 from __future__ import annotations
 
 import libvirt
+import pytest
 
 from tests.acceptance import checks
 from tests.acceptance.checks import assert_all_ended_once, assert_key_order
 from tests.helpers import query
 from tests.qemu_support import *  # noqa: F403 - fixtures (pytest plugin) and helpers
-from tests.qemu_support import assert_vm_consistent, qemu_processes, run_task, start_qemu_daemon, vm_row
+from tests.qemu_support import assert_vm_consistent, run_task, start_qemu_daemon, vm_row
+
+# Slow (not in the inner loop): real QEMU guests.
+pytestmark = pytest.mark.slow
 
 
 def _finished(row, what=""):
@@ -254,11 +258,3 @@ def test_clear_vms_live_migrates_every_guest_off_a_disabled_host(dsn, qemu_hosts
         assert vm_row(dsn, vm)["host_id"] == b.id
     assert_key_order(dsn)
 
-
-def test_zz_no_guest_left_running(qemu_nodes):
-    """No guest of the nodes runs any more (powered off by the daemon, or, after a failed or
-    xfailed test, removed by the qemu_vms finalizer); the module finalizer checks with ps
-    again after stopping the nodes."""
-    for node in qemu_nodes:
-        assert node.guest_pids() == [], f"{node.name} still has guests"
-        assert qemu_processes(str(node.node_dir) + "/") == []

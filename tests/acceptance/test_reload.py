@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import signal
 
+import pytest
+
 from tests.helpers import query, wait_for
+
+# Slow (not in the inner loop): a daemon reloaded with SIGHUP.
+pytestmark = pytest.mark.slow
 
 
 def test_sighup_reloads_and_refuses_a_bad_file(dsn, state_dir, daemon_factory):

@@ -11,7 +11,12 @@ import sys
 import threading
 import time
 
+import pytest
+
 from tests.helpers import REPO, wait_for
+
+# Slow (not in the inner loop): waits for the watchdog to notice a wedged fetcher.
+pytestmark = pytest.mark.slow
 
 
 class NotifySocket:

@@ -70,6 +70,7 @@ def prefix(dsn: str, libvirt_nodes: list[Any]) -> Iterator[str]:
 
 # -- SQL ---------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_hostile_text_is_stored_verbatim_and_handled_as_data(dsn: str, hosts: list[int], daemon_factory: Any,
                                                             prefix: str) -> None:
     tables_before = _tables(dsn)
@@ -215,6 +216,7 @@ HOSTILE_XML = [
 ]
 
 
+@pytest.mark.slow
 def test_hostile_descriptions_stay_names(dsn: str, hosts: list[int], daemon_factory: Any, prefix: str) -> None:
     descriptions = [f"{prefix}-{i} {text}" for i, text in enumerate(HOSTILE_XML)]
     vms = checks.insert_vms(dsn, descriptions)
@@ -273,6 +275,7 @@ def _snapshot(directory: Path) -> dict[str, tuple[int, int, bytes]]:
             for p in sorted(directory.rglob("*")) if directory / "pool" not in (p, p.parent)}
 
 
+@pytest.mark.slow
 def test_volume_names_cannot_leave_the_pool_directory(dsn: str, libvirt_nodes: list[Any], open_pool_dir: Path,
                                                       daemon_factory: Any) -> None:
     base = open_pool_dir.parent
@@ -335,6 +338,7 @@ def _cmdlines(pid: int) -> list[str]:
     return lines
 
 
+@pytest.mark.slow
 def test_the_database_password_is_never_logged_nor_shown(dsn: str, hosts: list[int], state_dir: Path,
                                                          prefix: str) -> None:
     conf = state_dir / "taskomatic.conf"
@@ -376,6 +380,7 @@ def test_the_database_password_is_never_logged_nor_shown(dsn: str, hosts: list[i
     assert SECRET not in messages
 
 
+@pytest.mark.slow
 def test_a_password_on_the_command_line_leaves_the_process_titles(dsn: str, daemon_factory: Any) -> None:
     """Better kept in the file, but a --dsn with a password does not stay visible in ps either."""
     daemon = daemon_factory(shards=1, db=f"{dsn} password={SECRET}")
@@ -385,6 +390,7 @@ def test_a_password_on_the_command_line_leaves_the_process_titles(dsn: str, daem
     assert SECRET not in daemon.log()
 
 
+@pytest.mark.slow
 def test_waiting_for_the_database_does_not_show_the_password(state_dir: Path) -> None:
     nowhere = state_dir / "no-socket-here"
     daemon = Daemon(f"host={nowhere} dbname=taskomatic password={SECRET}", state_dir, shards=1,
@@ -419,6 +425,7 @@ def test_the_packaged_service_runs_unprivileged() -> None:
     assert re.search(r"^u taskomatic - ", sysusers, re.MULTILINE), "the user must be a system user (uid picked)"
 
 
+@pytest.mark.slow
 def test_running_as_root_is_warned_about_and_not_otherwise(pg_server: Any, daemon_factory: Any) -> None:
     from taskomatic.cli import ROOT_WARNING
 
@@ -476,6 +483,7 @@ def marker(state_dir: Path) -> Iterator[tuple[Path, Path]]:
     yield script, ran
 
 
+@pytest.mark.slow
 def test_a_task_on_a_host_whose_uri_runs_a_program_fails_saying_so(dsn: str, daemon_factory: Any, prefix: str,
                                                                     marker: tuple[Path, Path]) -> None:
     script, _ = marker
@@ -500,6 +508,7 @@ def test_a_task_on_a_host_whose_uri_runs_a_program_fails_saying_so(dsn: str, dae
         assert f"host {host} (evil): libvirt_uri" in row["message"] and "'ext' transport" in row["message"], row
 
 
+@pytest.mark.slow
 def test_no_program_named_by_a_host_uri_is_ever_run(dsn: str, daemon_factory: Any, marker: tuple[Path, Path]
                                                    ) -> None:
     script, ran = marker

@@ -25,6 +25,9 @@ from psycopg2.extras import Json
 from tests.acceptance.checks import assert_all_ended_once, assert_key_order, wait_all_ended
 from tests.helpers import query
 
+# Slow (not in the inner loop): storage work on real pools through the daemon.
+pytestmark = pytest.mark.slow
+
 STORAGE_ACTIONS = {"refresh_pool", "create_volume", "delete_volume"}
 MiB = 1024 * 1024
 

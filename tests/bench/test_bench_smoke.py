@@ -40,6 +40,7 @@ def smoke(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return results
 
 
+@pytest.mark.slow
 def test_smoke_runs_the_daemon_and_both_baselines(smoke: dict[str, Any]) -> None:
     runs = {(r["workload"], r["runner"], r["parallelism"]) for r in smoke["runs"]}
     assert runs == {("noop-uniform", "original", 1), ("noop-uniform", "pool", 2), ("noop-uniform", "taskomatic", 1),
@@ -50,6 +51,7 @@ def test_smoke_runs_the_daemon_and_both_baselines(smoke: dict[str, Any]) -> None
                                "lifecycle_consistent": True}
 
 
+@pytest.mark.slow
 def test_every_task_finished_in_every_run(smoke: dict[str, Any]) -> None:
     for run in smoke["runs"]:
         assert run["complete"], run.get("error")
@@ -59,6 +61,7 @@ def test_every_task_finished_in_every_run(smoke: dict[str, Any]) -> None:
         assert run["tasks"] == {"total": n, "expected": n, "finished": n, "failed": 0, "other": 0}
 
 
+@pytest.mark.slow
 def test_per_key_order_checked_in_sql_and_held(smoke: dict[str, Any]) -> None:
     for run in smoke["runs"]:
         order = run["order"]
@@ -68,6 +71,7 @@ def test_per_key_order_checked_in_sql_and_held(smoke: dict[str, Any]) -> None:
             assert order["ok"] and order["violations"] == 0, run["label"]
 
 
+@pytest.mark.slow
 def test_every_figure_is_there(smoke: dict[str, Any]) -> None:
     machine = smoke["machine"]
     for key in ("cpu_model", "cores", "memory_kb", "kernel", "python", "postgresql", "commit"):
@@ -105,6 +109,7 @@ def test_every_figure_is_there(smoke: dict[str, Any]) -> None:
     assert "## VM lifecycle on libvirt test nodes" in report and "do not run the lifecycle" in report
 
 
+@pytest.mark.slow
 def test_lifecycle_run_on_libvirt_nodes(smoke: dict[str, Any]) -> None:
     run = next(r for r in smoke["runs"] if r["workload"] == "lifecycle-uniform")
     checks = run["lifecycle"]
@@ -128,6 +133,7 @@ def test_lifecycle_run_on_libvirt_nodes(smoke: dict[str, Any]) -> None:
     assert workload["work_measured"] and workload["total_work_s"] is None and "not run" in workload["baselines"]
 
 
+@pytest.mark.slow
 def test_plots_render(smoke: dict[str, Any], tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     from bench import report

@@ -134,6 +134,7 @@ def small_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return results
 
 
+@pytest.mark.slow
 def test_small_run_has_samples_for_every_role(small_run: dict[str, Any]) -> None:
     roles = set(small_run["memory"])
     assert {"supervisor", "fetcher", "shard 0", "shard 1", "shard 2", "shard 3", "reconciler"} <= roles
@@ -145,6 +146,7 @@ def test_small_run_has_samples_for_every_role(small_run: dict[str, Any]) -> None
     assert small_run["memory_by_kind"]["shard"]["processes"] == 4
 
 
+@pytest.mark.slow
 def test_small_run_holds_within_the_claim_capacity(small_run: dict[str, Any]) -> None:
     capacity = small_run["claim_capacity"]
     assert capacity["capacity"] == capacity["shards"] * capacity["max_claimed_per_shard"] == 4 * 500
@@ -152,6 +154,7 @@ def test_small_run_holds_within_the_claim_capacity(small_run: dict[str, Any]) ->
     assert max(s["held"] for s in small_run["samples"]) == small_run["held"]["held_max"] <= capacity["capacity"]
 
 
+@pytest.mark.slow
 def test_small_run_finished_and_wrote_everything(small_run: dict[str, Any]) -> None:
     assert small_run["complete"] is True and small_run["error"] is None
     assert small_run["daemon_exit_code"] == 0

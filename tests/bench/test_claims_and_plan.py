@@ -322,6 +322,7 @@ def claims(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return data
 
 
+@pytest.mark.slow
 def test_claims_measures_both_tables(claims: dict[str, Any]) -> None:
     assert claims["empty"]["finished_rows"] == 0
     assert claims["full"]["finished_rows"] == 20000
@@ -334,6 +335,7 @@ def test_claims_measures_both_tables(claims: dict[str, Any]) -> None:
     assert claims["machine"]["cores"] >= 1
 
 
+@pytest.mark.slow
 def test_claims_plan_reads_the_partial_index(claims: dict[str, Any]) -> None:
     assert claims["uses_claimable_index"] is True
     for label in ("empty", "full"):

@@ -338,6 +338,7 @@ def test_timeline_run_choice() -> None:
     assert report.timeline_runs(results) == []
 
 
+@pytest.mark.slow
 def test_report_renders_the_timeline_and_lifecycle_sections(tmp_path: Path) -> None:
     results = fake_results()
     text = report.markdown(results, [])

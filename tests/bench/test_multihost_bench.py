@@ -180,6 +180,7 @@ def smoke(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return results
 
 
+@pytest.mark.slow
 def test_smoke_takeover_moves_every_key_and_keeps_the_contract(smoke: dict[str, Any]) -> None:
     assert smoke["kind"] == "multihost" and smoke["suite"] == "smoke" and smoke["ok"]
     assert smoke["settings"]["defaults"] is False  # the smoke run's short lease is not the default
@@ -200,6 +201,7 @@ def test_smoke_takeover_moves_every_key_and_keeps_the_contract(smoke: dict[str, 
         assert takeover["summary"][name]["n"] == 1
 
 
+@pytest.mark.slow
 def test_smoke_scaling_runs_every_setup(smoke: dict[str, Any]) -> None:
     scaling = smoke["scaling"]
     assert scaling["ok"]
@@ -216,6 +218,7 @@ def test_smoke_scaling_runs_every_setup(smoke: dict[str, Any]) -> None:
         assert run["pauses"]["longest_s"] >= 0
 
 
+@pytest.mark.slow
 def test_smoke_output(smoke: dict[str, Any]) -> None:
     machine = smoke["machine"]
     for key in ("cpu_model", "cores", "memory_kb", "kernel", "python", "postgresql", "commit"):

@@ -244,6 +244,7 @@ def smoke(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return results
 
 
+@pytest.mark.slow
 def test_smoke_runs_both_configurations(smoke: dict[str, Any]) -> None:
     assert smoke["kind"] == "soak" and smoke["size"] == "smoke" and smoke["ok"] is True
     assert [(r["setup"], r["instances"], r["shards_per_instance"]) for r in smoke["runs"]] == [
@@ -263,6 +264,7 @@ def test_smoke_runs_both_configurations(smoke: dict[str, Any]) -> None:
         assert len(run["longest_ready_waits"]) == 10 and run["longest_ready_waits"][0]["claimed_by"] is not None
 
 
+@pytest.mark.slow
 def test_smoke_has_samples_of_everything(smoke: dict[str, Any]) -> None:
     for run in smoke["runs"]:
         s = run["samples"]
@@ -283,6 +285,7 @@ def test_smoke_has_samples_of_everything(smoke: dict[str, Any]) -> None:
         assert s["tasks"]["inserted"][-1] == 600 and s["tasks"]["ended"][-1] == 600
 
 
+@pytest.mark.slow
 def test_smoke_verdicts_are_computed_and_none_failed(smoke: dict[str, Any]) -> None:
     for run in smoke["runs"]:
         v = run["verdicts"]
@@ -298,6 +301,7 @@ def test_smoke_verdicts_are_computed_and_none_failed(smoke: dict[str, Any]) -> N
         assert v["lifecycle"]["ok"] and v["lifecycle"]["vms"] == 60 and v["lifecycle"]["vm_mismatches"] == 0
 
 
+@pytest.mark.slow
 def test_smoke_writes_summary_and_plots(smoke: dict[str, Any]) -> None:
     out = Path(smoke["_out"])
     summary = (out / "summary.md").read_text()

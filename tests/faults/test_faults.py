@@ -19,11 +19,16 @@ import re
 import signal
 from typing import Any
 
+import pytest
+
 from tests.acceptance import checks
 from tests.dbproxy import PgProxy
 from tests.faults.harness import LEASE_SECONDS, FaultRun
 from tests.faults.nodeproxy import NodeProxy
 from tests.helpers import query, wait_for
+
+# Slow (not in the inner loop): the fault-injection suite.
+pytestmark = pytest.mark.slow
 
 SHARDS = 3
 # Every test takes its database fixture before make_run: fixtures are torn down in reverse,

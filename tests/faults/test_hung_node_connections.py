@@ -19,6 +19,9 @@ import pytest
 from taskomatic.actions.connections import HostUnreachable, LibvirtConnections
 from tests.helpers import query, wait_for
 
+# Slow (not in the inner loop): frozen nodes until keepalive gives up.
+pytestmark = pytest.mark.slow
+
 
 def within(seconds: float, call: Callable[[], Any]) -> Any:
     """call() in a helper thread; its result, or fail if it has not returned in time."""

@@ -79,6 +79,7 @@ def test_finding_claiming_and_loading_keys_reads_a_batch_not_the_queue(big_queue
         store.close()
 
 
+@pytest.mark.slow
 def test_a_standalone_claim_reads_a_batch_before_the_table_was_ever_analysed(empty_dsn: str) -> None:
     """A bulk insert the planner has no statistics for yet (a new database, autovacuum not
     run): the claim still walks tasks_claimable_idx in id order and stops after its batch.

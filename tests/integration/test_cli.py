@@ -311,6 +311,7 @@ def test_tasks_negative_limit_is_a_usage_error(cli: Cli) -> None:
 
 # -- the standalone guard --------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_second_standalone_daemon_on_the_same_database_exits_5(
         dsn: str, daemon_factory: Callable[..., Daemon], state_dir: Path) -> None:
     first = daemon_factory(shards=1)
@@ -419,6 +420,7 @@ def test_a_bad_dsn_with_a_password_is_not_shown(tmp_path: Path) -> None:
     assert "hunter2" not in result.stdout + err and "secret-part" not in result.stdout + err
 
 
+@pytest.mark.slow
 def test_a_wrong_password_exits_4_without_showing_it(dsn: str) -> None:
     # The test server trusts local users, so a wrong user stands in for a refused login.
     result = run_cli("status", "--dsn", dsn + " user=no_such_role password=hunter2", timeout=30)

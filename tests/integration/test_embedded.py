@@ -144,6 +144,7 @@ def test_postgres_start_query_reuse_stop(make_pg: Callable[[], EmbeddedPostgres]
     pg.stop()  # idempotent
 
 
+@pytest.mark.slow
 def test_postgres_starts_over_stale_postmaster_pid(
     make_pg: Callable[[], EmbeddedPostgres],
 ) -> None:
@@ -187,6 +188,7 @@ def test_postgres_starts_over_stale_postmaster_pid(
             unrelated.kill()
 
 
+@pytest.mark.slow
 def test_postgres_restart_keeps_data(make_pg: Callable[[], EmbeddedPostgres]) -> None:
     pg = make_pg()
     pg.start()
@@ -254,6 +256,7 @@ def host_uuid(uri: str) -> str | None:
         conn.close()
 
 
+@pytest.mark.slow
 def test_nodes_have_distinct_host_uuids(nodes: tuple[ManagedNode, ManagedNode]) -> None:
     a, b = nodes
     # The test driver reports no host UUID in its capabilities; the qemu driver of
@@ -286,6 +289,7 @@ conn.close()
 """
 
 
+@pytest.mark.slow
 def test_test_driver_state_is_shared_across_processes(
     nodes: tuple[ManagedNode, ManagedNode],
 ) -> None:
@@ -326,6 +330,7 @@ def qemu_domain_xml(name: str) -> str:
 needs_qemu = pytest.mark.skipif(not os.access(QEMU, os.X_OK), reason=f"{QEMU} not installed (Debian: qemu-system-x86)")
 
 
+@pytest.mark.slow
 @needs_qemu
 def test_qemu_guest_define_start_destroy(nodes: tuple[ManagedNode, ManagedNode]) -> None:
     a, _ = nodes
@@ -356,6 +361,7 @@ def lone_node(work_dir: Path) -> Iterator[ManagedNode]:
         node.stop()
 
 
+@pytest.mark.slow
 @needs_qemu
 def test_node_kill_restart_and_stop_guests(lone_node: ManagedNode) -> None:
     node = lone_node

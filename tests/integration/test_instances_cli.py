@@ -142,6 +142,7 @@ def test_standalone_is_live_while_its_heartbeat_is_recent(dsn: str) -> None:
     assert instances_json(dsn)[instance]["state"] == "expired"
 
 
+@pytest.mark.slow
 def test_multihost_state_follows_the_lease_not_the_heartbeat(dsn: str) -> None:
     instance = register(dsn, "multihost", lease=2.0)
     age(dsn, instance, heartbeat=300, lease=2.0)  # a stale heartbeat does not matter while the lease is live

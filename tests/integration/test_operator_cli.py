@@ -9,6 +9,8 @@ import subprocess
 import sys
 import threading
 
+import pytest
+
 from tests.helpers import REPO, query, wait_for
 
 
@@ -60,6 +62,7 @@ def test_status_reports_instances_queue_and_oldest_task(dsn, daemon_factory):
     assert f"task {waiting[0]['id']}" in text.stdout
 
 
+@pytest.mark.slow
 def test_tasks_follow_prints_new_and_ended_tasks(dsn):
     proc = subprocess.Popen([sys.executable, "-m", "taskomatic", "tasks", "--follow", "--json", "--dsn", dsn],
                             stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)},

@@ -27,6 +27,9 @@ from taskomatic import __version__
 from tests.packaging import REPO, require_tools, run
 from tests.packaging.test_man import assert_complete, render
 
+# Slow (not in the inner loop): builds the RPM.
+pytestmark = pytest.mark.slow
+
 UNIT = "/usr/lib/systemd/system/taskomatic.service"
 CONF = "/etc/taskomatic/taskomatic.conf"
 CONF_D = "/etc/taskomatic/taskomatic.conf.d"

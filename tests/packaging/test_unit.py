@@ -232,6 +232,7 @@ def _receive(sock: socket.socket, wanted: str, process: subprocess.Popen[bytes],
     raise AssertionError(f"no {wanted} (exit code {process.poll()}); got {messages}\n{log.read_text()[-4000:]}")
 
 
+@pytest.mark.slow
 def test_daemon_runs_tasks_under_memory_deny_write_execute(dsn: str, hosts: list[int], state_dir: Path) -> None:
     vm = query(dsn, "INSERT INTO vms (description, memory_allocated) VALUES (%s, 65536) RETURNING id",
                ("mdwe-" + dsn.split("dbname=")[1],))[0]["id"]

@@ -726,6 +726,7 @@ def conns(dsn: str) -> Iterator[Connections]:
             store.close()
 
 
+@pytest.mark.slow
 def test_claim_protocol(conns: Connections) -> None:
     class Machine(ClaimProtocol):
         def __init__(self) -> None:

@@ -531,6 +531,7 @@ op_lists = st.lists(st.tuples(OP_STRATEGY, st.integers(0, 7), st.integers(0, 15)
 @settings(max_examples=800)
 @given(keys=st.lists(keys_strategy, min_size=3, max_size=30), shards=st.integers(1, 4),
        window_max=st.integers(2, 8), ops=op_lists)
+@pytest.mark.slow
 def test_per_key_order_survives_shard_failures(keys: list[OrderingKey], shards: int, window_max: int,
                                                ops: list[tuple[str, int, int]]) -> None:
     run(keys, shards, window_max, ops)
@@ -557,6 +558,7 @@ def test_per_key_order_without_failures(keys: list[OrderingKey], shards: int, wi
     ops=st.lists(st.tuples(RESTART_OP_STRATEGY, st.integers(0, 7), st.integers(0, 15)), min_size=20,
                  max_size=150),
 )
+@pytest.mark.slow
 def test_per_key_order_survives_fetcher_restarts_and_drains(keys: list[OrderingKey], shards: int,
                                                             window_max: int,
                                                             ops: list[tuple[str, int, int]]) -> None:

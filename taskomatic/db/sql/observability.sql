@@ -1,0 +1,15 @@
+-- The queries of taskomatic/db/observability.py: what the Prometheus endpoint reads.
+-- A block starts with "-- name --", then one line saying what it is for, then the SQL.
+
+-- queue_summary --
+-- Tasks waiting and running, and the age of the oldest waiting one (0 when none), in one read.
+SELECT count(*) FILTER (WHERE state = 'queued') AS queued,
+       count(*) FILTER (WHERE state = 'running') AS running,
+       coalesce(extract(epoch FROM clock_timestamp() - min(created_at) FILTER (WHERE state = 'queued')), 0)
+           AS oldest_queued_seconds
+FROM tasks
+WHERE state IN ('queued', 'running');
+
+-- task_created_at --
+-- When one task was submitted (its enqueue-to-start latency ends when a shard starts it).
+SELECT created_at FROM tasks WHERE id = %(task_id)s;

@@ -1,0 +1,45 @@
+"""The scrape-time gauges when the database cannot be read: the scrape still answers, and says so."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+
+from taskomatic import __version__, metrics
+
+UNREACHABLE = "host=/nonexistent/socket-dir dbname=taskomatic connect_timeout=1"
+
+
+def _families(collector: metrics._LiveCollector) -> dict[str, list[tuple[dict[str, str], float]]]:
+    return {family.name: [(sample.labels, sample.value) for sample in family.samples]
+            for family in collector.collect()}
+
+
+def test_database_down_reads_as_database_up_zero_without_queue_gauges(caplog):
+    collector = metrics._LiveCollector(UNREACHABLE, lambda: (5, 2, 0))
+    families = _families(collector)
+    assert families["taskomatic_build_info"] == [({"version": __version__}, 1)]
+    assert families["taskomatic_database_up"] == [({}, 0)]
+    # No made-up zeros for the queue when it could not be read: absent, so alerts see no data.
+    assert "taskomatic_tasks_queued" not in families and "taskomatic_tasks_running" not in families
+    assert families["taskomatic_claims_held"] == [({}, 5)] and families["taskomatic_shards_busy"] == [({}, 2)]
+    warnings = [r.getMessage() for r in caplog.records if "cannot read the queue" in r.getMessage()]
+    assert len(warnings) == 1 and "\n" not in warnings[0]
+
+
+def test_wait_reader_backs_off_after_a_failure():
+    reader = metrics._WaitReader()
+    assert reader.created_at(UNREACHABLE, 1) is None
+    assert reader.retry_at > time.monotonic() + 10
+    # Within the back-off it does not try again (a down database must not slow every task start).
+    began = time.monotonic()
+    assert reader.created_at(UNREACHABLE, 1) is None
+    assert time.monotonic() - began < 0.1
+
+
+def test_metric_functions_are_no_ops_when_metrics_are_off(monkeypatch):
+    monkeypatch.delenv(metrics.ENV, raising=False)
+    metrics.task_started(UNREACHABLE, 1, datetime.now(UTC))
+    metrics.node_seen(1, "node0", False)
+    metrics.child_restarted("shard")
+    assert metrics._wait_reader.store is None and metrics._wait_reader.retry_at == 0.0
