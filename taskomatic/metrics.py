@@ -32,9 +32,10 @@ _WAIT_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 36
 _WAIT_READER_RETRY_SECONDS = 30.0
 
 
-def prepare_directory(state_dir: Path, instance_id: int) -> None:
-    """Supervisor, before starting children: a fresh sample directory, named in the environment."""
-    directory = state_dir / "run" / f"metrics-{instance_id}"
+def prepare_directory(runtime_dir: Path, instance_id: int) -> None:
+    """Supervisor, before starting children: a fresh sample directory under the runtime directory
+    (systemd's /run/taskomatic: tmpfs, gone at reboot), named in the environment."""
+    directory = runtime_dir / f"metrics-{instance_id}"
     shutil.rmtree(directory, ignore_errors=True)
     directory.mkdir(parents=True, mode=0o700)
     os.environ[ENV] = str(directory)

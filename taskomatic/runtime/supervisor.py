@@ -356,7 +356,7 @@ class Supervisor:
         self.rejoining = False
         self.socket_path = self._socket_path()
         if self.config.metrics_port:
-            metrics.prepare_directory(self.config.resolved_state_dir(), self.instance_id)
+            metrics.prepare_directory(self.config.resolved_runtime_dir(), self.instance_id)
         for child in self.children:
             child.boot_failures, child.respawn_at = 0, 0.0
             self._spawn(child)
@@ -396,7 +396,7 @@ class Supervisor:
             self.socket_path = self._socket_path()
             if self.config.metrics_port:
                 # Before any child starts: they find the sample directory in their environment.
-                metrics.prepare_directory(self.config.resolved_state_dir(), self.instance_id)
+                metrics.prepare_directory(self.config.resolved_runtime_dir(), self.instance_id)
             # Layout: the fetcher first, the shards by slot, the reconciler last.
             self.children = [Child("fetcher", 0), *(Child("shard", i) for i in range(self.config.shards)),
                              Child("reconciler", 0)]
