@@ -32,6 +32,8 @@ from taskomatic.actions.connections import HostUnreachable
 from taskomatic.actions.domain_xml import Disk, DomainSpec, domain_xml, vnc_port
 from taskomatic.actions.libvirt_util import domain_state, is_transient, libvirt_uri_problem
 from taskomatic.actions.states import VM_TRANSITIONS, Verdict, precondition
+from taskomatic.actions.vm_storage import StorageNeeds, activate_pools, pool_label, storage_needs
+from taskomatic.db.storage_placement import place_local_pool, vm_disk_pools
 from taskomatic.model import TaskRow
 from taskomatic.text import quoted
 
@@ -42,6 +44,8 @@ _ROW_ONLY_STATES = ("pending", "create_failed", "invalid", "saved")
 # A stopped domain with a save image is 'saved' while the row is in one of these.
 _SAVE_STATES = ("saved", "saving", "restoring")
 _SHUTDOWN_POLL_SECONDS = 0.2
+# migrate_vm moves a running guest, and a paused one (it stays paused).
+MIGRATABLE_STATES = ("running", "suspended")
 
 # Cleared when a VM no longer runs anywhere.
 _NOT_RUNNING = {"host_id": None, "vnc_port": None, "memory_used": 0, "num_vcpus_used": 0}
@@ -191,7 +195,7 @@ class VmAction:
     def prepare(self, ctx: ActionContext, task: TaskRow) -> Plan:
         vm = _vm_row(ctx, task)
         observed = self.real_state(ctx, vm)
-        verdict = precondition(self.name, observed.state)
+        verdict = self.verdict(observed.state)
         if verdict == Verdict.ALREADY_DONE:
             return Plan(task, already_done=Outcome.finished(
                 f"VM {vm['id']} is already {observed.state}; nothing to do",
@@ -216,6 +220,9 @@ class VmAction:
             begin_updates=[RowUpdate("vms", vm["id"], {"state": self.transition.transient})],
             data={"vm": vm, "observed": observed},
         )
+
+    def verdict(self, real_state: str) -> str:
+        return precondition(self.name, real_state)
 
     # -- perform -----------------------------------------------------------
     def perform(self, ctx: ActionContext, plan: Plan) -> Outcome:
@@ -366,16 +373,31 @@ class PlacedAction(VmAction):
         """Inside the mark-running transaction: the host for the VM, or TaskFailed/TaskRetry saying why."""
         vm = plan.data["vm"]
         wanted = plan.task.args.get("host_id")
+        try:
+            storage = storage_needs(vm["id"], vm_disk_pools(store, vm["id"]))
+        except TaskFailed as failure:
+            raise TaskFailed(f"{self.name}: {failure.message}") from None
+        plan.data["pools"] = list(storage.pools)
         candidates = [h for h in _placement_candidates(store, vm) if h["id"] != exclude]
         needs = f"{vm['memory_allocated']} KB free memory and {vm['num_vcpus_allocated']} free vcpus"
+        if storage.local_host_id is not None:
+            # Only the host of its local disks reaches them all.
+            if wanted is not None and wanted != storage.local_host_id:
+                raise TaskFailed(f"{self.name}: host {wanted} cannot reach the disks of VM {vm['id']}: they are "
+                                 f"on {storage.describe_local()}")
+            candidates = [h for h in candidates if storage.allows(h["id"])]
+            if wanted is None and not candidates:
+                raise TaskFailed(f"{self.name}: VM {vm['id']} has disks on {storage.describe_local()}, the only "
+                                 f"host that reaches them, and that host is not available, enabled and with "
+                                 f"{needs}" + (" (or it is the VM's own host)" if exclude is not None else ""))
         if wanted is None:
             if not candidates:
                 other = "other " if exclude is not None else ""
                 raise TaskFailed(f"{self.name}: no {other}available, enabled host has {needs} for VM {vm['id']}")
-            return candidates[0]
+            return self._with_local_pools(store, storage, candidates[0])
         chosen = [h for h in candidates if h["id"] == wanted]
         if chosen:
-            return chosen[0]
+            return self._with_local_pools(store, storage, chosen[0])
         host = store.one("get_host", host_id=wanted)
         if host is None:
             raise TaskFailed(f"{self.name}: host {wanted} does not exist")
@@ -384,6 +406,13 @@ class PlacedAction(VmAction):
             raise TaskRetry(f"{self.name}: host {wanted} ({host['hostname']}) is unavailable")
         raise TaskFailed(f"{self.name}: host {wanted} ({host['hostname']}) cannot take VM {vm['id']}: it is "
                          f"{'disabled' if host['is_disabled'] else host['state']} or lacks {needs}")
+
+    @staticmethod
+    def _with_local_pools(store: Any, storage: StorageNeeds, host: dict[str, Any]) -> dict[str, Any]:
+        """Local pools with no host yet become local to the VM's host (same transaction as the placement)."""
+        for pool in storage.unplaced_local_pools:
+            place_local_pool(store, pool["id"], host["id"])
+        return host
 
 
 class StartVm(PlacedAction):
@@ -408,6 +437,10 @@ class StartVm(PlacedAction):
         if leftover.domain is not None and leftover.host is not None and leftover.host["id"] != host["id"]:
             # An inactive definition on the VM's previous host would be a second copy to start.
             _undefine_quietly(leftover.domain)
+        try:
+            activate_pools(ctx, host, plan.data.get("pools", ()), self.name)  # its disks reachable there first
+        except TaskFailed as failure:
+            return Outcome.failed(failure.message, RowUpdate("vms", vm["id"], {"state": "stopped", **_NOT_RUNNING}))
         conn = _connect(ctx, host)
         domain = None
         try:
@@ -571,15 +604,22 @@ def _save_pool_xml(directory: str) -> str:
 
 
 class MigrateVm(PlacedAction):
-    """running -> running on another host: live migration (libvirt), bounded by migration_timeout."""
+    """running (or suspended) -> the same state on another host: live migration (libvirt),
+    bounded by migration_timeout. A paused guest migrates and stays paused. A VM with a
+    disk on a local pool is refused (see actions/vm_storage.py): its disk cannot follow."""
+
+    def verdict(self, real_state: str) -> str:
+        return Verdict.RUN if real_state in MIGRATABLE_STATES else Verdict.IMPOSSIBLE
 
     def prepare(self, ctx: ActionContext, task: TaskRow) -> Plan:
         plan = super().prepare(ctx, task)
         if plan.already_done is None:
+            vm = plan.data["vm"]
             wanted = task.args.get("host_id")
-            if wanted is not None and wanted == plan.data["vm"]["host_id"]:
+            if wanted is not None and wanted == vm["host_id"]:
                 raise TaskFailed(f"migrate_vm: VM {task.target_id} already runs on host {wanted}; "
                                  "a VM is never migrated to its own host")
+            refuse_local_disks(vm["id"], storage_needs(vm["id"], vm_disk_pools(ctx.store, vm["id"])))
             plan.begin_updates = []
             plan.begin_hook = lambda store: self._place(store, plan)
         return plan
@@ -593,12 +633,15 @@ class MigrateVm(PlacedAction):
     def perform(self, ctx: ActionContext, plan: Plan) -> Outcome:
         vm, source, destination = plan.data["vm"], plan.data["observed"].host, plan.data["destination"]
         domain = plan.data["observed"].domain
+        paused = plan.data["observed"].state == "suspended"
+        pools = plan.data.get("pools", ())
         try:
+            activate_pools(ctx, destination, pools, self.name)  # its disks reachable there first
             target = _connect(ctx, destination)
             if destination["hypervisor_type"] == "TEST" or source["hypervisor_type"] == "TEST":
-                moved = _move_test_domain(domain, target)
+                moved = _move_test_domain(domain, target, paused)
             else:
-                moved = _live_migrate(ctx, domain, target)
+                moved = _live_migrate(ctx, domain, target, paused=paused, shared_disks=bool(pools))
         except (libvirt.libvirtError, TaskFailed) as exc:
             if isinstance(exc, libvirt.libvirtError) and is_transient(exc):
                 raise TaskRetry(_libvirt_failure("migrate_vm", source, exc)) from None
@@ -606,9 +649,10 @@ class MigrateVm(PlacedAction):
                 "migrate_vm", source, exc) + f" (to {_host_label(destination)})"
             after = self._state_after_failure(ctx, vm)
             return Outcome.failed(message, RowUpdate("vms", vm["id"], {**after, "target_host_id": None}))
-        observed = Observed("running", f"domain running on {_host_label(destination)}", moved, destination)
+        state = "suspended" if paused else "running"
+        observed = Observed(state, f"domain {state} on {_host_label(destination)}", moved, destination)
         return Outcome.finished(None, RowUpdate("vms", vm["id"], {**_running_updates(vm, observed),
-                                                                  "target_host_id": None}))
+                                                                  "state": state, "target_host_id": None}))
 
     def reconcile(self, ctx: ActionContext, task: TaskRow) -> Reconciled:
         try:
@@ -619,11 +663,11 @@ class MigrateVm(PlacedAction):
                 on_target = observe(ctx, {**vm, "host_id": vm["target_host_id"]})
         except TaskFailed as failure:
             return Reconciled(Settlement.NEITHER, f"interrupted, and the real state is unknown: {failure.message}")
-        if on_target is not None and on_target.state == "running":
+        if on_target is not None and on_target.state in MIGRATABLE_STATES:
             return Reconciled(Settlement.DONE, f"interrupted, but it took effect ({on_target.detail})",
                               [RowUpdate("vms", vm["id"], {**_running_updates(vm, on_target),
-                                                           "target_host_id": None})])
-        if on_source.state == "running":
+                                                           "state": on_target.state, "target_host_id": None})])
+        if on_source.state in MIGRATABLE_STATES:
             return Reconciled(Settlement.NOT_STARTED, f"interrupted before it took effect ({on_source.detail})",
                               [RowUpdate("vms", vm["id"], {"target_host_id": None})])
         return Reconciled(Settlement.NEITHER,
@@ -631,8 +675,27 @@ class MigrateVm(PlacedAction):
                           [RowUpdate("vms", vm["id"], {"state": on_source.state, "target_host_id": None})])
 
 
-def _live_migrate(ctx: ActionContext, domain: libvirt.virDomain, target: libvirt.virConnect) -> libvirt.virDomain:
+def refuse_local_disks(vm_id: int, storage: StorageNeeds) -> None:
+    """A disk on a local pool cannot follow its VM to another host: say so (no storage copy)."""
+    local = storage.local_pools
+    if local:
+        pools = ", ".join(f"{pool_label(p)}" + (f" of host {p['host_id']}" if p["host_id"] is not None else "")
+                          for p in local)
+        raise TaskFailed(f"migrate_vm: VM {vm_id} has disks on local storage ({pools}); they cannot follow it to "
+                         "another host and taskomatic does not copy disks during a migration. Put its volumes "
+                         "on a shared pool (netfs, iscsi, or a dir pool marked storage_pools.shared)")
+
+
+def _live_migrate(ctx: ActionContext, domain: libvirt.virDomain, target: libvirt.virConnect,
+                  paused: bool = False, shared_disks: bool = False) -> libvirt.virDomain:
     flags = libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PERSIST_DEST | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE
+    if paused:
+        flags |= libvirt.VIR_MIGRATE_PAUSED  # a paused guest stays paused on the destination
+    if shared_disks:
+        # Every disk is on a pool the administrator declared shared (migrate_vm refuses local ones).
+        # libvirt only recognises some shared file systems (NFS, GFS2...) and otherwise refuses a
+        # disk cached by the host as unsafe; the declaration is what it cannot know.
+        flags |= libvirt.VIR_MIGRATE_UNSAFE
     # A migration that does not converge in time is aborted; the guest keeps running on the source.
     timer = threading.Timer(ctx.config.migration_timeout, _abort_job, args=(domain,))
     timer.daemon = True
@@ -655,10 +718,12 @@ def _abort_job(domain: libvirt.virDomain) -> None:
         log.warning("could not abort a migration that timed out: %s", exc.get_error_message())
 
 
-def _move_test_domain(domain: libvirt.virDomain, target: libvirt.virConnect) -> libvirt.virDomain:
+def _move_test_domain(domain: libvirt.virDomain, target: libvirt.virConnect, paused: bool = False) -> libvirt.virDomain:
     """libvirt's test driver cannot migrate: define and start on the target, then remove the source."""
     moved = target.defineXML(domain.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
     moved.create()
+    if paused:
+        moved.suspend()
     domain.destroy()
     domain.undefine()
     return moved
