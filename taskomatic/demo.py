@@ -295,7 +295,9 @@ def run_demo(config: Config, args: argparse.Namespace) -> int:
         log_file = stack.enter_context(open(log_path, "wb"))
         daemon = subprocess.Popen(
             [sys.executable, "-m", "taskomatic", "--dsn", pg.dsn, "--shards", str(args.shards),
-             "--set", f"state_dir={base / 'state'}", "--set", f"save_dir={save_dir}", "--log-level", "warning"],
+             "--set", f"state_dir={base / 'state'}", "--set", f"save_dir={save_dir}",
+             # Every demo node is on this machine: save_dir is one directory for all (clear_vms moves saved VMs).
+             "--set", "save_dir_shared=yes", "--log-level", "warning"],
             stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
             env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [
                 str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH")]))},
@@ -408,12 +410,11 @@ def _clear_host_phase(dsn: str, daemon: subprocess.Popen[bytes]) -> list[str]:
             cur.execute("SELECT count(*) FROM vms WHERE host_id = %s", (host_id,))
             left = cur.fetchone()[0]
         if state in ("finished", "failed"):
+            outcome = "the host is empty" if left == 0 else f"{left} VMs left on it"
             lines = ["", f"maintenance: disabled {hostname} and queued clear_vms (task {task_id}) for its "
-                     f"{on_host} VMs: {state}; {left} VMs left on it"]
+                     f"{on_host} VMs: {state}; {outcome}"]
             if message:
                 lines.append(f"  {message[:300]}{'...' if len(message) > 300 else ''}")
-            if state == "failed":
-                lines.append("  (expected for VMs that are suspended or saved there: migrate_vm needs a running VM)")
             return lines
         time.sleep(0.2)  # polling the table for the demo's report, not synchronisation
     return ["", f"maintenance: clear_vms (task {task_id}) did not end in time"]
