@@ -30,7 +30,7 @@ from taskomatic.actions.base import (
 )
 from taskomatic.actions.connections import HostUnreachable
 from taskomatic.actions.domain_xml import Disk, DomainSpec, domain_xml, vnc_port
-from taskomatic.actions.libvirt_util import domain_state, is_transient, libvirt_uri_problem
+from taskomatic.actions.libvirt_util import domain_state, is_transient, libvirt_uri_problem, save_image_path
 from taskomatic.actions.states import VM_TRANSITIONS, Verdict, precondition
 from taskomatic.actions.vm_storage import StorageNeeds, activate_pools, pool_label, storage_needs
 from taskomatic.db.storage_placement import place_local_pool, vm_disk_pools
@@ -155,7 +155,7 @@ def observe(ctx: ActionContext, vm: dict[str, Any]) -> Observed:
 
 def save_path(ctx: ActionContext, vm: dict[str, Any]) -> str:
     """Where save_vm keeps a VM's memory image on its node: named after the VM, in save_dir."""
-    return posixpath.join(ctx.config.save_dir, f"taskomatic-vm{vm['id']}-{vm['uuid']}.save")
+    return save_image_path(ctx.config.save_dir, vm["id"], vm["uuid"])
 
 
 def _image_exists(conn: libvirt.virConnect, path: str) -> bool:
