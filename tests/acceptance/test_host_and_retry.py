@@ -103,6 +103,34 @@ def test_clear_vms_fails_naming_the_vm_that_could_not_move(dsn, hosts, daemon_fa
     checks.assert_vms_match_libvirt(dsn, [paused, stuck])
 
 
+def test_clear_vms_leaves_a_saved_vm_when_save_dir_is_not_shared(dsn, hosts, state_dir, daemon_factory):
+    """save_dir_shared off (the default): the saved VM stays, named in the finished task's message;
+    the running one moves."""
+    prefix = checks.unique_prefix(dsn)
+    source, destination = hosts
+    save_dir = state_dir / "save"
+    save_dir.mkdir(mode=0o777)
+    save_dir.chmod(0o777)
+    state_dir.chmod(0o755)
+    moving, saved = checks.insert_vms(dsn, [f"{prefix}-moving", f"{prefix}-saved"])
+    checks.insert_tasks(dsn, [("Vm", vm, action, *([{"host_id": source}] if action == "start_vm" else []))
+                              for vm in (moving, saved) for action in ("create_vm", "start_vm")])
+    checks.insert_tasks(dsn, [("Vm", saved, "save_vm")])
+    daemon = daemon_factory(shards=2, extra=["--set", f"save_dir={save_dir}"])
+    checks.wait_all_ended(dsn, daemon)
+    assert checks.counts(dsn) == {"finished": 5}, query(dsn, "SELECT action, message FROM tasks")
+    query(dsn, "UPDATE hosts SET is_disabled = true WHERE id = %s RETURNING id", (source,))
+    [clear] = checks.insert_tasks(dsn, [("Host", source, "clear_vms")])
+    row = checks.wait_task_ended(dsn, clear, timeout=120)
+    assert row["state"] == "finished", row
+    assert f"VM {saved} " in row["message"] and "stays on host" in row["message"], row["message"]
+    assert "save_dir_shared" in row["message"], row["message"]
+    rows = {r["id"]: r for r in query(dsn, "SELECT id, state, host_id FROM vms WHERE id = ANY(%s)",
+                                      ([moving, saved],))}
+    assert (rows[moving]["state"], rows[moving]["host_id"]) == ("running", destination)
+    assert (rows[saved]["state"], rows[saved]["host_id"]) == ("saved", source)
+
+
 def test_clear_vms_refuses_an_enabled_host(dsn, hosts, daemon_factory):
     [clear] = checks.insert_tasks(dsn, [("Host", hosts[0], "clear_vms")])
     daemon_factory(shards=1)
