@@ -124,11 +124,14 @@ def _insert_tasks(dsn: str, tasks: list[tuple[int, str]]) -> None:
 def _seed(dsn: str, node_uris: list[str], vm_count: int, seed: int) -> list[int]:
     rng = random.Random(seed)
     with _connection(dsn) as conn, conn.cursor() as cur:
+        # Each host can hold the whole fleet (4 vcpus and 1 GiB per VM at most), so the
+        # maintenance phase can empty one onto the others.
+        cpus, memory_kb = max(256, 4 * vm_count), max(536870912, 1048576 * vm_count)
         for i, uri in enumerate(node_uris):
             cur.execute(
                 "INSERT INTO hosts (hostname, libvirt_uri, hypervisor_type, num_cpus, memory) "
-                "VALUES (%s, %s, 'TEST', 256, 536870912)",
-                (f"demo-node{i}", uri),
+                "VALUES (%s, %s, 'TEST', %s, %s)",
+                (f"demo-node{i}", uri, cpus, memory_kb),
             )
         psycopg2.extras.execute_values(
             cur,
