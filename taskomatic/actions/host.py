@@ -39,10 +39,9 @@ from taskomatic.actions.base import (
     TaskRetry,
 )
 from taskomatic.actions.libvirt_util import is_transient
+from taskomatic.actions.migrate import MIGRATABLE_STATES, MigrateVm
 from taskomatic.actions.vm import (
     _NOT_RUNNING,
-    MIGRATABLE_STATES,
-    MigrateVm,
     Observed,
     _connect,
     _image_exists,
@@ -179,6 +178,7 @@ class EvacuateVm:
         if mode == "migrate":
             return _MIGRATE.perform(ctx, plan)
         if mode == "forget":
+            ctx.ensure_lease()
             return self._forget(plan)
         return self._move_saved(ctx, plan)
 

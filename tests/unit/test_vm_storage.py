@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from taskomatic.actions.base import TaskFailed
-from taskomatic.actions.vm import refuse_local_disks
+from taskomatic.actions.migrate import refuse_local_disks
 from taskomatic.actions.vm_storage import is_shared, storage_needs
 
 
