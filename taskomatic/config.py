@@ -82,6 +82,7 @@ class Config:
     keepalive_count: int = 3
     task_timeout: float = 900.0
     save_dir: str = "/var/lib/libvirt/qemu/save"
+    save_dir_shared: bool = False
     migration_timeout: float = 300.0
     migration_uri: str = ""
     # Where the values came from, for reloads and error messages.

@@ -105,9 +105,12 @@ def _insert_tasks(dsn: str, tasks: list[tuple[int, str]]) -> None:
 
 def _seed(dsn: str, node_uris: list[str], vm_count: int, seed: int) -> list[int]:
     rng = random.Random(seed)
+    # Each host can hold the whole fleet (4 vcpus and 1 GiB per VM at most), so the
+    # maintenance phase can empty one onto the others.
+    cpus, memory_kb = max(256, 4 * vm_count), max(536870912, 1048576 * vm_count)
     with _store(dsn) as store:
         for i, uri in enumerate(node_uris):
-            operator.demo_add_host(store, f"demo-node{i}", uri)
+            operator.demo_add_host(store, f"demo-node{i}", uri, cpus, memory_kb)
         return operator.demo_add_vms(store, [
             (f"demo-vm-{i:04d}", rng.choice((1, 1, 2, 4)), rng.choice((262144, 524288, 1048576)))
             for i in range(vm_count)])
@@ -258,6 +261,8 @@ def run_demo(config: Config, args: argparse.Namespace) -> int:
         daemon = subprocess.Popen(
             [sys.executable, "-m", "taskomatic", *given, "--dsn", pg.dsn, "--shards", str(config.shards),
              "--set", f"state_dir={base / 'state'}", "--set", f"save_dir={save_dir}",
+             # Every demo node is on this machine: save_dir is one directory for all (clear_vms moves saved VMs).
+             "--set", "save_dir_shared=yes",
              "--log-level", "debug" if config.log_level == "debug" else "warning"],
             stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
             env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [
@@ -353,12 +358,11 @@ def _clear_host_phase(dsn: str, daemon: subprocess.Popen[bytes]) -> list[str]:
             state, message = task["state"], task["message"]
             left = operator.vm_count_on_host(store, host_id)
         if state in ("finished", "failed"):
+            outcome = "the host is empty" if left == 0 else f"{left} VMs left on it"
             lines = ["", f"maintenance: disabled {hostname} and queued clear_vms (task {task_id}) for its "
-                     f"{on_host} VMs: {state}; {left} VMs left on it"]
+                     f"{on_host} VMs: {state}; {outcome}"]
             if message:
                 lines.append(f"  {message[:300]}{'...' if len(message) > 300 else ''}")
-            if state == "failed":
-                lines.append("  (expected for VMs that are suspended or saved there: migrate_vm needs a running VM)")
             return lines
         time.sleep(0.2)  # polling the table for the demo's report, not synchronisation
     return ["", f"maintenance: clear_vms (task {task_id}) did not end in time"]

@@ -169,6 +169,9 @@ SETTINGS: tuple[Setting, ...] = (
             "(keep it above shutdown_timeout and migration_timeout)"),
     Setting("libvirt", "save_dir", str, "/var/lib/libvirt/qemu/save",
             "directory on each node where save_vm keeps memory images (must exist there)"),
+    Setting("libvirt", "save_dir_shared", _parse_bool, False,
+            "save_dir is the same directory on every node (NFS...): clear_vms moves saved VMs too "
+            "(else they stay on the host being emptied, named in its message)"),
     Setting("libvirt", "migration_timeout", _positive_float, 300.0,
             "seconds a live migration may take before it is aborted (the VM stays on its source)"),
     Setting("libvirt", "migration_uri", str, "",

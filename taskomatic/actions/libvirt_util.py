@@ -6,6 +6,7 @@ No action logic here, and no import of any action module, so the runtime
 
 from __future__ import annotations
 
+import posixpath
 from urllib.parse import parse_qsl, urlsplit
 
 import libvirt
@@ -24,6 +25,11 @@ _DOMAIN_STATES = {
     libvirt.VIR_DOMAIN_CRASHED: "stopped",
     libvirt.VIR_DOMAIN_PMSUSPENDED: "suspended",
 }
+
+
+def save_image_path(save_dir: str, vm_id: int, vm_uuid: str) -> str:
+    """Where save_vm keeps a VM's memory image on its node: named after the VM, in save_dir."""
+    return posixpath.join(save_dir, f"taskomatic-vm{vm_id}-{vm_uuid}.save")
 
 
 def domain_state(code: int) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from importlib import metadata
 
-from taskomatic.actions import host, storage, vm
+from taskomatic.actions import host, migrate, storage, vm
 from taskomatic.actions.base import ENTRY_POINT_GROUP, Action
 
 log = logging.getLogger(__name__)
@@ -22,7 +22,7 @@ def load_actions() -> dict[str, Action]:
     always present, even when the package is run from a source tree that was
     never installed (no entry-point metadata).
     """
-    found: dict[str, Action] = {a.name: a for a in (*vm.ACTIONS, *host.ACTIONS, *storage.ACTIONS)}
+    found: dict[str, Action] = {a.name: a for a in (*vm.ACTIONS, *migrate.ACTIONS, *host.ACTIONS, *storage.ACTIONS)}
     for entry in metadata.entry_points(group=ENTRY_POINT_GROUP):
         try:
             provided = entry.load()

@@ -403,7 +403,7 @@ class RefreshPool(StorageAction):
                         f"refresh_pool: {where} already has a different pool named {pool['name']!r}: "
                         f"{'; '.join(differences)}. Undefine it there, or rename the storage_pools row")
             if not handle.isActive():
-                _start(handle, pool["pool_type"])
+                start_pool(handle, pool["pool_type"])
             handle.refresh(0)
             _state, capacity, allocation, _available = handle.info()
             volumes, unreadable = _list_volumes(handle)
@@ -428,7 +428,7 @@ class RefreshPool(StorageAction):
                           f"interrupted; refreshing {_pool_label(pool)} again (a refresh is repeatable)")
 
 
-def _start(handle: libvirt.virStoragePool, pool_type: str) -> None:
+def start_pool(handle: libvirt.virStoragePool, pool_type: str) -> None:
     """Start an inactive pool, building it first only if it cannot start as it is.
 
     Building an existing directory is not harmless: libvirt re-applies the

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import posixpath
-import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -30,8 +29,10 @@ from taskomatic.actions.base import (
 )
 from taskomatic.actions.connections import HostUnreachable
 from taskomatic.actions.domain_xml import Disk, DomainSpec, domain_xml, vnc_port
-from taskomatic.actions.libvirt_util import domain_state, is_transient, libvirt_uri_problem
+from taskomatic.actions.libvirt_util import domain_state, is_transient, libvirt_uri_problem, save_image_path
 from taskomatic.actions.states import VM_TRANSITIONS, Verdict, precondition
+from taskomatic.actions.vm_storage import StorageNeeds, activate_pools, storage_needs
+from taskomatic.db.storage_placement import place_local_pool, vm_disk_pools
 from taskomatic.model import TaskRow
 from taskomatic.text import quoted
 
@@ -151,7 +152,7 @@ def observe(ctx: ActionContext, vm: dict[str, Any]) -> Observed:
 
 def save_path(ctx: ActionContext, vm: dict[str, Any]) -> str:
     """Where save_vm keeps a VM's memory image on its node: named after the VM, in save_dir."""
-    return posixpath.join(ctx.config.save_dir, f"taskomatic-vm{vm['id']}-{vm['uuid']}.save")
+    return save_image_path(ctx.config.save_dir, vm["id"], vm["uuid"])
 
 
 def _image_exists(conn: libvirt.virConnect, path: str) -> bool:
@@ -191,7 +192,7 @@ class VmAction:
     def prepare(self, ctx: ActionContext, task: TaskRow) -> Plan:
         vm = _vm_row(ctx, task)
         observed = self.real_state(ctx, vm)
-        verdict = precondition(self.name, observed.state)
+        verdict = self.verdict(observed.state)
         if verdict == Verdict.ALREADY_DONE:
             return Plan(task, already_done=Outcome.finished(
                 f"VM {vm['id']} is already {observed.state}; nothing to do",
@@ -216,6 +217,9 @@ class VmAction:
             begin_updates=[RowUpdate("vms", vm["id"], {"state": self.transition.transient})],
             data={"vm": vm, "observed": observed},
         )
+
+    def verdict(self, real_state: str) -> str:
+        return precondition(self.name, real_state)
 
     # -- perform -----------------------------------------------------------
     def perform(self, ctx: ActionContext, plan: Plan) -> Outcome:
@@ -366,16 +370,31 @@ class PlacedAction(VmAction):
         """Inside the mark-running transaction: the host for the VM, or TaskFailed/TaskRetry saying why."""
         vm = plan.data["vm"]
         wanted = plan.task.args.get("host_id")
+        try:
+            storage = storage_needs(vm["id"], vm_disk_pools(store, vm["id"]))
+        except TaskFailed as failure:
+            raise TaskFailed(f"{self.name}: {failure.message}") from None
+        plan.data["pools"] = list(storage.pools)
         candidates = [h for h in _placement_candidates(store, vm) if h["id"] != exclude]
         needs = f"{vm['memory_allocated']} KB free memory and {vm['num_vcpus_allocated']} free vcpus"
+        if storage.local_host_id is not None:
+            # Only the host of its local disks reaches them all.
+            if wanted is not None and wanted != storage.local_host_id:
+                raise TaskFailed(f"{self.name}: host {wanted} cannot reach the disks of VM {vm['id']}: they are "
+                                 f"on {storage.describe_local()}")
+            candidates = [h for h in candidates if storage.allows(h["id"])]
+            if wanted is None and not candidates:
+                raise TaskFailed(f"{self.name}: VM {vm['id']} has disks on {storage.describe_local()}, the only "
+                                 f"host that reaches them, and that host is not available, enabled and with "
+                                 f"{needs}" + (" (or it is the VM's own host)" if exclude is not None else ""))
         if wanted is None:
             if not candidates:
                 other = "other " if exclude is not None else ""
                 raise TaskFailed(f"{self.name}: no {other}available, enabled host has {needs} for VM {vm['id']}")
-            return candidates[0]
+            return self._with_local_pools(store, storage, candidates[0])
         chosen = [h for h in candidates if h["id"] == wanted]
         if chosen:
-            return chosen[0]
+            return self._with_local_pools(store, storage, chosen[0])
         host = store.one("get_host", host_id=wanted)
         if host is None:
             raise TaskFailed(f"{self.name}: host {wanted} does not exist")
@@ -384,6 +403,13 @@ class PlacedAction(VmAction):
             raise TaskRetry(f"{self.name}: host {wanted} ({host['hostname']}) is unavailable")
         raise TaskFailed(f"{self.name}: host {wanted} ({host['hostname']}) cannot take VM {vm['id']}: it is "
                          f"{'disabled' if host['is_disabled'] else host['state']} or lacks {needs}")
+
+    @staticmethod
+    def _with_local_pools(store: Any, storage: StorageNeeds, host: dict[str, Any]) -> dict[str, Any]:
+        """Local pools with no host yet become local to the VM's host (same transaction as the placement)."""
+        for pool in storage.unplaced_local_pools:
+            place_local_pool(store, pool["id"], host["id"])
+        return host
 
 
 class StartVm(PlacedAction):
@@ -408,6 +434,10 @@ class StartVm(PlacedAction):
         if leftover.domain is not None and leftover.host is not None and leftover.host["id"] != host["id"]:
             # An inactive definition on the VM's previous host would be a second copy to start.
             _undefine_quietly(leftover.domain)
+        try:
+            activate_pools(ctx, host, plan.data.get("pools", ()), self.name)  # its disks reachable there first
+        except TaskFailed as failure:
+            return Outcome.failed(failure.message, RowUpdate("vms", vm["id"], {"state": "stopped", **_NOT_RUNNING}))
         conn = _connect(ctx, host)
         domain = None
         try:
@@ -570,100 +600,6 @@ def _save_pool_xml(directory: str) -> str:
     return ET.tostring(pool, encoding="unicode")
 
 
-class MigrateVm(PlacedAction):
-    """running -> running on another host: live migration (libvirt), bounded by migration_timeout."""
-
-    def prepare(self, ctx: ActionContext, task: TaskRow) -> Plan:
-        plan = super().prepare(ctx, task)
-        if plan.already_done is None:
-            wanted = task.args.get("host_id")
-            if wanted is not None and wanted == plan.data["vm"]["host_id"]:
-                raise TaskFailed(f"migrate_vm: VM {task.target_id} already runs on host {wanted}; "
-                                 "a VM is never migrated to its own host")
-            plan.begin_updates = []
-            plan.begin_hook = lambda store: self._place(store, plan)
-        return plan
-
-    def _place(self, store: Any, plan: Plan) -> None:
-        vm = plan.data["vm"]
-        destination = self.choose_host(store, plan, exclude=vm["host_id"])  # never its own host
-        store.update_row("vms", vm["id"], {"state": "migrating", "target_host_id": destination["id"]})
-        plan.data["destination"] = destination
-
-    def perform(self, ctx: ActionContext, plan: Plan) -> Outcome:
-        vm, source, destination = plan.data["vm"], plan.data["observed"].host, plan.data["destination"]
-        domain = plan.data["observed"].domain
-        try:
-            target = _connect(ctx, destination)
-            if destination["hypervisor_type"] == "TEST" or source["hypervisor_type"] == "TEST":
-                moved = _move_test_domain(domain, target)
-            else:
-                moved = _live_migrate(ctx, domain, target)
-        except (libvirt.libvirtError, TaskFailed) as exc:
-            if isinstance(exc, libvirt.libvirtError) and is_transient(exc):
-                raise TaskRetry(_libvirt_failure("migrate_vm", source, exc)) from None
-            message = exc.message if isinstance(exc, TaskFailed) else _libvirt_failure(
-                "migrate_vm", source, exc) + f" (to {_host_label(destination)})"
-            after = self._state_after_failure(ctx, vm)
-            return Outcome.failed(message, RowUpdate("vms", vm["id"], {**after, "target_host_id": None}))
-        observed = Observed("running", f"domain running on {_host_label(destination)}", moved, destination)
-        return Outcome.finished(None, RowUpdate("vms", vm["id"], {**_running_updates(vm, observed),
-                                                                  "target_host_id": None}))
-
-    def reconcile(self, ctx: ActionContext, task: TaskRow) -> Reconciled:
-        try:
-            vm = _vm_row(ctx, task)
-            on_source = observe(ctx, vm)
-            on_target = None
-            if vm.get("target_host_id") is not None:
-                on_target = observe(ctx, {**vm, "host_id": vm["target_host_id"]})
-        except TaskFailed as failure:
-            return Reconciled(Settlement.NEITHER, f"interrupted, and the real state is unknown: {failure.message}")
-        if on_target is not None and on_target.state == "running":
-            return Reconciled(Settlement.DONE, f"interrupted, but it took effect ({on_target.detail})",
-                              [RowUpdate("vms", vm["id"], {**_running_updates(vm, on_target),
-                                                           "target_host_id": None})])
-        if on_source.state == "running":
-            return Reconciled(Settlement.NOT_STARTED, f"interrupted before it took effect ({on_source.detail})",
-                              [RowUpdate("vms", vm["id"], {"target_host_id": None})])
-        return Reconciled(Settlement.NEITHER,
-                          f"interrupted; VM {vm['id']} is {on_source.state} ({on_source.detail})",
-                          [RowUpdate("vms", vm["id"], {"state": on_source.state, "target_host_id": None})])
-
-
-def _live_migrate(ctx: ActionContext, domain: libvirt.virDomain, target: libvirt.virConnect) -> libvirt.virDomain:
-    flags = libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PERSIST_DEST | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE
-    # A migration that does not converge in time is aborted; the guest keeps running on the source.
-    timer = threading.Timer(ctx.config.migration_timeout, _abort_job, args=(domain,))
-    timer.daemon = True
-    timer.start()
-    try:
-        return domain.migrate(target, flags, None, ctx.config.migration_uri or None, 0)
-    except libvirt.libvirtError as exc:
-        if not timer.is_alive():
-            raise TaskFailed(f"migrate_vm: did not complete within {ctx.config.migration_timeout:g} s and "
-                             f"was aborted ({exc.get_error_message()})") from None
-        raise
-    finally:
-        timer.cancel()
-
-
-def _abort_job(domain: libvirt.virDomain) -> None:
-    try:
-        domain.abortJob()
-    except libvirt.libvirtError as exc:
-        log.warning("could not abort a migration that timed out: %s", exc.get_error_message())
-
-
-def _move_test_domain(domain: libvirt.virDomain, target: libvirt.virConnect) -> libvirt.virDomain:
-    """libvirt's test driver cannot migrate: define and start on the target, then remove the source."""
-    moved = target.defineXML(domain.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
-    moved.create()
-    domain.destroy()
-    domain.undefine()
-    return moved
-
-
 ACTIONS: list[Action] = [
     CreateVm("create_vm"),
     StartVm("start_vm"),
@@ -673,5 +609,4 @@ ACTIONS: list[Action] = [
     ResumeVm("resume_vm"),
     SaveVm("save_vm"),
     RestoreVm("restore_vm"),
-    MigrateVm("migrate_vm"),
 ]

@@ -91,8 +91,8 @@ def demo_queue_vm_tasks(store: Store, tasks: list[tuple[int, str]]) -> None:
     store.run("demo_queue_vm_tasks", vm_ids=[vm for vm, _ in tasks], actions=[action for _, action in tasks])
 
 
-def demo_add_host(store: Store, hostname: str, libvirt_uri: str) -> None:
-    store.run("demo_add_host", hostname=hostname, libvirt_uri=libvirt_uri)
+def demo_add_host(store: Store, hostname: str, libvirt_uri: str, num_cpus: int, memory_kb: int) -> None:
+    store.run("demo_add_host", hostname=hostname, libvirt_uri=libvirt_uri, num_cpus=num_cpus, memory_kb=memory_kb)
 
 
 def demo_add_vms(store: Store, vms: list[tuple[str, int, int]]) -> list[int]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import signal
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,8 +25,9 @@ import psycopg2
 
 from taskomatic import metrics
 from taskomatic.actions.connections import HostUnreachable, LibvirtConnections
-from taskomatic.actions.libvirt_util import domain_state, is_transient
+from taskomatic.actions.libvirt_util import domain_state, is_transient, save_image_path
 from taskomatic.config import Config
+from taskomatic.db.storage_placement import forget_lost_save, idle_vms, record_vm_location
 from taskomatic.db.store import Store
 from taskomatic.logsetup import set_process_title, setup_logging
 from taskomatic.text import first_line
@@ -38,6 +40,8 @@ _CONNECTION_LOST = (psycopg2.OperationalError, psycopg2.InterfaceError)
 # Row states the pass does not touch: they have no domain by design, or a
 # stopped domain is expected (a saved VM keeps a stopped definition).
 _LEAVE_ALONE = frozenset({"pending", "create_failed", "invalid", "saved"})
+# Domain states that mean "the VM is here".
+_ACTIVE = frozenset({"running", "suspended"})
 
 
 @dataclass
@@ -47,8 +51,13 @@ class PassResult:
     corrections: int = 0
 
 
-def reconcile_once(store: Store, connections: LibvirtConnections) -> PassResult:
+def reconcile_once(store: Store, connections: LibvirtConnections, save_dir: str | None = None) -> PassResult:
     result = PassResult()
+    # Every idle VM's row before any node is read, to find domains running where their row
+    # does not say (same guard as below: a row changed since then is left alone).
+    everywhere = idle_vms(store)
+    store.rollback()
+    readings: list[HostReading] = []
     for host in store.all("all_hosts"):
         # The rows before the node: a VM a task starts between the two reads then
         # shows as changed (updated_at) and is left alone, instead of being
@@ -57,6 +66,13 @@ def reconcile_once(store: Store, connections: LibvirtConnections) -> PassResult:
         store.rollback()
         domains = _read_domains(connections, host)
         metrics.node_seen(host["id"], host["hostname"], domains is not None)
+        readings.append(HostReading(host, vms, domains))
+    # A VM found running elsewhere is recorded there first: its own host's pass below would
+    # otherwise call it stopped (its row has changed by then, so that correction is skipped).
+    result.corrections += record_moved_vms(store, everywhere, readings)
+    if save_dir is not None:
+        result.corrections += forget_lost_saves(store, connections, everywhere, readings, save_dir)
+    for host, vms, domains in readings:
         if domains is None:
             result.hosts_down += 1
             if store.one("set_host_state", host_id=host["id"], state="unavailable"):
@@ -79,6 +95,101 @@ def reconcile_once(store: Store, connections: LibvirtConnections) -> PassResult:
                                                why=f"host {host['id']} reports it {real}")
         store.commit()
     return result
+
+
+@dataclass
+class HostReading:
+    """One host as the pass read it: its idle VM rows, then its domains (None: unreachable)."""
+
+    host: dict[str, Any]
+    vms: list[dict[str, Any]]
+    domains: dict[str, str] | None
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter((self.host, self.vms, self.domains))
+
+
+def _label(row: dict[str, Any]) -> str:
+    return f"host {row['id']} ({row['hostname']})"
+
+
+def record_moved_vms(store: Store, rows: list[dict[str, Any]], readings: list[HostReading]) -> int:
+    """A domain active on a host its VM's row does not name (moved outside taskomatic, a
+    half-finished migration): record the VM where it really is. A VM with a task running is
+    left to that task; one active on two hosts at once (a migration ending) waits for the next pass.
+    """
+    active: dict[str, list[tuple[dict[str, Any], str]]] = {}
+    for reading in readings:
+        for uuid, state in (reading.domains or {}).items():
+            if state in _ACTIVE:
+                active.setdefault(uuid, []).append((reading.host, state))
+    hosts = {reading.host["id"]: reading.host for reading in readings}
+    corrections = 0
+    for vm in rows:
+        places = active.get(vm["uuid"], [])
+        if len(places) != 1 or places[0][0]["id"] == vm["host_id"]:
+            continue
+        host, state = places[0]
+        if record_vm_location(store, vm["id"], host["id"], state, vm["updated_at"]):
+            store.commit()
+            was = _label(hosts[vm["host_id"]]) if vm["host_id"] in hosts else "no host"
+            log.warning("VM %s (%s): its domain is %s on %s, but its row said %s on %s; recorded where it is",
+                        vm["id"], vm["description"], state, _label(host), vm["state"], was)
+            metrics.row_corrected(state)
+            corrections += 1
+        else:
+            store.rollback()
+    return corrections
+
+
+def forget_lost_saves(store: Store, connections: LibvirtConnections, rows: list[dict[str, Any]],
+                      readings: list[HostReading], save_dir: str) -> int:
+    """A ``saved`` VM whose image is gone from its node is stopped (and its leftover definition removed)."""
+    by_host = {reading.host["id"]: reading for reading in readings}
+    corrections = 0
+    for vm in rows:
+        reading = by_host.get(vm["host_id"])
+        if vm["state"] != "saved" or reading is None or reading.domains is None:
+            continue
+        if reading.domains.get(vm["uuid"]) in _ACTIVE:
+            continue  # restored behind our back: not a lost image
+        path = save_image_path(save_dir, vm["id"], vm["uuid"])
+        try:
+            conn = connections.get(reading.host["libvirt_uri"])
+            if not _image_gone(conn, path):
+                continue
+        except (HostUnreachable, libvirt.libvirtError):
+            continue  # the next pass looks again
+        if not forget_lost_save(store, vm["id"], vm["updated_at"]):
+            store.rollback()
+            continue
+        store.commit()
+        log.warning("VM %s (%s) was saved on %s, but its image %s is gone: now stopped, on no host",
+                    vm["id"], vm["description"], _label(reading.host), path)
+        metrics.row_corrected("stopped")
+        corrections += 1
+        _undefine_leftover(conn, vm["uuid"])
+    return corrections
+
+
+def _image_gone(conn: libvirt.virConnect, path: str) -> bool:
+    """True only when the node says the file does not exist (not for an unsupported call or a node fault)."""
+    try:
+        conn.saveImageGetXMLDesc(path, 0)
+        return False
+    except libvirt.libvirtError as exc:
+        return exc.get_error_code() == libvirt.VIR_ERR_SYSTEM_ERROR and "No such file" in (exc.get_error_message()
+                                                                                           or "")
+
+
+def _undefine_leftover(conn: libvirt.virConnect, uuid: str) -> None:
+    """The stopped definition a saved VM kept on its node: without its image it is only clutter."""
+    try:
+        for domain in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_INACTIVE):
+            if domain.UUIDString() == uuid:
+                domain.undefine()
+    except libvirt.libvirtError as exc:
+        log.info("could not remove the leftover definition of %s: %s", uuid, exc.get_error_message())
 
 
 def _read_domains(connections: LibvirtConnections, host: dict[str, Any]) -> dict[str, str] | None:
@@ -131,7 +242,7 @@ class Reconciler:
         next_pass = time.monotonic()
         while not self.stop:
             if time.monotonic() >= next_pass:
-                result = reconcile_once(self.store, self.connections)
+                result = reconcile_once(self.store, self.connections, self.config.save_dir)
                 log.debug("host-status pass: %d hosts up, %d down, %d corrections",
                           result.hosts_up, result.hosts_down, result.corrections)
                 next_pass = time.monotonic() + self.config.reconcile_interval

@@ -370,11 +370,14 @@ class Shard:
         if any(c["state"] not in ("finished", "failed", "canceled") for c in children):
             return None
         bad = [c for c in children if c["state"] != "finished"]
+        # What finished tasks had to say (clear_vms: a saved VM that stays) belongs in the parent's message.
+        notes = "".join(f"; task {c['id']}: {c['message']}" for c in children
+                        if c["state"] == "finished" and c["message"])
         if not bad:
-            return Outcome.finished(f"all {len(children)} tasks it queued finished")
+            return Outcome.finished(f"all {len(children)} tasks it queued finished{notes}")
         details = "; ".join(f"task {c['id']} ({c['action']} {c['task_target_type']} {c['task_target_id']}) "
                             f"{c['state']}: {c['message'] or 'no message'}" for c in bad)
-        return Outcome.failed(f"{len(bad)} of {len(children)} tasks it queued did not finish: {details}")
+        return Outcome.failed(f"{len(bad)} of {len(children)} tasks it queued did not finish: {details}{notes}")
 
     def _park_for_retry(self, task: TaskRow, reason: str) -> None:
         delay = self.parking.park_for_retry(task, reason, time.monotonic())

@@ -53,7 +53,7 @@ def test_clear_vms_migrates_every_vm_off_a_disabled_host(dsn, hosts, daemon_fact
     children = query(dsn, "SELECT id, task_target_id, action, state FROM tasks WHERE parent_task_id = %s "
                           "ORDER BY id", (clear,))
     assert sorted(c["task_target_id"] for c in children) == sorted(vm_ids)
-    assert {c["action"] for c in children} == {"migrate_vm"} and {c["state"] for c in children} == {"finished"}
+    assert {c["action"] for c in children} == {"evacuate_vm"} and {c["state"] for c in children} == {"finished"}
     first_child = next(c["id"] for c in children if c["task_target_id"] == vm_ids[0])
     times = {r["id"]: r for r in query(dsn, "SELECT id, time_started, time_ended FROM tasks WHERE id = ANY(%s)",
                                        ([suspend, resume, first_child],))}
@@ -72,19 +72,67 @@ def test_clear_vms_migrates_every_vm_off_a_disabled_host(dsn, hosts, daemon_fact
 
 
 def test_clear_vms_fails_naming_the_vm_that_could_not_move(dsn, hosts, daemon_factory):
+    """A paused VM moves and stays paused; a VM whose disk is on a pool local to the host cannot
+    move: the task fails naming that VM and why, after moving the others."""
     prefix = checks.unique_prefix(dsn)
-    source, _ = hosts
-    vm_ids = checks.insert_vms(dsn, [f"{prefix}-stuck-{i}" for i in range(2)])
-    checks.insert_tasks(dsn, [("Vm", vm, "create_vm") for vm in vm_ids])
-    checks.insert_tasks(dsn, [("Vm", vm, "start_vm", {"host_id": source}) for vm in vm_ids])
-    checks.insert_tasks(dsn, [("Vm", vm_ids[1], "suspend_vm")])  # a paused VM cannot be migrated
+    source, destination = hosts
+    paused, stuck = checks.insert_vms(dsn, [f"{prefix}-paused", f"{prefix}-stuck"])
+    pool = query(dsn, "INSERT INTO storage_pools (name, pool_type, target_path, state, host_id) "
+                      "VALUES (%s, 'dir', %s, 'available', %s) RETURNING id",
+                 (f"{prefix}-local", f"/tmp/{prefix}-local", source))[0]["id"]
+    volume = query(dsn, "INSERT INTO storage_volumes (storage_pool_id, name, size, path, state) "
+                        "VALUES (%s, 'root.img', 1024, %s, 'available') RETURNING id",
+                   (pool, f"/tmp/{prefix}-local/root.img"))[0]["id"]
+    query(dsn, "INSERT INTO vm_disks (vm_id, storage_volume_id) VALUES (%s, %s) RETURNING vm_id", (stuck, volume))
+    checks.insert_tasks(dsn, [("Vm", vm, "create_vm") for vm in (paused, stuck)])
+    checks.insert_tasks(dsn, [("Vm", paused, "start_vm", {"host_id": source}), ("Vm", paused, "suspend_vm")])
     daemon = daemon_factory(shards=2)
     checks.wait_all_ended(dsn, daemon)
+    # The source now has less free memory, so placement by load alone would pick the other host:
+    # the disk on the source's local pool decides.
+    checks.insert_tasks(dsn, [("Vm", stuck, "start_vm")])
+    checks.wait_all_ended(dsn, daemon)
+    assert checks.counts(dsn) == {"finished": 5}
+    assert query(dsn, "SELECT host_id FROM vms WHERE id = %s", (stuck,))[0]["host_id"] == source
     query(dsn, "UPDATE hosts SET is_disabled = true WHERE id = %s RETURNING id", (source,))
     [clear] = checks.insert_tasks(dsn, [("Host", source, "clear_vms")])
     row = checks.wait_task_ended(dsn, clear, timeout=120)
-    assert row["state"] == "failed"
-    assert "1 of 2" in row["message"] and f"Vm {vm_ids[1]}" in row["message"] and "suspended" in row["message"]
+    assert row["state"] == "failed", row
+    assert "1 of 2" in row["message"] and f"Vm {stuck}" in row["message"], row["message"]
+    assert "local storage" in row["message"] and f"{prefix}-local" in row["message"], row["message"]
+    rows = {r["id"]: r for r in query(dsn, "SELECT id, state, host_id FROM vms WHERE id = ANY(%s)",
+                                      ([paused, stuck],))}
+    assert (rows[paused]["state"], rows[paused]["host_id"]) == ("suspended", destination)
+    assert (rows[stuck]["state"], rows[stuck]["host_id"]) == ("running", source)
+    checks.assert_vms_match_libvirt(dsn, [paused, stuck])
+
+
+def test_clear_vms_leaves_a_saved_vm_when_save_dir_is_not_shared(dsn, hosts, state_dir, daemon_factory):
+    """save_dir_shared off (the default): the saved VM stays, named in the finished task's message;
+    the running one moves."""
+    prefix = checks.unique_prefix(dsn)
+    source, destination = hosts
+    save_dir = state_dir / "save"
+    save_dir.mkdir(mode=0o777)
+    save_dir.chmod(0o777)
+    state_dir.chmod(0o755)
+    moving, saved = checks.insert_vms(dsn, [f"{prefix}-moving", f"{prefix}-saved"])
+    checks.insert_tasks(dsn, [("Vm", vm, action, *([{"host_id": source}] if action == "start_vm" else []))
+                              for vm in (moving, saved) for action in ("create_vm", "start_vm")])
+    checks.insert_tasks(dsn, [("Vm", saved, "save_vm")])
+    daemon = daemon_factory(shards=2, extra=["--set", f"save_dir={save_dir}"])
+    checks.wait_all_ended(dsn, daemon)
+    assert checks.counts(dsn) == {"finished": 5}, query(dsn, "SELECT action, message FROM tasks")
+    query(dsn, "UPDATE hosts SET is_disabled = true WHERE id = %s RETURNING id", (source,))
+    [clear] = checks.insert_tasks(dsn, [("Host", source, "clear_vms")])
+    row = checks.wait_task_ended(dsn, clear, timeout=120)
+    assert row["state"] == "finished", row
+    assert f"VM {saved} " in row["message"] and "stays on host" in row["message"], row["message"]
+    assert "save_dir_shared" in row["message"], row["message"]
+    rows = {r["id"]: r for r in query(dsn, "SELECT id, state, host_id FROM vms WHERE id = ANY(%s)",
+                                      ([moving, saved],))}
+    assert (rows[moving]["state"], rows[moving]["host_id"]) == ("running", destination)
+    assert (rows[saved]["state"], rows[saved]["host_id"]) == ("saved", source)
 
 
 def test_clear_vms_refuses_an_enabled_host(dsn, hosts, daemon_factory):

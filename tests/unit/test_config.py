@@ -212,7 +212,7 @@ def test_every_setting_can_be_set_in_the_file(tmp_path: Path) -> None:
         "embedded_user": ("pg", "pg"), "log_level": ("DEBUG", "debug"), "emulator": ("/bin/q", "/bin/q"),
         "machine_type": ("q35", "q35"), "shutdown_timeout": ("30", 30.0),
         "shutdown_poweroff_fallback": ("true", True), "vnc_listen": ("0.0.0.0", "0.0.0.0"),
-        "save_dir": ("/srv/save", "/srv/save"), "migration_timeout": ("60", 60.0),
+        "save_dir": ("/srv/save", "/srv/save"), "save_dir_shared": ("yes", True), "migration_timeout": ("60", 60.0),
         "migration_uri": ("tcp://10.0.0.5", "tcp://10.0.0.5"),
         "retry_limit": ("3", 3), "retry_backoff_max": ("10", 10.0),
         "keepalive_interval": ("2", 2), "keepalive_count": ("4", 4), "task_timeout": ("100", 100.0),

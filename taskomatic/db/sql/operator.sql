@@ -130,9 +130,9 @@ FROM unnest(%(vm_ids)s::bigint[], %(actions)s::text[]) WITH ORDINALITY AS q(vm_i
 ORDER BY q.n;
 
 -- demo_add_host --
--- One demo host: a libvirt node with the test driver and room for the whole fleet.
+-- One demo host: a libvirt node with the test driver and the room given.
 INSERT INTO hosts (hostname, libvirt_uri, hypervisor_type, num_cpus, memory)
-VALUES (%(hostname)s, %(libvirt_uri)s, 'TEST', 256, 536870912);
+VALUES (%(hostname)s, %(libvirt_uri)s, 'TEST', %(num_cpus)s, %(memory_kb)s);
 
 -- demo_add_vms --
 -- The demo's VMs, in the order given (arrays are parallel); returns their ids.
