@@ -21,6 +21,10 @@ from taskomatic.actions.base import (
     Settlement,
     TaskFailed,
 )
+from taskomatic.db import hosts as hosts_db
+from taskomatic.db import task_writes
+from taskomatic.db import vms as vms_db
+from taskomatic.db.store import Store
 from taskomatic.model import TaskRow
 
 log = logging.getLogger(__name__)
@@ -37,7 +41,7 @@ class ClearVms:
     def prepare(self, ctx: ActionContext, task: TaskRow) -> Plan:
         if task.target_id is None:
             raise TaskFailed("task_target_id is NULL; a Host task needs the host's id")
-        host = ctx.store.one("get_host", host_id=task.target_id)
+        host = hosts_db.get_host(ctx.store, task.target_id)
         if host is None:
             raise TaskFailed(f"host {task.target_id} does not exist")
         if not host["is_disabled"]:
@@ -47,13 +51,13 @@ class ClearVms:
         plan.begin_hook = lambda store: self._queue_migrations(store, plan)
         return plan
 
-    def _queue_migrations(self, store: Any, plan: Plan) -> None:
+    def _queue_migrations(self, store: Store, plan: Plan) -> None:
         """Inside the transaction that marks the task running: queue the migrations atomically."""
         host = plan.data["host"]
-        vms = store.all("vms_on_host", host_id=host["id"])
-        children = [store.scalar("insert_child_task", target_type="Vm", target_id=vm["id"], action="migrate_vm",
-                                 args=json.dumps({}), submitted_by=f"clear_vms (task {plan.task.id})",
-                                 parent_task_id=plan.task.id) for vm in vms]
+        vms = vms_db.vms_on_host(store, host["id"])
+        children = [task_writes.insert_child_task(store, plan.task.id, target_type="Vm", target_id=vm["id"],
+                                                  action="migrate_vm", args=json.dumps({}),
+                                                  submitted_by=f"clear_vms (task {plan.task.id})") for vm in vms]
         plan.data["children"] = children
 
     def perform(self, ctx: ActionContext, plan: Plan) -> Outcome:

@@ -79,6 +79,9 @@ from taskomatic.actions.pool_xml import (
     volume_format,
     volume_xml,
 )
+from taskomatic.db import hosts as hosts_db
+from taskomatic.db import storage as storage_db
+from taskomatic.db import task_writes
 from taskomatic.db.store import Store
 from taskomatic.model import TaskRow
 from taskomatic.text import first_line, quoted
@@ -105,7 +108,7 @@ def refused(exc: psycopg2.Error) -> str | None:
 
 def _capture_claim(store: Store, plan: Plan) -> None:
     """In the mark-running transaction: remember the claim that marked it running."""
-    row = store.one("task_claim", task_id=plan.task.id)
+    row = task_writes.task_claim(store, plan.task.id)
     plan.data["claim"] = (row["claimed_by"], row["attempts"]) if row else None
 
 
@@ -114,8 +117,8 @@ def fenced(store: Store, plan: Plan) -> Iterator[None]:
     """One transaction that runs only while the task is still ours; commits on success."""
     claim = plan.data.get("claim")
     try:
-        held = claim is not None and store.one("hold_running_task", task_id=plan.task.id, claimed_by=claim[0],
-                                          attempts=claim[1]) is not None
+        held = claim is not None and task_writes.hold_running_task(store, plan.task.id, claimed_by=claim[0],
+                                                                   attempts=claim[1])
         if not held:
             raise ClaimLost(f"task {plan.task.id} is no longer running under this claim")
         yield
@@ -145,7 +148,7 @@ def _volume_label(volume: dict[str, Any]) -> str:
 def _pool_row(ctx: ActionContext, pool_id: int | None, action: str) -> dict[str, Any]:
     if pool_id is None:
         raise TaskFailed(f"{action}: task_target_id is NULL; a StoragePool task needs the pool's id")
-    pool = ctx.store.one("get_storage_pool", pool_id=pool_id)
+    pool = storage_db.get_storage_pool(ctx.store, pool_id)
     if pool is None:
         raise TaskFailed(f"{action}: storage pool {pool_id} does not exist")
     return pool
@@ -154,7 +157,7 @@ def _pool_row(ctx: ActionContext, pool_id: int | None, action: str) -> dict[str,
 def _volume_row(ctx: ActionContext, task: TaskRow, action: str) -> dict[str, Any]:
     if task.target_id is None:
         raise TaskFailed(f"{action}: task_target_id is NULL; a StorageVolume task needs the volume's id")
-    volume = ctx.store.one("get_storage_volume", volume_id=task.target_id)
+    volume = storage_db.get_storage_volume(ctx.store, task.target_id)
     if volume is None:
         raise TaskFailed(f"{action}: storage volume {task.target_id} does not exist")
     return volume
@@ -215,7 +218,7 @@ def pool_site(ctx: ActionContext, pool: dict[str, Any], action: str) -> PoolSite
     if pool["host_id"] is None:
         raise TaskFailed(f"{action}: {label} is not active on any host (its host was removed); "
                          "run refresh_pool first")
-    host = ctx.store.one("get_host", host_id=pool["host_id"])
+    host = hosts_db.get_host(ctx.store, pool["host_id"])
     if host is None:
         raise TaskFailed(f"{action}: host {pool['host_id']} of {label} no longer exists; run refresh_pool first")
     unavailable = [RowUpdate("storage_pools", pool["id"], {"state": "unavailable"})]
@@ -322,12 +325,12 @@ class RefreshPool(StorageAction):
     def _candidates(self, ctx: ActionContext, pool: dict[str, Any]) -> list[dict[str, Any]]:
         label = _pool_label(pool)
         unavailable = [RowUpdate("storage_pools", pool["id"], {"state": "unavailable"})]
-        usable = ctx.store.all("pool_hosts", current_host_id=pool["host_id"])
+        usable = storage_db.pool_hosts(ctx.store, pool["host_id"])
         if pool["pool_type"] in LOCAL_POOL_TYPES and pool["host_id"] is not None:
             current = [h for h in usable if h["id"] == pool["host_id"]]
             if current:
                 return current
-            host = ctx.store.one("get_host", host_id=pool["host_id"])
+            host = hosts_db.get_host(ctx.store, pool["host_id"])
             if host is not None:
                 why = "disabled" if host["is_disabled"] else host["state"]
                 raise TaskFailed(
@@ -335,7 +338,7 @@ class RefreshPool(StorageAction):
                     f"which is {why}; its volumes live there, so it does not move to another host. "
                     "Make that host available again, or set storage_pools.host_id to NULL to place "
                     "the pool anew", unavailable)
-            usable = ctx.store.all("pool_hosts", current_host_id=None)
+            usable = storage_db.pool_hosts(ctx.store, None)
         if not usable:
             raise TaskFailed(f"refresh_pool: no available, enabled host to activate {label} on", unavailable)
         return usable
@@ -477,7 +480,7 @@ def _list_volumes(handle: libvirt.virStoragePool) -> tuple[list[FoundVolume], li
 
 def sync_volumes(store: Store, pool_id: int, volumes: list[FoundVolume]) -> dict[str, int]:
     """Make the pool's volume rows match what libvirt listed. Caller commits."""
-    rows = store.all("pool_volume_rows", pool_id=pool_id)
+    rows = storage_db.pool_volume_rows(store, pool_id)
     by_name = {row["name"]: row for row in rows}
     listed = {volume.name for volume in volumes}
     counts = {"added": 0, "reappeared": 0, "vanished": 0}
@@ -485,7 +488,7 @@ def sync_volumes(store: Store, pool_id: int, volumes: list[FoundVolume]) -> dict
         row = by_name.get(volume.name)
         values = {"size": volume.size, "path": volume.path, "key": volume.key, "format": volume.format}
         if row is None:
-            if store.all("insert_found_volume", pool_id=pool_id, name=volume.name, **values):
+            if storage_db.insert_found_volume(store, pool_id, volume.name, values):
                 counts["added"] += 1
             continue
         if row["state"] in ("pending_setup", "pending_deletion"):
@@ -617,7 +620,7 @@ class DeleteVolume(StorageAction):
         return plan
 
     def _refuse_if_used(self, store: Store, volume: dict[str, Any]) -> None:
-        users = store.all("volume_users", volume_id=volume["id"])
+        users = storage_db.volume_users(store, volume["id"])
         if users:
             used_by = ", ".join(f"VM {u['vm_id']} ({u['description']!r}, {u['state']})" for u in users)
             raise TaskFailed(f"delete_volume: {_volume_label(volume)} is in use as a disk by {used_by}; "
@@ -625,7 +628,7 @@ class DeleteVolume(StorageAction):
 
     def _begin(self, store: Store, plan: Plan) -> None:
         volume = plan.data["volume"]
-        if store.one("lock_storage_volume", volume_id=volume["id"]) is None:
+        if not storage_db.lock_storage_volume(store, volume["id"]):
             raise TaskFailed(f"delete_volume: storage volume {volume['id']} does not exist")
         self._refuse_if_used(store, volume)  # a disk attached since prepare
         _capture_claim(store, plan)
@@ -651,8 +654,8 @@ class DeleteVolume(StorageAction):
                 note = f"volume {volume['name']!r} disappeared from {site.where()} meanwhile; removed its row"
         try:
             with fenced(ctx.store, plan):
-                removed = ctx.store.all("delete_volume_row", volume_id=volume["id"])
-                users = [] if removed else ctx.store.all("volume_users", volume_id=volume["id"])
+                removed = storage_db.delete_volume_row(ctx.store, volume["id"])
+                users = [] if removed else storage_db.volume_users(ctx.store, volume["id"])
                 if not removed:
                     ctx.store.update_row("storage_volumes", volume["id"], {"state": "vanished"})
         except ClaimLost as exc:
@@ -677,7 +680,7 @@ class DeleteVolume(StorageAction):
             return "unavailable"
 
     def reconcile(self, ctx: ActionContext, task: TaskRow) -> Reconciled:
-        if task.target_id is not None and ctx.store.one("get_storage_volume", volume_id=task.target_id) is None:
+        if task.target_id is not None and storage_db.get_storage_volume(ctx.store, task.target_id) is None:
             return Reconciled(Settlement.DONE, f"interrupted, but storage volume {task.target_id} is already removed")
         try:
             volume = _volume_row(ctx, task, self.name)

@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 from taskomatic import metrics
 from taskomatic.config import Config
+from taskomatic.db import key_claims
 from taskomatic.db.store import Store
 from taskomatic.model import OrderingKey, TaskRow, key_of, task_from_row
 from taskomatic.runtime.dispatch import Dispatcher
@@ -67,12 +68,10 @@ class ClaimRound:
         for; the rest we release at once, so every instance with room can claim
         them, instead of one survivor moving them a few at a time.
         """
-        keys = self.store.all("take_over_keys", instance_id=self.instance_id, limit=TAKEOVER_BATCH)
+        keys = key_claims.take_over_keys(self.store, self.instance_id, TAKEOVER_BATCH)
         if not keys:
             return
-        rows = self.store.all(
-            "adopt_key_tasks", instance_id=self.instance_id, key_types=[k["key_type"] for k in keys],
-            key_ids=[k["key_id"] for k in keys], previous=[k["previous"] for k in keys])
+        rows = key_claims.adopt_key_tasks(self.store, self.instance_id, keys)
         to_settle = {(r["key_type"], r["key_id"]) for r in rows if r["state"] == "running"}
         room = self.book.key_room()
         kept: list[dict] = []
@@ -90,9 +89,8 @@ class ClaimRound:
             self.book.hold(OrderingKey(key["key_type"], key["key_id"]), key["token"])
         self.route_claimed([r for r in rows if (r["key_type"], r["key_id"]) in kept_pairs])
         if passed_on:
-            self.store.run("release_keys", instance_id=self.instance_id,
-                           key_types=[k["key_type"] for k in passed_on], key_ids=[k["key_id"] for k in passed_on],
-                           tokens=[k["token"] for k in passed_on])
+            key_claims.release_keys(self.store, self.instance_id,
+                                    [(k["key_type"], k["key_id"], k["token"]) for k in passed_on])
         log.info("took over %d keys from instances %s whose lease ran out: kept %d (%d tasks to reconcile), "
                  "passed %d on to whoever has room", len(keys),
                  ", ".join(str(i) for i in sorted({k["previous"] for k in keys})), len(kept), len(to_settle),
@@ -101,8 +99,7 @@ class ClaimRound:
 
     def _claim_free_keys(self) -> bool:
         asked = self.book.key_room() * 2  # more than we take: other instances may win some
-        rows = self.store.all("free_keys", after_type=self.free_cursor[0], after_id=self.free_cursor[1],
-                              max_visit=asked + 256, limit=asked)
+        rows = key_claims.free_keys(self.store, self.free_cursor, limit=asked, max_visit=asked + 256)
         candidates = [OrderingKey(r["key_type"], r["key_id"]) for r in rows]
         chosen = self.book.choose_free(candidates)
         # Rotate through the key space, so every key with work gets its turn: the next
@@ -116,8 +113,7 @@ class ClaimRound:
             self.free_cursor = FREE_KEYS_START
         if not chosen:
             return False
-        won = self.store.all("claim_keys", instance_id=self.instance_id,
-                             key_types=[k.kind for k in chosen], key_ids=[k.ident for k in chosen])
+        won = key_claims.claim_keys(self.store, self.instance_id, [(k.kind, k.ident) for k in chosen])
         for row in won:
             self.book.hold(OrderingKey(row["key_type"], row["key_id"]), row["token"])
         if won:
@@ -130,10 +126,8 @@ class ClaimRound:
         asked = self.book.wanting_tasks()
         if not asked:
             return
-        rows = self.store.all(
-            "claim_key_tasks", instance_id=self.instance_id, key_types=[k.kind for k, _, _ in asked],
-            key_ids=[k.ident for k, _, _ in asked], tokens=[t for _, t, _ in asked],
-            counts=[n for _, _, n in asked])
+        rows = key_claims.claim_key_tasks(self.store, self.instance_id,
+                                          [(k.kind, k.ident, token, n) for k, token, n in asked])
         got = Counter(key_of(task_from_row(r)) for r in rows)
         self.route_claimed(rows)
         self.book.topped_up(asked, got)
@@ -148,8 +142,6 @@ class ClaimRound:
         drained = self.book.drained()
         if not drained:
             return
-        self.store.run("release_keys", instance_id=self.instance_id,
-                       key_types=[k.kind for k, _ in drained], key_ids=[k.ident for k, _ in drained],
-                       tokens=[t for _, t in drained])
+        key_claims.release_keys(self.store, self.instance_id, [(k.kind, k.ident, token) for k, token in drained])
         self.book.release([k for k, _ in drained])
         metrics.keys_released(len(drained))

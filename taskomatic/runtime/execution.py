@@ -24,6 +24,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from datetime import datetime
 from typing import Any
 
 import psycopg2
@@ -40,6 +41,7 @@ from taskomatic.actions.base import (
     TaskRetry,
 )
 from taskomatic.config import Config
+from taskomatic.db import task_writes
 from taskomatic.db.store import Store
 from taskomatic.model import TERMINAL_STATES, EndState, OutcomeState, Settlement, TaskRow, TaskState, key_of
 from taskomatic.runtime.messages import Deferred, Performed, Started, TaskEnd
@@ -297,7 +299,11 @@ class Execution:
             raise FetcherGone
         allowed = {t.id for t in self.outcomes.fenced([t for t, _, _ in prepared] + [t for t, _, _ in failing])}
         moment = now()
-        marked = self._mark([t for t, _, _ in prepared if t.id in allowed], reruns, moment)
+        # A rerun found already done does not start again: it is not marked, its outcome is written as
+        # it stands (keeping its first time_started and attempts; the write is fenced all the same).
+        settled = {t.id for t, _, plan in prepared if t.id in reruns and plan.already_done is not None}
+        marked = self._mark([t for t, _, _ in prepared if t.id in allowed and t.id not in settled], reruns, moment)
+        marked |= settled & allowed
         done: list[PendingOutcome] = []
         for task, action, plan in prepared:
             if task.id not in marked:
@@ -324,15 +330,13 @@ class Execution:
             result.ends.append(TaskEnd(task.id, EndState.FAILED if recorded else EndState.SKIPPED))
         return result
 
-    def _mark(self, tasks: list[TaskRow], reruns: set[int], moment: Any) -> set[int]:
+    def _mark(self, tasks: list[TaskRow], reruns: set[int], moment: datetime) -> set[int]:
         """Mark these tasks running (a rerun: again); the ids marked (canceled, ended or taken ones are not)."""
         first_runs = [t.id for t in tasks if t.id not in reruns]
-        marked = {r["id"] for r in self.store.all(
-            "mark_running", task_ids=first_runs, instance_id=self.instance_id, time_started=moment,
-            shard=self.slot)} if first_runs else set()
+        marked = task_writes.mark_running(self.store, self.instance_id, first_runs, moment,
+                                          self.slot) if first_runs else set()
         for task in tasks:
-            if task.id in reruns and self.store.one("mark_rerun", task_id=task.id, instance_id=self.instance_id,
-                                                    time_started=moment, shard=self.slot) is not None:
+            if task.id in reruns and task_writes.mark_rerun(self.store, self.instance_id, task.id, moment, self.slot):
                 marked.add(task.id)
         return marked
 
@@ -351,8 +355,9 @@ class Execution:
         slot's shard was finishing it); the task must then be reconciled, not
         skipped. Only the slot that marked it may: another may still run it.
         """
-        row = self.store.one("task_states", ids=[task.id])
+        rows = task_writes.task_states(self.store, [task.id])
         self.store.rollback()
+        row = rows[0] if rows else None
         return bool(row and row["state"] == TaskState.RUNNING and row["claimed_by"] == self.instance_id
                     and row["run_by_shard"] == self.slot)
 
@@ -439,7 +444,7 @@ class Execution:
 
     def _children_outcome(self, parent: TaskRow) -> Outcome | None:
         """The parent's outcome once every task it queued has ended; None while some run."""
-        children = self.store.all("children_of", task_id=parent.id)
+        children = task_writes.children_of(self.store, parent.id)
         self.store.rollback()
         if any(c["state"] not in TERMINAL_STATES for c in children):
             return None

@@ -45,7 +45,8 @@ from multiprocess.connection import Connection, wait
 from taskomatic import config as config_mod
 from taskomatic import metrics
 from taskomatic.config import Config
-from taskomatic.db.store import Store, connect
+from taskomatic.db import claims, key_claims
+from taskomatic.db.store import Store, connect, listen
 from taskomatic.exitcodes import EXIT_LEASE_LOST
 from taskomatic.logsetup import set_process_title, setup_logging
 from taskomatic.model import OrderingKey, TaskRow, key_of, task_from_row
@@ -122,8 +123,7 @@ class Fetcher:
     def _listen(self) -> psycopg2.extensions.connection:
         conn = connect(self.config.dsn, "taskomatic fetcher (listen)", self.config.connect_timeout)
         conn.set_isolation_level(psycopg2.extensions.ISOLATION_LEVEL_AUTOCOMMIT)
-        with conn.cursor() as cur:
-            cur.execute(f"LISTEN {NOTIFY_CHANNEL}")
+        listen(conn, NOTIFY_CHANNEL)
         return conn
 
     def _record_signal(self, signum: int, _frame: object) -> None:
@@ -265,7 +265,7 @@ class Fetcher:
         lost = self.dispatch.shard_connected(slot.index)
         if not lost:
             return
-        rows = self.store.all("held_tasks_by_id", instance_id=self.instance_id, ids=lost)
+        rows = claims.held_tasks_by_id(self.store, self.instance_id, lost)
         self.store.rollback()
         again = [task_from_row(r) for r in rows]
         self.done_total += len(lost) - len(again)
@@ -329,8 +329,8 @@ class Fetcher:
     def _adopt_held(self) -> None:
         """Route every task we hold that no shard has: left by a dead fetcher or an earlier crash."""
         in_hand = self.dispatch.in_hand()
-        rows = self.store.all("held_tasks", instance_id=self.instance_id)
-        keys = self.store.all("held_keys", instance_id=self.instance_id) if self.multihost else []
+        rows = claims.held_tasks(self.store, self.instance_id)
+        keys = key_claims.held_keys(self.store, self.instance_id) if self.multihost else []
         self.store.rollback()
         for key in keys:
             self.book.hold(OrderingKey(key["key_type"], key["key_id"]), key["token"])
@@ -369,8 +369,7 @@ class Fetcher:
         """Claim a batch (there is room); True if more may be waiting."""
         room = self._room()
         with self.store.transaction():
-            self.store.one("claim_settings")
-            rows = self.store.all("claim_tasks", instance_id=self.instance_id, limit=room)
+            rows = claims.claim_tasks(self.store, self.instance_id, room)
         for row in sorted(rows, key=lambda r: r["id"]):
             self.dispatch.route(task_from_row(row))
         if rows:
@@ -393,19 +392,19 @@ class Fetcher:
         if now < self.next_analyze_check:
             return
         self.next_analyze_check = now + ANALYZE_CHECK_SECONDS
-        row = self.store.one("tasks_changes_since_analyze")
+        row = claims.tasks_changes_since_analyze(self.store)
         self.store.rollback()
         if row is None or row["changed"] < max(ANALYZE_MIN_CHANGES, row["estimated"]):
             return
         log.info("the tasks table changed by %d rows since its statistics were taken (they count %d); "
                  "analysing it now", row["changed"], row["estimated"])
         with self.store.transaction():
-            self.store.run("analyze_tasks")
+            claims.analyze_tasks(self.store)
 
     def _release_unstarted(self) -> None:
         with self.store.transaction():
-            released = self.store.run("release_unstarted", instance_id=self.instance_id)
-            keys = self.store.run("release_idle_keys", instance_id=self.instance_id) if self.multihost else 0
+            released = claims.release_unstarted(self.store, self.instance_id)
+            keys = key_claims.release_idle_keys(self.store, self.instance_id) if self.multihost else 0
         if released:
             log.info("handed back %d claimed tasks that had not started", released)
         if keys:

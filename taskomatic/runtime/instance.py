@@ -13,6 +13,7 @@ import socket
 
 from taskomatic import __version__
 from taskomatic.config import Config
+from taskomatic.db import claims, instances, key_claims
 from taskomatic.db.store import Store
 
 log = logging.getLogger(__name__)
@@ -29,31 +30,23 @@ class StartupRefused(Exception):
 
 def take_guard(store: Store, mode: str) -> bool:
     """The instance guard on this connection: exclusive for standalone, shared for multihost."""
-    guard = "try_standalone_guard" if mode == "standalone" else "try_multihost_guard"
-    return bool(store.scalar(guard, lock_id=INSTANCE_LOCK_ID))
+    return instances.try_guard(store, INSTANCE_LOCK_ID, exclusive=mode == "standalone")
 
 
 def guard_holder(store: Store) -> str:
     """Who holds the guard, for the refusal message ("" if nobody is found)."""
-    with store.conn.cursor() as cur:
-        cur.execute(
-            "SELECT a.pid, a.client_addr, a.application_name FROM pg_locks l "
-            "JOIN pg_stat_activity a ON a.pid = l.pid "
-            "WHERE l.locktype = 'advisory' AND l.objid = %s AND l.granted LIMIT 1",
-            (INSTANCE_LOCK_ID,))
-        row = cur.fetchone()
+    row = instances.guard_holder(store, INSTANCE_LOCK_ID)
     store.rollback()
     if not row:
         return ""
-    return f" (database backend pid {row[0]}, {row[2] or 'unknown application'})"
+    return f" (database backend pid {row['pid']}, {row['application_name'] or 'unknown application'})"
 
 
 def register(store: Store, config: Config) -> int:
     """A new instance row; its id."""
-    return int(store.scalar(
-        "register_instance", hostname=socket.gethostname(), pid=os.getpid(), version=__version__,
-        mode=config.mode, shards=config.shards,
-        lease=config.lease_seconds if config.mode == "multihost" else None))
+    return instances.register_instance(
+        store, hostname=socket.gethostname(), pid=os.getpid(), version=__version__, mode=config.mode,
+        shards=config.shards, lease_seconds=config.lease_seconds if config.mode == "multihost" else None)
 
 
 def take_over_leftovers(store: Store, instance_id: int, multihost: bool) -> None:
@@ -61,24 +54,24 @@ def take_over_leftovers(store: Store, instance_id: int, multihost: bool) -> None
     if multihost:
         # Tasks a dead standalone instance held get key claims in its name; the usual
         # takeover then settles them.
-        store.run("key_claims_for_standalone_leftovers")
+        instances.key_claims_for_standalone_leftovers(store)
         return
-    adopted = store.run("adopt_orphaned_claims", instance_id=instance_id)
-    store.run("adopt_orphaned_key_claims")
+    adopted = instances.adopt_orphaned_claims(store, instance_id)
+    instances.adopt_orphaned_key_claims(store)
     if adopted:
         log.info("took over %d tasks left by an earlier run; they will be settled", adopted)
 
 
 def record_stop(store: Store, instance_id: int, multihost: bool) -> None:
     """The instance stops: hand back what never started, release keys and lease, mark the row."""
-    released = store.run("release_unstarted", instance_id=instance_id)
+    released = claims.release_unstarted(store, instance_id)
     if released:
         log.info("handed back %d claimed tasks", released)
     if multihost:
         # What is left (a parked task still 'running') is for others to take over now.
-        store.run("release_idle_keys", instance_id=instance_id)
-        store.run("end_lease", instance_id=instance_id)
-    store.run("instance_stopped", instance_id=instance_id)
+        key_claims.release_idle_keys(store, instance_id)
+        instances.end_lease(store, instance_id)
+    instances.mark_stopped(store, instance_id)
 
 
 # What libpq says when the server answered and refused us: waiting does not help.

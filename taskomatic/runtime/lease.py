@@ -17,6 +17,7 @@ from typing import Any
 
 from taskomatic import metrics
 from taskomatic.config import Config
+from taskomatic.db import instances
 from taskomatic.db.store import Store
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ def lease_clock() -> float:
 def limit_idle_transaction(store: Store, config: Config) -> None:
     """Multihost, first in a write transaction: a frozen process's locks last at most a lease."""
     if config.mode == "multihost":
-        store.one("limit_idle_transaction", ms=max(1000, int(config.lease_seconds * 1000)))
+        instances.limit_idle_transaction(store, max(1000, int(config.lease_seconds * 1000)))
 
 
 class LeaseKeeper(threading.Thread):
@@ -81,8 +82,8 @@ class LeaseKeeper(threading.Thread):
         config = self.config()
         sent = lease_clock()
         with self.store.transaction():
-            row = self.store.one("renew_lease", instance_id=self.instance_id, lease=config.lease_seconds)
-        if row is None:
+            renewed = instances.renew_lease(self.store, self.instance_id, config.lease_seconds)
+        if not renewed:
             self.lease_until.value = 0.0
             metrics.lease_lost()
             log.error("lease lost: the database says it ran out (paused, cut off or too slow); other "

@@ -25,6 +25,7 @@ import psycopg2.errors
 from taskomatic import metrics
 from taskomatic.actions.base import Outcome, RowUpdate
 from taskomatic.config import Config
+from taskomatic.db import key_claims, task_writes
 from taskomatic.db.store import Store
 from taskomatic.model import EndState, OutcomeState, TaskRow
 from taskomatic.runtime.lease import limit_idle_transaction
@@ -116,9 +117,8 @@ class Outcomes:
         if not self.multihost or not tasks:
             return tasks
         claimed = [t for t in tasks if t.token is not None]
-        held = {(r["key_type"], r["key_id"], r["token"]) for r in self.store.all(
-            "hold_key_claims", instance_id=self.instance_id, key_types=[t.key_type for t in claimed],
-            key_ids=[t.key_id for t in claimed], tokens=[t.token for t in claimed])} if claimed else set()
+        held = key_claims.hold_key_claims(self.store, self.instance_id, [(t.key_type, t.key_id, t.token)
+                                                                          for t in claimed]) if claimed else set()
         allowed = []
         for task in tasks:
             if (task.key_type, task.key_id, task.token) in held:
@@ -211,10 +211,10 @@ class Outcomes:
         todo = [p for p in outcomes if p.task.id in allowed]
         if not todo:
             return set()
-        written = {r["id"] for r in self.store.all(
-            "record_outcomes", instance_id=self.instance_id, task_ids=[p.task.id for p in todo],
-            states=[p.outcome.state for p in todo], messages=[p.outcome.message for p in todo],
-            starts=[p.time_started for p in todo], ends=[p.time_ended for p in todo])}
+        written = task_writes.record_outcomes(
+            self.store, self.instance_id, task_ids=[p.task.id for p in todo], states=[p.outcome.state for p in todo],
+            messages=[p.outcome.message for p in todo], starts=[p.time_started for p in todo],
+            ends=[p.time_ended for p in todo])
         for pending in todo:
             if pending.task.id not in written:
                 # Fencing: someone else owns the task now; our rows must not overwrite theirs.
@@ -227,8 +227,7 @@ class Outcomes:
 
     def fail_unstartable(self, task: TaskRow, message: str, updates: list[RowUpdate], moment: datetime) -> bool:
         """In the caller's transaction: a task we hold fails before it starts. Was it recorded?"""
-        recorded = self.store.one("fail_unstartable", task_id=task.id, instance_id=self.instance_id,
-                                  message=message, time=moment) is not None
+        recorded = task_writes.fail_unstartable(self.store, self.instance_id, task.id, message, moment)
         if recorded:
             for update in updates:
                 self.store.update_row(update.table, update.row_id, update.values)

@@ -41,7 +41,7 @@ import sdnotify
 from taskomatic import config as config_mod
 from taskomatic import metrics
 from taskomatic.config import Config
-from taskomatic.db import migrate
+from taskomatic.db import instances, migrate
 from taskomatic.db.store import DatabaseUnavailable, Store
 from taskomatic.exitcodes import (
     EXIT_ALREADY_RUNNING,
@@ -253,7 +253,7 @@ class Supervisor:
                 raise StartupRefused("a standalone instance holds the database now", EXIT_ALREADY_RUNNING)
             old = self.instance_id
             assert self.store is not None
-            self.store.run("instance_stopped", instance_id=old)
+            instances.mark_stopped(self.store, old)
             self.instance_id = instance.register(self.store, self.config)
             self.store.commit()
         except (psycopg2.Error, DatabaseUnavailable) as exc:
@@ -400,7 +400,7 @@ class Supervisor:
                 self._begin_fast_stop("guard lost")
                 return
             assert self.store is not None
-            self.store.run("instance_heartbeat", instance_id=self.instance_id)
+            instances.heartbeat(self.store, self.instance_id)
             self.store.commit()
         except (psycopg2.Error, DatabaseUnavailable) as exc:
             self._drop_store("supervisor cannot reach the database", exc)

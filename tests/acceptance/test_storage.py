@@ -70,7 +70,7 @@ def _insert(dsn: str, sql: str, rows: list[tuple[Any, ...]]) -> list[int]:
 
 def test_storage_work_runs_in_pool_order(dsn: str, libvirt_nodes: list[Any], pool_dirs: list[Path],
                                          daemon_factory: Any) -> None:
-    from taskomatic.actions.base import load_actions
+    from taskomatic.actions.registry import load_actions
 
     missing = STORAGE_ACTIONS - set(load_actions())
     assert not missing, f"storage actions not registered in load_actions(): {sorted(missing)}"

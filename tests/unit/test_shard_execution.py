@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import psycopg2.errors
 
-from taskomatic.actions.base import ActionContext, Plan, TaskFailed
+from taskomatic.actions.base import ActionContext, Outcome, Plan, TaskFailed
 from taskomatic.model import EndState, Settlement, TaskRow, TaskState
 from taskomatic.runtime.messages import Started, TaskEnd
 from tests.unit.shard_fakes import INSTANCE, SLOT, TouchVm, make_rig, states, task
@@ -216,3 +216,21 @@ def test_a_lease_too_old_holds_a_started_task_for_reconciliation() -> None:
     assert rig.store.task(1)["state"] == "running"  # committed running, not performed
     assert [t.state for t in rig.execution.queue] == ["running"]  # back in the queue, to be reconciled
     assert rig.store.task(1)["claimed_by"] == INSTANCE
+
+
+def test_an_interrupted_task_found_not_started_but_already_done_is_finished_without_a_new_attempt() -> None:
+    class AlreadyDone(TouchVm):
+        def prepare(self, ctx: ActionContext, t: TaskRow) -> Plan:
+            return Plan(t, already_done=Outcome.finished("already in the success state"))
+
+    rig = make_rig(quick=True)
+    rig.execution.actions["touch"] = rig.action = AlreadyDone()
+    running = task(1, vm=10, state=TaskState.RUNNING)
+    rig.store.add_task(running, state="running", run_by_shard=SLOT)
+    rig.store.task(1).update(attempts=1, time_started="first start")
+    rig.store.rollback()
+    rig.run_queue([running])
+    row = rig.store.task(1)
+    assert rig.action.performed == []
+    assert row["state"] == "finished" and row["message"] == "already in the success state"
+    assert row["attempts"] == 1 and row["time_started"] == "first start"
