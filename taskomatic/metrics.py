@@ -14,9 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import time
-from collections.abc import Iterator
-from datetime import datetime
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +26,6 @@ ENV = "PROMETHEUS_MULTIPROC_DIR"
 _DURATION_BUCKETS = (0.005, 0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900)
 # Enqueue-to-start: milliseconds on an idle daemon, up to hours behind a long per-VM queue.
 _WAIT_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
-# A shard that cannot read wait times (database away) tries again after this long, not at every task.
-_WAIT_READER_RETRY_SECONDS = 30.0
 
 
 def prepare_directory(runtime_dir: Path, instance_id: int) -> None:
@@ -159,43 +155,13 @@ def node_seen(host_id: int, hostname: str, up: bool) -> None:
         m.node_up.labels(str(host_id), hostname).set(1 if up else 0)
 
 
-class _WaitReader:
-    """A shard's own autocommit session for reading wait times, apart from its task transactions."""
-
-    def __init__(self) -> None:
-        self.store: Any = None
-        self.retry_at = 0.0
-
-    def created_at(self, dsn: str, task_id: int) -> datetime | None:
-        from taskomatic.db import observability
-        from taskomatic.db.store import Store
-
-        if time.monotonic() < self.retry_at:
-            return None
-        try:
-            if self.store is None or self.store.conn.closed:
-                self.store = Store.open(dsn, "taskomatic metrics", timeout=2)
-                self.store.conn.autocommit = True
-            return observability.task_created_at(self.store, task_id)
-        except Exception as exc:  # a metric must never cost a task
-            log.warning("metrics: cannot read task %s's wait time: %s", task_id, str(exc).strip().split("\n")[0])
-            if self.store is not None:
-                self.store.close()
-            self.store = None
-            self.retry_at = time.monotonic() + _WAIT_READER_RETRY_SECONDS
-            return None
-
-
-_wait_reader = _WaitReader()
-
-
-def task_started(dsn: str, task_id: int, started: datetime) -> None:
-    """Shard, as a task's action starts (``started`` becomes its time_started): observe how long it waited."""
+def tasks_waited(seconds: Iterable[float]) -> None:
+    """Shard, as it marks tasks running: how long each waited from submission to its start
+    (computed by the statement that marks them, so the metric costs no query)."""
     m = _get()
     if m is not None:
-        created = _wait_reader.created_at(dsn, task_id)
-        if created is not None:
-            m.wait.observe(max(0.0, (started - created).total_seconds()))
+        for waited in seconds:
+            m.wait.observe(max(0.0, waited))
 
 
 class _LiveCollector:

@@ -85,3 +85,12 @@ class OrderingKey:
 def key_of(task: TaskRow) -> OrderingKey:
     """The task's ordering key (the database sets ``key_type``; the target type stands in if it did not)."""
     return OrderingKey(task.key_type or task.target_type, task.key_id)
+
+
+def task_from_row(row: dict[str, Any], token: int | None = None) -> TaskRow:
+    """A TaskRow from a tasks row (a claim's token overrides the row's)."""
+    return TaskRow(
+        id=row["id"], target_type=row["task_target_type"], target_id=row["task_target_id"],
+        action=row["action"], args=row["args"], key_type=row["key_type"], key_id=row["key_id"],
+        state=row["state"], token=row.get("token") if token is None else token,
+    )

@@ -51,6 +51,9 @@ from taskomatic.actions.vm import (
     save_path,
 )
 from taskomatic.actions.vm_storage import activate_pools, storage_needs
+from taskomatic.db import hosts as hosts_db
+from taskomatic.db import task_writes
+from taskomatic.db import vms as vms_db
 from taskomatic.db.storage_placement import vm_disk_pools
 from taskomatic.model import TaskRow
 from taskomatic.text import quoted
@@ -69,7 +72,7 @@ class ClearVms:
     def prepare(self, ctx: ActionContext, task: TaskRow) -> Plan:
         if task.target_id is None:
             raise TaskFailed("task_target_id is NULL; a Host task needs the host's id")
-        host = ctx.store.one("get_host", host_id=task.target_id)
+        host = hosts_db.get_host(ctx.store, task.target_id)
         if host is None:
             raise TaskFailed(f"host {task.target_id} does not exist")
         if not host["is_disabled"]:
@@ -82,11 +85,10 @@ class ClearVms:
     def _queue_evacuations(self, store: Any, plan: Plan) -> None:
         """Inside the transaction that marks the task running: queue one evacuate_vm per VM, atomically."""
         host = plan.data["host"]
-        vms = store.all("vms_on_host", host_id=host["id"])
-        children = [store.scalar("insert_child_task", target_type="Vm", target_id=vm["id"], action="evacuate_vm",
-                                 args=json.dumps({"from_host_id": host["id"]}),
-                                 submitted_by=f"clear_vms (task {plan.task.id})",
-                                 parent_task_id=plan.task.id) for vm in vms]
+        vms = vms_db.vms_on_host(store, host["id"])
+        children = [task_writes.insert_child_task(store, plan.task.id, target_type="Vm", target_id=vm["id"],
+                                                  action="evacuate_vm", args=json.dumps({"from_host_id": host["id"]}),
+                                                  submitted_by=f"clear_vms (task {plan.task.id})") for vm in vms]
         plan.data["children"] = children
 
     def perform(self, ctx: ActionContext, plan: Plan) -> Outcome:

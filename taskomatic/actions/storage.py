@@ -34,19 +34,17 @@ Writes that the Outcome cannot carry
 Failures
   Messages name the action, the pool or volume, the host and libvirt's own
   error. A node that cannot be reached, or a connection that breaks, raises
-  TaskRetry (libvirt errors judged by ``vm.is_transient``): the shard parks
+  TaskRetry (libvirt errors judged by ``libvirt_util.is_transient``): the shard parks
   the pool's key and retries, reconciling first if the task had started.
   refresh_pool tries its candidate hosts in turn and retries only if every
   one failed that way. Anything else fails the task.
 
-The SQL lives here until it moves into queries.sql.
+Where the work runs and how these writes are fenced: ``storage_sites.py``.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -76,181 +74,34 @@ from taskomatic.actions.pool_xml import (
     name_problem,
     pool_xml,
     size_problem,
-    volume_format,
     volume_xml,
 )
+from taskomatic.actions.storage_sites import (
+    ClaimLost,
+    FoundVolume,
+    PoolSite,
+    capture_claim,
+    fenced,
+    find_volume,
+    host_label,
+    kb_of_bytes,
+    libvirt_error,
+    list_volumes,
+    pool_label,
+    pool_row,
+    pool_site,
+    refused,
+    sync_volumes,
+    volume_label,
+    volume_row,
+    volume_values,
+)
+from taskomatic.db import hosts as hosts_db
+from taskomatic.db import storage as storage_db
 from taskomatic.db.store import Store
 from taskomatic.model import TaskRow
-from taskomatic.text import first_line, quoted
 
 log = logging.getLogger(__name__)
-
-# -- fencing for writes made in perform ------------------------------------------------
-
-
-class ClaimLost(Exception):
-    """The task is no longer running under the claim that started it."""
-
-
-def refused(exc: psycopg2.Error) -> str | None:
-    """The database's reason for refusing a write, or None for a lost connection.
-
-    A lost connection is not the task's fault: it propagates, the shard exits,
-    and its replacement reconciles the task.
-    """
-    if isinstance(exc, psycopg2.OperationalError | psycopg2.InterfaceError):
-        return None
-    return first_line(exc)
-
-
-def _capture_claim(store: Store, plan: Plan) -> None:
-    """In the mark-running transaction: remember the claim that marked it running."""
-    row = store.one("task_claim", task_id=plan.task.id)
-    plan.data["claim"] = (row["claimed_by"], row["attempts"]) if row else None
-
-
-@contextmanager
-def fenced(store: Store, plan: Plan) -> Iterator[None]:
-    """One transaction that runs only while the task is still ours; commits on success."""
-    claim = plan.data.get("claim")
-    try:
-        held = claim is not None and store.one("hold_running_task", task_id=plan.task.id, claimed_by=claim[0],
-                                          attempts=claim[1]) is not None
-        if not held:
-            raise ClaimLost(f"task {plan.task.id} is no longer running under this claim")
-        yield
-    except BaseException:
-        if not store.conn.closed:
-            store.rollback()
-        raise
-    else:
-        store.commit()
-
-
-# -- rows and labels ------------------------------------------------------------------
-
-
-def _host_label(host: dict[str, Any]) -> str:
-    return f"host {host['id']} ({host['hostname']})"
-
-
-def _pool_label(pool: dict[str, Any]) -> str:
-    return f"pool {pool['id']} ({quoted(pool['name'])})"
-
-
-def _volume_label(volume: dict[str, Any]) -> str:
-    return f"volume {volume['id']} ({quoted(volume['name'])})"
-
-
-def _pool_row(ctx: ActionContext, pool_id: int | None, action: str) -> dict[str, Any]:
-    if pool_id is None:
-        raise TaskFailed(f"{action}: task_target_id is NULL; a StoragePool task needs the pool's id")
-    pool = ctx.store.one("get_storage_pool", pool_id=pool_id)
-    if pool is None:
-        raise TaskFailed(f"{action}: storage pool {pool_id} does not exist")
-    return pool
-
-
-def _volume_row(ctx: ActionContext, task: TaskRow, action: str) -> dict[str, Any]:
-    if task.target_id is None:
-        raise TaskFailed(f"{action}: task_target_id is NULL; a StorageVolume task needs the volume's id")
-    volume = ctx.store.one("get_storage_volume", volume_id=task.target_id)
-    if volume is None:
-        raise TaskFailed(f"{action}: storage volume {task.target_id} does not exist")
-    return volume
-
-
-def _connect(ctx: ActionContext, host: dict[str, Any], action: str) -> libvirt.virConnect:
-    """The host's connection; an unreachable node is transient (the shard retries later)."""
-    problem = libvirt_uri_problem(host["libvirt_uri"])
-    if problem:
-        raise TaskFailed(f"{action}: {_host_label(host)}: {problem}")
-    try:
-        return ctx.libvirt.get(host["libvirt_uri"])
-    except HostUnreachable as exc:
-        raise TaskRetry(f"{action}: {_host_label(host)} is unreachable: {exc}") from None
-
-
-def _libvirt_error(ctx: ActionContext, host: dict[str, Any], exc: libvirt.libvirtError,
-                   message: str) -> TaskFailed | TaskRetry:
-    """What a libvirt error means for the task: TaskRetry if the node or the way
-    to it failed (the connection is dropped, to be reopened), else TaskFailed."""
-    text = f"{message}: {exc.get_error_message()}"
-    if is_transient(exc):
-        ctx.libvirt.drop(host["libvirt_uri"])
-        return TaskRetry(text)
-    return TaskFailed(text)
-
-
-def _kb(size_bytes: int) -> int:
-    """Bytes to KB, rounded up: a row never understates what a volume holds."""
-    return (int(size_bytes) + 1023) // 1024
-
-
-# -- the pool on its host ---------------------------------------------------------------
-
-
-@dataclass
-class PoolSite:
-    """A pool found active on its host."""
-
-    pool: dict[str, Any]
-    host: dict[str, Any]
-    handle: libvirt.virStoragePool
-
-    def where(self) -> str:
-        return f"{_pool_label(self.pool)} on {_host_label(self.host)}"
-
-
-def pool_site(ctx: ActionContext, pool: dict[str, Any], action: str) -> PoolSite:
-    """The pool active on its host, freshly refreshed; TaskFailed says why not.
-
-    A pool that turns out undefined or inactive is corrected to ``unavailable``
-    (the failure's row updates): refresh_pool brings it back. An unreachable
-    node raises TaskRetry: the shard tries again later.
-    """
-    label = _pool_label(pool)
-    if pool["state"] != "available":
-        raise TaskFailed(f"{action}: {label} is {pool['state']}, not available; run refresh_pool first")
-    if pool["host_id"] is None:
-        raise TaskFailed(f"{action}: {label} is not active on any host (its host was removed); "
-                         "run refresh_pool first")
-    host = ctx.store.one("get_host", host_id=pool["host_id"])
-    if host is None:
-        raise TaskFailed(f"{action}: host {pool['host_id']} of {label} no longer exists; run refresh_pool first")
-    unavailable = [RowUpdate("storage_pools", pool["id"], {"state": "unavailable"})]
-    where = f"{label} on {_host_label(host)}"
-    conn = _connect(ctx, host, action)
-    try:
-        handle = conn.storagePoolLookupByName(pool["name"])
-        if not handle.isActive():
-            raise TaskFailed(f"{action}: {where} is not active; run refresh_pool to start it", unavailable)
-        handle.refresh(0)  # see volumes changed behind libvirt's back (files added or removed)
-    except libvirt.libvirtError as exc:
-        if exc.get_error_code() == libvirt.VIR_ERR_NO_STORAGE_POOL:
-            raise TaskFailed(f"{action}: {label} is not defined on {_host_label(host)}; "
-                             "run refresh_pool to define and start it", unavailable) from None
-        raise _libvirt_error(ctx, host, exc, f"{action}: cannot read {where}") from None
-    return PoolSite(pool, host, handle)
-
-
-def find_volume(ctx: ActionContext, site: PoolSite, name: str, action: str) -> libvirt.virStorageVol | None:
-    """The named volume in the pool, or None if the pool has none by that name."""
-    try:
-        return site.handle.storageVolLookupByName(name)
-    except libvirt.libvirtError as exc:
-        if exc.get_error_code() == libvirt.VIR_ERR_NO_STORAGE_VOL:
-            return None
-        raise _libvirt_error(ctx, site.host, exc,
-                             f"{action}: cannot look up volume {name!r} in {site.where()}") from None
-
-
-def volume_values(volume: libvirt.virStorageVol) -> dict[str, Any]:
-    """Row values read from a libvirt volume: size (KB), path, key, format."""
-    _type, capacity, _allocation = volume.info()
-    return {"size": _kb(capacity), "path": volume.path(), "key": volume.key(),
-            "format": volume_format(volume.XMLDesc(0)) or "raw"}
-
 
 # -- actions -----------------------------------------------------------------------------
 
@@ -265,15 +116,6 @@ class StorageAction:
         if args:
             raise TaskFailed(f"{self.name} takes no arguments; got unknown argument(s) "
                              f"{', '.join(sorted(map(str, args)))}")
-
-
-@dataclass
-class FoundVolume:
-    name: str
-    size: int
-    path: str
-    key: str
-    format: str
 
 
 @dataclass
@@ -309,33 +151,33 @@ class RefreshPool(StorageAction):
     target_types: tuple[str, ...] = ("StoragePool",)
 
     def prepare(self, ctx: ActionContext, task: TaskRow) -> Plan:
-        pool = _pool_row(ctx, task.target_id, self.name)
+        pool = pool_row(ctx, task.target_id, self.name)
         try:
             xml = pool_xml(PoolSpec.from_row(pool))
         except ValueError as exc:
-            raise TaskFailed(f"refresh_pool: {_pool_label(pool)} cannot be defined: {exc}") from None
+            raise TaskFailed(f"refresh_pool: {pool_label(pool)} cannot be defined: {exc}") from None
         hosts = self._candidates(ctx, pool)
         plan = Plan(task, data={"pool": pool, "xml": xml, "hosts": hosts})
-        plan.begin_hook = lambda store: _capture_claim(store, plan)
+        plan.begin_hook = lambda store: capture_claim(store, plan)
         return plan
 
     def _candidates(self, ctx: ActionContext, pool: dict[str, Any]) -> list[dict[str, Any]]:
-        label = _pool_label(pool)
+        label = pool_label(pool)
         unavailable = [RowUpdate("storage_pools", pool["id"], {"state": "unavailable"})]
-        usable = ctx.store.all("pool_hosts", current_host_id=pool["host_id"])
+        usable = storage_db.pool_hosts(ctx.store, pool["host_id"])
         if pool["pool_type"] in LOCAL_POOL_TYPES and pool["host_id"] is not None:
             current = [h for h in usable if h["id"] == pool["host_id"]]
             if current:
                 return current
-            host = ctx.store.one("get_host", host_id=pool["host_id"])
+            host = hosts_db.get_host(ctx.store, pool["host_id"])
             if host is not None:
                 why = "disabled" if host["is_disabled"] else host["state"]
                 raise TaskFailed(
-                    f"refresh_pool: {label} is a {pool['pool_type']} pool, local to {_host_label(host)}, "
+                    f"refresh_pool: {label} is a {pool['pool_type']} pool, local to {host_label(host)}, "
                     f"which is {why}; its volumes live there, so it does not move to another host. "
                     "Make that host available again, or set storage_pools.host_id to NULL to place "
                     "the pool anew", unavailable)
-            usable = ctx.store.all("pool_hosts", current_host_id=None)
+            usable = storage_db.pool_hosts(ctx.store, None)
         if not usable:
             raise TaskFailed(f"refresh_pool: no available, enabled host to activate {label} on", unavailable)
         return usable
@@ -365,9 +207,9 @@ class RefreshPool(StorageAction):
             reason = refused(exc)
             if reason is None:
                 raise
-            return Outcome.failed(f"refresh_pool: {_pool_label(pool)} is active on {_host_label(active.host)}, "
+            return Outcome.failed(f"refresh_pool: {pool_label(pool)} is active on {host_label(active.host)}, "
                                   f"but the database refused its volume rows: {reason}")
-        summary = (f"{_pool_label(pool)} active on {_host_label(active.host)}: {len(active.volumes)} volume(s); "
+        summary = (f"{pool_label(pool)} active on {host_label(active.host)}: {len(active.volumes)} volume(s); "
                    f"{counts['added']} added, {counts['reappeared']} reappeared, {counts['vanished']} vanished")
         if active.unreadable:
             summary += f"; could not read {len(active.unreadable)}: {', '.join(active.unreadable)}"
@@ -378,7 +220,7 @@ class RefreshPool(StorageAction):
             "capacity": active.capacity_kb, "allocation": active.allocation_kb}))
 
     def _activate(self, ctx: ActionContext, host: dict[str, Any], pool: dict[str, Any], xml: str) -> ActivePool:
-        where = _host_label(host)
+        where = host_label(host)
         problem = libvirt_uri_problem(host["libvirt_uri"])
         if problem:
             raise HostAttemptFailed(f"refresh_pool: {where}: {problem}")
@@ -406,26 +248,26 @@ class RefreshPool(StorageAction):
                 start_pool(handle, pool["pool_type"])
             handle.refresh(0)
             _state, capacity, allocation, _available = handle.info()
-            volumes, unreadable = _list_volumes(handle)
+            volumes, unreadable = list_volumes(handle)
         except libvirt.libvirtError as exc:
             transient = is_transient(exc)
             if transient:
                 ctx.libvirt.drop(host["libvirt_uri"])
             elif defined_here and handle is not None:
                 _undefine_if_inactive(handle)  # a failed refresh leaves no half-made pool behind
-            raise HostAttemptFailed(f"refresh_pool failed on {where} for {_pool_label(pool)}: "
+            raise HostAttemptFailed(f"refresh_pool failed on {where} for {pool_label(pool)}: "
                                     f"{exc.get_error_message()}", transient) from None
-        return ActivePool(host, _kb(capacity), _kb(allocation), volumes, unreadable)
+        return ActivePool(host, kb_of_bytes(capacity), kb_of_bytes(allocation), volumes, unreadable)
 
     def reconcile(self, ctx: ActionContext, task: TaskRow) -> Reconciled:
         # A refresh makes the rows match libvirt, whatever state it was left in:
         # running it again is always right, and the only way to know the rows match.
         try:
-            pool = _pool_row(ctx, task.target_id, self.name)
+            pool = pool_row(ctx, task.target_id, self.name)
         except TaskFailed as failure:
             return Reconciled(Settlement.NEITHER, f"interrupted; {failure.message}")
         return Reconciled(Settlement.NOT_STARTED,
-                          f"interrupted; refreshing {_pool_label(pool)} again (a refresh is repeatable)")
+                          f"interrupted; refreshing {pool_label(pool)} again (a refresh is repeatable)")
 
 
 def start_pool(handle: libvirt.virStoragePool, pool_type: str) -> None:
@@ -454,54 +296,6 @@ def _undefine_if_inactive(handle: libvirt.virStoragePool) -> None:
         pass
 
 
-def _list_volumes(handle: libvirt.virStoragePool) -> tuple[list[FoundVolume], list[str]]:
-    found: list[FoundVolume] = []
-    unreadable: list[str] = []
-    for volume in handle.listAllVolumes(0):
-        try:
-            name = volume.name()
-            values = volume_values(volume)
-        except libvirt.libvirtError as exc:
-            if exc.get_error_code() == libvirt.VIR_ERR_NO_STORAGE_VOL:
-                continue  # removed while we listed
-            raise
-        except UnicodeError:  # a file name that is not UTF-8 cannot be a row (nor be named here)
-            unreadable.append("a volume whose name is not UTF-8")
-            continue
-        if "\0" in name:
-            unreadable.append(repr(name))
-            continue
-        found.append(FoundVolume(name=name, **values))
-    return found, unreadable
-
-
-def sync_volumes(store: Store, pool_id: int, volumes: list[FoundVolume]) -> dict[str, int]:
-    """Make the pool's volume rows match what libvirt listed. Caller commits."""
-    rows = store.all("pool_volume_rows", pool_id=pool_id)
-    by_name = {row["name"]: row for row in rows}
-    listed = {volume.name for volume in volumes}
-    counts = {"added": 0, "reappeared": 0, "vanished": 0}
-    for volume in volumes:
-        row = by_name.get(volume.name)
-        values = {"size": volume.size, "path": volume.path, "key": volume.key, "format": volume.format}
-        if row is None:
-            if store.all("insert_found_volume", pool_id=pool_id, name=volume.name, **values):
-                counts["added"] += 1
-            continue
-        if row["state"] in ("pending_setup", "pending_deletion"):
-            continue  # a queued create_volume / delete_volume owns it
-        if row["state"] != "available":
-            counts["reappeared"] += 1
-        wanted = {"state": "available", **values}
-        changed = {k: v for k, v in wanted.items() if row[k] != v}
-        store.update_row("storage_volumes", row["id"], changed)
-    for row in rows:
-        if row["name"] not in listed and row["state"] in ("available", "unavailable"):
-            store.update_row("storage_volumes", row["id"], {"state": "vanished"})
-            counts["vanished"] += 1
-    return counts
-
-
 def _volume_problem(volume: dict[str, Any]) -> str | None:
     problem = name_problem(volume["name"], "volume name") or size_problem(volume["size"])
     if problem is None and volume["format"] not in CREATABLE_FORMATS:
@@ -525,11 +319,11 @@ class CreateVolume(StorageAction):
     target_types: tuple[str, ...] = ("StorageVolume",)
 
     def prepare(self, ctx: ActionContext, task: TaskRow) -> Plan:
-        volume = _volume_row(ctx, task, self.name)
+        volume = volume_row(ctx, task, self.name)
         problem = _volume_problem(volume)
         if problem:
-            raise TaskFailed(f"create_volume: {_volume_label(volume)}: {problem}")
-        pool = _pool_row(ctx, volume["storage_pool_id"], self.name)
+            raise TaskFailed(f"create_volume: {volume_label(volume)}: {problem}")
+        pool = pool_row(ctx, volume["storage_pool_id"], self.name)
         site = pool_site(ctx, pool, self.name)
         existing = find_volume(ctx, site, volume["name"], self.name)
         if existing is not None:
@@ -546,7 +340,7 @@ class CreateVolume(StorageAction):
         try:
             return volume_values(handle)
         except libvirt.libvirtError as exc:
-            raise _libvirt_error(ctx, site.host, exc, f"create_volume: cannot read volume in {site.where()}") from None
+            raise libvirt_error(ctx, site.host, exc, f"create_volume: cannot read volume in {site.where()}") from None
 
     def perform(self, ctx: ActionContext, plan: Plan) -> Outcome:
         volume, site = plan.data["volume"], plan.data["site"]
@@ -559,9 +353,9 @@ class CreateVolume(StorageAction):
                 handle = site.handle.storageVolLookupByName(volume["name"])  # made meanwhile: fine
             values = volume_values(handle)
         except libvirt.libvirtError as exc:
-            error = _libvirt_error(ctx, site.host, exc, (
-                f"create_volume failed on {_host_label(site.host)}: cannot create {_volume_label(volume)} "
-                f"({volume['size']} KB) in {_pool_label(site.pool)}"))
+            error = libvirt_error(ctx, site.host, exc, (
+                f"create_volume failed on {host_label(site.host)}: cannot create {volume_label(volume)} "
+                f"({volume['size']} KB) in {pool_label(site.pool)}"))
             if isinstance(error, TaskRetry):
                 raise error from None  # retried after reconcile tells whether it was made
             return Outcome.failed(error.message)
@@ -569,8 +363,8 @@ class CreateVolume(StorageAction):
 
     def reconcile(self, ctx: ActionContext, task: TaskRow) -> Reconciled:
         try:
-            volume = _volume_row(ctx, task, self.name)
-            site = pool_site(ctx, _pool_row(ctx, volume["storage_pool_id"], self.name), self.name)
+            volume = volume_row(ctx, task, self.name)
+            site = pool_site(ctx, pool_row(ctx, volume["storage_pool_id"], self.name), self.name)
             existing = find_volume(ctx, site, volume["name"], self.name)
             values = self._values(ctx, site, existing) if existing is not None else None
         except TaskFailed as failure:
@@ -600,15 +394,15 @@ class DeleteVolume(StorageAction):
     target_types: tuple[str, ...] = ("StorageVolume",)
 
     def prepare(self, ctx: ActionContext, task: TaskRow) -> Plan:
-        volume = _volume_row(ctx, task, self.name)
+        volume = volume_row(ctx, task, self.name)
         problem = name_problem(volume["name"], "volume name")
         if problem:
             # Never looked up: no volume by such a name can exist in a pool (create_volume refuses it,
             # refresh_pool only finds file names), and it must not name a file outside the pool.
-            raise TaskFailed(f"delete_volume: {_volume_label(volume)}: {problem}; no such volume can exist "
+            raise TaskFailed(f"delete_volume: {volume_label(volume)}: {problem}; no such volume can exist "
                              "in a pool (remove the row itself if it is a mistake)")
         self._refuse_if_used(ctx.store, volume)
-        pool = _pool_row(ctx, volume["storage_pool_id"], self.name)
+        pool = pool_row(ctx, volume["storage_pool_id"], self.name)
         site = pool_site(ctx, pool, self.name)
         existing = find_volume(ctx, site, volume["name"], self.name)
         plan = Plan(task, begin_updates=[RowUpdate("storage_volumes", volume["id"], {"state": "pending_deletion"})],
@@ -617,18 +411,18 @@ class DeleteVolume(StorageAction):
         return plan
 
     def _refuse_if_used(self, store: Store, volume: dict[str, Any]) -> None:
-        users = store.all("volume_users", volume_id=volume["id"])
+        users = storage_db.volume_users(store, volume["id"])
         if users:
             used_by = ", ".join(f"VM {u['vm_id']} ({u['description']!r}, {u['state']})" for u in users)
-            raise TaskFailed(f"delete_volume: {_volume_label(volume)} is in use as a disk by {used_by}; "
+            raise TaskFailed(f"delete_volume: {volume_label(volume)} is in use as a disk by {used_by}; "
                              "detach it first")
 
     def _begin(self, store: Store, plan: Plan) -> None:
         volume = plan.data["volume"]
-        if store.one("lock_storage_volume", volume_id=volume["id"]) is None:
+        if not storage_db.lock_storage_volume(store, volume["id"]):
             raise TaskFailed(f"delete_volume: storage volume {volume['id']} does not exist")
         self._refuse_if_used(store, volume)  # a disk attached since prepare
-        _capture_claim(store, plan)
+        capture_claim(store, plan)
 
     def perform(self, ctx: ActionContext, plan: Plan) -> Outcome:
         volume, site = plan.data["volume"], plan.data["site"]
@@ -641,9 +435,9 @@ class DeleteVolume(StorageAction):
                 handle.delete(0)
             except libvirt.libvirtError as exc:
                 if exc.get_error_code() != libvirt.VIR_ERR_NO_STORAGE_VOL:
-                    error = _libvirt_error(ctx, site.host, exc, (
-                        f"delete_volume failed on {_host_label(site.host)}: cannot delete {_volume_label(volume)} "
-                        f"in {_pool_label(site.pool)}"))
+                    error = libvirt_error(ctx, site.host, exc, (
+                        f"delete_volume failed on {host_label(site.host)}: cannot delete {volume_label(volume)} "
+                        f"in {pool_label(site.pool)}"))
                     if isinstance(error, TaskRetry):
                         raise error from None  # retried after reconcile tells whether it was deleted
                     return Outcome.failed(error.message, RowUpdate(
@@ -651,8 +445,8 @@ class DeleteVolume(StorageAction):
                 note = f"volume {volume['name']!r} disappeared from {site.where()} meanwhile; removed its row"
         try:
             with fenced(ctx.store, plan):
-                removed = ctx.store.all("delete_volume_row", volume_id=volume["id"])
-                users = [] if removed else ctx.store.all("volume_users", volume_id=volume["id"])
+                removed = storage_db.delete_volume_row(ctx.store, volume["id"])
+                users = [] if removed else storage_db.volume_users(ctx.store, volume["id"])
                 if not removed:
                     ctx.store.update_row("storage_volumes", volume["id"], {"state": "vanished"})
         except ClaimLost as exc:
@@ -677,11 +471,11 @@ class DeleteVolume(StorageAction):
             return "unavailable"
 
     def reconcile(self, ctx: ActionContext, task: TaskRow) -> Reconciled:
-        if task.target_id is not None and ctx.store.one("get_storage_volume", volume_id=task.target_id) is None:
+        if task.target_id is not None and storage_db.get_storage_volume(ctx.store, task.target_id) is None:
             return Reconciled(Settlement.DONE, f"interrupted, but storage volume {task.target_id} is already removed")
         try:
-            volume = _volume_row(ctx, task, self.name)
-            site = pool_site(ctx, _pool_row(ctx, volume["storage_pool_id"], self.name), self.name)
+            volume = volume_row(ctx, task, self.name)
+            site = pool_site(ctx, pool_row(ctx, volume["storage_pool_id"], self.name), self.name)
             existing = find_volume(ctx, site, volume["name"], self.name)
         except TaskFailed as failure:
             updates = list(failure.row_updates)

@@ -32,6 +32,8 @@ from taskomatic.actions.domain_xml import Disk, DomainSpec, domain_xml, vnc_port
 from taskomatic.actions.libvirt_util import domain_state, is_transient, libvirt_uri_problem, save_image_path
 from taskomatic.actions.states import VM_TRANSITIONS, Verdict, precondition
 from taskomatic.actions.vm_storage import StorageNeeds, activate_pools, storage_needs
+from taskomatic.db import hosts as hosts_db
+from taskomatic.db import vms as vms_db
 from taskomatic.db.storage_placement import place_local_pool, vm_disk_pools
 from taskomatic.model import TaskRow
 from taskomatic.text import quoted
@@ -95,7 +97,7 @@ class Observed:
 def _vm_row(ctx: ActionContext, task: TaskRow) -> dict[str, Any]:
     if task.target_id is None:
         raise TaskFailed("task_target_id is NULL; a Vm task needs the VM's id")
-    vm = ctx.store.one("get_vm", vm_id=task.target_id)
+    vm = vms_db.get_vm(ctx.store, task.target_id)
     if vm is None:
         raise TaskFailed(f"VM {task.target_id} does not exist")
     return vm
@@ -129,7 +131,7 @@ def observe(ctx: ActionContext, vm: dict[str, Any]) -> Observed:
     if vm["host_id"] is None:
         state = vm["state"] if vm["state"] in _ROW_ONLY_STATES else "stopped"
         return Observed(state, f"VM {vm['id']} is not on any host", None, None)
-    host = ctx.store.one("get_host", host_id=vm["host_id"])
+    host = hosts_db.get_host(ctx.store, vm["host_id"])
     if host is None:  # the FK sets host_id NULL on delete; a race at most
         return Observed("stopped", f"host {vm['host_id']} no longer exists", None, None)
     conn = _connect(ctx, host)
@@ -303,7 +305,7 @@ def _spec(ctx: ActionContext, vm: dict[str, Any], host: dict[str, Any], with_dis
     if problem:
         raise TaskFailed(problem)
     disks = []
-    for row in ctx.store.all("vm_disks", vm_id=vm["id"]) if with_disks else ():
+    for row in vms_db.vm_disks(ctx.store, vm["id"]) if with_disks else ():
         if row["path"] is None or row["state"] != "available":
             raise TaskFailed(f"VM {vm['id']}: disk volume {row['id']} ({row['name']!r}) is {row['state']}"
                              f"{' and has no path' if row['path'] is None else ''}; create or refresh it first")
@@ -346,9 +348,8 @@ PLACEMENT_LOCK_ID = 0x7A5C0003
 
 def _placement_candidates(store: Any, vm: dict[str, Any]) -> list[dict[str, Any]]:
     """Hosts that can take ``vm``, best first; serialised with every other placement."""
-    store.scalar("lock_placement", lock_id=PLACEMENT_LOCK_ID)
-    return list(store.all("place_vm", vm_id=vm["id"], memory=vm["memory_allocated"],
-                          vcpus=vm["num_vcpus_allocated"]))
+    return vms_db.placement_candidates(store, vm["id"], vm["memory_allocated"], vm["num_vcpus_allocated"],
+                                       PLACEMENT_LOCK_ID)
 
 
 class PlacedAction(VmAction):
@@ -395,7 +396,7 @@ class PlacedAction(VmAction):
         chosen = [h for h in candidates if h["id"] == wanted]
         if chosen:
             return self._with_local_pools(store, storage, chosen[0])
-        host = store.one("get_host", host_id=wanted)
+        host = hosts_db.get_host(store, wanted)
         if host is None:
             raise TaskFailed(f"{self.name}: host {wanted} does not exist")
         if host["state"] == "unavailable" and not host["is_disabled"]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
 
 from taskomatic.db.store import Store
 
@@ -22,7 +21,3 @@ def queue_summary(store: Store) -> QueueSummary:
     return QueueSummary(int(row["queued"]), int(row["running"]), float(row["oldest_queued_seconds"]))
 
 
-def task_created_at(store: Store, task_id: int) -> datetime | None:
-    """When a task was submitted; None if there is no such task."""
-    created: datetime | None = store.scalar("task_created_at", task_id=task_id)
-    return created

@@ -121,3 +121,11 @@ class Store:
         )
         with self.conn.cursor() as cur:
             cur.execute(statement, {**values, "_id": row_id})
+
+
+def listen(conn: psycopg2.extensions.connection, channel: str) -> None:
+    """LISTEN on a notification channel (an autocommit connection: notifications arrive between statements)."""
+    from psycopg2 import sql
+
+    with conn.cursor() as cur:
+        cur.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))

@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING
 import psycopg2
 import psycopg2.errors
 
+from taskomatic.db.server import ensure_database
 from taskomatic.embedded.processes import check_traversable, exited_unreaped, kill_group, proc_state, tail, wait_until
 
 if TYPE_CHECKING:
@@ -470,13 +471,7 @@ class EmbeddedPostgres:
         conn = self._connect("postgres")
         try:
             conn.autocommit = True  # CREATE DATABASE cannot run in a transaction
-            with conn.cursor() as cur:
-                cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE,))
-                if cur.fetchone() is None:
-                    try:
-                        cur.execute(f'CREATE DATABASE "{DATABASE}"')
-                    except psycopg2.errors.DuplicateDatabase:
-                        pass  # another process sharing this server won the race
+            ensure_database(conn, DATABASE)
         finally:
             conn.close()
 

@@ -35,7 +35,6 @@ import os
 import signal
 import socket
 import time
-from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,14 +45,16 @@ from multiprocess.connection import Connection, wait
 from taskomatic import config as config_mod
 from taskomatic import metrics
 from taskomatic.config import Config
-from taskomatic.db.store import Store, connect
+from taskomatic.db import claims, key_claims
+from taskomatic.db.store import Store, connect, listen
 from taskomatic.exitcodes import EXIT_LEASE_LOST
 from taskomatic.logsetup import set_process_title, setup_logging
-from taskomatic.model import OrderingKey, TaskRow, key_of
+from taskomatic.model import OrderingKey, TaskRow, key_of, task_from_row
 from taskomatic.runtime import channel as wire
+from taskomatic.runtime.claim_round import ClaimRound
 from taskomatic.runtime.dispatch import Dispatcher
 from taskomatic.runtime.keys import KeyBook
-from taskomatic.runtime.lease import LeaseKeeper, LeaseLost, lease_clock, limit_idle_transaction
+from taskomatic.runtime.lease import LeaseKeeper, LeaseLost, lease_clock
 from taskomatic.runtime.messages import (
     Deferred,
     Drain,
@@ -73,8 +74,6 @@ log = logging.getLogger(__name__)
 NOTIFY_CHANNEL = "taskomatic_new_tasks"
 STATUS_INTERVAL = 1.0
 STARTUP_WAIT = 30.0  # how long to wait for every shard before adopting held tasks
-TAKEOVER_BATCH = 1000  # expired keys taken over in one round at most
-FREE_KEYS_START = ("", -(2**63) + 1)  # before every key (-2**63 does not parse as a bigint literal)
 ANALYZE_CHECK_SECONDS = 10.0  # how often a fetcher with a backlog looks at the tasks table's statistics
 ANALYZE_MIN_CHANGES = 50_000  # ...and analyses it once this many rows, and more than it thought it had, changed
 
@@ -90,14 +89,6 @@ class ShardLink:
     drained: bool = False
 
 
-def task_from_row(row: dict, token: int | None = None) -> TaskRow:
-    return TaskRow(
-        id=row["id"], target_type=row["task_target_type"], target_id=row["task_target_id"],
-        action=row["action"], args=row["args"], key_type=row["key_type"], key_id=row["key_id"],
-        state=row["state"], token=row.get("token") if token is None else token,
-    )
-
-
 class Fetcher:
     def __init__(self, config: Config, instance_id: int, socket_path: str,
                  supervisor: Connection, lease_until: Any) -> None:
@@ -105,9 +96,7 @@ class Fetcher:
         self.multihost = config.mode == "multihost"
         self.lease_until = lease_until  # multiprocess Value('d'), shared with the shards
         self.book = KeyBook(config.shards, config.keys_per_shard, config.tasks_per_key)
-        self.free_cursor = FREE_KEYS_START
         self.lease_keeper: LeaseKeeper | None = None
-        self.next_takeover = 0.0
         self.next_analyze_check = 0.0
         self.instance_id = instance_id
         self.supervisor = supervisor
@@ -121,6 +110,8 @@ class Fetcher:
         self.done_total = 0
         self.ended_since_claim = False
         self.store = Store.open(config.dsn, "taskomatic fetcher", config.connect_timeout)
+        self.claim_round = ClaimRound(self.store, lambda: self.config, instance_id, self.book, self.dispatch,
+                                    self._settling_slot)
         self.listen_conn = self._listen()
         self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         if os.path.exists(socket_path):
@@ -132,8 +123,7 @@ class Fetcher:
     def _listen(self) -> psycopg2.extensions.connection:
         conn = connect(self.config.dsn, "taskomatic fetcher (listen)", self.config.connect_timeout)
         conn.set_isolation_level(psycopg2.extensions.ISOLATION_LEVEL_AUTOCOMMIT)
-        with conn.cursor() as cur:
-            cur.execute(f"LISTEN {NOTIFY_CHANNEL}")
+        listen(conn, NOTIFY_CHANNEL)
         return conn
 
     def _record_signal(self, signum: int, _frame: object) -> None:
@@ -148,7 +138,7 @@ class Fetcher:
                           lambda: (self.dispatch.held(), sum(s.current is not None for s in self.slots),
                                    len(self.book.keys)))
         if self.multihost:
-            self.lease_keeper = LeaseKeeper(self)
+            self.lease_keeper = LeaseKeeper(lambda: self.config, self.instance_id, self.lease_until)
             self.lease_keeper.start()
         try:
             return self._serve()
@@ -181,7 +171,7 @@ class Fetcher:
                 claim_wanted = True
                 self.book.queue_changed()
                 next_poll = now + self.config.poll_interval
-            if self.multihost and (now >= self.next_takeover or (
+            if self.multihost and (now >= self.claim_round.next_takeover or (
                     self.ended_since_claim and (self.book.wanting_tasks() or self.book.drained()))):
                 claim_wanted = True  # a key wants topping up or releasing, or a takeover check is due
             # claim_wanted: the queue may hold claimable tasks. It stays set while there is no
@@ -192,7 +182,7 @@ class Fetcher:
                 can_claim = self.adopted and not self.draining and self._room() > 0
             if claim_wanted and can_claim:
                 self.ended_since_claim = False
-                claim_wanted = self._claim_keys(now) if self.multihost else self._claim()
+                claim_wanted = self.claim_round.round(now) if self.multihost else self._claim()
             for slot in self.slots:
                 if slot.channel is not None and not self.draining:
                     self._send_window(slot)
@@ -200,7 +190,8 @@ class Fetcher:
                 self._report_status()
                 next_status = now + STATUS_INTERVAL
             busy = claim_wanted and can_claim  # more to claim right away; otherwise sleep until due
-            takeover_timer = (self.next_takeover,) if self.multihost and can_claim else ()  # no spin without a lease
+            # No takeover timer without a lease: nothing to do then, and no spinning.
+            takeover_timer = (self.claim_round.next_takeover,) if self.multihost and can_claim else ()
             due = min(next_poll, next_status, *takeover_timer)
             timeout = 0.0 if busy else max(0.0, due - time.monotonic())
             if self._wait(timeout):
@@ -274,7 +265,7 @@ class Fetcher:
         lost = self.dispatch.shard_connected(slot.index)
         if not lost:
             return
-        rows = self.store.all("held_tasks_by_id", instance_id=self.instance_id, ids=lost)
+        rows = claims.held_tasks_by_id(self.store, self.instance_id, lost)
         self.store.rollback()
         again = [task_from_row(r) for r in rows]
         self.done_total += len(lost) - len(again)
@@ -338,8 +329,8 @@ class Fetcher:
     def _adopt_held(self) -> None:
         """Route every task we hold that no shard has: left by a dead fetcher or an earlier crash."""
         in_hand = self.dispatch.in_hand()
-        rows = self.store.all("held_tasks", instance_id=self.instance_id)
-        keys = self.store.all("held_keys", instance_id=self.instance_id) if self.multihost else []
+        rows = claims.held_tasks(self.store, self.instance_id)
+        keys = key_claims.held_keys(self.store, self.instance_id) if self.multihost else []
         self.store.rollback()
         for key in keys:
             self.book.hold(OrderingKey(key["key_type"], key["key_id"]), key["token"])
@@ -378,8 +369,7 @@ class Fetcher:
         """Claim a batch (there is room); True if more may be waiting."""
         room = self._room()
         with self.store.transaction():
-            self.store.one("claim_settings")
-            rows = self.store.all("claim_tasks", instance_id=self.instance_id, limit=room)
+            rows = claims.claim_tasks(self.store, self.instance_id, room)
         for row in sorted(rows, key=lambda r: r["id"]):
             self.dispatch.route(task_from_row(row))
         if rows:
@@ -402,140 +392,24 @@ class Fetcher:
         if now < self.next_analyze_check:
             return
         self.next_analyze_check = now + ANALYZE_CHECK_SECONDS
-        row = self.store.one("tasks_changes_since_analyze")
+        row = claims.tasks_changes_since_analyze(self.store)
         self.store.rollback()
         if row is None or row["changed"] < max(ANALYZE_MIN_CHANGES, row["estimated"]):
             return
         log.info("the tasks table changed by %d rows since its statistics were taken (they count %d); "
                  "analysing it now", row["changed"], row["estimated"])
         with self.store.transaction():
-            self.store.run("analyze_tasks")
+            claims.analyze_tasks(self.store)
 
     def _release_unstarted(self) -> None:
         with self.store.transaction():
-            released = self.store.run("release_unstarted", instance_id=self.instance_id)
-            keys = self.store.run("release_idle_keys", instance_id=self.instance_id) if self.multihost else 0
+            released = claims.release_unstarted(self.store, self.instance_id)
+            keys = key_claims.release_idle_keys(self.store, self.instance_id) if self.multihost else 0
         if released:
             log.info("handed back %d claimed tasks that had not started", released)
         if keys:
             log.info("released %d keys", keys)
             metrics.keys_released(keys)
-
-    # -- multihost: lease and keys --------------------------------------------------------
-    def _claim_keys(self, now: float) -> bool:
-        """One multihost claim round, in one transaction; True if free keys may be left to claim.
-
-        Take over expired keys (when due), claim free ones, top up the held ones,
-        release the drained ones. The statements that can wait on another
-        instance (claim inserts, in key order) come before the release, and the
-        rest skip or touch only our own keys, so two rounds cannot wait on each
-        other in a cycle.
-        """
-        takeover_due = now >= self.next_takeover
-        if takeover_due:
-            self.next_takeover = now + self.config.lease_renew_interval
-        with self.store.transaction():
-            limit_idle_transaction(self.store, self.config)
-            if takeover_due:
-                self._take_over()
-            more = self._claim_free_keys() if self.book.key_room() > 0 else False
-            self._top_up()
-            self._release_drained()
-        return more
-
-    def _take_over(self) -> None:
-        """Keys of instances whose lease ran out: we take them all, keep what we can run.
-
-        We keep those with a task to reconcile and as many more as we have room
-        for; the rest we release at once, so every instance with room can claim
-        them, instead of one survivor moving them a few at a time.
-        """
-        keys = self.store.all("take_over_keys", instance_id=self.instance_id, limit=TAKEOVER_BATCH)
-        if not keys:
-            return
-        rows = self.store.all(
-            "adopt_key_tasks", instance_id=self.instance_id, key_types=[k["key_type"] for k in keys],
-            key_ids=[k["key_id"] for k in keys], previous=[k["previous"] for k in keys])
-        to_settle = {(r["key_type"], r["key_id"]) for r in rows if r["state"] == "running"}
-        room = self.book.key_room()
-        kept: list[dict] = []
-        passed_on: list[dict] = []
-        for key in keys:
-            if (key["key_type"], key["key_id"]) in to_settle:
-                kept.append(key)  # beyond our room if need be: one per shard of the dead, plus its parked tasks
-            elif room > 0:
-                kept.append(key)
-                room -= 1
-            else:
-                passed_on.append(key)
-        kept_pairs = {(k["key_type"], k["key_id"]) for k in kept}
-        for key in kept:
-            self.book.hold(OrderingKey(key["key_type"], key["key_id"]), key["token"])
-        self._route_claimed([r for r in rows if (r["key_type"], r["key_id"]) in kept_pairs])
-        if passed_on:
-            self.store.run("release_keys", instance_id=self.instance_id,
-                           key_types=[k["key_type"] for k in passed_on], key_ids=[k["key_id"] for k in passed_on],
-                           tokens=[k["token"] for k in passed_on])
-        log.info("took over %d keys from instances %s whose lease ran out: kept %d (%d tasks to reconcile), "
-                 "passed %d on to whoever has room", len(keys),
-                 ", ".join(str(i) for i in sorted({k["previous"] for k in keys})), len(kept), len(to_settle),
-                 len(passed_on))
-        metrics.keys_claimed(len(keys), "takeover")
-
-    def _claim_free_keys(self) -> bool:
-        asked = self.book.key_room() * 2  # more than we take: other instances may win some
-        rows = self.store.all("free_keys", after_type=self.free_cursor[0], after_id=self.free_cursor[1],
-                              max_visit=asked + 256, limit=asked)
-        candidates = [OrderingKey(r["key_type"], r["key_id"]) for r in rows]
-        chosen = self.book.choose_free(candidates)
-        # Rotate through the key space, so every key with work gets its turn: the next
-        # round starts after the last key taken (those read but not taken come first
-        # then), or after the last one read, or from the start once the end was reached.
-        if chosen and len(chosen) < len(candidates):
-            self.free_cursor = (chosen[-1].kind, chosen[-1].ident or 0)
-        elif len(rows) == asked:
-            self.free_cursor = (candidates[-1].kind, candidates[-1].ident or 0)
-        else:
-            self.free_cursor = FREE_KEYS_START
-        if not chosen:
-            return False
-        won = self.store.all("claim_keys", instance_id=self.instance_id,
-                             key_types=[k.kind for k in chosen], key_ids=[k.ident for k in chosen])
-        for row in won:
-            self.book.hold(OrderingKey(row["key_type"], row["key_id"]), row["token"])
-        if won:
-            log.debug("claimed %d keys", len(won))
-            metrics.keys_claimed(len(won), "free")
-        return bool(won) and len(rows) == asked
-
-    def _top_up(self) -> None:
-        """Claim the next tasks of held keys that run low."""
-        asked = self.book.wanting_tasks()
-        if not asked:
-            return
-        rows = self.store.all(
-            "claim_key_tasks", instance_id=self.instance_id, key_types=[k.kind for k, _, _ in asked],
-            key_ids=[k.ident for k, _, _ in asked], tokens=[t for _, t, _ in asked],
-            counts=[n for _, _, n in asked])
-        got = Counter(key_of(task_from_row(r)) for r in rows)
-        self._route_claimed(rows)
-        self.book.topped_up(asked, got)
-
-    def _route_claimed(self, rows: list[dict]) -> None:
-        for row in sorted(rows, key=lambda r: r["id"]):
-            task = task_from_row(row, self.book.token_of(key_of(task_from_row(row))))
-            self.dispatch.route(task, self._settling_slot(task, row.get("run_by_shard")))
-            self.book.add(task)
-
-    def _release_drained(self) -> None:
-        drained = self.book.drained()
-        if not drained:
-            return
-        self.store.run("release_keys", instance_id=self.instance_id,
-                       key_types=[k.kind for k, _ in drained], key_ids=[k.ident for k, _ in drained],
-                       tokens=[t for _, t in drained])
-        self.book.release([k for k, _ in drained])
-        metrics.keys_released(len(drained))
 
     def _report_status(self) -> None:
         status = FetcherStatus(

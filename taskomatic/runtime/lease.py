@@ -12,14 +12,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import Any
 
 from taskomatic import metrics
 from taskomatic.config import Config
+from taskomatic.db import instances
 from taskomatic.db.store import Store
-
-if TYPE_CHECKING:
-    from taskomatic.runtime.fetcher import Fetcher
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +44,7 @@ def lease_clock() -> float:
 def limit_idle_transaction(store: Store, config: Config) -> None:
     """Multihost, first in a write transaction: a frozen process's locks last at most a lease."""
     if config.mode == "multihost":
-        store.one("limit_idle_transaction", ms=max(1000, int(config.lease_seconds * 1000)))
+        instances.limit_idle_transaction(store, max(1000, int(config.lease_seconds * 1000)))
 
 
 class LeaseKeeper(threading.Thread):
@@ -57,10 +56,12 @@ class LeaseKeeper(threading.Thread):
     a lost lease or a broken connection ends the fetcher there.
     """
 
-    def __init__(self, fetcher: Fetcher) -> None:
+    def __init__(self, config: Callable[[], Config], instance_id: int, lease_until: Any) -> None:
         super().__init__(name="taskomatic-lease", daemon=True)
-        self.fetcher = fetcher
-        self.store = Store.open(fetcher.config.dsn, "taskomatic fetcher (lease)", fetcher.config.connect_timeout)
+        self.config = config  # the fetcher's current configuration (it reloads on SIGHUP)
+        self.instance_id = instance_id
+        self.lease_until = lease_until  # multiprocess Value('d'), shared with the shards
+        self.store = Store.open(config().dsn, "taskomatic fetcher (lease)", config().connect_timeout)
         self.lost = False
         self.failure: BaseException | None = None
         self.stopping = threading.Event()
@@ -74,21 +75,21 @@ class LeaseKeeper(threading.Thread):
             except Exception as exc:  # the fetcher raises it in its own thread
                 self.failure = exc
                 return
-            self.stopping.wait(self.fetcher.config.lease_renew_interval)
+            self.stopping.wait(self.config().lease_renew_interval)
 
     def renew(self) -> bool:
         """Extend the lease; tell the shards until when starting a task is safe. False: lost."""
-        config = self.fetcher.config
+        config = self.config()
         sent = lease_clock()
         with self.store.transaction():
-            row = self.store.one("renew_lease", instance_id=self.fetcher.instance_id, lease=config.lease_seconds)
-        if row is None:
-            self.fetcher.lease_until.value = 0.0
+            renewed = instances.renew_lease(self.store, self.instance_id, config.lease_seconds)
+        if not renewed:
+            self.lease_until.value = 0.0
             metrics.lease_lost()
             log.error("lease lost: the database says it ran out (paused, cut off or too slow); other "
                       "instances may own our keys now, so this instance rejoins under a new id")
             return False
-        self.fetcher.lease_until.value = sent + config.lease_seconds * LEASE_SAFE_SHARE
+        self.lease_until.value = sent + config.lease_seconds * LEASE_SAFE_SHARE
         metrics.lease_renewed()
         return True
 

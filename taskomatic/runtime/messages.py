@@ -13,8 +13,6 @@ from dataclasses import dataclass
 
 from taskomatic.model import TaskRow
 
-__all__ = ["TaskRow"]  # re-exported for modules not yet moved to taskomatic.model
-
 
 # fetcher -> shard
 @dataclass(frozen=True)

@@ -27,6 +27,8 @@ from taskomatic import metrics
 from taskomatic.actions.connections import HostUnreachable, LibvirtConnections
 from taskomatic.actions.libvirt_util import domain_state, is_transient, save_image_path
 from taskomatic.config import Config
+from taskomatic.db import hosts
+from taskomatic.db import vms as vms_db
 from taskomatic.db.storage_placement import forget_lost_save, idle_vms, record_vm_location
 from taskomatic.db.store import Store
 from taskomatic.logsetup import set_process_title, setup_logging
@@ -58,11 +60,11 @@ def reconcile_once(store: Store, connections: LibvirtConnections, save_dir: str 
     everywhere = idle_vms(store)
     store.rollback()
     readings: list[HostReading] = []
-    for host in store.all("all_hosts"):
+    for host in hosts.all_hosts(store):
         # The rows before the node: a VM a task starts between the two reads then
         # shows as changed (updated_at) and is left alone, instead of being
         # "corrected" from a domain list older than its row.
-        vms = store.all("idle_vms_on_host", host_id=host["id"])
+        vms = vms_db.idle_vms_on_host(store, host["id"])
         store.rollback()
         domains = _read_domains(connections, host)
         metrics.node_seen(host["id"], host["hostname"], domains is not None)
@@ -75,7 +77,7 @@ def reconcile_once(store: Store, connections: LibvirtConnections, save_dir: str 
     for host, vms, domains in readings:
         if domains is None:
             result.hosts_down += 1
-            if store.one("set_host_state", host_id=host["id"], state="unavailable"):
+            if hosts.set_host_state(store, host["id"], "unavailable"):
                 log.warning("host %s (%s) is unreachable: marked unavailable", host["id"], host["hostname"])
             for vm in vms:
                 if vm["state"] not in _LEAVE_ALONE | {"unreachable"}:
@@ -84,7 +86,7 @@ def reconcile_once(store: Store, connections: LibvirtConnections, save_dir: str 
             store.commit()
             continue
         result.hosts_up += 1
-        if store.one("set_host_state", host_id=host["id"], state="available"):
+        if hosts.set_host_state(store, host["id"], "available"):
             log.info("host %s (%s) answers again: marked available", host["id"], host["hostname"])
         for vm in vms:
             if vm["state"] in _LEAVE_ALONE:
@@ -216,8 +218,8 @@ def _read_domains(connections: LibvirtConnections, host: dict[str, Any]) -> dict
 
 
 def _correct(store: Store, vm: dict[str, Any], new_state: str, clear_host: bool, why: str) -> int:
-    changed = store.one("correct_vm", vm_id=vm["id"], old_state=vm["state"], new_state=new_state,
-                        clear_host=clear_host, seen=vm["updated_at"])
+    changed = vms_db.correct_vm(store, vm["id"], old_state=vm["state"], new_state=new_state, clear_host=clear_host,
+                                seen=vm["updated_at"])
     if changed:
         log.info("VM %s: row said %s, now %s (%s)", vm["id"], vm["state"], new_state, why)
         metrics.row_corrected(new_state)

@@ -11,6 +11,7 @@ import zlib
 
 from taskomatic.model import OrderingKey
 
+# OrderingKey is re-exported for bench/measure.py and tests/bench (moved to taskomatic.model).
 __all__ = ["OrderingKey", "shard_for"]
 
 

@@ -29,10 +29,8 @@ import logging
 import math
 import os
 import signal
-import socket
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,10 +38,10 @@ import multiprocess
 import psycopg2
 import sdnotify
 
-from taskomatic import __version__, metrics
 from taskomatic import config as config_mod
+from taskomatic import metrics
 from taskomatic.config import Config
-from taskomatic.db import migrate
+from taskomatic.db import instances, migrate
 from taskomatic.db.store import DatabaseUnavailable, Store
 from taskomatic.exitcodes import (
     EXIT_ALREADY_RUNNING,
@@ -55,37 +53,16 @@ from taskomatic.exitcodes import (
     EXIT_SCHEMA,
 )
 from taskomatic.logsetup import set_process_title
-from taskomatic.runtime.fetcher import fetcher_main
+from taskomatic.runtime import instance
+from taskomatic.runtime.children import Child, children_to_respawn, note_death, start_child
+from taskomatic.runtime.instance import StartupRefused, permanent_refusal
 from taskomatic.runtime.messages import FetcherStatus
-from taskomatic.runtime.reconciler import reconciler_main
-from taskomatic.runtime.shard import shard_main
+from taskomatic.text import first_line
 
 log = logging.getLogger(__name__)
 
 
-# Shared by every taskomatic: standalone takes it exclusively, multihost shared.
-INSTANCE_LOCK_ID = 0x7A5C0002
-CHILD_BOOT_SECONDS = 5.0  # a child that dies sooner "failed to boot"
-MAX_BOOT_FAILURES = 5
 HEARTBEAT_INTERVAL = 10.0
-
-
-class StartupRefused(Exception):
-    def __init__(self, message: str, exit_code: int) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
-
-
-@dataclass
-class Child:
-    role: str  # "fetcher", "shard" or "reconciler"
-    slot: int
-    process: Any = None
-    started_at: float = 0.0
-    boot_failures: int = 0
-    respawn_at: float = 0.0
-    # Shard only: wall-clock moment its current task must be over (0: idle); the shard sets it.
-    deadline: Any = None
 
 
 class Supervisor:
@@ -134,7 +111,7 @@ class Supervisor:
                 raise StartupRefused(f"bad dsn: {str(exc).strip()}", EXIT_CONFIG) from None
             except DatabaseUnavailable as exc:
                 reason = str(exc)
-                if _permanent_refusal(reason):
+                if permanent_refusal(reason):
                     raise StartupRefused(f"{reason}; not retried, waiting cannot fix this: correct the dsn "
                                          "(user, password, dbname) or the server's roles and pg_hba.conf, "
                                          "then start taskomatic again", EXIT_DATABASE_REFUSED) from None
@@ -189,52 +166,16 @@ class Supervisor:
             migrate.check_current(self.store.conn)
         except migrate.SchemaOutOfDate as exc:
             raise StartupRefused(str(exc), EXIT_SCHEMA) from None
-        if not self._take_guard():
-            holder = self._guard_holder()
+        if not instance.take_guard(self.store, self.config.mode):
+            holder = instance.guard_holder(self.store)
             raise StartupRefused(
                 f"another taskomatic instance holds this database{holder}; a standalone instance "
                 "must be the only one (stop it, or run both with --mode multihost)",
                 EXIT_ALREADY_RUNNING)
-        self._register()
-        if self.multihost:
-            # Tasks a dead standalone instance held get key claims in its name; the usual
-            # takeover then settles them.
-            self.store.run("key_claims_for_standalone_leftovers")
-        else:
-            adopted = self.store.run("adopt_orphaned_claims", instance_id=self.instance_id)
-            self.store.run("adopt_orphaned_key_claims")
-            if adopted:
-                log.info("took over %d tasks left by an earlier run; they will be settled", adopted)
+        self.instance_id = instance.register(self.store, self.config)
+        instance.take_over_leftovers(self.store, self.instance_id, self.multihost)
         self.store.commit()
         log.info("instance %d started (%s, %d shards)", self.instance_id, self.config.mode, self.config.shards)
-
-    def _register(self) -> None:
-        """A new instance row: ids are never reused, so no old claim can pass for ours."""
-        assert self.store is not None
-        self.instance_id = self.store.scalar(
-            "register_instance", hostname=socket.gethostname(), pid=os.getpid(), version=__version__,
-            mode=self.config.mode, shards=self.config.shards,
-            lease=self.config.lease_seconds if self.multihost else None)
-
-    def _take_guard(self) -> bool:
-        """The instance guard on this connection: exclusive for standalone, shared for multihost."""
-        assert self.store is not None
-        guard = "try_standalone_guard" if self.config.mode == "standalone" else "try_multihost_guard"
-        return bool(self.store.scalar(guard, lock_id=INSTANCE_LOCK_ID))
-
-    def _guard_holder(self) -> str:
-        assert self.store is not None
-        with self.store.conn.cursor() as cur:
-            cur.execute(
-                "SELECT a.pid, a.client_addr, a.application_name FROM pg_locks l "
-                "JOIN pg_stat_activity a ON a.pid = l.pid "
-                "WHERE l.locktype = 'advisory' AND l.objid = %s AND l.granted LIMIT 1",
-                (INSTANCE_LOCK_ID,))
-            row = cur.fetchone()
-        self.store.rollback()
-        if not row:
-            return ""
-        return f" (database backend pid {row[0]}, {row[2] or 'unknown application'})"
 
     # -- children -------------------------------------------------------------------
     def _socket_path(self) -> str:
@@ -244,32 +185,6 @@ class Supervisor:
             run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
             return str(path)
         return str(Path(tempfile.mkdtemp(prefix="taskomatic-")) / "fetcher.sock")
-
-    def _spawn(self, child: Child) -> None:
-        if child.role == "reconciler":
-            process = self.mp.Process(target=reconciler_main, name="taskomatic-reconciler", args=(self.config,))
-            process.start()
-        elif child.role == "fetcher":
-            reader, writer = self.mp.Pipe(duplex=False)
-            process = self.mp.Process(
-                target=fetcher_main, name="taskomatic-fetcher",
-                args=(self.config, self.instance_id, self.socket_path, writer, self.lease_until))
-            process.start()
-            writer.close()  # our copy; the fetcher has its own
-            if self.status_reader is not None:
-                self.status_reader.close()
-            self.status_reader = reader
-            self.last_status_at = time.monotonic()
-        else:
-            child.deadline = self.mp.Value("d", 0.0, lock=False)
-            process = self.mp.Process(
-                target=shard_main, name=f"taskomatic-shard-{child.slot}",
-                args=(child.slot, self.config.shards, self.config, self.instance_id, self.socket_path,
-                      child.deadline, self.lease_until))
-            process.start()
-        child.process = process
-        child.started_at = time.monotonic()
-        log.debug("%s %d started as pid %d", child.role, child.slot, process.pid)
 
     def _reap(self, child: Child) -> None:
         process = child.process
@@ -282,15 +197,13 @@ class Supervisor:
         if child.role == "fetcher" and code == EXIT_LEASE_LOST:
             self._begin_rejoin()
             return
-        lived = time.monotonic() - child.started_at
+        now = time.monotonic()
+        lived = now - child.started_at
         how = f"exit code {code}" if code is not None and code >= 0 else f"signal {-(code or 0)}"
         log.warning("%s %d (pid %d) died (%s) after %.1fs; restarting it in the same slot",
                     child.role, child.slot, process.pid, how, lived)
         metrics.child_restarted(child.role)
-        # Back off only for a child that keeps dying at boot (database down, say).
-        child.boot_failures = child.boot_failures + 1 if lived < CHILD_BOOT_SECONDS else 0
-        delay = min(30.0, 0.5 * 2 ** child.boot_failures) if child.boot_failures else 0.0
-        child.respawn_at = time.monotonic() + delay
+        note_death(child, lived, now)
 
     # -- signals --------------------------------------------------------------------
     def _record_signal(self, signum: int, _frame: object) -> None:
@@ -345,8 +258,8 @@ class Supervisor:
                 raise StartupRefused("a standalone instance holds the database now", EXIT_ALREADY_RUNNING)
             old = self.instance_id
             assert self.store is not None
-            self.store.run("instance_stopped", instance_id=old)
-            self._register()
+            instances.mark_stopped(self.store, old)
+            self.instance_id = instance.register(self.store, self.config)
             self.store.commit()
         except (psycopg2.Error, DatabaseUnavailable) as exc:
             self._drop_store("cannot rejoin yet, the database is not answering", exc)
@@ -440,15 +353,7 @@ class Supervisor:
                         child.process.kill()
                     self.stop_deadline = now + self.config.fast_stop_timeout
             elif not self.stopping:
-                for child in self.children:
-                    if child.process is None and now >= child.respawn_at:
-                        if child.boot_failures >= MAX_BOOT_FAILURES:
-                            log.error("%s %d failed to start %d times in a row; giving up",
-                                      child.role, child.slot, child.boot_failures)
-                            self._begin_fast_stop("child failing")
-                            self.exit_code = EXIT_CHILD_FAILING
-                            break
-                        self._spawn(child)
+                self._keep_children_up(now)
                 self._check_fetcher_heartbeat(now)
                 self._check_shard_deadlines()
                 if now >= next_heartbeat:
@@ -471,6 +376,25 @@ class Supervisor:
                         if child.process is not None and child.process.sentinel == ready:
                             self._reap(child)
 
+    def _keep_children_up(self, now: float) -> None:
+        """Respawn the dead children that are due, each in its slot; give up on one that keeps failing to boot."""
+        due, failing = children_to_respawn(self.children, now)
+        for child in due:
+            self._spawn(child)
+        if failing is not None:
+            log.error("%s %d failed to start %d times in a row; giving up",
+                      failing.role, failing.slot, failing.boot_failures)
+            self._begin_fast_stop("child failing")
+            self.exit_code = EXIT_CHILD_FAILING
+
+    def _spawn(self, child: Child) -> None:
+        reader = start_child(self.mp, child, self.config, self.instance_id, self.socket_path, self.lease_until)
+        if reader is not None:  # a new fetcher: its status comes through this pipe now
+            if self.status_reader is not None:
+                self.status_reader.close()
+            self.status_reader = reader
+            self.last_status_at = time.monotonic()
+
     def _heartbeat(self) -> None:
         """Record that the instance lives; after a lost connection, take the guard again."""
         try:
@@ -481,7 +405,7 @@ class Supervisor:
                 self._begin_fast_stop("guard lost")
                 return
             assert self.store is not None
-            self.store.run("instance_heartbeat", instance_id=self.instance_id)
+            instances.heartbeat(self.store, self.instance_id)
             self.store.commit()
         except (psycopg2.Error, DatabaseUnavailable) as exc:
             self._drop_store("supervisor cannot reach the database", exc)
@@ -491,13 +415,13 @@ class Supervisor:
         if self.store is not None:
             return True
         self.store = Store.open(self.config.dsn, "taskomatic supervisor", self.config.connect_timeout)
-        if not self._take_guard():
+        if not instance.take_guard(self.store, self.config.mode):
             return False
         log.info("database connection restored; instance guard held again")
         return True
 
     def _drop_store(self, what: str, exc: BaseException) -> None:
-        log.warning("%s: %s", what, (str(exc).strip().splitlines() or [type(exc).__name__])[0])
+        log.warning("%s: %s", what, first_line(exc))
         if self.store is not None:
             self.store.close()
         self.store = None
@@ -562,31 +486,11 @@ class Supervisor:
             try:
                 self.store.rollback()
                 if self.instance_id:
-                    released = self.store.run("release_unstarted", instance_id=self.instance_id)
-                    if released:
-                        log.info("handed back %d claimed tasks", released)
-                    if self.multihost:
-                        # What is left (a parked task still 'running') is for others to take over now.
-                        self.store.run("release_idle_keys", instance_id=self.instance_id)
-                        self.store.run("end_lease", instance_id=self.instance_id)
-                    self.store.run("instance_stopped", instance_id=self.instance_id)
+                    instance.record_stop(self.store, self.instance_id, self.multihost)
                 self.store.commit()
             except Exception as exc:  # the database may be what failed
                 log.warning("could not record the stop: %s", exc)
             self.store.close()
-
-
-# What libpq says when the server answered and refused us: waiting does not help.
-_PERMANENT_REFUSALS = (
-    "password authentication failed", "authentication failed", "no pg_hba.conf entry",
-    "does not exist", "invalid dsn", "invalid connection option", "invalid integer value",
-    "invalid port number",
-)
-
-
-def _permanent_refusal(reason: str) -> bool:
-    lowered = reason.lower()
-    return any(phrase in lowered for phrase in _PERMANENT_REFUSALS)
 
 
 def run_daemon(config: Config) -> int:

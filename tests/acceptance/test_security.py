@@ -458,7 +458,7 @@ def test_running_as_root_is_warned_about_and_not_otherwise(pg_server: Any, daemo
     ("QEMU+EXT:///system", ("'ext' transport",)),
 ])
 def test_uris_that_name_a_program_are_refused(uri: str, words: tuple[str, ...]) -> None:
-    from taskomatic.actions.vm import libvirt_uri_problem
+    from taskomatic.actions.libvirt_util import libvirt_uri_problem
 
     problem = libvirt_uri_problem(uri)
     assert problem is not None and all(w in problem for w in words), problem
@@ -468,7 +468,7 @@ def test_uris_that_name_a_program_are_refused(uri: str, words: tuple[str, ...]) 
                                  "qemu+ssh://root@node/system?keyfile=/var/lib/taskomatic/.ssh/id",
                                  "test+unix:///default?socket=/tmp/n/libvirt-sock", "test:///default"])
 def test_ordinary_uris_are_allowed(uri: str) -> None:
-    from taskomatic.actions.vm import libvirt_uri_problem
+    from taskomatic.actions.libvirt_util import libvirt_uri_problem
 
     assert libvirt_uri_problem(uri) is None
 

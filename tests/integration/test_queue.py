@@ -18,7 +18,7 @@ import pytest
 
 from taskomatic.db.queries import query as named_query
 from taskomatic.db.store import Store
-from taskomatic.runtime.supervisor import INSTANCE_LOCK_ID
+from taskomatic.runtime.instance import INSTANCE_LOCK_ID
 from tests.helpers import query, wait_for
 from tests.integration.conftest import StoreFactory
 

@@ -467,7 +467,7 @@ def test_startup_retry_max_must_be_positive(tmp_path: Path) -> None:
     ('cannot connect to the database: FATAL:  no pg_hba.conf entry for host "10.0.0.9"', True),
 ])
 def test_which_connection_failures_the_daemon_waits_out(reason: str, permanent: bool) -> None:
-    from taskomatic.runtime.supervisor import _permanent_refusal
+    from taskomatic.runtime.instance import permanent_refusal as _permanent_refusal
 
     assert _permanent_refusal(reason) is permanent
 

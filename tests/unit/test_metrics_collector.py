@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import time
-from datetime import UTC, datetime
-
 from taskomatic import __version__, metrics
 
 UNREACHABLE = "host=/nonexistent/socket-dir dbname=taskomatic connect_timeout=1"
@@ -27,19 +24,9 @@ def test_database_down_reads_as_database_up_zero_without_queue_gauges(caplog):
     assert len(warnings) == 1 and "\n" not in warnings[0]
 
 
-def test_wait_reader_backs_off_after_a_failure():
-    reader = metrics._WaitReader()
-    assert reader.created_at(UNREACHABLE, 1) is None
-    assert reader.retry_at > time.monotonic() + 10
-    # Within the back-off it does not try again (a down database must not slow every task start).
-    began = time.monotonic()
-    assert reader.created_at(UNREACHABLE, 1) is None
-    assert time.monotonic() - began < 0.1
-
-
 def test_metric_functions_are_no_ops_when_metrics_are_off(monkeypatch):
     monkeypatch.delenv(metrics.ENV, raising=False)
-    metrics.task_started(UNREACHABLE, 1, datetime.now(UTC))
+    metrics.tasks_waited([0.5])
     metrics.node_seen(1, "node0", False)
     metrics.child_restarted("shard")
-    assert metrics._wait_reader.store is None and metrics._wait_reader.retry_at == 0.0
+    assert metrics._get() is None

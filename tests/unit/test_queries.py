@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from taskomatic.db.queries import all_queries, query, sql_files
+from taskomatic.db.queries import all_queries, blocks, query, sql_files
 
 PACKAGE = Path(__file__).resolve().parents[2] / "taskomatic"
 PLACEHOLDER = re.compile(r"%\((\w+)\)s")
@@ -157,3 +157,38 @@ def test_call_sites_pass_exactly_the_query_parameters() -> None:
             if keywords != wanted:
                 problems.append(f"{path}:{line} {name}: passes {sorted(keywords)}, query uses {sorted(wanted)}")
     assert not problems, "\n".join(problems)
+
+
+def test_product_code_calls_database_functions_not_query_names() -> None:
+    outside = {name: [s for s in sites if not s[0].startswith("taskomatic/db/")]
+               for name, sites in _store_calls().items()}
+    outside = {name: sites for name, sites in outside.items() if sites}
+    assert not outside, f"named queries called outside taskomatic/db/: {outside}"
+
+
+def test_no_sql_is_executed_outside_the_database_layer() -> None:
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        rel = str(path.relative_to(PACKAGE.parent))
+        if rel.startswith("taskomatic/db/"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text("utf-8"), rel)):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "execute":
+                found.append(f"{rel}:{node.lineno}")
+    assert not found, f"SQL run outside taskomatic/db/: {found}"
+
+
+def _module_calls(module: Path) -> set[str]:
+    tree = ast.parse(module.read_text("utf-8"))
+    return {node.args[0].value for node in ast.walk(tree)
+            if isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str)}
+
+
+@pytest.mark.parametrize("file_name", sorted(sql_files()))
+def test_each_query_file_belongs_to_its_database_module_which_runs_every_query(file_name: str) -> None:
+    module = PACKAGE / "db" / file_name.replace(".sql", ".py")
+    assert module.exists(), f"{file_name} has no database module {module.name}"
+    names = {name for name, _ in blocks(sql_files()[file_name])}
+    unused = names - _module_calls(module)
+    assert not unused, f"queries of {file_name} that {module.name} never runs: {sorted(unused)}"

@@ -10,6 +10,3 @@ SELECT count(*) FILTER (WHERE state = 'queued') AS queued,
 FROM tasks
 WHERE state IN ('queued', 'running');
 
--- task_created_at --
--- When one task was submitted (its enqueue-to-start latency ends when a shard starts it).
-SELECT created_at FROM tasks WHERE id = %(task_id)s;

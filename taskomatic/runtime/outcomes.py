@@ -1,0 +1,273 @@
+"""A shard's outcomes: held until the next commit, fenced, written once.
+
+A task's outcome is not committed on its own: it is *held* and written in
+the transaction that starts the shard's next tasks (or alone when the shard
+falls idle), so a stream of quick tasks costs one commit per batch. The
+fetcher hears a task ended only once its outcome is committed, so it never
+forgets a task whose end could still be lost.
+
+Every write is *fenced* in multihost mode: it goes through only for tasks
+whose key claim (fencing token) is still ours, with our lease live, so an
+instance that lost a key never writes over the new owner's outcome.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TypeVar
+
+import psycopg2
+import psycopg2.errors
+
+from taskomatic import metrics
+from taskomatic.actions.base import Outcome, RowUpdate
+from taskomatic.config import Config
+from taskomatic.db import key_claims, task_writes
+from taskomatic.db.store import Store
+from taskomatic.model import EndState, OutcomeState, TaskRow
+from taskomatic.runtime.lease import limit_idle_transaction
+from taskomatic.runtime.messages import TaskEnd
+from taskomatic.runtime.parking import ParkingLot
+from taskomatic.text import first_line
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+DB_ATTEMPTS = 3
+CONFLICTS = (psycopg2.errors.DeadlockDetected, psycopg2.errors.SerializationFailure)
+CONNECTION_LOST = (psycopg2.OperationalError, psycopg2.InterfaceError)
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+def named(task: TaskRow) -> str:
+    """How log lines name a task: "task 12 (start_vm Vm:3)"; row text shortened (it is input)."""
+    return f"task {task.id} ({_short(task.action)} {_short(task.target_type)}:{task.target_id})"
+
+
+def _short(text: str, limit: int = 64) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}...({len(text)} characters)"
+
+
+@dataclass
+class PendingOutcome:
+    """An outcome held for the next commit."""
+
+    task: TaskRow
+    outcome: Outcome
+    time_started: datetime | None  # None: keep the time_started marked when it began
+    time_ended: datetime
+    # Set when the real outcome's row changes were refused and this is the fallback.
+    unrecordable: bool = False
+
+    def end(self) -> TaskEnd:
+        seconds = None if self.time_started is None else (self.time_ended - self.time_started).total_seconds()
+        return TaskEnd(self.task.id, self.outcome.state, seconds, self.task.action)
+
+
+class WorkRefused(Exception):
+    """The database refused a transaction's own work, after its held outcomes were written fine."""
+
+    def __init__(self, error: psycopg2.DatabaseError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+class Outcomes:
+    """The outcomes a shard holds, and every transaction that writes task ends.
+
+    ``tell_ended`` passes committed ends on to the fetcher; ``action_label``
+    turns an action name into a metric label.
+    """
+
+    def __init__(self, store: Store, config: Config, instance_id: int, multihost: bool,
+                 parking: ParkingLot, tell_ended: Callable[[tuple[TaskEnd, ...]], None],
+                 action_label: Callable[[TaskRow], str]) -> None:
+        self.store = store
+        self.config = config
+        self.instance_id = instance_id
+        self.multihost = multihost
+        self.parking = parking
+        self.tell_ended = tell_ended
+        self.action_label = action_label
+        # Outcomes taken, not yet committed: written with the next start (at most one per key).
+        self.pending: list[PendingOutcome] = []
+
+    def hold(self, pending: PendingOutcome) -> None:
+        self.pending.append(pending)
+
+    def held_ids(self) -> tuple[int, ...]:
+        return tuple(p.task.id for p in self.pending)
+
+    def send_ended(self, *ends: TaskEnd) -> None:
+        self.tell_ended(ends)
+
+    # -- fencing ------------------------------------------------------------------
+    def fenced(self, tasks: list[TaskRow]) -> list[TaskRow]:
+        """Multihost: those of ``tasks`` whose key claim is still ours (and our lease live), locked.
+
+        The others are logged and counted as refused writes. Standalone: all of them.
+        """
+        if not self.multihost or not tasks:
+            return tasks
+        claimed = [t for t in tasks if t.token is not None]
+        held = key_claims.hold_key_claims(self.store, self.instance_id, [(t.key_type, t.key_id, t.token)
+                                                                          for t in claimed]) if claimed else set()
+        allowed = []
+        for task in tasks:
+            if (task.key_type, task.key_id, task.token) in held:
+                allowed.append(task)
+                continue
+            metrics.write_fenced()
+            log.warning("%s: write refused: the key claim (token %s) or our lease is no "
+                        "longer ours", named(task), task.token)
+        return allowed
+
+    def fenced_out(self, task: TaskRow) -> bool:
+        return not self.fenced([task])
+
+    # -- commits ------------------------------------------------------------------
+    def commit_with_pending(self, work: Callable[[], T]) -> T:
+        """Run ``work`` in one transaction that also writes the held outcomes.
+
+        A lock conflict (deadlock, serialization failure) is retried; if the
+        database refuses a held outcome's row changes, that outcome is recorded
+        as failed with the reason instead, so one bad write cannot wedge the
+        shard. A lost connection is not handled here: the shard exits, and its
+        replacement reconciles.
+        """
+        for attempt in range(1, DB_ATTEMPTS + 1):
+            try:
+                return self._commit_once(work)
+            except CONFLICTS as exc:
+                self.store.rollback()
+                log.warning("database conflict (%s), retrying (%d/%d)", type(exc).__name__, attempt, DB_ATTEMPTS)
+                if attempt == DB_ATTEMPTS:
+                    raise
+            except WorkRefused as refused:
+                # Not the held outcomes' fault: write them alone, then report the refusal.
+                self.store.rollback()
+                self.flush()
+                raise refused.error from None
+            except psycopg2.DatabaseError as exc:
+                if isinstance(exc, CONNECTION_LOST) or not self.pending:
+                    raise
+                self.store.rollback()
+                if len(self.pending) > 1:
+                    self._flush_each()  # find the outcome the database refuses
+                    continue
+                held = self.pending[0]
+                if held.unrecordable:
+                    raise
+                log.error("task %s: the database refused its result: %s", held.task.id, first_line(exc))
+                self.pending = [PendingOutcome(held.task, Outcome.failed(
+                    f"{held.task.action} ran ({held.outcome.state}), but the database refused its result: "
+                    f"{first_line(exc)}"), held.time_started, held.time_ended, unrecordable=True)]
+        raise AssertionError("unreachable")
+
+    def flush(self) -> None:
+        """Commit the held outcomes now (falling idle, or before something must see them)."""
+        if self.pending:
+            self.commit_with_pending(lambda: None)
+
+    def _flush_each(self) -> None:
+        """Write the held outcomes one transaction each (after a batch of them was refused)."""
+        outcomes, self.pending = self.pending, []
+        for outcome in outcomes:
+            self.pending = [outcome]
+            self.commit_with_pending(lambda: None)
+
+    def _commit_once(self, work: Callable[[], T]) -> T:
+        flushed: list[PendingOutcome] = []
+        try:
+            with self.store.transaction():
+                limit_idle_transaction(self.store, self.config)
+                if self.pending:
+                    self.write(self.pending)
+                    flushed, self.pending = self.pending, []
+                try:
+                    result = work()
+                except psycopg2.DatabaseError as exc:
+                    if flushed and not isinstance(exc, CONNECTION_LOST + CONFLICTS):
+                        raise WorkRefused(exc) from exc
+                    raise
+        except BaseException:
+            self.pending = flushed + self.pending  # rolled back: hold them again
+            raise
+        if flushed:
+            self.send_ended(*(p.end() for p in flushed))
+        return result
+
+    # -- writes ---------------------------------------------------------------------
+    def write(self, outcomes: list[PendingOutcome]) -> set[int]:
+        """Write outcomes and their row changes, those we may (in the caller's transaction); the ids written."""
+        allowed = {t.id for t in self.fenced([p.task for p in outcomes])}
+        todo = [p for p in outcomes if p.task.id in allowed]
+        if not todo:
+            return set()
+        written = task_writes.record_outcomes(
+            self.store, self.instance_id, task_ids=[p.task.id for p in todo], states=[p.outcome.state for p in todo],
+            messages=[p.outcome.message for p in todo], starts=[p.time_started for p in todo],
+            ends=[p.time_ended for p in todo])
+        for pending in todo:
+            if pending.task.id not in written:
+                # Fencing: someone else owns the task now; our rows must not overwrite theirs.
+                log.warning("task %s: outcome %s not recorded, the task is no longer ours",
+                            pending.task.id, pending.outcome.state)
+                continue
+            for update in pending.outcome.row_updates:
+                self.store.update_row(update.table, update.row_id, update.values)
+        return written
+
+    def fail_unstartable(self, task: TaskRow, message: str, updates: list[RowUpdate], moment: datetime) -> bool:
+        """In the caller's transaction: a task we hold fails before it starts. Was it recorded?"""
+        recorded = task_writes.fail_unstartable(self.store, self.instance_id, task.id, message, moment)
+        if recorded:
+            for update in updates:
+                self.store.update_row(update.table, update.row_id, update.values)
+        return recorded
+
+    def settle(self, task: TaskRow, outcome: Outcome) -> bool:
+        """Write an outcome decided without performing anything now (reconciliation, children, retries)."""
+        moment = now()
+        written = self.commit_with_pending(lambda: bool(self.write([PendingOutcome(task, outcome, None, moment)])))
+        if written:
+            self.log_outcome(task, outcome)
+            self.send_ended(TaskEnd(task.id, outcome.state))
+        return written
+
+    def fail_before_start(self, task: TaskRow, message: str, updates: list[RowUpdate]) -> None:
+        """The task fails without having started (bad row, refused start, too many retries)."""
+        moment = now()
+
+        def work() -> bool:
+            if self.fenced_out(task):
+                return False
+            self.fail_unstartable(task, message, updates, moment)
+            return True
+
+        recorded = self.commit_with_pending(work)
+        self.parking.ended(task.id)
+        if recorded:  # a fenced-out write was logged as refused; the task is not ours to fail
+            self.log_failed_start(task, message)
+        self.send_ended(TaskEnd(task.id, EndState.FAILED if recorded else EndState.SKIPPED))
+
+    def log_failed_start(self, task: TaskRow, message: str) -> None:
+        metrics.task_ended(self.action_label(task), OutcomeState.FAILED, None)
+        log.warning("%s failed: %s", named(task), message)
+
+    def log_outcome(self, task: TaskRow, outcome: Outcome, seconds: float | None = None) -> None:
+        self.parking.ended(task.id)
+        metrics.task_ended(self.action_label(task), outcome.state, seconds)
+        # A routine success is a debug line: at thousands of tasks a second, info lines would
+        # flood the journal (journald drops a unit's lines beyond 10,000 per 30 s by default);
+        # the tasks table and `taskomatic tasks --follow` are the record of every task.
+        level = logging.DEBUG if outcome.state == OutcomeState.FINISHED else logging.WARNING
+        log.log(level, "%s %s%s", named(task),
+                outcome.state, f": {outcome.message}" if outcome.message else "")

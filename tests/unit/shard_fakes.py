@@ -1,0 +1,237 @@
+"""In-memory stand-ins for a shard's surroundings: the store, the fetcher link, actions.
+
+Only for fast unit tests of the shard's logic (execution, outcomes); the
+integration and acceptance tests run the real shard against PostgreSQL and
+libvirt. The fake store answers the named queries a shard runs, with the same
+rules the SQL applies (only the holder writes, only once), and keeps
+uncommitted writes apart so a rollback really undoes them.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any
+
+from taskomatic.actions.base import ActionContext, Outcome, Plan, Reconciled, RowUpdate, TaskFailed
+from taskomatic.config import Config
+from taskomatic.model import Settlement, TaskRow, TaskState
+from taskomatic.runtime.execution import Execution, ShardLink
+from taskomatic.runtime.outcomes import Outcomes
+from taskomatic.runtime.parking import ParkingLot
+
+INSTANCE = 1
+SLOT = 0
+
+
+@dataclass
+class FakeDb:
+    tasks: dict[int, dict[str, Any]] = field(default_factory=dict)
+    rows: dict[tuple[str, int], dict[str, Any]] = field(default_factory=dict)
+    claims: set[tuple[str | None, int | None, int | None]] = field(default_factory=set)
+
+
+class FakeStore:
+    def __init__(self) -> None:
+        self.committed = FakeDb()
+        self.work = FakeDb()
+        self.commits = 0
+        self.update_log: list[tuple[str, int, dict[str, Any]]] = []  # committed row updates, in order
+        self._pending_log: list[tuple[str, int, dict[str, Any]]] = []
+        # name -> how many more times it raises this error (to test retries and refusals)
+        self.failures: dict[str, list[Exception]] = {}
+        self.refuse_values: Callable[[dict[str, Any]], bool] = lambda values: False
+
+    # -- set-up --------------------------------------------------------------
+    def add_task(self, task: TaskRow, state: str = "queued", run_by_shard: int | None = None) -> None:
+        self.committed.tasks[task.id] = {"state": state, "claimed_by": INSTANCE, "run_by_shard": run_by_shard,
+                                         "message": None, "time_started": None, "time_ended": None,
+                                         "attempts": 0, "parent": None, "task": task}
+        self.rollback()
+
+    # -- the Store interface ---------------------------------------------------
+    def rollback(self) -> None:
+        self.work = copy.deepcopy(self.committed)
+        self._pending_log = []
+
+    def commit(self) -> None:
+        self.committed = copy.deepcopy(self.work)
+        self.update_log += self._pending_log
+        self._pending_log = []
+        self.commits += 1
+
+    @contextmanager
+    def transaction(self) -> Iterator[FakeStore]:
+        try:
+            yield self
+        except BaseException:
+            self.rollback()
+            raise
+        else:
+            self.commit()
+
+    def update_row(self, table: str, row_id: int, values: dict[str, Any]) -> None:
+        if self.refuse_values(values):
+            raise _data_error("value out of range")
+        self.work.rows.setdefault((table, row_id), {}).update(values)
+        self._pending_log.append((table, row_id, dict(values)))
+
+    def one(self, name: str, /, **params: Any) -> dict[str, Any] | None:
+        rows = self.all(name, **params)
+        return rows[0] if rows else None
+
+    def all(self, name: str, /, **params: Any) -> list[dict[str, Any]]:
+        errors = self.failures.get(name)
+        if errors:
+            raise errors.pop(0)
+        return getattr(self, "_q_" + name)(**params)
+
+    # -- the named queries, as the SQL has them ----------------------------------
+    def _ours(self, task_id: int, instance_id: int, states: tuple[str, ...]) -> dict[str, Any] | None:
+        row = self.work.tasks.get(task_id)
+        return row if row and row["claimed_by"] == instance_id and row["state"] in states else None
+
+    def _q_mark_running(self, task_ids: list[int], instance_id: int, time_started: Any, shard: int) -> list[dict]:
+        out = []
+        for task_id in task_ids:
+            row = self._ours(task_id, instance_id, ("queued",))
+            if row:
+                row.update(state="running", time_started=time_started, run_by_shard=shard,
+                           attempts=row["attempts"] + 1)
+                out.append({"id": task_id, "waited": 0.0})
+        return out
+
+    def _q_mark_rerun(self, task_id: int, instance_id: int, time_started: Any, shard: int) -> list[dict]:
+        row = self._ours(task_id, instance_id, ("running",))
+        if not row:
+            return []
+        row.update(time_started=time_started, run_by_shard=shard, attempts=row["attempts"] + 1)
+        return [{"id": task_id}]
+
+    def _q_record_outcomes(self, instance_id: int, task_ids: list[int], states: list[str],
+                           messages: list[str | None], starts: list[Any], ends: list[Any]) -> list[dict]:
+        out = []
+        for task_id, state, message, start, end in zip(task_ids, states, messages, starts, ends, strict=True):
+            row = self._ours(task_id, instance_id, ("running",))
+            if row:
+                row.update(state=str(state), message=message, time_ended=end,
+                           time_started=start if start is not None else row["time_started"])
+                out.append({"id": task_id})
+        return out
+
+    def _q_fail_unstartable(self, task_id: int, instance_id: int, message: str, time: Any) -> list[dict]:
+        row = self._ours(task_id, instance_id, ("queued", "running"))
+        if not row:
+            return []
+        row.update(state="failed", message=message, time_started=time, time_ended=time,
+                   attempts=row["attempts"] + 1)
+        return [{"id": task_id}]
+
+    def _q_task_states(self, ids: list[int]) -> list[dict]:
+        return [{"id": i, "state": r["state"], "claimed_by": r["claimed_by"], "run_by_shard": r["run_by_shard"]}
+                for i, r in self.work.tasks.items() if i in ids]
+
+    def _q_children_of(self, task_id: int) -> list[dict]:
+        return []
+
+    def _q_limit_idle_transaction(self, ms: int) -> list[dict]:
+        return []
+
+    def _q_hold_key_claims(self, instance_id: int, key_types: list[str], key_ids: list[int],
+                           tokens: list[int]) -> list[dict]:
+        return [{"key_type": t, "key_id": k, "token": n} for t, k, n in zip(key_types, key_ids, tokens, strict=True)
+                if (t, k, n) in self.work.claims]
+
+    # -- what tests read -------------------------------------------------------
+    def task(self, task_id: int) -> dict[str, Any]:
+        return self.committed.tasks[task_id]
+
+    def row(self, table: str, row_id: int) -> dict[str, Any]:
+        return self.committed.rows.get((table, row_id), {})
+
+
+def _data_error(message: str) -> Exception:
+    import psycopg2
+
+    return psycopg2.DataError(message)
+
+
+def task(task_id: int, vm: int, action: str = "touch", state: str = "queued", token: int | None = None) -> TaskRow:
+    return TaskRow(task_id, "Vm", vm, action, {}, "Vm", vm, state, token)
+
+
+class TouchVm:
+    """A quick action: begin marks the VM busy, perform marks it touched by the task."""
+
+    name = "touch"
+    target_types = ("Vm",)
+
+    def __init__(self) -> None:
+        self.performed: list[int] = []
+        self.settlement = Settlement.NOT_STARTED
+        self.perform_hook: Callable[[TaskRow], None] = lambda task: None
+
+    def validate_args(self, args: dict[str, Any]) -> None:
+        if args.get("bad"):
+            raise TaskFailed("bad args")
+
+    def prepare(self, ctx: ActionContext, task: TaskRow) -> Plan:
+        assert task.target_id is not None
+        return Plan(task, begin_updates=[RowUpdate("vms", task.target_id, {"state": "busy"})])
+
+    def perform(self, ctx: ActionContext, plan: Plan) -> Outcome:
+        task = plan.task
+        assert task.target_id is not None
+        self.perform_hook(task)
+        self.performed.append(task.id)
+        return Outcome.finished(None, RowUpdate("vms", task.target_id, {"state": "idle", "last_task": task.id}))
+
+    def reconcile(self, ctx: ActionContext, task: TaskRow) -> Reconciled:
+        return Reconciled(self.settlement, f"found {self.settlement}")
+
+
+@dataclass
+class Rig:
+    """An Execution wired to a fake store and a fake fetcher link."""
+
+    store: FakeStore
+    action: TouchVm
+    execution: Execution
+    outcomes: Outcomes
+    sent: list[object]
+    lease: dict[str, bool]
+
+    def run_queue(self, tasks: list[TaskRow]) -> None:
+        """Queue these and run batches until the queue is empty, then commit what is held (the shard's loop)."""
+        self.execution.queue.extend(tasks)
+        while self.execution.queue:
+            self.execution.run(self.execution.take_batch())
+        self.outcomes.flush()
+
+
+def make_rig(multihost: bool = False, quick: bool = True) -> Rig:
+    store = FakeStore()
+    config = Config(mode="multihost" if multihost else "standalone")
+    action = TouchVm()
+    sent: list[object] = []
+    lease = {"ok": True}
+    parking = ParkingLot(config.retry_limit, config.retry_backoff_max)
+    outcomes = Outcomes(store, config, INSTANCE, multihost, parking,  # type: ignore[arg-type]
+                        lambda ends: sent.append(("ended", ends)), lambda task: task.action)
+    ctx = ActionContext(store, config, SimpleNamespace())  # type: ignore[arg-type]
+    execution = Execution(SLOT, INSTANCE, config, store, ctx, {"touch": action}, parking,  # type: ignore[arg-type]
+                          outcomes, ShardLink(sent.append, lambda: False, lambda: lease["ok"]),
+                          SimpleNamespace(value=0.0))
+    if quick:
+        execution.estimates["touch"] = 0.0001  # known quick: batches of several keys
+    return Rig(store, action, execution, outcomes, sent, lease)
+
+
+def states(store: FakeStore, ids: list[int]) -> dict[int, str]:
+    return {i: store.task(i)["state"] for i in ids}
+
+
+TERMINAL = {TaskState.FINISHED, TaskState.FAILED, TaskState.CANCELED}

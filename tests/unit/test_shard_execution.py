@@ -1,0 +1,236 @@
+"""The shard's execution and outcomes in process, against a fake store and a fake fetcher link.
+
+What the shard writes must not depend on how its tasks were grouped: a batch
+of one and a batch of three leave the same rows. Fencing, held outcomes and
+their retries, refused starts and reconciliation are checked on the writes
+the fake store committed (it undoes what a rollback undoes).
+"""
+
+from __future__ import annotations
+
+import psycopg2.errors
+
+from taskomatic.actions.base import ActionContext, Outcome, Plan, TaskFailed
+from taskomatic.model import EndState, Settlement, TaskRow, TaskState
+from taskomatic.runtime.messages import Started, TaskEnd
+from tests.unit.shard_fakes import INSTANCE, SLOT, TouchVm, make_rig, states, task
+
+
+def _started(sent: list[object]) -> list[tuple[int, ...]]:
+    return [m.task_ids for m in sent if isinstance(m, Started)]
+
+
+def _ends(sent: list[object]) -> dict[int, str]:
+    return {e.task_id: e.state for m in sent if isinstance(m, tuple) and m[0] == "ended" for e in m[1]
+            if isinstance(e, TaskEnd)}
+
+
+def _per_vm(log: list[tuple[str, int, dict]]) -> dict[int, list[dict]]:
+    out: dict[int, list[dict]] = {}
+    for _table, row_id, values in log:
+        out.setdefault(row_id, []).append(values)
+    return out
+
+
+def test_a_batch_of_one_and_a_batch_of_three_write_the_same() -> None:
+    tasks = [task(1, vm=10), task(2, vm=11), task(3, vm=12)]
+    alone, batched = make_rig(), make_rig()
+    for rig in (alone, batched):
+        for t in tasks:
+            rig.store.add_task(t)
+    for t in tasks:
+        alone.execution.run([t])  # each a batch of one
+    alone.outcomes.flush()
+    batched.run_queue(list(tasks))
+    assert _started(alone.sent) == [(1,), (2,), (3,)]
+    assert _started(batched.sent) == [(1, 2, 3)]
+    for rig in (alone, batched):
+        assert states(rig.store, [1, 2, 3]) == {1: "finished", 2: "finished", 3: "finished"}
+        assert _ends(rig.sent) == {1: "finished", 2: "finished", 3: "finished"}
+        assert rig.action.performed == [1, 2, 3]
+    assert _per_vm(alone.store.update_log) == _per_vm(batched.store.update_log) == {
+        vm: [{"state": "busy"}, {"state": "idle", "last_task": tid}] for tid, vm in ((1, 10), (2, 11), (3, 12))}
+    assert {k: v for k, v in alone.store.committed.rows.items()} == batched.store.committed.rows
+    for tid in (1, 2, 3):
+        for column in ("state", "message", "attempts", "run_by_shard"):
+            assert alone.store.task(tid)[column] == batched.store.task(tid)[column]
+    assert batched.store.commits < alone.store.commits  # the point of batches
+
+
+def test_tasks_of_one_key_start_one_at_a_time_in_order() -> None:
+    rig = make_rig(quick=True)
+    tasks = [task(1, vm=10), task(2, vm=10), task(3, vm=11)]
+    for t in tasks:
+        rig.store.add_task(t)
+    rig.run_queue(list(tasks))
+    assert _started(rig.sent) == [(1, 3), (2,)]
+    assert rig.action.performed == [1, 3, 2]
+    assert _per_vm(rig.store.update_log)[10] == [
+        {"state": "busy"}, {"state": "idle", "last_task": 1}, {"state": "busy"}, {"state": "idle", "last_task": 2}]
+
+
+def test_a_fenced_task_outcome_is_not_written() -> None:
+    rig = make_rig(multihost=True, quick=True)
+    rig.store.committed.claims |= {("Vm", 10, 5), ("Vm", 11, 5)}
+    tasks = [task(1, vm=10, token=5), task(2, vm=11, token=5)]
+    for t in tasks:
+        rig.store.add_task(t)
+
+    def lose_claim(t: TaskRow) -> None:
+        if t.id == 2:  # another instance took key Vm:11 over while task 2 ran
+            rig.store.committed.claims.discard(("Vm", 11, 5))
+            rig.store.work.claims.discard(("Vm", 11, 5))
+
+    rig.action.perform_hook = lose_claim
+    rig.run_queue(list(tasks))
+    assert rig.action.performed == [1, 2]
+    assert rig.store.task(1)["state"] == "finished"
+    assert rig.store.row("vms", 10) == {"state": "idle", "last_task": 1}
+    # Task 2's outcome and row changes are not written: the new owner settles it.
+    assert rig.store.task(2)["state"] == "running"
+    assert rig.store.row("vms", 11) == {"state": "busy"}
+
+
+def test_a_task_whose_claim_is_gone_never_starts() -> None:
+    rig = make_rig(multihost=True)
+    rig.store.committed.claims |= {("Vm", 10, 5)}
+    tasks = [task(1, vm=10, token=5), task(2, vm=11, token=4)]  # Vm:11's claim is not ours (token 4 is old)
+    for t in tasks:
+        rig.store.add_task(t)
+    rig.run_queue(list(tasks))
+    assert rig.action.performed == [1]
+    assert rig.store.task(2)["state"] == "queued" and rig.store.row("vms", 11) == {}
+    assert _ends(rig.sent)[2] == EndState.SKIPPED
+
+
+def test_a_held_outcome_is_retried_after_a_conflict_then_committed() -> None:
+    rig = make_rig(quick=False)
+    rig.store.add_task(task(1, vm=10))
+    rig.store.failures["record_outcomes"] = [psycopg2.errors.DeadlockDetected("deadlock detected")]
+    rig.run_queue([task(1, vm=10)])
+    assert rig.store.failures["record_outcomes"] == []  # the conflict happened
+    assert rig.store.task(1)["state"] == "finished"
+    assert rig.store.row("vms", 10) == {"state": "idle", "last_task": 1}
+    assert _ends(rig.sent) == {1: "finished"}
+    assert rig.outcomes.pending == []
+
+
+def test_a_held_outcome_the_database_refuses_is_recorded_failed() -> None:
+    rig = make_rig(quick=False)
+    rig.store.add_task(task(1, vm=10))
+    rig.store.refuse_values = lambda values: values.get("state") == "idle"
+    rig.run_queue([task(1, vm=10)])
+    row = rig.store.task(1)
+    assert row["state"] == "failed"
+    assert "ran (finished), but the database refused its result: value out of range" in row["message"]
+    assert rig.store.row("vms", 10) == {"state": "busy"}
+
+
+def test_a_refused_batch_starts_its_tasks_one_by_one() -> None:
+    class RefusingBegin(TouchVm):
+        def prepare(self, ctx: ActionContext, t: TaskRow) -> Plan:
+            plan = super().prepare(ctx, t)
+            if t.id == 2:
+                def refuse(_store: object) -> None:
+                    raise TaskFailed("no host has room")
+                plan.begin_hook = refuse
+            return plan
+
+    rig = make_rig(quick=True)
+    rig.execution.actions["touch"] = rig.action = RefusingBegin()
+    tasks = [task(1, vm=10), task(2, vm=11), task(3, vm=12)]
+    for t in tasks:
+        rig.store.add_task(t)
+    rig.run_queue(list(tasks))
+    assert states(rig.store, [1, 2, 3]) == {1: "finished", 2: "failed", 3: "finished"}
+    assert rig.store.task(2)["message"] == "no host has room"
+    assert rig.store.row("vms", 11) == {}  # its begin was rolled back
+    assert _started(rig.sent) == [(1,), (3,)]
+
+
+def test_a_bad_row_fails_in_the_batch_and_the_others_run() -> None:
+    rig = make_rig(quick=True)
+    bad = TaskRow(2, "Vm", 11, "touch", {"bad": True}, "Vm", 11, "queued")
+    tasks = [task(1, vm=10), bad, task(3, vm=12)]
+    for t in tasks:
+        rig.store.add_task(t)
+    rig.run_queue(list(tasks))
+    assert states(rig.store, [1, 2, 3]) == {1: "finished", 2: "failed", 3: "finished"}
+    assert rig.store.task(2)["message"] == "bad args"
+    assert _started(rig.sent) == [(1, 3)]
+
+
+def _interrupted(settlement: Settlement) -> tuple:
+    rig = make_rig(quick=True)
+    rig.action.settlement = settlement
+    running = task(1, vm=10, state=TaskState.RUNNING)
+    rig.store.add_task(running, state="running", run_by_shard=SLOT)
+    rig.store.task(1)["attempts"] = 1
+    rig.store.rollback()
+    rig.run_queue([running])
+    return rig, rig.store.task(1)
+
+
+def test_an_interrupted_task_found_not_started_runs_again_in_its_place() -> None:
+    rig, row = _interrupted(Settlement.NOT_STARTED)
+    assert rig.action.performed == [1]
+    assert row["state"] == "finished" and row["attempts"] == 2
+
+
+def test_an_interrupted_task_found_done_is_finished_without_running_again() -> None:
+    rig, row = _interrupted(Settlement.DONE)
+    assert rig.action.performed == []
+    assert row["state"] == "finished" and row["message"] == "found done"
+
+
+def test_an_interrupted_task_found_half_done_fails_with_what_was_found() -> None:
+    rig, row = _interrupted(Settlement.NEITHER)
+    assert rig.action.performed == []
+    assert row["state"] == "failed" and row["message"] == "found neither"
+
+
+def test_a_queued_copy_of_a_task_this_slot_left_running_is_reconciled_not_skipped() -> None:
+    rig = make_rig(quick=True)
+    rig.store.add_task(task(1, vm=10), state="running", run_by_shard=SLOT)
+    rig.run_queue([task(1, vm=10)])  # a stale 'queued' copy, sent again after a fetcher restart
+    assert rig.action.performed == [1]
+    assert rig.store.task(1)["state"] == "finished"
+
+
+def test_a_task_canceled_meanwhile_is_skipped() -> None:
+    rig = make_rig(quick=True)
+    rig.store.add_task(task(1, vm=10), state="canceled")
+    rig.run_queue([task(1, vm=10)])
+    assert rig.action.performed == []
+    assert rig.store.task(1)["state"] == "canceled"
+    assert _ends(rig.sent) == {1: EndState.SKIPPED}
+
+
+def test_a_lease_too_old_holds_a_started_task_for_reconciliation() -> None:
+    rig = make_rig(quick=True)
+    rig.store.add_task(task(1, vm=10))
+    rig.execution.queue.append(task(1, vm=10))
+    rig.lease["ok"] = False
+    rig.execution.run(rig.execution.take_batch())
+    assert rig.action.performed == []
+    assert rig.store.task(1)["state"] == "running"  # committed running, not performed
+    assert [t.state for t in rig.execution.queue] == ["running"]  # back in the queue, to be reconciled
+    assert rig.store.task(1)["claimed_by"] == INSTANCE
+
+
+def test_an_interrupted_task_found_not_started_but_already_done_is_finished_without_a_new_attempt() -> None:
+    class AlreadyDone(TouchVm):
+        def prepare(self, ctx: ActionContext, t: TaskRow) -> Plan:
+            return Plan(t, already_done=Outcome.finished("already in the success state"))
+
+    rig = make_rig(quick=True)
+    rig.execution.actions["touch"] = rig.action = AlreadyDone()
+    running = task(1, vm=10, state=TaskState.RUNNING)
+    rig.store.add_task(running, state="running", run_by_shard=SLOT)
+    rig.store.task(1).update(attempts=1, time_started="first start")
+    rig.store.rollback()
+    rig.run_queue([running])
+    row = rig.store.task(1)
+    assert rig.action.performed == []
+    assert row["state"] == "finished" and row["message"] == "already in the success state"
+    assert row["attempts"] == 1 and row["time_started"] == "first start"
