@@ -120,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--nodes", type=int, default=2, help="libvirt nodes (default 2)")
     demo.add_argument("--seed", type=int, default=1, help="random seed of the workload (default 1)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
+    demo.add_argument("--keep", action="store_true",
+                      help="keep the demo directory and leave its PostgreSQL running (to plan from its history)")
     return parser
 
 

@@ -75,9 +75,12 @@ def inputs_from_history(history: History | None, request: Request) -> Inputs:
     if history is not None:
         total = int(history.window.get("tasks") or 0)
         inputs.measured_tasks, inputs.bucket_s = total, history.bucket_s
-        first = history.window.get("first_created")
+        # The mean counts whole buckets from the first one with a task (or the window's start), so it is
+        # never above the busiest bucket's rate.
+        first = history.buckets[0]["bucket_start"] if history.buckets else None
         start = max(history.since, first) if first is not None else history.since
-        inputs.window_s = max((history.until - start).total_seconds(), history.bucket_s)
+        buckets = max(1, math.ceil((history.until - start).total_seconds() / history.bucket_s))
+        inputs.window_s = buckets * history.bucket_s
         if total:
             inputs.mean_per_hour = total / inputs.window_s * 3600.0
             peak = max(history.buckets, key=lambda b: (int(b["tasks"]), -b["bucket_start"].timestamp()))

@@ -15,6 +15,11 @@ def _s(value: float | None) -> str:
     return f"{value:.2f}" if value < 100 else f"{value:,.0f}"
 
 
+def _ms(seconds: float) -> str:
+    ms = seconds * 1000.0
+    return f"{ms:,.0f}" if ms >= 10 else f"{ms:.2f}"
+
+
 def _n(value: float) -> str:
     return f"{value:,.0f}" if value >= 10 else f"{value:.2g}"
 
@@ -52,19 +57,20 @@ def render(fleet: FleetPlan, since: dt.datetime | None, until: dt.datetime) -> s
         set_by = (f"; the hottest key sets it, the pool alone needs {result.pool_shards}"
                   if result.pool_shards is not None and result.pool_shards < result.shards else "")
         lines.append(f"ANSWER: {result.shards} shard{'s' * (result.shards != 1)} = {fleet.instances} "
-                     f"instance{'s' * (fleet.instances != 1)} x {fleet.shards_per_instance} shards "
+                     f"instance{'s' * (fleet.instances != 1)} x {fleet.shards_per_instance} "
+                     f"shard{'s' * (fleet.shards_per_instance != 1)} "
                      f"(--shards {fleet.shards_per_instance}; at most {request.shards_per_instance} per instance)"
                      f"{set_by}")
     else:
         lines.append(f"ANSWER: {result.verdict}")
     at = f" at {fleet.at_shards} shards" if fleet.at_shards is not None else ""
-    lines += ["", f"{'action':<16} {'tasks/h':>9} {'share':>6} {'run s':>7} {'sd s':>7} {'p95 wait now':>12} "
-                  f"{'mean wait':>10} {'p95 wait':>9}{at}"]
+    lines += ["", f"{'action':<16} {'tasks/h':>9} {'share':>6} {'run ms':>8} {'sd ms':>8} {'p95 wait now s':>14} "
+                  f"{'mean wait s':>11} {'p95 wait s':>10}{at}"]
     for a in fleet.action_waits:
         now = a["measured_wait_p95_s"]
-        lines.append(f"{a['action']:<16} {_n(a['tasks_per_hour']):>9} {a['share']:>6.0%} {a['run_mean_s']:>7.3g} "
-                     f"{a['run_sd_s']:>7.3g} {'-' if now is None else _s(now):>12} {_s(a['mean_wait_s']):>10} "
-                     f"{_s(a['p95_wait_s']):>9}")
+        lines.append(f"{a['action']:<16} {_n(a['tasks_per_hour']):>9} {a['share']:>6.0%} {_ms(a['run_mean_s']):>8} "
+                     f"{_ms(a['run_sd_s']):>8} {'-' if now is None else _s(now):>14} {_s(a['mean_wait_s']):>11} "
+                     f"{_s(a['p95_wait_s']):>10}")
     lines += ["", f"Hot keys (a key runs one task at a time: no shard count shortens its own queue; any one key "
                   f"can take at most {_n(fleet.key_max_per_hour)} tasks/h and meet the target):",
               f"{'key':<22} {'tasks/h':>9} {'utilisation':>11} {'p95 own queue':>13} {'p95 wait':>9}"]
