@@ -94,6 +94,16 @@ def predict(case: Case, workload: Workload) -> dict[str, Any]:
             "service_mean_s": service.mean_s}
 
 
+def refit_prediction(case: Case, measured: dict[str, Any], seed: int) -> dict[str, Any] | None:
+    """The same model given the service time this run really had (its mean sleep and its per-task overhead):
+    what is left of the error is the model's own."""
+    if measured.get("overhead_s") is None:
+        return None
+    refit = Case(case.name, case.shards, case.rate_per_s, measured["run_mean_s"] * 1000.0, case.keys, case.skew,
+                 case.seconds)
+    return predict(refit, model_workload(refit, measured["overhead_s"], seed))
+
+
 def measure_waits(conn: Any) -> dict[str, Any]:
     rows = fetch_rows(conn, "SELECT task_target_id AS key, extract(epoch FROM time_started - created_at)::float8 AS "
                             "wait, extract(epoch FROM time_ended - time_started)::float8 AS run FROM tasks "
@@ -150,10 +160,9 @@ def run_case(harness: Harness, case: Case, overhead_s: float, seed: int, index: 
             harness.stop(runner)
         result["measured"] = measure_waits(conn)
         conn.close()
-    if result["measured"]["overhead_s"] is not None:
-        # The same model given the overhead this run really had: what is left is the model's own error.
-        refit = model_workload(case, result["measured"]["overhead_s"], seed)
-        result["predicted_measured_overhead"] = predict(case, refit)
+    refit = refit_prediction(case, result["measured"], seed)
+    if refit is not None:
+        result["predicted_measured_service"] = refit
     p, m = result["predicted"], result["measured"]
     result["error"] = {k: (None if p[k] is None else m[k] - p[k]) for k in ("mean_s", "p95_s", "hottest_key_p95_s")}
     return result
@@ -169,13 +178,14 @@ def table(results: list[dict[str, Any]]) -> str:
 
     for r in results:
         m = r["measured"]
-        for label, p in (("predicted", r["predicted"]), ("predicted, measured overhead",
-                                                         r.get("predicted_measured_overhead"))):
+        for label, p, run_ms in (("predicted", r["predicted"], r["case"]["mean_ms"]),
+                                 ("predicted, measured service", r.get("predicted_measured_service"),
+                                  m["run_mean_s"] * 1000.0)):
             if p is None:
                 continue
-            overhead = (p["service_mean_s"] - r["case"]["mean_ms"] / 1000.0) * 1000
+            overhead = p["service_mean_s"] * 1000 - run_ms
             lines.append(f"| {r['case']['name']}: {label} | | {overhead:.1f} | {p['utilisation']:.2f} | "
-                         f"{ms(p['mean_s'])} | {ms(p['p95_s'])} | {ms(p['hottest_key_p95_s'])} | | |")
+                         f"{ms(p['mean_s'])} | {ms(p['p95_s'])} | {ms(p['hottest_key_p95_s'])} | {run_ms:.1f} | |")
         lines.append(f"| {r['case']['name']}: **measured** | {m['tasks']} | "
                      f"{(m['overhead_s'] or 0) * 1000:.1f} | | {ms(m['mean_s'])} | {ms(m['p95_s'])} | "
                      f"{ms(m['hottest_key_p95_s'])} | {m['run_mean_s'] * 1000:.1f} | "
