@@ -171,7 +171,7 @@ def test_plugin_entry_point_is_found(tmp_path: Path) -> None:
     from bench.plugin import write_dist_info
 
     write_dist_info(tmp_path)
-    code = ("from taskomatic.actions.base import load_actions; a = load_actions(); "
+    code = ("from taskomatic.actions.registry import load_actions; a = load_actions(); "
             "print(a['noop'].name, a['sleep'].name)")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(tmp_path)])}
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
