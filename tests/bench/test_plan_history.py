@@ -236,3 +236,33 @@ def test_bad_plan_input_is_a_usage_error(fleet_dsn: str) -> None:
     assert proc.returncode == 2 and "no run time for reboot_vm" in proc.stderr
     proc = taskomatic("--dsn", fleet_dsn, "plan", "--since", "7 fortnights")
     assert proc.returncode == 2 and "expected a duration such as 7d" in proc.stderr
+
+
+def test_history_is_read_in_one_read_only_snapshot(fleet_dsn: str) -> None:
+    store = Store.open(fleet_dsn, "test plan")
+    seen: list[tuple[str, str, str]] = []
+    original = store.all
+
+    def spy(name: str, /, **params: Any) -> list[dict[str, Any]]:
+        with store.conn.cursor() as cur:
+            cur.execute("SHOW transaction_read_only")
+            read_only = cur.fetchone()[0]
+            cur.execute("SHOW transaction_isolation")
+            isolation = cur.fetchone()[0]
+        seen.append((name, read_only, isolation))
+        return original(name, **params)
+
+    store.all = spy  # type: ignore[method-assign]
+    try:
+        read_history(store, T0, T0 + dt.timedelta(hours=2), 3600.0)
+        assert {name for name, _, _ in seen} == {"history_window", "history_actions", "history_rate_buckets",
+                                                 "history_key_actions"}
+        assert {(ro, iso) for _, ro, iso in seen} == {("on", "repeatable read")}
+        # Ended, and the connection is as it was: its next transaction may write again.
+        assert store.conn.status == psycopg2.extensions.STATUS_READY
+        with store.conn.cursor() as cur:
+            cur.execute("SHOW transaction_read_only")
+            assert cur.fetchone()[0] == "off"
+        store.conn.rollback()
+    finally:
+        store.close()
