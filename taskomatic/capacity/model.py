@@ -302,7 +302,7 @@ def plan(workload: Workload, target_p95_s: float, shards_per_instance: int = 8, 
     if result.shards is not None:
         result.verdict = (f"{result.shards} shard{'s' if result.shards != 1 else ''}, "
                           f"{result.instances} instance{'s' if result.instances != 1 else ''} "
-                          f"at {shards_per_instance} shards each")
+                          f"of at most {shards_per_instance} shards")
         if result.pool_shards is not None and result.pool_shards < result.shards:
             result.verdict += (f" (set by the hottest key {result.hottest_key}: the pool alone would need "
                                f"{result.pool_shards})")
