@@ -401,6 +401,11 @@ def main(argv: list[str] | None = None, prog: str = "python -m bench.run") -> in
     except (KeyboardInterrupt, Interrupted):
         print("\ninterrupted; everything the bench started is stopped", file=sys.stderr)
         return 130
+    except psycopg2.Error as exc:  # --dsn: unreachable, or the role may not create databases
+        where = "the server given by --dsn" if args.dsn else "the private PostgreSQL"
+        print(f"{parser.prog}: {where}: {str(exc).strip()} (the bench creates and drops databases of its "
+              "own there: its role needs CREATEDB)", file=sys.stderr)
+        return 1
     from bench import report
 
     out.mkdir(parents=True, exist_ok=True)
