@@ -20,6 +20,7 @@ from taskomatic.capacity.fleet import Request, inputs_from_history, make_plan
 from taskomatic.capacity.model import PlanError
 from taskomatic.db.history import read_history
 from taskomatic.db.store import Store
+from tests.helpers import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 T0 = dt.datetime(2026, 1, 5, 10, 0, tzinfo=dt.UTC)  # an hour boundary: the window is [T0, T0 + 2 h)
@@ -266,3 +267,29 @@ def test_history_is_read_in_one_read_only_snapshot(fleet_dsn: str) -> None:
         store.conn.rollback()
     finally:
         store.close()
+
+
+def test_plan_from_the_history_a_kept_demo_produced() -> None:
+    """The README's example: `demo --keep` leaves its PostgreSQL running; `plan --embedded-db` reads it."""
+    import re
+    import shutil
+    import signal
+
+    proc = taskomatic("demo", "--vms", "10", "--tasks", "60", "--nodes", "1", "--keep", "--no-progress")
+    kept = re.search(r"^kept (\S+): its PostgreSQL \(pid (\d+)\) still runs", proc.stdout, re.MULTILINE)
+    assert kept, proc.stdout[-3000:] + proc.stderr[-3000:]
+    base, pid = Path(kept.group(1)), int(kept.group(2))
+    try:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        planned = taskomatic("--embedded-db", "--state-dir", str(base), "plan", "--since", "1h", "--bucket",
+                             "10s", "--json")
+        assert planned.returncode == 0, planned.stderr
+        doc = json.loads(planned.stdout)
+        assert doc["history"]["tasks"] >= 60  # the demo's tasks, plus what its storage and host phases queued
+        assert {"create_vm", "start_vm"} <= {a["action"] for a in doc["actions"]}
+        assert doc["answer"]["shards"] >= 1 and doc["hot_keys"][0]["key"].startswith(("Vm:", "Host:",
+                                                                                       "StoragePool:"))
+    finally:
+        os.kill(pid, signal.SIGINT)  # the server the demo left for us: a fast shutdown
+        wait_for(lambda: not Path(f"/proc/{pid}").exists(), what=f"PostgreSQL pid {pid} to stop")
+        shutil.rmtree(base, ignore_errors=True)
