@@ -141,11 +141,14 @@ def check_overrides(parser: argparse.ArgumentParser, overrides: Sequence[str] | 
 
 
 def dsn_for(server_dsn: str, dbname: str) -> str:
-    return server_dsn.replace("dbname=taskomatic", f"dbname={dbname}")
+    """The same server, user and options, another database."""
+    return str(psycopg2.extensions.make_dsn(server_dsn, dbname=dbname))
 
 
 def _admin(server_dsn: str) -> Any:
-    conn = psycopg2.connect(dsn_for(server_dsn, "postgres"))
+    """A connection to create and drop databases: to the server's own database (the private server's
+    ``taskomatic``, or the database a ``--dsn`` names), never altered, only connected to."""
+    conn = psycopg2.connect(server_dsn, application_name="bench")
     conn.autocommit = True
     return conn
 
@@ -173,19 +176,19 @@ def drop_database(server_dsn: str, name: str) -> None:
     admin.close()
 
 
-def make_template(server_dsn: str) -> None:
+def make_template(server_dsn: str, name: str = TEMPLATE_DB) -> None:
     """The migrated template every run's database is copied from."""
-    create_database(server_dsn, TEMPLATE_DB)
+    create_database(server_dsn, name)
 
 
 @contextmanager
-def fresh_database(server_dsn: str) -> Iterator[str]:
-    """A copy of the template for one run (its DSN), dropped afterwards."""
+def fresh_database(server_dsn: str, template: str = TEMPLATE_DB) -> Iterator[str]:
+    """A copy of the template for one run (its DSN, a unique name), dropped afterwards."""
     name = f"bench_{uuid.uuid4().hex[:12]}"
     admin = _admin(server_dsn)
     try:
         with admin.cursor() as cur:
-            cur.execute(f"CREATE DATABASE {name} TEMPLATE {TEMPLATE_DB}")
+            cur.execute(f"CREATE DATABASE {name} TEMPLATE {template}")
         yield dsn_for(server_dsn, name)
     finally:
         with admin.cursor() as cur:
@@ -263,12 +266,16 @@ class Harness:
 
     ``prefix``: of the work directory under /tmp. ``announce``: printed with its path once it exists.
     ``template``: migrate the template database :meth:`fresh_database` copies. ``signals``: SIGTERM raises
-    :class:`Interrupted` and SIGINT KeyboardInterrupt while inside.
+    :class:`Interrupted` and SIGINT KeyboardInterrupt while inside. ``server_dsn``: use that PostgreSQL
+    server instead of a private one: every database the bench makes there has a unique name (the template
+    too) and is dropped on the way out; the database the dsn names is only connected to, never changed.
     """
 
     def __init__(self, prefix: str, keep_work_dir: bool = False, announce: str | None = None,
-                 template: bool = True, signals: bool = True) -> None:
+                 template: bool = True, signals: bool = True, server_dsn: str | None = None) -> None:
         self.prefix = prefix
+        self.external_dsn = server_dsn
+        self.template_name = TEMPLATE_DB if server_dsn is None else f"bench_template_{uuid.uuid4().hex[:12]}"
         self.keep_work_dir = keep_work_dir
         self.announce = announce
         self.template = template
@@ -283,7 +290,7 @@ class Harness:
 
         self.base = Path(tempfile.mkdtemp(prefix=self.prefix, dir="/tmp"))
         self.base.chmod(0o755)  # the unprivileged PostgreSQL (and libvirtd) user must reach it
-        self.pg = EmbeddedPostgres(self.base / "postgres")
+        self.pg = EmbeddedPostgres(self.base / "postgres") if self.external_dsn is None else None
         if self.signals:
             def on_term(_signum: int, _frame: object) -> None:
                 raise Interrupted()
@@ -295,10 +302,11 @@ class Harness:
         try:
             if self.announce:
                 print(f"{self.announce}: {self.base}", flush=True)
-            self.pg.start()
+            if self.pg is not None:
+                self.pg.start()
             if self.template:
-                make_template(self.pg.dsn)
-            conn = psycopg2.connect(self.pg.dsn)
+                make_template(self.server_dsn, self.template_name)
+            conn = psycopg2.connect(self.server_dsn)
             self.machine = machine_description(conn)
             conn.close()
         except BaseException:
@@ -317,7 +325,14 @@ class Harness:
                     print(f"warning: {error}", file=sys.stderr)
             self.nodes.clear()
         finally:
-            self.pg.stop()
+            if self.pg is not None:
+                self.pg.stop()
+            elif self.template:
+                try:
+                    drop_database(self.server_dsn, self.template_name)
+                except psycopg2.Error as error:
+                    print(f"warning: could not drop the bench's database {self.template_name}: {error}",
+                          file=sys.stderr)
             for signum, handler in self._previous:
                 signal.signal(signum, handler)
             self._previous = []
@@ -328,12 +343,20 @@ class Harness:
 
     @property
     def server_dsn(self) -> str:
+        if self.pg is None:
+            assert self.external_dsn is not None
+            return self.external_dsn
         return str(self.pg.dsn)
 
     @property
     def postmaster_pid(self) -> int:
-        assert self.pg.pid is not None
+        assert self.pg is not None and self.pg.pid is not None, "a private PostgreSQL only"
         return int(self.pg.pid)
+
+    @property
+    def local_postmaster_pid(self) -> int | None:
+        """The private PostgreSQL's postmaster; None on a server given by dsn (its CPU is not measured)."""
+        return None if self.pg is None or self.pg.pid is None else int(self.pg.pid)
 
     @cached_property
     def plugin_path(self) -> Path:
@@ -342,7 +365,7 @@ class Harness:
 
     def fresh_database(self) -> AbstractContextManager[str]:
         """A copy of the template for one run, dropped afterwards (a context manager yielding its DSN)."""
-        return fresh_database(self.server_dsn)
+        return fresh_database(self.server_dsn, self.template_name)
 
     def start(self, spec: RunnerSpec, dsn: str, work_dir: Path, settings: list[str],
               baseline_poll: float = 1.0) -> Runner:
@@ -408,13 +431,13 @@ class CpuWindow:
     """CPU of the daemons' process groups, PostgreSQL, the libvirt nodes, the bench and the machine from
     construction to :meth:`close` (see :mod:`bench.measure` for how CPU seconds of a set are counted)."""
 
-    def __init__(self, groups: list[int], postmaster_pid: int, node_pids: list[int] | None = None) -> None:
+    def __init__(self, groups: list[int], postmaster_pid: int | None, node_pids: list[int] | None = None) -> None:
         self.groups = groups
         self.postmaster_pid = postmaster_pid
         self.node_pids = node_pids
         stats = measure.all_stats()
         self._groups_before = [measure.cpu_snapshot(measure.group_members(g, stats)) for g in groups]
-        self._pg_before = measure.cpu_snapshot(measure.tree_members(postmaster_pid, stats))
+        self._pg_before = measure.cpu_snapshot(self._postgres(stats))
         self._nodes_before = (measure.cpu_snapshot(lifecycle.node_cpu_members(node_pids, stats))
                               if node_pids is not None else {})
         self._machine_before, self._self_before = measure.machine_busy_seconds(), measure.self_cpu_seconds()
@@ -428,9 +451,13 @@ class CpuWindow:
         members = [measure.group_members(g, stats) for g in self.groups]
         groups_s = [measure.cpu_seconds(before, measure.cpu_snapshot(m))
                     for before, m in zip(self._groups_before, members, strict=True)]
-        pg_members = measure.tree_members(self.postmaster_pid, stats)
+        pg_members = self._postgres(stats)
         pg = measure.cpu_seconds(self._pg_before, measure.cpu_snapshot(pg_members))
         nodes = (measure.cpu_seconds(self._nodes_before,
                                      measure.cpu_snapshot(lifecycle.node_cpu_members(self.node_pids, stats)))
                  if self.node_pids is not None else 0.0)
         return CpuUsage(wall, machine_busy, bench, groups_s, pg, nodes, members, pg_members)
+
+    def _postgres(self, stats: list[measure.ProcStat]) -> list[measure.ProcStat]:
+        """The postmaster's tree; nobody for a server that is not ours (it may be on another machine)."""
+        return [] if self.postmaster_pid is None else measure.tree_members(self.postmaster_pid, stats)

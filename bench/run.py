@@ -184,14 +184,15 @@ def _run_one(ctx: Context, workload: Workload, tasks: list[PlannedTask], spec: R
     conn = _connect(dsn)
     try:
         result["ready_s"] = round(runner.wait_ready(), 3)
-        window = CpuWindow([runner.pid], ctx.harness.postmaster_pid, nodes.pids if nodes else None)
+        postmaster = ctx.harness.local_postmaster_pid  # None on a server given by --dsn: not measured
+        window = CpuWindow([runner.pid], postmaster, nodes.pids if nodes else None)
         ended = _feed_and_wait(ctx, conn, workload, tasks, runner, timeout)
         cpu = window.close()
         runner_cpu, pg_cpu, nodes_cpu = cpu.groups_s[0], cpu.postgres_s, cpu.nodes_s
         result["wall_s"] = round(cpu.wall_s, 3)
         result["rss"] = {
             "runner": measure.peak_rss(cpu.group_members[0], _role(runner.pid, spec.kind)),
-            "postgres": measure.peak_rss(cpu.postgres_members, _role(ctx.harness.postmaster_pid, "postgres")),
+            "postgres": measure.peak_rss(cpu.postgres_members, _role(postmaster or -1, "postgres")),
         }
         result["cpu"] = {
             "runner_s": round(runner_cpu, 3), "postgres_s": round(pg_cpu, 3),
@@ -272,7 +273,8 @@ def run_suite(args: argparse.Namespace) -> dict[str, Any]:
     started_at = datetime.now(UTC)
     wall_start = time.monotonic()
     runs: list[dict[str, Any]] = []
-    with Harness("taskomatic-bench-", args.keep_work_dir, announce="bench work directory") as harness:
+    with Harness("taskomatic-bench-", args.keep_work_dir, announce="bench work directory",
+                 server_dsn=args.dsn) as harness:
         machine = harness.machine
         total = sum(e.workload.tasks * len(e.runners) for e in entries)
         with tqdm(total=total, unit="task", dynamic_ncols=True, disable=args.no_progress,
@@ -312,6 +314,8 @@ def run_suite(args: argparse.Namespace) -> dict[str, Any]:
         "started_at": started_at.isoformat(timespec="seconds"),
         "wall_s": round(time.monotonic() - wall_start, 1),
         "machine": machine,
+        "postgresql_server": "private (EmbeddedPostgres)" if args.dsn is None else
+                             "given by --dsn: the bench's own databases on it; its CPU and memory not measured",
         "settings": {"baseline_poll_s": args.baseline_poll, "daemon_settings": args.set or [],
                      "daemon_config": daemon_config(args.set or []),
                      "progress_poll_s": PROGRESS_INTERVAL, "command": " ".join(sys.argv),
@@ -360,8 +364,8 @@ def _order_text(r: dict[str, Any]) -> str:
     return f"VIOLATED ({order.get('violations')})"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None, prog: str = "python -m bench.run") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--quick", dest="suite", action="store_const", const="quick",
                        help="the quick suite (default; under 5 minutes on 2 cores)")
@@ -380,6 +384,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="a daemon setting for every taskomatic run (passed as --set)")
     parser.add_argument("--run-timeout", type=float, help="seconds one run may take (default: from the workload)")
     parser.add_argument("--keep-work-dir", action="store_true", help="keep the /tmp work directory (runner logs)")
+    parser.add_argument("--dsn", help="a PostgreSQL server to use instead of a private one: the bench creates "
+                                      "databases of its own there (unique names) and drops them; the database "
+                                      "the dsn names is only connected to")
     parser.set_defaults(suite="quick")
     args = parser.parse_args(argv)
     if args.only:
@@ -394,6 +401,11 @@ def main(argv: list[str] | None = None) -> int:
     except (KeyboardInterrupt, Interrupted):
         print("\ninterrupted; everything the bench started is stopped", file=sys.stderr)
         return 130
+    except psycopg2.Error as exc:  # --dsn: unreachable, or the role may not create databases
+        where = "the server given by --dsn" if args.dsn else "the private PostgreSQL"
+        print(f"{parser.prog}: {where}: {str(exc).strip()} (the bench creates and drops databases of its "
+              "own there: its role needs CREATEDB)", file=sys.stderr)
+        return 1
     from bench import report
 
     out.mkdir(parents=True, exist_ok=True)

@@ -22,6 +22,7 @@ from typing import Any
 
 from taskomatic import __version__, cli_queue, cli_status
 from taskomatic import config as config_mod
+from taskomatic.capacity import cli as capacity_cli
 from taskomatic.cli_common import NoDatabase, database
 from taskomatic.config import Config, ConfigError
 from taskomatic.exitcodes import EXIT_CONFIG, EXIT_DATABASE, EXIT_SCHEMA, EXIT_USAGE
@@ -41,11 +42,12 @@ EXIT_HELP = ("exit codes: 0 ok, 1 failed, 2 usage, 3 bad configuration or no dat
 
 # Global options that only some commands use: any other command refuses them rather than ignore them.
 # demo runs its own private PostgreSQL in a temporary directory, so it takes no database options.
-_DATABASE_COMMANDS = ("run", "db", "submit", "tasks", "show", "cancel", "retry", "status", "instances")
+# bench takes --dsn only: a server to create its own database on (its default is a private PostgreSQL).
+_DATABASE_COMMANDS = ("run", "db", "submit", "tasks", "show", "cancel", "retry", "status", "instances", "plan")
 ONLY_FOR = {
     "shards": ("run", "demo"),
     "mode": ("run",),
-    "dsn": _DATABASE_COMMANDS,
+    "dsn": (*_DATABASE_COMMANDS, "bench"),
     "embedded_db": _DATABASE_COMMANDS,
     "state_dir": _DATABASE_COMMANDS,
 }
@@ -106,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     cli_queue.add_parsers(sub, _common_options)
     cli_status.add_parsers(sub, _common_options)
+    capacity_cli.add_parsers(sub, _common_options)
 
     demo = sub.add_parser("demo", help="run a demo fleet on a private PostgreSQL and libvirt nodes",
                           description="Everything on private servers in a temporary directory: no database "
@@ -117,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--nodes", type=int, default=2, help="libvirt nodes (default 2)")
     demo.add_argument("--seed", type=int, default=1, help="random seed of the workload (default 1)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
+    demo.add_argument("--keep", action="store_true",
+                      help="keep the demo directory and leave its PostgreSQL running (to plan from its history)")
     return parser
 
 
@@ -195,6 +200,10 @@ def _dispatch(config: Config, args: argparse.Namespace) -> int:
         return cli_status.cmd_status(config, args.json)
     if command == "instances":
         return cli_status.cmd_instances(config, args)
+    if command == "plan":
+        return capacity_cli.cmd_plan(config, args)
+    if command == "bench":
+        return capacity_cli.cmd_bench(config, args)
     if command == "demo":
         from taskomatic.demo import run_demo
 

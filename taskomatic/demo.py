@@ -228,12 +228,17 @@ def run_demo(config: Config, args: argparse.Namespace) -> int:
     base.chmod(0o755)  # the unprivileged server users must reach it
     daemon: subprocess.Popen[bytes] | None = None
     print(f"demo directory: {base}")
+    keep = getattr(args, "keep", False)  # --keep: the directory and a running PostgreSQL, for `taskomatic plan`
     with ExitStack() as stack:
-        stack.callback(shutil.rmtree, base, True)
+        if not keep:
+            stack.callback(shutil.rmtree, base, True)
         print("starting a private PostgreSQL ...", flush=True)
         pg = EmbeddedPostgres(base / "postgres", user=config.embedded_user or None)
         pg.start()
-        stack.callback(pg.stop)
+        if keep:
+            stack.callback(_kept, base, pg.pid)
+        else:
+            stack.callback(pg.stop)
         print(f"starting {args.nodes} libvirt nodes (test driver behind libvirtd) ...", flush=True)
         nodes = [ManagedNode(base / "nodes", f"node{i}") for i in range(args.nodes)]
         for node in nodes:
@@ -278,8 +283,15 @@ def run_demo(config: Config, args: argparse.Namespace) -> int:
         print("\n".join(_clear_host_phase(pg.dsn, daemon)))
         if _stop_daemon(daemon) != 0:
             print(f"daemon exited with {daemon.returncode}; log: {log_path}", file=sys.stderr)
-        print(f"\ntotal demo time {wall:.1f} s; stopping the daemon, the libvirt nodes and PostgreSQL")
+        print(f"\ntotal demo time {wall:.1f} s; stopping the daemon, the libvirt nodes"
+              + (" (PostgreSQL stays: --keep)" if keep else " and PostgreSQL"))
     return 0
+
+
+def _kept(base: Path, pid: int | None) -> None:
+    print(f"kept {base}: its PostgreSQL (pid {pid}) still runs, so read-only commands can use it, e.g.\n"
+          f"  taskomatic --embedded-db --state-dir {base} plan --since 1h --bucket 10s\n"
+          f"stop it with: kill -INT {pid}; then rm -rf {base}")
 
 
 def _follow(dsn: str, order: list[tuple[int, str]], rest: list[tuple[int, str]],

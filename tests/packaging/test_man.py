@@ -55,7 +55,7 @@ def assert_complete(text: str) -> None:
     headings = set(re.findall(r"(?m)^COMMAND '(.+)'$", text))
     expected = {f"taskomatic {path}" for path in subcommands(build_parser())}
     assert expected and expected <= headings, f"no section for: {sorted(expected - headings)}"
-    assert not options(build_parser()) - set(re.findall(r"--[a-z][a-z-]*", text))
+    assert not options(build_parser()) - set(re.findall(r"--[a-z][a-z0-9-]*", text))
     for heading in ("NAME", "SYNOPSIS", "DESCRIPTION", "EXIT STATUS", "ENVIRONMENT", "FILES", "SEE ALSO"):
         assert re.search(rf"(?m)^{heading}$", text), heading
     assert re.search(r"(?m)^NAME\n\s+taskomatic - \S", text), "NAME needs 'taskomatic - summary'"

@@ -48,6 +48,9 @@ class Built:
     root: Path  # the binary RPM's payload, unpacked
     files: list[str]
     seconds: float
+    bench_rpm: Path  # taskomatic-bench, the subpackage
+    bench_root: Path
+    bench_files: list[str]
 
     @property
     def site_packages(self) -> Path:
@@ -73,14 +76,18 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
     seconds = time.monotonic() - started
     print(f"\nbuild-rpm.sh built {head[:12]} in {seconds:.1f}s")
     paths = [Path(line) for line in result.stdout.splitlines() if line.endswith(".rpm")]
-    rpm = next(p for p in paths if p.name.endswith(".noarch.rpm"))
+    rpm = next(p for p in paths if p.name.startswith(f"taskomatic-{__version__}-") and p.name.endswith(".noarch.rpm"))
+    bench_rpm = next(p for p in paths if p.name.startswith(f"taskomatic-bench-{__version__}-"))
     srpm = next(p for p in paths if p.name.endswith(".src.rpm"))
+    assert len(paths) == 3, paths
 
-    root = base / "root"
-    root.mkdir()
-    run(["bash", "-o", "pipefail", "-c", f'rpm2cpio "{rpm}" | cpio -idm --quiet'], cwd=root)
-    files = query(rpm, "-l").splitlines()
-    return Built(rpm, srpm, clone, root, files, seconds)
+    roots = []
+    for package, name in ((rpm, "root"), (bench_rpm, "bench-root")):
+        roots.append(base / name)
+        roots[-1].mkdir()
+        run(["bash", "-o", "pipefail", "-c", f'rpm2cpio "{package}" | cpio -idm --quiet'], cwd=roots[-1])
+    return Built(rpm, srpm, clone, roots[0], query(rpm, "-l").splitlines(), seconds, bench_rpm, roots[1],
+                 query(bench_rpm, "-l").splitlines())
 
 
 def test_rpm_holds_entry_point_unit_config_sysusers_and_package(built: Built) -> None:
@@ -286,6 +293,12 @@ EXPECTED_RPMLINT = {
                                                 "taskomatic(8) is in the package",
     r"W: manpage-not-compressed bz2 /usr/share/man/man8/taskomatic\.8$": "Debian's brp-compress fails under "
                                                                        "dash (read -d); Fedora's gzips the page",
+    # The taskomatic-bench subpackage.
+    r"taskomatic-bench\.noarch: W: requires-on-release taskomatic = [\d.]+-\d+": "Fedora's guidelines: a subpackage "
+                                                                             "requires its base package's exact "
+                                                                             "version-release",
+    r"taskomatic-bench\.noarch: W: no-documentation": "its documentation is the main package's README and "
+                                                     "taskomatic(8), which it requires",
     # On purpose.
     r"W: invalid-url Source0: taskomatic-[\d.]+\.tar\.gz": "the tarball is made from the checkout by "
                                                           "build-rpm.sh (git archive); no release downloads yet",
@@ -301,9 +314,9 @@ EXPECTED_RPMLINT = {
 
 def test_rpmlint_reports_nothing_unexpected(built: Built) -> None:
     require_tools("rpmlint")
-    result = run(["rpmlint", str(built.rpm), str(built.srpm)], check=False)
+    result = run(["rpmlint", str(built.rpm), str(built.bench_rpm), str(built.srpm)], check=False)
     print(result.stdout, result.stderr, sep="")
-    assert re.search(r"\b2 packages and \d+ specfiles checked", result.stdout), "rpmlint did not check both"
+    assert re.search(r"\b3 packages and \d+ specfiles checked", result.stdout), "rpmlint did not check all three"
     reports = [line for line in result.stdout.splitlines() if re.search(r": [EW]: ", line)]
     unexpected = [r for r in reports if not any(re.search(p, r) for p in EXPECTED_RPMLINT)]
     for report in reports:
@@ -316,5 +329,61 @@ def test_readme_lists_every_expected_rpmlint_report() -> None:
     readme = (REPO / "README.md").read_text()
     install = readme.split("## Installing on a Fedora node", 1)[1].split("\n## ", 1)[0]
     for pattern in EXPECTED_RPMLINT:
-        name = re.match(r"[EW]: ([a-z-]+)", pattern).group(1)  # type: ignore[union-attr]
+        name = re.search(r"[EW]: ([a-z-]+)", pattern).group(1)  # type: ignore[union-attr]
         assert f"`{name}`" in install, f"README's install section does not explain rpmlint's {name}"
+
+
+# -- taskomatic-bench: the benchmark suite and its plotting dependency, outside the main package --
+
+BENCH_PACKAGES = ("bench", "bench/multihost", "bench/plugin")
+
+
+def test_bench_subpackage_holds_the_bench_modules_and_the_main_package_none(built: Built) -> None:
+    init = next(f for f in built.files if f.endswith("/site-packages/taskomatic/__init__.py"))
+    site = init.rsplit("/taskomatic/", 1)[0]
+    wanted = {f"{site}/{p.relative_to(built.clone)}" for d in BENCH_PACKAGES
+              for p in (built.clone / d).glob("*.py")}
+    packaged = {f for f in built.bench_files if f.endswith(".py")}
+    assert wanted and packaged == wanted, (sorted(wanted - packaged), sorted(packaged - wanted))
+    assert all(f.startswith(f"{site}/bench") for f in built.bench_files), built.bench_files
+    assert not [f for f in built.files if f.startswith(f"{site}/bench")], "bench modules in the main package"
+    # The planner is the main package's: taskomatic plan needs no taskomatic-bench.
+    assert f"{site}/taskomatic/capacity/model.py" in built.files
+
+
+def test_bench_subpackage_requires_the_main_package_and_matplotlib(built: Built) -> None:
+    requires = query(built.bench_rpm, "--requires").splitlines()
+    release = query(built.rpm, "--queryformat", r"%{VERSION}-%{RELEASE}")
+    assert f"taskomatic = {release}" in requires, requires
+    assert "python3dist(matplotlib) >= 3.5" in requires, requires
+    main = query(built.rpm, "--requires")
+    assert "matplotlib" not in main, "the main package must not pull in the plotting stack"
+
+
+def test_bench_and_plan_run_from_the_unpacked_packages(built: Built, tmp_path: Path) -> None:
+    script = built.root / "usr/bin/taskomatic"
+    bench_site = built.bench_root / built.site_packages.relative_to(built.root)
+    probe = (
+        "import runpy, sys\n"
+        f"sys.argv = [{str(script)!r}, *sys.argv[1:]]\n"
+        "try:\n"
+        f"    runpy.run_path({str(script)!r}, run_name='__main__')\n"
+        "finally:\n"
+        "    print('imported', getattr(sys.modules.get('bench.run'), '__file__', None))\n"
+    )
+    empty = tmp_path / "cwd"
+    empty.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    env["PYTHONPATH"] = os.pathsep.join([str(built.site_packages), str(bench_site)])
+    for command in (["bench", "--help"], ["plan", "--help"]):
+        result = subprocess.run([sys.executable, "-s", "-c", probe, *command], capture_output=True, text=True,
+                                cwd=empty, env=env, timeout=60)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert f"usage: taskomatic {command[0]}" in result.stdout
+    # taskomatic bench loads the suite from the subpackage's tree (the bench's help needs no import;
+    # --only with an unknown workload gets as far as the suite's own check).
+    result = subprocess.run([sys.executable, "-s", "-c", probe, "bench", "--only", "nonesuch"], capture_output=True,
+                            text=True, cwd=empty, env=env, timeout=60)
+    assert result.returncode == 2 and "unknown workload(s) nonesuch" in result.stderr, result.stderr[-3000:]
+    imported = next(line for line in result.stdout.splitlines() if line.startswith("imported "))
+    assert imported == f"imported {bench_site / 'bench' / 'run.py'}"
