@@ -208,6 +208,19 @@ def save_path(ctx: ActionContext, vm: dict[str, Any]) -> str:
     return posixpath.join(ctx.config.save_dir, f"taskomatic-vm{vm['id']}-{vm['uuid']}.save")
 
 
+def found_as(observed: Observed) -> dict[str, Any]:
+    """The row of a VM an interrupted task left as found: a stopped VM holds no host any more.
+
+    (A node crash loses the domain: row and node then agree on 'stopped', so the
+    host-status pass would never clear the host.) A leftover definition goes, as in prepare.
+    """
+    if observed.state != "stopped":
+        return {"state": observed.state}
+    if observed.domain is not None:
+        _undefine_quietly(observed.domain)
+    return {"state": "stopped", **_NOT_RUNNING}
+
+
 def _image_exists(conn: libvirt.virConnect, path: str) -> bool:
     # The node's own view of the file: works for remote nodes too.
     try:
@@ -323,7 +336,7 @@ class VmAction:
             Settlement.NEITHER,
             f"interrupted; found VM {vm['id']} {observed.state}, neither {self.transition.start} "
             f"nor {self.transition.success} ({observed.detail})",
-            [RowUpdate("vms", vm["id"], {"state": observed.state})],
+            [RowUpdate("vms", vm["id"], found_as(observed))],
         )
 
 
@@ -698,7 +711,7 @@ class MigrateVm(PlacedAction):
                               [RowUpdate("vms", vm["id"], {"target_host_id": None})])
         return Reconciled(Settlement.NEITHER,
                           f"interrupted; VM {vm['id']} is {on_source.state} ({on_source.detail})",
-                          [RowUpdate("vms", vm["id"], {"state": on_source.state, "target_host_id": None})])
+                          [RowUpdate("vms", vm["id"], {**found_as(on_source), "target_host_id": None})])
 
 
 def _live_migrate(ctx: ActionContext, domain: libvirt.virDomain, target: libvirt.virConnect) -> libvirt.virDomain:
