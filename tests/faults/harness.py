@@ -64,6 +64,8 @@ class FaultRun:
         self.moment: int | None = None
         self.notes: dict[str, Any] = {}
         self.prefix = f"f{seed}"
+        # The nodes' save directory when the workload saves VMs: the checker looks for their images.
+        self.save_dir: Path | None = None
 
     # -- setup -------------------------------------------------------------------------------
     def add_hosts(self, uris: list[str] | None = None) -> list[int]:
@@ -125,6 +127,20 @@ class FaultRun:
                                      rounds=range(0, 1))
         self.wait_all_ended(60)
         checks.insert_rounds(self.dsn, scripts, range(1, per_vm))
+        self.moment = self.rng.randint(vms + total // 10, vms + total // 2)
+        return scripts
+
+    def save_workload(self, vms: int = VMS, per_vm: int = PER_VM) -> dict[int, list[str]]:
+        """Like ``workload`` (create_vm first, then the rest in one INSERT), with save_vm/restore_vm
+        in the scripts; the moment of injection in the first half of the run."""
+        rng = random.Random(f"{self.fault}:{self.seed}:scripts")
+        vm_ids = checks.insert_vms(self.dsn, [f"{self.prefix}-{i:03d}" for i in range(vms)])
+        scripts = {vm: save_script(rng, per_vm) for vm in vm_ids}
+        checks.insert_rounds(self.dsn, scripts, range(0, 1))
+        self.wait_all_ended(60)
+        checks.insert_rounds(self.dsn, scripts, range(1, per_vm))
+        total = vms * per_vm
+        self.notes["tasks_before_fault"] = total
         self.moment = self.rng.randint(vms + total // 10, vms + total // 2)
         return scripts
 
@@ -211,7 +227,7 @@ class FaultRun:
         self.wait_all_ended(timeout)
         # Rows that disagree with the nodes the moment the last task ended (before the host-status
         # pass had its say): for the record; the verdict below allows the pass to correct them.
-        stale = checker.vm_rows(self.dsn)
+        stale = checker.vm_rows(self.dsn, save_dir=self.save_dir)
         self.notes["stale_rows_at_end"] = len(stale)
         if stale:
             self.notes["stale_examples"] = stale[:3]
@@ -224,8 +240,9 @@ class FaultRun:
         # The host-status pass may still be correcting rows a node fault left stale: give it a few
         # passes (reconcile_interval is 1 s) before judging.
         with contextlib.suppress(AssertionError):
-            wait_for(lambda: not checker.vm_rows(self.dsn, expected), 15, 0.25, "VM rows to agree with the nodes")
-        violations = checker.check_run(self.dsn, [d.log() for d in self.daemons], expected)
+            wait_for(lambda: not checker.vm_rows(self.dsn, expected, self.save_dir), 15, 0.25,
+                     "VM rows to agree with the nodes")
+        violations = checker.check_run(self.dsn, [d.log() for d in self.daemons], expected, self.save_dir)
         if must_finish:
             violations += checker.all_finished(self.dsn)
             violations += checker.no_work_found_done(self.dsn)
@@ -272,6 +289,24 @@ class FaultRun:
             for d in self.daemons:
                 with contextlib.suppress(OSError):
                     shutil.copy(d.log_path, where / d.log_path.name)
+
+
+# What each VM action leaves a VM in (checks.SUCCESS_STATE, plus saving and restoring).
+SAVE_SUCCESS = {**checks.SUCCESS_STATE, "save_vm": "saved", "restore_vm": "running"}
+
+
+def save_script(rng: random.Random, length: int) -> list[str]:
+    """A lifecycle like ``checks.lifecycle_script`` in which a running VM is often saved and restored."""
+    script = ["create_vm", "start_vm"]
+    state = "running"
+    while len(script) < length:
+        if state == "running":
+            action = rng.choice(["save_vm", "save_vm", "suspend_vm", "shutdown_vm", "poweroff_vm"])
+        else:
+            action = {"suspended": "resume_vm", "saved": "restore_vm", "stopped": "start_vm"}[state]
+        script.append(action)
+        state = SAVE_SUCCESS[action]
+    return script
 
 
 def set_db(dsn: str, sql: str, params: Any = None) -> None:
