@@ -43,6 +43,9 @@ MULTIHOST = ["--mode", "multihost", "--set", f"multihost.lease_seconds={LEASE_SE
 if os.environ.get("TKM_LOG_LEVEL"):
     COMMON += ["--log-level", os.environ["TKM_LOG_LEVEL"]]
 
+# The clock_step fault's wall-clock shim (wallclock.c) reads the daemon's offset from this file.
+SHIM_ENV = "TKM_CLOCK_OFFSET_FILE"
+
 VMS = 24
 PER_VM = 12
 
