@@ -69,15 +69,18 @@ class FaultRun:
         self.prefix = f"f{seed}"
         # The nodes' save directory when the workload saves VMs: the checker looks for their images.
         self.save_dir: Path | None = None
+        # The work queued after the fault (must all finish); a test may give its own.
+        self.later_work = self.more_work
 
     # -- setup -------------------------------------------------------------------------------
-    def add_hosts(self, uris: list[str] | None = None) -> list[int]:
-        """One hosts row per node (room for every VM at once); ``uris`` overrides the node URIs."""
+    def add_hosts(self, uris: list[str] | None = None, hypervisor: str = "TEST") -> list[int]:
+        """One hosts row per node (room for every VM at once); ``uris`` overrides the node URIs.
+        ``hypervisor`` QEMU: the nodes' qemu driver (real guests), not the test driver."""
         ids = []
         for i, node in enumerate(self.nodes):
-            uri = uris[i] if uris else node.test_uri
+            uri = uris[i] if uris else node.qemu_uri if hypervisor == "QEMU" else node.test_uri
             rows = query(self.dsn, "INSERT INTO hosts (hostname, libvirt_uri, hypervisor_type, num_cpus, memory) "
-                                   "VALUES (%s, %s, 'TEST', 4096, 268435456) RETURNING id", (f"n{i}", uri))
+                                   "VALUES (%s, %s, %s, 4096, 268435456) RETURNING id", (f"n{i}", uri, hypervisor))
             ids.append(rows[0]["id"])
         return ids
 
@@ -145,6 +148,14 @@ class FaultRun:
         total = vms * per_vm
         self.notes["tasks_before_fault"] = total
         self.moment = self.rng.randint(vms + total // 10, vms + total // 2)
+        return scripts
+
+    def script_workload(self, script: Any, vms: int, per_vm: int, label: str = "") -> dict[int, list[str]]:
+        """VMs with ``script(rng, per_vm)`` each, every round queued at once (interleaved across VMs)."""
+        rng = random.Random(f"{self.fault}:{self.seed}:scripts{label}")
+        vm_ids = checks.insert_vms(self.dsn, [f"{self.prefix}{label}-{i:03d}" for i in range(vms)])
+        scripts = {vm: script(rng, per_vm) for vm in vm_ids}
+        checks.insert_rounds(self.dsn, scripts, range(per_vm))
         return scripts
 
     def more_work(self, vms: int = 6, per_vm: int = 6) -> dict[int, list[str]]:
@@ -235,7 +246,7 @@ class FaultRun:
         if stale:
             self.notes["stale_examples"] = stale[:3]
         self.wait_hosts_available()
-        later = self.more_work()
+        later = self.later_work()
         self.wait_all_ended(timeout)
         if not self.live():
             raise AssertionError("no daemon is alive at the end")
