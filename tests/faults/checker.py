@@ -18,7 +18,9 @@ all that went wrong, not just the first thing:
    a task settled by reconciliation that failed says it was interrupted;
 4. every VM row agrees with the real domains (running <=> an active domain on
    ``vms.host_id`` only, suspended <=> paused there, stopped/pending <=> no
-   active domain and no host, never a transient state with no task running);
+   active domain and no host, saved <=> a shut-off domain on ``vms.host_id`` only
+   and its image in the save directory (when the run names it), never a
+   transient state with no task running);
    with ``expected``, the rows are also in the state their last task implies.
 """
 
