@@ -315,8 +315,10 @@ class VmAction:
             real = observe(ctx, vm)
         except (TaskFailed, TaskRetry):
             return {"state": self.transition.failure}
+        if real.state == "stopped":
+            return found_as(real)  # a guest gone under the action (killed, crashed) holds no host
         values: dict[str, Any] = {"state": real.state}
-        if real.domain is None and real.state in ("stopped", *_ROW_ONLY_STATES):
+        if real.domain is None and real.state in _ROW_ONLY_STATES:
             values.update(_NOT_RUNNING)
         return values
 

@@ -1,4 +1,5 @@
-"""A task interrupted by a node crash, settled "neither", must not leave its VM on that host.
+"""A task interrupted by a node crash, settled "neither", must not leave its VM on that host;
+nor may a task that failed because its guest died under it (the second test).
 
 Found by the node_kill fault (issue 19, ``test_node_killed[seed22]``, multihost): VM 9's
 ``resume_vm`` was marked running, its node's libvirtd was killed during the libvirt call
@@ -169,6 +170,28 @@ def test_migrate_interrupted_by_a_source_crash_leaves_no_host(dsn: str, fault_no
     victim.start()
     message = shard.settle_interrupted(task)
     assert "stopped" in message and "no domain" in message
+    _host_status_pass(shard)
+    assert _row(dsn, vm_id) == {"state": "stopped", "host_id": None}
+    assert checker.vm_rows(dsn) == []
+
+
+def test_resume_failing_on_a_guest_killed_under_it_leaves_no_host(dsn: str, fault_nodes: list[Any],
+                                                                  shard: Shardlike) -> None:
+    # Found by the qemu_node fault (seed 8): the guest's QEMU was killed -9 during resume_vm;
+    # the call failed ("Unable to read from monitor"), the domain stayed defined and shut off,
+    # and the failure wrote state=stopped but kept host_id (row and node then agree on
+    # 'stopped', so the host-status pass never cleared it). Here the guest is stopped behind
+    # taskomatic's back between mark_running and the libvirt call; the definition stays.
+    host, _ = _hosts(dsn, fault_nodes)
+    vm_id = _vm_on(shard, host, "guest-killed")
+    shard.run(vm_id, "suspend_vm")
+    task = shard.submit(vm_id, "resume_vm")
+    plan = shard.begin(task)
+    plan.data["observed"].domain.destroy()  # the guest dies; libvirt keeps its persistent definition
+    outcome = ACTIONS["resume_vm"].perform(shard.ctx, plan)
+    shard.store.rollback()
+    assert outcome.state == "failed", outcome
+    shard.record(task, outcome.state, outcome.message, outcome.row_updates)
     _host_status_pass(shard)
     assert _row(dsn, vm_id) == {"state": "stopped", "host_id": None}
     assert checker.vm_rows(dsn) == []
