@@ -40,11 +40,16 @@ class Pair:
     """A primary and its synchronous streaming replica; ``dsn`` names both (read-write wins)."""
 
     def __init__(self, base: Path) -> None:
-        from taskomatic.db import migrate
-        from taskomatic.embedded.postgres import SUPERUSER, EmbeddedPostgres
+        from taskomatic.embedded.postgres import EmbeddedPostgres
 
         self.primary = EmbeddedPostgres(base / "a")
         self.replica = EmbeddedPostgres(base / "b")
+        self.dsn = ""
+
+    def start(self) -> None:
+        from taskomatic.db import migrate
+        from taskomatic.embedded.postgres import SUPERUSER
+
         self.primary.start()
         name = f"t_{uuid.uuid4().hex[:12]}"
         self._admin(self.primary, f"CREATE DATABASE {name}")
@@ -113,13 +118,16 @@ class Pair:
 def pg_pair() -> Iterator[Pair]:
     base = Path(tempfile.mkdtemp(prefix="tkm-fpf-", dir="/tmp"))
     base.chmod(0o755)
-    pair = None
+    pair = Pair(base)
+    tool = Path(pair.primary.binaries.postgres).resolve().with_name("pg_basebackup")
+    if not tool.exists():
+        shutil.rmtree(base, ignore_errors=True)
+        pytest.skip(f"{tool} not found (PostgreSQL's client tools)")
     try:
-        pair = Pair(base)
+        pair.start()
         yield pair
     finally:
-        if pair is not None:
-            pair.close()
+        pair.close()  # stopping a server that never started is a no-op
         shutil.rmtree(base, ignore_errors=True)
 
 
