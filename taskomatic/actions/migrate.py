@@ -36,6 +36,7 @@ from taskomatic.actions.vm import (
     _libvirt_failure,
     _running_updates,
     _vm_row,
+    found_as,
     observe,
 )
 from taskomatic.actions.vm_storage import StorageNeeds, activate_pools, pool_label, storage_needs
@@ -117,7 +118,7 @@ class MigrateVm(PlacedAction):
                               [RowUpdate("vms", vm["id"], {"target_host_id": None})])
         return Reconciled(Settlement.NEITHER,
                           f"interrupted; VM {vm['id']} is {on_source.state} ({on_source.detail})",
-                          [RowUpdate("vms", vm["id"], {"state": on_source.state, "target_host_id": None})])
+                          [RowUpdate("vms", vm["id"], {**found_as(on_source), "target_host_id": None})])
 
 
 def refuse_local_disks(vm_id: int, storage: StorageNeeds) -> None:

@@ -157,6 +157,19 @@ def save_path(ctx: ActionContext, vm: dict[str, Any]) -> str:
     return save_image_path(ctx.config.save_dir, vm["id"], vm["uuid"])
 
 
+def found_as(observed: Observed) -> dict[str, Any]:
+    """The row of a VM an interrupted task left as found: a stopped VM holds no host any more.
+
+    (A node crash loses the domain: row and node then agree on 'stopped', so the
+    host-status pass would never clear the host.) A leftover definition goes, as in prepare.
+    """
+    if observed.state != "stopped":
+        return {"state": observed.state}
+    if observed.domain is not None:
+        _undefine_quietly(observed.domain)
+    return {"state": "stopped", **_NOT_RUNNING}
+
+
 def _image_exists(conn: libvirt.virConnect, path: str) -> bool:
     # The node's own view of the file: works for remote nodes too.
     try:
@@ -254,8 +267,10 @@ class VmAction:
             real = observe(ctx, vm)
         except (TaskFailed, TaskRetry):
             return {"state": self.transition.failure}
+        if real.state == "stopped":
+            return found_as(real)  # a guest gone under the action (killed, crashed) holds no host
         values: dict[str, Any] = {"state": real.state}
-        if real.domain is None and real.state in ("stopped", *_ROW_ONLY_STATES):
+        if real.domain is None and real.state in _ROW_ONLY_STATES:
             values.update(_NOT_RUNNING)
         return values
 
@@ -275,7 +290,7 @@ class VmAction:
             Settlement.NEITHER,
             f"interrupted; found VM {vm['id']} {observed.state}, neither {self.transition.start} "
             f"nor {self.transition.success} ({observed.detail})",
-            [RowUpdate("vms", vm["id"], {"state": observed.state})],
+            [RowUpdate("vms", vm["id"], found_as(observed))],
         )
 
 

@@ -18,7 +18,9 @@ all that went wrong, not just the first thing:
    a task settled by reconciliation that failed says it was interrupted;
 4. every VM row agrees with the real domains (running <=> an active domain on
    ``vms.host_id`` only, suspended <=> paused there, stopped/pending <=> no
-   active domain and no host, never a transient state with no task running);
+   active domain and no host, saved <=> a shut-off domain on ``vms.host_id`` only
+   and its image in the save directory (when the run names it), never a
+   transient state with no task running);
    with ``expected``, the rows are also in the state their last task implies.
 """
 
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import libvirt
@@ -74,7 +77,10 @@ def reruns(dsn: str, logs: Iterable[str]) -> list[str]:
     return out
 
 
-def vm_rows(dsn: str, expected: dict[int, str] | None = None) -> list[str]:
+def vm_rows(dsn: str, expected: dict[int, str] | None = None, save_dir: Path | None = None) -> list[str]:
+    """Rows against the nodes; with ``save_dir`` (the nodes' save directory, local to the
+    test), a ``saved`` row is checked too: its domain defined and shut off on its host only,
+    its image in ``save_dir``."""
     hosts = query(dsn, "SELECT id, libvirt_uri FROM hosts ORDER BY id")
     vms = query(dsn, "SELECT id, uuid::text AS uuid, state, host_id FROM vms ORDER BY id")
     problems: list[str] = []
@@ -104,6 +110,9 @@ def vm_rows(dsn: str, expected: dict[int, str] | None = None) -> list[str]:
                 ok = active == {vm["host_id"]: state}
             elif state in ("stopped", "pending", "create_failed"):
                 ok = not active and vm["host_id"] is None
+            elif state == "saved" and save_dir is not None:
+                image = save_dir / f"taskomatic-vm{vm['id']}-{vm['uuid']}.save"
+                ok = found == {vm["host_id"]: "stopped"} and image.is_file()
             else:
                 ok = False
             if not ok:
@@ -117,10 +126,11 @@ def vm_rows(dsn: str, expected: dict[int, str] | None = None) -> list[str]:
     return problems
 
 
-def check_run(dsn: str, logs: Iterable[str], expected: dict[int, str] | None = None) -> list[str]:
+def check_run(dsn: str, logs: Iterable[str], expected: dict[int, str] | None = None,
+              save_dir: Path | None = None) -> list[str]:
     """Every violation of the contract the run left behind (empty: it held)."""
     logs = list(logs)
-    return [*ended_once(dsn), *key_order(dsn), *reruns(dsn, logs), *vm_rows(dsn, expected)]
+    return [*ended_once(dsn), *key_order(dsn), *reruns(dsn, logs), *vm_rows(dsn, expected, save_dir)]
 
 
 def no_work_found_done(dsn: str) -> list[str]:

@@ -43,6 +43,9 @@ MULTIHOST = ["--mode", "multihost", "--set", f"multihost.lease_seconds={LEASE_SE
 if os.environ.get("TKM_LOG_LEVEL"):
     COMMON += ["--log-level", os.environ["TKM_LOG_LEVEL"]]
 
+# The clock_step fault's wall-clock shim (wallclock.c) reads the daemon's offset from this file.
+SHIM_ENV = "TKM_CLOCK_OFFSET_FILE"
+
 VMS = 24
 PER_VM = 12
 
@@ -64,15 +67,20 @@ class FaultRun:
         self.moment: int | None = None
         self.notes: dict[str, Any] = {}
         self.prefix = f"f{seed}"
+        # The nodes' save directory when the workload saves VMs: the checker looks for their images.
+        self.save_dir: Path | None = None
+        # The work queued after the fault (must all finish); a test may give its own.
+        self.later_work = self.more_work
 
     # -- setup -------------------------------------------------------------------------------
-    def add_hosts(self, uris: list[str] | None = None) -> list[int]:
-        """One hosts row per node (room for every VM at once); ``uris`` overrides the node URIs."""
+    def add_hosts(self, uris: list[str] | None = None, hypervisor: str = "TEST") -> list[int]:
+        """One hosts row per node (room for every VM at once); ``uris`` overrides the node URIs.
+        ``hypervisor`` QEMU: the nodes' qemu driver (real guests), not the test driver."""
         ids = []
         for i, node in enumerate(self.nodes):
-            uri = uris[i] if uris else node.test_uri
+            uri = uris[i] if uris else node.qemu_uri if hypervisor == "QEMU" else node.test_uri
             rows = query(self.dsn, "INSERT INTO hosts (hostname, libvirt_uri, hypervisor_type, num_cpus, memory) "
-                                   "VALUES (%s, %s, 'TEST', 4096, 268435456) RETURNING id", (f"n{i}", uri))
+                                   "VALUES (%s, %s, %s, 4096, 268435456) RETURNING id", (f"n{i}", uri, hypervisor))
             ids.append(rows[0]["id"])
         return ids
 
@@ -126,6 +134,28 @@ class FaultRun:
         self.wait_all_ended(60)
         checks.insert_rounds(self.dsn, scripts, range(1, per_vm))
         self.moment = self.rng.randint(vms + total // 10, vms + total // 2)
+        return scripts
+
+    def save_workload(self, vms: int = VMS, per_vm: int = PER_VM) -> dict[int, list[str]]:
+        """Like ``workload`` (create_vm first, then the rest in one INSERT), with save_vm/restore_vm
+        in the scripts; the moment of injection in the first half of the run."""
+        rng = random.Random(f"{self.fault}:{self.seed}:scripts")
+        vm_ids = checks.insert_vms(self.dsn, [f"{self.prefix}-{i:03d}" for i in range(vms)])
+        scripts = {vm: save_script(rng, per_vm) for vm in vm_ids}
+        checks.insert_rounds(self.dsn, scripts, range(0, 1))
+        self.wait_all_ended(60)
+        checks.insert_rounds(self.dsn, scripts, range(1, per_vm))
+        total = vms * per_vm
+        self.notes["tasks_before_fault"] = total
+        self.moment = self.rng.randint(vms + total // 10, vms + total // 2)
+        return scripts
+
+    def script_workload(self, script: Any, vms: int, per_vm: int, label: str = "") -> dict[int, list[str]]:
+        """VMs with ``script(rng, per_vm)`` each, every round queued at once (interleaved across VMs)."""
+        rng = random.Random(f"{self.fault}:{self.seed}:scripts{label}")
+        vm_ids = checks.insert_vms(self.dsn, [f"{self.prefix}{label}-{i:03d}" for i in range(vms)])
+        scripts = {vm: script(rng, per_vm) for vm in vm_ids}
+        checks.insert_rounds(self.dsn, scripts, range(per_vm))
         return scripts
 
     def more_work(self, vms: int = 6, per_vm: int = 6) -> dict[int, list[str]]:
@@ -211,12 +241,12 @@ class FaultRun:
         self.wait_all_ended(timeout)
         # Rows that disagree with the nodes the moment the last task ended (before the host-status
         # pass had its say): for the record; the verdict below allows the pass to correct them.
-        stale = checker.vm_rows(self.dsn)
+        stale = checker.vm_rows(self.dsn, save_dir=self.save_dir)
         self.notes["stale_rows_at_end"] = len(stale)
         if stale:
             self.notes["stale_examples"] = stale[:3]
         self.wait_hosts_available()
-        later = self.more_work()
+        later = self.later_work()
         self.wait_all_ended(timeout)
         if not self.live():
             raise AssertionError("no daemon is alive at the end")
@@ -224,8 +254,9 @@ class FaultRun:
         # The host-status pass may still be correcting rows a node fault left stale: give it a few
         # passes (reconcile_interval is 1 s) before judging.
         with contextlib.suppress(AssertionError):
-            wait_for(lambda: not checker.vm_rows(self.dsn, expected), 15, 0.25, "VM rows to agree with the nodes")
-        violations = checker.check_run(self.dsn, [d.log() for d in self.daemons], expected)
+            wait_for(lambda: not checker.vm_rows(self.dsn, expected, self.save_dir), 15, 0.25,
+                     "VM rows to agree with the nodes")
+        violations = checker.check_run(self.dsn, [d.log() for d in self.daemons], expected, self.save_dir)
         if must_finish:
             violations += checker.all_finished(self.dsn)
             violations += checker.no_work_found_done(self.dsn)
@@ -272,6 +303,24 @@ class FaultRun:
             for d in self.daemons:
                 with contextlib.suppress(OSError):
                     shutil.copy(d.log_path, where / d.log_path.name)
+
+
+# What each VM action leaves a VM in (checks.SUCCESS_STATE, plus saving and restoring).
+SAVE_SUCCESS = {**checks.SUCCESS_STATE, "save_vm": "saved", "restore_vm": "running"}
+
+
+def save_script(rng: random.Random, length: int) -> list[str]:
+    """A lifecycle like ``checks.lifecycle_script`` in which a running VM is often saved and restored."""
+    script = ["create_vm", "start_vm"]
+    state = "running"
+    while len(script) < length:
+        if state == "running":
+            action = rng.choice(["save_vm", "save_vm", "suspend_vm", "shutdown_vm", "poweroff_vm"])
+        else:
+            action = {"suspended": "resume_vm", "saved": "restore_vm", "stopped": "start_vm"}[state]
+        script.append(action)
+        state = SAVE_SUCCESS[action]
+    return script
 
 
 def set_db(dsn: str, sql: str, params: Any = None) -> None:
