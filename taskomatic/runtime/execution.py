@@ -105,7 +105,9 @@ class Execution:
         self.parking = parking
         self.outcomes = outcomes
         self.link = link
-        self.deadline = deadline  # multiprocess Value('d'): 0 when idle; the supervisor kills a shard past it
+        # multiprocess Value('d') on CLOCK_MONOTONIC (one clock for every process of the machine, and it never
+        # steps): 0 when idle; the supervisor kills a shard past it
+        self.deadline = deadline
         self.queue: deque[TaskRow] = deque()
         self.estimates: dict[str, float] = {}  # action -> running estimate of its duration (s)
 
@@ -196,7 +198,7 @@ class Execution:
                 self.queue.extendleft(reversed([replace(t, state=TaskState.RUNNING)
                                                 for t, _, _ in started.run[position:]]))
                 return
-            self.deadline.value = time.time() + self.config.task_timeout
+            self.deadline.value = time.monotonic() + self.config.task_timeout
             try:
                 self._perform(task, action, plan)
             finally:
@@ -216,7 +218,7 @@ class Execution:
 
     def _guarded(self, task: TaskRow, step: Callable[[], bool]) -> bool:
         """Run one task's step outside a batch; a database refusal fails the task (a lost connection propagates)."""
-        self.deadline.value = time.time() + self.config.task_timeout
+        self.deadline.value = time.monotonic() + self.config.task_timeout
         try:
             return step()
         except psycopg2.DatabaseError as exc:
@@ -277,7 +279,7 @@ class Execution:
         result = BatchStart()
         prepared: list[tuple[TaskRow, Action, Plan]] = []
         failing: list[tuple[TaskRow, str, list[RowUpdate]]] = []
-        self.deadline.value = time.time() + self.config.task_timeout
+        self.deadline.value = time.monotonic() + self.config.task_timeout
         try:
             for task in batch:
                 try:

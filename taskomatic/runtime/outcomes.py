@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import TypeVar
 
 import psycopg2
@@ -28,6 +28,7 @@ from taskomatic.config import Config
 from taskomatic.db import key_claims, task_writes
 from taskomatic.db.store import Store
 from taskomatic.model import EndState, OutcomeState, TaskRow
+from taskomatic.runtime import clock
 from taskomatic.runtime.lease import limit_idle_transaction
 from taskomatic.runtime.messages import TaskEnd
 from taskomatic.runtime.parking import ParkingLot
@@ -43,7 +44,8 @@ CONNECTION_LOST = (psycopg2.OperationalError, psycopg2.InterfaceError)
 
 
 def now() -> datetime:
-    return datetime.now(UTC)
+    """When something happens to a task (see runtime/clock.py: the database's clock)."""
+    return clock.now()
 
 
 def named(task: TaskRow) -> str:

@@ -466,12 +466,12 @@ class Supervisor:
             self.last_status_at = now
 
     def _check_shard_deadlines(self) -> None:
-        wall = time.time()
+        moment = time.monotonic()  # the shards set their deadlines on it: a wall-clock step kills nobody
         for child in self.children:
             if child.role != "shard":
                 continue
             deadline = child.deadline.value if child.deadline is not None else 0.0
-            if child.process is not None and deadline and wall > deadline:
+            if child.process is not None and deadline and moment > deadline:
                 log.error("shard %d (pid %d) is stuck on a task past task_timeout (%gs); killing it, "
                           "its task will be reconciled", child.slot, child.process.pid, self.config.task_timeout)
                 child.deadline.value = 0.0

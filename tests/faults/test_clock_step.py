@@ -15,18 +15,17 @@ holds in the database's timestamps; no instance loses its lease (its renewal and
 takeover run on the database clock, its local copy on CLOCK_BOOTTIME) and no shard
 is killed as stuck past task_timeout when it was not.
 
-Known failure (issue 19, reported, not fixed here): the shards take time_started and
-time_ended from the daemon's wall clock (runtime/shard.py ``now()``), so after a step
-back a task "starts" before its predecessor "ended" in the database (or "ends" before
-it started), and the checks fail although the tasks ran in order. When those are the only violations the
-run is marked xfail (with their count); any other violation fails it.
+Found by this fault and fixed: the shards took time_started and time_ended from the
+daemon's wall clock, so after a step back a task "started" before its predecessor
+"ended" in the database, although the tasks ran in order. They now stamp tasks with
+the database's clock carried forward by the monotonic clock (runtime/clock.py), and
+the shard deadlines follow the monotonic clock, so every violation fails the run.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import re
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -38,7 +37,7 @@ import pytest
 from tests.acceptance import checks
 from tests.faults.harness import SHIM_ENV, FaultRun
 from tests.faults.test_faults import SHARDS, verdict
-from tests.helpers import query, wait_for
+from tests.helpers import wait_for
 
 SOURCE = Path(__file__).with_name("wallclock.c")
 
@@ -121,21 +120,5 @@ def test_clock_stepped(seed: int, dsn: str, wallclock_shim: Path, make_run: Any)
         violations.append(f"{lost} lease(s) lost after a wall-clock step (leases run on the database clock)")
     if killed:
         violations.append(f"{killed} shard(s) killed as stuck past task_timeout after a wall-clock step "
-                          "(the task deadline follows the wall clock)")
-    ended_before_started = {r["id"] for r in query(dsn, "SELECT id FROM tasks WHERE time_ended < time_started")}
-    known = [v for v in violations if v.startswith(ORDER_IN_TIMESTAMPS) or _only_times_wrong(v, ended_before_started)]
-    if known and len(known) == len(violations):
-        pytest.xfail(f"known: {len(known)} violations: per-key order as the daemon's wall-clock timestamps "
-                     "show it (time_started/time_ended come from runtime/shard.py now(), datetime.now: a "
-                     f"step back makes a task start 'before' its predecessor ended); e.g. {known[0][:300]}")
+                          "(the task deadline must follow the monotonic clock)")
     verdict(violations)
-
-
-def _only_times_wrong(violation: str, ended_before_started: set[int]) -> bool:
-    """A 'did not end properly' violation of a task that ended once but 'before' it started."""
-    found = re.match(r"task did not end properly .*?\{'id': (\d+), .*'state': '(finished|failed)'", violation)
-    return found is not None and int(found.group(1)) in ended_before_started
-
-
-# What checks.key_order_violations says when time_started/time_ended disagree with id order.
-ORDER_IN_TIMESTAMPS = ("per-key order violated", "tasks of one key started out of id order")
