@@ -342,7 +342,8 @@ def shard_of(row: dict[str, Any], shards: int, key_type: str = "Vm") -> tuple[in
     recorded = row.get("run_by_shard")
     if recorded is not None:
         return int(recorded), True
-    from taskomatic.runtime.router import OrderingKey, shard_for
+    from taskomatic.model import OrderingKey
+    from taskomatic.runtime.router import shard_for
 
     return shard_for(OrderingKey(key_type, row["key_id"]), shards), False
 

@@ -153,10 +153,3 @@ class Action(Protocol):
     def perform(self, ctx: ActionContext, plan: Plan) -> Outcome: ...
 
     def reconcile(self, ctx: ActionContext, task: TaskRow) -> Reconciled: ...
-
-
-def load_actions() -> dict[str, Action]:
-    """Compatibility for callers not yet moved (tests/bench/test_bench_smoke.py): see ``actions/registry.py``."""
-    from taskomatic.actions import registry  # at call time: base never imports the actions when loaded
-
-    return registry.load_actions()

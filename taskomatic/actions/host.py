@@ -40,15 +40,15 @@ from taskomatic.actions.base import (
 )
 from taskomatic.actions.libvirt_util import is_transient
 from taskomatic.actions.migrate import MIGRATABLE_STATES, MigrateVm
-from taskomatic.actions.vm import (
-    _NOT_RUNNING,
+from taskomatic.actions.vm_state import (
+    NOT_RUNNING,
     Observed,
-    _connect,
-    _image_exists,
-    _undefine_quietly,
-    _vm_row,
+    connect_host,
+    image_exists,
     observe,
     save_path,
+    undefine_quietly,
+    vm_row,
 )
 from taskomatic.actions.vm_storage import activate_pools, storage_needs
 from taskomatic.db import hosts as hosts_db
@@ -131,7 +131,7 @@ class EvacuateVm:
                              f"got {leaving!r}")
 
     def prepare(self, ctx: ActionContext, task: TaskRow) -> Plan:
-        vm = _vm_row(ctx, task)
+        vm = vm_row(ctx, task)
         leaving = task.args["from_host_id"]
         if vm["host_id"] != leaving:
             where = f"host {vm['host_id']}" if vm["host_id"] is not None else "no host"
@@ -187,9 +187,9 @@ class EvacuateVm:
     def _forget(self, plan: Plan) -> Outcome:
         vm, observed = plan.data["vm"], plan.data["observed"]
         if observed.domain is not None:
-            _undefine_quietly(observed.domain)  # a stopped definition left there
+            undefine_quietly(observed.domain)  # a stopped definition left there
         return Outcome.finished(f"{_vm_label(vm)} is stopped; its row no longer names host {vm['host_id']}",
-                                RowUpdate("vms", vm["id"], {"state": "stopped", **_NOT_RUNNING}))
+                                RowUpdate("vms", vm["id"], {"state": "stopped", **NOT_RUNNING}))
 
     def _move_saved(self, ctx: ActionContext, plan: Plan) -> Outcome:
         """The image stays where it is (shared save_dir); the definition moves to the destination."""
@@ -199,8 +199,8 @@ class EvacuateVm:
         stay = RowUpdate("vms", vm["id"], {"target_host_id": None})
         try:
             activate_pools(ctx, destination, plan.data.get("pools", ()), self.name)
-            target = _connect(ctx, destination)
-            if not _image_exists(target, path):
+            target = connect_host(ctx, destination)
+            if not image_exists(target, path):
                 return Outcome.failed(
                     f"{_vm_label(vm)} (saved) cannot leave host {vm['host_id']}: its image {path} is not "
                     f"readable on host {destination['id']} ({destination['hostname']}), although "
@@ -227,7 +227,7 @@ class EvacuateVm:
 
     def reconcile(self, ctx: ActionContext, task: TaskRow) -> Reconciled:
         try:
-            vm = _vm_row(ctx, task)
+            vm = vm_row(ctx, task)
         except TaskFailed as failure:
             return Reconciled(Settlement.NEITHER, f"interrupted; {failure.message}")
         if vm["target_host_id"] is None:

@@ -28,16 +28,16 @@ from taskomatic.actions.base import (
 )
 from taskomatic.actions.libvirt_util import is_transient
 from taskomatic.actions.states import Verdict
-from taskomatic.actions.vm import (
+from taskomatic.actions.vm import PlacedAction
+from taskomatic.actions.vm_state import (
     Observed,
-    PlacedAction,
-    _connect,
-    _host_label,
-    _libvirt_failure,
-    _running_updates,
-    _vm_row,
+    connect_host,
     found_as,
+    host_label,
+    libvirt_failure,
     observe,
+    running_updates,
+    vm_row,
 )
 from taskomatic.actions.vm_storage import StorageNeeds, activate_pools, pool_label, storage_needs
 from taskomatic.db.storage_placement import vm_disk_pools
@@ -83,26 +83,26 @@ class MigrateVm(PlacedAction):
         pools = plan.data.get("pools", ())
         try:
             activate_pools(ctx, destination, pools, self.name)  # its disks reachable there first
-            target = _connect(ctx, destination)
+            target = connect_host(ctx, destination)
             if destination["hypervisor_type"] == "TEST" or source["hypervisor_type"] == "TEST":
                 moved = _move_test_domain(domain, target, paused)
             else:
                 moved = _live_migrate(ctx, domain, target, paused=paused, shared_disks=bool(pools))
         except (libvirt.libvirtError, TaskFailed) as exc:
             if isinstance(exc, libvirt.libvirtError) and is_transient(exc):
-                raise TaskRetry(_libvirt_failure("migrate_vm", source, exc)) from None
-            message = exc.message if isinstance(exc, TaskFailed) else _libvirt_failure(
-                "migrate_vm", source, exc) + f" (to {_host_label(destination)})"
+                raise TaskRetry(libvirt_failure("migrate_vm", source, exc)) from None
+            message = exc.message if isinstance(exc, TaskFailed) else libvirt_failure(
+                "migrate_vm", source, exc) + f" (to {host_label(destination)})"
             after = self._state_after_failure(ctx, vm)
             return Outcome.failed(message, RowUpdate("vms", vm["id"], {**after, "target_host_id": None}))
         state = "suspended" if paused else "running"
-        observed = Observed(state, f"domain {state} on {_host_label(destination)}", moved, destination)
-        return Outcome.finished(None, RowUpdate("vms", vm["id"], {**_running_updates(vm, observed),
+        observed = Observed(state, f"domain {state} on {host_label(destination)}", moved, destination)
+        return Outcome.finished(None, RowUpdate("vms", vm["id"], {**running_updates(vm, observed),
                                                                   "state": state, "target_host_id": None}))
 
     def reconcile(self, ctx: ActionContext, task: TaskRow) -> Reconciled:
         try:
-            vm = _vm_row(ctx, task)
+            vm = vm_row(ctx, task)
             on_source = observe(ctx, vm)
             on_target = None
             if vm.get("target_host_id") is not None:
@@ -111,7 +111,7 @@ class MigrateVm(PlacedAction):
             return Reconciled(Settlement.NEITHER, f"interrupted, and the real state is unknown: {failure.message}")
         if on_target is not None and on_target.state in MIGRATABLE_STATES:
             return Reconciled(Settlement.DONE, f"interrupted, but it took effect ({on_target.detail})",
-                              [RowUpdate("vms", vm["id"], {**_running_updates(vm, on_target),
+                              [RowUpdate("vms", vm["id"], {**running_updates(vm, on_target),
                                                            "state": on_target.state, "target_host_id": None})])
         if on_source.state in MIGRATABLE_STATES:
             return Reconciled(Settlement.NOT_STARTED, f"interrupted before it took effect ({on_source.detail})",

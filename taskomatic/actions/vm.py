@@ -2,16 +2,13 @@
 
 Every action checks its precondition against the domain's real state, not
 the row: the row may be stale after a crash or a change made behind our back.
-A domain is found by the VM's UUID on the host in ``vms.host_id``; a VM with
-no host, or whose domain is gone, is not running anywhere.
+That state is read by vm_state.py; this module decides and acts on it.
 """
 
 from __future__ import annotations
 
 import logging
-import posixpath
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import libvirt
@@ -27,10 +24,25 @@ from taskomatic.actions.base import (
     TaskFailed,
     TaskRetry,
 )
-from taskomatic.actions.connections import HostUnreachable
-from taskomatic.actions.domain_xml import Disk, DomainSpec, domain_xml, vnc_port
-from taskomatic.actions.libvirt_util import domain_state, is_transient, libvirt_uri_problem, save_image_path
+from taskomatic.actions.domain_xml import domain_xml
+from taskomatic.actions.libvirt_util import is_transient
 from taskomatic.actions.states import VM_TRANSITIONS, Verdict, precondition
+from taskomatic.actions.vm_state import (
+    NOT_RUNNING,
+    ROW_ONLY_STATES,
+    Observed,
+    connect_host,
+    delete_save_image,
+    domain_spec,
+    found_as,
+    host_label,
+    libvirt_failure,
+    observe,
+    running_updates,
+    save_path,
+    undefine_quietly,
+    vm_row,
+)
 from taskomatic.actions.vm_storage import StorageNeeds, activate_pools, storage_needs
 from taskomatic.db import hosts as hosts_db
 from taskomatic.db import vms as vms_db
@@ -40,148 +52,9 @@ from taskomatic.text import quoted
 
 log = logging.getLogger(__name__)
 
-# States that only the database knows: a VM in one of these has no domain.
-_ROW_ONLY_STATES = ("pending", "create_failed", "invalid", "saved")
-# A stopped domain with a save image is 'saved' while the row is in one of these.
-_SAVE_STATES = ("saved", "saving", "restoring")
 _SHUTDOWN_POLL_SECONDS = 0.2
-
-# Cleared when a VM no longer runs anywhere.
-_NOT_RUNNING = {"host_id": None, "vnc_port": None, "memory_used": 0, "num_vcpus_used": 0}
-
-
-def domain_name(description: str) -> str:
-    """The libvirt name for a VM: its description, minus what libvirt forbids.
-
-    libvirt refuses '/' and control characters in names; everything else
-    (XML metacharacters included) is kept and escaped by the XML library.
-    """
-    cleaned = "".join("_" if ch == "/" or not _xml_char(ch) else (" " if ord(ch) < 32 or ord(ch) == 127 else ch)
-                      for ch in description)
-    return cleaned.strip() or "vm"
-
-
-# libvirt names files on the node after the domain (<name>.xml, <name>.log): a file name holds
-# 255 bytes, minus the longest suffix.
-MAX_DOMAIN_NAME_BYTES = 250
 # The ids the database can hold (bigint).
 MAX_ID = 2**63 - 1
-
-
-def name_problem(vm: dict[str, Any]) -> str | None:
-    """Why the VM's description cannot become a libvirt domain name (None if it can)."""
-    size = len(domain_name(vm["description"]).encode("utf-8", "surrogatepass"))
-    if size > MAX_DOMAIN_NAME_BYTES:
-        return (f"VM {vm['id']}: its description {quoted(vm['description'])} is {size} bytes long; the libvirt "
-                f"domain name made from it may be at most {MAX_DOMAIN_NAME_BYTES} bytes (the node names files "
-                "after it): shorten vms.description")
-    return None
-
-
-def _xml_char(ch: str) -> bool:
-    """Allowed in an XML 1.0 document (control characters are handled by the caller)."""
-    code = ord(ch)
-    return code < 0xD800 or 0xE000 <= code <= 0xFFFD or code >= 0x10000
-
-
-@dataclass
-class Observed:
-    """The VM's real state as read from its node."""
-
-    state: str
-    detail: str
-    domain: libvirt.virDomain | None
-    host: dict[str, Any] | None
-
-
-def _vm_row(ctx: ActionContext, task: TaskRow) -> dict[str, Any]:
-    if task.target_id is None:
-        raise TaskFailed("task_target_id is NULL; a Vm task needs the VM's id")
-    vm = vms_db.get_vm(ctx.store, task.target_id)
-    if vm is None:
-        raise TaskFailed(f"VM {task.target_id} does not exist")
-    return vm
-
-
-def _host_label(host: dict[str, Any]) -> str:
-    return f"host {host['id']} ({host['hostname']})"
-
-
-def _connect(ctx: ActionContext, host: dict[str, Any]) -> libvirt.virConnect:
-    problem = libvirt_uri_problem(host["libvirt_uri"])
-    if problem:
-        raise TaskFailed(f"{_host_label(host)}: {problem}")
-    try:
-        return ctx.libvirt.get(host["libvirt_uri"])
-    except HostUnreachable as exc:
-        raise TaskRetry(f"{_host_label(host)} is unreachable: {exc}") from None
-
-
-def _read_failure(ctx: ActionContext, vm: dict[str, Any], host: dict[str, Any],
-                  exc: libvirt.libvirtError) -> Exception:
-    """A failed read of a domain: transient (retry) if the node or connection failed."""
-    message = f"cannot read VM {vm['id']} on {_host_label(host)}: {exc.get_error_message()}"
-    if is_transient(exc):
-        ctx.libvirt.drop(host["libvirt_uri"])
-        return TaskRetry(message)
-    return TaskFailed(message)
-
-
-def observe(ctx: ActionContext, vm: dict[str, Any]) -> Observed:
-    if vm["host_id"] is None:
-        state = vm["state"] if vm["state"] in _ROW_ONLY_STATES else "stopped"
-        return Observed(state, f"VM {vm['id']} is not on any host", None, None)
-    host = hosts_db.get_host(ctx.store, vm["host_id"])
-    if host is None:  # the FK sets host_id NULL on delete; a race at most
-        return Observed("stopped", f"host {vm['host_id']} no longer exists", None, None)
-    conn = _connect(ctx, host)
-    try:
-        domain = conn.lookupByUUIDString(vm["uuid"])
-    except libvirt.libvirtError as exc:
-        if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
-            state = vm["state"] if vm["state"] in _ROW_ONLY_STATES else "stopped"
-            return Observed(state, f"no domain for VM {vm['id']} on {_host_label(host)}", None, host)
-        raise _read_failure(ctx, vm, host, exc) from None
-    try:
-        code = domain.state()[0]
-    except libvirt.libvirtError as exc:
-        raise _read_failure(ctx, vm, host, exc) from None
-    state = domain_state(code)
-    if state == "stopped" and vm["state"] in _SAVE_STATES and _image_exists(conn, save_path(ctx, vm)):
-        return Observed("saved", f"domain saved to {save_path(ctx, vm)} on {_host_label(host)}", domain, host)
-    return Observed(state, f"domain is {state} on {_host_label(host)}", domain, host)
-
-
-def save_path(ctx: ActionContext, vm: dict[str, Any]) -> str:
-    """Where save_vm keeps a VM's memory image on its node: named after the VM, in save_dir."""
-    return save_image_path(ctx.config.save_dir, vm["id"], vm["uuid"])
-
-
-def found_as(observed: Observed) -> dict[str, Any]:
-    """The row of a VM an interrupted task left as found: a stopped VM holds no host any more.
-
-    (A node crash loses the domain: row and node then agree on 'stopped', so the
-    host-status pass would never clear the host.) A leftover definition goes, as in prepare.
-    """
-    if observed.state != "stopped":
-        return {"state": observed.state}
-    if observed.domain is not None:
-        _undefine_quietly(observed.domain)
-    return {"state": "stopped", **_NOT_RUNNING}
-
-
-def _image_exists(conn: libvirt.virConnect, path: str) -> bool:
-    # The node's own view of the file: works for remote nodes too.
-    try:
-        conn.saveImageGetXMLDesc(path, 0)
-        return True
-    except libvirt.libvirtError:
-        return False
-
-
-def _libvirt_failure(action: str, host: dict[str, Any] | None, exc: libvirt.libvirtError) -> str:
-    where = f" on {_host_label(host)}" if host else ""
-    return f"{action} failed{where}: {exc.get_error_message()}"
 
 
 class VmAction:
@@ -205,7 +78,7 @@ class VmAction:
         return observe(ctx, vm)
 
     def prepare(self, ctx: ActionContext, task: TaskRow) -> Plan:
-        vm = _vm_row(ctx, task)
+        vm = vm_row(ctx, task)
         observed = self.real_state(ctx, vm)
         verdict = self.verdict(observed.state)
         if verdict == Verdict.ALREADY_DONE:
@@ -218,8 +91,8 @@ class VmAction:
                 # Found stopped (a lost save image, a guest that powered itself off): it
                 # holds no host any more, and a leftover definition is removed.
                 if observed.domain is not None:
-                    _undefine_quietly(observed.domain)
-                corrections.append(RowUpdate("vms", vm["id"], {"state": "stopped", **_NOT_RUNNING}))
+                    undefine_quietly(observed.domain)
+                corrections.append(RowUpdate("vms", vm["id"], {"state": "stopped", **NOT_RUNNING}))
             elif observed.state != vm["state"]:
                 corrections.append(RowUpdate("vms", vm["id"], {"state": observed.state}))
             raise TaskFailed(
@@ -245,9 +118,9 @@ class VmAction:
         except libvirt.libvirtError as exc:
             if observed.host is not None and is_transient(exc):
                 ctx.libvirt.drop(observed.host["libvirt_uri"])
-                raise TaskRetry(_libvirt_failure(self.name, observed.host, exc)) from None
+                raise TaskRetry(libvirt_failure(self.name, observed.host, exc)) from None
             after = self._state_after_failure(ctx, vm)
-            return Outcome.failed(_libvirt_failure(self.name, observed.host, exc),
+            return Outcome.failed(libvirt_failure(self.name, observed.host, exc),
                                   RowUpdate("vms", vm["id"], after))
         except TaskFailed as failure:
             after = self._state_after_failure(ctx, vm)
@@ -270,14 +143,14 @@ class VmAction:
         if real.state == "stopped":
             return found_as(real)  # a guest gone under the action (killed, crashed) holds no host
         values: dict[str, Any] = {"state": real.state}
-        if real.domain is None and real.state in _ROW_ONLY_STATES:
-            values.update(_NOT_RUNNING)
+        if real.domain is None and real.state in ROW_ONLY_STATES:
+            values.update(NOT_RUNNING)
         return values
 
     # -- reconcile ---------------------------------------------------------
     def reconcile(self, ctx: ActionContext, task: TaskRow) -> Reconciled:
         try:
-            vm = _vm_row(ctx, task)
+            vm = vm_row(ctx, task)
             observed = observe(ctx, vm)
         except TaskFailed as failure:
             return Reconciled(Settlement.NEITHER, f"interrupted, and the real state is unknown: {failure.message}")
@@ -305,7 +178,7 @@ class CreateVm(VmAction):
     def act(self, ctx: ActionContext, vm: dict[str, Any], observed: Observed) -> None:
         # Building the XML proves every field fits a domain definition.
         # (Disks may still be on their way: a create_volume of the VM's pool can run later.)
-        domain_xml(_spec(ctx, vm, {"hypervisor_type": "QEMU", "arch": "x86_64"}, with_disks=False))
+        domain_xml(domain_spec(ctx, vm, {"hypervisor_type": "QEMU", "arch": "x86_64"}, with_disks=False))
 
     def _state_after_failure(self, ctx: ActionContext, vm: dict[str, Any]) -> dict[str, Any]:
         return {"state": "create_failed"}
@@ -313,49 +186,6 @@ class CreateVm(VmAction):
     def reconcile(self, ctx: ActionContext, task: TaskRow) -> Reconciled:
         # Nothing outside the database changed: always safe to run again.
         return Reconciled(Settlement.NOT_STARTED, "interrupted; create_vm has no effect outside the database")
-
-
-def _spec(ctx: ActionContext, vm: dict[str, Any], host: dict[str, Any], with_disks: bool = True) -> DomainSpec:
-    problem = name_problem(vm)
-    if problem:
-        raise TaskFailed(problem)
-    disks = []
-    for row in vms_db.vm_disks(ctx.store, vm["id"]) if with_disks else ():
-        if row["path"] is None or row["state"] != "available":
-            raise TaskFailed(f"VM {vm['id']}: disk volume {row['id']} ({row['name']!r}) is {row['state']}"
-                             f"{' and has no path' if row['path'] is None else ''}; create or refresh it first")
-        disks.append(Disk(row["path"], row["format"] or "raw"))
-    return DomainSpec(
-        name=domain_name(vm["description"]),
-        uuid=vm["uuid"],
-        memory_kib=int(vm["memory_allocated"]),
-        vcpus=int(vm["num_vcpus_allocated"]),
-        boot_device=vm["boot_device"],
-        hypervisor_type=host["hypervisor_type"],
-        arch=host.get("arch") or "x86_64",
-        machine=ctx.config.machine_type,
-        emulator=ctx.config.emulator,
-        vnc_listen=ctx.config.vnc_listen,
-        mac_address=vm.get("vnic_mac_addr"),
-        network=ctx.config.nic_network,
-        disks=tuple(disks),
-    )
-
-
-def _running_updates(vm: dict[str, Any], observed: Observed) -> dict[str, Any]:
-    values: dict[str, Any] = {
-        "state": "running",
-        "memory_used": vm["memory_allocated"],
-        "num_vcpus_used": vm["num_vcpus_allocated"],
-    }
-    if observed.host is not None:
-        values["host_id"] = observed.host["id"]
-    if observed.domain is not None:
-        try:
-            values["vnc_port"] = vnc_port(observed.domain.XMLDesc(0))
-        except libvirt.libvirtError:
-            pass
-    return values
 
 
 PLACEMENT_LOCK_ID = 0x7A5C0003
@@ -434,7 +264,7 @@ class StartVm(PlacedAction):
     def prepare(self, ctx: ActionContext, task: TaskRow) -> Plan:
         plan = super().prepare(ctx, task)
         if plan.already_done is None:
-            _spec(ctx, plan.data["vm"], {"hypervisor_type": "TEST"})  # its disks must be ready: fail now if not
+            domain_spec(ctx, plan.data["vm"], {"hypervisor_type": "TEST"})  # its disks must be ready: fail now if not
             plan.begin_updates = []  # placement writes state and host together
             plan.begin_hook = lambda store: self._place(store, plan)
         return plan
@@ -449,41 +279,33 @@ class StartVm(PlacedAction):
         leftover: Observed = plan.data["observed"]
         if leftover.domain is not None and leftover.host is not None and leftover.host["id"] != host["id"]:
             # An inactive definition on the VM's previous host would be a second copy to start.
-            _undefine_quietly(leftover.domain)
+            undefine_quietly(leftover.domain)
         try:
             activate_pools(ctx, host, plan.data.get("pools", ()), self.name)  # its disks reachable there first
         except TaskFailed as failure:
-            return Outcome.failed(failure.message, RowUpdate("vms", vm["id"], {"state": "stopped", **_NOT_RUNNING}))
-        conn = _connect(ctx, host)
+            return Outcome.failed(failure.message, RowUpdate("vms", vm["id"], {"state": "stopped", **NOT_RUNNING}))
+        conn = connect_host(ctx, host)
         domain = None
         try:
             ctx.ensure_lease()
-            domain = conn.defineXML(domain_xml(_spec(ctx, vm, host)))
+            domain = conn.defineXML(domain_xml(domain_spec(ctx, vm, host)))
             ctx.ensure_lease()
             domain.create()
         except libvirt.libvirtError as exc:
             if is_transient(exc):
                 ctx.libvirt.drop(host["libvirt_uri"])
-                raise TaskRetry(_libvirt_failure("start_vm", host, exc)) from None
+                raise TaskRetry(libvirt_failure("start_vm", host, exc)) from None
             if domain is not None:
-                _undefine_quietly(domain)
-            return Outcome.failed(_libvirt_failure("start_vm", host, exc),
-                                  RowUpdate("vms", vm["id"], {"state": "stopped", **_NOT_RUNNING}))
-        observed = Observed("running", f"domain running on {_host_label(host)}", domain, host)
-        values = _running_updates(vm, observed)
+                undefine_quietly(domain)
+            return Outcome.failed(libvirt_failure("start_vm", host, exc),
+                                  RowUpdate("vms", vm["id"], {"state": "stopped", **NOT_RUNNING}))
+        observed = Observed("running", f"domain running on {host_label(host)}", domain, host)
+        values = running_updates(vm, observed)
         values["boot_device"] = "hd"  # a one-off network/cdrom boot does not stick
         return Outcome.finished(None, RowUpdate("vms", vm["id"], values))
 
     def success_updates(self, ctx: ActionContext, vm: dict[str, Any], observed: Observed) -> list[RowUpdate]:
-        return [RowUpdate("vms", vm["id"], _running_updates(vm, observed))]
-
-
-def _undefine_quietly(domain: libvirt.virDomain) -> None:
-    try:
-        if not domain.isActive():
-            domain.undefine()
-    except libvirt.libvirtError:
-        pass
+        return [RowUpdate("vms", vm["id"], running_updates(vm, observed))]
 
 
 class StopVm(VmAction):
@@ -509,12 +331,12 @@ class StopVm(VmAction):
                 domain.destroy()
         else:
             domain.destroy()
-        _undefine_quietly(domain)
+        undefine_quietly(domain)
 
     def success_updates(self, ctx: ActionContext, vm: dict[str, Any], observed: Observed) -> list[RowUpdate]:
         if observed.domain is not None:
-            _undefine_quietly(observed.domain)
-        return [RowUpdate("vms", vm["id"], {"state": "stopped", **_NOT_RUNNING})]
+            undefine_quietly(observed.domain)
+        return [RowUpdate("vms", vm["id"], {"state": "stopped", **NOT_RUNNING})]
 
 
 def _wait_inactive(domain: libvirt.virDomain, timeout: float) -> bool:
@@ -562,58 +384,17 @@ class RestoreVm(VmAction):
 
     def act(self, ctx: ActionContext, vm: dict[str, Any], observed: Observed) -> None:
         assert observed.host is not None
-        conn = _connect(ctx, observed.host)
+        conn = connect_host(ctx, observed.host)
         path = save_path(ctx, vm)
         ctx.ensure_lease()
         conn.restore(path)
-        _delete_image(conn, path)
+        delete_save_image(conn, path)
 
     def success_updates(self, ctx: ActionContext, vm: dict[str, Any], observed: Observed) -> list[RowUpdate]:
         if observed.host is not None and observed.state == "running":
             # Settled after a crash: the restore worked; the image may still be there.
-            _delete_image(_connect(ctx, observed.host), save_path(ctx, vm))
-        return [RowUpdate("vms", vm["id"], _running_updates(vm, observed))]
-
-
-def _delete_image(conn: libvirt.virConnect, path: str) -> None:
-    """Remove a save image on its node through libvirt's storage API (works for remote nodes).
-
-    The save directory is wrapped in a dir pool; a node whose driver has no
-    real storage (the test driver) keeps the file, which is logged.
-    """
-    try:
-        directory = posixpath.dirname(path)
-        pool = None
-        for candidate in conn.listAllStoragePools(0):
-            if _pool_target(candidate) == directory:
-                pool = candidate
-                break
-        if pool is None:
-            pool = conn.storagePoolCreateXML(_save_pool_xml(directory), 0)
-        pool.refresh(0)
-        pool.storageVolLookupByName(posixpath.basename(path)).delete(0)
-    except libvirt.libvirtError as exc:
-        log.info("save image %s not removed: %s", path, exc.get_error_message())
-
-
-def _pool_target(pool: libvirt.virStoragePool) -> str | None:
-    import xml.etree.ElementTree as ET
-
-    try:
-        node = ET.fromstring(pool.XMLDesc(0)).find("target/path")
-    except (libvirt.libvirtError, ET.ParseError):
-        return None
-    return node.text if node is not None else None
-
-
-def _save_pool_xml(directory: str) -> str:
-    import xml.etree.ElementTree as ET
-
-    pool = ET.Element("pool", type="dir")
-    ET.SubElement(pool, "name").text = "taskomatic-save-" + directory.strip("/").replace("/", "-")
-    target = ET.SubElement(pool, "target")
-    ET.SubElement(target, "path").text = directory
-    return ET.tostring(pool, encoding="unicode")
+            delete_save_image(connect_host(ctx, observed.host), save_path(ctx, vm))
+        return [RowUpdate("vms", vm["id"], running_updates(vm, observed))]
 
 
 ACTIONS: list[Action] = [

@@ -43,6 +43,7 @@ from taskomatic.actions.base import (
 from taskomatic.config import Config
 from taskomatic.db import task_writes
 from taskomatic.db.store import Store
+from taskomatic.logsetup import task_fields
 from taskomatic.model import TERMINAL_STATES, EndState, OutcomeState, Settlement, TaskRow, TaskState, key_of
 from taskomatic.runtime.messages import Deferred, Performed, Started, TaskEnd
 from taskomatic.runtime.outcomes import CONNECTION_LOST, Outcomes, PendingOutcome, named, now
@@ -212,7 +213,7 @@ class Execution:
         elif isinstance(exc, TaskRetry):  # rolled back: the task is still as it was
             self.park_for_retry(task, exc.message)
         else:
-            log.error("task %s: the database refused a write: %s", task.id, first_line(exc))
+            log.error("task %s: the database refused a write: %s", task.id, first_line(exc), extra=task_fields(task))
             self.outcomes.fail_before_start(
                 task, f"the database refused {task.action}'s changes: {first_line(exc)}", [])
 
@@ -250,10 +251,10 @@ class Execution:
             if isinstance(exc, CONNECTION_LOST):
                 raise
             self.store.rollback()
-            log.exception("task %s: unexpected error while preparing", task.id)
+            log.exception("task %s: unexpected error while preparing", task.id, extra=task_fields(task))
             self.outcomes.fail_before_start(task, f"internal error while preparing {task.action}: {exc!r}", [])
             return False
-        log.info("%s reconciled: %s: %s", named(task), settled.kind, settled.message)
+        log.info("%s reconciled: %s: %s", named(task), settled.kind, settled.message, extra=task_fields(task))
         metrics.task_reconciled(settled.kind)
         if settled.kind == Settlement.DONE:
             self.outcomes.settle(task, Outcome.finished(settled.message, *settled.row_updates))
@@ -292,7 +293,7 @@ class Execution:
                 except psycopg2.DatabaseError:
                     raise
                 except Exception as exc:  # a bug must cost one task, not the shard
-                    log.exception("task %s: unexpected error while preparing", task.id)
+                    log.exception("task %s: unexpected error while preparing", task.id, extra=task_fields(task))
                     failing.append((task, f"internal error while preparing {task.action}: {exc!r}", []))
         finally:
             self.deadline.value = 0.0
@@ -349,7 +350,8 @@ class Execution:
         if task.state == TaskState.QUEUED and self._interrupted(task):
             self.run([replace(task, state=TaskState.RUNNING)])
         else:
-            log.info("task %s was canceled, has ended or is no longer ours; skipped", task.id)
+            log.info("task %s was canceled, has ended or is no longer ours; skipped", task.id,
+                     extra=task_fields(task))
             self.outcomes.send_ended(TaskEnd(task.id, EndState.SKIPPED))
 
     def _interrupted(self, task: TaskRow) -> bool:
@@ -388,7 +390,7 @@ class Execution:
         except LeaseExpired:
             # Stopped between two steps: settled by reconciliation, like a crash there.
             self.store.rollback()
-            log.warning("%s: lease too old to go on; left to reconciliation", named(task))
+            log.warning("%s: lease too old to go on; left to reconciliation", named(task), extra=task_fields(task))
             self.queue.appendleft(replace(task, state=TaskState.RUNNING))
             return
         except TaskRetry as retry:
@@ -396,13 +398,13 @@ class Execution:
             self.park_for_retry(replace(task, state=TaskState.RUNNING), retry.message)
             return
         except Exception as exc:
-            log.exception("task %s: unexpected error in %s", task.id, task.action)
+            log.exception("task %s: unexpected error in %s", task.id, task.action, extra=task_fields(task))
             outcome = Outcome.failed(f"internal error in {task.action}: {exc!r}")
         ended = now()
         self.store.rollback()  # end any read transaction the action left open
         self.learn(task, (ended - started).total_seconds())
         if outcome.state == OutcomeState.WAITING:
-            log.info("%s waiting: %s", named(task), outcome.message)
+            log.info("%s waiting: %s", named(task), outcome.message, extra=task_fields(task))
             self.parking.park_for_children(replace(task, state=TaskState.RUNNING), outcome.message or "",
                                            time.monotonic())
             self.link.send(Deferred((task.id,)))
@@ -427,7 +429,8 @@ class Execution:
                 self.outcomes.fail_before_start(task, message, [])
             return
         metrics.task_retried(self.outcomes.action_label(task))
-        log.warning("%s: %s; retrying in %.0fs (the key's later tasks wait)", named(task), reason, delay)
+        log.warning("%s: %s; retrying in %.0fs (the key's later tasks wait)", named(task), reason, delay,
+                    extra=task_fields(task))
         self.link.send(Deferred((task.id,)))
 
     def wake_parked(self) -> None:
@@ -443,7 +446,7 @@ class Execution:
                 tasks = tasks[1:]  # the head has ended
             else:
                 tasks = self.parking.unpark(parked)
-                log.info("task %s: retrying (%s)", parked.head.id, parked.reason)
+                log.info("task %s: retrying (%s)", parked.head.id, parked.reason, extra=task_fields(parked.head))
             self.queue.extendleft(reversed(tasks))
 
     def _children_outcome(self, parent: TaskRow) -> Outcome | None:

@@ -27,6 +27,7 @@ from taskomatic.actions.base import Outcome, RowUpdate
 from taskomatic.config import Config
 from taskomatic.db import key_claims, task_writes
 from taskomatic.db.store import Store
+from taskomatic.logsetup import task_fields
 from taskomatic.model import EndState, OutcomeState, TaskRow
 from taskomatic.runtime import clock
 from taskomatic.runtime.lease import limit_idle_transaction
@@ -128,7 +129,7 @@ class Outcomes:
                 continue
             metrics.write_fenced()
             log.warning("%s: write refused: the key claim (token %s) or our lease is no "
-                        "longer ours", named(task), task.token)
+                        "longer ours", named(task), task.token, extra=task_fields(task))
         return allowed
 
     def fenced_out(self, task: TaskRow) -> bool:
@@ -167,7 +168,8 @@ class Outcomes:
                 held = self.pending[0]
                 if held.unrecordable:
                     raise
-                log.error("task %s: the database refused its result: %s", held.task.id, first_line(exc))
+                log.error("task %s: the database refused its result: %s", held.task.id, first_line(exc),
+                          extra=task_fields(held.task))
                 self.pending = [PendingOutcome(held.task, Outcome.failed(
                     f"{held.task.action} ran ({held.outcome.state}), but the database refused its result: "
                     f"{first_line(exc)}"), held.time_started, held.time_ended, unrecordable=True)]
@@ -221,7 +223,7 @@ class Outcomes:
             if pending.task.id not in written:
                 # Fencing: someone else owns the task now; our rows must not overwrite theirs.
                 log.warning("task %s: outcome %s not recorded, the task is no longer ours",
-                            pending.task.id, pending.outcome.state)
+                            pending.task.id, pending.outcome.state, extra=task_fields(pending.task))
                 continue
             for update in pending.outcome.row_updates:
                 self.store.update_row(update.table, update.row_id, update.values)
@@ -262,7 +264,7 @@ class Outcomes:
 
     def log_failed_start(self, task: TaskRow, message: str) -> None:
         metrics.task_ended(self.action_label(task), OutcomeState.FAILED, None)
-        log.warning("%s failed: %s", named(task), message)
+        log.warning("%s failed: %s", named(task), message, extra=task_fields(task))
 
     def log_outcome(self, task: TaskRow, outcome: Outcome, seconds: float | None = None) -> None:
         self.parking.ended(task.id)
@@ -271,5 +273,6 @@ class Outcomes:
         # flood the journal (journald drops a unit's lines beyond 10,000 per 30 s by default);
         # the tasks table and `taskomatic tasks --follow` are the record of every task.
         level = logging.DEBUG if outcome.state == OutcomeState.FINISHED else logging.WARNING
-        log.log(level, "%s %s%s", named(task),
-                outcome.state, f": {outcome.message}" if outcome.message else "")
+        if log.isEnabledFor(level):  # spares building the journal fields for a routine success
+            log.log(level, "%s %s%s", named(task), outcome.state, f": {outcome.message}" if outcome.message else "",
+                    extra=task_fields(task))

@@ -11,9 +11,6 @@ import zlib
 
 from taskomatic.model import OrderingKey
 
-# OrderingKey is re-exported for bench/measure.py and tests/bench (moved to taskomatic.model).
-__all__ = ["OrderingKey", "shard_for"]
-
 
 def shard_for(key: OrderingKey, shards: int) -> int:
     """The shard slot in [0, shards) that runs every task of ``key``."""

@@ -19,7 +19,8 @@ import pytest
 from bench import lifecycle, measure, report, workloads
 from bench.workloads import LIFECYCLE_ACTIONS, PlannedTask, Workload
 from taskomatic.actions.states import VM_TRANSITIONS, Verdict, precondition
-from taskomatic.runtime.router import OrderingKey, shard_for
+from taskomatic.model import OrderingKey
+from taskomatic.runtime.router import shard_for
 
 # -- the lifecycle mix -------------------------------------------------------------------
 

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from taskomatic.actions.domain_xml import DOMAIN_TYPE_BY_HYPERVISOR, DomainSpec, domain_xml, vnc_port
-from taskomatic.actions.vm import domain_name
+from taskomatic.actions.vm_state import domain_name
 
 UUID = "6f1c3c4e-9d1b-4a8e-9f53-0d5a8e2b7c11"
 HOSTILE = [

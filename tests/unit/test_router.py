@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from taskomatic.runtime.router import OrderingKey, shard_for
+from taskomatic.model import OrderingKey
+from taskomatic.runtime.router import shard_for
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -30,7 +31,8 @@ SHARD_COUNTS = (1, 2, 3, 4, 7, 8, 16, 64)
 
 _CHILD = """
 import json, sys
-from taskomatic.runtime.router import OrderingKey, shard_for
+from taskomatic.model import OrderingKey
+from taskomatic.runtime.router import shard_for
 keys = json.loads(sys.stdin.read())
 print(json.dumps([[shard_for(OrderingKey(k, i), n) for n in {counts!r}] for k, i in keys]))
 """

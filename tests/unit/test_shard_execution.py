@@ -8,9 +8,13 @@ the fake store committed (it undoes what a rollback undoes).
 
 from __future__ import annotations
 
+import logging
+
 import psycopg2.errors
+import pytest
 
 from taskomatic.actions.base import ActionContext, Outcome, Plan, TaskFailed
+from taskomatic.logsetup import JournalHandler
 from taskomatic.model import EndState, Settlement, TaskRow, TaskState
 from taskomatic.runtime.messages import Started, TaskEnd
 from tests.unit.shard_fakes import INSTANCE, SLOT, TouchVm, make_rig, states, task
@@ -234,3 +238,40 @@ def test_an_interrupted_task_found_not_started_but_already_done_is_finished_with
     assert rig.action.performed == []
     assert row["state"] == "finished" and row["message"] == "already in the success state"
     assert row["attempts"] == 1 and row["time_started"] == "first start"
+
+
+def _journal_fields(record: logging.LogRecord) -> dict[str, str]:
+    """The fields the journal handler would send for ``record`` (single-line values)."""
+    handler = JournalHandler(logging.NullHandler(), path="/nonexistent")
+    try:
+        entry = handler.entry(record).decode()
+    finally:
+        handler.close()
+    return dict(line.split("=", 1) for line in entry.splitlines() if "=" in line)
+
+
+def _task_lines(caplog: pytest.LogCaptureFixture, text: str) -> list[dict[str, str]]:
+    return [_journal_fields(r) for r in caplog.records
+            if r.name.startswith("taskomatic.runtime") and text in r.getMessage()]
+
+
+def test_a_tasks_log_lines_carry_its_journal_fields(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="taskomatic.runtime")
+    rig = make_rig(quick=True)
+    bad = TaskRow(2, "Vm", 11, "touch", {"bad": True}, "Vm", 11, "queued")
+    for t in (task(1, vm=10), bad):
+        rig.store.add_task(t)
+    rig.run_queue([task(1, vm=10), bad])
+    assert states(rig.store, [1, 2]) == {1: "finished", 2: "failed"}
+    [finished] = _task_lines(caplog, "task 1 (touch Vm:10) finished")
+    assert (finished["TASK_ID"], finished["ACTION"], finished["TARGET"]) == ("1", "touch", "Vm:10")
+    [failed] = _task_lines(caplog, "task 2 (touch Vm:11) failed: bad args")
+    assert (failed["TASK_ID"], failed["ACTION"], failed["TARGET"]) == ("2", "touch", "Vm:11")
+    assert failed["PRIORITY"] == "4"
+
+    caplog.clear()
+    _interrupted(Settlement.NEITHER)  # reconciliation: its line and the outcome it settles
+    lines = _task_lines(caplog, "task 1 (touch Vm:10)")
+    assert [line["MESSAGE"].split(": ", 1)[0] for line in lines] == [
+        "task 1 (touch Vm:10) reconciled", "task 1 (touch Vm:10) failed"]
+    assert all((line["TASK_ID"], line["ACTION"], line["TARGET"]) == ("1", "touch", "Vm:10") for line in lines)
