@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -155,13 +155,12 @@ def node_seen(host_id: int, hostname: str, up: bool) -> None:
         m.node_up.labels(str(host_id), hostname).set(1 if up else 0)
 
 
-def tasks_waited(seconds: Iterable[float]) -> None:
-    """Shard, as it marks tasks running: how long each waited from submission to its start
-    (computed by the statement that marks them, so the metric costs no query)."""
+def task_waited(seconds: float) -> None:
+    """Shard, as a task's action starts: how long it waited since it was submitted (the mark that
+    made it running returned its created_at, so the metric costs no query)."""
     m = _get()
     if m is not None:
-        for waited in seconds:
-            m.wait.observe(max(0.0, waited))
+        m.wait.observe(max(0.0, seconds))
 
 
 class _LiveCollector:

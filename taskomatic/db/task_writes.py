@@ -20,11 +20,11 @@ def task_states(store: Store, ids: list[int]) -> list[Row]:
 
 
 def mark_running(store: Store, instance_id: int, task_ids: list[int], time_started: datetime,
-                 shard: int) -> dict[int, float]:
-    """Mark these queued tasks running: id -> seconds it waited since submission, for each marked
+                 shard: int) -> dict[int, datetime]:
+    """Mark these queued tasks running: id -> when it was submitted (created_at), for each marked
     (canceled, ended or taken ones are not)."""
-    return {r["id"]: r["waited"] for r in store.all("mark_running", task_ids=task_ids, instance_id=instance_id,
-                                                    time_started=time_started, shard=shard)}
+    return {r["id"]: r["created_at"] for r in store.all("mark_running", task_ids=task_ids, instance_id=instance_id,
+                                                        time_started=time_started, shard=shard)}
 
 
 def mark_rerun(store: Store, instance_id: int, task_id: int, time_started: datetime, shard: int) -> bool:

@@ -111,6 +111,7 @@ class Execution:
         self.deadline = deadline
         self.queue: deque[TaskRow] = deque()
         self.estimates: dict[str, float] = {}  # action -> running estimate of its duration (s)
+        self.submitted: dict[int, datetime] = {}  # the batch being started: task id -> its created_at
 
     # -- batches -----------------------------------------------------------------
     def estimate(self, task: TaskRow) -> float:
@@ -336,10 +337,10 @@ class Execution:
     def _mark(self, tasks: list[TaskRow], reruns: set[int], moment: datetime) -> set[int]:
         """Mark these tasks running (a rerun: again); the ids marked (canceled, ended or taken ones are not)."""
         first_runs = [t.id for t in tasks if t.id not in reruns]
-        waited = task_writes.mark_running(self.store, self.instance_id, first_runs, moment,
-                                          self.slot) if first_runs else {}
-        metrics.tasks_waited(waited.values())
-        marked = set(waited)
+        # When each was submitted: its enqueue-to-start latency is observed where its action starts.
+        self.submitted = task_writes.mark_running(self.store, self.instance_id, first_runs, moment,
+                                                  self.slot) if first_runs else {}
+        marked = set(self.submitted)
         for task in tasks:
             if task.id in reruns and task_writes.mark_rerun(self.store, self.instance_id, task.id, moment, self.slot):
                 marked.add(task.id)
@@ -385,6 +386,9 @@ class Execution:
     def _perform(self, task: TaskRow, action: Action, plan: Plan) -> None:
         """Perform a task committed running; its outcome is held for the next commit."""
         started = now()
+        submitted = self.submitted.pop(task.id, None)
+        if submitted is not None:  # a first run: the wait time_started - created_at says
+            metrics.task_waited((started - submitted).total_seconds())
         try:
             outcome = action.perform(self.ctx, plan)
         except LeaseExpired:

@@ -101,7 +101,7 @@ class FakeStore:
             if row:
                 row.update(state="running", time_started=time_started, run_by_shard=shard,
                            attempts=row["attempts"] + 1)
-                out.append({"id": task_id, "waited": 0.0})
+                out.append({"id": task_id, "created_at": row.get("created_at")})
         return out
 
     def _q_mark_rerun(self, task_id: int, instance_id: int, time_started: Any, shard: int) -> list[dict]:

@@ -8,15 +8,15 @@ SELECT id, state, claimed_by, run_by_shard FROM tasks WHERE id = ANY(%(ids)s);
 
 -- mark_running --
 -- A shard is about to start these tasks (one, or a batch of different keys).
--- Returns those it may start (and how long each waited since it was submitted,
--- for the latency metric at no extra query): a task canceled meanwhile, or no
+-- Returns those it may start (with when each was submitted, for the
+-- enqueue-to-start metric at no extra query): a task canceled meanwhile, or no
 -- longer ours, is left out, so it never starts. run_by_shard: only this slot
 -- may reconcile it after a crash.
 UPDATE tasks
 SET state = 'running', time_started = %(time_started)s, attempts = attempts + 1,
     run_by_shard = %(shard)s
 WHERE id = ANY(%(task_ids)s::bigint[]) AND claimed_by = %(instance_id)s AND state = 'queued'
-RETURNING id, extract(epoch FROM time_started - created_at)::float8 AS waited;
+RETURNING id, created_at;
 
 -- mark_rerun --
 -- A task found "not started" by reconciliation runs again in its place.
