@@ -8,6 +8,7 @@ Every number shown comes from the JSON, which holds only measured figures
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import sys
 from pathlib import Path
@@ -332,11 +333,27 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.report", description="re-render a results.json")
     parser.add_argument("results", type=Path)
     parser.add_argument("--no-plots", action="store_true")
+    parser.add_argument("--plots-only", action="store_true", help="re-draw the PNGs only, no report.md")
     args = parser.parse_args(argv)
-    results = json.loads(args.results.read_text())
-    for path in write(results, args.results.parent, plots=not args.no_plots):
+    results = load(args.results)
+    if args.plots_only:
+        written = plot(results, args.results.parent)
+        if not written:
+            print("matplotlib is not installed: no plots (pip install -e '.[bench]')", file=sys.stderr)
+            return 1
+    else:
+        written = write(results, args.results.parent, plots=not args.no_plots)
+    for path in written:
         print(path)
     return 0
+
+
+def load(path: Path) -> dict[str, Any]:
+    """A results.json, gzipped (results.json.gz, as bench/RESULTS/ keeps it) or not."""
+    if path.suffix == ".gz":
+        with gzip.open(path, "rt") as f:
+            return json.load(f)  # type: ignore[no-any-return]
+    return json.loads(path.read_text())  # type: ignore[no-any-return]
 
 
 if __name__ == "__main__":

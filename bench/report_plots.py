@@ -9,6 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from bench import style
+
 PLOTS = ("throughput_vs_shards.png", "latency_cdf.png", "makespan_ratio.png", "utilisation_timeline.png",
          "utilisation_timeline_lifecycle.png")
 # The representative run of the timeline plot: the first of these workloads that has
@@ -58,7 +60,14 @@ def timeline_runs(results: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
 
 
 
-_COLOURS = {"taskomatic": "tab:blue", "pool": "tab:orange", "original": "tab:grey"}
+def _sorted_labels(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One run per label, in legend order: taskomatic, pool, original; by count within each."""
+    order = {"taskomatic": 0, "multihost": 1, "pool": 2, "original": 3}
+    seen: dict[str, dict[str, Any]] = {}
+    for r in runs:
+        seen.setdefault(r["label"], r)
+    return sorted(seen.values(), key=lambda r: (order.get(style.family_of(r["label"], r["runner"]), 9),
+                                                r["parallelism"]))
 
 
 def plot(results: dict[str, Any], out: Path) -> list[Path]:
@@ -67,91 +76,131 @@ def plot(results: dict[str, Any], out: Path) -> list[Path]:
         import matplotlib
     except ImportError:
         return []
-    matplotlib.use("Agg")
+    style.setup(matplotlib)
+    written = [throughput_figure(results, out / PLOTS[0]), latency_figure(results, out / PLOTS[1])]
+    makespan = makespan_figure(results, out / PLOTS[2])
+    if makespan:
+        written.append(makespan)
+    for name, run in timeline_runs(results):
+        written.append(style.save(timeline_figure(run), out / name))
+    return written
+
+
+def throughput_figure(results: dict[str, Any], path: Path) -> Path:
+    """Tasks/s against shards (workers) per workload: taskomatic, the pool and the original design."""
     import matplotlib.pyplot as plt
 
-    written = []
     runs = results["runs"]
     scaling = scaling_workloads(results) or [w["name"] for w in results["workloads"]][:1]
-    cols = min(4, len(scaling))  # a grid, not one long row: readable at any width
-    rows = -(-len(scaling) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 4.0 * rows), squeeze=False)
+    rows, cols = style.grid_shape(len(scaling))
+    fig, axes = plt.subplots(rows, cols, figsize=style.figsize(cols, rows, 5.2, 3.9), squeeze=False)
     for extra in axes.flat[len(scaling):]:
         extra.set_visible(False)
     for ax, workload in zip(axes.flat, scaling, strict=False):
         mine = [r for r in runs if r["workload"] == workload]
-        for kind, label in (("taskomatic", "taskomatic (per-key order)"), ("pool", "SKIP LOCKED pool (no order)")):
+        counts: set[int] = set()
+        for kind in ("taskomatic", "pool"):
             pts = sorted((r["parallelism"], r["throughput_tps"]) for r in mine
                          if r["runner"] == kind and r.get("throughput_tps"))
             if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=_COLOURS[kind], label=label)
+                counts.update(p[0] for p in pts)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], linestyle="-",
+                        marker=style.FAMILY_MARKER[kind], color=style.colour(kind, kind, None),
+                        label=style.family_label(kind))
         original = next((r for r in mine if r["runner"] == "original" and r.get("throughput_tps")), None)
         if original:
-            ax.axhline(original["throughput_tps"], color=_COLOURS["original"], linestyle="--",
-                       label="original design (1 process, poll loop)")
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("shards / workers")
+            ax.axhline(original["throughput_tps"], color=style.colour("original", "original"), linestyle="--",
+                       label=style.family_label("original"))
+        style.log2_axis(ax, sorted(counts) or [1])
+        ax.set_xlabel("shards (taskomatic) / workers (pool)")
         ax.set_ylabel("tasks/s")
-        ax.set_ylim(bottom=0, top=1.12 * max([ax.get_ylim()[1], *(r.get("throughput_tps") or 0 for r in mine)]))
-        ax.set_title(f"Throughput vs shards: {workload}")
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    written.append(_save(fig, out / PLOTS[0]))
+        ax.set_ylim(bottom=0, top=1.15 * max([1.0, *(r.get("throughput_tps") or 0 for r in mine)]))
+        ax.set_title(workload)
+    _shared_legend(fig, axes)
+    fig.suptitle("Throughput vs parallelism: taskomatic vs SKIP LOCKED pool vs original design")
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    return style.save(fig, path)
 
-    names = [w["name"] for w in results["workloads"]]
-    cols = min(3, len(names))
-    rows = (len(names) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.8 * rows), squeeze=False)
+
+def latency_figure(results: dict[str, Any], path: Path) -> Path:
+    """Enqueue-to-start CDF per workload, one line per run, one shared legend."""
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    runs = results["runs"]
+    names = [w["name"] for w in results["workloads"]
+             if any(r.get("latency_cdf_ms") for r in runs if r["workload"] == w["name"])]
+    rows, cols = style.grid_shape(len(names))
+    fig, axes = plt.subplots(rows, cols, figsize=style.figsize(cols, rows + 0.4, 5.2, 3.4), squeeze=False)
     for ax, workload in zip(axes.flat, names, strict=False):
         for r in runs:
             if r["workload"] != workload or not r.get("latency_cdf_ms"):
                 continue
             xs = [max(p[0], 1e-3) for p in r["latency_cdf_ms"]]
             ys = [p[1] for p in r["latency_cdf_ms"]]
-            style = "-" if r["runner"] == "taskomatic" else "--"
-            ax.plot(xs, ys, style, label=r["label"], linewidth=1.3,
-                    color=None if r["runner"] == "taskomatic" else _COLOURS[r["runner"]])
-        ax.set_xscale("log")
-        ax.set_xlabel("enqueue -> start, ms (log)")
+            ax.plot(xs, ys, "-" if r["runner"] == "taskomatic" else "--", label=r["label"], linewidth=1.5,
+                    color=style.colour(r["label"], r["runner"], r["parallelism"]))
+        style.plain_log_axis(ax)
+        ax.set_xlabel("enqueue -> start, ms (log scale)")
         ax.set_ylabel("fraction of tasks")
         ax.set_title(workload)
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(names):]:
         ax.set_visible(False)
-    fig.suptitle("Enqueue-to-start latency CDF")
-    fig.tight_layout()
-    written.append(_save(fig, out / PLOTS[1]))
+    shown = _sorted_labels([r for r in runs if r.get("latency_cdf_ms")])
+    handles = [Line2D([], [], color=style.colour(r["label"], r["runner"], r["parallelism"]), linewidth=2,
+                      linestyle="-" if r["runner"] == "taskomatic" else "--") for r in shown]
+    fig.legend(handles, [r["label"] for r in shown], loc="lower center", ncol=min(6, len(shown)))
+    fig.suptitle("Enqueue-to-start latency CDF: taskomatic (solid) vs baselines (dashed)")
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    return style.save(fig, path)
 
+
+def _shared_legend(fig: Any, axes: Any) -> None:
+    """One legend under the grid with every label any panel drew (panels stay uncluttered)."""
+    handles: dict[str, Any] = {}
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            handles.setdefault(label, handle)
+    if handles:
+        fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=min(4, len(handles)))
+
+
+def makespan_figure(results: dict[str, Any], path: Path) -> Path | None:
+    """Makespan / lower bound per workload with work: one panel each, one bar per run."""
+    import matplotlib.pyplot as plt
+
+    runs = results["runs"]
     with_work = [w["name"] for w in results["workloads"]
                  if any(r.get("makespan_ratio") for r in runs if r["workload"] == w["name"])]
-    if with_work:
-        labels = sorted({r["label"] for r in runs if r.get("makespan_ratio")},
-                        key=lambda s: (not s.startswith("taskomatic"), s))
-        fig, ax = plt.subplots(figsize=(max(6.4, 1.6 * len(with_work) * max(1, len(labels)) / 2), 4.4))
-        width = 0.8 / max(1, len(labels))
-        for i, label in enumerate(labels):
-            values = []
-            for workload in with_work:
-                r = next((r for r in runs if r["workload"] == workload and r["label"] == label), None)
-                values.append(r.get("makespan_ratio") if r else None)
-            xs = [j + i * width for j in range(len(with_work))]
-            ax.bar([x for x, v in zip(xs, values, strict=True) if v],
-                   [v for v in values if v], width, label=label)
-        ax.axhline(1.0, color="black", linewidth=0.8)
-        ax.axhline(1.10, color="red", linewidth=0.8, linestyle=":", label="target 1.10x (issue 5)")
-        ax.set_xticks([j + width * (len(labels) - 1) / 2 for j in range(len(with_work))])
-        ax.set_xticklabels(with_work)
-        ax.set_ylabel("makespan / lower bound")
-        ax.set_title("Makespan against its lower bound (burst workloads with work)")
-        ax.grid(True, axis="y", alpha=0.3)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        written.append(_save(fig, out / PLOTS[2]))
-    for name, run in timeline_runs(results):
-        written.append(_save(timeline_figure(run), out / name))
-    return written
+    if not with_work:
+        return None
+    rows, cols = style.grid_shape(len(with_work))
+    fig, axes = plt.subplots(rows, cols, figsize=style.figsize(cols, rows, 5.2, 3.6), squeeze=False)
+    for ax, workload in zip(axes.flat, with_work, strict=False):
+        mine = _sorted_labels([r for r in runs if r["workload"] == workload and r.get("makespan_ratio")])
+        ys = list(range(len(mine)))
+        ax.barh(ys, [r["makespan_ratio"] for r in mine],
+                color=[style.colour(r["label"], r["runner"], r["parallelism"]) for r in mine])
+        for y, r in zip(ys, mine, strict=True):
+            ax.text(r["makespan_ratio"], y, f" {r['makespan_ratio']:.2f}", va="center", fontsize=9)
+        ax.set_yticks(ys)
+        ax.set_yticklabels([r["label"].replace("SKIP LOCKED ", "").replace(" (1 process, poll loop)", "")
+                            for r in mine])
+        ax.invert_yaxis()
+        ax.axvline(1.0, color="black", linewidth=0.8)
+        ax.axvline(1.10, color=style.TARGET_COLOUR, linewidth=1, linestyle=":", label="target 1.10")
+        top = max(r["makespan_ratio"] for r in mine)
+        ax.set_xlim(0, max(1.3, top * 1.18))
+        ax.set_xlabel("makespan / lower bound (1 = perfect)")
+        ax.set_title(workload)
+        ax.grid(True, axis="y", alpha=0)
+    for ax in list(axes.flat)[len(with_work):]:
+        ax.set_visible(False)
+    _shared_legend(fig, axes)
+    fig.suptitle("Makespan against its lower bound: taskomatic vs SKIP LOCKED pool vs original design "
+                 "(bar colour = system)")
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    return style.save(fig, path)
 
 
 def timeline_figure(run: dict[str, Any]) -> Any:
@@ -166,22 +215,22 @@ def timeline_figure(run: dict[str, Any]) -> Any:
     for i in range(shards):
         bars = [(s, e - s) for s, e in tl["busy"][i]]
         if bars:
-            top.broken_barh(bars, (i - 0.4, 0.8), facecolors="tab:blue", linewidth=0)
+            top.broken_barh(bars, (i - 0.4, 0.8), facecolors=style.colour("taskomatic", "taskomatic"), linewidth=0)
     top.set_yticks(range(shards))
-    top.set_yticklabels([f"shard {i} ({tl['tasks_per_shard'][i]})" for i in range(shards)], fontsize=8)
+    top.set_yticklabels([f"shard {i} ({tl['tasks_per_shard'][i]})" for i in range(shards)], fontsize=9)
     top.set_ylim(shards - 0.5, -0.5)
     for ax in (top, bottom):
         if run.get("lower_bound_s"):
-            ax.axvline(run["lower_bound_s"], color="green", linestyle=":", linewidth=1)
+            ax.axvline(run["lower_bound_s"], color=style.BOUND_COLOUR, linestyle=":", linewidth=1)
         ax.axvline(tl["end_s"], color="black", linestyle="--", linewidth=0.8)
         ax.grid(True, axis="x", alpha=0.3)
     source = "tasks.run_by_shard" if tl.get("attributed_by", "").startswith("tasks.") else "router.shard_for"
     top.set_title(f"{run['workload']} / {run['label']}: busy time per shard (tasks in brackets; attributed by "
-                  f"{source}{'' if tl['consistent'] else ', INCONSISTENT'})", fontsize=10)
+                  f"{source}{'' if tl['consistent'] else ', INCONSISTENT'})", fontsize=11)
     running = tl["running"]
     label = "running" + (f" (mean per {tl['running_bin_s'] * 1000:.0f} ms)" if tl.get("running_bin_s") else "")
     if running:
-        bottom.step([p[0] for p in running], [p[1] for p in running], where="post", color="tab:blue",
+        bottom.step([p[0] for p in running], [p[1] for p in running], where="post", color=style.colour("taskomatic", "taskomatic"),
                     linewidth=0.6, alpha=0.45, label=label)
         if not tl.get("running_bin_s") and tl["end_s"] > 0:
             # Short tasks make the exact curve a comb: a time-weighted mean over 1/100 of the run reads better.
@@ -190,9 +239,9 @@ def timeline_figure(run: dict[str, Any]) -> Any:
             bins = 100
             mean = bin_curve(running, tl["end_s"], bins)
             bottom.step([p[0] for p in mean] + [tl["end_s"]], [p[1] for p in mean] + [mean[-1][1]], where="post",
-                        color="tab:blue", linewidth=1.8,
+                        color=style.colour("taskomatic", "taskomatic"), linewidth=1.8,
                         label=f"running, mean per {tl['end_s'] / bins * 1000:.0f} ms")
-    bottom.axhline(shards, color="tab:blue", linestyle=":", linewidth=0.8, label=f"shards ({shards})")
+    bottom.axhline(shards, color=style.colour("taskomatic", "taskomatic"), linestyle=":", linewidth=0.8, label=f"shards ({shards})")
     bottom.set_ylabel("tasks running")
     bottom.set_ylim(0, shards * 1.15 + 0.5)
     bottom.set_xlabel("seconds since the first task was queued")
@@ -213,18 +262,8 @@ def timeline_figure(run: dict[str, Any]) -> Any:
     handles += [Line2D([], [], color="black", linestyle="--", linewidth=0.8)]
     labels += [f"makespan {tl['end_s']:.2f} s"]
     if run.get("lower_bound_s"):
-        handles += [Line2D([], [], color="green", linestyle=":", linewidth=1)]
+        handles += [Line2D([], [], color=style.BOUND_COLOUR, linestyle=":", linewidth=1)]
         labels += [f"lower bound {run['lower_bound_s']:.2f} s"]
-    bottom.legend(handles, labels, fontsize=7, loc="upper right")
+    bottom.legend(handles, labels, loc="upper right")
     fig.tight_layout()
     return fig
-
-
-def _save(fig: Any, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
