@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from bench import style
 from bench.bounded_memory import role_kind
 
 SHARD_TARGET_MB = 30.0  # issue 5: <= 30 MB RSS per shard
@@ -199,25 +200,33 @@ def _role_order(role: str) -> tuple[int, int, str]:
 # -- output ---------------------------------------------------------------------------------
 
 
+HELD_COLOUR = "#8c564b"  # not a system colour: tasks held is a count, not a runner
+
+
 def plot(results: dict[str, Any], path: Path) -> None:
     import matplotlib
 
-    matplotlib.use("Agg")
+    style.setup(matplotlib)
     import matplotlib.pyplot as plt
 
     samples = results["samples"]
-    fig, (ax_mem, ax_tps) = plt.subplots(2, 1, figsize=(10, 7.5), sharex=True)
+    fig, (ax_mem, ax_tps) = plt.subplots(2, 1, figsize=(11, 8.5), sharex=True)
+    shard_seen = False
     for role in results["memory"]:
         ts = [s["t"] for s in samples if role in s["procs"]]
-        line = ax_mem.plot(ts, [s["procs"][role][0] / 1024 for s in samples if role in s["procs"]],
-                           label=f"{role} RSS")[0]
+        is_shard = role_kind(role) == "shard"
+        # Every shard is one colour (they overlap); one legend entry for them all.
+        label = ("shards RSS" if not shard_seen else None) if is_shard else f"{role} RSS"
+        shard_seen = shard_seen or is_shard
+        ax_mem.plot(ts, [s["procs"][role][0] / 1024 for s in samples if role in s["procs"]],
+                    color=style.role_colour(role), label=label)
         ax_mem.plot(ts, [s["procs"][role][2] / 1024 for s in samples if role in s["procs"]], linestyle="--",
-                    color=line.get_color(), linewidth=0.8)
-    ax_mem.axhline(SHARD_TARGET_MB, color="red", linestyle=":", linewidth=1, label="30 MB shard target")
+                    color=style.role_colour(role), linewidth=0.8)
+    ax_mem.axhline(SHARD_TARGET_MB, color=style.TARGET_COLOUR, linestyle=":", linewidth=1, label="30 MB shard target")
     ax_mem.set_ylabel("MB (solid RSS, dashed USS)")
     ax_mem.set_title(f"taskomatic {results['settings']['shards']} shards, "
                      f"{results['settings']['tasks']:,} queued noop tasks: memory per process")
-    ax_mem.legend(fontsize=7, ncol=2, loc="lower right")
+    ax_mem.legend(ncol=3, loc="lower right")
     ax_mem.grid(alpha=0.3)
     windows = results["throughput"]["windows"]
     if windows:
@@ -225,8 +234,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
         for a, b, r in windows:
             xs += [a, b]
             ys += [r, r]
-        ax_tps.plot(xs, ys, color="tab:blue", label="tasks ended / s")
-    ax_tps.set_ylabel("tasks/s", color="tab:blue")
+        ax_tps.plot(xs, ys, color=style.colour("taskomatic", "taskomatic"), label="tasks ended / s")
+    ax_tps.set_ylabel("tasks ended per second")
     ax_tps.set_xlabel("seconds since the daemon's launch")
     if results.get("ready_s") is not None:
         for ax in (ax_mem, ax_tps):
@@ -237,20 +246,19 @@ def plot(results: dict[str, Any], path: Path) -> None:
                        label="tasks ANALYZEd (autovacuum)")
     ax_tps.grid(alpha=0.3)
     ax_held = ax_tps.twinx()
-    ax_held.plot([s["t"] for s in samples], [s["held"] for s in samples], color="tab:orange", linewidth=0.8,
+    ax_held.plot([s["t"] for s in samples], [s["held"] for s in samples], color=HELD_COLOUR, linewidth=0.8,
                  label="held by the instance")
-    ax_held.axhline(results["claim_capacity"]["capacity"], color="tab:orange", linestyle=":", linewidth=1,
+    ax_held.axhline(results["claim_capacity"]["capacity"], color=HELD_COLOUR, linestyle=":", linewidth=1,
                     label="claim capacity")
-    ax_held.set_ylabel("tasks held", color="tab:orange")
+    ax_held.set_ylabel("tasks held by the instance")
     ax_held.set_ylim(bottom=0, top=results["claim_capacity"]["capacity"] * 1.15)
     ax_tps.set_title("throughput (windows) and tasks held")
     ax_tps.set_ylim(bottom=0)
     handles = ax_tps.get_legend_handles_labels()
     held_handles = ax_held.get_legend_handles_labels()
-    ax_tps.legend(handles[0] + held_handles[0], handles[1] + held_handles[1], fontsize=7, loc="lower right")
+    ax_tps.legend(handles[0] + held_handles[0], handles[1] + held_handles[1], loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    style.save(fig, path)
 
 
 def to_json(results: dict[str, Any]) -> str:

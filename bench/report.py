@@ -352,8 +352,8 @@ def load(path: Path) -> dict[str, Any]:
     """A results.json, gzipped (results.json.gz, as bench/RESULTS/ keeps it) or not."""
     if path.suffix == ".gz":
         with gzip.open(path, "rt") as f:
-            return json.load(f)  # type: ignore[no-any-return]
-    return json.loads(path.read_text())  # type: ignore[no-any-return]
+            return json.load(f)
+    return json.loads(path.read_text())
 
 
 if __name__ == "__main__":

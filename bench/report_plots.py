@@ -18,6 +18,7 @@ PLOTS = ("throughput_vs_shards.png", "latency_cdf.png", "makespan_ratio.png", "u
 TIMELINE_PREFERENCE = ("heavy-zipf", "heavy-uniform", "sleep20-zipf", "lifecycle-zipf", "sleep20-uniform",
                        "lifecycle-uniform")
 TIMELINE_SHARDS = 4
+_BUSY = style.colour("taskomatic", "taskomatic")  # shards are taskomatic: its colour
 
 
 def scaling_workloads(results: dict[str, Any]) -> list[str]:
@@ -215,7 +216,7 @@ def timeline_figure(run: dict[str, Any]) -> Any:
     for i in range(shards):
         bars = [(s, e - s) for s, e in tl["busy"][i]]
         if bars:
-            top.broken_barh(bars, (i - 0.4, 0.8), facecolors=style.colour("taskomatic", "taskomatic"), linewidth=0)
+            top.broken_barh(bars, (i - 0.4, 0.8), facecolors=_BUSY, linewidth=0)
     top.set_yticks(range(shards))
     top.set_yticklabels([f"shard {i} ({tl['tasks_per_shard'][i]})" for i in range(shards)], fontsize=9)
     top.set_ylim(shards - 0.5, -0.5)
@@ -230,7 +231,7 @@ def timeline_figure(run: dict[str, Any]) -> Any:
     running = tl["running"]
     label = "running" + (f" (mean per {tl['running_bin_s'] * 1000:.0f} ms)" if tl.get("running_bin_s") else "")
     if running:
-        bottom.step([p[0] for p in running], [p[1] for p in running], where="post", color=style.colour("taskomatic", "taskomatic"),
+        bottom.step([p[0] for p in running], [p[1] for p in running], where="post", color=_BUSY,
                     linewidth=0.6, alpha=0.45, label=label)
         if not tl.get("running_bin_s") and tl["end_s"] > 0:
             # Short tasks make the exact curve a comb: a time-weighted mean over 1/100 of the run reads better.
@@ -239,9 +240,9 @@ def timeline_figure(run: dict[str, Any]) -> Any:
             bins = 100
             mean = bin_curve(running, tl["end_s"], bins)
             bottom.step([p[0] for p in mean] + [tl["end_s"]], [p[1] for p in mean] + [mean[-1][1]], where="post",
-                        color=style.colour("taskomatic", "taskomatic"), linewidth=1.8,
+                        color=_BUSY, linewidth=1.8,
                         label=f"running, mean per {tl['end_s'] / bins * 1000:.0f} ms")
-    bottom.axhline(shards, color=style.colour("taskomatic", "taskomatic"), linestyle=":", linewidth=0.8, label=f"shards ({shards})")
+    bottom.axhline(shards, color=_BUSY, linestyle=":", linewidth=0.8, label=f"shards ({shards})")
     bottom.set_ylabel("tasks running")
     bottom.set_ylim(0, shards * 1.15 + 0.5)
     bottom.set_xlabel("seconds since the first task was queued")

@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from bench import style
+
 
 def _mib(kb: float | None) -> str:
     return "-" if kb is None else f"{kb / 1024:.1f}"
@@ -133,10 +135,18 @@ def summary(results: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+_INSTANCE_STYLES = ("-", "--", ":")
+
+
+def _role_kind(role: str) -> str:
+    bare = role.split(" ", 1)[1] if role.startswith("i") and role[1:2].isdigit() else role
+    return "shards" if bare.startswith("shard") else bare
+
+
 def plot(results: dict[str, Any], out: Path) -> list[Path]:
     import matplotlib
 
-    matplotlib.use("Agg")
+    style.setup(matplotlib)
     import matplotlib.pyplot as plt
 
     written = []
@@ -146,33 +156,39 @@ def plot(results: dict[str, Any], out: Path) -> list[Path]:
             continue
         t = s["t"]
         end = r["verdicts"]["load_window_s"][1] if "verdicts" in r else t[-1]
-        fig, ax = plt.subplots(figsize=(11, 6))
+        fig, ax = plt.subplots(figsize=(12, 6.5))
+        labelled: set[str] = set()
         for role, values in s["rss_kb"].items():
             points = [(a, v / 1024) for a, v in zip(t, values, strict=True) if v is not None]
-            ax.plot([p[0] for p in points], [p[1] for p in points], label=role, linewidth=1)
+            # One colour per role (style.role_colour); instances by line style; one legend entry per role.
+            kind = _role_kind(role)
+            instance = role.split()[0] if role.startswith("i") and role[1:2].isdigit() else ""
+            ax.plot([p[0] for p in points], [p[1] for p in points], linewidth=1, color=style.role_colour(role),
+                    linestyle=_INSTANCE_STYLES[(int(instance[1:]) - 1) % 3 if instance else 0],
+                    label=None if kind in labelled else kind)
+            labelled.add(kind)
         for x in (end / 3, 2 * end / 3, end):
             ax.axvline(x, color="grey", linestyle=":", linewidth=0.8)
         ax.set_xlabel("seconds since the first task was queued (dotted: thirds and end of the load window)")
         ax.set_ylabel("RSS, MiB")
         ax.set_title(f"soak {results['size']}, {r['label']}: RSS per daemon process")
-        ax.legend(fontsize=7, ncol=2 if len(s["rss_kb"]) > 8 else 1, loc="lower right")
+        ax.legend(loc="lower right", title="solid/dashed/dotted: instance 1/2/3" if len(s["rss_kb"]) > 12 else None)
         ax.grid(alpha=0.3)
         fig.tight_layout()
         path = out / f"rss-{r['setup']}.png"
-        fig.savefig(path, dpi=90)
-        plt.close(fig)
+        style.save(fig, path)
         written.append(path)
 
-        fig, axes = plt.subplots(4, 1, figsize=(11, 11), sharex=True)
+        fig, axes = plt.subplots(4, 1, figsize=(12, 12), sharex=True)
         for name, values in s["pg"].items():
-            axes[0].plot(t, [v or 0 for v in values], label=name, linewidth=1)
+            axes[0].plot(t, [v or 0 for v in values], label=name, linewidth=1, color=style.role_colour(name))
         axes[0].plot(t, s["pg_total"], label="all the daemon's", color="black", linewidth=1.5)
         axes[0].set_ylabel("PostgreSQL connections")
-        axes[0].legend(fontsize=7, ncol=2, loc="upper right")
+        axes[0].legend(ncol=2, loc="upper right")
         for node, values in s["libvirt"].items():
             axes[1].plot(t, values, label=f"{node} clients", linewidth=1)
         axes[1].set_ylabel("libvirt connections")
-        axes[1].legend(fontsize=7)
+        axes[1].legend()
         tasks = s["tasks"]
         axes[2].plot(t, [q + r_ for q, r_ in zip(tasks["queued"], tasks["running"], strict=True)],
                      label="unsettled (queued + running)")
@@ -183,8 +199,8 @@ def plot(results: dict[str, Any], out: Path) -> list[Path]:
         twin.plot(t, rate, color="grey", linewidth=0.6, label="ended per second (right)")
         twin.set_ylabel("ended / s")
         axes[2].set_ylabel("tasks")
-        axes[2].legend(fontsize=7, loc="upper left")
-        twin.legend(fontsize=7, loc="upper right")
+        axes[2].legend(loc="upper left")
+        twin.legend(loc="upper right")
         buckets = r.get("latency_over_time") or []
         if buckets:
             xs = [b["from_s"] for b in buckets]
@@ -193,7 +209,7 @@ def plot(results: dict[str, Any], out: Path) -> list[Path]:
                          linewidth=0.8)
             axes[3].step(xs, [b["ready_wait_p99_ms"] / 1000 for b in buckets], where="post",
                          label="wait after ready p99")
-            axes[3].legend(fontsize=7)
+            axes[3].legend()
         axes[3].set_ylabel("s (by time queued)")
         axes[3].set_xlabel("seconds since the first task was queued")
         for ax in axes:
@@ -202,8 +218,7 @@ def plot(results: dict[str, Any], out: Path) -> list[Path]:
         axes[0].set_title(f"soak {results['size']}, {r['label']}: connections, backlog and latency")
         fig.tight_layout()
         path = out / f"connections-{r['setup']}.png"
-        fig.savefig(path, dpi=90)
-        plt.close(fig)
+        style.save(fig, path)
         written.append(path)
     return written
 

@@ -107,7 +107,7 @@ def setup(matplotlib: Any) -> None:
         "grid.alpha": 0.3})
 
 
-def figsize(cols: int, rows: int, cell_w: float = 5.0, cell_h: float = 3.8) -> tuple[float, float]:
+def figsize(cols: float, rows: float, cell_w: float = 5.0, cell_h: float = 3.8) -> tuple[float, float]:
     """A grid's size in inches, shrunk so that it never exceeds MAX_WIDTH_PX x MAX_HEIGHT_PX at DPI."""
     width = min(cols * cell_w, MAX_WIDTH_PX / DPI)
     height = min(rows * cell_h, MAX_HEIGHT_PX / DPI)

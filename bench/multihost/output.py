@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from bench import style
 from bench.harness import RESULTS_DIR
 from bench.multihost.suite import SHARDS
 
@@ -123,7 +124,7 @@ def plot_scaling(results: dict[str, Any], path: Path) -> Path | None:
     try:
         import matplotlib
 
-        matplotlib.use("Agg")
+        style.setup(matplotlib)
         import matplotlib.pyplot as plt
     except ImportError:
         return None
@@ -131,19 +132,24 @@ def plot_scaling(results: dict[str, Any], path: Path) -> Path | None:
     if not rows:
         return None
     labels = [s["setup"] for s in rows]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    left.bar(labels, [s["throughput_tps"] for s in rows], color=["#888" if s["mode"] == "standalone" else "#3a7"
-                                                                  for s in rows])
+    colours = [style.colour(s["setup"], s["mode"], s.get("instances")) for s in rows]
+    fig, (left, right) = plt.subplots(1, 2, figsize=style.figsize(2, 1, 6.0, 4.4))
+    left.bar(labels, [s["throughput_tps"] for s in rows], color=colours)
+    for i, s in enumerate(rows):
+        left.text(i, s["throughput_tps"], f"{s['throughput_tps']:,.0f}", ha="center", va="bottom", fontsize=9)
     left.set_ylabel("no-op tasks/s (median of runs)")
-    left.set_title("throughput: standalone vs multihost instances")
-    right.bar(labels, [s.get("db_transactions_per_task") or 0 for s in rows], color="#37a")
+    left.set_xlabel("setup (instances)")
+    left.set_title("throughput: standalone vs multihost")
+    right.bar(labels, [s.get("db_transactions_per_task") or 0 for s in rows], color=colours)
     right.set_ylabel("database transactions per task")
+    right.set_xlabel("setup (instances)")
     right.set_title("what coordination costs")
-    for axis in (left, right):
-        axis.tick_params(axis="x", labelrotation=20)
+    from matplotlib.patches import Patch
+
+    families = sorted({style.family_of(s["setup"], s["mode"]) for s in rows})
+    fig.legend([Patch(color=style.colour(f, f)) for f in families], [style.family_label(f) for f in families],
+               loc="lower center", ncol=len(families))
     fig.suptitle(f"{scaling['workload']['description']}, {scaling['shards_per_instance']} shards per instance")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    return style.save(fig, path)
 
