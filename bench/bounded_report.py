@@ -200,7 +200,7 @@ def _role_order(role: str) -> tuple[int, int, str]:
 # -- output ---------------------------------------------------------------------------------
 
 
-HELD_COLOUR = "#8c564b"  # not a system colour: tasks held is a count, not a runner
+HELD_COLOUR = "#e377c2"  # not a system colour: tasks held is a count, not a runner
 
 
 def plot(results: dict[str, Any], path: Path) -> None:

@@ -181,7 +181,7 @@ def plot(results: dict[str, Any], out: Path) -> list[Path]:
 
         fig, axes = plt.subplots(4, 1, figsize=(12, 12), sharex=True)
         for name, values in s["pg"].items():
-            axes[0].plot(t, [v or 0 for v in values], label=name, linewidth=1, color=style.role_colour(name))
+            axes[0].plot(t, [v or 0 for v in values], label=name, linewidth=1)
         axes[0].plot(t, s["pg_total"], label="all the daemon's", color="black", linewidth=1.5)
         axes[0].set_ylabel("PostgreSQL connections")
         axes[0].legend(ncol=2, loc="upper right")
