@@ -1,0 +1,158 @@
+"""The one-screen summary at the top of bench/RESULTS.md, generated from the JSON stored in bench/RESULTS/.
+
+Every figure is read from a stored result (never typed by hand) with the date it was measured; a figure a
+stored result does not hold is named as missing, not guessed. ``python -m bench.report_summary bench/RESULTS``
+prints it; ``--write bench/RESULTS.md`` replaces the block between the two markers in that file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from bench.report import load, machine_line
+
+BEGIN = "<!-- summary:begin (generated: python -m bench.report_summary bench/RESULTS --write bench/RESULTS.md) -->"
+END = "<!-- summary:end -->"
+STANDALONE_WORKLOADS = ("noop-uniform", "noop-zipf", "sleep20-uniform", "sleep20-zipf", "heavy-uniform",
+                        "heavy-zipf")
+SHARD_COUNTS = (4, 16)
+
+
+def _date(stamp: str | None) -> str:
+    """'2026-11-25T18:45:51+00:00' -> '2026-11-25 18:45 UTC'."""
+    return f"{stamp[:10]} {stamp[11:16]} UTC" if stamp else "date unknown"
+
+
+def _tps(value: float | None) -> str:
+    return f"{value:,.0f}" if value is not None else "not measured"
+
+
+def _ratio(value: float | None) -> str:
+    return f"{value:.2f}" if value is not None else "-"
+
+
+def stored(results_dir: Path) -> dict[str, Any]:
+    """The stored results the summary reads; a file that is absent is None (its figures are then missing)."""
+    def optional(name: str) -> Any:
+        path = results_dir / name
+        return load(path) if path.exists() else None
+
+    return {"suite": optional("results.json.gz") or optional("results.json"),
+            "multihost": optional("multihost.json"), "bounded": optional("bounded.json")}
+
+
+def taskomatic_run(suite: dict[str, Any], workload: str, shards: int) -> dict[str, Any] | None:
+    return next((r for r in suite["runs"] if r["workload"] == workload and r["runner"] == "taskomatic"
+                 and r["parallelism"] == shards and not r.get("error")), None)
+
+
+def standalone_rows(suite: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per workload: tasks/s and makespan ratio at 4 and 16 shards, and the best throughput with its shards."""
+    descriptions = {w["name"]: w["description"] for w in suite["workloads"]}
+    rows = []
+    for workload in STANDALONE_WORKLOADS:
+        if workload not in descriptions:
+            continue
+        runs = [r for r in suite["runs"] if r["workload"] == workload and r["runner"] == "taskomatic"
+                and r.get("throughput_tps")]
+        best = max(runs, key=lambda r: r["throughput_tps"]) if runs else None
+        at = {n: taskomatic_run(suite, workload, n) for n in SHARD_COUNTS}
+        rows.append({
+            "workload": workload, "description": descriptions[workload],
+            "tps": {n: (r or {}).get("throughput_tps") for n, r in at.items()},
+            "makespan_ratio": {n: (r or {}).get("makespan_ratio") for n, r in at.items()},
+            "best_tps": best["throughput_tps"] if best else None,
+            "best_shards": best["parallelism"] if best else None})
+    return rows
+
+
+def shard_peak_rss_mb(suite: dict[str, Any]) -> float | None:
+    """The largest peak RSS (VmHWM) of any shard in any taskomatic run of the suite, MB."""
+    peaks = [p["peak_rss_kb"] for r in suite["runs"] if r["runner"] == "taskomatic" and r.get("rss")
+             for p in r["rss"]["runner"] if p["role"].startswith("shard ")]
+    return max(peaks) / 1024 if peaks else None
+
+
+def summary(data: dict[str, Any]) -> str:
+    suite, multihost, bounded = data["suite"], data["multihost"], data["bounded"]
+    if suite is None:
+        raise ValueError("no results.json(.gz) in the results directory: nothing to summarise")
+    when = _date(suite.get("started_at"))
+    out = [BEGIN, "## At a glance: what one node can do", "",
+           f"Machine: {machine_line(suite['machine'])}.", "",
+           f"**Standalone** (one instance, per-key order), `bench.run --full` measured {when}. Tasks/s = "
+           "tasks / (last end - first start); makespan / LB = makespan over its lower bound (1.00 is perfect; "
+           "target 1.10).", "",
+           "| workload | tasks/s at 4 shards | at 16 shards | best (shards) | makespan / LB at 4 | at 16 |",
+           "|---|---|---|---|---|---|"]
+    for row in standalone_rows(suite):
+        out.append(f"| {row['workload']} ({row['description']}) | {_tps(row['tps'][4])} | {_tps(row['tps'][16])} "
+                   f"| {_tps(row['best_tps'])} ({row['best_shards']}) | {_ratio(row['makespan_ratio'][4])} "
+                   f"| {_ratio(row['makespan_ratio'][16])} |")
+    idle = taskomatic_run(suite, "steady-idle", 4)
+    loaded = taskomatic_run(suite, "steady-loaded", 4)
+    out.append("")
+    for name, run, target in (("idle (steady-idle, 25 tasks/s)", idle, " (target p50 <= 3, p99 <= 15)"),
+                              ("loaded (steady-loaded, 500 tasks/s)", loaded, "")):
+        if run and run.get("latency_ms"):
+            lat = run["latency_ms"]
+            out.append(f"* Enqueue-to-start, {name}, 4 shards: **p50 {lat['p50']:.1f} ms, p99 {lat['p99']:.1f} ms**"
+                       f"{target}, measured {when}.")
+        else:
+            out.append(f"* Enqueue-to-start, {name}: not in the stored results.")
+    rss = shard_peak_rss_mb(suite)
+    memory = f"* Memory per shard: peak RSS {rss:.1f} MB (largest shard of any run, {when})" if rss else \
+        "* Memory per shard: peak RSS not in the stored results"
+    if bounded and "shard 0" in bounded.get("memory", {}):
+        shard = bounded["memory"]["shard 0"]
+        memory += (f"; PSS {shard['peak_pss_kb'] / 1024:.1f} MB, USS {shard['peak_uss_kb'] / 1024:.1f} MB "
+                   f"(shard 0 of the 1,000,000-task bounded run, {_date(bounded.get('started_at'))})")
+    out += [memory + ".", ""]
+    if multihost and (multihost.get("scaling") or {}).get("summary"):
+        scaling = multihost["scaling"]
+        setups = ", ".join(f"{s['setup']} {_tps(s.get('throughput_tps'))}" for s in scaling["summary"])
+        out += [f"**Multihost** (key claims between instances), `bench.multihost --quick` measured "
+                f"{_date(multihost.get('started_at'))}: {scaling['workload']['description']}, "
+                f"{scaling['shards_per_instance']} shards per instance, tasks/s: {setups}. "
+                "Zipf, 20 ms and heavy-tailed workloads, makespan ratios, idle latency and memory per shard "
+                "were not measured in multihost mode (not in the stored results).", ""]
+    else:
+        out += ["**Multihost**: not in the stored results.", ""]
+    out += ["Plots: `bench/RESULTS/*.png`, one colour per system in every plot (bench/style.py). The detail "
+            "follows.", END]
+    return "\n".join(out)
+
+
+def replace_block(text: str, block: str) -> str:
+    """``text`` with the summary block replaced, or inserted after the first heading when absent."""
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        return head + block + rest.split(END, 1)[1]
+    lines = text.split("\n")
+    first_heading = next((i for i, line in enumerate(lines) if line.startswith("# ")), -1)
+    return "\n".join([*lines[:first_heading + 1], "", block, "", *lines[first_heading + 1:]])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.report_summary", description=__doc__.split("\n")[0])
+    parser.add_argument("results_dir", type=Path, help="the folder of stored results (bench/RESULTS)")
+    parser.add_argument("--write", type=Path, metavar="MARKDOWN", help="replace the summary block in this file")
+    args = parser.parse_args(argv)
+    try:
+        block = summary(stored(args.results_dir))
+    except (ValueError, KeyError, json.JSONDecodeError) as error:
+        print(f"cannot summarise {args.results_dir}: {error!r}", file=sys.stderr)
+        return 2
+    if args.write:
+        args.write.write_text(replace_block(args.write.read_text(), block))
+    else:
+        print(block)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
