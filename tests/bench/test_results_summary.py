@@ -1,0 +1,64 @@
+"""The one-screen summary of bench/RESULTS.md quotes the stored JSON exactly and is the file's current block."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from bench.report import load
+from bench.report_summary import BEGIN, END, replace_block, stored, summary
+
+ROOT = Path(__file__).resolve().parents[2]
+RESULTS = ROOT / "bench" / "RESULTS"
+
+
+def _run(suite: dict, workload: str, shards: int) -> dict:
+    return next(r for r in suite["runs"] if r["workload"] == workload and r["runner"] == "taskomatic"
+                and r["parallelism"] == shards)
+
+
+def test_the_summary_numbers_are_the_jsons() -> None:
+    suite = load(RESULTS / "results.json.gz")
+    text = summary(stored(RESULTS))
+    for workload in ("noop-uniform", "noop-zipf", "sleep20-uniform", "sleep20-zipf", "heavy-uniform", "heavy-zipf"):
+        row = next(line for line in text.splitlines() if line.startswith(f"| {workload} ("))
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[1] == f"{_run(suite, workload, 4)['throughput_tps']:,.0f}"
+        assert cells[2] == f"{_run(suite, workload, 16)['throughput_tps']:,.0f}"
+        best = max((r for r in suite["runs"] if r["workload"] == workload and r["runner"] == "taskomatic"),
+                   key=lambda r: r["throughput_tps"])
+        assert cells[3] == f"{best['throughput_tps']:,.0f} ({best['parallelism']})"
+        for cell, shards in ((cells[4], 4), (cells[5], 16)):
+            ratio = _run(suite, workload, shards).get("makespan_ratio")
+            assert cell == (f"{ratio:.2f}" if ratio else "-")
+    idle = _run(suite, "steady-idle", 4)["latency_ms"]
+    assert f"p50 {idle['p50']:.1f} ms, p99 {idle['p99']:.1f} ms" in text
+    assert suite["started_at"][:10] in text and suite["machine"]["cpu_model"] in text
+    multihost = load(RESULTS / "multihost.json")
+    for setup in multihost["scaling"]["summary"]:
+        assert f"{setup['setup']} {setup['throughput_tps']:,.0f}" in text
+    shard = load(RESULTS / "bounded.json")["memory"]["shard 0"]
+    assert f"USS {shard['peak_uss_kb'] / 1024:.1f} MB" in text
+
+
+def test_results_md_opens_with_the_current_summary() -> None:
+    text = (ROOT / "bench" / "RESULTS.md").read_text()
+    block = text[text.index(BEGIN):text.index(END) + len(END)]
+    assert block == summary(stored(RESULTS)), "re-run: python -m bench.report_summary bench/RESULTS --write ..."
+    assert text.index(BEGIN) < 100, "the summary comes before the detail"
+    assert len(block.splitlines()) <= 40
+
+
+def test_what_is_not_stored_is_said_missing(tmp_path: Path) -> None:
+    (tmp_path / "results.json.gz").write_bytes((RESULTS / "results.json.gz").read_bytes())
+    text = summary(stored(tmp_path))
+    assert "**Multihost**: not in the stored results." in text
+    assert "PSS" not in text
+    assert not re.search(r"\| noop-uniform .*\| not measured \|", text)
+
+
+def test_replacing_the_block_is_idempotent() -> None:
+    original = "# title\n\nbody\n"
+    once = replace_block(original, f"{BEGIN}\nA\n{END}")
+    assert once.startswith("# title\n") and "body" in once
+    assert replace_block(once, f"{BEGIN}\nB\n{END}") == once.replace("\nA\n", "\nB\n")
