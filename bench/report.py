@@ -1,6 +1,7 @@
 """Render a results.json: a Markdown report and PNG plots (``bench/report_plots.py``; matplotlib, optional).
 
 ``python -m bench.report bench/results/<dir>/results.json`` re-renders one.
+``python -m bench.report --plots-only bench/RESULTS/results.json.gz`` re-draws the stored PNGs only.
 Every number shown comes from the JSON, which holds only measured figures
 (and the workload's planned work, for the lower bound).
 """

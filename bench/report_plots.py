@@ -211,7 +211,7 @@ def timeline_figure(run: dict[str, Any]) -> Any:
     tl = run["timeline"]
     shards = tl["shards"]
     fig, (top, bottom) = plt.subplots(
-        2, 1, sharex=True, figsize=(10, 2.6 + 0.32 * shards + 2.2),
+        2, 1, sharex=True, figsize=(10, 3.4 + 0.32 * shards + 2.2),
         gridspec_kw={"height_ratios": [max(1.5, 0.32 * shards), 2.0]})
     for i in range(shards):
         bars = [(s, e - s) for s, e in tl["busy"][i]]
@@ -265,6 +265,7 @@ def timeline_figure(run: dict[str, Any]) -> Any:
     if run.get("lower_bound_s"):
         handles += [Line2D([], [], color=style.BOUND_COLOUR, linestyle=":", linewidth=1)]
         labels += [f"lower bound {run['lower_bound_s']:.2f} s"]
-    bottom.legend(handles, labels, loc="upper right")
+    # Under the axes, not over the curves.
+    bottom.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=3)
     fig.tight_layout()
     return fig
