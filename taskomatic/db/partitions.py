@@ -45,6 +45,12 @@ class Released:
 
 
 @dataclass(frozen=True)
+class Reservations:
+    made: tuple[int, ...]  # newly reserved for us
+    dropped: tuple[int, ...]  # ours before, no longer wanted
+
+
+@dataclass(frozen=True)
 class Outcome:
     task_id: int
     state: str
@@ -95,10 +101,15 @@ def adopt_partition_tasks(store: Store, instance_id: int, partitions: Iterable[i
     return sorted(rows, key=lambda r: r["id"])
 
 
-def request_partitions(store: Store, instance_id: int, partitions: Iterable[int]) -> list[int]:
-    """Reserve partitions another live instance must hand over to us; returns those newly reserved."""
+def request_partitions(store: Store, instance_id: int, partitions: Iterable[int]) -> Reservations:
+    """Reserve exactly ``partitions`` (live holders must hand them over to us); drop our other reservations.
+
+    Call it every balancing round, with an empty list too: a reservation the
+    balance no longer wants would keep the partition from its new taker.
+    """
     rows = store.all("request_partitions", instance_id=instance_id, partitions=sorted(set(partitions)))
-    return sorted(r["partition"] for r in rows)
+    return Reservations(tuple(sorted(r["partition"] for r in rows if r["wanted_by"] is not None)),
+                        tuple(sorted(r["partition"] for r in rows if r["wanted_by"] is None)))
 
 
 def begin_release(store: Store, instance_id: int, held: Mapping[int, int]) -> Released:

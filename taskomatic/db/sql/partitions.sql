@@ -69,20 +69,25 @@ RETURNING t.id, t.task_target_type, t.task_target_id, t.action, t.args, t.key_ty
           t.partition, t.run_by_shard;
 
 -- request_partitions --
--- Reserve partitions a live instance holds beyond its share (balancing gave
--- them to us): its holder hands them over, then only we may acquire them.
+-- Reserve exactly these partitions for us (balancing gave them to us, but a
+-- live instance holds them beyond its share: it hands them over, then only we
+-- may acquire them), and drop our reservations of any others (the balance
+-- changed: a stale reservation would keep a partition from its new taker).
+-- Returns the rows changed: wanted_by is us for a new reservation, NULL for a dropped one.
 UPDATE partition_leases pl
-SET wanted_by = %(instance_id)s
-WHERE pl.partition = ANY(%(partitions)s::smallint[])
-  AND pl.instance_id IS DISTINCT FROM %(instance_id)s
-  AND pl.wanted_by IS DISTINCT FROM %(instance_id)s
-  AND (pl.wanted_by IS NULL
-       OR NOT EXISTS (SELECT 1 FROM instances w
-                      WHERE w.id = pl.wanted_by AND w.stopped_at IS NULL
-                        AND w.lease_expires_at > clock_timestamp()))
-  AND EXISTS (SELECT 1 FROM instances me
-              WHERE me.id = %(instance_id)s AND me.stopped_at IS NULL AND me.lease_expires_at > clock_timestamp())
-RETURNING pl.partition;
+SET wanted_by = CASE WHEN pl.partition = ANY(%(partitions)s::smallint[]) THEN %(instance_id)s::bigint END
+WHERE (pl.wanted_by = %(instance_id)s AND NOT pl.partition = ANY(%(partitions)s::smallint[]))
+   OR (pl.partition = ANY(%(partitions)s::smallint[])
+       AND pl.instance_id IS DISTINCT FROM %(instance_id)s
+       AND pl.wanted_by IS DISTINCT FROM %(instance_id)s
+       AND (pl.wanted_by IS NULL
+            OR NOT EXISTS (SELECT 1 FROM instances w
+                           WHERE w.id = pl.wanted_by AND w.stopped_at IS NULL
+                             AND w.lease_expires_at > clock_timestamp()))
+       AND EXISTS (SELECT 1 FROM instances me
+                   WHERE me.id = %(instance_id)s AND me.stopped_at IS NULL
+                     AND me.lease_expires_at > clock_timestamp()))
+RETURNING pl.partition, pl.wanted_by;
 
 -- begin_release --
 -- Hand-over, step 1: mark partitions we hold (under these tokens) releasing,
