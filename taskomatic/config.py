@@ -126,6 +126,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("daemon", "state_dir", str, "",
             "where the private PostgreSQL and runtime files live; empty: /var/lib/taskomatic "
             "as root, else $XDG_STATE_HOME/taskomatic"),
+    Setting("daemon", "routing", _choice("hash", "pinned"), "pinned",
+            "which shard runs a key's tasks: pinned (any shard with room, kept while the key has tasks "
+            "in flight there) or hash (always shard partition mod shards, whatever its load)"),
     Setting("daemon", "claim_batch", _positive_int, 200,
             "most tasks the fetcher claims in one statement"),
     Setting("daemon", "max_claimed_per_shard", _positive_int, 500,
@@ -202,6 +205,7 @@ class Config:
     startup_retry_max: float = 60.0
     mode: str = "standalone"
     shards: int = 4
+    routing: str = "pinned"
     state_dir: str = ""
     claim_batch: int = 200
     max_claimed_per_shard: int = 500
