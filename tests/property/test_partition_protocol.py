@@ -696,26 +696,41 @@ def test_partition_protocol(conns: Connections) -> None:
 
 
 def test_a_join_hands_partitions_over_cooperatively(conns: Connections) -> None:
-    """One instance holds everything with a task running; a second joins: the first gives up half
-    (no more starts there, its unstarted tasks back), keeps the running one's partition until that
-    task ends, then frees it; the second acquires each with a higher token and runs the rest in order."""
+    """One instance holds everything, a task of a key running and two more queued behind it; a
+    second joins: the first gives up half, the key's partition among them: no more starts there,
+    its unstarted tasks go back to the queue (keeping their place), the partition stays its own
+    until the running task ends, then it is freed; the second acquires it with a higher token and
+    runs the key's remaining tasks in order."""
+    key = next(k for k in KEYS if partition_of(k, P) >= P // 2)  # in the half the first instance gives up
+    p = partition_of(key, P)
     machine = PartitionProtocol(conns)
     try:
-        machine.start_up(hosts=1, keys=[KEYS[0], KEYS[1], KEYS[0], KEYS[2], KEYS[3]])
+        machine.start_up(hosts=1, keys=[key, key, key])
         first = machine.hosts[0]
         machine.rebalance_for(first)
         assert len(first.held) == P
-        machine.claim_for(first, 0, 10)
-        machine.write(first, min(first.local), "start")
+        old = first.held[p]
+        machine.claim_for(first, p, 3)
+        running = min(first.local)
+        assert machine.write(first, running, "start")
         machine.join(0)
         second = machine.hosts[1]
-        machine.rebalance_for(second)  # asks for half
+        machine.rebalance_for(second)  # reserves half
         assert sum(lease.wanted == second.instance for lease in machine.leases.values()) == P // 2
-        machine.rebalance_for(first)  # gives half
-        assert sum(lease.releasing for lease in machine.leases.values()) == P // 2
+        machine.rebalance_for(first)  # begins handing half over
+        assert machine.leases[p].releasing and sorted(first.local) == [running]  # the other two went back
         machine.finish_release_for(first)
+        assert machine.leases[p].instance == first.instance  # kept: its task still runs
         machine.rebalance_for(second)
-        assert len(first.held) + len(second.held) == P
+        assert p not in second.held
+        assert machine.write(first, running, "finished")
+        machine.finish_release_for(first)
+        assert machine.leases[p].instance is None and machine.leases[p].wanted == second.instance
+        machine.rebalance_for(second)
+        assert second.held[p] > old and len(first.held) == len(second.held) == P // 2
+        machine.claim_for(second, p, 3)
+        for tid in sorted(second.local):
+            assert machine.write(second, tid, "start") and machine.write(second, tid, "finished")
         machine.database_agrees()
         machine.only_the_holder_writes()
     finally:
