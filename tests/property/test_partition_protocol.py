@@ -771,3 +771,40 @@ def test_a_stale_token_of_the_same_instance_writes_nothing(conns: Connections) -
         assert machine.write(first, tid, "start")
     finally:
         machine.teardown()
+
+
+def test_a_claim_committed_late_is_not_stranded_by_a_takeover(conns: Connections) -> None:
+    """An instance claims tasks of its partition with its lease live, then stalls past its lease
+    before COMMIT while another instance takes its partitions over. The claim holds the lease rows
+    (shared) to the end of its transaction, so the takeover passes those partitions by (SKIP
+    LOCKED) instead of taking it without the claimed tasks, which it could not see: they would be
+    stranded, claimed by an instance that no longer holds their partition. Once the stalled claim
+    commits, the next takeover takes the partition with them."""
+    key = KEYS[0]
+    p = partition_of(key, P)
+    machine = PartitionProtocol(conns)
+    try:
+        machine.start_up(hosts=2, keys=[key, key])
+        first, second = machine.hosts[0], machine.hosts[1]
+        machine.rebalance_for(first)
+        machine.rebalance_for(second)
+        holder, taker = (first, second) if p in first.held else (second, first)
+        assert holder.instance is not None
+        with holder.store.transaction():
+            got = dbp.claim_partition_tasks(holder.store, holder.instance, holder.held, p, 2)
+            assert len(got) == 2
+            holder.status = "paused"
+            machine.tick(LEASE)
+            # The claim locked the lease rows of every partition it claimed from (all it holds).
+            machine.rebalance_for(taker, locked=frozenset(holder.held))
+            assert machine.leases[p].instance == holder.instance
+        for r in got:
+            machine.tasks[r["id"]].claimed_by = holder.instance
+            holder.local[r["id"]] = "queued"
+        machine.database_agrees()
+        machine.forget(holder)  # it never comes back
+        machine.rebalance_for(taker)
+        assert p in taker.held and sorted(taker.local) == sorted(r["id"] for r in got)  # adopted
+        machine.database_agrees()
+    finally:
+        machine.teardown()
