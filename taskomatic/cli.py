@@ -47,12 +47,13 @@ _DATABASE_COMMANDS = ("run", "db", "submit", "tasks", "show", "cancel", "retry",
 ONLY_FOR = {
     "shards": ("run", "demo"),
     "mode": ("run",),
+    "routing": ("run",),
     "dsn": (*_DATABASE_COMMANDS, "bench"),
     "embedded_db": _DATABASE_COMMANDS,
     "state_dir": _DATABASE_COMMANDS,
 }
-FLAG_OF = {"shards": "--shards", "mode": "--mode", "dsn": "--dsn", "embedded_db": "--embedded-db",
-           "state_dir": "--state-dir"}
+FLAG_OF = {"shards": "--shards", "mode": "--mode", "routing": "--routing", "dsn": "--dsn",
+           "embedded_db": "--embedded-db", "state_dir": "--state-dir"}
 
 
 def _common_options(parser: argparse.ArgumentParser) -> None:
@@ -82,6 +83,9 @@ def _daemon_options(parser: argparse.ArgumentParser) -> None:
                                                               "run in parallel, one per shard)")
     parser.add_argument("--mode", choices=["standalone", "multihost"], default=s,
                         help="standalone refuses to share the database; multihost shares it")
+    parser.add_argument("--routing", choices=["hash", "pinned"], default=s,
+                        help="which shard runs a key's tasks: pinned (any shard with room, kept while the key "
+                             "has tasks in flight there) or hash (always shard partition mod shards)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -127,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def resolve_config(args: argparse.Namespace) -> Config:
     overrides: dict[str, Any] = config_mod.parse_overrides(getattr(args, "settings", []) or [])
-    for name in ("dsn", "state_dir", "log_level", "shards", "mode"):
+    for name in ("dsn", "state_dir", "log_level", "shards", "mode", "routing"):
         value = getattr(args, name, None)
         if value is not None:
             overrides[name] = value

@@ -54,6 +54,7 @@ class Config:
     startup_retry_max: float = 60.0
     mode: str = "standalone"
     shards: int = 4
+    routing: str = "pinned"
     state_dir: str = ""
     claim_batch: int = 200
     max_claimed_per_shard: int = 500

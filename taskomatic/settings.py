@@ -109,6 +109,9 @@ SETTINGS: tuple[Setting, ...] = (
             "standalone refuses to share the database; multihost shares it with other instances"),
     Setting("daemon", "shards", _positive_int, 4,
             "shard processes (tasks of different resources run in parallel, one per shard)"),
+    Setting("daemon", "routing", _choice("hash", "pinned"), "pinned",
+            "which shard runs a key's tasks: pinned (any shard with room, kept while the key has tasks "
+            "in flight there) or hash (always shard partition mod shards, whatever its load)"),
     Setting("daemon", "state_dir", str, "",
             "where the private PostgreSQL (dsn = embedded) lives; systemd's $STATE_DIRECTORY wins; "
             "empty: /var/lib/taskomatic as root, else $XDG_STATE_HOME/taskomatic"),

@@ -27,6 +27,11 @@ key per transaction, so more would only crowd out other keys' tasks, which
 it could start in the same transaction. Tasks an interrupted
 shard had committed ``running`` go back to its slot only (``route(task,
 slot)``): only it may settle them.
+
+Which slot a free key goes to is the routing's choice (``router``, chosen at
+construction): ``pinned`` (the default) lets any slot with room take it, as
+above; ``hash`` gives every key a home slot, its partition mod N, and only
+that slot takes it, whatever its load (it still waits for room there).
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
 
 from taskomatic.model import OrderingKey, TaskRow, key_of
+from taskomatic.runtime.router import PinnedRouting, Routing
 
 LOOKAHEAD = 0.005  # seconds of expected work a slot is sent ahead
 WINDOW_MAX = 256  # tasks sent ahead at most, however quick
@@ -86,14 +92,18 @@ class SlotQueue:
 
 class Dispatcher:
     def __init__(self, shards: int, lookahead: float = LOOKAHEAD, window_max: int = WINDOW_MAX,
-                 per_key_ahead: int = PER_KEY_AHEAD) -> None:
+                 per_key_ahead: int = PER_KEY_AHEAD, routing: Routing | None = None) -> None:
+        self.routing: Routing = routing or PinnedRouting()
         self.lookahead = lookahead
         self.window_max = window_max
         self.per_key_ahead = per_key_ahead
         self.slots = [SlotQueue(i) for i in range(shards)]
         self.waiting: dict[OrderingKey, deque[TaskRow]] = {}  # claimed, not sent, in id order
         self.waiting_count = 0  # tasks in ``waiting``: held() is asked every turn of the fetcher's loop
-        self.free_keys: OrderedDict[OrderingKey, None] = OrderedDict()  # waiting, not pinned
+        # Waiting, not pinned: keys any slot may take (pinned routing), and per slot the keys
+        # only it may take (hash routing: their home), each in the order they got work.
+        self.free_keys: OrderedDict[OrderingKey, None] = OrderedDict()
+        self.homed_keys: list[OrderedDict[OrderingKey, None]] = [OrderedDict() for _ in range(shards)]
         self.pinned: dict[OrderingKey, int] = {}
         self.in_flight: Counter[OrderingKey] = Counter()
         self.estimates: dict[str, float] = {}
@@ -130,17 +140,22 @@ class Dispatcher:
         self.waiting_count += 1
         self._mark_waiting(key)
 
+    def _free_lane(self, key: OrderingKey) -> OrderedDict[OrderingKey, None]:
+        """Where the key waits while not pinned: its home slot's lane, or the shared one."""
+        home = self.routing.home(key)
+        return self.free_keys if home is None else self.homed_keys[home]
+
     def _pin(self, key: OrderingKey, slot: int) -> None:
         current = self.pinned.get(key)
         if current is not None and current != slot:
             raise ValueError(f"{key} is pinned to slot {current}, not {slot}")
         self.pinned[key] = slot
-        self.free_keys.pop(key, None)
+        self._free_lane(key).pop(key, None)
 
     def _mark_waiting(self, key: OrderingKey) -> None:
         slot = self.pinned.get(key)
         if slot is None:
-            self.free_keys.setdefault(key, None)
+            self._free_lane(key).setdefault(key, None)
         elif self.in_flight[key] < self.per_key_ahead:
             self.slots[slot].pinned_waiting.setdefault(key, None)
 
@@ -165,10 +180,11 @@ class Dispatcher:
             if key is None:
                 if not self.has_room(index):
                     break
-                key = next(iter(self.free_keys), None)
+                lane = self.homed_keys[index] or self.free_keys
+                key = next(iter(lane), None)
                 if key is None:
                     break
-                del self.free_keys[key]
+                del lane[key]
                 self.pinned[key] = index
             queue = self.waiting[key]
             task = queue.popleft()
@@ -209,8 +225,9 @@ class Dispatcher:
         if key in self.waiting:
             # Free again: its next tasks go to whichever slot has room first, ahead of
             # keys that got work later (a long chain keeps going).
-            self.free_keys[key] = None
-            self.free_keys.move_to_end(key, last=False)
+            lane = self._free_lane(key)
+            lane[key] = None
+            lane.move_to_end(key, last=False)
 
     def defer(self, index: int, task_ids: tuple[int, ...]) -> None:
         slot = self.slots[index]
@@ -263,5 +280,6 @@ class Dispatcher:
             queue.appendleft(task)
             self.waiting_count += 1
             self._mark_waiting(key)
-            if key in self.free_keys:
-                self.free_keys.move_to_end(key, last=False)
+            lane = self._free_lane(key)
+            if key in lane:
+                lane.move_to_end(key, last=False)

@@ -45,7 +45,7 @@ from multiprocess.connection import Connection, wait
 from taskomatic import config as config_mod
 from taskomatic import metrics
 from taskomatic.config import Config
-from taskomatic.db import claims, key_claims
+from taskomatic.db import claims, key_claims, partitions
 from taskomatic.db.store import Store, connect, listen
 from taskomatic.exitcodes import EXIT_LEASE_LOST
 from taskomatic.logsetup import set_process_title, setup_logging
@@ -66,7 +66,7 @@ from taskomatic.runtime.messages import (
     Run,
     Started,
 )
-from taskomatic.runtime.router import shard_for
+from taskomatic.runtime.router import make_routing, shard_for
 from taskomatic.text import first_line
 
 log = logging.getLogger(__name__)
@@ -101,7 +101,6 @@ class Fetcher:
         self.instance_id = instance_id
         self.supervisor = supervisor
         self.slots = [ShardLink(i) for i in range(config.shards)]
-        self.dispatch = Dispatcher(config.shards)
         self.signals: list[int] = []
         self.draining = False
         self.stopping_fast = False
@@ -110,6 +109,10 @@ class Fetcher:
         self.done_total = 0
         self.ended_since_claim = False
         self.store = Store.open(config.dsn, "taskomatic fetcher", config.connect_timeout)
+        # hash routing places partition p on shard p mod N: P as the database records it.
+        count = partitions.partition_count(self.store)
+        self.store.rollback()
+        self.dispatch = Dispatcher(config.shards, routing=make_routing(config.routing, config.shards, count))
         self.claim_round = ClaimRound(self.store, lambda: self.config, instance_id, self.book, self.dispatch,
                                     self._settling_slot)
         self.listen_conn = self._listen()

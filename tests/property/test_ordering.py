@@ -43,6 +43,7 @@ on purpose must fail them.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import pytest
@@ -51,6 +52,7 @@ from hypothesis import strategies as st
 
 from taskomatic.model import OrderingKey, TaskRow, key_of
 from taskomatic.runtime.dispatch import Dispatcher
+from taskomatic.runtime.router import ROUTINGS, make_routing
 
 KINDS = ("Vm", "StoragePool")
 SECONDS = {"quick": 0.001, "slow": 1.0}  # what each action takes: quick ones go out many at a time
@@ -85,9 +87,12 @@ class Violation(AssertionError):
     pass
 
 
+DispatcherFactory = Callable[..., Dispatcher]  # (shards, window_max=...) -> Dispatcher
+
+
 class Pipeline:
     def __init__(self, keys: list[OrderingKey], shards: int, window_max: int,
-                 dispatcher: type[Dispatcher] = Dispatcher) -> None:
+                 dispatcher: DispatcherFactory = Dispatcher) -> None:
         self.shards = shards
         self.window_max = window_max
         self.dispatcher = dispatcher
@@ -393,8 +398,11 @@ class Pipeline:
             sent = [i for s in d.slots for i, (t, _) in s.sent.items() if key_of(t) == key]
             if waiting != sorted(waiting) or (sent and max(sent) > waiting[0]):
                 raise Violation(f"{key}: waiting {waiting} out of order (in flight: {sent})")
-            if (key in d.free_keys) == (key in d.pinned):
-                raise Violation(f"{key} has waiting tasks and is both or neither free and pinned")
+            lanes = [i for i, lane in enumerate(d.homed_keys) if key in lane] + [None] * (key in d.free_keys)
+            if bool(lanes) == (key in d.pinned) or len(lanes) > 1:
+                raise Violation(f"{key} has waiting tasks and is both or neither free and pinned (lanes {lanes})")
+            if lanes and lanes[0] != d.routing.home(key):
+                raise Violation(f"{key} waits in lane {lanes[0]}, its home is {d.routing.home(key)}")
         where: dict[OrderingKey, set[int]] = {}
         for slot in range(self.shards):
             proc, link = self.procs[slot], self.links[slot]
@@ -511,8 +519,16 @@ def apply(sim: Pipeline, op: str, a: int, b: int) -> None:
         raise AssertionError(op)
 
 
+def routed(routing: str) -> DispatcherFactory:
+    """A Dispatcher with the routing a ``routing`` setting names (both must keep per-key order)."""
+    def make(shards: int, window_max: int) -> Dispatcher:
+        return Dispatcher(shards, window_max=window_max, routing=make_routing(routing, shards))
+
+    return make
+
+
 def run(keys: list[OrderingKey], shards: int, window_max: int, ops: list[tuple[str, int, int]],
-        dispatcher: type[Dispatcher] = Dispatcher) -> Pipeline:
+        dispatcher: DispatcherFactory = Dispatcher) -> Pipeline:
     sim = Pipeline(keys, shards, window_max, dispatcher)
     for op, a, b in ops:
         apply(sim, op, a, b)
@@ -528,15 +544,17 @@ def run(keys: list[OrderingKey], shards: int, window_max: int, ops: list[tuple[s
 op_lists = st.lists(st.tuples(OP_STRATEGY, st.integers(0, 7), st.integers(0, 15)), min_size=20, max_size=150)
 
 
+@pytest.mark.parametrize("routing", ROUTINGS)
 @settings(max_examples=800)
 @given(keys=st.lists(keys_strategy, min_size=3, max_size=30), shards=st.integers(1, 4),
        window_max=st.integers(2, 8), ops=op_lists)
 @pytest.mark.slow
-def test_per_key_order_survives_shard_failures(keys: list[OrderingKey], shards: int, window_max: int,
+def test_per_key_order_survives_shard_failures(routing: str, keys: list[OrderingKey], shards: int, window_max: int,
                                                ops: list[tuple[str, int, int]]) -> None:
-    run(keys, shards, window_max, ops)
+    run(keys, shards, window_max, ops, routed(routing))
 
 
+@pytest.mark.parametrize("routing", ROUTINGS)
 @settings(max_examples=400)
 @given(
     keys=st.lists(keys_strategy, min_size=1, max_size=30), shards=st.integers(1, 4), window_max=st.integers(2, 8),
@@ -544,14 +562,19 @@ def test_per_key_order_survives_shard_failures(keys: list[OrderingKey], shards: 
                                             "fetcher_read")),
                            st.integers(0, 7), st.integers(0, 15)), max_size=80),
 )
-def test_per_key_order_without_failures(keys: list[OrderingKey], shards: int, window_max: int,
+def test_per_key_order_without_failures(routing: str, keys: list[OrderingKey], shards: int, window_max: int,
                                          ops: list[tuple[str, int, int]]) -> None:
-    sim = run(keys, shards, window_max, ops)
+    sim = run(keys, shards, window_max, ops, routed(routing))
     assert all(state == "finished" for state in sim.db.values())
     for key, ids in sim.submitted.items():
         assert sim.started[key] == ids  # nothing ran twice
+    if routing == "hash":  # nothing was interrupted: every task ran on its key's home slot
+        home = make_routing("hash", shards)
+        for task in sim.tasks:
+            assert sim.run_by[task.id] == home.home(key_of(task)), (task, sim.run_by[task.id])
 
 
+@pytest.mark.parametrize("routing", ROUTINGS)
 @settings(max_examples=800)
 @given(
     keys=st.lists(keys_strategy, min_size=3, max_size=30), shards=st.integers(1, 4), window_max=st.integers(2, 8),
@@ -559,10 +582,10 @@ def test_per_key_order_without_failures(keys: list[OrderingKey], shards: int, wi
                  max_size=150),
 )
 @pytest.mark.slow
-def test_per_key_order_survives_fetcher_restarts_and_drains(keys: list[OrderingKey], shards: int,
+def test_per_key_order_survives_fetcher_restarts_and_drains(routing: str, keys: list[OrderingKey], shards: int,
                                                             window_max: int,
                                                             ops: list[tuple[str, int, int]]) -> None:
-    run(keys, shards, window_max, ops)
+    run(keys, shards, window_max, ops, routed(routing))
 
 
 # -- scenarios ------------------------------------------------------------------------------

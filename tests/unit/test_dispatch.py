@@ -13,7 +13,9 @@ import random
 import pytest
 
 from taskomatic.model import OrderingKey, TaskRow, key_of
+from taskomatic.partitions import DEFAULT_PARTITIONS, partition_of
 from taskomatic.runtime.dispatch import LOOKAHEAD, Dispatcher
+from taskomatic.runtime.router import PinnedRouting, make_routing
 
 VM = "Vm"
 
@@ -56,9 +58,13 @@ def check_consistent(d: Dispatcher) -> None:
         assert slot.work == pytest.approx(expected)
     for key in d.free_keys:
         assert key not in d.pinned and d.waiting[key]
+    for slot, lane in enumerate(d.homed_keys):
+        for key in lane:
+            assert key not in d.pinned and d.waiting[key] and d.routing.home(key) == slot
     for key, queue in d.waiting.items():
         assert queue and ids(list(queue)) == sorted(ids(list(queue)))
-        assert (key in d.free_keys) != (key in d.pinned)
+        free = key in d.free_keys or any(key in lane for lane in d.homed_keys)
+        assert free != (key in d.pinned)
     assert d.waiting_count == sum(len(q) for q in d.waiting.values())
 
 
@@ -665,3 +671,70 @@ def test_a_hot_key_with_a_slow_task_does_not_hold_up_other_keys() -> None:
     assert waiting_ids(d, 1) == [3, 4, 5, 6]
     d.ended(0, 1)
     assert ids(d.take_sendable(0)) == [3]  # quick ones: per_key_ahead of them at most (2 and 3)
+
+
+# -- hash routing: a fixed home slot per key -------------------------------------------------
+
+
+def hashed(shards: int) -> Dispatcher:
+    d = Dispatcher(shards=shards, lookahead=1.0, routing=make_routing("hash", shards))
+    for action in ("start_vm", "refresh_pool", "create_volume"):
+        d.learn(action, 0.5)
+    return d
+
+
+def vm_homed_at(slot: int, shards: int, skip: int = 0) -> int:
+    """A VM id whose home slot is ``slot`` (the ``skip``-th such)."""
+    found = [vm for vm in range(1, 1000) if partition_of(OrderingKey(VM, vm), DEFAULT_PARTITIONS) % shards == slot]
+    return found[skip]
+
+
+def test_hash_routing_sends_a_key_only_to_its_home_slot_whatever_the_load() -> None:
+    d = hashed(shards=3)
+    vm = vm_homed_at(1, 3)
+    for i in range(1, 5):
+        d.route(task(i, vm=vm))
+    assert d.take_sendable(0) == [] and d.take_sendable(2) == []  # idle, but not its home
+    assert ids(d.take_sendable(1)) == [1, 2]
+    d.ended(1, 1)
+    d.ended(1, 2)
+    assert OrderingKey(VM, vm) not in d.pinned  # nothing in flight...
+    assert d.take_sendable(0) == []  # ...and still only its home takes it
+    assert ids(d.take_sendable(1)) == [3, 4]
+    check_consistent(d)
+
+
+def test_hash_routing_waits_for_room_at_home_while_other_slots_idle() -> None:
+    d = hashed(shards=2)
+    first, second = vm_homed_at(0, 2), vm_homed_at(0, 2, skip=1)
+    d.route(task(1, vm=first))
+    d.route(task(2, vm=first))
+    d.route(task(3, vm=second))
+    assert ids(d.take_sendable(0)) == [1, 2]  # a full lookahead: no room for the other key
+    assert d.take_sendable(1) == []
+    assert d.take_sendable(0) == []
+    d.ended(0, 1)
+    assert ids(d.take_sendable(0)) == [3]
+    check_consistent(d)
+
+
+def test_hash_routing_settles_an_interrupted_task_on_its_slot_then_goes_home() -> None:
+    d = hashed(shards=2)
+    vm = vm_homed_at(0, 2)
+    d.route(task(1, vm=vm, state="running"), slot=1)  # marked running by slot 1 (pinned routing, before)
+    d.route(task(2, vm=vm))
+    assert d.take_sendable(0) == []
+    assert ids(d.take_sendable(1)) == [1, 2]  # the chain behind it stays there while in flight
+    d.ended(1, 1)
+    d.ended(1, 2)
+    d.route(task(3, vm=vm))
+    assert d.take_sendable(1) == []
+    assert ids(d.take_sendable(0)) == [3]
+    check_consistent(d)
+
+
+def test_routing_names() -> None:
+    assert isinstance(Dispatcher(shards=2).routing, PinnedRouting)
+    assert make_routing("pinned", 4).home(OrderingKey(VM, 1)) is None
+    with pytest.raises(ValueError, match="hash, pinned"):
+        make_routing("round-robin", 4)

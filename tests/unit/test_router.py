@@ -118,3 +118,26 @@ def test_pool_keys_spread_evenly() -> None:
     counts = Counter(shard_for(OrderingKey("StoragePool", i), 8) for i in range(1, 10_001))
     mean = 10_000 / 8
     assert all(abs(counts[slot] - mean) <= 0.2 * mean for slot in range(8)), counts
+
+
+# -- routing strategies ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shards", [1, 2, 3, 8])
+def test_hash_routing_sends_partition_p_to_shard_p_mod_n(shards: int) -> None:
+    from taskomatic.partitions import DEFAULT_PARTITIONS, partition_of
+    from taskomatic.runtime.router import make_routing
+
+    routing = make_routing("hash", shards)
+    for key in _sample_keys():
+        assert routing.home(key) == partition_of(key, DEFAULT_PARTITIONS) % shards
+    homes = Counter(routing.home(OrderingKey("Vm", i)) for i in range(1, 10_001))
+    assert set(homes) == set(range(shards))
+    assert all(abs(n - 10_000 / shards) <= 0.1 * 10_000 / shards for n in homes.values()), homes
+
+
+def test_hash_routing_refuses_no_shards() -> None:
+    from taskomatic.runtime.router import HashRouting
+
+    with pytest.raises(ValueError):
+        HashRouting(0, 256)

@@ -1,0 +1,173 @@
+"""Partition leases: the multihost ownership protocol, one typed function per query.
+
+The queries are in ``sql/partitions.sql``; docs/partitions.md describes the
+protocol. Every function runs in the caller's transaction (``Store`` does not
+commit): acquiring and adopting belong in one transaction, and a fenced write
+commits with whatever else the caller writes.
+
+A held partition is a (partition, token) pair; the functions that act on held
+partitions take them as a mapping partition -> token, and the database does
+nothing for a pair that is no longer current.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from taskomatic.db.store import Row, Store
+
+
+@dataclass(frozen=True)
+class PartitionLease:
+    """One row of partition_leases, as the balancer sees it."""
+
+    partition: int
+    instance_id: int | None  # None: free
+    token: int
+    releasing: bool
+    wanted_by: int | None
+    holder_live: bool
+
+
+@dataclass(frozen=True)
+class Acquired:
+    partition: int
+    token: int
+    previous: int | None  # the holder whose lease ran out, or None if it was free
+
+
+@dataclass(frozen=True)
+class Released:
+    partitions: tuple[int, ...]
+    unclaimed: int  # claimed tasks that had not started, handed back to the queue
+
+
+@dataclass(frozen=True)
+class Reservations:
+    made: tuple[int, ...]  # newly reserved for us
+    dropped: tuple[int, ...]  # ours before, no longer wanted
+
+
+@dataclass(frozen=True)
+class Outcome:
+    task_id: int
+    state: str
+    message: str | None
+    time_started: datetime | None  # None: keep the one marked
+    time_ended: datetime
+
+
+def _pairs(held: Mapping[int, int]) -> dict[str, list[int]]:
+    ordered = sorted(held.items())
+    return {"partitions": [p for p, _ in ordered], "tokens": [t for _, t in ordered]}
+
+
+def partition_count(store: Store) -> int:
+    """P, from the database (every instance must use the same)."""
+    return int(store.scalar("partition_count"))
+
+
+def partition_view(store: Store) -> list[PartitionLease]:
+    return [PartitionLease(r["partition"], r["instance_id"], r["token"], r["releasing"], r["wanted_by"],
+                           r["holder_live"]) for r in store.all("partition_view")]
+
+
+def live_multihost_instances(store: Store) -> list[int]:
+    return [r["id"] for r in store.all("live_multihost_instances")]
+
+
+def held_partitions(store: Store, instance_id: int) -> dict[int, int]:
+    """partition -> token of every partition the instance holds (releasing ones too)."""
+    return {r["partition"]: r["token"] for r in store.all("held_partitions", instance_id=instance_id)}
+
+
+def acquire_partitions(store: Store, instance_id: int, partitions: Iterable[int]) -> list[Acquired]:
+    """Take those of ``partitions`` that are free or whose holder's lease ran out; new tokens.
+
+    Call ``adopt_partition_tasks`` for them in the same transaction.
+    """
+    rows = store.all("acquire_partitions", instance_id=instance_id, partitions=sorted(set(partitions)))
+    return sorted((Acquired(r["partition"], r["token"], r["previous"]) for r in rows), key=lambda a: a.partition)
+
+
+def adopt_partition_tasks(store: Store, instance_id: int, partitions: Iterable[int]) -> list[Row]:
+    """Unfinished tasks of just-acquired partitions that earlier holders had claimed become ours, in id order."""
+    wanted = sorted(set(partitions))
+    if not wanted:
+        return []
+    rows = store.all("adopt_partition_tasks", instance_id=instance_id, partitions=wanted)
+    return sorted(rows, key=lambda r: r["id"])
+
+
+def request_partitions(store: Store, instance_id: int, partitions: Iterable[int]) -> Reservations:
+    """Reserve exactly ``partitions`` (live holders must hand them over to us); drop our other reservations.
+
+    Call it every balancing round, with an empty list too: a reservation the
+    balance no longer wants would keep the partition from its new taker.
+    """
+    rows = store.all("request_partitions", instance_id=instance_id, partitions=sorted(set(partitions)))
+    return Reservations(tuple(sorted(r["partition"] for r in rows if r["wanted_by"] is not None)),
+                        tuple(sorted(r["partition"] for r in rows if r["wanted_by"] is None)))
+
+
+def begin_release(store: Store, instance_id: int, held: Mapping[int, int]) -> Released:
+    """Hand-over step 1: stop starting these partitions' tasks; their unstarted claimed tasks go back."""
+    rows = store.all("begin_release", instance_id=instance_id, **_pairs(held))
+    return Released(tuple(r["partition"] for r in rows), int(rows[0]["unclaimed"]) if rows else 0)
+
+
+def release_partitions(store: Store, instance_id: int, held: Mapping[int, int]) -> Released:
+    """Hand-over, last step: free those of ``held`` with no task running under us."""
+    rows = store.all("release_partitions", instance_id=instance_id, **_pairs(held))
+    return Released(tuple(r["partition"] for r in rows), int(rows[0]["unclaimed"]) if rows else 0)
+
+
+def release_idle_partitions(store: Store, instance_id: int) -> list[int]:
+    """Graceful leave: free every partition of ours with nothing running under us."""
+    return sorted(r["partition"] for r in store.all("release_idle_partitions", instance_id=instance_id))
+
+
+def claim_partition_tasks(store: Store, instance_id: int, held: Mapping[int, int], start: int,
+                          limit: int) -> list[Row]:
+    """Claim up to ``limit`` queued tasks of held partitions, in (partition, id) order from ``start``, wrapping.
+
+    Each row carries its ``partition``; nothing for a partition whose token
+    is not current, that is releasing, or once our lease ran out.
+    """
+    if not held or limit < 1:
+        return []
+    rows = store.all("claim_partition_tasks", instance_id=instance_id, start=start, limit=limit, **_pairs(held))
+    return sorted(rows, key=lambda r: r["id"])
+
+
+def hold_partitions(store: Store, instance_id: int, held: Mapping[int, int], starting: bool) -> set[int]:
+    """Fencing for any other write: the partitions still ours under these tokens, locked to the end of the
+    transaction (``starting``: releasing ones do not count)."""
+    if not held:
+        return set()
+    rows = store.all("hold_partitions", instance_id=instance_id, starting=starting, **_pairs(held))
+    return {r["partition"] for r in rows}
+
+
+def mark_running_fenced(store: Store, instance_id: int, held: Mapping[int, int], task_ids: Sequence[int],
+                        shard: int, time_started: datetime) -> list[int]:
+    """Start these tasks, only those of partitions still ours (not releasing); returns the ids started."""
+    if not task_ids:
+        return []
+    rows = store.all("mark_running_fenced", instance_id=instance_id, task_ids=list(task_ids), shard=shard,
+                     time_started=time_started, **_pairs(held))
+    return sorted(r["id"] for r in rows)
+
+
+def record_outcomes_fenced(store: Store, instance_id: int, held: Mapping[int, int],
+                           outcomes: Sequence[Outcome]) -> list[int]:
+    """Write these ends, only for tasks of partitions still ours; returns the ids written."""
+    if not outcomes:
+        return []
+    rows = store.all("record_outcomes_fenced", instance_id=instance_id,
+                     task_ids=[o.task_id for o in outcomes], states=[o.state for o in outcomes],
+                     messages=[o.message for o in outcomes], starts=[o.time_started for o in outcomes],
+                     ends=[o.time_ended for o in outcomes], **_pairs(held))
+    return sorted(r["id"] for r in rows)

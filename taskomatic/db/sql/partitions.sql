@@ -1,0 +1,234 @@
+-- The partition lease protocol (taskomatic/db/partitions.py; docs/partitions.md).
+-- A partition is held by instance I under token T while partition_leases says
+-- (I, T) and I's instance lease is live: renew_lease renews them all at once.
+
+-- partition_count --
+-- P, as every instance must use it.
+SELECT partitions FROM cluster_settings;
+
+-- partition_view --
+-- Every partition: its holder (NULL: free), token, hand-over markers, and whether the holder's lease is live.
+SELECT pl.partition, pl.instance_id, pl.token, pl.releasing, pl.wanted_by,
+       coalesce(i.stopped_at IS NULL AND i.lease_expires_at > clock_timestamp(), false) AS holder_live
+FROM partition_leases pl
+LEFT JOIN instances i ON i.id = pl.instance_id
+ORDER BY pl.partition;
+
+-- live_multihost_instances --
+-- The instances that share the partitions now: multihost, not stopped, lease live.
+SELECT id FROM instances
+WHERE mode = 'multihost' AND stopped_at IS NULL AND lease_expires_at > clock_timestamp()
+ORDER BY id;
+
+-- held_partitions --
+-- The partitions this instance holds, with their tokens (a restarted fetcher picks them up).
+SELECT partition, token, releasing FROM partition_leases
+WHERE instance_id = %(instance_id)s
+ORDER BY partition;
+
+-- acquire_partitions --
+-- Take some partitions that are free, or whose holder's lease ran out (or that
+-- stopped), each with a new token. Not one reserved for another live instance
+-- (wanted_by). SKIP LOCKED: a partition someone is taking or writing under is
+-- not waited for. Only while our own lease is live. previous: the old holder.
+WITH taken AS (
+    SELECT pl.partition, pl.instance_id AS previous
+    FROM partition_leases pl
+    LEFT JOIN instances holder ON holder.id = pl.instance_id
+    LEFT JOIN instances wanter ON wanter.id = pl.wanted_by
+    WHERE pl.partition = ANY(%(partitions)s::smallint[])
+      AND (pl.instance_id IS NULL
+           OR (pl.instance_id <> %(instance_id)s
+               AND (holder.stopped_at IS NOT NULL OR holder.lease_expires_at IS NULL
+                    OR holder.lease_expires_at <= clock_timestamp())))
+      AND (pl.wanted_by IS NULL OR pl.wanted_by = %(instance_id)s
+           OR NOT coalesce(wanter.stopped_at IS NULL AND wanter.lease_expires_at > clock_timestamp(), false))
+      AND EXISTS (SELECT 1 FROM instances me
+                  WHERE me.id = %(instance_id)s AND me.stopped_at IS NULL
+                    AND me.lease_expires_at > clock_timestamp())
+    ORDER BY pl.partition
+    FOR UPDATE OF pl SKIP LOCKED
+)
+UPDATE partition_leases pl
+SET instance_id = %(instance_id)s, token = nextval('partition_lease_tokens'), acquired_at = clock_timestamp(),
+    releasing = false, wanted_by = NULL
+FROM taken
+WHERE pl.partition = taken.partition
+RETURNING pl.partition, pl.token, taken.previous;
+
+-- adopt_partition_tasks --
+-- In the acquiring transaction: unfinished tasks of those partitions that an
+-- earlier holder (dead, or a standalone instance before) had claimed become
+-- ours, to run (queued) or to reconcile (running).
+UPDATE tasks t
+SET claimed_by = %(instance_id)s, claimed_at = clock_timestamp()
+WHERE t.partition = ANY(%(partitions)s::smallint[])
+  AND t.claimed_by IS NOT NULL AND t.claimed_by <> %(instance_id)s
+  AND t.state IN ('queued', 'running')
+RETURNING t.id, t.task_target_type, t.task_target_id, t.action, t.args, t.key_type, t.key_id, t.state,
+          t.partition, t.run_by_shard;
+
+-- request_partitions --
+-- Reserve exactly these partitions for us (balancing gave them to us, but a
+-- live instance holds them beyond its share: it hands them over, then only we
+-- may acquire them), and drop our reservations of any others (the balance
+-- changed: a stale reservation would keep a partition from its new taker).
+-- Returns the rows changed: wanted_by is us for a new reservation, NULL for a dropped one.
+UPDATE partition_leases pl
+SET wanted_by = CASE WHEN pl.partition = ANY(%(partitions)s::smallint[]) THEN %(instance_id)s::bigint END
+WHERE (pl.wanted_by = %(instance_id)s AND NOT pl.partition = ANY(%(partitions)s::smallint[]))
+   OR (pl.partition = ANY(%(partitions)s::smallint[])
+       AND pl.instance_id IS DISTINCT FROM %(instance_id)s
+       AND pl.wanted_by IS DISTINCT FROM %(instance_id)s
+       AND (pl.wanted_by IS NULL
+            OR NOT EXISTS (SELECT 1 FROM instances w
+                           WHERE w.id = pl.wanted_by AND w.stopped_at IS NULL
+                             AND w.lease_expires_at > clock_timestamp()))
+       AND EXISTS (SELECT 1 FROM instances me
+                   WHERE me.id = %(instance_id)s AND me.stopped_at IS NULL
+                     AND me.lease_expires_at > clock_timestamp()))
+RETURNING pl.partition, pl.wanted_by;
+
+-- begin_release --
+-- Hand-over, step 1: mark partitions we hold (under these tokens) releasing,
+-- so no more of their tasks start (the fenced start refuses them), and hand
+-- back their claimed tasks that have not started (they keep their place).
+WITH marked AS (
+    UPDATE partition_leases pl
+    SET releasing = true
+    FROM unnest(%(partitions)s::smallint[], %(tokens)s::bigint[]) AS w(partition, token)
+    WHERE pl.partition = w.partition AND pl.token = w.token AND pl.instance_id = %(instance_id)s
+    RETURNING pl.partition
+), unclaimed AS (
+    UPDATE tasks t SET claimed_by = NULL, claimed_at = NULL
+    FROM marked
+    WHERE t.claimed_by = %(instance_id)s AND t.partition = marked.partition AND t.state = 'queued'
+    RETURNING t.id
+)
+SELECT marked.partition, (SELECT count(*) FROM unclaimed) AS unclaimed FROM marked ORDER BY marked.partition;
+
+-- release_partitions --
+-- Hand-over, last step: free partitions we hold under these tokens once none
+-- of their tasks runs under us; their claimed unstarted tasks go back to the
+-- queue. The reservation (wanted_by) stays, so the taker gets them.
+WITH gone AS (
+    UPDATE partition_leases pl
+    SET instance_id = NULL, acquired_at = NULL, releasing = false
+    FROM unnest(%(partitions)s::smallint[], %(tokens)s::bigint[]) AS w(partition, token)
+    WHERE pl.partition = w.partition AND pl.token = w.token AND pl.instance_id = %(instance_id)s
+      AND NOT EXISTS (SELECT 1 FROM tasks t
+                      WHERE t.claimed_by = %(instance_id)s AND t.partition = pl.partition
+                        AND t.state = 'running')
+    RETURNING pl.partition
+), unclaimed AS (
+    UPDATE tasks t SET claimed_by = NULL, claimed_at = NULL
+    FROM gone
+    WHERE t.claimed_by = %(instance_id)s AND t.partition = gone.partition AND t.state = 'queued'
+    RETURNING t.id
+)
+SELECT gone.partition, (SELECT count(*) FROM unclaimed) AS unclaimed FROM gone ORDER BY gone.partition;
+
+-- release_idle_partitions --
+-- Graceful leave (after release_unstarted): free every partition of ours with
+-- no task running under us. One with a task still running stays ours;
+-- end_lease then lets another instance take it over and settle that task.
+UPDATE partition_leases pl
+SET instance_id = NULL, acquired_at = NULL, releasing = false
+WHERE pl.instance_id = %(instance_id)s
+  AND NOT EXISTS (SELECT 1 FROM tasks t
+                  WHERE t.claimed_by = %(instance_id)s AND t.partition = pl.partition AND t.state = 'running')
+RETURNING pl.partition;
+
+-- claim_partition_tasks --
+-- The bulk claim of multihost: the oldest unclaimed queued tasks of the
+-- partitions we hold (under these tokens, lease live, not releasing), in
+-- (partition, id) order starting at partition start and wrapping around, up
+-- to limit. One index descent per held partition, then O(limit): an index
+-- scan of tasks_partition_claimable_idx that stops after the batch. No SKIP
+-- LOCKED: only a partition's holder claims its tasks. The lease rows are
+-- locked (shared) to the end of the transaction, so a takeover cannot commit
+-- in between and miss these tasks.
+WITH held AS MATERIALIZED (
+    SELECT pl.partition
+    FROM partition_leases pl
+    JOIN unnest(%(partitions)s::smallint[], %(tokens)s::bigint[]) AS w(partition, token)
+      ON pl.partition = w.partition AND pl.token = w.token
+    JOIN instances me ON me.id = pl.instance_id
+    WHERE pl.instance_id = %(instance_id)s AND NOT pl.releasing
+      AND me.stopped_at IS NULL AND me.lease_expires_at > clock_timestamp()
+    FOR SHARE OF pl
+), picked AS MATERIALIZED (
+    (SELECT id FROM tasks
+     WHERE partition = ANY(ARRAY(SELECT partition FROM held)) AND partition >= %(start)s
+       AND state = 'queued' AND claimed_by IS NULL
+     ORDER BY partition, id LIMIT %(limit)s)
+    UNION ALL
+    (SELECT id FROM tasks
+     WHERE partition = ANY(ARRAY(SELECT partition FROM held)) AND partition < %(start)s
+       AND state = 'queued' AND claimed_by IS NULL
+     ORDER BY partition, id LIMIT %(limit)s)
+    LIMIT %(limit)s
+)
+UPDATE tasks t
+SET claimed_by = %(instance_id)s, claimed_at = clock_timestamp()
+WHERE t.id = ANY(ARRAY(SELECT id FROM picked)) AND t.state = 'queued' AND t.claimed_by IS NULL
+RETURNING t.id, t.task_target_type, t.task_target_id, t.action, t.args, t.key_type, t.key_id, t.state,
+          t.partition;
+
+-- hold_partitions --
+-- Fencing for any write made for tasks of these partitions: which of these
+-- (partition, token) leases are ours with our lease live (and, when starting,
+-- not releasing). Locks them (shared) so no takeover commits before we do.
+SELECT pl.partition, pl.token
+FROM partition_leases pl
+JOIN unnest(%(partitions)s::smallint[], %(tokens)s::bigint[]) AS w(partition, token)
+  ON pl.partition = w.partition AND pl.token = w.token
+JOIN instances me ON me.id = pl.instance_id
+WHERE pl.instance_id = %(instance_id)s AND me.stopped_at IS NULL AND me.lease_expires_at > clock_timestamp()
+  AND NOT (pl.releasing AND %(starting)s::boolean)
+ORDER BY pl.partition
+FOR SHARE OF pl;
+
+-- mark_running_fenced --
+-- mark_running under partition leases: only tasks of partitions we hold under
+-- these tokens (lease live, not releasing) start; a writer whose token is not
+-- current starts nothing. Returns the ids started.
+WITH held AS MATERIALIZED (
+    SELECT pl.partition
+    FROM partition_leases pl
+    JOIN unnest(%(partitions)s::smallint[], %(tokens)s::bigint[]) AS w(partition, token)
+      ON pl.partition = w.partition AND pl.token = w.token
+    JOIN instances me ON me.id = pl.instance_id
+    WHERE pl.instance_id = %(instance_id)s AND NOT pl.releasing
+      AND me.stopped_at IS NULL AND me.lease_expires_at > clock_timestamp()
+    FOR SHARE OF pl
+)
+UPDATE tasks t
+SET state = 'running', time_started = %(time_started)s, attempts = attempts + 1, run_by_shard = %(shard)s
+WHERE t.id = ANY(%(task_ids)s::bigint[]) AND t.claimed_by = %(instance_id)s AND t.state = 'queued'
+  AND t.partition = ANY(ARRAY(SELECT partition FROM held))
+RETURNING t.id;
+
+-- record_outcomes_fenced --
+-- record_outcomes under partition leases (a releasing partition still settles
+-- what runs): a writer whose token is not current writes nothing. The arrays
+-- are parallel; returns the ids written.
+WITH held AS MATERIALIZED (
+    SELECT pl.partition
+    FROM partition_leases pl
+    JOIN unnest(%(partitions)s::smallint[], %(tokens)s::bigint[]) AS w(partition, token)
+      ON pl.partition = w.partition AND pl.token = w.token
+    JOIN instances me ON me.id = pl.instance_id
+    WHERE pl.instance_id = %(instance_id)s
+      AND me.stopped_at IS NULL AND me.lease_expires_at > clock_timestamp()
+    FOR SHARE OF pl
+)
+UPDATE tasks t
+SET state = o.state, message = o.message,
+    time_started = coalesce(o.time_started, t.time_started), time_ended = o.time_ended
+FROM unnest(%(task_ids)s::bigint[], %(states)s::text[], %(messages)s::text[],
+            %(starts)s::timestamptz[], %(ends)s::timestamptz[])
+     AS o(id, state, message, time_started, time_ended)
+WHERE t.id = o.id AND t.claimed_by = %(instance_id)s AND t.state = 'running'
+  AND t.partition = ANY(ARRAY(SELECT partition FROM held))
+RETURNING t.id;

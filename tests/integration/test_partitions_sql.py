@@ -1,0 +1,160 @@
+"""Partitions in the database: P recorded once, the trigger's partition, Python and SQL agreeing,
+the migration converting existing rows, and the claim reading only its batch."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import psycopg2
+import psycopg2.errors
+import psycopg2.extensions
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from taskomatic.db import migrate
+from taskomatic.db import partitions as db_partitions
+from taskomatic.db.store import Store
+from taskomatic.model import OrderingKey
+from taskomatic.partitions import DEFAULT_PARTITIONS, partition_of
+from tests.helpers import query
+
+
+@pytest.fixture
+def store(dsn: str) -> Iterator[Store]:
+    store = Store.open(dsn, "partition tests")
+    store.conn.autocommit = True
+    yield store
+    store.close()
+
+
+def sql_partition(store: Store, kind: str, ident: int, partitions: int) -> int:
+    with store.conn.cursor() as cur:
+        cur.execute("SELECT taskomatic_partition_of(%s, %s, %s)", (kind, ident, partitions))
+        row = cur.fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def test_p_is_recorded_once_and_fixed(store: Store, dsn: str) -> None:
+    assert db_partitions.partition_count(store) == DEFAULT_PARTITIONS
+    leases = db_partitions.partition_view(store)
+    assert [lease.partition for lease in leases] == list(range(DEFAULT_PARTITIONS))
+    assert all(lease.instance_id is None and lease.token == 0 and not lease.holder_live for lease in leases)
+    with pytest.raises(psycopg2.errors.RestrictViolation):
+        query(dsn, "UPDATE cluster_settings SET partitions = 64")
+    with pytest.raises(psycopg2.errors.UniqueViolation):
+        query(dsn, "INSERT INTO cluster_settings (partitions) VALUES (64)")
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(kind=st.sampled_from(["Vm", "StoragePool", "Host"]) | st.text(min_size=1, max_size=12).filter(
+           lambda t: "\x00" not in t),
+       ident=st.integers(-(2**63), 2**63 - 1), partitions=st.sampled_from([1, 2, 3, 7, 256, 1000, 32767]))
+def test_python_and_sql_agree(store: Store, kind: str, ident: int, partitions: int) -> None:
+    assert sql_partition(store, kind, ident, partitions) == partition_of(OrderingKey(kind, ident), partitions)
+
+
+def test_the_insert_trigger_sets_the_partition_of_the_ordering_key(dsn: str) -> None:
+    pool = query(dsn, "INSERT INTO storage_pools (name) VALUES ('p') RETURNING id")[0]["id"]
+    volume = query(dsn, "INSERT INTO storage_volumes (storage_pool_id, name) VALUES (%s, 'v') RETURNING id",
+                   (pool,))[0]["id"]
+    rows = query(dsn, "INSERT INTO tasks (task_target_type, task_target_id, action) VALUES "
+                      "('Vm', 7, 'start_vm'), ('StorageVolume', %s, 'delete_volume'), ('Host', NULL, 'x') "
+                      "RETURNING id, key_type, key_id, partition", (volume,))
+    assert [(r["key_type"], r["key_id"]) for r in rows] == [("Vm", 7), ("StoragePool", pool), ("Host", -rows[2]["id"])]
+    for r in rows:
+        assert r["partition"] == partition_of(OrderingKey(r["key_type"], r["key_id"]), DEFAULT_PARTITIONS)
+    # What an INSERT says about the partition does not count: the key decides.
+    forced = query(dsn, "INSERT INTO tasks (task_target_type, task_target_id, action, partition) "
+                        "VALUES ('Vm', 7, 'start_vm', 3) RETURNING partition")[0]
+    assert forced["partition"] == rows[0]["partition"]
+
+
+def test_the_migration_partitions_existing_tasks(empty_dsn: str) -> None:
+    conn = psycopg2.connect(empty_dsn)
+    try:
+        earlier = [m for m in migrate.available_migrations() if m.version < 8]
+        with conn.cursor() as cur:
+            cur.execute("CREATE TABLE schema_migrations (version integer PRIMARY KEY, name text NOT NULL, "
+                        "applied_at timestamptz NOT NULL DEFAULT clock_timestamp())")
+            for m in earlier:
+                cur.execute(m.sql)
+                cur.execute("INSERT INTO schema_migrations (version, name) VALUES (%s, %s)", (m.version, m.name))
+            cur.execute("INSERT INTO tasks (task_target_type, task_target_id, action) "
+                        "SELECT 'Vm', i, 'start_vm' FROM generate_series(1, 500) i")
+            cur.execute("INSERT INTO tasks (task_target_type, task_target_id, action) VALUES ('Host', NULL, 'x')")
+        conn.commit()
+        applied = migrate.upgrade(conn)
+        assert applied[0].version == 8
+    finally:
+        conn.close()
+    rows = query(empty_dsn, "SELECT key_type, key_id, partition FROM tasks")
+    assert len(rows) == 501
+    for r in rows:
+        assert r["partition"] == partition_of(OrderingKey(r["key_type"], r["key_id"]), DEFAULT_PARTITIONS), r
+
+
+def test_the_claim_reads_its_batch_not_the_queue(store: Store, dsn: str) -> None:
+    """20,000 queued tasks over 2,000 VMs, an instance holding half the partitions: the claim
+    descends the index once per held partition and reads about its batch."""
+    query(dsn, "INSERT INTO tasks (task_target_type, task_target_id, action) "
+               "SELECT 'Vm', 1 + i % 2000, 'start_vm' FROM generate_series(1, 20000) i")
+    query(dsn, "ANALYZE tasks")
+    instance = query(dsn, "INSERT INTO instances (hostname, pid, version, mode, shards, lease_expires_at) "
+                          "VALUES ('h', 1, 't', 'multihost', 2, clock_timestamp() + interval '1 hour') "
+                          "RETURNING id")[0]["id"]
+    store.conn.autocommit = False
+    with store.transaction():
+        got = db_partitions.acquire_partitions(store, instance, range(0, DEFAULT_PARTITIONS, 2))
+    held = {a.partition: a.token for a in got}
+    assert len(held) == DEFAULT_PARTITIONS // 2
+    with store.conn.cursor() as cur:
+        cur.execute("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + _claim_sql(), {
+            "instance_id": instance, "start": 0, "limit": 200,
+            "partitions": sorted(held), "tokens": [held[p] for p in sorted(held)]})
+        plan = cur.fetchone()[0][0]  # type: ignore[index]
+    store.rollback()
+    scanned = _rows_read(plan["Plan"], "tasks")
+    # 200 picked, then 200 updated by id: each read once.
+    assert 400 <= scanned <= 400 + 2 * len(held), f"the claim read {scanned} task rows for a batch of 200"
+    claimed = query(dsn, "SELECT count(*) AS n FROM tasks WHERE claimed_by IS NOT NULL")[0]["n"]
+    assert claimed == 0  # EXPLAIN ANALYZE was rolled back
+
+
+def _claim_sql() -> str:
+    from taskomatic.db.queries import query as named
+
+    return named("claim_partition_tasks")
+
+
+def _rows_read(node: dict, relation: str) -> int:
+    """Rows the scans of ``relation`` in a plan produced, over all their loops."""
+    own = 0
+    if node.get("Relation Name") == relation and "Scan" in node.get("Node Type", ""):
+        own = int(node.get("Actual Rows", 0)) * int(node.get("Actual Loops", 1))
+    return own + sum(_rows_read(child, relation) for child in node.get("Plans", []))
+
+
+def test_the_claim_takes_each_partitions_oldest_from_start_wrapping_around(store: Store, dsn: str) -> None:
+    keys = {}
+    for ident in range(1, 400):
+        keys.setdefault(partition_of(OrderingKey("Vm", ident), DEFAULT_PARTITIONS), ident)
+        if len(keys) == 3:
+            break
+    (pa, va), (pb, vb), (pc, vc) = sorted(keys.items())
+    for vm in (vc, vb, va, vc, va):
+        query(dsn, "INSERT INTO tasks (task_target_type, task_target_id, action) VALUES ('Vm', %s, 'a')", (vm,))
+    instance = query(dsn, "INSERT INTO instances (hostname, pid, version, mode, shards, lease_expires_at) "
+                          "VALUES ('h', 1, 't', 'multihost', 2, clock_timestamp() + interval '1 hour') "
+                          "RETURNING id")[0]["id"]
+    store.conn.autocommit = False
+    with store.transaction():
+        held = {a.partition: a.token for a in db_partitions.acquire_partitions(store, instance, [pa, pb, pc])}
+    with store.transaction():
+        first = db_partitions.claim_partition_tasks(store, instance, held, start=pb, limit=2)
+    # From pb: pb's task, then pc's oldest (the batch ends there).
+    assert [(r["partition"], r["key_id"]) for r in first] == [(pc, vc), (pb, vb)]
+    with store.transaction():
+        rest = db_partitions.claim_partition_tasks(store, instance, held, start=pc + 1, limit=10)
+    assert {r["key_id"] for r in rest} == {va, vc} and len(rest) == 3
