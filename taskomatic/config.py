@@ -54,6 +54,7 @@ class Config:
     startup_retry_max: float = 60.0
     mode: str = "standalone"
     shards: int = 4
+    child_start: str = "forkserver"
     state_dir: str = ""
     claim_batch: int = 200
     max_claimed_per_shard: int = 500
@@ -332,8 +333,8 @@ def settings_table() -> str:
 
 # What a running instance cannot change without a restart: a reload keeps the running
 # value and warns that the new one waits for `systemctl restart taskomatic`.
-RESTART_ONLY = ("dsn", "auto_migrate", "mode", "shards", "state_dir", "embedded_user", "metrics_port",
-                "metrics_address")
+RESTART_ONLY = ("dsn", "auto_migrate", "mode", "shards", "child_start", "state_dir", "embedded_user",
+                "metrics_port", "metrics_address")
 _SECRET = ("dsn",)  # values never logged (a dsn may hold a password)
 
 
