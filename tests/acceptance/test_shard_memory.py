@@ -8,6 +8,7 @@ under the old one.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -93,3 +94,31 @@ def test_spawn_stays_selectable(daemon_factory: Any) -> None:
     shard = next(pid for pid, t in titles.items() if t.startswith("taskomatic: shard"))
     assert int(Path(f"/proc/{shard}/stat").read_text().rsplit(")", 1)[1].split()[1]) == daemon.pid, \
         "a spawned shard is the supervisor's own child"
+
+
+def test_children_die_with_a_killed_fork_server_and_each_slot_is_refilled_once(daemon_factory: Any) -> None:
+    daemon = daemon_factory(shards=SHARDS)
+    titles = _all_up(daemon)
+    forkserver = next(pid for pid, t in titles.items() if t == "taskomatic: forkserver")
+    children = {pid for pid, t in titles.items() if t.startswith(("taskomatic: shard", "taskomatic: fetcher"))}
+    os.kill(forkserver, signal.SIGKILL)
+    # Without the death signal the old children would run on beside their replacements.
+    wait_for(lambda: not any(_alive(pid) for pid in children), 30, 0.1, "the old children to die with the fork server")
+
+    def refilled() -> dict[int, str] | None:
+        now = _session(daemon.pid)
+        shards = sorted(t for p, t in now.items() if t.startswith("taskomatic: shard") and p not in children)
+        return now if shards == [f"taskomatic: shard {n}/{SHARDS}" for n in range(SHARDS)] else None
+
+    now = wait_for(refilled, 60, 0.1, "a new shard in every slot")
+    assert not [pid for pid in children if _alive(pid)], "an old child still runs"
+    assert sum(t.startswith("taskomatic: shard") for p, t in now.items() if _alive(p)) == SHARDS, now
+    assert daemon.process.poll() is None, daemon.log()[-3000:]
+
+
+def _alive(pid: int) -> bool:
+    """Running (not gone, not a zombie waiting for its new parent to reap it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
