@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import multiprocess
+from multiprocess import forkserver  # imported at start, not at the first child: read while still privileged
 
 from taskomatic.config import Config
 from taskomatic.runtime.fetcher import fetcher_main
@@ -77,7 +78,7 @@ def child_context(start_method: str) -> Any:
     """
     context = multiprocess.get_context(start_method)
     if start_method == "forkserver":
-        context.set_forkserver_preload(["taskomatic.runtime.preload"])
+        forkserver.set_forkserver_preload(["taskomatic.runtime.preload"])
     return context
 
 
