@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import multiprocess
-from multiprocess import forkserver  # imported at start, not at the first child: read while still privileged
+from multiprocess import forkserver  # with the module, not at the first child: loaded before any privilege drop
 
 from taskomatic.config import Config
 from taskomatic.runtime.fetcher import fetcher_main
