@@ -55,6 +55,7 @@ class Config:
     mode: str = "standalone"
     shards: int = 4
     routing: str = "pinned"
+    child_start: str = "forkserver"
     state_dir: str = ""
     claim_batch: int = 200
     max_claimed_per_shard: int = 500
@@ -333,8 +334,8 @@ def settings_table() -> str:
 
 # What a running instance cannot change without a restart: a reload keeps the running
 # value and warns that the new one waits for `systemctl restart taskomatic`.
-RESTART_ONLY = ("dsn", "auto_migrate", "mode", "shards", "state_dir", "embedded_user", "metrics_port",
-                "metrics_address")
+RESTART_ONLY = ("dsn", "auto_migrate", "mode", "shards", "child_start", "state_dir", "embedded_user",
+                "metrics_port", "metrics_address")
 _SECRET = ("dsn",)  # values never logged (a dsn may hold a password)
 
 

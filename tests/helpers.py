@@ -78,8 +78,11 @@ class Daemon:
         wait_for(ready, timeout, 0.1, "the daemon to be ready")
 
     def child_pids(self) -> dict[str, int]:
-        """Process titles of the daemon's children: {'fetcher': pid, 'shard 0': pid, ...}."""
-        out = subprocess.run(["ps", "-o", "pid=,args=", "--ppid", str(self.pid)], capture_output=True,
+        """Process titles of the daemon's children: {'fetcher': pid, 'shard 0': pid, ...}.
+
+        By session, not parent: with child_start = forkserver the children are the fork server's.
+        """
+        out = subprocess.run(["ps", "-o", "pid=,args=", "--sid", str(self.pid)], capture_output=True,
                              text=True, check=False).stdout
         found = {}
         for line in out.splitlines():

@@ -14,6 +14,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import multiprocess
+from multiprocess import forkserver  # with the module, not at the first child: loaded before any privilege drop
+
 from taskomatic.config import Config
 from taskomatic.runtime.fetcher import fetcher_main
 from taskomatic.runtime.reconciler import reconciler_main
@@ -63,9 +66,25 @@ def children_to_respawn(children: list[Child], now: float) -> tuple[list[Child],
     return due, None
 
 
+def child_context(start_method: str) -> Any:
+    """The multiprocess context children start from: "forkserver" (preloaded) or "spawn".
+
+    Both keep the supervisor's state out of the children: the fork server is a
+    fresh interpreter started with only its socket and a pipe, so it holds none
+    of the supervisor's connections, threads or locks. It imports what every
+    child needs and freezes its heap (taskomatic.runtime.preload), then forks
+    each child, which shares those pages. "spawn" starts each child as a fresh
+    interpreter that imports everything itself.
+    """
+    context = multiprocess.get_context(start_method)
+    if start_method == "forkserver":
+        forkserver.set_forkserver_preload(["taskomatic.runtime.preload"])
+    return context
+
+
 def start_child(mp: Any, child: Child, config: Config, instance_id: int, socket_path: str,
                 lease_until: Any) -> Any:
-    """Start ``child``'s process (spawned: a fresh interpreter); for the fetcher, the end of its status pipe."""
+    """Start ``child``'s process (from ``mp``, child_context's); for the fetcher, the end of its status pipe."""
     reader = None
     if child.role == "reconciler":
         process = mp.Process(target=reconciler_main, name="taskomatic-reconciler", args=(config,))

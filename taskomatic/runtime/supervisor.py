@@ -10,9 +10,13 @@ the loop acts on it:
   after ``fast_stop_timeout``; an interrupted task is reconciled at next start.
 - SIGHUP: reload the configuration; children reload too.
 
-Children are started with the "spawn" method: each begins as a fresh
-interpreter and opens its own database and libvirt connections, so nothing
-the supervisor holds (its guard connection) leaks into them. A dead child is
+Children are forked by a fork server (``child_start = forkserver``, the
+default): a fresh interpreter the supervisor starts with nothing but a socket,
+which imports what children need and freezes its heap, so a shard shares those
+pages (children.child_context). With ``child_start = spawn`` each child is a
+fresh interpreter. Either way each child opens its own database and libvirt
+connections, and nothing the supervisor holds (its guard connection, any
+thread or lock) leaks into them. A dead child is
 replaced in the same slot; one that keeps failing to boot stops the
 supervisor with EXIT_CHILD_FAILING so systemd decides what next.
 
@@ -34,7 +38,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import multiprocess
 import psycopg2
 import sdnotify
 
@@ -54,7 +57,7 @@ from taskomatic.exitcodes import (
 )
 from taskomatic.logsetup import set_process_title
 from taskomatic.runtime import instance
-from taskomatic.runtime.children import Child, children_to_respawn, note_death, start_child
+from taskomatic.runtime.children import Child, child_context, children_to_respawn, note_death, start_child
 from taskomatic.runtime.instance import StartupRefused, permanent_refusal
 from taskomatic.runtime.messages import FetcherStatus
 from taskomatic.text import first_line
@@ -68,7 +71,7 @@ HEARTBEAT_INTERVAL = 10.0
 class Supervisor:
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.mp = multiprocess.get_context("spawn")
+        self.mp = child_context(config.child_start)
         self.notifier = sdnotify.SystemdNotifier()
         self.signals: list[int] = []
         self.stopping: str | None = None  # None, "drain" or "fast"

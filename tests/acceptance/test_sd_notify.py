@@ -52,7 +52,8 @@ class NotifySocket:
 
 
 def _children(pid: int) -> dict[str, int]:
-    out = subprocess.run(["ps", "-o", "pid=,args=", "--ppid", str(pid)], capture_output=True, text=True,
+    # By session (the daemon leads one): a forkserver child's parent is the fork server.
+    out = subprocess.run(["ps", "-o", "pid=,args=", "--sid", str(pid)], capture_output=True, text=True,
                          check=False).stdout
     return {title.strip(): int(p) for p, _, title in (line.strip().partition(" ") for line in out.splitlines())}
 

@@ -327,10 +327,11 @@ SECRET = "hunter2-secret-pw"
 
 
 def _cmdlines(pid: int) -> list[str]:
-    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True,
+    # By session (the daemon leads one): a forkserver child's parent is the fork server.
+    out = subprocess.run(["ps", "-o", "pid=", "--sid", str(pid)], capture_output=True, text=True,
                          check=False).stdout
     lines = []
-    for p in [pid, *(int(x) for x in out.split())]:
+    for p in [pid, *(int(x) for x in out.split() if int(x) != pid)]:
         try:
             lines.append(Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
         except FileNotFoundError:

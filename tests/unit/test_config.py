@@ -207,7 +207,7 @@ def test_every_setting_can_be_set_in_the_file(tmp_path: Path) -> None:
     samples = {
         "dsn": ("dbname=t host=/run", "dbname=t host=/run"), "connect_timeout": ("2.5", 2.5),
         "mode": ("multihost", "multihost"), "shards": ("3", 3), "state_dir": ("/srv/t", "/srv/t"),
-        "routing": ("hash", "hash"),
+        "routing": ("hash", "hash"), "child_start": ("spawn", "spawn"),
         "claim_batch": ("10", 10), "max_claimed_per_shard": ("20", 20), "poll_interval": ("0.5", 0.5),
         "drain_timeout": ("5", 5.0), "fast_stop_timeout": ("1", 1.0), "heartbeat_timeout": ("9", 9.0),
         "embedded_user": ("pg", "pg"), "log_level": ("DEBUG", "debug"), "emulator": ("/bin/q", "/bin/q"),

@@ -1,0 +1,37 @@
+"""How children start: the forkserver context preloads what they need; spawn stays available."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from taskomatic.config import ConfigError, parse_overrides
+from taskomatic.runtime.children import child_context
+
+
+def test_forkserver_context_preloads_the_children_imports() -> None:
+    context = child_context("forkserver")
+    assert context.get_start_method() == "forkserver"
+    from multiprocess import forkserver
+
+    assert forkserver._forkserver._preload_modules == ["taskomatic.runtime.preload"]
+
+
+def test_spawn_context_is_plain_spawn() -> None:
+    assert child_context("spawn").get_start_method() == "spawn"
+
+
+def test_preload_imports_the_heavy_modules_and_freezes_the_heap() -> None:
+    # In a fresh interpreter, as the fork server runs it: what a child needs is imported, the heap frozen.
+    code = ("import gc, sys; import taskomatic.runtime.preload; "
+            "print(gc.get_freeze_count() > 10000, gc.isenabled(), "
+            "all(m in sys.modules for m in ('psycopg2', 'libvirt', 'taskomatic.runtime.shard')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    assert out.stdout.split() == ["True", "True", "True"], out
+
+
+def test_an_unknown_start_method_is_refused() -> None:
+    with pytest.raises(ConfigError, match="child_start"):
+        parse_overrides(["child_start=fork"])
