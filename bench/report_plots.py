@@ -63,7 +63,7 @@ def timeline_runs(results: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
 
 def _sorted_labels(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One run per label, in legend order: taskomatic, pool, original; by count within each."""
-    order = {"taskomatic": 0, "multihost": 1, "pool": 2, "original": 3}
+    order = {"taskomatic": 0, "pinned": 0, "hash": 1, "multihost": 2, "pool": 3, "original": 4}
     seen: dict[str, dict[str, Any]] = {}
     for r in runs:
         seen.setdefault(r["label"], r)
@@ -87,6 +87,14 @@ def plot(results: dict[str, Any], out: Path) -> list[Path]:
     return written
 
 
+def _throughput_series(runs: list[dict[str, Any]]) -> list[tuple[str, str, str | None]]:
+    """(family, runner, routing) of each line: taskomatic once per routing run (results before the routing
+    dimension have none: the standalone family), then the pool."""
+    routings = sorted({r.get("routing") for r in runs if r["runner"] == "taskomatic"},
+                      key=lambda v: ("", "pinned", "hash").index(v or ""))
+    return [*((routing or "taskomatic", "taskomatic", routing) for routing in routings), ("pool", "pool", None)]
+
+
 def throughput_figure(results: dict[str, Any], path: Path) -> Path:
     """Tasks/s against shards (workers) per workload: taskomatic, the pool and the original design."""
     import matplotlib.pyplot as plt
@@ -100,14 +108,14 @@ def throughput_figure(results: dict[str, Any], path: Path) -> Path:
     for ax, workload in zip(axes.flat, scaling, strict=False):
         mine = [r for r in runs if r["workload"] == workload]
         counts: set[int] = set()
-        for kind in ("taskomatic", "pool"):
+        for family, runner, routing in _throughput_series(mine):
             pts = sorted((r["parallelism"], r["throughput_tps"]) for r in mine
-                         if r["runner"] == kind and r.get("throughput_tps"))
+                         if r["runner"] == runner and r.get("routing") == routing and r.get("throughput_tps"))
             if pts:
                 counts.update(p[0] for p in pts)
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], linestyle="-",
-                        marker=style.FAMILY_MARKER[kind], color=style.colour(kind, kind, None),
-                        label=style.family_label(kind))
+                        marker=style.FAMILY_MARKER[family], color=style.colour(family, family, None),
+                        label=style.family_label(family))
         original = next((r for r in mine if r["runner"] == "original" and r.get("throughput_tps")), None)
         if original:
             ax.axhline(original["throughput_tps"], color=style.colour("original", "original"), linestyle="--",
