@@ -108,6 +108,9 @@ def add_parsers(sub: Any, common: Any) -> None:
     bench.add_argument("--seed", type=int, default=1, help="workload seed (default 1)")
     bench.add_argument("--no-plots", action="store_true", help="JSON and Markdown only")
     bench.add_argument("--no-progress", action="store_true", help="no progress bar")
+    bench.add_argument("--routing", dest="bench_routing", choices=["pinned", "hash", "both"],
+                       help="the daemon routing(s) the throughput and makespan workloads run with, side by side "
+                            "(default: both in --quick and --full, pinned in --smoke)")
     bench.add_argument("--keep-work-dir", action="store_true", help="keep the /tmp work directory (runner logs)")
     bench.set_defaults(suite="quick")
 
@@ -186,6 +189,8 @@ def cmd_bench(config: Config, args: argparse.Namespace) -> int:
     argv += ["--out", str(out)]
     argv += ["--no-plots"] * args.no_plots + ["--no-progress"] * args.no_progress
     argv += ["--keep-work-dir"] * args.keep_work_dir
+    if getattr(args, "bench_routing", None):
+        argv += ["--routing", args.bench_routing]
     for setting in getattr(args, "settings", None) or []:
         argv += ["--set", setting]
     if dsn:

@@ -121,3 +121,17 @@ def test_the_throughput_plot_draws_one_line_per_routing_in_its_colour(tmp_path: 
     assert {label for label, _ in lines} == set(expected)
     assert all(colour == expected[label] for label, colour in lines)
     assert expected[style.family_label("pinned")] != expected[style.family_label("hash")]
+
+
+def test_taskomatic_bench_passes_routing_on(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import argparse
+    import types
+
+    from taskomatic.capacity import cli
+
+    seen: list[list[str]] = []
+    monkeypatch.setattr(run, "main", lambda argv, prog: seen.append(argv) or 0)
+    args = argparse.Namespace(suite="quick", seed=1, only=None, out=tmp_path, no_plots=True, no_progress=True,
+                              keep_work_dir=False, bench_routing="hash")
+    assert cli.cmd_bench(types.SimpleNamespace(log_level="debug"), args) == 0  # type: ignore[arg-type]
+    assert seen[0][-2:] == ["--routing", "hash"]
