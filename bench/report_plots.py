@@ -102,7 +102,8 @@ def throughput_figure(results: dict[str, Any], path: Path) -> Path:
     runs = results["runs"]
     scaling = scaling_workloads(results) or [w["name"] for w in results["workloads"]][:1]
     rows, cols = style.grid_shape(len(scaling))
-    fig, axes = plt.subplots(rows, cols, figsize=style.figsize(cols, rows, 5.2, 3.9), squeeze=False)
+    # At least two panels wide: one panel (the quick suite) would cut the title and the legend.
+    fig, axes = plt.subplots(rows, cols, figsize=style.figsize(max(cols, 2), rows, 5.2, 3.9 + 0.4), squeeze=False)
     for extra in axes.flat[len(scaling):]:
         extra.set_visible(False)
     for ax, workload in zip(axes.flat, scaling, strict=False):
@@ -127,7 +128,7 @@ def throughput_figure(results: dict[str, Any], path: Path) -> Path:
         ax.set_title(workload)
     _shared_legend(fig, axes)
     fig.suptitle("Throughput vs parallelism: taskomatic vs SKIP LOCKED pool vs original design")
-    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    fig.tight_layout(rect=(0, 0.1 if rows == 1 else 0.05, 1, 1))
     return style.save(fig, path)
 
 
