@@ -52,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--overhead-ms", type=float, help="per-task overhead of a shard, milliseconds")
     source.add_argument("--from-results", type=Path, help="a bench results.json: the overhead of its no-op runs")
+    parser.add_argument("--routing", choices=["pinned", "hash"], default="pinned",
+                        help="the daemon's routing: pinned (default; the shards a pool) or hash (each shard its own "
+                             "queue of the keys hashed to it)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON instead")
     args = parser.parse_args(argv)
     try:
@@ -62,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         workload = Workload(tasks_per_hour=parse_pairs(args.tasks_per_hour, "--tasks-per-hour"),
                             latency_s=parse_pairs(args.latency, "--latency"), latency_cv=args.latency_cv,
                             overhead_s=overhead_s, vms=args.vms, skew=args.skew, seed=args.seed)
-        result = plan(workload, args.target_p95, args.shards_per_instance, args.max_shards)
+        result = plan(workload, args.target_p95, args.shards_per_instance, args.max_shards, routing=args.routing)
     except (PlanError, OSError, json.JSONDecodeError) as exc:
         parser.error(str(exc))
     if args.json:

@@ -123,6 +123,7 @@ def markdown(results: dict[str, Any], plots: list[str]) -> str:
             "process under it, the bench's own progress queries included) per 1,000 tasks, from the first "
             "insert to the last end.", "", summary_table(results), ""]
     out += _scaling_section(results)
+    out += routing_section(results)
     out += _lifecycle_section(results)
     out += _utilisation_section(results)
     out += _timeline_section(results)
@@ -165,7 +166,9 @@ def _scaling_section(results: dict[str, Any]) -> list[str]:
                   "| shards / workers | taskomatic tasks/s | pool tasks/s | taskomatic / pool | "
                   "taskomatic / original |", "|---|---|---|---|---|"]
         for n in counts:
-            mine = next((r for r in runs if r["runner"] == "taskomatic" and r["parallelism"] == n), None)
+            # The default routing's run (pinned; a run from before the routing dimension has none).
+            mine = next((r for r in runs if r["runner"] == "taskomatic" and r["parallelism"] == n
+                         and r.get("routing") != "hash"), None)
             pool = next((r for r in runs if r["runner"] == "pool" and r["parallelism"] == n), None)
             t = mine.get("throughput_tps") if mine else None
             p = pool.get("throughput_tps") if pool else None
@@ -176,6 +179,46 @@ def _scaling_section(results: dict[str, Any]) -> list[str]:
             lines.append(f"\nOriginal design (1 process): {_fmt(original.get('throughput_tps'), ',.0f')} tasks/s.")
         lines.append("")
     return lines
+
+
+def routing_pairs(results: dict[str, Any]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """(pinned run, hash run) of each workload and shard count run with both routings, in run order."""
+    pairs = []
+    for r in results["runs"]:
+        if r["runner"] == "taskomatic" and r.get("routing") == "pinned":
+            other = next((h for h in results["runs"] if h["runner"] == "taskomatic" and h.get("routing") == "hash"
+                          and h["workload"] == r["workload"] and h["parallelism"] == r["parallelism"]), None)
+            if other is not None:
+                pairs.append((r, other))
+    return pairs
+
+
+def routing_section(results: dict[str, Any]) -> list[str]:
+    """Hash vs pinned routing side by side; nothing for a run without both (older results have no routing)."""
+    pairs = routing_pairs(results)
+    if not pairs:
+        return []
+    lines = ["## Routing: hash vs pinned", "",
+             "The same workload and shard count through the daemon with `--routing pinned` (a free key goes to "
+             "the first shard with room) and `--routing hash` (partition p = hash(key) mod P always runs on "
+             "shard p mod N). hash / pinned above 1 means hash routing did more tasks/s; for makespan/LB and "
+             "p99, below 1 means hash routing finished (or started tasks) sooner.", "",
+             "| workload | shards | pinned tasks/s | hash tasks/s | hash / pinned tasks/s | pinned makespan/LB "
+             "| hash makespan/LB | hash / pinned makespan | pinned p99 ms | hash p99 ms | order |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for pinned, hashed in pairs:
+        tp, th = pinned.get("throughput_tps"), hashed.get("throughput_tps")
+        mp, mh = pinned.get("makespan_ratio"), hashed.get("makespan_ratio")
+        ok = all((r.get("order") or {}).get("ok") for r in (pinned, hashed))
+        complete = all(r.get("complete") for r in (pinned, hashed))
+        lines.append(
+            f"| {pinned['workload']} | {pinned['parallelism']} | {_fmt(tp, ',.0f')} | {_fmt(th, ',.0f')} "
+            f"| {_fmt(th / tp if tp and th else None, '.2f')} | {_fmt(mp, '.2f')} | {_fmt(mh, '.2f')} "
+            f"| {_fmt(mh / mp if mp and mh else None, '.2f')} "
+            f"| {_fmt((pinned.get('latency_ms') or {}).get('p99'))} "
+            f"| {_fmt((hashed.get('latency_ms') or {}).get('p99'))} "
+            f"| {'ok' if ok else 'VIOLATED'}{'' if complete else ' (INCOMPLETE)'} |")
+    return [*lines, ""]
 
 
 def _utilisation_section(results: dict[str, Any]) -> list[str]:

@@ -63,7 +63,7 @@ def timeline_runs(results: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
 
 def _sorted_labels(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One run per label, in legend order: taskomatic, pool, original; by count within each."""
-    order = {"taskomatic": 0, "multihost": 1, "pool": 2, "original": 3}
+    order = {"taskomatic": 0, "pinned": 0, "hash": 1, "multihost": 2, "pool": 3, "original": 4}
     seen: dict[str, dict[str, Any]] = {}
     for r in runs:
         seen.setdefault(r["label"], r)
@@ -87,6 +87,14 @@ def plot(results: dict[str, Any], out: Path) -> list[Path]:
     return written
 
 
+def _throughput_series(runs: list[dict[str, Any]]) -> list[tuple[str, str, str | None]]:
+    """(family, runner, routing) of each line: taskomatic once per routing run (results before the routing
+    dimension have none: the standalone family), then the pool."""
+    routings = sorted({r.get("routing") for r in runs if r["runner"] == "taskomatic"},
+                      key=lambda v: ("", "pinned", "hash").index(v or ""))
+    return [*((routing or "taskomatic", "taskomatic", routing) for routing in routings), ("pool", "pool", None)]
+
+
 def throughput_figure(results: dict[str, Any], path: Path) -> Path:
     """Tasks/s against shards (workers) per workload: taskomatic, the pool and the original design."""
     import matplotlib.pyplot as plt
@@ -94,20 +102,21 @@ def throughput_figure(results: dict[str, Any], path: Path) -> Path:
     runs = results["runs"]
     scaling = scaling_workloads(results) or [w["name"] for w in results["workloads"]][:1]
     rows, cols = style.grid_shape(len(scaling))
-    fig, axes = plt.subplots(rows, cols, figsize=style.figsize(cols, rows, 5.2, 3.9), squeeze=False)
+    # At least two panels wide: one panel (the quick suite) would cut the title and the legend.
+    fig, axes = plt.subplots(rows, cols, figsize=style.figsize(max(cols, 2), rows, 5.2, 3.9 + 0.4), squeeze=False)
     for extra in axes.flat[len(scaling):]:
         extra.set_visible(False)
     for ax, workload in zip(axes.flat, scaling, strict=False):
         mine = [r for r in runs if r["workload"] == workload]
         counts: set[int] = set()
-        for kind in ("taskomatic", "pool"):
+        for family, runner, routing in _throughput_series(mine):
             pts = sorted((r["parallelism"], r["throughput_tps"]) for r in mine
-                         if r["runner"] == kind and r.get("throughput_tps"))
+                         if r["runner"] == runner and r.get("routing") == routing and r.get("throughput_tps"))
             if pts:
                 counts.update(p[0] for p in pts)
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], linestyle="-",
-                        marker=style.FAMILY_MARKER[kind], color=style.colour(kind, kind, None),
-                        label=style.family_label(kind))
+                        marker=style.FAMILY_MARKER[family], color=style.colour(family, family, None),
+                        label=style.family_label(family))
         original = next((r for r in mine if r["runner"] == "original" and r.get("throughput_tps")), None)
         if original:
             ax.axhline(original["throughput_tps"], color=style.colour("original", "original"), linestyle="--",
@@ -119,7 +128,7 @@ def throughput_figure(results: dict[str, Any], path: Path) -> Path:
         ax.set_title(workload)
     _shared_legend(fig, axes)
     fig.suptitle("Throughput vs parallelism: taskomatic vs SKIP LOCKED pool vs original design")
-    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    fig.tight_layout(rect=(0, 0.1 if rows == 1 else 0.05, 1, 1))
     return style.save(fig, path)
 
 

@@ -39,7 +39,7 @@ from bench.harness import (
     unfinished,
 )
 from bench.run_figures import add_ratios, analyse
-from bench.runners import Runner, RunnerFailed, RunnerSpec
+from bench.runners import ROUTINGS, Runner, RunnerFailed, RunnerSpec
 from bench.workloads import PlannedTask, Workload, generate, lifecycle_final_states, work_stats
 
 SCHEMA_VERSION = 1
@@ -54,50 +54,76 @@ class Entry:
     runners: tuple[RunnerSpec, ...]
 
 
-def _runners(shards: list[int], pool: list[int]) -> tuple[RunnerSpec, ...]:
-    return (RunnerSpec("original", 1), *(RunnerSpec("pool", n) for n in pool),
-            *(RunnerSpec("taskomatic", n) for n in shards))
+# Which routings a suite compares when --routing is not given: both side by side, but one in the
+# CI smoke run to keep it short (the daemon's default).
+DEFAULT_ROUTINGS = {"smoke": ("pinned",), "quick": ROUTINGS, "full": ROUTINGS}
 
 
-def _daemon_only(shards: list[int]) -> tuple[RunnerSpec, ...]:
+def _taskomatic(shards: list[int], routings: tuple[str, ...]) -> tuple[RunnerSpec, ...]:
+    """For each shard count, one daemon run per routing, side by side (pinned, then hash)."""
+    return tuple(RunnerSpec("taskomatic", n, routing) for n in shards for routing in routings)
+
+
+def _runners(shards: list[int], pool: list[int], routings: tuple[str, ...]) -> tuple[RunnerSpec, ...]:
+    return (RunnerSpec("original", 1), *(RunnerSpec("pool", n) for n in pool), *_taskomatic(shards, routings))
+
+
+def _daemon_only(shards: list[int], routings: tuple[str, ...]) -> tuple[RunnerSpec, ...]:
     """The lifecycle workloads: real VM actions, which the baselines (noop/sleep only) cannot run."""
-    return tuple(RunnerSpec("taskomatic", n) for n in shards)
+    return _taskomatic(shards, routings)
 
 
-def suite(name: str) -> list[Entry]:
-    """The workloads and runners of a suite (see bench/README.md for why these sizes)."""
+def suite(name: str, routings: tuple[str, ...] | None = None) -> list[Entry]:
+    """The workloads and runners of a suite (see bench/README.md for why these sizes).
+
+    ``routings``: the daemon routings the throughput and makespan workloads run with, side by side
+    (default ``DEFAULT_ROUTINGS[name]``); the steady and lifecycle workloads run with the first only.
+    """
+    if name not in DEFAULT_ROUTINGS:
+        raise ValueError(f"unknown suite {name!r}")
+    both = routings or DEFAULT_ROUTINGS[name]
+    one = both[:1]
+    return _entries(name, both, one)
+
+
+def _entries(name: str, both: tuple[str, ...], one: tuple[str, ...]) -> list[Entry]:
     if name == "smoke":
-        return [Entry(Workload("noop-uniform", 200, 20), _runners([1, 2], [2])),
-                Entry(Workload("lifecycle-uniform", 60, 10, latency="lifecycle"), _daemon_only([2]))]
+        return [Entry(Workload("noop-uniform", 200, 20), _runners([1, 2], [2], both)),
+                Entry(Workload("lifecycle-uniform", 60, 10, latency="lifecycle"), _daemon_only([2], one))]
     if name == "quick":
         scale, default = [1, 2, 4], [4]
         return [
-            Entry(Workload("noop-uniform", 4000, 400), _runners(scale, scale)),
-            Entry(Workload("noop-zipf", 4000, 400, "zipf"), _runners(default, default)),
-            Entry(Workload("sleep20-uniform", 400, 100, latency="fixed", base_ms=20), _runners(default, default)),
+            Entry(Workload("noop-uniform", 4000, 400), _runners(scale, scale, both)),
+            Entry(Workload("noop-zipf", 4000, 400, "zipf"), _runners(default, default, both)),
+            Entry(Workload("sleep20-uniform", 400, 100, latency="fixed", base_ms=20),
+                  _runners(default, default, both)),
             Entry(Workload("sleep20-zipf", 400, 100, "zipf", latency="fixed", base_ms=20),
-                  _runners(default, default)),
-            Entry(Workload("heavy-uniform", 200, 100, latency="heavy", base_ms=20), _runners(default, default)),
-            Entry(Workload("steady-idle", 100, 100, arrival="steady", rate=25), _runners(default, default)),
-            Entry(Workload("steady-loaded", 1500, 400, arrival="steady", rate=300), _runners(default, default)),
-            Entry(Workload("lifecycle-uniform", 1000, 100, latency="lifecycle"), _daemon_only([1, 4])),
-            Entry(Workload("lifecycle-zipf", 1000, 100, "zipf", latency="lifecycle"), _daemon_only(default)),
+                  _runners(default, default, both)),
+            Entry(Workload("heavy-uniform", 200, 100, latency="heavy", base_ms=20), _runners(default, default, both)),
+            Entry(Workload("heavy-zipf", 200, 100, "zipf", latency="heavy", base_ms=20),
+                  _runners(default, default, both)),
+            Entry(Workload("steady-idle", 100, 100, arrival="steady", rate=25), _runners(default, default, one)),
+            Entry(Workload("steady-loaded", 1500, 400, arrival="steady", rate=300), _runners(default, default, one)),
+            Entry(Workload("lifecycle-uniform", 1000, 100, latency="lifecycle"), _daemon_only([1, 4], one)),
+            Entry(Workload("lifecycle-zipf", 1000, 100, "zipf", latency="lifecycle"), _daemon_only(default, one)),
         ]
     if name == "full":
         scale, default = [1, 2, 4, 8, 16], [4, 16]
         return [
-            Entry(Workload("noop-uniform", 20000, 500), _runners(scale, scale)),
-            Entry(Workload("noop-zipf", 20000, 500, "zipf"), _runners(scale, [4])),
-            Entry(Workload("sleep20-uniform", 2000, 500, latency="fixed", base_ms=20), _runners(default, default)),
+            Entry(Workload("noop-uniform", 20000, 500), _runners(scale, scale, both)),
+            Entry(Workload("noop-zipf", 20000, 500, "zipf"), _runners(scale, [4], both)),
+            Entry(Workload("sleep20-uniform", 2000, 500, latency="fixed", base_ms=20),
+                  _runners(default, default, both)),
             Entry(Workload("sleep20-zipf", 2000, 500, "zipf", latency="fixed", base_ms=20),
-                  _runners(default, default)),
-            Entry(Workload("heavy-uniform", 1000, 500, latency="heavy", base_ms=20), _runners(default, default)),
+                  _runners(default, default, both)),
+            Entry(Workload("heavy-uniform", 1000, 500, latency="heavy", base_ms=20),
+                  _runners(default, default, both)),
             Entry(Workload("heavy-zipf", 1000, 500, "zipf", latency="heavy", base_ms=20),
-                  _runners(default, default)),
-            Entry(Workload("steady-idle", 300, 300, arrival="steady", rate=25), _runners([4], [4])),
-            Entry(Workload("steady-loaded", 6000, 500, arrival="steady", rate=500), _runners([4], [4])),
-            Entry(Workload("lifecycle-uniform", 5000, 500, latency="lifecycle"), _daemon_only([1, 2, 4, 8, 16])),
-            Entry(Workload("lifecycle-zipf", 5000, 500, "zipf", latency="lifecycle"), _daemon_only(default)),
+                  _runners(default, default, both)),
+            Entry(Workload("steady-idle", 300, 300, arrival="steady", rate=25), _runners([4], [4], one)),
+            Entry(Workload("steady-loaded", 6000, 500, arrival="steady", rate=500), _runners([4], [4], one)),
+            Entry(Workload("lifecycle-uniform", 5000, 500, latency="lifecycle"), _daemon_only([1, 2, 4, 8, 16], one)),
+            Entry(Workload("lifecycle-zipf", 5000, 500, "zipf", latency="lifecycle"), _daemon_only(default, one)),
         ]
     raise ValueError(f"unknown suite {name!r}")
 
@@ -144,9 +170,12 @@ def execute_run(ctx: Context, workload: Workload, tasks: list[PlannedTask], spec
                 index: int) -> dict[str, Any]:
     result: dict[str, Any] = {"workload": workload.name, "runner": spec.kind, "parallelism": spec.parallelism,
                               "label": spec.label, "complete": False, "error": None}
+    if spec.routing:
+        result["routing"] = spec.routing
     if workload.needs_libvirt and spec.is_baseline:
         raise ValueError(f"{workload.name}: {spec.label} cannot run real VM actions (it knows noop and sleep only)")
-    run_dir = ctx.harness.base / f"run{index:02d}-{workload.name}-{spec.kind}{spec.parallelism}"
+    routed = f"-{spec.routing}" if spec.routing else ""
+    run_dir = ctx.harness.base / f"run{index:02d}-{workload.name}-{spec.kind}{spec.parallelism}{routed}"
     timeout = ctx.run_timeout or _timeout_for(workload, tasks)
     with ctx.harness.fresh_database() as dsn:
         nodes = lifecycle.Nodes(lifecycle.short_dir(ctx.harness.base, index)) if workload.needs_libvirt else None
@@ -266,7 +295,7 @@ def _feed_and_wait(ctx: Context, conn: Any, workload: Workload, tasks: list[Plan
 def run_suite(args: argparse.Namespace) -> dict[str, Any]:
     from tqdm import tqdm
 
-    entries = suite(args.suite)
+    entries = suite(args.suite, args.routing)
     if args.only:
         entries = [e for e in entries if e.workload.name in args.only]
     plans = {e.workload.name: generate(e.workload, args.seed) for e in entries}
@@ -317,6 +346,7 @@ def run_suite(args: argparse.Namespace) -> dict[str, Any]:
         "postgresql_server": "private (EmbeddedPostgres)" if args.dsn is None else
                              "given by --dsn: the bench's own databases on it; its CPU and memory not measured",
         "settings": {"baseline_poll_s": args.baseline_poll, "daemon_settings": args.set or [],
+                     "routings": list(args.routing or DEFAULT_ROUTINGS[args.suite]),
                      "daemon_config": daemon_config(args.set or []),
                      "progress_poll_s": PROGRESS_INTERVAL, "command": " ".join(sys.argv),
                      "lifecycle_daemon_settings": ["save_dir=<the run's node directory>/save (mode 0777)"]},
@@ -382,6 +412,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m bench.run") -> in
                         help="seconds an idle baseline waits before polling again (default 1.0)")
     parser.add_argument("--set", action="append", metavar="NAME=VALUE",
                         help="a daemon setting for every taskomatic run (passed as --set)")
+    parser.add_argument("--routing", choices=(*ROUTINGS, "both"),
+                        help="the daemon routing(s) the throughput and makespan workloads run with, side by side: "
+                             "pinned, hash or both (default: both in --quick and --full, pinned in --smoke); "
+                             "the steady and lifecycle workloads run with the first (pinned when both)")
     parser.add_argument("--run-timeout", type=float, help="seconds one run may take (default: from the workload)")
     parser.add_argument("--keep-work-dir", action="store_true", help="keep the /tmp work directory (runner logs)")
     parser.add_argument("--dsn", help="a PostgreSQL server to use instead of a private one: the bench creates "
@@ -395,6 +429,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m bench.run") -> in
         if unknown:
             parser.error(f"unknown workload(s) {', '.join(sorted(unknown))}; {args.suite} has {', '.join(known)}")
     check_overrides(parser, args.set)
+    if any(s.split("=", 1)[0].strip() == "routing" for s in args.set or []):
+        parser.error("--set routing=...: use --routing (each run is labelled with its routing)")
+    args.routing = ROUTINGS if args.routing == "both" else (args.routing,) if args.routing else None
     out = args.out or RESULTS_DIR / f"{datetime.now().strftime('%Y%m%d-%H%M%S')}-{args.suite}"
     try:
         results = run_suite(args)

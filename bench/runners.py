@@ -24,23 +24,28 @@ from typing import IO
 REPO = Path(__file__).resolve().parent.parent
 
 KINDS = ("taskomatic", "original", "pool")
+ROUTINGS = ("pinned", "hash")  # the daemon's ``routing`` setting; a taskomatic run may name one
 
 
 @dataclass(frozen=True)
 class RunnerSpec:
     kind: str  # taskomatic | original | pool
     parallelism: int  # shards, or pool workers (1 for original)
+    routing: str | None = None  # taskomatic only: passed as --set routing=...; None = the daemon's default
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"unknown runner {self.kind!r}")
+        if self.routing is not None and (self.kind != "taskomatic" or self.routing not in ROUTINGS):
+            raise ValueError(f"routing {self.routing!r} is not for {self.kind}")
         if self.parallelism < 1 or (self.kind == "original" and self.parallelism != 1):
             raise ValueError(f"bad parallelism {self.parallelism} for {self.kind}")
 
     @property
     def label(self) -> str:
         if self.kind == "taskomatic":
-            return f"taskomatic {self.parallelism} shard{'s' if self.parallelism > 1 else ''}"
+            label = f"taskomatic {self.parallelism} shard{'s' if self.parallelism > 1 else ''}"
+            return f"{label}, {self.routing} routing" if self.routing else label
         if self.kind == "original":
             return "original (1 process, poll loop)"
         return f"SKIP LOCKED pool {self.parallelism} worker{'s' if self.parallelism > 1 else ''}"
@@ -86,6 +91,8 @@ class Runner:
                    "--shards", str(spec.parallelism), "--set", f"state_dir={work_dir / 'state'}"]
             for setting in daemon_settings:
                 cmd += ["--set", setting]
+            if spec.routing:  # last, so the run's routing is the one it is labelled with
+                cmd += ["--set", f"routing={spec.routing}"]
         else:
             cmd = [sys.executable, "-m", "bench.baselines", spec.kind, "--dsn", dsn,
                    "--workers", str(spec.parallelism), "--poll", str(baseline_poll)]

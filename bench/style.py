@@ -25,8 +25,9 @@ FAMILIES: dict[str, tuple[str, str, str, str]] = {
     "multihost": ("#2ca02c", "#a1d99b", "#00441b", "taskomatic multihost (key claims)"),
     "pool": ("#ff7f0e", "#fdd0a2", "#7f2704", "SKIP LOCKED pool (no order)"),
     "original": ("#7f7f7f", "#7f7f7f", "#7f7f7f", "original design (1 process, poll loop)"),
-    "hash": ("#9467bd", "#9467bd", "#9467bd", "taskomatic, hash routing"),
-    "pinned": ("#1f77b4", "#1f77b4", "#1f77b4", "taskomatic, key pinning"),
+    # The routings shade by shard count like the standalone family (pinned is the default: its colours).
+    "hash": ("#9467bd", "#dadaeb", "#3f007d", "taskomatic, hash routing"),
+    "pinned": ("#1f77b4", "#9ecae1", "#08306b", "taskomatic, pinned routing"),
 }
 # Markers by count (1, 2, 4, 8, 16, ...); the family colour says the system, the marker the size.
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")

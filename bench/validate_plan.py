@@ -6,7 +6,8 @@ or Zipf keys go through the real daemon (``bench.harness``: a private
 PostgreSQL, a fresh database per run, the daemon with N shards); the waits
 (``time_started - created_at``) measured in the tasks table are set beside the
 model's prediction for the same workload (``taskomatic.capacity.model``: the
-M/G/c pool plus each key's M/G/1 queue). The keys are drawn from the model's
+M/G/c pool plus each key's M/G/1 queue; for the hash-routing case, each shard
+its own M/G/1 queue of the keys hashed to it). The keys are drawn from the model's
 own key rates, so both describe the same workload. The service time the model
 is given is the mean sleep plus the per-task overhead (``--overhead-ms``,
 default the planner's default); the measured mean service time
@@ -32,8 +33,9 @@ import psycopg2
 from bench.harness import RESULTS_DIR, CpuWindow, Harness, Interrupted, fetch_rows, insert_tasks, unfinished
 from bench.runners import RunnerSpec
 from bench.workloads import PlannedTask
+from taskomatic.capacity import hashing
 from taskomatic.capacity.fleet import DEFAULT_OVERHEAD_MS
-from taskomatic.capacity.model import Workload, evaluate, key_groups, key_rates
+from taskomatic.capacity.model import Workload, evaluate, evaluate_hash, key_groups, key_rates
 from taskomatic.capacity.queueing import mgc_wait
 
 TICK = 0.005  # seconds between insert checks
@@ -48,6 +50,7 @@ class Case:
     keys: int
     skew: str  # uniform or zipf:<s>
     seconds: float  # how long tasks arrive
+    routing: str = "pinned"  # the daemon's --routing, and the model's (hash: each shard its own M/G/1 queue)
 
     @property
     def tasks(self) -> int:
@@ -58,6 +61,8 @@ CASES = (
     Case("200 uniform keys, 2 shards, 25/s", 2, 25.0, 60.0, 200, "uniform", 30.0),
     Case("200 uniform keys, 4 shards, 50/s", 4, 50.0, 60.0, 200, "uniform", 30.0),
     Case("40 Zipf(1.1) keys, 4 shards, 30/s", 4, 30.0, 60.0, 40, "zipf:1.1", 30.0),
+    # Lower than case 2's rate: with hash routing the busiest shard, not the average, must stay below 1.
+    Case("200 uniform keys, 4 shards, 40/s, hash routing", 4, 40.0, 60.0, 200, "uniform", 30.0, "hash"),
 )
 
 
@@ -81,9 +86,11 @@ def schedule(case: Case, workload: Workload, seed: int) -> list[tuple[float, Pla
 
 
 def predict(case: Case, workload: Workload) -> dict[str, Any]:
-    row = evaluate(workload, case.shards, target_p95_s=1e9)
     service = workload.service()
     rates = key_rates(workload)
+    if case.routing == "hash":
+        return _predict_hash(case, workload, rates)
+    row = evaluate(workload, case.shards, target_p95_s=1e9)
     pool = mgc_wait(case.shards, workload.rate_per_s, service)
     groups = key_groups(rates, service)
     total = sum(share for share, _ in groups)
@@ -94,13 +101,26 @@ def predict(case: Case, workload: Workload) -> dict[str, Any]:
             "service_mean_s": service.mean_s}
 
 
+def _predict_hash(case: Case, workload: Workload, rates: dict[Any, float]) -> dict[str, Any]:
+    """Hash routing: each shard an M/G/1 queue of the keys hashed to it (``taskomatic/capacity/hashing.py``)."""
+    service = workload.service()
+    placed = hashing.PartitionRates(rates)
+    row = evaluate_hash(workload, case.shards, 1e9, case.shards, rates, placed)
+    per_shard = placed.shard_rates(case.shards)
+    waits = hashing.shard_waits(per_shard, service)
+    return {"utilisation": row.utilisation, "pool_mean_s": row.pool_mean_wait_s, "pool_p95_s": row.pool_p95_wait_s,
+            "mean_s": hashing.mixed_mean(per_shard, waits), "p95_s": row.overall_p95_wait_s,
+            "hottest_key_p95_s": row.hottest_key_p95_wait_s, "service_mean_s": service.mean_s,
+            "shard_utilisation": [rate * service.mean_s for rate in per_shard]}
+
+
 def refit_prediction(case: Case, measured: dict[str, Any], seed: int) -> dict[str, Any] | None:
     """The same model given the service time this run really had (its mean sleep and its per-task overhead):
     what is left of the error is the model's own."""
     if measured.get("overhead_s") is None:
         return None
     refit = Case(case.name, case.shards, case.rate_per_s, measured["run_mean_s"] * 1000.0, case.keys, case.skew,
-                 case.seconds)
+                 case.seconds, case.routing)
     return predict(refit, model_workload(refit, measured["overhead_s"], seed))
 
 
@@ -136,7 +156,8 @@ def run_case(harness: Harness, case: Case, overhead_s: float, seed: int, index: 
     planned = schedule(case, workload, seed)
     result: dict[str, Any] = {"case": case.__dict__, "tasks": case.tasks, "predicted": predict(case, workload)}
     with harness.fresh_database() as dsn:
-        runner = harness.start(RunnerSpec("taskomatic", case.shards), dsn, harness.base / f"run{index}", [])
+        spec = RunnerSpec("taskomatic", case.shards, "hash" if case.routing == "hash" else None)
+        runner = harness.start(spec, dsn, harness.base / f"run{index}", [])
         conn = psycopg2.connect(dsn, application_name="bench")
         try:
             runner.wait_ready()

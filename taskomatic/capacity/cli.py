@@ -79,6 +79,12 @@ def add_parsers(sub: Any, common: Any) -> None:
     plan.add_argument("--shards-per-instance", type=int, default=8, metavar="N",
                       help="the most shards one instance runs (default 8)")
     plan.add_argument("--max-shards", type=int, default=256, metavar="N", help="search up to N shards (default 256)")
+    # Its own dest: the daemon's global --routing (taskomatic --routing ... run) is refused on plan.
+    plan.add_argument("--routing", dest="plan_routing", choices=["pinned", "hash"],
+                      help="the daemon's routing to plan for (default: the routing setting of the "
+                           "configuration, pinned unless set): pinned (the shards are one pool, each key its "
+                           "own queue) or hash (each shard its own queue, fed by the keys whose partition "
+                           "maps to it)")
     plan.add_argument("--no-history", action="store_true",
                       help="read no database: every input from the options (--tasks-per-hour per action, "
                            "--latency, --vms)")
@@ -102,11 +108,14 @@ def add_parsers(sub: Any, common: Any) -> None:
     bench.add_argument("--seed", type=int, default=1, help="workload seed (default 1)")
     bench.add_argument("--no-plots", action="store_true", help="JSON and Markdown only")
     bench.add_argument("--no-progress", action="store_true", help="no progress bar")
+    bench.add_argument("--routing", dest="bench_routing", choices=["pinned", "hash", "both"],
+                       help="the daemon routing(s) the throughput and makespan workloads run with, side by side "
+                            "(default: both in --quick and --full, pinned in --smoke)")
     bench.add_argument("--keep-work-dir", action="store_true", help="keep the /tmp work directory (runner logs)")
     bench.set_defaults(suite="quick")
 
 
-def _request(args: argparse.Namespace) -> Request:
+def _request(args: argparse.Namespace, routing: str = "pinned") -> Request:
     if args.from_results is not None:
         overhead_s, detail = overhead_from_results(args.from_results)
         source = f"measured by taskomatic bench: {args.from_results}"
@@ -131,7 +140,8 @@ def _request(args: argparse.Namespace) -> Request:
                    mix=parse_pairs(args.mix, "--mix") if args.mix else {},
                    latency_s=parse_pairs(args.latency, "--latency") if args.latency else {},
                    latency_cv=args.latency_cv, vms=args.vms, skew=args.skew,
-                   shards_per_instance=args.shards_per_instance, max_shards=args.max_shards)
+                   shards_per_instance=args.shards_per_instance, max_shards=args.max_shards,
+                   routing=getattr(args, "plan_routing", None) or routing)
 
 
 def cmd_plan(config: Config, args: argparse.Namespace) -> int:
@@ -139,7 +149,7 @@ def cmd_plan(config: Config, args: argparse.Namespace) -> int:
     from taskomatic.cli_common import print_json, session
 
     try:
-        request = _request(args)
+        request = _request(args, config.routing)
         history = None
         until = dt.datetime.now(dt.UTC)
         since = None
@@ -179,6 +189,8 @@ def cmd_bench(config: Config, args: argparse.Namespace) -> int:
     argv += ["--out", str(out)]
     argv += ["--no-plots"] * args.no_plots + ["--no-progress"] * args.no_progress
     argv += ["--keep-work-dir"] * args.keep_work_dir
+    if getattr(args, "bench_routing", None):
+        argv += ["--routing", args.bench_routing]
     for setting in getattr(args, "settings", None) or []:
         argv += ["--set", setting]
     if dsn:

@@ -4,6 +4,12 @@ from __future__ import annotations
 
 from taskomatic.capacity.model import Plan
 
+HASH_MODEL = [
+    "Routing hash (this plan): not the pool above. Partition p = hash(key) mod P always runs on shard p mod N,",
+    "so shard j is its own M/G/1 queue of the keys hashed to it (rate λ_j; Pollaczek-Khinchine, same tail); a",
+    "task waits for its shard's queue only. The pool columns below are the busiest shard's; it sets the answer.",
+]
+
 
 def _s(value: float | None) -> str:
     if value is None:
@@ -39,6 +45,7 @@ def render(result: Plan, overhead_source: str) -> str:
         "Instances: their shards taken as one pool (a free key goes to an instance with room); instances =",
         "ceil(c / shards per instance). Not modelled: fetcher limits beyond the measured overhead, a key held by",
         "one instance waiting for that instance's shards only, bursts, retries.",
+        *(HASH_MODEL if result.routing == "hash" else []),
         "",
         f"Target: p95 queueing delay (enqueue to start) <= {result.target_p95_s:g} s, for the pool and for the "
         f"hottest key's tasks.",

@@ -15,6 +15,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from taskomatic.capacity import hashing
 from taskomatic.capacity.model import Plan, PlanError, Row, Workload, key_groups, key_label, key_rates, plan
 from taskomatic.capacity.queueing import Wait, max_key_rate, mgc_wait, mixture_p95, sum_quantile
 from taskomatic.db.history import History
@@ -43,6 +44,7 @@ class Request:
     skew: str = "uniform"
     shards_per_instance: int = 8
     max_shards: int = 256
+    routing: str = "pinned"  # the daemon's --routing to plan for
 
 
 @dataclass
@@ -161,7 +163,8 @@ class FleetPlan:
 
 
 def make_plan(inputs: Inputs, request: Request) -> FleetPlan:
-    result = plan(inputs.workload, request.target_p95_s, request.shards_per_instance, request.max_shards)
+    result = plan(inputs.workload, request.target_p95_s, request.shards_per_instance, request.max_shards,
+                  routing=request.routing)
     workload, service = inputs.workload, result.service
     finite = [r for r in result.rows if r.pool_p95_wait_s is not None]
     at = result.shards if result.shards is not None else (finite[-1].shards if finite else None)
@@ -171,6 +174,7 @@ def make_plan(inputs: Inputs, request: Request) -> FleetPlan:
                       key_max_per_hour=max_key_rate(service, request.target_p95_s) * 3600.0)
     rates = key_rates(workload)
     pool = mgc_wait(at, workload.rate_per_s, service) if at is not None else None
+    by_shard = _HashedWaits(rates, service, at, result.partitions) if result.routing == "hash" else None
     measured = {str(a["action"]): a for a in inputs.actions}
     for action, per_hour in sorted(workload.tasks_per_hour.items(), key=lambda kv: -kv[1]):
         weights = inputs.action_key_weights.get(action) if workload.key_shares else None
@@ -179,15 +183,35 @@ def make_plan(inputs: Inputs, request: Request) -> FleetPlan:
             "run_mean_s": workload.latency_s[action],
             "run_sd_s": workload.latency_sd_s.get(action, workload.latency_cv * workload.latency_s[action]),
             "measured_wait_p95_s": (measured.get(action) or {}).get("wait_p95_s"),
-            **_waits(rates, service, pool, weights)})
+            **(_waits(rates, service, pool, weights) if by_shard is None else by_shard.waits(weights or rates))})
     for key in sorted(rates, key=lambda k: -rates[k])[:HOT_KEYS_SHOWN]:
         own = mgc_wait(1, rates[key], service)
+        if by_shard is not None:
+            p95 = by_shard.waits({key: 1.0})["p95_wait_s"]  # its shard's queue: its own tasks are in it
+        else:
+            p95 = None if own is None or pool is None else sum_quantile(own, pool)
         fleet.hot_keys.append({
             "key": key_label(key), "tasks_per_hour": rates[key] * 3600.0,
             "utilisation": rates[key] * service.mean_s,
-            "p95_wait_alone_s": None if own is None else own.quantile(),
-            "p95_wait_s": None if own is None or pool is None else sum_quantile(own, pool)})
+            "p95_wait_alone_s": None if own is None else own.quantile(), "p95_wait_s": p95})
     return fleet
+
+
+class _HashedWaits:
+    """Waits under hash routing at ``shards``: a task waits for the M/G/1 queue of its key's shard."""
+
+    def __init__(self, rates: dict[Any, float], service: Any, shards: int | None, partitions: int) -> None:
+        self.placed = hashing.PartitionRates(rates, partitions)
+        self.shards = shards
+        self.queues = (hashing.shard_waits(self.placed.shard_rates(shards), service) if shards is not None
+                       else [])
+
+    def waits(self, weights: dict[Any, float]) -> dict[str, float | None]:
+        if self.shards is None:
+            return {"mean_wait_s": None, "p95_wait_s": None}
+        shares = hashing.key_shard_shares(self.placed, weights, self.shards)
+        return {"mean_wait_s": hashing.mixed_mean(shares, self.queues),
+                "p95_wait_s": hashing.mixed_p95(shares, self.queues)}
 
 
 def _waits(rates: dict[Any, float], service: Any, pool: Wait | None,

@@ -71,7 +71,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from taskomatic.capacity import hashing
 from taskomatic.capacity.queueing import NO_WAIT, Service, Wait, max_key_rate, mgc_wait, mixture_p95, sum_quantile
+from taskomatic.partitions import DEFAULT_PARTITIONS
+
+ROUTINGS = ("pinned", "hash")
 
 
 class PlanError(ValueError):
@@ -143,10 +147,12 @@ class Plan:
     shards: int | None = None
     instances: int | None = None
     verdict: str = ""
+    routing: str = "pinned"  # the daemon's routing modelled: "pinned" (one pool) or "hash" (a queue per shard)
+    partitions: int = DEFAULT_PARTITIONS
 
     def to_json(self) -> dict[str, Any]:
         return {"workload": asdict(self.workload), "service": {**asdict(self.service), "cv": self.service.cv},
-                "model": MODEL_NAME,
+                "model": model_name(self.routing), "routing": self.routing, "partitions": self.partitions,
                 "target_p95_s": self.target_p95_s, "shards_per_instance": self.shards_per_instance,
                 "max_shards": self.max_shards, "offered_load": self.offered_load,
                 "hottest_key": self.hottest_key, "hottest_key_per_hour": self.hottest_key_per_hour,
@@ -159,6 +165,11 @@ class Plan:
 
 MODEL_NAME = ("M/G/c pool (Erlang C, Allen-Cunneen) + per-key M/G/1 (Pollaczek-Khinchine), "
               "exponential-tail p95")
+
+
+def model_name(routing: str) -> str:
+    """The model a routing is planned with (pinned: the pool; hash: ``taskomatic/capacity/hashing.py``)."""
+    return hashing.HASH_MODEL_NAME if routing == "hash" else MODEL_NAME
 
 
 # -- keys ------------------------------------------------------------------------------
@@ -259,11 +270,46 @@ def evaluate(workload: Workload, shards: int, target_p95_s: float, shards_per_in
                limited_by=limited_by)
 
 
-def plan(workload: Workload, target_p95_s: float, shards_per_instance: int = 8, max_shards: int = 256) -> Plan:
-    """The fewest shards meeting the target (searching 1..max_shards), with the table that shows why."""
+def evaluate_hash(workload: Workload, shards: int, target_p95_s: float, shards_per_instance: int,
+                  rates: dict[Any, float], placed: hashing.PartitionRates) -> Row:
+    """One shard count under hash routing: each shard its own M/G/1 queue; the busiest one's wait is the
+    "pool" columns' (utilisation, P(wait) = its rho, mean and p95), the hottest key's is its shard's."""
+    service = workload.service()
+    per_shard = placed.shard_rates(shards)
+    waits = hashing.shard_waits(per_shard, service)
+    instances = math.ceil(shards / shards_per_instance)
+    top = hashing.busiest(per_shard)
+    worst = waits[top]
+    rho = hashing.utilisation(per_shard, service)
+    if worst is None or any(w is None for w in waits):
+        return Row(shards=shards, instances=instances, utilisation=rho, wait_probability=1.0,
+                   pool_mean_wait_s=None, pool_p95_wait_s=None, hottest_key_p95_wait_s=None,
+                   overall_p95_wait_s=None, meets_target=False, limited_by="capacity")
+    hottest = max(rates, key=lambda k: rates[k])
+    hot_shard = placed.shard_of(hottest, shards)
+    hot_wait = worst if hot_shard is None else waits[hot_shard]
+    worst_p95 = worst.quantile()
+    return Row(shards=shards, instances=instances, utilisation=rho, wait_probability=worst.probability,
+               pool_mean_wait_s=worst.mean_s, pool_p95_wait_s=worst_p95,
+               hottest_key_p95_wait_s=None if hot_wait is None else hot_wait.quantile(),
+               overall_p95_wait_s=hashing.mixed_p95(per_shard, waits), meets_target=worst_p95 <= target_p95_s,
+               limited_by=None if worst_p95 <= target_p95_s else "busiest shard")
+
+
+def plan(workload: Workload, target_p95_s: float, shards_per_instance: int = 8, max_shards: int = 256,
+         routing: str = "pinned", partitions: int = DEFAULT_PARTITIONS) -> Plan:
+    """The fewest shards meeting the target (searching 1..max_shards), with the table that shows why.
+
+    ``routing``: "pinned" (the shards a pool, plus each key's own queue) or "hash" (each shard its own
+    queue of the partitions that hash to it: ``taskomatic/capacity/hashing.py``).
+    """
     validate(workload)
     if target_p95_s < 0 or shards_per_instance < 1 or max_shards < 1:
         raise PlanError("the target must be >= 0, shards per instance and --max-shards >= 1")
+    if routing not in ROUTINGS:
+        raise PlanError(f"routing must be one of {', '.join(ROUTINGS)}, got {routing!r}")
+    if partitions < 1:
+        raise PlanError("partitions must be >= 1")
     service = workload.service()
     rates = key_rates(workload)
     hottest = max(rates, key=lambda vm: rates[vm])
@@ -274,7 +320,8 @@ def plan(workload: Workload, target_p95_s: float, shards_per_instance: int = 8, 
                   hottest_key_per_hour=hot_rate * 3600.0, hottest_key_utilisation=hot_rate * service.mean_s,
                   hottest_key_alone_p95_s=None if hot_alone is None else hot_alone.quantile(),
                   hottest_key_max_per_hour=max_key_rate(service, target_p95_s) * 3600.0,
-                  offered_load=workload.rate_per_s * service.mean_s)
+                  offered_load=workload.rate_per_s * service.mean_s, routing=routing, partitions=partitions)
+    placed = hashing.PartitionRates(rates, partitions) if routing == "hash" else None
     slower = (f"its tasks would have to arrive at under {result.hottest_key_max_per_hour:,.0f}/h "
               f"(now {result.hottest_key_per_hour:,.0f}/h) to meet the target")
     if result.hottest_key_utilisation >= 1.0:
@@ -292,7 +339,8 @@ def plan(workload: Workload, target_p95_s: float, shards_per_instance: int = 8, 
               else list(range(1, max_shards + 1)))
     groups = key_groups(rates, service)
     for shards in counts:
-        row = evaluate(workload, shards, target_p95_s, shards_per_instance, rates, groups)
+        row = (evaluate(workload, shards, target_p95_s, shards_per_instance, rates, groups) if placed is None
+               else evaluate_hash(workload, shards, target_p95_s, shards_per_instance, rates, placed))
         result.rows.append(row)
         if result.pool_shards is None and row.pool_p95_wait_s is not None and row.pool_p95_wait_s <= target_p95_s:
             result.pool_shards = shards
@@ -303,7 +351,9 @@ def plan(workload: Workload, target_p95_s: float, shards_per_instance: int = 8, 
         result.verdict = (f"{result.shards} shard{'s' if result.shards != 1 else ''}, "
                           f"{result.instances} instance{'s' if result.instances != 1 else ''} "
                           f"of at most {shards_per_instance} shards")
-        if result.pool_shards is not None and result.pool_shards < result.shards:
+        if routing == "hash":
+            result.verdict += " with hash routing (each shard its own queue; the busiest shard sets it)"
+        elif result.pool_shards is not None and result.pool_shards < result.shards:
             result.verdict += (f" (set by the hottest key {result.hottest_key}: the pool alone would need "
                                f"{result.pool_shards})")
     elif not result.verdict:

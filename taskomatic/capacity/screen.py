@@ -6,7 +6,7 @@ import datetime as dt
 from typing import Any
 
 from taskomatic.capacity.fleet import FleetPlan, row_json
-from taskomatic.capacity.model import MODEL_NAME
+from taskomatic.capacity.model import model_name
 
 
 def _s(value: float | None) -> str:
@@ -50,7 +50,9 @@ def render(fleet: FleetPlan, since: dt.datetime | None, until: dt.datetime) -> s
         f"  mean run {result.service.mean_s:.3g} s (cv "
         f"{result.service.cv:.2f}) = {result.offered_load:.2f} shards busy on average",
         f"Keys: {keys}; per-task overhead {w.overhead_s * 1000:.2f} ms ({request.overhead_source})",
-        f"Target: p95 wait from submission to start <= {request.target_p95_s:g} s",
+        f"Target: p95 wait from submission to start <= {request.target_p95_s:g} s; routing {result.routing}"
+        + (f" (each shard its own queue: partition = hash(key) mod {result.partitions}, shard = partition mod N)"
+           if result.routing == "hash" else " (the shards one pool, each key its own queue)"),
         "",
     ]
     if result.shards is not None:
@@ -80,13 +82,14 @@ def render(fleet: FleetPlan, since: dt.datetime | None, until: dt.datetime) -> s
     if fleet.hot_keys and fleet.hot_keys[0]["tasks_per_hour"] > 0:
         lines.append(f"  the hottest key has {fleet.key_max_per_hour / fleet.hot_keys[0]['tasks_per_hour']:.1f}x "
                      "headroom before its own queue alone misses the target")
-    lines += ["", f"{'shards':>6} {'inst':>4} {'util':>5} {'P(wait)':>7} {'pool p95 s':>10} "
+    pool_column = "busiest p95 s" if result.routing == "hash" else "pool p95 s"
+    lines += ["", f"{'shards':>6} {'inst':>4} {'util':>5} {'P(wait)':>7} {pool_column:>10} "
                   f"{'hot key p95 s':>13} {'all p95 s':>9}  meets"]
     for row in result.rows[-4:]:  # the search stops at the answer: the counts just below it show why
         lines.append(f"{row.shards:>6} {row.instances:>4} {row.utilisation:>5.2f} {row.wait_probability:>7.3f} "
                      f"{_s(row.pool_p95_wait_s):>10} {_s(row.hottest_key_p95_wait_s):>13} "
                      f"{_s(row.overall_p95_wait_s):>9}  {'yes' if row.meets_target else 'no: ' + str(row.limited_by)}")
-    lines.append(f"Model: {MODEL_NAME} (README: Capacity planning)")
+    lines.append(f"Model ({result.routing} routing): {model_name(result.routing)} (README: Capacity planning)")
     return "\n".join(lines)
 
 
@@ -118,5 +121,7 @@ def document(fleet: FleetPlan, since: dt.datetime | None, until: dt.datetime) ->
         "hot_keys": fleet.hot_keys,
         "key_max_per_hour": fleet.key_max_per_hour,
         "rows": [row_json(r) for r in result.rows],
-        "model": MODEL_NAME,
+        "routing": result.routing,
+        "partitions": result.partitions,
+        "model": model_name(result.routing),
     }

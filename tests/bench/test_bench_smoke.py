@@ -46,6 +46,10 @@ def test_smoke_runs_the_daemon_and_both_baselines(smoke: dict[str, Any]) -> None
     assert runs == {("noop-uniform", "original", 1), ("noop-uniform", "pool", 2), ("noop-uniform", "taskomatic", 1),
                     ("noop-uniform", "taskomatic", 2), ("lifecycle-uniform", "taskomatic", 2)}
     assert smoke["suite"] == "smoke"
+    # The routing dimension: one routing in the smoke run (the daemon's default), named in every daemon run.
+    assert smoke["settings"]["routings"] == ["pinned"]
+    assert {r.get("routing") for r in smoke["runs"] if r["runner"] == "taskomatic"} == {"pinned"}
+    assert all("routing" not in r for r in smoke["runs"] if r["runner"] != "taskomatic")
     assert smoke["checks"] == {"all_runs_complete": True, "all_tasks_finished": True,
                                "taskomatic_order_ok": True, "ordered_runners_order_ok": True,
                                "lifecycle_consistent": True}
@@ -105,7 +109,7 @@ def test_every_figure_is_there(smoke: dict[str, Any]) -> None:
             assert run["ratios"]["vs_original"]["baseline"].startswith("original")
             assert run["ratios"]["vs_pool"]["baseline"].startswith("SKIP LOCKED pool")
     report = (Path(smoke["_out"]) / "report.md").read_text()
-    assert "| noop-uniform | taskomatic 2 shards |" in report
+    assert "| noop-uniform | taskomatic 2 shards, pinned routing |" in report
     assert "## VM lifecycle on libvirt test nodes" in report and "do not run the lifecycle" in report
 
 
