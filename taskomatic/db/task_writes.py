@@ -75,9 +75,3 @@ def task_claim(store: Store, task_id: int) -> Row | None:
 def hold_running_task(store: Store, task_id: int, claimed_by: Any, attempts: Any) -> bool:
     """Lock the task if it still runs under this claim and start; False if it does not."""
     return store.one("hold_running_task", task_id=task_id, claimed_by=claimed_by, attempts=attempts) is not None
-
-
-def database_clock(store: Store) -> datetime:
-    """The database server's clock now (timestamptz)."""
-    moment: datetime = store.scalar("database_clock")
-    return moment

@@ -1,47 +1,53 @@
-"""The clock that stamps tasks: the database's, carried forward by the monotonic clock.
+"""The clock that stamps tasks: the wall clock read once per instance, carried forward by CLOCK_MONOTONIC.
 
 ``time_started`` and ``time_ended`` are taken in the shards where an action
-really starts and ends, and per-key order is checked from SQL on them. Taken
-from the node's wall clock, a step back (NTP, an operator, a VM resumed) made a
-task seem to start before its predecessor ended (found by the clock_step
-fault). So each shard reads the database server's clock once, when it
-connects, and from then on counts with CLOCK_MONOTONIC, which never steps.
-Every shard of every instance then stamps on one reference, the one the
-multihost leases use too; the anchor's error is at most half the round trip
-of the read that took it.
+really starts and ends, and per-key order is checked from SQL on them. Read
+from the wall clock at each stamp, a step back (NTP, an operator, a VM
+resumed) made a task seem to start before its predecessor ended (found by the
+clock_step fault). So the supervisor reads the wall clock once, before any
+child starts, and hands that instant to its children in the environment;
+every process of the instance then stamps anchor + (monotonic now - monotonic
+then). CLOCK_MONOTONIC is one clock for the whole machine and never steps (NTP
+slews it as it slews the wall clock), so the processes of an instance agree to
+the microsecond, and so do instances started on one machine with no step in
+between; across machines it is as good as their clock sync, as before.
+
+(Anchoring each shard on the database's clock instead put up to half a round
+trip of error between two shards, more under load: a task could seem to start
+a fraction of a millisecond before its predecessor on another shard ended.)
 """
 
 from __future__ import annotations
 
-import logging
+import os
 import time
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
-from taskomatic.db import task_writes
-from taskomatic.db.store import Store
+ENV = "TASKOMATIC_CLOCK_ANCHOR"
 
-log = logging.getLogger(__name__)
-
-_anchor: tuple[datetime, float] | None = None  # (database time, monotonic time) of the same instant
+_anchor: tuple[float, float] | None = None  # (wall seconds since the epoch, monotonic seconds), one instant
 
 
-def anchor(store: Store) -> None:
-    """Read the database's clock on ``store`` and stamp tasks from it from now on."""
+def anchor_for_children() -> None:
+    """Supervisor, before any child starts: the one instant every process of this instance counts from."""
     global _anchor
-    before = time.monotonic()
-    moment = task_writes.database_clock(store)
-    after = time.monotonic()
-    store.rollback()
-    _anchor = (moment, (before + after) / 2)
-    skew = (moment - datetime.now(UTC)).total_seconds()
-    if abs(skew) > 1.0:
-        log.warning("this node's wall clock is %.1f s %s the database's; tasks are timed by the database's",
-                    abs(skew), "behind" if skew > 0 else "ahead of")
+    _anchor = (time.time(), time.monotonic())
+    os.environ[ENV] = f"{_anchor[0]!r}:{_anchor[1]!r}"
+
+
+def _current() -> tuple[float, float]:
+    global _anchor
+    if _anchor is None:
+        given = os.environ.get(ENV, "")
+        try:
+            wall, mono = (float(part) for part in given.split(":"))
+            _anchor = (wall, mono)
+        except ValueError:  # not started by a supervisor (a tool, a test): this process's own anchor
+            _anchor = (time.time(), time.monotonic())
+    return _anchor
 
 
 def now() -> datetime:
-    """The time to stamp on a task: the database's clock (the wall clock before anchor() ran)."""
-    if _anchor is None:
-        return datetime.now(UTC)
-    moment, mono = _anchor
-    return moment + timedelta(seconds=time.monotonic() - mono)
+    """The time to stamp on a task."""
+    wall, mono = _current()
+    return datetime.fromtimestamp(wall + (time.monotonic() - mono), UTC)

@@ -45,7 +45,7 @@ CONNECTION_LOST = (psycopg2.OperationalError, psycopg2.InterfaceError)
 
 
 def now() -> datetime:
-    """When something happens to a task (see runtime/clock.py: the database's clock)."""
+    """When something happens to a task (runtime/clock.py: immune to wall-clock steps)."""
     return clock.now()
 
 

@@ -35,7 +35,6 @@ from taskomatic.db.store import Store
 from taskomatic.logsetup import set_process_title, setup_logging
 from taskomatic.model import TaskRow
 from taskomatic.runtime import channel as wire
-from taskomatic.runtime import clock
 from taskomatic.runtime.execution import Execution, ShardLink
 from taskomatic.runtime.lease import lease_clock
 from taskomatic.runtime.messages import Deferred, Drain, Drained, Ended, Hello, Run
@@ -64,7 +63,6 @@ class Shard:
         self.stop_fast = False
         self.draining = False
         store = Store.open(config.dsn, f"taskomatic shard {slot}", config.connect_timeout)
-        clock.anchor(store)
         self.actions: dict[str, Action] = load_actions()
         self.ctx = ActionContext(store, config,
                                  LibvirtConnections(config.keepalive_interval, config.keepalive_count),

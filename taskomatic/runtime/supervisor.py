@@ -56,7 +56,7 @@ from taskomatic.exitcodes import (
     EXIT_SCHEMA,
 )
 from taskomatic.logsetup import set_process_title
-from taskomatic.runtime import instance
+from taskomatic.runtime import clock, instance
 from taskomatic.runtime.children import Child, child_context, children_to_respawn, note_death, start_child
 from taskomatic.runtime.instance import StartupRefused, permanent_refusal
 from taskomatic.runtime.messages import FetcherStatus
@@ -309,6 +309,7 @@ class Supervisor:
             if not self._wait_for_database(wake_read):
                 return EXIT_OK
             self.start()
+            clock.anchor_for_children()  # before any child (and the fork server) starts
             self.socket_path = self._socket_path()
             if self.config.metrics_port:
                 # Before any child starts: they find the sample directory in their environment.

@@ -18,8 +18,9 @@ is killed as stuck past task_timeout when it was not.
 Found by this fault and fixed: the shards took time_started and time_ended from the
 daemon's wall clock, so after a step back a task "started" before its predecessor
 "ended" in the database, although the tasks ran in order. They now stamp tasks with
-the database's clock carried forward by the monotonic clock (runtime/clock.py), and
-the shard deadlines follow the monotonic clock, so every violation fails the run.
+the wall clock read once per instance, carried forward by the monotonic clock
+(runtime/clock.py), and the shard deadlines follow the monotonic clock, so every
+violation fails the run.
 """
 
 from __future__ import annotations

@@ -76,7 +76,3 @@ SELECT id FROM tasks
 WHERE id = %(task_id)s AND state = 'running'
   AND claimed_by = %(claimed_by)s AND attempts = %(attempts)s
 FOR UPDATE;
-
--- database_clock --
--- The database server's clock: every shard times its tasks from it (runtime/clock.py).
-SELECT clock_timestamp() AS now;
