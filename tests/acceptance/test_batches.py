@@ -9,35 +9,16 @@ in batches of different keys.
 from __future__ import annotations
 
 import signal
-from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pytest
 
-from bench.plugin import write_dist_info
 from tests.acceptance import checks
-from tests.helpers import Daemon, query, wait_for
+from tests.helpers import query, wait_for
 
 # Slow (not in the inner loop): daemons under batch load and a shard killed mid-batch.
 pytestmark = pytest.mark.slow
 
 SHARDS = 2
-
-
-@pytest.fixture
-def noop_daemon(dsn: str, state_dir: Path) -> Iterator[Callable[[], Daemon]]:
-    started: list[Daemon] = []
-    plugin = write_dist_info(state_dir / "plugin")
-
-    def start() -> Daemon:
-        daemon = Daemon(dsn, state_dir / f"d{len(started)}", shards=SHARDS, python_path=[str(plugin)])
-        started.append(daemon)
-        daemon.wait_ready()
-        return daemon
-
-    yield start
-    for daemon in started:
-        daemon.stop()
 
 
 def queue_noops(dsn: str, tasks: int, keys: int) -> None:

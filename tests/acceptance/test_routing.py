@@ -7,34 +7,12 @@ is free to spread a key's tasks over any shard.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from pathlib import Path
-
-import pytest
-
-from bench.plugin import write_dist_info
 from taskomatic.model import OrderingKey
 from taskomatic.partitions import partition_of
 from tests.acceptance import checks
-from tests.helpers import Daemon, query
+from tests.helpers import query
 
 SHARDS = 3
-
-
-@pytest.fixture
-def noop_daemon(dsn: str, state_dir: Path) -> Iterator[Callable[[list[str]], Daemon]]:
-    started: list[Daemon] = []
-    plugin = write_dist_info(state_dir / "plugin")
-
-    def start(extra: list[str]) -> Daemon:
-        daemon = Daemon(dsn, state_dir / f"d{len(started)}", shards=SHARDS, extra=extra, python_path=[str(plugin)])
-        started.append(daemon)
-        daemon.wait_ready()
-        return daemon
-
-    yield start
-    for daemon in started:
-        daemon.stop()
 
 
 def _slots_by_key(dsn: str) -> dict[OrderingKey, set[int]]:

@@ -48,6 +48,7 @@ from hypothesis.stateful import (
 )
 
 from taskomatic.db.store import Row, Store
+from tests.property.protocol_connections import Connections, protocol_connections
 
 Key = tuple[str, int]
 KEYS: tuple[Key, ...] = (("StoragePool", 1), ("StoragePool", 2), ("Vm", 1), ("Vm", 2), ("Vm", 3))
@@ -102,13 +103,6 @@ class Host:
     instance: int | None = None
     held: dict[Key, int] = field(default_factory=dict)  # key -> fencing token
     local: dict[int, str] = field(default_factory=dict)  # task id -> queued | running | adopted
-
-
-@dataclass
-class Connections:
-    admin: Store  # autocommit: submits, the lease clock, the invariant reads
-    probe: Store  # writes the invariants try and roll back
-    hosts: list[Store]  # one per machine: an instance's transactions are its own
 
 
 def key_of(row: Row) -> Key:
@@ -708,22 +702,10 @@ class ClaimProtocol(RuleBasedStateMachine):
                 h.store.rollback()
 
 
-def _connect(dsn: str) -> Store:
-    # A query that blocks on a lock is a finding, not a hang.
-    conn = psycopg2.connect(dsn, application_name="claim-protocol-test",
-                            options="-c statement_timeout=10000 -c lock_timeout=5000")
-    return Store(conn)
-
-
 @pytest.fixture
 def conns(dsn: str) -> Iterator[Connections]:
-    conns = Connections(_connect(dsn), _connect(dsn), [_connect(dsn) for _ in range(HOSTS)])
-    conns.admin.conn.autocommit = True
-    try:
-        yield conns
-    finally:
-        for store in (conns.admin, conns.probe, *conns.hosts):
-            store.close()
+    with protocol_connections(dsn, HOSTS, "claim-protocol-test") as opened:
+        yield opened
 
 
 @pytest.mark.slow

@@ -56,6 +56,7 @@ from taskomatic.db import partitions as dbp
 from taskomatic.db.store import Row, Store
 from taskomatic.model import OrderingKey
 from taskomatic.partitions import DEFAULT_PARTITIONS, balance, partition_of
+from tests.property.protocol_connections import Connections, protocol_connections
 
 P = DEFAULT_PARTITIONS
 HOSTS = 3
@@ -112,13 +113,6 @@ class Host:
     instance: int | None = None
     held: dict[int, int] = field(default_factory=dict)  # partition -> token, as the instance believes
     local: dict[int, str] = field(default_factory=dict)  # task id -> queued | running | adopted
-
-
-@dataclass
-class Connections:
-    admin: Store  # autocommit: submits, the lease clock, the invariant reads
-    probe: Store  # writes the invariants try and roll back
-    hosts: list[Store]
 
 
 class PartitionProtocol(RuleBasedStateMachine):
@@ -670,21 +664,10 @@ class PartitionProtocol(RuleBasedStateMachine):
                 h.store.rollback()
 
 
-def _connect(dsn: str) -> Store:
-    conn = psycopg2.connect(dsn, application_name="partition-protocol-test",
-                            options="-c statement_timeout=10000 -c lock_timeout=5000")
-    return Store(conn)
-
-
 @pytest.fixture
 def conns(dsn: str) -> Iterator[Connections]:
-    conns = Connections(_connect(dsn), _connect(dsn), [_connect(dsn) for _ in range(HOSTS)])
-    conns.admin.conn.autocommit = True
-    try:
-        yield conns
-    finally:
-        for store in (conns.admin, conns.probe, *conns.hosts):
-            store.close()
+    with protocol_connections(dsn, HOSTS, "partition-protocol-test") as opened:
+        yield opened
 
 
 def test_partition_protocol(conns: Connections) -> None:
