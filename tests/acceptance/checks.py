@@ -352,6 +352,21 @@ def running_tasks_by_slot(dsn: str, shards: int) -> dict[int, dict[str, Any]]:
     return {r["run_by_shard"]: r for r in rows}
 
 
+def _sessions_idle(dsn: str, application_name: str, within: float) -> bool:
+    """Wait until no session of that name runs a statement; False if one still does after ``within`` s."""
+    import time
+
+    deadline = time.monotonic() + within
+    while True:
+        active = query(dsn, "SELECT count(*) AS n FROM pg_stat_activity WHERE application_name = %s "
+                            "AND state = 'active'", (application_name,))[0]["n"]
+        if not active:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.002)  # polling the server's view of a frozen process, with a deadline
+
+
 def kill_shard_mid_task(daemon: Daemon, dsn: str, shards: int, want: Any = None,
                         timeout: float = 60.0, prefer: int = 0) -> tuple[int, int, dict[str, Any]]:
     """SIGKILL a shard while the database shows it running a task; (slot, old pid, task row).
@@ -382,6 +397,10 @@ def kill_shard_mid_task(daemon: Daemon, dsn: str, shards: int, want: Any = None,
             continue
         killed = False
         try:
+            # A commit the shard sent just before it froze may still be in the server: read the task's
+            # state only once that shard's session is no longer active (else thaw and try again).
+            if not _sessions_idle(dsn, f"taskomatic shard {slot}", within=2.0):
+                continue
             row = running_tasks_by_slot(dsn, shards).get(slot)
             if row is not None and (want is None or want(row)) and daemon.child_pids().get(f"shard {slot}") == pid:
                 os.kill(pid, signal.SIGKILL)
