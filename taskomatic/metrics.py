@@ -78,10 +78,13 @@ _metrics: _Metrics | None = None
 
 def _get() -> _Metrics | None:
     global _metrics
+    # Once created, no environment lookup: this runs several times per task on the hot path
+    # (the directory is set once, before the children start, and never unset in a process).
+    if _metrics is not None:
+        return _metrics
     if not enabled():
         return None
-    if _metrics is None:
-        _metrics = _Metrics()
+    _metrics = _Metrics()
     return _metrics
 
 
