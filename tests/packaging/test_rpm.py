@@ -10,6 +10,7 @@ file applied to a scratch root, and rpmlint. Nothing is mocked.
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
 import re
 import shutil
@@ -387,3 +388,56 @@ def test_bench_and_plan_run_from_the_unpacked_packages(built: Built, tmp_path: P
     assert result.returncode == 2 and "unknown workload(s) nonesuch" in result.stderr, result.stderr[-3000:]
     imported = next(line for line in result.stdout.splitlines() if line.startswith("imported "))
     assert imported == f"imported {bench_site / 'bench' / 'run.py'}"
+
+
+def test_quick_bench_and_a_plan_from_the_fleets_history_with_only_the_packages(built: Built, dsn: str,
+                                                                                tmp_path: Path) -> None:
+    """Issue 18's "done when", from the unpacked packages with no source checkout on the path: the
+    benchmark runs (the smoke size of the quick suite's first workload, on a private PostgreSQL it
+    starts itself) and writes its report; then `taskomatic plan` plans from a tasks table's history."""
+    import datetime as dt
+
+    import psycopg2
+
+    script = built.root / "usr/bin/taskomatic"
+    bench_site = built.bench_root / built.site_packages.relative_to(built.root)
+    empty = tmp_path / "cwd"
+    empty.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    env["PYTHONPATH"] = os.pathsep.join([str(built.site_packages), str(bench_site)])
+    launcher = (f"import runpy, sys\nsys.argv = [{str(script)!r}, *sys.argv[1:]]\n"
+                f"runpy.run_path({str(script)!r}, run_name='__main__')\n")
+
+    def taskomatic(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-s", "-c", launcher, *args], capture_output=True, text=True,
+                              cwd=empty, env=env, timeout=timeout)
+
+    out = tmp_path / "report"
+    result = taskomatic("bench", "--smoke", "--only", "noop-uniform", "--no-progress", "--no-plots",
+                        "--out", str(out), timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((out / "results.json").read_text())
+    assert report["checks"]["taskomatic_order_ok"] and report["checks"]["all_runs_complete"]
+    assert "noop-uniform" in (out / "report.md").read_text()
+    # The source tree was never imported: everything came from the packages.
+    assert str(REPO) not in json.dumps(report.get("settings", {}))
+
+    # A fleet's history: 40 start_vm over 20 VMs in the last hour, each started 1 s after it was queued and
+    # run for 2 s. The plan must read it (read-only) and answer from it.
+    now = dt.datetime.now(dt.UTC).replace(microsecond=0)
+    conn = psycopg2.connect(dsn)
+    with conn, conn.cursor() as cur:
+        for i in range(40):
+            created = now - dt.timedelta(minutes=50) + dt.timedelta(seconds=60 * i)
+            cur.execute("INSERT INTO tasks (task_target_type, task_target_id, action, state, created_at, "
+                        "time_started, time_ended) VALUES ('Vm', %s, 'start_vm', 'finished', %s, %s, %s)",
+                        (i % 20 + 1, created, created + dt.timedelta(seconds=1), created + dt.timedelta(seconds=3)))
+    conn.close()
+    result = taskomatic("--dsn", dsn, "plan", "--since", "2h", "--json", timeout=120)
+    assert result.returncode in (0, 1), result.stderr[-3000:]
+    plan = json.loads(result.stdout)
+    assert plan["history"]["tasks"] == 40 and plan["history"]["keys"] == 20
+    start_vm = next(a for a in plan["actions"] if a["action"] == "start_vm")
+    assert start_vm["run_mean_s"] == pytest.approx(2.0, abs=0.01)
+    assert start_vm["measured_wait_p95_s"] == pytest.approx(1.0, abs=0.01)
+    assert isinstance(plan["answer"]["shards"], int)
