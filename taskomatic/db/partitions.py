@@ -83,6 +83,11 @@ def held_partitions(store: Store, instance_id: int) -> dict[int, int]:
     return {r["partition"]: r["token"] for r in store.all("held_partitions", instance_id=instance_id)}
 
 
+def releasing_partitions(store: Store, instance_id: int) -> set[int]:
+    """Those of the instance's partitions it is handing over (a restarted fetcher goes on with that)."""
+    return {r["partition"] for r in store.all("held_partitions", instance_id=instance_id) if r["releasing"]}
+
+
 def acquire_partitions(store: Store, instance_id: int, partitions: Iterable[int]) -> list[Acquired]:
     """Take those of ``partitions`` that are free or whose holder's lease ran out; new tokens.
 
@@ -159,6 +164,16 @@ def mark_running_fenced(store: Store, instance_id: int, held: Mapping[int, int],
     rows = store.all("mark_running_fenced", instance_id=instance_id, task_ids=list(task_ids), shard=shard,
                      time_started=time_started, **_pairs(held))
     return sorted(r["id"] for r in rows)
+
+
+def start_tasks_fenced(store: Store, instance_id: int, held: Mapping[int, int], task_ids: Sequence[int],
+                       shard: int, time_started: datetime) -> dict[int, datetime]:
+    """``mark_running_fenced`` for a shard: id -> when it was submitted (created_at), for each task started."""
+    if not task_ids:
+        return {}
+    rows = store.all("mark_running_fenced", instance_id=instance_id, task_ids=list(task_ids), shard=shard,
+                     time_started=time_started, **_pairs(held))
+    return {r["id"]: r["created_at"] for r in rows}
 
 
 def record_outcomes_fenced(store: Store, instance_id: int, held: Mapping[int, int],
