@@ -136,8 +136,8 @@ def cmd_instances(config: Config, args: argparse.Namespace) -> int:
     for r in shown:
         if r["state"] != "live" and _holds(r):
             held = ", ".join(f"{n} {what}{'s' if n > 1 else ''}" for n, what in (
-                (r["partitions_held"], "partition"), (r["tasks_claimed"], "claimed task"), (r["tasks_running"], "running task"))
-                if n)
+                (r["partitions_held"], "partition"), (r["tasks_claimed"], "claimed task"),
+                (r["tasks_running"], "running task")) if n)
             then = ("a live multihost instance takes them over" if live_multihost
                     else "no multihost instance is live: the next instance to start takes them over")
             print(f"note: #{r['id']} is {r['state']} but still holds {held}; {then}")
