@@ -181,7 +181,7 @@ class Fetcher:
             if self.multihost and self.adopted and not self.draining and leased:
                 if self.rebalancer.due(now) and self.rebalancer.round(now):
                     claim_wanted = True  # partitions acquired: their queues are ours to claim
-                elif self.ended_since_claim and self.rebalancer.release_due(now):
+                elif self.rebalancer.release_due(now):
                     self.rebalancer.finish_releases(now)  # a hand-over waits for its last task to end
             # claim_wanted: the queue may hold claimable tasks. It stays set while there is no
             # room, so the next Ended that frees room claims again at once (not at the next poll).
@@ -197,7 +197,10 @@ class Fetcher:
                 next_status = now + STATUS_INTERVAL
             busy = claim_wanted and can_claim  # more to claim right away; otherwise sleep until due
             # No balancing timer without a lease: nothing to do then, and no spinning.
-            round_timer = (self.rebalancer.next_round,) if self.multihost and self.adopted and leased else ()
+            round_timer: tuple[float, ...] = ()
+            if self.multihost and self.adopted and leased and not self.draining:
+                round_timer = (self.rebalancer.next_round, *((self.rebalancer.next_release_try,)
+                                                             if self.rebalancer.release_pending() else ()))
             due = min(next_poll, next_status, *round_timer)
             timeout = 0.0 if busy else max(0.0, due - time.monotonic())
             if self._wait(timeout):
@@ -293,6 +296,7 @@ class Fetcher:
                             self.dispatch.learn(end.action, end.seconds)
                         self.book.ended(end.task_id)
                     self.ended_since_claim = True
+                    self.rebalancer.tasks_ended = True
                     slot.current = None
                     self.done_total += len(message.ends)
                 elif isinstance(message, Performed):

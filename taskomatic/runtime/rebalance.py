@@ -49,13 +49,18 @@ class Rebalancer:
         self.dropped = dropped  # the dispatcher forgets queued tasks of partitions being handed over
         self.next_round = 0.0
         self.next_release_try = 0.0
+        self.tasks_ended = False  # a shard reported ends since the last try to finish a hand-over
         self.waiting_for: tuple[int, ...] = ()  # reserved from live holders, not yet ours
 
     def due(self, now: float) -> bool:
         return now >= self.next_round
 
+    def release_pending(self) -> bool:
+        """A hand-over waits, and tasks ended since we last tried to finish it."""
+        return bool(self.book.releasing) and self.tasks_ended
+
     def release_due(self, now: float) -> bool:
-        return bool(self.book.releasing) and now >= self.next_release_try
+        return self.release_pending() and now >= self.next_release_try
 
     def round(self, now: float) -> bool:
         """One balancing round; True if it acquired partitions (a claim is worth trying at once)."""
@@ -103,6 +108,7 @@ class Rebalancer:
     def finish_releases(self, now: float) -> None:
         """Free the partitions being handed over once nothing of ours runs in them."""
         self.next_release_try = now + RELEASE_RETRY
+        self.tasks_ended = False
         pending = self.book.releasing_leases()
         if not pending:
             return

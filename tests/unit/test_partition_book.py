@@ -174,6 +174,8 @@ def test_a_joiner_makes_the_holder_hand_over_its_surplus(db: SimpleNamespace) ->
     db.freed = {4, 5}
     rounds.finish_releases(0.5)
     assert book.releasing_leases() == {6: 1, 7: 1} and book.held_count() == 6
+    assert not rounds.release_due(0.6)  # no task ended since: nothing to try
+    rounds.tasks_ended = True
     assert not rounds.release_due(0.52) and rounds.release_due(0.6)
 
 
