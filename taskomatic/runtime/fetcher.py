@@ -107,7 +107,6 @@ class Fetcher:
         self.adopted = False
         self.started_at = time.monotonic()
         self.done_total = 0
-        self.ended_since_claim = False
         self.store = Store.open(config.dsn, "taskomatic fetcher", config.connect_timeout)
         # hash routing places partition p on shard p mod N: P as the database records it.
         count = partitions.partition_count(self.store)
@@ -187,7 +186,6 @@ class Fetcher:
             # room, so the next Ended that frees room claims again at once (not at the next poll).
             can_claim = self.adopted and not self.draining and leased and self._room() > 0
             if claim_wanted and can_claim:
-                self.ended_since_claim = False
                 claim_wanted = self._claim()
             for slot in self.slots:
                 if slot.channel is not None and not self.draining:
@@ -295,7 +293,6 @@ class Fetcher:
                         if end.seconds is not None:
                             self.dispatch.learn(end.action, end.seconds)
                         self.book.ended(end.task_id)
-                    self.ended_since_claim = True
                     self.rebalancer.tasks_ended = True
                     slot.current = None
                     self.done_total += len(message.ends)
