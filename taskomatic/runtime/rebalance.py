@@ -65,6 +65,7 @@ class Rebalancer:
     def round(self, now: float) -> bool:
         """One balancing round; True if it acquired partitions (a claim is worth trying at once)."""
         interval = self.config().lease_renew_interval
+        self.next_round = now + interval
         with self.store.transaction():
             view = dbp.partition_view(self.store)
             live = dbp.live_multihost_instances(self.store)
@@ -102,7 +103,8 @@ class Rebalancer:
         self.finish_releases(now)
         metrics.rebalanced()
         self.waiting_for = tuple(from_live)
-        self.next_round = now + (interval * WAITING_SHARE if self.waiting_for else interval)
+        if self.waiting_for:
+            self.next_round = now + interval * WAITING_SHARE
         return bool(acquired)
 
     def finish_releases(self, now: float) -> None:

@@ -200,5 +200,7 @@ def test_an_instance_whose_lease_ran_out_acts_on_nothing(db: SimpleNamespace) ->
     book = PartitionBook(P)
     book.hold(0, 1)
     db.live = [2]
-    assert not make(book, []).round(0.0)
+    rounds = make(book, [])
+    assert not rounds.round(0.0)
     assert db.calls == [] and book.claimable() == {0: 1}
+    assert not rounds.due(1.0) and rounds.due(2.0)  # and it does not ask again at once
