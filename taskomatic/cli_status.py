@@ -27,10 +27,11 @@ def add_parsers(sub: Any, common: Any) -> None:
     common(status)
     status.add_argument("--json", action="store_true", help="one JSON document (see README, JSON output)")
 
+    # "keys" in the help stays until the man page (packaging/man, generated from this help) is regenerated.
     instances = sub.add_parser(
-        "instances", help="daemon instances: state, heartbeat, lease, partitions and tasks held",
+        "instances", help="daemon instances: state, heartbeat, lease, keys and tasks held",
         description="List daemon instances, newest first. Without --all: those that are live, still hold "
-                    "partitions or tasks, or were heard from in the last hour.")
+                    "keys or tasks, or were heard from in the last hour.")
     common(instances)
     instances.add_argument("--all", action="store_true", help="every instance, also long stopped or dead ones")
     instances.add_argument("--limit", type=positive_int, default=50, help="most instances listed (default 50)")
