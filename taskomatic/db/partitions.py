@@ -78,6 +78,14 @@ def live_multihost_instances(store: Store) -> list[int]:
     return [r["id"] for r in store.all("live_multihost_instances")]
 
 
+PARTITIONS_CHANNEL = "taskomatic_partitions"  # announce_partition_moves notifies on it
+
+
+def announce_partition_moves(store: Store, instance_id: int) -> None:
+    """In the transaction that reserved or freed partitions: the others' fetchers balance again at its commit."""
+    store.one("announce_partition_moves", instance_id=instance_id)
+
+
 def held_partitions(store: Store, instance_id: int) -> dict[int, int]:
     """partition -> token of every partition the instance holds (releasing ones too)."""
     return {r["partition"]: r["token"] for r in store.all("held_partitions", instance_id=instance_id)}

@@ -130,6 +130,8 @@ class Fetcher:
         conn = connect(self.config.dsn, "taskomatic fetcher (listen)", self.config.connect_timeout)
         conn.set_isolation_level(psycopg2.extensions.ISOLATION_LEVEL_AUTOCOMMIT)
         listen(conn, NOTIFY_CHANNEL)
+        if self.multihost:
+            listen(conn, partitions.PARTITIONS_CHANNEL)
         return conn
 
     def _record_signal(self, signum: int, _frame: object) -> None:
@@ -214,9 +216,12 @@ class Fetcher:
                 self._accept()
             elif obj is self.listen_conn:
                 self.listen_conn.poll()
-                if self.listen_conn.notifies:
-                    self.listen_conn.notifies.clear()
-                    notified = True
+                for notice in self.listen_conn.notifies:
+                    if notice.channel == partitions.PARTITIONS_CHANNEL:
+                        self.rebalancer.announced(notice.payload)
+                    else:
+                        notified = True
+                self.listen_conn.notifies.clear()
             else:
                 self._read_shard(obj)
         return notified
@@ -438,6 +443,8 @@ class Fetcher:
         with self.store.transaction():
             released = claims.release_unstarted(self.store, self.instance_id)
             freed = partitions.release_idle_partitions(self.store, self.instance_id) if self.multihost else []
+            if freed:
+                partitions.announce_partition_moves(self.store, self.instance_id)
         if released:
             log.info("handed back %d claimed tasks that had not started", released)
         if freed:

@@ -72,6 +72,7 @@ def record_stop(store: Store, instance_id: int, multihost: bool) -> None:
         # What is left (a parked task still 'running') is for others to take over now.
         partitions.release_idle_partitions(store, instance_id)
         instances.end_lease(store, instance_id)
+        partitions.announce_partition_moves(store, instance_id)  # the others balance at once
     instances.mark_stopped(store, instance_id)
 
 

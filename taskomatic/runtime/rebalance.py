@@ -55,6 +55,11 @@ class Rebalancer:
     def due(self, now: float) -> bool:
         return now >= self.next_round
 
+    def announced(self, sender: str) -> None:
+        """Another instance reserved or freed partitions (a notification): balance again now."""
+        if sender != str(self.instance_id):
+            self.next_round = 0.0
+
     def release_pending(self) -> bool:
         """A hand-over waits, and tasks ended since we last tried to finish it."""
         return bool(self.book.releasing) and self.tasks_ended
@@ -84,8 +89,10 @@ class Rebalancer:
             limit_idle_transaction(self.store, self.config())
             acquired = dbp.acquire_partitions(self.store, self.instance_id, free_or_dead) if free_or_dead else []
             rows = dbp.adopt_partition_tasks(self.store, self.instance_id, [a.partition for a in acquired])
-            dbp.request_partitions(self.store, self.instance_id, from_live)
+            reserved = dbp.request_partitions(self.store, self.instance_id, from_live)
             began = dbp.begin_release(self.store, self.instance_id, surplus) if surplus else None
+            if reserved.made:
+                dbp.announce_partition_moves(self.store, self.instance_id)  # the holders begin handing over now
         for lease in acquired:
             self.book.hold(lease.partition, lease.token)
         if acquired:
@@ -117,6 +124,8 @@ class Rebalancer:
         with self.store.transaction():
             limit_idle_transaction(self.store, self.config())
             freed = dbp.release_partitions(self.store, self.instance_id, pending)
+            if freed.partitions:
+                dbp.announce_partition_moves(self.store, self.instance_id)  # the takers acquire them now
         if freed.partitions:
             self.book.released(freed.partitions)
             log.info("handed over %d partitions", len(freed.partitions))

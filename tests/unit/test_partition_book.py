@@ -138,9 +138,12 @@ def db(monkeypatch: pytest.MonkeyPatch) -> SimpleNamespace:
         state.calls.append(("release", dict(held)))
         return dbp.Released(tuple(sorted(p for p in held if p in state.freed)), 0)
 
+    def announce(store: Any, me: int) -> None:
+        state.calls.append(("announce", me))
+
     fake = SimpleNamespace(partition_view=view, live_multihost_instances=lambda store: list(state.live),
                            acquire_partitions=acquire, adopt_partition_tasks=adopt, request_partitions=request,
-                           begin_release=begin, release_partitions=release)
+                           begin_release=begin, release_partitions=release, announce_partition_moves=announce)
     monkeypatch.setattr(rebalance, "dbp", fake)
     monkeypatch.setattr(rebalance, "limit_idle_transaction", lambda store, config: None)
     return state
@@ -171,8 +174,10 @@ def test_a_joiner_makes_the_holder_hand_over_its_surplus(db: SimpleNamespace) ->
     assert dropped == [{4, 5, 6, 7}] and book.claimable() == {p: 1 for p in range(4)}
     assert rounds.next_round == 2.0
     # Nothing of ours runs in 4 and 5 any more: they go; 6 and 7 wait for their last tasks.
+    assert ("announce", 1) not in db.calls  # nothing freed yet
     db.freed = {4, 5}
     rounds.finish_releases(0.5)
+    assert ("announce", 1) in db.calls
     assert book.releasing_leases() == {6: 1, 7: 1} and book.held_count() == 6
     assert not rounds.release_due(0.6)  # no task ended since: nothing to try
     rounds.tasks_ended = True
@@ -186,7 +191,12 @@ def test_the_joiner_reserves_its_share_and_looks_again_soon(db: SimpleNamespace)
     rounds = make(book, [])
     assert not rounds.round(0.0)
     assert ("request", [4, 5, 6, 7]) in db.calls and not any(c[0] == "acquire" for c in db.calls)
+    assert ("announce", 1) in db.calls  # the holder hears of it at once
     assert rounds.next_round == pytest.approx(2.0 * rebalance.WAITING_SHARE)
+    rounds.announced("1")  # our own notification: nothing
+    assert not rounds.due(0.1)
+    rounds.announced("2")  # the holder freed some: look now
+    assert rounds.due(0.1)
 
 
 def test_a_partition_with_tasks_still_in_hand_is_not_taken_back(db: SimpleNamespace) -> None:

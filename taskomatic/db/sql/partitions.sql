@@ -20,6 +20,12 @@ SELECT id FROM instances
 WHERE mode = 'multihost' AND stopped_at IS NULL AND lease_expires_at > clock_timestamp()
 ORDER BY id;
 
+-- announce_partition_moves --
+-- Tell the other instances' fetchers that partitions were reserved or freed,
+-- so they run their balancing round now instead of at their next interval
+-- (delivered at commit; the payload names the sender, which ignores its own).
+SELECT pg_notify('taskomatic_partitions', %(instance_id)s::text);
+
 -- held_partitions --
 -- The partitions this instance holds, with their tokens (a restarted fetcher picks them up).
 SELECT partition, token, releasing FROM partition_leases
