@@ -27,6 +27,7 @@ def add_parsers(sub: Any, common: Any) -> None:
     common(status)
     status.add_argument("--json", action="store_true", help="one JSON document (see README, JSON output)")
 
+    # "keys" in the help stays until the man page (packaging/man, generated from this help) is regenerated.
     instances = sub.add_parser(
         "instances", help="daemon instances: state, heartbeat, lease, keys and tasks held",
         description="List daemon instances, newest first. Without --all: those that are live, still hold "
@@ -84,7 +85,13 @@ def _instance_state(row: dict[str, Any]) -> str:
 
 
 def _holds(row: dict[str, Any]) -> bool:
-    return bool(row["keys_held"] or row["tasks_claimed"] or row["tasks_running"])
+    return bool(row["partitions_held"] or row["tasks_claimed"] or row["tasks_running"])
+
+
+def _fmt_partitions(row: dict[str, Any]) -> str:
+    """Partitions held, and how many of them are being handed over."""
+    releasing = row["partitions_releasing"]
+    return f"{row['partitions_held']} ({releasing} handing over)" if releasing else str(row["partitions_held"])
 
 
 def _fmt_lease(left: float | None) -> str:
@@ -94,7 +101,7 @@ def _fmt_lease(left: float | None) -> str:
 
 
 _INSTANCE_HEADER = ("ID", "HOSTNAME", "PID", "MODE", "SHARDS", "STARTED", "STATE", "HEARTBEAT", "LEASE",
-                    "KEYS", "CLAIMED", "RUNNING")
+                    "PARTITIONS", "CLAIMED", "RUNNING")
 
 
 def cmd_instances(config: Config, args: argparse.Namespace) -> int:
@@ -105,7 +112,7 @@ def cmd_instances(config: Config, args: argparse.Namespace) -> int:
     for row in rows:
         for name in ("heartbeat_age", "lease_left"):
             row[name] = None if row[name] is None else float(row[name])
-        for name in ("keys_held", "tasks_claimed", "tasks_running"):
+        for name in ("partitions_held", "partitions_releasing", "tasks_claimed", "tasks_running"):
             row[name] = int(row[name])
         row["state"] = _instance_state(row)
     chosen = rows if args.all else [
@@ -118,7 +125,7 @@ def cmd_instances(config: Config, args: argparse.Namespace) -> int:
     for r in shown:
         lines.append((f"#{r['id']}", r["hostname"], str(r["pid"]), r["mode"], str(r["shards"]),
                       fmt_time(r["started_at"]), r["state"], f"{fmt_age(r['heartbeat_age'])} ago",
-                      _fmt_lease(r["lease_left"]), str(r["keys_held"]), str(r["tasks_claimed"]),
+                      _fmt_lease(r["lease_left"]), _fmt_partitions(r), str(r["tasks_claimed"]),
                       str(r["tasks_running"])))
     if shown:
         widths = [max(len(line[i]) for line in lines) for i in range(len(_INSTANCE_HEADER))]
@@ -130,8 +137,8 @@ def cmd_instances(config: Config, args: argparse.Namespace) -> int:
     for r in shown:
         if r["state"] != "live" and _holds(r):
             held = ", ".join(f"{n} {what}{'s' if n > 1 else ''}" for n, what in (
-                (r["keys_held"], "key"), (r["tasks_claimed"], "claimed task"), (r["tasks_running"], "running task"))
-                if n)
+                (r["partitions_held"], "partition"), (r["tasks_claimed"], "claimed task"),
+                (r["tasks_running"], "running task")) if n)
             then = ("a live multihost instance takes them over" if live_multihost
                     else "no multihost instance is live: the next instance to start takes them over")
             print(f"note: #{r['id']} is {r['state']} but still holds {held}; {then}")

@@ -57,12 +57,12 @@ class _Metrics:
                                    "VM rows corrected by the host-status pass", ["state"])
         self.renewals = Counter("taskomatic_lease_renewals", "Multihost lease renewals the database accepted")
         self.losses = Counter("taskomatic_lease_losses", "Multihost leases found run out (the instance rejoined)")
-        self.keys_claimed = Counter("taskomatic_keys_claimed",
-                                    "Ordering keys claimed, by how: free, or taken over from an instance "
-                                    "whose lease ran out", ["how"])
-        self.keys_released = Counter("taskomatic_keys_released", "Ordering keys released after their queue drained")
+        self.handovers = Counter("taskomatic_partition_handovers",
+                                 "Multihost partitions changing hands here, by direction: taken (acquired, free "
+                                 "or from an instance whose lease ran out) or given (handed over)", ["direction"])
+        self.rebalances = Counter("taskomatic_rebalance_rounds", "Multihost balancing rounds run")
         self.fenced = Counter("taskomatic_fenced_writes",
-                              "Task writes refused because the key claim or the lease was no longer ours")
+                              "Task writes refused because the partition lease or the lease was no longer ours")
         self.wait = Histogram("taskomatic_task_wait_seconds",
                               "Enqueue-to-start latency: created_at to time_started of each task started",
                               buckets=_WAIT_BUCKETS)
@@ -120,16 +120,22 @@ def lease_lost() -> None:
         m.losses.inc()
 
 
-def keys_claimed(count: int, how: str) -> None:
+def partitions_taken(count: int) -> None:
     m = _get()
     if m is not None:
-        m.keys_claimed.labels(how).inc(count)
+        m.handovers.labels("taken").inc(count)
 
 
-def keys_released(count: int) -> None:
+def partitions_given(count: int) -> None:
     m = _get()
     if m is not None:
-        m.keys_released.inc(count)
+        m.handovers.labels("given").inc(count)
+
+
+def rebalanced() -> None:
+    m = _get()
+    if m is not None:
+        m.rebalances.inc()
 
 
 def write_fenced() -> None:
@@ -171,7 +177,7 @@ class _LiveCollector:
 
     def __init__(self, dsn: str, holding: Any) -> None:
         self.dsn = dsn
-        self.holding = holding  # () -> (claimed tasks held, shards busy, keys held)
+        self.holding = holding  # () -> (claimed tasks held, shards busy, partitions held)
         self.store: Any = None
 
     def _queue(self) -> Any:
@@ -209,11 +215,12 @@ class _LiveCollector:
                                     value=summary.running)
             yield GaugeMetricFamily("taskomatic_oldest_queued_seconds", "Age of the oldest queued task (0: none)",
                                     value=summary.oldest_queued_seconds)
-        held, busy, keys = self.holding()
+        held, busy, partitions = self.holding()
         yield GaugeMetricFamily("taskomatic_claims_held", "Claimed tasks this instance holds, not yet ended",
                                 value=held)
         yield GaugeMetricFamily("taskomatic_shards_busy", "Shards running a task now", value=busy)
-        yield GaugeMetricFamily("taskomatic_keys_held", "Ordering keys this instance holds (multihost)", value=keys)
+        yield GaugeMetricFamily("taskomatic_partitions_held", "Partitions this instance holds (multihost)",
+                                value=partitions)
 
 
 def serve(address: str, port: int, dsn: str, holding: Any) -> None:

@@ -66,9 +66,11 @@ class TaskRow:
     key_id: int | None
     # 'queued': run it. 'running': it was interrupted, reconcile first.
     state: str
-    # Multihost: the fencing token of the key claim it was claimed under; every
-    # write for it checks the claim still holds that token. None in standalone.
+    # Multihost: the fencing token of the partition lease it was claimed under;
+    # every write for it checks the lease still holds that token. None in standalone.
     token: int | None = None
+    # The key's partition (the database's tasks.partition), when the row said.
+    partition: int | None = None
 
 
 @dataclass(frozen=True, order=True)
@@ -92,5 +94,5 @@ def task_from_row(row: dict[str, Any], token: int | None = None) -> TaskRow:
     return TaskRow(
         id=row["id"], target_type=row["task_target_type"], target_id=row["task_target_id"],
         action=row["action"], args=row["args"], key_type=row["key_type"], key_id=row["key_id"],
-        state=row["state"], token=row.get("token") if token is None else token,
+        state=row["state"], token=row.get("token") if token is None else token, partition=row.get("partition"),
     )

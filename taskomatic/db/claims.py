@@ -1,7 +1,7 @@
 """Claiming tasks and handing them back: what an instance holds.
 
-Standalone claims tasks in bulk (oldest first); multihost claims keys first
-(``db/key_claims.py``). Queries: ``sql/claims.sql``.
+Standalone claims tasks in bulk (oldest first); multihost claims the tasks of
+the partitions it holds, the same way (``db/partitions.py``). Queries: ``sql/claims.sql``.
 """
 
 from __future__ import annotations

@@ -44,14 +44,9 @@ def adopt_orphaned_claims(store: Store, instance_id: int) -> int:
     return store.run("adopt_orphaned_claims", instance_id=instance_id)
 
 
-def adopt_orphaned_key_claims(store: Store) -> None:
-    """Standalone start: key claims of dead multihost instances are dropped."""
-    store.run("adopt_orphaned_key_claims")
-
-
-def key_claims_for_standalone_leftovers(store: Store) -> None:
-    """Multihost start: tasks a dead standalone instance held get key claims, to be taken over."""
-    store.run("key_claims_for_standalone_leftovers")
+def free_orphaned_partition_leases(store: Store) -> int:
+    """Standalone start: partition leases left by multihost instances are freed; how many rows changed."""
+    return store.run("free_orphaned_partition_leases")
 
 
 def renew_lease(store: Store, instance_id: int, lease_seconds: float) -> bool:

@@ -78,9 +78,22 @@ def live_multihost_instances(store: Store) -> list[int]:
     return [r["id"] for r in store.all("live_multihost_instances")]
 
 
+PARTITIONS_CHANNEL = "taskomatic_partitions"  # announce_partition_moves notifies on it
+
+
+def announce_partition_moves(store: Store, instance_id: int) -> None:
+    """In the transaction that reserved or freed partitions: the others' fetchers balance again at its commit."""
+    store.one("announce_partition_moves", instance_id=instance_id)
+
+
 def held_partitions(store: Store, instance_id: int) -> dict[int, int]:
     """partition -> token of every partition the instance holds (releasing ones too)."""
     return {r["partition"]: r["token"] for r in store.all("held_partitions", instance_id=instance_id)}
+
+
+def releasing_partitions(store: Store, instance_id: int) -> set[int]:
+    """Those of the instance's partitions it is handing over (a restarted fetcher goes on with that)."""
+    return {r["partition"] for r in store.all("held_partitions", instance_id=instance_id) if r["releasing"]}
 
 
 def acquire_partitions(store: Store, instance_id: int, partitions: Iterable[int]) -> list[Acquired]:
@@ -159,6 +172,16 @@ def mark_running_fenced(store: Store, instance_id: int, held: Mapping[int, int],
     rows = store.all("mark_running_fenced", instance_id=instance_id, task_ids=list(task_ids), shard=shard,
                      time_started=time_started, **_pairs(held))
     return sorted(r["id"] for r in rows)
+
+
+def start_tasks_fenced(store: Store, instance_id: int, held: Mapping[int, int], task_ids: Sequence[int],
+                       shard: int, time_started: datetime) -> dict[int, datetime]:
+    """``mark_running_fenced`` for a shard: id -> when it was submitted (created_at), for each task started."""
+    if not task_ids:
+        return {}
+    rows = store.all("mark_running_fenced", instance_id=instance_id, task_ids=list(task_ids), shard=shard,
+                     time_started=time_started, **_pairs(held))
+    return {r["id"]: r["created_at"] for r in rows}
 
 
 def record_outcomes_fenced(store: Store, instance_id: int, held: Mapping[int, int],

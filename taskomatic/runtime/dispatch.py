@@ -207,6 +207,24 @@ class Dispatcher:
         self._lose(index, [t.id for t in tasks])
         self.requeue(index, tasks)
 
+    def drop_partitions(self, partitions: set[int]) -> list[int]:
+        """Forget the waiting (not sent) tasks of these partitions; their ids.
+
+        Multihost hand-over: the database gave them back to the queue, and the
+        partition's next holder runs them. What was sent stays: the shard's
+        fenced start refuses it and it comes back as ended.
+        """
+        dropped: list[int] = []
+        for key in [k for k, q in self.waiting.items() if q and q[0].partition in partitions]:
+            queue = self.waiting.pop(key)
+            dropped.extend(t.id for t in queue)
+            self.waiting_count -= len(queue)
+            self._free_lane(key).pop(key, None)
+            slot = self.pinned.get(key)
+            if slot is not None:
+                self.slots[slot].pinned_waiting.pop(key, None)
+        return dropped
+
     # -- news from a slot -----------------------------------------------------------------
     def ended(self, index: int, task_id: int) -> None:
         task = self.slots[index].forget(task_id)

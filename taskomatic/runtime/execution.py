@@ -301,7 +301,10 @@ class Execution:
         # A task being settled is sent only to this slot: it need not wait for the fetcher.
         if not reruns and self.link.fetcher_gone():
             raise FetcherGone
-        allowed = {t.id for t in self.outcomes.fenced([t for t, _, _ in prepared] + [t for t, _, _ in failing])}
+        # Multihost: a first run's start is its own fence (mark_running_fenced); the rest lock their leases.
+        fenced_by_start = {t.id for t, _, _ in prepared if t.id not in reruns} if self.outcomes.multihost else set()
+        allowed = fenced_by_start | {t.id for t in self.outcomes.fenced(
+            [t for t, _, _ in prepared if t.id not in fenced_by_start] + [t for t, _, _ in failing])}
         moment = now()
         # A rerun found already done does not start again: it is not marked, its outcome is written as
         # it stands (keeping its first time_started and attempts; the write is fenced all the same).
@@ -338,8 +341,8 @@ class Execution:
         """Mark these tasks running (a rerun: again); the ids marked (canceled, ended or taken ones are not)."""
         first_runs = [t.id for t in tasks if t.id not in reruns]
         # When each was submitted: its enqueue-to-start latency is observed where its action starts.
-        self.submitted = task_writes.mark_running(self.store, self.instance_id, first_runs, moment,
-                                                  self.slot) if first_runs else {}
+        self.submitted = self.outcomes.mark_running([t for t in tasks if t.id not in reruns], moment,
+                                                    self.slot) if first_runs else {}
         marked = set(self.submitted)
         for task in tasks:
             if task.id in reruns and task_writes.mark_rerun(self.store, self.instance_id, task.id, moment, self.slot):

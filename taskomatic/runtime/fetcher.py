@@ -16,14 +16,15 @@ connects for a slot, what the slot was sent is checked against the database:
 ended tasks are forgotten, ``running`` ones go back to that slot for
 reconciliation, the rest again ahead of their keys' later tasks.
 
-In multihost mode the fetcher claims ordering keys, not just rows (see
-``keys.KeyBook`` and the queries from ``take_over_keys`` on): each round it
-takes over keys whose holder's lease ran out (their in-flight tasks come back
-``running``, to be reconciled), claims free keys up to its capacity, tops up
-the held keys with their next tasks, and releases the keys that drained. It
-renews the instance's lease every ``lease_renew_interval`` and publishes how
-long it is safe to start tasks (``lease_until``, on ``lease_clock``) to the
-shards; a renewal the database refuses means other instances may own our keys
+In multihost mode the instance owns partitions (docs/partitions.md): every
+renewal interval a balancing round (``rebalance.Rebalancer``) acquires,
+reserves and hands over partition leases so that each live instance holds
+about P/n, and the fetcher claims exactly like standalone, one statement over
+every partition it holds (``claim_partition_tasks``), each task under its
+partition's token (``partition_book.PartitionBook``). The lease thread renews
+the instance's lease every ``lease_renew_interval`` and publishes how long it
+is safe to start tasks (``lease_until``, on ``lease_clock``) to the shards; a
+renewal the database refuses means other instances may own our partitions
 already, so the fetcher exits with EXIT_LEASE_LOST and the supervisor rejoins
 under a new instance id.
 """
@@ -45,16 +46,14 @@ from multiprocess.connection import Connection, wait
 from taskomatic import config as config_mod
 from taskomatic import metrics
 from taskomatic.config import Config
-from taskomatic.db import claims, key_claims, partitions
-from taskomatic.db.store import Store, connect, listen
+from taskomatic.db import claims, partitions
+from taskomatic.db.store import Row, Store, connect, listen
 from taskomatic.exitcodes import EXIT_LEASE_LOST
 from taskomatic.logsetup import set_process_title, setup_logging
-from taskomatic.model import OrderingKey, TaskRow, key_of, task_from_row
+from taskomatic.model import TaskRow, key_of, task_from_row
 from taskomatic.runtime import channel as wire
-from taskomatic.runtime.claim_round import ClaimRound
 from taskomatic.runtime.dispatch import Dispatcher
-from taskomatic.runtime.keys import KeyBook
-from taskomatic.runtime.lease import LeaseKeeper, LeaseLost, lease_clock
+from taskomatic.runtime.lease import LeaseKeeper, LeaseLost, lease_clock, limit_idle_transaction
 from taskomatic.runtime.messages import (
     Deferred,
     Drain,
@@ -66,6 +65,8 @@ from taskomatic.runtime.messages import (
     Run,
     Started,
 )
+from taskomatic.runtime.partition_book import PartitionBook
+from taskomatic.runtime.rebalance import Rebalancer
 from taskomatic.runtime.router import make_routing, shard_for
 from taskomatic.text import first_line
 
@@ -95,7 +96,6 @@ class Fetcher:
         self.config = config
         self.multihost = config.mode == "multihost"
         self.lease_until = lease_until  # multiprocess Value('d'), shared with the shards
-        self.book = KeyBook(config.shards, config.keys_per_shard, config.tasks_per_key)
         self.lease_keeper: LeaseKeeper | None = None
         self.next_analyze_check = 0.0
         self.instance_id = instance_id
@@ -107,14 +107,17 @@ class Fetcher:
         self.adopted = False
         self.started_at = time.monotonic()
         self.done_total = 0
-        self.ended_since_claim = False
         self.store = Store.open(config.dsn, "taskomatic fetcher", config.connect_timeout)
         # hash routing places partition p on shard p mod N: P as the database records it.
         count = partitions.partition_count(self.store)
         self.store.rollback()
         self.dispatch = Dispatcher(config.shards, routing=make_routing(config.routing, config.shards, count))
-        self.claim_round = ClaimRound(self.store, lambda: self.config, instance_id, self.book, self.dispatch,
-                                    self._settling_slot)
+        self.book = PartitionBook(count)
+        # The balancing round runs on this loop, not on the lease thread: it changes what this
+        # loop owns (the book, the dispatcher's queues), and the lease thread stays a bare
+        # renewal that a slow round can never delay into a lost lease.
+        self.rebalancer = Rebalancer(self.store, lambda: self.config, instance_id, self.book,
+                                     self._route_adopted, self._drop_handed_over)
         self.listen_conn = self._listen()
         self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         if os.path.exists(socket_path):
@@ -127,6 +130,8 @@ class Fetcher:
         conn = connect(self.config.dsn, "taskomatic fetcher (listen)", self.config.connect_timeout)
         conn.set_isolation_level(psycopg2.extensions.ISOLATION_LEVEL_AUTOCOMMIT)
         listen(conn, NOTIFY_CHANNEL)
+        if self.multihost:
+            listen(conn, partitions.PARTITIONS_CHANNEL)
         return conn
 
     def _record_signal(self, signum: int, _frame: object) -> None:
@@ -139,7 +144,7 @@ class Fetcher:
         if self.config.metrics_port:
             metrics.serve(self.config.metrics_address, self.config.metrics_port, self.config.dsn,
                           lambda: (self.dispatch.held(), sum(s.current is not None for s in self.slots),
-                                   len(self.book.keys)))
+                                   self.book.held_count()))
         if self.multihost:
             self.lease_keeper = LeaseKeeper(lambda: self.config, self.instance_id, self.lease_until)
             self.lease_keeper.start()
@@ -172,20 +177,18 @@ class Fetcher:
             now = time.monotonic()
             if now >= next_poll:
                 claim_wanted = True
-                self.book.queue_changed()
                 next_poll = now + self.config.poll_interval
-            if self.multihost and (now >= self.claim_round.next_takeover or (
-                    self.ended_since_claim and (self.book.wanting_tasks() or self.book.drained()))):
-                claim_wanted = True  # a key wants topping up or releasing, or a takeover check is due
+            leased = not self.multihost or lease_clock() < self.lease_until.value
+            if self.multihost and self.adopted and not self.draining and leased:
+                if self.rebalancer.due(now) and self.rebalancer.round(now):
+                    claim_wanted = True  # partitions acquired: their queues are ours to claim
+                elif self.rebalancer.release_due(now):
+                    self.rebalancer.finish_releases(now)  # a hand-over waits for its last task to end
             # claim_wanted: the queue may hold claimable tasks. It stays set while there is no
             # room, so the next Ended that frees room claims again at once (not at the next poll).
-            if self.multihost:
-                can_claim = self.adopted and not self.draining and lease_clock() < self.lease_until.value
-            else:
-                can_claim = self.adopted and not self.draining and self._room() > 0
+            can_claim = self.adopted and not self.draining and leased and self._room() > 0
             if claim_wanted and can_claim:
-                self.ended_since_claim = False
-                claim_wanted = self.claim_round.round(now) if self.multihost else self._claim()
+                claim_wanted = self._claim()
             for slot in self.slots:
                 if slot.channel is not None and not self.draining:
                     self._send_window(slot)
@@ -193,13 +196,15 @@ class Fetcher:
                 self._report_status()
                 next_status = now + STATUS_INTERVAL
             busy = claim_wanted and can_claim  # more to claim right away; otherwise sleep until due
-            # No takeover timer without a lease: nothing to do then, and no spinning.
-            takeover_timer = (self.claim_round.next_takeover,) if self.multihost and can_claim else ()
-            due = min(next_poll, next_status, *takeover_timer)
+            # No balancing timer without a lease: nothing to do then, and no spinning.
+            round_timer: tuple[float, ...] = ()
+            if self.multihost and self.adopted and leased and not self.draining:
+                round_timer = (self.rebalancer.next_round, *((self.rebalancer.next_release_try,)
+                                                             if self.rebalancer.release_pending() else ()))
+            due = min(next_poll, next_status, *round_timer)
             timeout = 0.0 if busy else max(0.0, due - time.monotonic())
             if self._wait(timeout):
                 claim_wanted = True
-                self.book.queue_changed()
 
     def _wait(self, timeout: float) -> bool:
         """Wait for shard messages, new shards or a notification; True if notified."""
@@ -211,9 +216,12 @@ class Fetcher:
                 self._accept()
             elif obj is self.listen_conn:
                 self.listen_conn.poll()
-                if self.listen_conn.notifies:
-                    self.listen_conn.notifies.clear()
-                    notified = True
+                for notice in self.listen_conn.notifies:
+                    if notice.channel == partitions.PARTITIONS_CHANNEL:
+                        self.rebalancer.announced(notice.payload)
+                    else:
+                        notified = True
+                self.listen_conn.notifies.clear()
             else:
                 self._read_shard(obj)
         return notified
@@ -290,7 +298,7 @@ class Fetcher:
                         if end.seconds is not None:
                             self.dispatch.learn(end.action, end.seconds)
                         self.book.ended(end.task_id)
-                    self.ended_since_claim = True
+                    self.rebalancer.tasks_ended = True
                     slot.current = None
                     self.done_total += len(message.ends)
                 elif isinstance(message, Performed):
@@ -333,17 +341,18 @@ class Fetcher:
         """Route every task we hold that no shard has: left by a dead fetcher or an earlier crash."""
         in_hand = self.dispatch.in_hand()
         rows = claims.held_tasks(self.store, self.instance_id)
-        keys = key_claims.held_keys(self.store, self.instance_id) if self.multihost else []
+        leases = partitions.held_partitions(self.store, self.instance_id) if self.multihost else {}
+        releasing = partitions.releasing_partitions(self.store, self.instance_id) if self.multihost else set()
         self.store.rollback()
-        for key in keys:
-            self.book.hold(OrderingKey(key["key_type"], key["key_id"]), key["token"])
-        for row in rows:  # in hand of a shard or not: they count against their key
+        for partition, token in leases.items():
+            self.book.hold(partition, token, releasing=partition in releasing)
+        for row in rows:  # in hand of a shard or not: they count against their partition
             self.book.add(task_from_row(row))
         adopted = [(task_from_row(r), r["run_by_shard"]) for r in rows if r["id"] not in in_hand]
         for task, slot in adopted:
             self.dispatch.route(task, self._settling_slot(task, slot))
-        if keys:
-            log.info("holding %d keys from before this fetcher started", len(keys))
+        if leases:
+            log.info("holding %d partitions from before this fetcher started", len(leases))
         if adopted:
             log.info("adopted %d held tasks (%d to reconcile)", len(adopted),
                      sum(t.state == "running" for t, _ in adopted))
@@ -371,10 +380,24 @@ class Fetcher:
     def _claim(self) -> bool:
         """Claim a batch (there is room); True if more may be waiting."""
         room = self._room()
-        with self.store.transaction():
-            rows = claims.claim_tasks(self.store, self.instance_id, room)
-        for row in sorted(rows, key=lambda r: r["id"]):
-            self.dispatch.route(task_from_row(row))
+        if self.multihost:
+            held = self.book.claimable()
+            if not held:
+                return False
+            with self.store.transaction():
+                limit_idle_transaction(self.store, self.config)
+                rows = partitions.claim_partition_tasks(self.store, self.instance_id, held,
+                                                        self.book.claim_start, room)
+            self.book.claimed((r["partition"] for r in rows), full=len(rows) == room)
+            for row in rows:  # in id order
+                task = task_from_row(row, held[row["partition"]])
+                self.book.add(task)
+                self.dispatch.route(task)
+        else:
+            with self.store.transaction():
+                rows = claims.claim_tasks(self.store, self.instance_id, room)
+            for row in sorted(rows, key=lambda r: r["id"]):
+                self.dispatch.route(task_from_row(row))
         if rows:
             log.debug("claimed %d tasks", len(rows))
         if len(rows) == room:
@@ -404,15 +427,30 @@ class Fetcher:
         with self.store.transaction():
             claims.analyze_tasks(self.store)
 
+    def _route_adopted(self, rows: list[Row]) -> None:
+        """Tasks adopted with partitions just acquired (an earlier holder had claimed them), in id order."""
+        for row in rows:
+            task = task_from_row(row, self.book.token_of(row["partition"]))
+            self.book.add(task)
+            self.dispatch.route(task, self._settling_slot(task, row.get("run_by_shard")))
+
+    def _drop_handed_over(self, handed_over: set[int]) -> None:
+        """Partitions being handed over: their tasks we had not sent are back in the queue, not ours."""
+        for task_id in self.dispatch.drop_partitions(handed_over):
+            self.book.ended(task_id)
+
     def _release_unstarted(self) -> None:
         with self.store.transaction():
             released = claims.release_unstarted(self.store, self.instance_id)
-            keys = key_claims.release_idle_keys(self.store, self.instance_id) if self.multihost else 0
+            freed = partitions.release_idle_partitions(self.store, self.instance_id) if self.multihost else []
+            if freed:
+                partitions.announce_partition_moves(self.store, self.instance_id)
         if released:
             log.info("handed back %d claimed tasks that had not started", released)
-        if keys:
-            log.info("released %d keys", keys)
-            metrics.keys_released(keys)
+        if freed:
+            self.book.released(freed)
+            log.info("released %d partitions", len(freed))
+            metrics.partitions_given(len(freed))
 
     def _report_status(self) -> None:
         status = FetcherStatus(

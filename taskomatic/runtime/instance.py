@@ -13,7 +13,7 @@ import socket
 
 from taskomatic import __version__
 from taskomatic.config import Config
-from taskomatic.db import claims, instances, key_claims
+from taskomatic.db import claims, instances, partitions
 from taskomatic.db.store import Store
 
 log = logging.getLogger(__name__)
@@ -52,25 +52,27 @@ def register(store: Store, config: Config) -> int:
 def take_over_leftovers(store: Store, instance_id: int, multihost: bool) -> None:
     """What a dead instance held becomes ours to settle (standalone) or to take over (multihost)."""
     if multihost:
-        # Tasks a dead standalone instance held get key claims in its name; the usual
-        # takeover then settles them.
-        instances.key_claims_for_standalone_leftovers(store)
+        # Nothing to do here: whoever acquires a partition adopts every task of it another
+        # instance had claimed, a dead standalone one's included (adopt_partition_tasks).
         return
     adopted = instances.adopt_orphaned_claims(store, instance_id)
-    instances.adopt_orphaned_key_claims(store)
+    freed = instances.free_orphaned_partition_leases(store)
     if adopted:
         log.info("took over %d tasks left by an earlier run; they will be settled", adopted)
+    if freed:
+        log.info("freed %d partition leases left by multihost instances", freed)
 
 
 def record_stop(store: Store, instance_id: int, multihost: bool) -> None:
-    """The instance stops: hand back what never started, release keys and lease, mark the row."""
+    """The instance stops: hand back what never started, free partitions and lease, mark the row."""
     released = claims.release_unstarted(store, instance_id)
     if released:
         log.info("handed back %d claimed tasks", released)
     if multihost:
         # What is left (a parked task still 'running') is for others to take over now.
-        key_claims.release_idle_keys(store, instance_id)
+        partitions.release_idle_partitions(store, instance_id)
         instances.end_lease(store, instance_id)
+        partitions.announce_partition_moves(store, instance_id)  # the others balance at once
     instances.mark_stopped(store, instance_id)
 
 

@@ -7,8 +7,11 @@ fetcher hears a task ended only once its outcome is committed, so it never
 forgets a task whose end could still be lost.
 
 Every write is *fenced* in multihost mode: it goes through only for tasks
-whose key claim (fencing token) is still ours, with our lease live, so an
-instance that lost a key never writes over the new owner's outcome.
+whose partition lease (fencing token) is still ours, with our lease live, so
+an instance that lost a partition never writes over the new owner's outcome.
+Starts and ends carry their fence in the statement itself
+(``mark_running_fenced``, ``record_outcomes_fenced``); any other write first
+locks the leases it depends on (``hold_partitions``).
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ import psycopg2.errors
 from taskomatic import metrics
 from taskomatic.actions.base import Outcome, RowUpdate
 from taskomatic.config import Config
-from taskomatic.db import key_claims, task_writes
+from taskomatic.db import partitions as dbp
+from taskomatic.db import task_writes
 from taskomatic.db.store import Store
 from taskomatic.logsetup import task_fields
 from taskomatic.model import EndState, OutcomeState, TaskRow
@@ -113,24 +117,26 @@ class Outcomes:
 
     # -- fencing ------------------------------------------------------------------
     def fenced(self, tasks: list[TaskRow]) -> list[TaskRow]:
-        """Multihost: those of ``tasks`` whose key claim is still ours (and our lease live), locked.
+        """Multihost: those of ``tasks`` whose partition lease is still ours (and our lease live), locked.
 
         The others are logged and counted as refused writes. Standalone: all of them.
         """
         if not self.multihost or not tasks:
             return tasks
-        claimed = [t for t in tasks if t.token is not None]
-        held = key_claims.hold_key_claims(self.store, self.instance_id, [(t.key_type, t.key_id, t.token)
-                                                                          for t in claimed]) if claimed else set()
+        leases = leases_of(tasks)
+        held = dbp.hold_partitions(self.store, self.instance_id, leases, starting=False) if leases else set()
         allowed = []
         for task in tasks:
-            if (task.key_type, task.key_id, task.token) in held:
+            if task.partition in held and leases.get(task.partition) == task.token:
                 allowed.append(task)
-                continue
-            metrics.write_fenced()
-            log.warning("%s: write refused: the key claim (token %s) or our lease is no "
-                        "longer ours", named(task), task.token, extra=task_fields(task))
+            else:
+                self.refused(task)
         return allowed
+
+    def refused(self, task: TaskRow) -> None:
+        metrics.write_fenced()
+        log.warning("%s: write refused: the lease of partition %s (token %s) or our lease is no longer ours",
+                    named(task), task.partition, task.token, extra=task_fields(task))
 
     def fenced_out(self, task: TaskRow) -> bool:
         return not self.fenced([task])
@@ -209,16 +215,36 @@ class Outcomes:
         return result
 
     # -- writes ---------------------------------------------------------------------
+    def mark_running(self, tasks: list[TaskRow], moment: datetime, slot: int) -> dict[int, datetime]:
+        """Mark these queued tasks running (multihost: fenced); id -> created_at of each marked."""
+        ids = [t.id for t in tasks]
+        if not self.multihost:
+            return task_writes.mark_running(self.store, self.instance_id, ids, moment, slot)
+        leases = leases_of(tasks)
+        current = [t.id for t in tasks if t.partition is not None and leases.get(t.partition) == t.token]
+        return dbp.start_tasks_fenced(self.store, self.instance_id, leases, current, slot, moment)
+
+    def _record(self, todo: list[PendingOutcome]) -> set[int]:
+        if not self.multihost:
+            return task_writes.record_outcomes(
+                self.store, self.instance_id, task_ids=[p.task.id for p in todo],
+                states=[p.outcome.state for p in todo], messages=[p.outcome.message for p in todo],
+                starts=[p.time_started for p in todo], ends=[p.time_ended for p in todo])
+        leases = leases_of([p.task for p in todo])
+        current = [p for p in todo if p.task.partition is not None and leases.get(p.task.partition) == p.task.token]
+        written = set(dbp.record_outcomes_fenced(self.store, self.instance_id, leases, [
+            dbp.Outcome(p.task.id, p.outcome.state, p.outcome.message, p.time_started, p.time_ended)
+            for p in current]))
+        for _ in range(len(todo) - len(written)):
+            metrics.write_fenced()  # write() logs each one
+        return written
+
     def write(self, outcomes: list[PendingOutcome]) -> set[int]:
         """Write outcomes and their row changes, those we may (in the caller's transaction); the ids written."""
-        allowed = {t.id for t in self.fenced([p.task for p in outcomes])}
-        todo = [p for p in outcomes if p.task.id in allowed]
-        if not todo:
+        if not outcomes:
             return set()
-        written = task_writes.record_outcomes(
-            self.store, self.instance_id, task_ids=[p.task.id for p in todo], states=[p.outcome.state for p in todo],
-            messages=[p.outcome.message for p in todo], starts=[p.time_started for p in todo],
-            ends=[p.time_ended for p in todo])
+        todo = list(outcomes)
+        written = self._record(todo)
         for pending in todo:
             if pending.task.id not in written:
                 # Fencing: someone else owns the task now; our rows must not overwrite theirs.
@@ -276,3 +302,13 @@ class Outcomes:
         if log.isEnabledFor(level):  # spares building the journal fields for a routine success
             log.log(level, "%s %s%s", named(task), outcome.state, f": {outcome.message}" if outcome.message else "",
                     extra=task_fields(task))
+
+
+def leases_of(tasks: list[TaskRow]) -> dict[int, int]:
+    """partition -> token the tasks were claimed under (multihost). Two tokens for one partition: the
+    newer is the lease that can still be current, a task under the older one is refused."""
+    leases: dict[int, int] = {}
+    for task in tasks:
+        if task.partition is not None and task.token is not None:
+            leases[task.partition] = max(task.token, leases.get(task.partition, task.token))
+    return leases

@@ -3,14 +3,14 @@
 Each instance is a real daemon (its own process group, log and state dir),
 started with ``--mode multihost`` and a short lease (3 s, renewed every second)
 so that takeovers happen within seconds. The tests judge the instances only by
-what they leave in the database (tasks, key_claims, instances), on the nodes,
+what they leave in the database (tasks, partition_leases, instances), on the nodes,
 and in their logs:
 
 - (a) three instances share 3,000 tasks over 300 VMs: each ends once, per-VM
   order holds across instances, and every instance did real work;
-- (b) kill -9 of a whole instance: its keys move to the others once its lease
+- (b) kill -9 of a whole instance: its partitions move to the others once its lease
   ran out; what it left running is reconciled; nothing lost or duplicated;
-- (c) SIGSTOP of a whole instance past its lease: the others take its keys
+- (c) SIGSTOP of a whole instance past its lease: the others take its partitions
   over; resumed, it records nothing for them and rejoins under a new id;
 - (d) a database restart mid-run, and one instance cut off from the database
   (tests/dbproxy.py) for longer than its lease: everyone recovers, fencing holds.
@@ -199,7 +199,7 @@ def wait_all_ended(dsn: str, daemons: list[Daemon], timeout: float = 120.0) -> N
             raise
         stuck = query(dsn, "SELECT id, action, key_id, state, claimed_by, attempts FROM tasks "
                            "WHERE state IN ('queued', 'running') ORDER BY id LIMIT 10")
-        claims = query(dsn, "SELECT * FROM key_claims ORDER BY key_type, key_id LIMIT 20")
+        claims = partition_counts(dsn)
         instances = query(dsn, "SELECT id, pid, stopped_at, lease_expires_at, clock_timestamp() AS now "
                                "FROM instances ORDER BY id")
         logs = "\n".join(f"--- instance {d.pid}:\n{d.log()[-2500:]}" for d in daemons)
@@ -338,28 +338,39 @@ def replaced_ids(dsn: str, daemons: list[Daemon]) -> set[int]:
     return {i for d in daemons for i in instance_ids(dsn, d)[:-1]}
 
 
-def wait_claims_released(dsn: str, daemons: list[Daemon], timeout: float = 20.0) -> None:
-    """Once every queue drained, no instance keeps a key claim."""
+def partition_counts(dsn: str) -> dict[int | None, int]:
+    """holder (None: free) -> how many partitions it holds."""
+    rows = query(dsn, "SELECT instance_id, count(*) AS n FROM partition_leases GROUP BY instance_id")
+    return {r["instance_id"]: int(r["n"]) for r in rows}
 
-    def none_left() -> bool:
+
+def wait_balanced(dsn: str, daemons: list[Daemon], timeout: float = 20.0) -> None:
+    """Every partition is held by a live instance of ``daemons``, each within one of an even share."""
+    current = [current_instance(dsn, d) for d in daemons]
+
+    def balanced() -> bool:
         assert_alive(daemons)
-        return not query(dsn, "SELECT 1 FROM key_claims LIMIT 1")
+        counts = partition_counts(dsn)
+        total = sum(counts.values())
+        held = [counts.get(i, 0) for i in current]
+        return sum(held) == total and max(held) - min(held) <= 1
 
     try:
-        wait_for(none_left, timeout, 0.1, "every key claim to be released")
+        wait_for(balanced, timeout, 0.1, f"the partitions to be spread evenly over instances {current}")
     except AssertionError as exc:
         if "timed out" not in str(exc):
             raise
-        raise AssertionError(f"{exc}: {query(dsn, 'SELECT * FROM key_claims LIMIT 20')}") from None
+        raise AssertionError(f"{exc}: {partition_counts(dsn)}") from None
 
 
 def db_now(dsn: str) -> Any:
     return query(dsn, "SELECT clock_timestamp() AS now")[0]["now"]
 
 
-def held_keys(dsn: str, instance: int) -> dict[tuple[str, int], int]:
-    rows = query(dsn, "SELECT key_type, key_id, token FROM key_claims WHERE instance_id = %s", (instance,))
-    return {(r["key_type"], r["key_id"]): r["token"] for r in rows}
+def held_partitions(dsn: str, instance: int) -> dict[int, int]:
+    """partition -> token of the partitions the instance holds."""
+    rows = query(dsn, "SELECT partition, token FROM partition_leases WHERE instance_id = %s", (instance,))
+    return {r["partition"]: r["token"] for r in rows}
 
 
 def running_of(dsn: str, instance: int) -> list[dict[str, Any]]:
@@ -402,48 +413,44 @@ def isolate_mid_task(dsn: str, daemon: Daemon, isolate: Any, undo: Any,
     return found["instance"], rows
 
 
-def wait_takeover(dsn: str, lost: int, keys: dict[tuple[str, int], int], held: set[int],
+def wait_takeover(dsn: str, lost: int, leases: dict[int, int], held: set[int],
                   others: list[Daemon], timeout: float = 30.0) -> list[dict[str, Any]]:
-    """Wait until the lost instance's lease ran out and another instance took over its keys.
+    """Wait until the lost instance's lease ran out and another instance took over its partitions.
 
-    Evidence, any of: a claim row of one of ``keys`` under another instance with
-    a higher token (seen while polling); one of ``keys`` no longer claimed by the
-    lost instance (it cannot let go itself: a takeover kept it or passed it on);
+    Evidence, any of: a lease row of one of ``leases`` under another instance with
+    a higher token (seen while polling); one of ``leases`` no longer held by the
+    lost instance under its token (it cannot let go itself: a takeover took it);
     a task ``lost`` held (``held``) now held or ended by another instance.
-    Returns the claim rows seen moved.
+    Returns the lease rows seen moved.
     """
-    moved: dict[tuple[str, int], dict[str, Any]] = {}
-    key_types = [k[0] for k in keys]
-    key_ids = [k[1] for k in keys]
+    moved: dict[int, dict[str, Any]] = {}
 
     def taken() -> bool:
         assert_alive(others)
-        rows = query(dsn, """
-            SELECT c.key_type, c.key_id, c.instance_id, c.token, c.claimed_at
-            FROM key_claims c JOIN unnest(%s::text[], %s::bigint[]) AS k(key_type, key_id)
-              ON c.key_type = k.key_type AND c.key_id = k.key_id
-            WHERE c.instance_id <> %s""", (key_types, key_ids, lost))
+        rows = query(dsn, "SELECT partition, instance_id, token, acquired_at FROM partition_leases "
+                          "WHERE partition = ANY(%s::smallint[]) AND instance_id <> %s",
+                     (sorted(leases), lost))
         for row in rows:
-            moved.setdefault((row["key_type"], row["key_id"]), row)
+            moved.setdefault(row["partition"], row)
         adopted = query(dsn, "SELECT 1 FROM tasks WHERE id = ANY(%s) AND claimed_by IS NOT NULL "
                              "AND claimed_by <> %s LIMIT 1", (list(held), lost))
-        still = held_keys(dsn, lost)
-        let_go = [k for k, token in keys.items() if still.get(k) != token]
+        still = held_partitions(dsn, lost)
+        let_go = [p for p, token in leases.items() if still.get(p) != token]
         return bool(lease_of(dsn, lost)["expired"] and (moved or adopted or let_go))
 
     try:
-        wait_for(taken, timeout, 0.05, f"another instance to take over the keys of instance {lost}")
+        wait_for(taken, timeout, 0.05, f"another instance to take over the partitions of instance {lost}")
     except AssertionError as exc:
         if "timed out" not in str(exc):
             raise
-        raise AssertionError(f"{exc}; lease: {lease_of(dsn, lost)}; claims: "
-                             f"{query(dsn, 'SELECT * FROM key_claims ORDER BY instance_id LIMIT 30')}; "
+        raise AssertionError(f"{exc}; lease: {lease_of(dsn, lost)}; partitions held: {partition_counts(dsn)}; "
                              f"sessions in a transaction or waiting: {stuck_sessions(dsn)}") from None
     lease_end = lease_of(dsn, lost)["lease_expires_at"]
-    for key, row in moved.items():
-        assert row["token"] > keys[key], f"key {key} moved without a higher token: {keys[key]} -> {row}"
-        assert row["claimed_at"] >= lease_end, (
-            f"key {key} was taken over at {row['claimed_at']}, before the lease of instance {lost} "
+    for partition, row in moved.items():
+        assert row["token"] > leases[partition], (
+            f"partition {partition} moved without a higher token: {leases[partition]} -> {row}")
+        assert row["acquired_at"] >= lease_end, (
+            f"partition {partition} was taken over at {row['acquired_at']}, before the lease of instance {lost} "
             f"ran out ({lease_end})")
     return list(moved.values())
 
@@ -582,12 +589,12 @@ def test_three_instances_share_three_thousand_tasks(dsn, hosts, daemon_factory, 
         assert share.get(instance, 0) >= 150, f"an instance did (almost) no work: {share} in {elapsed:.1f}s"
     keys = query(dsn, "SELECT claimed_by, count(DISTINCT key_id) AS n FROM tasks GROUP BY claimed_by")
     assert all(r["n"] >= 10 for r in keys), f"keys per instance: {keys}"
-    wait_claims_released(dsn, daemons)
+    wait_balanced(dsn, daemons)
     assert "Traceback" not in "".join(d.log() for d in daemons)
 
 
 # -- (b) kill -9 of a whole instance ---------------------------------------------------------------
-def test_killed_instance_keys_move_to_the_others(dsn, hosts, daemon_factory, prefix, keep_logs):
+def test_killed_instance_partitions_move_to_the_others(dsn, hosts, daemon_factory, prefix, keep_logs):
     vms, per_vm = 90, 16
     roomy_hosts(dsn)
     daemons = start_instances(daemon_factory, keep_logs)
@@ -602,7 +609,7 @@ def test_killed_instance_keys_move_to_the_others(dsn, hosts, daemon_factory, pre
     group_signal(victim, signal.SIGKILL)
     victim.wait(30)
     checks.assert_daemon_gone(victim)
-    keys = held_keys(dsn, lost)
+    keys = held_partitions(dsn, lost)
     held = held_tasks(dsn, lost)
     left_running = {r["id"] for r in running_of(dsn, lost)} | running_ids(running)
     assert checks.open_tasks(dsn) > 100, f"inconclusive: the workload nearly ended ({checks.counts(dsn)})"
@@ -610,7 +617,8 @@ def test_killed_instance_keys_move_to_the_others(dsn, hosts, daemon_factory, pre
     moved = wait_takeover(dsn, lost, keys, held, survivors)
     ended_before = ended_ids(dsn, lost)  # a commit in flight at the kill has landed by now
     wait_all_ended(dsn, survivors)
-    wait_for(lambda: not held_keys(dsn, lost), 10, 0.1, "no claim left in the dead instance's name")
+    wait_for(lambda: not held_partitions(dsn, lost), 10, 0.1, "no partition left in the dead instance's name")
+    wait_balanced(dsn, survivors)  # the survivors took over all of its partitions
 
     # Nothing lost, duplicated or reordered, rows agree with libvirt.
     assert_contract(dsn, scripts, daemons, lost={lost} | replaced_ids(dsn, daemons))
@@ -650,13 +658,13 @@ def test_paused_instance_is_fenced_and_rejoins(dsn, hosts, daemon_factory, prefi
 
     lost, running = isolate_mid_task(dsn, victim, freeze, lambda: group_signal(victim, signal.SIGCONT))
     frozen_at = db_now(dsn)
-    keys = held_keys(dsn, lost)
+    keys = held_partitions(dsn, lost)
     held = held_tasks(dsn, lost)
     moved = wait_takeover(dsn, lost, keys, held, others)
     # The paused instance must not hold the others up: they go on while it is still paused.
     wait_progress(dsn, others, tasks=50)
-    # From here on the paused instance may write nothing for the keys it lost (a write it had
-    # begun before the pause may still commit: its open transaction holds that key's claim).
+    # From here on the paused instance may write nothing for the partitions it lost (a write it had
+    # begun before the pause may still commit: its open transaction holds that partition's lease).
     ended_before = ended_ids(dsn, lost)
     resumed_from = len(victim.log())
     group_signal(victim, signal.SIGCONT)
@@ -669,21 +677,16 @@ def test_paused_instance_is_fenced_and_rejoins(dsn, hosts, daemon_factory, prefi
     wait_all_ended(dsn, daemons)
 
     assert_contract(dsn, {**scripts, **later}, daemons, lost={lost} | replaced_ids(dsn, daemons))
-    lost_keys = {(r["key_type"], r["key_id"]) for r in moved}
-    late = [r for r in task_rows(dsn, ended_ids(dsn, lost) - ended_before)
-            if r["time_ended"] > frozen_at or ("Vm", r["key_id"]) in lost_keys]
+    lost_partitions = {r["partition"] for r in moved}
+    late = [r for r in task_rows(dsn, ended_ids(dsn, lost) - ended_before) if r["time_ended"] > frozen_at]
     assert not late, f"the paused instance recorded outcomes after it lost its lease: {late}"
-    assert not held_keys(dsn, lost), "the old instance id still holds keys"
+    wait_for(lambda: not held_partitions(dsn, lost), 10, 0.1, "no partition left in the old instance id's name")
     assert_takeovers_after_lease(dsn, lost, held)
-    if lost_keys:
-        late = query(dsn, """
-            SELECT t.id, t.key_id, t.claimed_by, t.time_ended FROM tasks t
-            JOIN unnest(%s::text[], %s::bigint[]) AS k(key_type, key_id)
-              ON t.key_type = k.key_type AND t.key_id = k.key_id
-            WHERE t.claimed_by = %s AND t.time_ended >= %s""",
-                     ([k[0] for k in lost_keys], [k[1] for k in lost_keys], lost,
-                      min(r["claimed_at"] for r in moved)))
-        assert not late, f"the paused instance ended tasks of keys it had lost: {late}"
+    if lost_partitions:
+        late = query(dsn, "SELECT id, key_id, claimed_by, time_ended FROM tasks WHERE partition = ANY(%s::smallint[]) "
+                          "AND claimed_by = %s AND time_ended >= %s",
+                     (sorted(lost_partitions), lost, min(r["acquired_at"] for r in moved)))
+        assert not late, f"the paused instance ended tasks of partitions it had lost: {late}"
     # Its interrupted tasks were settled by the instances that took them over.
     others_ids = {i for d in others for i in instance_ids(dsn, d)} | {new}
     assert_settled_by_others(dsn, held | running_ids(running), lost, frozen_at, others_ids,
@@ -753,7 +756,7 @@ def test_database_restart_mid_run(private_pg, daemon_factory, libvirt_nodes, kee
     for daemon in daemons:
         ids = instance_ids(db, daemon)
         assert ids[: len(before[daemon.pid])] == before[daemon.pid]
-    wait_claims_released(db, daemons)
+    wait_balanced(db, daemons)
 
 
 def test_instance_cut_off_from_the_database(dsn, hosts, db_proxy, daemon_factory, prefix, keep_logs):
@@ -769,7 +772,7 @@ def test_instance_cut_off_from_the_database(dsn, hosts, db_proxy, daemon_factory
     lost, running = isolate_mid_task(dsn, victim, db_proxy.cut, db_proxy.restore)
     cut_at = db_now(dsn)
     cut_from = len(victim.log())
-    keys = held_keys(dsn, lost)
+    keys = held_partitions(dsn, lost)
     held = held_tasks(dsn, lost)
     moved = wait_takeover(dsn, lost, keys, held, daemons)
     wait_progress(dsn, others, tasks=50)  # the others go on while it is cut off
@@ -787,7 +790,7 @@ def test_instance_cut_off_from_the_database(dsn, hosts, db_proxy, daemon_factory
 
     assert_contract(dsn, {**scripts, **later}, daemons, lost={lost} | replaced_ids(dsn, daemons))
     assert ended_ids(dsn, lost) == ended_before, "the cut-off instance recorded outcomes after losing its lease"
-    assert not held_keys(dsn, lost)
+    wait_for(lambda: not held_partitions(dsn, lost), 10, 0.1, "no partition left in the old instance id's name")
     assert_takeovers_after_lease(dsn, lost, held)
     others_ids = {i for d in others for i in instance_ids(dsn, d)} | {new}
     assert_settled_by_others(dsn, held | running_ids(running), lost, cut_at, others_ids,
@@ -798,4 +801,4 @@ def test_instance_cut_off_from_the_database(dsn, hosts, db_proxy, daemon_factory
     assert n > 0
     assert instance_ids(dsn, victim)[-2:] == [lost, new]
     assert_kept_lease(dsn, others, victim)
-    wait_claims_released(dsn, daemons)
+    wait_balanced(dsn, daemons)

@@ -39,11 +39,14 @@ def test_two_instances_share_the_work_in_order(dsn, hosts, daemon_factory, prefi
     by_instance = {r["claimed_by"]: r["n"] for r in query(
         dsn, "SELECT claimed_by, count(*) AS n FROM tasks GROUP BY claimed_by")}
     assert len(by_instance) == 2, by_instance
-    assert query(dsn, "SELECT count(*) AS n FROM key_claims")[0]["n"] == 0  # drained keys were released
+    # The partitions end up spread evenly: 128 each (P = 256), every one held.
+    wait_for(lambda: sorted(r["n"] for r in query(
+        dsn, "SELECT instance_id, count(*) AS n FROM partition_leases GROUP BY instance_id")) == [128, 128],
+        30, 0.1, "the partitions to be split between the two instances")
     assert first.process.poll() is None and second.process.poll() is None
 
 
-def test_lease_and_key_metrics(dsn, hosts, daemon_factory, prefix):
+def test_lease_and_partition_metrics(dsn, hosts, daemon_factory, prefix):
     from tests.acceptance.test_metrics import _free_port, _scrape
 
     port = _free_port()
@@ -51,14 +54,14 @@ def test_lease_and_key_metrics(dsn, hosts, daemon_factory, prefix):
     checks.insert_tasks(dsn, [("Vm", vm, a) for vm in vms for a in ("create_vm", "start_vm")])
     daemon = daemon_factory(shards=2, extra=[*MULTIHOST, "--set", f"metrics_port={port}"])
     checks.wait_all_ended(dsn, daemon)
-    wait_for(lambda: query(dsn, "SELECT count(*) AS n FROM key_claims")[0]["n"] == 0, 30, 0.1,
-             "every drained key to be released")
+    wait_for(lambda: query(dsn, "SELECT count(*) AS n FROM partition_leases WHERE instance_id IS NOT NULL")[0]["n"]
+             == 256, 30, 0.1, "the lone instance to hold every partition")
 
     samples = _scrape(port)
     assert samples["taskomatic_lease_renewals_total"] >= 1
     assert samples["taskomatic_lease_losses_total"] == 0
-    claimed = samples['taskomatic_keys_claimed_total{how="free"}']
-    assert claimed >= 6  # every VM's key, at least once
-    assert samples["taskomatic_keys_released_total"] == claimed
-    assert samples["taskomatic_keys_held"] == 0
+    assert samples['taskomatic_partition_handovers_total{direction="taken"}'] == 256
+    assert samples.get('taskomatic_partition_handovers_total{direction="given"}', 0) == 0
+    assert samples["taskomatic_rebalance_rounds_total"] >= 1
+    assert samples["taskomatic_partitions_held"] == 256
     assert samples['taskomatic_tasks_total{action="start_vm",outcome="finished"}'] == 6

@@ -1,9 +1,10 @@
-"""Multihost claiming stays O(batch): the rows a claim reads do not grow with the queue.
+"""Claiming stays O(batch): the rows a claim reads do not grow with the queue.
 
 Counted, not timed: EXPLAIN ANALYZE reports how many rows each plan node
 produced; over 100,000 queued tasks on 2,000 keys (and finished history),
-finding free keys and loading a batch must read about as many task rows as
-they return, however many tasks wait.
+the multihost claim over the partitions an instance holds must read about as
+many task rows as it returns (plus one index descent per held partition),
+however many tasks wait.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import psycopg2
 import pytest
 
 from taskomatic.db import migrate
+from taskomatic.db import partitions as dbp
 from taskomatic.db.queries import query as named_query
 from taskomatic.db.store import Store
 
@@ -54,27 +56,21 @@ def task_rows_read(store: Store, name: str, params: dict[str, Any]) -> int:
     return walk(plan[0]["Plan"])
 
 
-def test_finding_claiming_and_loading_keys_reads_a_batch_not_the_queue(big_queue: str) -> None:
+def test_a_multihost_claim_over_held_partitions_reads_a_batch_not_the_queue(big_queue: str) -> None:
     store = Store.open(big_queue, "test_claim_scaling")
     try:
         with store.transaction():
             instance = store.scalar("register_instance", hostname="h", pid=1, version="t", mode="multihost",
                                     shards=4, lease=60.0)
         with store.transaction():
-            keys = store.all("free_keys", after_type="", after_id=0, max_visit=100, limit=20)
-            won = store.all("claim_keys", instance_id=instance, key_types=[k["key_type"] for k in keys],
-                            key_ids=[k["key_id"] for k in keys])
-        assert len(won) == 20
-        # Held keys are stepped over one index descent each, not task by task.
-        found = task_rows_read(store, "free_keys", {"after_type": "", "after_id": 0, "max_visit": 100,
-                                                    "limit": 20})
-        print("free_keys read", found)
-        assert found <= 2 * (20 + 20), found
-        load = {"instance_id": instance, "key_types": [w["key_type"] for w in won],
-                "key_ids": [w["key_id"] for w in won], "tokens": [w["token"] for w in won], "counts": [16] * 20}
-        loaded = task_rows_read(store, "claim_key_tasks", load)
-        print("claim_key_tasks read", loaded)
-        assert loaded <= 3 * 20 * 16, loaded
+            held = {a.partition: a.token for a in dbp.acquire_partitions(store, instance, range(0, 256, 3))}
+        assert len(held) == 86  # a third of P, as with three instances
+        pairs = sorted(held.items())
+        claim = {"instance_id": instance, "partitions": [p for p, _ in pairs], "tokens": [t for _, t in pairs],
+                 "start": 40, "limit": 200}
+        read = task_rows_read(store, "claim_partition_tasks", claim)
+        print("claim_partition_tasks read", read)
+        assert read <= 3 * 200 + 2 * len(held), read
     finally:
         store.close()
 

@@ -19,6 +19,8 @@ import pytest
 
 from taskomatic import cli_status as cli_mod
 from taskomatic.db.store import Store
+from taskomatic.model import OrderingKey
+from taskomatic.partitions import DEFAULT_PARTITIONS, partition_of
 from tests.helpers import REPO, query
 
 
@@ -61,10 +63,12 @@ def age(dsn: str, instance_id: int, heartbeat: float = 0.0, lease: float | None 
           {"hb": heartbeat, "lease": lease, "stopped": stopped, "id": instance_id})
 
 
-def hold(dsn: str, instance_id: int, vm: int, claimed: int = 0, running: int = 0) -> None:
-    """A key claim on Vm `vm` with `claimed` queued and `running` running tasks of it held by the instance."""
-    query(dsn, "INSERT INTO key_claims (key_type, key_id, instance_id) VALUES ('Vm', %s, %s) RETURNING token",
-          (vm, instance_id))
+def hold(dsn: str, instance_id: int, vm: int, claimed: int = 0, running: int = 0, releasing: bool = False) -> None:
+    """The lease of Vm `vm`'s partition, with `claimed` queued and `running` running tasks of it, held by the
+    instance (the VMs of one test are in distinct partitions)."""
+    query(dsn, "UPDATE partition_leases SET instance_id = %s, token = nextval('partition_lease_tokens'), "
+               "releasing = %s WHERE partition = %s RETURNING token",
+          (instance_id, releasing, partition_of(OrderingKey("Vm", vm), DEFAULT_PARTITIONS)))
     for state, n in (("queued", claimed), ("running", running)):
         for _ in range(n):
             query(dsn, "INSERT INTO tasks (task_target_type, task_target_id, action, state, claimed_by, claimed_at, "
@@ -83,7 +87,7 @@ def fleet(dsn: str) -> dict[str, int]:
     age(dsn, f["crashed_long_ago"], heartbeat=86400)
     f["stopped_holding"] = register(dsn, "multihost", hostname="node-c")
     age(dsn, f["stopped_holding"], heartbeat=3 * 3600, lease=-3 * 3600, stopped=3 * 3600)
-    hold(dsn, f["stopped_holding"], vm=30, running=1)
+    hold(dsn, f["stopped_holding"], vm=31, running=1)
     f["stopped_recently"] = register(dsn, "multihost", hostname="node-c")
     age(dsn, f["stopped_recently"], heartbeat=600, lease=-600, stopped=600)
     f["standalone_silent"] = register(dsn, "standalone", hostname="node-s")
@@ -97,7 +101,7 @@ def fleet(dsn: str) -> dict[str, int]:
     age(dsn, f["live"], heartbeat=1, lease=25)
     hold(dsn, f["live"], vm=10, claimed=3, running=1)
     hold(dsn, f["live"], vm=11)
-    hold(dsn, f["live"], vm=12, claimed=1)
+    hold(dsn, f["live"], vm=12, claimed=1, releasing=True)
     # Finished, failed and unclaimed tasks count for nobody.
     query(dsn, "INSERT INTO tasks (task_target_type, task_target_id, action, state, claimed_by, message) "
                "VALUES ('Vm', 10, 'start_vm', 'finished', %(live)s, NULL), "
@@ -117,15 +121,16 @@ def test_states_and_holdings(dsn: str, fleet: dict[str, int]) -> None:
 
     live = rows[fleet["live"]]
     assert (live["hostname"], live["pid"], live["mode"], live["shards"]) == ("node-a", 4242, "multihost", 4)
-    assert (live["keys_held"], live["tasks_claimed"], live["tasks_running"]) == (3, 4, 1)
+    assert (live["partitions_held"], live["partitions_releasing"], live["tasks_claimed"],
+            live["tasks_running"]) == (3, 1, 4, 1)
     assert 20 < live["lease_left"] <= 25 and 1 <= live["heartbeat_age"] < 10
     assert live["stopped_at"] is None and live["started_at"]
     expired = rows[fleet["expired"]]
-    assert (expired["keys_held"], expired["tasks_claimed"], expired["tasks_running"]) == (1, 2, 1)
+    assert (expired["partitions_held"], expired["tasks_claimed"], expired["tasks_running"]) == (1, 2, 1)
     assert -20 < expired["lease_left"] < -12
     standalone = rows[fleet["standalone_live"]]
     assert standalone["lease_left"] is None and standalone["shards"] == 8
-    assert (standalone["keys_held"], standalone["tasks_claimed"], standalone["tasks_running"]) == (0, 0, 0)
+    assert (standalone["partitions_held"], standalone["tasks_claimed"], standalone["tasks_running"]) == (0, 0, 0)
     assert rows[fleet["stopped_holding"]]["tasks_running"] == 1
     assert rows[fleet["stopped_recently"]]["stopped_at"] is not None
 
@@ -176,12 +181,12 @@ def test_table_for_the_terminal(dsn: str, fleet: dict[str, int]) -> None:
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert lines[0].split() == ["ID", "HOSTNAME", "PID", "MODE", "SHARDS", "STARTED", "STATE", "HEARTBEAT",
-                                "LEASE", "KEYS", "CLAIMED", "RUNNING"]
+                                "LEASE", "PARTITIONS", "CLAIMED", "RUNNING"]
     by_id = {line.split()[0]: line for line in lines[1:] if line.startswith("#")}
     assert set(by_id) == {f"#{i}" for name, i in fleet.items() if not name.endswith("long_ago")}
     live = by_id[f"#{fleet['live']}"].split()
     assert live[1:5] == ["node-a", "4242", "multihost", "4"] and "live" in live
-    assert live[-3:] == ["3", "4", "1"] and "left" in live
+    assert live[-6:] == ["3", "(1", "handing", "over)", "4", "1"] and "left" in live
     expired = by_id[f"#{fleet['expired']}"]
     assert "expired" in expired and "ran out" in expired and expired.split()[-3:] == ["1", "2", "1"]
     assert by_id[f"#{fleet['standalone_live']}"].split()[-3:] == ["0", "0", "0"]

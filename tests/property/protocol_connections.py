@@ -1,4 +1,4 @@
-"""The database sessions of the stateful protocol tests (key claims, partition leases).
+"""The database sessions of the stateful partition-lease protocol test.
 
 One autocommit session for submits, the lease clock and invariant reads, one
 for writes an invariant tries and rolls back, and one per simulated machine:

@@ -159,7 +159,7 @@ class PartitionProtocol(RuleBasedStateMachine):
         return lease.instance == instance and lease.token == token and self.live(instance)
 
     def sync_leases(self) -> None:
-        """Make lease_expires_at say what the virtual clock says (see test_claim_protocol)."""
+        """Make lease_expires_at say what the virtual clock says (the virtual clock)."""
         live = [i for i in self.expires if self.live(i)]
         self.sql("UPDATE instances SET lease_expires_at = CASE WHEN id = ANY(%(live)s::bigint[]) "
                  "THEN clock_timestamp() + interval '1 hour' ELSE clock_timestamp() - interval '1 second' END",

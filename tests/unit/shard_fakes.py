@@ -31,7 +31,8 @@ SLOT = 0
 class FakeDb:
     tasks: dict[int, dict[str, Any]] = field(default_factory=dict)
     rows: dict[tuple[str, int], dict[str, Any]] = field(default_factory=dict)
-    claims: set[tuple[str | None, int | None, int | None]] = field(default_factory=set)
+    # Multihost partition leases held: (partition, token).
+    leases: set[tuple[int, int]] = field(default_factory=set)
 
 
 class FakeStore:
@@ -49,7 +50,8 @@ class FakeStore:
     def add_task(self, task: TaskRow, state: str = "queued", run_by_shard: int | None = None) -> None:
         self.committed.tasks[task.id] = {"state": state, "claimed_by": INSTANCE, "run_by_shard": run_by_shard,
                                          "message": None, "time_started": None, "time_ended": None,
-                                         "attempts": 0, "parent": None, "task": task}
+                                         "attempts": 0, "parent": None, "task": task,
+                                         "partition": task.partition}
         self.rollback()
 
     # -- the Store interface ---------------------------------------------------
@@ -140,10 +142,28 @@ class FakeStore:
     def _q_limit_idle_transaction(self, ms: int) -> list[dict]:
         return []
 
-    def _q_hold_key_claims(self, instance_id: int, key_types: list[str], key_ids: list[int],
-                           tokens: list[int]) -> list[dict]:
-        return [{"key_type": t, "key_id": k, "token": n} for t, k, n in zip(key_types, key_ids, tokens, strict=True)
-                if (t, k, n) in self.work.claims]
+    def _held(self, partitions: list[int], tokens: list[int]) -> set[int]:
+        return {p for p, t in zip(partitions, tokens, strict=True) if (p, t) in self.work.leases}
+
+    def _q_hold_partitions(self, instance_id: int, partitions: list[int], tokens: list[int],
+                           starting: bool) -> list[dict]:
+        return [{"partition": p, "token": t} for p, t in zip(partitions, tokens, strict=True)
+                if p in self._held(partitions, tokens)]
+
+    def _q_mark_running_fenced(self, instance_id: int, partitions: list[int], tokens: list[int],
+                               task_ids: list[int], shard: int, time_started: Any) -> list[dict]:
+        held = self._held(partitions, tokens)
+        mine = [i for i in task_ids if self.work.tasks.get(i, {}).get("partition") in held]
+        return self._q_mark_running(mine, instance_id, time_started, shard)
+
+    def _q_record_outcomes_fenced(self, instance_id: int, partitions: list[int], tokens: list[int],
+                                  task_ids: list[int], states: list[str], messages: list[str | None],
+                                  starts: list[Any], ends: list[Any]) -> list[dict]:
+        held = self._held(partitions, tokens)
+        keep = [n for n, i in enumerate(task_ids) if self.work.tasks.get(i, {}).get("partition") in held]
+        return self._q_record_outcomes(instance_id, [task_ids[n] for n in keep], [states[n] for n in keep],
+                                       [messages[n] for n in keep], [starts[n] for n in keep],
+                                       [ends[n] for n in keep])
 
     # -- what tests read -------------------------------------------------------
     def task(self, task_id: int) -> dict[str, Any]:
@@ -160,7 +180,8 @@ def _data_error(message: str) -> Exception:
 
 
 def task(task_id: int, vm: int, action: str = "touch", state: str = "queued", token: int | None = None) -> TaskRow:
-    return TaskRow(task_id, "Vm", vm, action, {}, "Vm", vm, state, token)
+    """A task of VM ``vm``, in partition ``vm`` (here: the fake store knows no hash)."""
+    return TaskRow(task_id, "Vm", vm, action, {}, "Vm", vm, state, token, partition=vm)
 
 
 class TouchVm:

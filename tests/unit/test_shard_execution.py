@@ -75,15 +75,15 @@ def test_tasks_of_one_key_start_one_at_a_time_in_order() -> None:
 
 def test_a_fenced_task_outcome_is_not_written() -> None:
     rig = make_rig(multihost=True, quick=True)
-    rig.store.committed.claims |= {("Vm", 10, 5), ("Vm", 11, 5)}
+    rig.store.committed.leases |= {(10, 5), (11, 5)}
     tasks = [task(1, vm=10, token=5), task(2, vm=11, token=5)]
     for t in tasks:
         rig.store.add_task(t)
 
     def lose_claim(t: TaskRow) -> None:
-        if t.id == 2:  # another instance took key Vm:11 over while task 2 ran
-            rig.store.committed.claims.discard(("Vm", 11, 5))
-            rig.store.work.claims.discard(("Vm", 11, 5))
+        if t.id == 2:  # another instance took Vm:11's partition over while task 2 ran
+            rig.store.committed.leases.discard((11, 5))
+            rig.store.work.leases.discard((11, 5))
 
     rig.action.perform_hook = lose_claim
     rig.run_queue(list(tasks))
@@ -95,10 +95,10 @@ def test_a_fenced_task_outcome_is_not_written() -> None:
     assert rig.store.row("vms", 11) == {"state": "busy"}
 
 
-def test_a_task_whose_claim_is_gone_never_starts() -> None:
+def test_a_task_whose_partition_lease_is_gone_never_starts() -> None:
     rig = make_rig(multihost=True)
-    rig.store.committed.claims |= {("Vm", 10, 5)}
-    tasks = [task(1, vm=10, token=5), task(2, vm=11, token=4)]  # Vm:11's claim is not ours (token 4 is old)
+    rig.store.committed.leases |= {(10, 5)}
+    tasks = [task(1, vm=10, token=5), task(2, vm=11, token=4)]  # Vm:11's partition is not ours (token 4 is old)
     for t in tasks:
         rig.store.add_task(t)
     rig.run_queue(list(tasks))

@@ -33,25 +33,25 @@ SET claimed_by = %(instance_id)s, claimed_at = clock_timestamp()
 FROM picked
 WHERE t.id = picked.id
 RETURNING t.id, t.task_target_type, t.task_target_id, t.action, t.args, t.key_type, t.key_id, t.state,
-          NULL::bigint AS token;
+          t.partition, NULL::bigint AS token;
 
 -- held_tasks --
 -- What this instance holds: claimed but unfinished tasks, in id order.
 -- run_by_shard: the slot that marked a running one (only it may settle it).
--- token: the key's fencing token when a multihost key claim covers it, else NULL.
+-- token: the partition's fencing token when a multihost lease of ours covers it, else NULL.
 SELECT t.id, t.task_target_type, t.task_target_id, t.action, t.args, t.key_type, t.key_id, t.state,
-       t.run_by_shard, c.token
+       t.run_by_shard, t.partition, pl.token
 FROM tasks t
-LEFT JOIN key_claims c ON c.key_type = t.key_type AND c.key_id = t.key_id AND c.instance_id = t.claimed_by
+LEFT JOIN partition_leases pl ON pl.partition = t.partition AND pl.instance_id = t.claimed_by
 WHERE t.claimed_by = %(instance_id)s AND t.state IN ('queued', 'running')
 ORDER BY t.id;
 
 -- held_tasks_by_id --
 -- Those of some tasks this instance still holds unfinished (a shard's lost tasks).
 SELECT t.id, t.task_target_type, t.task_target_id, t.action, t.args, t.key_type, t.key_id, t.state,
-       t.run_by_shard, c.token
+       t.run_by_shard, t.partition, pl.token
 FROM tasks t
-LEFT JOIN key_claims c ON c.key_type = t.key_type AND c.key_id = t.key_id AND c.instance_id = t.claimed_by
+LEFT JOIN partition_leases pl ON pl.partition = t.partition AND pl.instance_id = t.claimed_by
 WHERE t.id = ANY(%(ids)s) AND t.claimed_by = %(instance_id)s AND t.state IN ('queued', 'running')
 ORDER BY t.id;
 

@@ -42,24 +42,17 @@ SET claimed_by = %(instance_id)s
 WHERE claimed_by IS NOT NULL AND claimed_by <> %(instance_id)s
   AND state IN ('queued', 'running');
 
--- adopt_orphaned_key_claims --
--- Standalone start: key claims left by multihost instances mean nothing now
--- (adopt_orphaned_claims took their tasks).
-DELETE FROM key_claims;
-
--- key_claims_for_standalone_leftovers --
--- Multihost start: tasks a dead standalone instance still held get key claims in
--- its name, so the usual takeover settles them.
-INSERT INTO key_claims (key_type, key_id, instance_id)
-SELECT DISTINCT t.key_type, t.key_id, t.claimed_by
-FROM tasks t JOIN instances i ON i.id = t.claimed_by AND i.mode = 'standalone'
-WHERE t.claimed_by IS NOT NULL AND t.state IN ('queued', 'running')
-ORDER BY t.key_type, t.key_id
-ON CONFLICT DO NOTHING;
+-- free_orphaned_partition_leases --
+-- Standalone start: partition leases left by multihost instances mean nothing
+-- now (adopt_orphaned_claims took their tasks); free them, reservations too.
+-- Tokens stay: the next acquisition takes a higher one all the same.
+UPDATE partition_leases
+SET instance_id = NULL, acquired_at = NULL, releasing = false, wanted_by = NULL
+WHERE instance_id IS NOT NULL OR wanted_by IS NOT NULL;
 
 -- renew_lease --
 -- Multihost: extend this instance's lease (and heartbeat). No row when it had
--- already run out: other instances may own its keys now, so it must rejoin
+-- already run out: other instances may own its partitions now, so it must rejoin
 -- under a new id. remaining: seconds the lease has left, by the database clock.
 UPDATE instances
 SET lease_expires_at = clock_timestamp() + make_interval(secs => %(lease)s::double precision),
@@ -75,6 +68,6 @@ WHERE id = %(instance_id)s;
 -- limit_idle_transaction --
 -- Multihost, first in every write transaction: if this process freezes
 -- inside it (SIGSTOP, a stalled VM), the server ends the session after ms
--- milliseconds, so its locks (the placement lock, a key claim) do not stop
+-- milliseconds, so its locks (the placement lock, a partition lease) do not stop
 -- the other instances for longer than a lease.
 SELECT set_config('idle_in_transaction_session_timeout', %(ms)s::text, true);

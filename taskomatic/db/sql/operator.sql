@@ -72,7 +72,9 @@ LIMIT 1000;
 SELECT i.id, i.hostname, i.pid, i.version, i.mode, i.shards, i.started_at, i.stopped_at,
        extract(epoch FROM clock_timestamp() - i.heartbeat_at)::double precision AS heartbeat_age,
        extract(epoch FROM i.lease_expires_at - clock_timestamp())::double precision AS lease_left,
-       (SELECT count(*) FROM key_claims c WHERE c.instance_id = i.id) AS keys_held,
+       (SELECT count(*) FROM partition_leases pl WHERE pl.instance_id = i.id) AS partitions_held,
+       (SELECT count(*) FROM partition_leases pl WHERE pl.instance_id = i.id AND pl.releasing)
+           AS partitions_releasing,
        (SELECT count(*) FROM tasks t WHERE t.claimed_by = i.id AND t.state = 'queued') AS tasks_claimed,
        (SELECT count(*) FROM tasks t WHERE t.claimed_by = i.id AND t.state = 'running') AS tasks_running
 FROM instances i

@@ -20,6 +20,12 @@ SELECT id FROM instances
 WHERE mode = 'multihost' AND stopped_at IS NULL AND lease_expires_at > clock_timestamp()
 ORDER BY id;
 
+-- announce_partition_moves --
+-- Tell the other instances' fetchers that partitions were reserved or freed,
+-- so they run their balancing round now instead of at their next interval
+-- (delivered at commit; the payload names the sender, which ignores its own).
+SELECT pg_notify('taskomatic_partitions', %(instance_id)s::text);
+
 -- held_partitions --
 -- The partitions this instance holds, with their tokens (a restarted fetcher picks them up).
 SELECT partition, token, releasing FROM partition_leases
@@ -192,7 +198,7 @@ FOR SHARE OF pl;
 -- mark_running_fenced --
 -- mark_running under partition leases: only tasks of partitions we hold under
 -- these tokens (lease live, not releasing) start; a writer whose token is not
--- current starts nothing. Returns the ids started.
+-- current starts nothing. Returns the ids started, with when each was submitted.
 WITH held AS MATERIALIZED (
     SELECT pl.partition
     FROM partition_leases pl
@@ -207,7 +213,7 @@ UPDATE tasks t
 SET state = 'running', time_started = %(time_started)s, attempts = attempts + 1, run_by_shard = %(shard)s
 WHERE t.id = ANY(%(task_ids)s::bigint[]) AND t.claimed_by = %(instance_id)s AND t.state = 'queued'
   AND t.partition = ANY(ARRAY(SELECT partition FROM held))
-RETURNING t.id;
+RETURNING t.id, t.created_at;
 
 -- record_outcomes_fenced --
 -- record_outcomes under partition leases (a releasing partition still settles

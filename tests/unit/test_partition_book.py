@@ -1,0 +1,216 @@
+"""The multihost fetcher's partition bookkeeping: the book, the dispatcher's hand-over drop, the balancing round.
+
+Pure logic; the balancing round runs against a stand-in for the partition
+queries (the real SQL is tested in tests/property/test_partition_protocol.py
+and tests/integration/test_partitions_sql.py, the whole in the multihost
+acceptance tests).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from taskomatic.db import partitions as dbp
+from taskomatic.model import OrderingKey, TaskRow
+from taskomatic.runtime import rebalance
+from taskomatic.runtime.dispatch import Dispatcher
+from taskomatic.runtime.partition_book import PartitionBook
+from taskomatic.runtime.rebalance import Rebalancer
+
+P = 8
+
+
+def task(task_id: int, vm: int, partition: int | None = None, token: int | None = 1) -> TaskRow:
+    return TaskRow(task_id, "Vm", vm, "start_vm", {}, "Vm", vm, "queued", token,
+                   partition=vm % P if partition is None else partition)
+
+
+# -- the book ---------------------------------------------------------------------------------
+
+
+def test_a_newer_token_replaces_an_older_one_never_the_reverse() -> None:
+    book = PartitionBook(P)
+    book.hold(3, 10)
+    book.hold(3, 7)
+    assert book.token_of(3) == 10
+    book.hold(3, 12)
+    assert book.token_of(3) == 12 and book.token_of(4) is None and book.token_of(None) is None
+
+
+def test_partitions_being_handed_over_are_not_claimed_from_and_go_once_released() -> None:
+    book = PartitionBook(P)
+    for p in range(4):
+        book.hold(p, 100 + p)
+    book.begin_release([1, 2, 6])  # 6 is not ours: ignored
+    assert book.claimable() == {0: 100, 3: 103}
+    assert book.releasing_leases() == {1: 101, 2: 102}
+    book.released([1])
+    assert book.held_count() == 3 and book.releasing_leases() == {2: 102}
+    book.hold(5, 1, releasing=True)  # found releasing at a fetcher's restart
+    assert 5 in book.releasing and 5 not in book.claimable()
+
+
+def test_tasks_in_hand_are_counted_once_per_partition() -> None:
+    book = PartitionBook(P)
+    book.add(task(1, vm=2))
+    book.add(task(1, vm=2))  # a copy sent again after a restart
+    book.add(task(2, vm=2))
+    book.add(TaskRow(3, "Vm", 4, "start_vm", {}, "Vm", 4, "queued"))  # standalone row: no partition
+    assert book.busy(2) and not book.busy(4)
+    book.ended(1)
+    assert book.busy(2)
+    book.ended(2)
+    book.ended(99)  # unknown: ignored
+    assert not book.busy(2) and book.in_hand == {}
+
+
+def test_a_full_claim_moves_the_start_past_the_last_partition_it_reached() -> None:
+    book = PartitionBook(P)
+    book.claimed([0, 1, 1, 2], full=False)
+    assert book.claim_start == 0  # not full: everything claimable was taken, start stays
+    book.claimed([0, 1, 2], full=True)
+    assert book.claim_start == 3
+    book.claimed([6, 7, 0], full=True)  # wrapped around from 3: 0 is the farthest
+    assert book.claim_start == 1
+
+
+# -- the dispatcher drops a partition's waiting tasks ------------------------------------------
+
+
+def test_drop_partitions_forgets_waiting_tasks_and_keeps_what_was_sent() -> None:
+    d = Dispatcher(1, per_key_ahead=1)
+    d.route(task(1, vm=1))
+    d.route(task(2, vm=1))  # waits behind 1 (one of a key in flight)
+    d.route(task(3, vm=2))
+    d.route(task(4, vm=3))
+    sent = d.take_sendable(0)
+    assert [t.id for t in sent] == [1]
+    dropped = d.drop_partitions({1, 2})
+    assert sorted(dropped) == [2, 3]
+    assert d.held() == 2 and list(d.slots[0].sent) == [1]
+    assert OrderingKey("Vm", 1) not in d.waiting and OrderingKey("Vm", 2) not in d.waiting
+    d.ended(0, 1)
+    assert [t.id for t in d.take_sendable(0)] == [4]  # the other partition goes on
+    assert d.held() == 1
+
+
+# -- the balancing round --------------------------------------------------------------------------
+
+
+class FakeStore:
+    @contextmanager
+    def transaction(self) -> Any:
+        yield self
+
+    def rollback(self) -> None:
+        pass
+
+
+@pytest.fixture
+def db(monkeypatch: pytest.MonkeyPatch) -> SimpleNamespace:
+    """The partition queries, answered from a table of holders; calls recorded."""
+    state = SimpleNamespace(owners={}, live=[1], calls=[], freed=set())
+
+    def view(store: Any) -> list[dbp.PartitionLease]:
+        return [dbp.PartitionLease(p, state.owners.get(p), 1, False, None, state.owners.get(p) in state.live)
+                for p in range(P)]
+
+    def acquire(store: Any, me: int, partitions: list[int]) -> list[dbp.Acquired]:
+        state.calls.append(("acquire", sorted(partitions)))
+        return [dbp.Acquired(p, 50 + p, state.owners.get(p)) for p in partitions]
+
+    def adopt(store: Any, me: int, partitions: list[int]) -> list[dict]:
+        return []
+
+    def request(store: Any, me: int, partitions: list[int]) -> dbp.Reservations:
+        state.calls.append(("request", sorted(partitions)))
+        return dbp.Reservations(tuple(partitions), ())
+
+    def begin(store: Any, me: int, held: dict[int, int]) -> dbp.Released:
+        state.calls.append(("begin_release", dict(held)))
+        return dbp.Released(tuple(sorted(held)), 0)
+
+    def release(store: Any, me: int, held: dict[int, int]) -> dbp.Released:
+        state.calls.append(("release", dict(held)))
+        return dbp.Released(tuple(sorted(p for p in held if p in state.freed)), 0)
+
+    def announce(store: Any, me: int) -> None:
+        state.calls.append(("announce", me))
+
+    fake = SimpleNamespace(partition_view=view, live_multihost_instances=lambda store: list(state.live),
+                           acquire_partitions=acquire, adopt_partition_tasks=adopt, request_partitions=request,
+                           begin_release=begin, release_partitions=release, announce_partition_moves=announce)
+    monkeypatch.setattr(rebalance, "dbp", fake)
+    monkeypatch.setattr(rebalance, "limit_idle_transaction", lambda store, config: None)
+    return state
+
+
+def make(book: PartitionBook, dropped: list[set[int]]) -> Rebalancer:
+    config = SimpleNamespace(lease_renew_interval=2.0, mode="multihost", lease_seconds=6.0)
+    return Rebalancer(FakeStore(), lambda: config, 1, book, lambda rows: None, dropped.append)  # type: ignore[arg-type]
+
+
+def test_a_lone_instance_acquires_every_free_partition(db: SimpleNamespace) -> None:
+    book = PartitionBook(P)
+    assert make(book, []).round(0.0)
+    assert ("acquire", list(range(P))) in db.calls
+    assert book.claimable() == {p: 50 + p for p in range(P)}
+
+
+def test_a_joiner_makes_the_holder_hand_over_its_surplus(db: SimpleNamespace) -> None:
+    book = PartitionBook(P)
+    for p in range(P):
+        book.hold(p, 1)
+    db.owners = dict.fromkeys(range(P), 1)
+    db.live = [1, 2]
+    dropped: list[set[int]] = []
+    rounds = make(book, dropped)
+    assert not rounds.round(0.0)
+    assert ("begin_release", {p: 1 for p in range(4, 8)}) in db.calls  # keeps its lowest-numbered half
+    assert dropped == [{4, 5, 6, 7}] and book.claimable() == {p: 1 for p in range(4)}
+    assert rounds.next_round == 2.0
+    # Nothing of ours runs in 4 and 5 any more: they go; 6 and 7 wait for their last tasks.
+    assert ("announce", 1) not in db.calls  # nothing freed yet
+    db.freed = {4, 5}
+    rounds.finish_releases(0.5)
+    assert ("announce", 1) in db.calls
+    assert book.releasing_leases() == {6: 1, 7: 1} and book.held_count() == 6
+    assert not rounds.release_due(0.6)  # no task ended since: nothing to try
+    rounds.tasks_ended = True
+    assert not rounds.release_due(0.52) and rounds.release_due(0.6)
+
+
+def test_the_joiner_reserves_its_share_and_looks_again_soon(db: SimpleNamespace) -> None:
+    book = PartitionBook(P)
+    db.owners = dict.fromkeys(range(P), 2)
+    db.live = [1, 2]
+    rounds = make(book, [])
+    assert not rounds.round(0.0)
+    assert ("request", [4, 5, 6, 7]) in db.calls and not any(c[0] == "acquire" for c in db.calls)
+    assert ("announce", 1) in db.calls  # the holder hears of it at once
+    assert rounds.next_round == pytest.approx(2.0 * rebalance.WAITING_SHARE)
+    rounds.announced("1")  # our own notification: nothing
+    assert not rounds.due(0.1)
+    rounds.announced("2")  # the holder freed some: look now
+    assert rounds.due(0.1)
+
+
+def test_a_partition_with_tasks_still_in_hand_is_not_taken_back(db: SimpleNamespace) -> None:
+    book = PartitionBook(P)
+    book.add(task(1, vm=3, partition=3))  # a copy from an earlier lease of ours, not ended yet
+    make(book, []).round(0.0)
+    assert ("acquire", [0, 1, 2, 4, 5, 6, 7]) in db.calls
+
+
+def test_an_instance_whose_lease_ran_out_acts_on_nothing(db: SimpleNamespace) -> None:
+    book = PartitionBook(P)
+    book.hold(0, 1)
+    db.live = [2]
+    rounds = make(book, [])
+    assert not rounds.round(0.0)
+    assert db.calls == [] and book.claimable() == {0: 1}
+    assert not rounds.due(1.0) and rounds.due(2.0)  # and it does not ask again at once
