@@ -47,6 +47,7 @@ def test_instance_joined(seed: int, dsn: str, make_run: Any) -> None:
     count = run.rng.choice([1, 2])
     start_instances(run, count)
     scripts = run.workload()
+    assert run.moment is not None  # workload() draws it
     run.wait_ended(run.moment)
     joiner = run.start_daemon(shards=SHARDS, multihost=True)
     ids = run.instance_ids(joiner)
@@ -65,6 +66,7 @@ def test_instance_left(seed: int, dsn: str, make_run: Any) -> None:
     count = run.rng.choice([2, 3])
     daemons = start_instances(run, count)
     scripts = run.workload()
+    assert run.moment is not None  # workload() draws it
     run.wait_ended(run.moment)
     leaver = daemons[run.rng.randrange(count)]
     ids = run.instance_ids(leaver)
@@ -88,6 +90,7 @@ def test_frozen_mid_handover(seed: int, dsn: str, make_run: Any) -> None:
     run.add_hosts()
     givers = start_instances(run, 2)
     scripts = run.workload()
+    assert run.moment is not None  # workload() draws it
     run.wait_ended(run.moment)
     giver_ids = {d.pid: run.instance_ids(d)[-1] for d in givers}
     run.start_daemon(shards=SHARDS, multihost=True, wait=False)
