@@ -22,7 +22,7 @@ LEGEND_FONT_SIZE = 9
 # family -> (base colour, light shade, dark shade, description used in legends)
 FAMILIES: dict[str, tuple[str, str, str, str]] = {
     "taskomatic": ("#1f77b4", "#9ecae1", "#08306b", "taskomatic standalone (per-key order)"),
-    "multihost": ("#2ca02c", "#a1d99b", "#00441b", "taskomatic multihost (key claims)"),
+    "multihost": ("#2ca02c", "#a1d99b", "#00441b", "taskomatic multihost (partition leases)"),
     "pool": ("#ff7f0e", "#fdd0a2", "#7f2704", "SKIP LOCKED pool (no order)"),
     "original": ("#7f7f7f", "#7f7f7f", "#7f7f7f", "original design (1 process, poll loop)"),
     # The routings shade by shard count like the standalone family (pinned is the default: its colours).

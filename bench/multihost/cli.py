@@ -1,4 +1,4 @@
-"""``python -m bench.multihost``: the options, the whole run (both measurements on one private PostgreSQL),
+"""``python -m bench.multihost``: the options, the whole run (the three measurements on one private PostgreSQL),
 and the JSON, summary and plot it writes."""
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from bench.harness import MULTIHOST, Harness, Interrupted, check_overrides
-from bench.multihost.output import plot_scaling, render_summary, results_path, scaling_line, takeover_line
-from bench.multihost.scaling import run_scaling, scaling_summary
+from bench.multihost.join import run_join
+from bench.multihost.output import join_line, plot_scaling, render_summary, results_path, scaling_line, takeover_line
+from bench.multihost.scaling import run_scaling, scaling_summary, setup_label
 from bench.multihost.suite import CORES_NOTE, POLL, SHARDS, Ctx, Plan, plan_for, resolved_settings, summarise
 from bench.multihost.takeover import run_takeover
 from bench.workloads import Workload, generate
@@ -34,14 +35,17 @@ def run_all(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
     scaling_runs: list[dict[str, Any]] = []
     do_takeover = args.only in (None, "takeover")
     do_scaling = args.only in (None, "scaling")
+    do_join = args.only in (None, "join")
+    join_runs: list[dict[str, Any]] = []
     takeover_workload = Workload("takeover", plan.takeover_initial + 400 * plan.takeover_chunk, plan.takeover_keys,
                                  latency="fixed", base_ms=plan.takeover_sleep_ms)
     scale_workload = Workload("scaling-noop", plan.scale_tasks, plan.scale_keys)
-    scale_setups = [(1, False), *((n, True) for n in plan.scale_instances)]
+    scale_setups = [(count, multihost, routing) for count, multihost in
+                    [(1, False), *((n, True) for n in plan.scale_instances)] for routing in plan.routings]
     with Harness("taskomatic-bench-mh-", args.keep_work_dir, announce="bench work directory") as harness:
         machine = harness.machine
         total = (plan.takeover_repeats if do_takeover else 0) + \
-            (plan.scale_repeats * len(scale_setups) if do_scaling else 0)
+            (plan.scale_repeats * len(scale_setups) if do_scaling else 0) + (plan.join_repeats if do_join else 0)
         with tqdm(total=total, unit="run", dynamic_ncols=True, disable=args.no_progress, file=sys.stderr) as bar:
             ctx = Ctx(harness, overrides, bar)
             if do_takeover:
@@ -52,19 +56,25 @@ def run_all(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
                     takeover_runs.append(result)
                     bar.write(takeover_line(result))
                     bar.update(1)
+            if do_join:
+                tasks = generate(takeover_workload, args.seed)
+                for rep in range(plan.join_repeats):
+                    bar.set_description(f"join {rep + 1}/{plan.join_repeats}")
+                    result = run_join(ctx, plan, rep, tasks)
+                    join_runs.append(result)
+                    bar.write(join_line(result))
+                    bar.update(1)
             if do_scaling:
                 tasks = generate(scale_workload, args.seed)
                 for rep in range(plan.scale_repeats):
-                    for count, multihost in scale_setups:
-                        label = f"{count} multihost" if multihost else "standalone"
-                        bar.set_description(f"scaling {label}")
-                        result = run_scaling(ctx, plan, count, multihost, rep, tasks)
+                    for count, multihost, routing in scale_setups:
+                        bar.set_description(f"scaling {setup_label(count, multihost, routing)}")
+                        result = run_scaling(ctx, plan, count, multihost, routing, rep, tasks)
                         scaling_runs.append(result)
                         bar.write(scaling_line(result))
                         bar.update(1)
     resolved = resolved_settings(overrides)
-    multihost_settings = {k: resolved[k] for k in ("lease_seconds", "lease_renew_interval", "keys_per_shard",
-                                                     "tasks_per_key")}
+    multihost_settings = {k: resolved[k] for k in ("lease_seconds", "lease_renew_interval") if k in resolved}
     takeover: dict[str, Any] | None = None
     if do_takeover:
         takeover = {
@@ -80,9 +90,20 @@ def run_all(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
                                      "in_flight_settled_s")},
             "ok": bool(takeover_runs) and all(r["ok"] for r in takeover_runs),
         }
+    join: dict[str, Any] | None = None
+    if do_join:
+        join = {"workload": {**takeover_workload.to_json(), "tasks": None,
+                             "description": f"sleep {plan.takeover_sleep_ms:g} ms tasks over {plan.takeover_keys} "
+                                            "keys (uniform), topped up so the instances stay busy"},
+                "shards_per_instance": SHARDS, "repeats": plan.join_repeats, "hold_s": plan.hold_s, "runs": join_runs,
+                "summary": {name: summarise([r[name] for r in join_runs if r.get(name) is not None])
+                            for name in ("first_partition_s", "first_task_s", "even_share_s",
+                                         "all_back_after_leave_s")},
+                "ok": bool(join_runs) and all(r["ok"] for r in join_runs)}
     scaling: dict[str, Any] | None = None
     if do_scaling:
         scaling = {"workload": scale_workload.to_json(), "shards_per_instance": SHARDS,
+                   "routings": list(plan.routings),
                    "repeats": plan.scale_repeats, "note": CORES_NOTE.format(cores=machine.get("cores")),
                    "runs": scaling_runs, "summary": scaling_summary(scaling_runs),
                    "ok": bool(scaling_runs) and all(r["ok"] for r in scaling_runs)}
@@ -99,7 +120,8 @@ def run_all(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
                      "poll_s": POLL},
         "takeover": takeover,
         "scaling": scaling,
-        "ok": all(part["ok"] for part in (takeover, scaling) if part is not None),
+        "join": join,
+        "ok": all(part["ok"] for part in (takeover, scaling, join) if part is not None),
     }
 
 
@@ -115,9 +137,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1, help="workload seed (default 1)")
     parser.add_argument("--out", type=Path, help="the JSON file (or a directory for multihost-<stamp>.json); "
                                                  "default bench/results/multihost-<stamp>.json")
-    parser.add_argument("--only", choices=["takeover", "scaling"], help="run one of the two measurements")
+    parser.add_argument("--only", choices=["takeover", "scaling", "join"], help="run one of the three measurements")
     parser.add_argument("--instances", type=int, choices=[2, 3], help="instances in the takeover runs (default 2)")
     parser.add_argument("--repeats", type=int, help="takeover repetitions (default: quick 3, full 10)")
+    parser.add_argument("--routing", choices=["pinned", "hash", "both"], default="both",
+                        help="the routing inside each instance in the scaling runs: pinned, hash or both side by "
+                             "side (default both)")
     parser.add_argument("--set", action="append", metavar="NAME=VALUE",
                         help="a daemon setting for every instance (as taskomatic --set); the figures are then "
                              "not those of the defaults, and the output says so")
@@ -128,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     plan = plan_for(args.suite)
     if args.instances:
         plan = plan.with_instances(args.instances)
+    if args.routing != "both":
+        plan = Plan(**{**asdict(plan), "routings": (args.routing,)})
     if args.repeats is not None:
         if args.repeats < 1:
             parser.error("--repeats must be at least 1")

@@ -24,13 +24,23 @@ def _s(value: float | None, digits: int = 2) -> str:
 
 
 def takeover_line(r: dict[str, Any]) -> str:
-    if r.get("first_key_s") is None and r.get("error"):
+    if r.get("first_partition_s") is None and r.get("error"):
         return f"  takeover {r['repetition']}: FAILED: {r['error'].splitlines()[0]}"
     verdict = "checks ok" if r["ok"] else f"CHECKS FAILED {[k for k, v in r.get('checks', {}).items() if not v]}"
     error = f" ({r['error'].splitlines()[0]})" if r.get("error") else ""
-    return (f"  takeover {r['repetition']}: {r.get('keys_at_kill')} keys; first key {_s(r.get('first_key_s'))} s, "
-            f"first task {_s(r.get('first_task_s'))} s, all keys {_s(r.get('all_keys_s'))} s after the kill "
+    return (f"  takeover {r['repetition']}: {r.get('partitions_at_kill')} partitions; first partition "
+            f"{_s(r.get('first_partition_s'))} s, first task {_s(r.get('first_task_s'))} s, all partitions "
+            f"{_s(r.get('all_partitions_s'))} s after the kill "
             f"(its lease had {_s(r.get('victim_lease_left_at_kill_s'))} s left); {verdict}{error}")
+
+
+def join_line(r: dict[str, Any]) -> str:
+    if r.get("first_task_s") is None and r.get("error"):
+        return f"  join {r['repetition']}: FAILED: {r['error'].splitlines()[0]}"
+    verdict = "checks ok" if r["ok"] else f"CHECKS FAILED {[k for k, v in r.get('checks', {}).items() if not v]}"
+    return (f"  join {r['repetition']}: first partition {_s(r.get('first_partition_s'))} s, first task "
+            f"{_s(r.get('first_task_s'))} s, even share {_s(r.get('even_share_s'))} s after it registered; "
+            f"after its graceful leave all back in {_s(r.get('all_back_after_leave_s'))} s; {verdict}")
 
 
 def scaling_line(r: dict[str, Any]) -> str:
@@ -51,8 +61,7 @@ def render_summary(results: dict[str, Any]) -> str:
     mh = settings["multihost"]
     which = "default settings" if settings["defaults"] else "overrides " + ", ".join(settings["overrides"])
     out.append(f"Daemon: {which}"
-               f" (lease_seconds {mh['lease_seconds']:g}, lease_renew_interval {mh['lease_renew_interval']:g}, "
-               f"keys_per_shard {mh['keys_per_shard']}, tasks_per_key {mh['tasks_per_key']}); "
+               f" (lease_seconds {mh['lease_seconds']:g}, lease_renew_interval {mh['lease_renew_interval']:g}); "
                f"{SHARDS} shards per instance")
     takeover = results.get("takeover")
     if takeover:
@@ -61,12 +70,12 @@ def render_summary(results: dict[str, Any]) -> str:
         out += ["", f"1. Takeover after kill -9 of one of {takeover['instances']} instances "
                     f"({takeover['repeats']} repetition{'s' if takeover['repeats'] != 1 else ''}; "
                     f"{takeover['workload']['description']})",
-                f"   instances started a random 0 to {renew:g} s apart; killed once every instance had held keys "
+                f"   instances started a random 0 to {renew:g} s apart; killed once every instance had held partitions "
                 f"for {takeover['hold_s']:g} s plus a random 0 to {renew:g} s (one renewal interval);",
                 "   seconds from t0 = SELECT clock_timestamp() right after the SIGKILL, on the database clock", ""]
-        rows = [("(a) another instance holds its first key", "first_key_s"),
-                ("(b) first task of its keys starts elsewhere", "first_task_s"),
-                ("(c) all its keys moved", "all_keys_s"),
+        rows = [("(a) another instance holds its first partition", "first_partition_s"),
+                ("(b) first task of its partitions starts elsewhere", "first_task_s"),
+                ("(c) all its partitions moved", "all_partitions_s"),
                 ("its lease had left at the kill", "victim_lease_left_at_kill_s"),
                 ("its in-flight tasks all settled", "in_flight_settled_s")]
         out.append(f"| {'figure':<44} | {'min':>6} | {'median':>6} | {'max':>6} | per run")
@@ -75,18 +84,18 @@ def render_summary(results: dict[str, Any]) -> str:
             s = takeover["summary"][name]
             per = ", ".join(_s(r.get(name)) for r in runs)
             out.append(f"| {title:<44} | {_s(s['min']):>6} | {_s(s['median']):>6} | {_s(s['max']):>6} | {per}")
-        keys = ", ".join(str(r.get("keys_at_kill")) for r in runs)
+        parts = ", ".join(str(r.get("partitions_at_kill")) for r in runs)
         running = ", ".join(str(r.get("victim_tasks_running_at_kill")) for r in runs)
         rounds = ", ".join(str(r.get("takeover_transactions")) for r in runs)
         busy = ", ".join(f"{r['machine_busy_share_until_moved']:.0%}" if r.get("machine_busy_share_until_moved")
                          is not None else "-" for r in runs)
-        out += ["", f"keys held by the killed instance: {keys}; its tasks running at the kill: {running}; "
+        out += ["", f"partitions held by the killed instance: {parts}; its tasks running at the kill: {running}; "
                     f"takeover transactions that moved them: {rounds}",
-                f"machine busy (all processes, all cores) from the kill until its keys moved: {busy}"]
+                f"machine busy (all processes, all cores) from the kill until its partitions moved: {busy}"]
         failed = {name for r in runs for name, ok in r.get("checks", {}).items() if not ok}
         errors = [r["error"].splitlines()[0] for r in runs if r.get("error")]
-        out.append("correctness (every task ended once, per-key order, no start before its key moved, tokens "
-                   "increased, no claims left, no rejoin): "
+        out.append("correctness (every task ended once, per-key order, no start before its partition moved, "
+                   "tokens increased, nothing held after the survivors stopped, no rejoin): "
                    + ("ok in every run" if takeover["ok"] else f"FAILED: {sorted(failed)} {errors}"))
     scaling = results.get("scaling")
     if scaling:
@@ -94,30 +103,88 @@ def render_summary(results: dict[str, Any]) -> str:
         out += ["", f"2. Scaling over instances: {w['description']}, {scaling['shards_per_instance']} shards per "
                     f"instance, {scaling['repeats']} run(s) per setup (median)",
                 f"   NOTE: {scaling['note']}.", ""]
-        out.append(f"| {'setup':<12} | {'tasks/s':>8} | {'vs SA':>6} | {'tkm CPU s/1k':>12} | {'PG CPU s/1k':>11} "
-                   f"| {'key claims/1k':>13} | {'xact/task':>9} | {'pause s':>7} | share per instance | other load "
-                   "| checks")
-        out.append(f"|{'-' * 14}|{'-' * 10}|{'-' * 8}|{'-' * 14}|{'-' * 13}|{'-' * 15}|{'-' * 11}|{'-' * 9}|{'-' * 20}"
-                   f"|{'-' * 12}|{'-' * 8}")
+        out.append("| setup | tasks/s | vs SA | tkm CPU s/1k | PG CPU s/1k | PG vs SA | leases taken | xact/task "
+                   "| pause s | share per instance | other load | checks |")
+        out.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---|")
         for s in scaling["summary"]:
             share = " / ".join(f"{v:.0%}" for v in s["share_per_instance"] or [])
-            out.append(f"| {s['setup']:<12} | {_s(s['throughput_tps'], 0):>8} | {_s(s['throughput_vs_standalone']):>6} "
-                       f"| {_s(s['taskomatic_cpu_s_per_1k'], 3):>12} | {_s(s['postgres_cpu_s_per_1k'], 3):>11} "
-                       f"| {_s(s['key_claims_per_1k'], 1):>13} | {_s(s['db_transactions_per_task'], 1):>9} "
-                       f"| {_s(s['longest_pause_s']):>7} "
-                       f"| {share:<18} | {s['other_share_max']:>10.0%} "
-                       f"| {'ok' if s['ok'] else 'FAILED'}")
-        out.append("(SA: the standalone instance. CPU from the burst to the last end. Key claims: tokens handed out "
-                   "(claims and takeovers). xact/task: database transactions "
+            out.append(f"| {s['setup']} | {_s(s['throughput_tps'], 0)} | {_s(s['throughput_vs_standalone'])} "
+                       f"| {_s(s['taskomatic_cpu_s_per_1k'], 3)} | {_s(s['postgres_cpu_s_per_1k'], 3)} "
+                       f"| {_s(s.get('postgres_cpu_vs_standalone'))} | {_s(s.get('partition_acquisitions'), 0)} "
+                       f"| {_s(s['db_transactions_per_task'], 1)} | {_s(s['longest_pause_s'])} "
+                       f"| {share} | {s['other_share_max']:.0%} | {'ok' if s['ok'] else 'FAILED'} |")
+        out.append("(SA: the standalone instance with the same routing. CPU from the burst to the last end. Leases "
+                   "taken: partition leases handed out (P when the first instance starts, then one per partition that "
+                   "moves). xact/task: database transactions "
                    "(commits and rollbacks, pg_stat_database, the bench's few included) per task. Pause s: the longest "
                    "time no task ran on any instance although tasks were queued. "
                    "Other load: CPU of every other process on the machine during the run, "
                    "as a share of all cores; a large share means the figures are disturbed)")
+    join = results.get("join")
+    if join:
+        out += ["", f"3. Join and leave under load ({join['repeats']} repetition{'s' if join['repeats'] != 1 else ''};"
+                    f" {join['workload']['description']}): a second instance joins one that holds every partition and "
+                    "is busy, then leaves gracefully (SIGTERM); seconds on the database clock", "",
+                "| figure | min | median | max |", "|---|---:|---:|---:|"]
+        for title, name in (("its first partition, after it registered", "first_partition_s"),
+                            ("its first task started", "first_task_s"),
+                            ("it holds its even share", "even_share_s"),
+                            ("after its SIGTERM: the other holds every partition again", "all_back_after_leave_s")):
+            s = join["summary"][name]
+            out.append(f"| {title} | {_s(s['min'])} | {_s(s['median'])} | {_s(s['max'])} |")
+        not_held = sorted({name for r in join["runs"] for name, ok in r.get("checks", {}).items() if not ok})
+        join_errors = [r["error"].splitlines()[0] for r in join["runs"] if r.get("error")]
+        out.append("correctness (every task ended exactly once, per-key order, tokens increased, clean stops, "
+                   "nothing held after): "
+                   + ("ok in every run" if join["ok"] else f"FAILED: {not_held} {join_errors}"))
+    targets = target_rows(results)
+    if targets:
+        out += ["", "Targets (issue 13):", "", "| target | measured | met |", "|---|---|---|"]
+        out += [f"| {t} | {m} | {'yes' if ok else 'NO'} |" for t, m, ok in targets]
     return "\n".join(out)
 
 
+def target_rows(results: dict[str, Any]) -> list[tuple[str, str, bool]]:
+    """(target, what was measured, met) for the issue's multihost targets this run measured."""
+    rows: list[tuple[str, str, bool]] = []
+    scaling = results.get("scaling")
+    summary = scaling["summary"] if scaling else []
+    for routing in (scaling or {}).get("routings", []):
+        mine = {s["instances"]: s for s in summary if s["mode"] == "multihost" and s.get("routing") == routing}
+        one, three = mine.get(1), mine.get(3)
+        if one and one.get("throughput_vs_standalone") is not None:
+            rows.append((f"one multihost instance >= 0.8x standalone ({routing})",
+                         f"{one['throughput_vs_standalone']:.2f}x", one["throughput_vs_standalone"] >= 0.8))
+        if three and three.get("throughput_vs_standalone") is not None:
+            spread = three.get("share_spread")
+            rows.append((f"3 instances together >= 0.8x standalone, each within 15 % of an even share ({routing})",
+                         f"{three['throughput_vs_standalone']:.2f}x, largest deviation from an even share "
+                         f"{_s((spread or 0) * 100, 0)} %",
+                         three["throughput_vs_standalone"] >= 0.8 and spread is not None and spread <= 0.15))
+        pg = [s["postgres_cpu_vs_standalone"] for s in mine.values() if s.get("postgres_cpu_vs_standalone")]
+        if pg:
+            rows.append((f"PostgreSQL CPU per task in multihost <= 1.5x standalone ({routing})",
+                         f"{min(pg):.2f}x to {max(pg):.2f}x (1 to {max(mine)} instances)", max(pg) <= 1.5))
+    takeover = results.get("takeover")
+    renew = results["settings"]["multihost"].get("lease_renew_interval")
+    lease = results["settings"]["multihost"].get("lease_seconds")
+    if takeover and takeover["summary"]["first_task_s"]["max"] is not None and renew and lease:
+        worst = takeover["summary"]["all_partitions_s"]["max"]
+        rows.append((f"takeover after kill -9 <= lease + one renewal interval ({lease + renew:g} s)",
+                     f"all partitions moved after at most {_s(worst)} s, first task elsewhere after "
+                     f"{_s(takeover['summary']['first_task_s']['max'])} s",
+                     worst is not None and worst <= lease + renew))
+    join = results.get("join")
+    if join and join["summary"]["first_task_s"]["max"] is not None and renew:
+        worst = join["summary"]["first_task_s"]["max"]
+        rows.append((f"a joining instance runs its first task within two renewal intervals ({2 * renew:g} s) "
+                     "under load", f"at most {_s(worst)} s after it registered", worst <= 2 * renew))
+    return rows
+
+
 def plot_scaling(results: dict[str, Any], path: Path) -> Path | None:
-    """Throughput and database transactions per task over the scaling setups, as a PNG; None without data."""
+    """Throughput and CPU per task (taskomatic, PostgreSQL) over the setups, one bar per routing; None
+    without data."""
     scaling = results.get("scaling")
     if not scaling or not scaling.get("summary"):
         return None
@@ -131,25 +198,30 @@ def plot_scaling(results: dict[str, Any], path: Path) -> Path | None:
     rows = [s for s in scaling["summary"] if s.get("throughput_tps")]
     if not rows:
         return None
-    labels = [s["setup"] for s in rows]
-    colours = [style.colour(s["setup"], s["mode"], s.get("instances")) for s in rows]
-    fig, (left, right) = plt.subplots(1, 2, figsize=style.figsize(2, 1, 6.0, 4.4))
-    left.bar(labels, [s["throughput_tps"] for s in rows], color=colours)
-    for i, s in enumerate(rows):
-        left.text(i, s["throughput_tps"], f"{s['throughput_tps']:,.0f}", ha="center", va="bottom", fontsize=9)
-    left.set_ylabel("no-op tasks/s (median of runs)")
-    left.set_xlabel("setup (instances)")
-    left.set_title("throughput: standalone vs multihost")
-    right.bar(labels, [s.get("db_transactions_per_task") or 0 for s in rows], color=colours)
-    right.set_ylabel("database transactions per task")
-    right.set_xlabel("setup (instances)")
-    right.set_title("what coordination costs")
-    from matplotlib.patches import Patch
-
-    families = sorted({style.family_of(s["setup"], s["mode"]) for s in rows})
-    fig.legend([Patch(color=style.colour(f, f)) for f in families], [style.family_label(f) for f in families],
-               loc="lower center", ncol=len(families))
+    routings: list[str | None] = [r for r in ("pinned", "hash") if any(s.get("routing") == r for s in rows)]
+    routings = routings or [None]  # results from before the routing dimension
+    setups = list(dict.fromkeys((s["mode"], s["instances"]) for s in rows))
+    names = ["standalone" if mode == "standalone" else f"{n} multihost" for mode, n in setups]
+    width = 0.8 / len(routings)
+    fig, axes = plt.subplots(1, 3, figsize=style.figsize(3, 1, 4.6, 4.2))
+    panels = (("throughput_tps", "no-op tasks/s (median of runs)", "throughput"),
+              ("taskomatic_cpu_s_per_1k", "taskomatic CPU s per 1,000 tasks", "daemon CPU per task"),
+              ("postgres_cpu_s_per_1k", "PostgreSQL CPU s per 1,000 tasks", "database CPU per task"))
+    for ax, (field, ylabel, title) in zip(axes, panels, strict=True):
+        for j, routing in enumerate(routings):
+            family = routing or "multihost"
+            values = [next((s.get(field) or 0 for s in rows if (s["mode"], s["instances"]) == setup
+                            and s.get("routing") == routing), 0) for setup in setups]
+            xs = [i + (j - (len(routings) - 1) / 2) * width for i in range(len(setups))]
+            ax.bar(xs, values, width, color=style.colour(family, family), label=style.family_label(family))
+            if field == "throughput_tps":
+                for x, v in zip(xs, values, strict=True):
+                    ax.text(x, v, f"{v:,.0f}", ha="center", va="bottom", fontsize=8)
+        ax.set_xticks(range(len(setups)), names)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels))
     fig.suptitle(f"{scaling['workload']['description']}, {scaling['shards_per_instance']} shards per instance")
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     return style.save(fig, path)
-

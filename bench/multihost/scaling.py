@@ -1,4 +1,5 @@
-"""2. Scaling over instances: one no-op burst through a standalone instance and 1..3 multihost instances."""
+"""2. Scaling over instances: one no-op burst through a standalone instance and 1..3 multihost instances,
+with each routing inside an instance (``--routing pinned`` and ``hash``), side by side in one run."""
 
 from __future__ import annotations
 
@@ -44,22 +45,27 @@ def database_transactions(conn: Any) -> int:
                              "WHERE datname = current_database()"))
 
 
-def key_claims_made(conn: Any) -> int:
-    """Tokens handed out: key claims plus takeovers (every one takes a token from one sequence)."""
-    row = fetch_rows(conn, "SELECT last_value, is_called FROM key_claim_tokens")[0]
+def partition_acquisitions(conn: Any) -> int:
+    """Partition leases handed out so far: every acquisition (first claim, hand-over, takeover) takes a
+    token from one sequence, so its last value counts them."""
+    row = fetch_rows(conn, "SELECT last_value, is_called FROM partition_lease_tokens")[0]
     return int(row["last_value"]) if row["is_called"] else 0
 
 
-def run_scaling(ctx: Ctx, plan: Plan, count: int, multihost: bool, rep: int,
+def setup_label(count: int, multihost: bool, routing: str) -> str:
+    return f"{count} multihost, {routing}" if multihost else f"standalone, {routing}"
+
+
+def run_scaling(ctx: Ctx, plan: Plan, count: int, multihost: bool, routing: str, rep: int,
                 tasks: list[PlannedTask]) -> dict[str, Any]:
-    label = f"{count} multihost" if multihost else "standalone"
+    label = setup_label(count, multihost, routing)
     result: dict[str, Any] = {"setup": label, "mode": "multihost" if multihost else "standalone",
-                              "instances": count, "shards_per_instance": SHARDS, "repetition": rep + 1,
-                              "tasks": len(tasks), "error": None}
+                              "routing": routing, "instances": count, "shards_per_instance": SHARDS,
+                              "repetition": rep + 1, "tasks": len(tasks), "error": None}
     started = time.monotonic()
     with run_database(ctx, result) as (dsn, conn):
-        with instances(ctx, dsn, count, multihost, f"scale-{'mh' if multihost else 'sa'}{count}-r{rep + 1}") \
-                as runners:
+        with instances(ctx, dsn, count, multihost, f"scale-{'mh' if multihost else 'sa'}{count}-{routing}-r{rep + 1}",
+                       routing=routing) as runners:
             xacts_before = database_transactions(conn)
             window = CpuWindow([r.pid for r in runners], ctx.harness.postmaster_pid)
             wall_start = time.monotonic()
@@ -114,9 +120,10 @@ def run_scaling(ctx: Ctx, plan: Plan, count: int, multihost: bool, rep: int,
         result["tasks_per_instance"] = per_instance
         result["share_per_instance"] = [round(c / len(tasks), 4) for c in per_instance]
         if multihost:
-            claims = key_claims_made(conn)
-            result["key_claims"] = claims
-            result["key_claims_per_1k"] = round(claims / len(tasks) * 1000, 1)
+            # Leases taken: P when the first instance starts, then one per partition that moves.
+            result["partition_acquisitions"] = partition_acquisitions(conn)
+            even = 1.0 / count
+            result["share_spread"] = round(max(abs(s - even) / even for s in result["share_per_instance"]), 4)
         result["ended_once"] = ended_once_verdict(fetch_rows(conn, ENDED_SQL)[0], len(tasks), set())
         result["order"] = measure.order_check(conn)
         result["rejoined"] = sum(len(g) - 1 for g in ids if len(g) > 1)
@@ -128,7 +135,7 @@ def run_scaling(ctx: Ctx, plan: Plan, count: int, multihost: bool, rep: int,
 
 
 def scaling_summary(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per setup: the median of its repetitions; ratios to the standalone reference."""
+    """Per setup: the median of its repetitions; ratios to the standalone reference of the same routing."""
     setups: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in runs:
         setups[r["setup"]].append(r)
@@ -141,22 +148,27 @@ def scaling_summary(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for setup, rows in setups.items():
         shares = [r["share_per_instance"] for r in rows if r.get("share_per_instance")]
         out.append({
-            "setup": setup, "mode": rows[0]["mode"], "instances": rows[0]["instances"], "runs": len(rows),
+            "setup": setup, "mode": rows[0]["mode"], "routing": rows[0].get("routing"),
+            "instances": rows[0]["instances"], "runs": len(rows),
             "ok": all(r["ok"] for r in rows),
             "throughput_tps": med(rows, lambda r: r.get("throughput_tps")),
             "throughput_tps_all": [r.get("throughput_tps") for r in rows],
             "taskomatic_cpu_s_per_1k": med(rows, lambda r: (r.get("cpu") or {}).get("taskomatic_s_per_1k")),
             "postgres_cpu_s_per_1k": med(rows, lambda r: (r.get("cpu") or {}).get("postgres_s_per_1k")),
-            "key_claims_per_1k": med(rows, lambda r: r.get("key_claims_per_1k")),
+            "partition_acquisitions": med(rows, lambda r: r.get("partition_acquisitions")),
+            "share_spread": med(rows, lambda r: r.get("share_spread")),
             "db_transactions_per_task": med(rows, lambda r: r.get("db_transactions_per_task")),
             "longest_pause_s": med(rows, lambda r: (r.get("pauses") or {}).get("longest_s")),
             "other_share_max": max(((r.get("cpu") or {}).get("other_share") or 0.0) for r in rows),
             "share_per_instance": shares[len(shares) // 2] if shares else None,
         })
-    reference = next((s for s in out if s["mode"] == "standalone"), None)
     for s in out:
+        reference = next((r for r in out if r["mode"] == "standalone" and r.get("routing") == s.get("routing")), None)
         ref = reference["throughput_tps"] if reference else None
         s["throughput_vs_standalone"] = round(s["throughput_tps"] / ref, 3) if ref and s["throughput_tps"] else None
+        ref_pg = reference["postgres_cpu_s_per_1k"] if reference else None
+        pg = s["postgres_cpu_s_per_1k"]
+        s["postgres_cpu_vs_standalone"] = round(pg / ref_pg, 3) if ref_pg and pg is not None else None
     return out
 
 

@@ -44,6 +44,8 @@ class Plan:
     scale_instances: tuple[int, ...]
     scale_repeats: int
     settings: tuple[str, ...] = ()  # daemon overrides of the suite itself (smoke: a short lease)
+    routings: tuple[str, ...] = ("pinned", "hash")  # the scaling setups run with each, side by side
+    join_repeats: int = 1  # join-and-leave runs (the takeover workload)
 
     def with_instances(self, instances: int) -> Plan:
         factor = instances / 2
@@ -60,15 +62,16 @@ def plan_for(name: str) -> Plan:
         return Plan("smoke", takeover_repeats=1, takeover_instances=2, takeover_keys=40, takeover_sleep_ms=20,
                     takeover_initial=300, takeover_low_water=100, takeover_chunk=100, hold_s=1.5,
                     scale_tasks=400, scale_keys=40, scale_instances=(1, 2), scale_repeats=1,
-                    settings=("multihost.lease_seconds=3", "multihost.lease_renew_interval=1"))
+                    settings=("multihost.lease_seconds=3", "multihost.lease_renew_interval=1"),
+                    routings=("pinned",), join_repeats=1)
     if name == "quick":
         return Plan("quick", takeover_repeats=3, takeover_instances=2, takeover_keys=200, takeover_sleep_ms=50,
                     takeover_initial=1000, takeover_low_water=200, takeover_chunk=200, hold_s=4.0,
-                    scale_tasks=5000, scale_keys=500, scale_instances=(1, 2, 3), scale_repeats=1)
+                    scale_tasks=5000, scale_keys=500, scale_instances=(1, 2, 3), scale_repeats=1, join_repeats=2)
     if name == "full":
         return Plan("full", takeover_repeats=10, takeover_instances=2, takeover_keys=200, takeover_sleep_ms=50,
                     takeover_initial=1000, takeover_low_water=200, takeover_chunk=200, hold_s=5.0,
-                    scale_tasks=20000, scale_keys=500, scale_instances=(1, 2, 3), scale_repeats=3)
+                    scale_tasks=20000, scale_keys=500, scale_instances=(1, 2, 3), scale_repeats=3, join_repeats=5)
     raise ValueError(f"unknown suite {name!r}")
 
 
@@ -137,10 +140,11 @@ class Ctx:
 
 @contextmanager
 def instances(ctx: Ctx, dsn: str, count: int, multihost: bool, label: str,
-              stagger: list[float] | None = None) -> Iterator[list[Runner]]:
+              stagger: list[float] | None = None, routing: str | None = None) -> Iterator[list[Runner]]:
     """Start ``count`` daemons (2 shards each) on ``dsn`` and wait until each is READY; stop them all after.
 
     ``stagger``: seconds to wait before starting each one (its renewal and takeover timers start with it).
+    ``routing``: the routing inside each instance (None: the daemon's default).
     """
     run_dir = ctx.run_dir(label)
     settings = ([MULTIHOST] if multihost else []) + ctx.overrides
@@ -149,8 +153,8 @@ def instances(ctx: Ctx, dsn: str, count: int, multihost: bool, label: str,
         for i in range(count):
             if stagger:
                 time.sleep(stagger[i])
-            runners.append(ctx.harness.start(RunnerSpec("taskomatic", SHARDS), dsn, run_dir / f"instance{i + 1}",
-                                             settings))
+            runners.append(ctx.harness.start(RunnerSpec("taskomatic", SHARDS, routing), dsn,
+                                             run_dir / f"instance{i + 1}", settings))
         for runner in runners:
             runner.wait_ready()
         yield runners

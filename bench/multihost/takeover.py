@@ -1,4 +1,4 @@
-"""1. Takeover after kill -9: how long until another instance holds the killed one's keys and runs their tasks."""
+"""1. Takeover after kill -9: how long until other instances hold the killed one's partitions and run their tasks."""
 
 from __future__ import annotations
 
@@ -29,86 +29,80 @@ from bench.multihost.suite import (
 from bench.runners import RunnerFailed
 from bench.workloads import PlannedTask
 
-Key = tuple[str, int]
 
-
-def takeover_figures(t0: float, victim_ids: set[int], keys: dict[Key, int], events: list[dict[str, Any]],
+def takeover_figures(t0: float, victim_ids: set[int], partitions: dict[int, int], events: list[dict[str, Any]],
                      starts: list[dict[str, Any]]) -> dict[str, Any]:
-    """The takeover figures from the audit trail of ``key_claims`` and the tasks of the victim's keys.
+    """The takeover figures from the audit trail of ``partition_leases`` and the tasks of the victim's partitions.
 
-    ``keys``: the victim's keys at the kill, with its token. ``events``: rows
-    {at, op (claim/takeover/release), key_type, key_id, instance_id, previous, token, txid},
-    times as epoch seconds on the database clock. ``starts``: {key_type, key_id, claimed_by,
-    started} of every task of those keys that started after ``t0``. Seconds are from ``t0``.
+    ``partitions``: the victim's partitions at the kill, with its token. ``events``: rows
+    {at, op (acquire/release), partition, instance_id, previous, token, txid}, times as epoch seconds
+    on the database clock. ``starts``: {partition, claimed_by, started} of every task of those
+    partitions that started after ``t0``. Seconds are from ``t0``.
     """
-    moved: dict[Key, dict[str, Any]] = {}
+    moved: dict[int, dict[str, Any]] = {}
     for e in sorted(events, key=lambda e: e["at"]):
-        key = (e["key_type"], int(e["key_id"]))
-        if key not in keys or key in moved or e["at"] < t0:
+        part = int(e["partition"])
+        if part not in partitions or part in moved or e["at"] < t0:
             continue
-        if e["op"] in ("claim", "takeover") and e["instance_id"] not in victim_ids:
-            moved[key] = e
-    first_start: dict[Key, float] = {}
-    early: list[dict[str, Any]] = []  # started elsewhere before the key had moved: a fencing failure
+        if e["op"] == "acquire" and e["instance_id"] not in victim_ids:
+            moved[part] = e
+    first_start: dict[int, float] = {}
+    early: list[dict[str, Any]] = []  # started elsewhere before the partition had moved: a fencing failure
     for s in starts:
-        key = (s["key_type"], int(s["key_id"]))
+        part = int(s["partition"])
         if s["claimed_by"] in victim_ids or s["started"] < t0:
             continue
-        if key not in moved or s["started"] < moved[key]["at"]:
-            early.append({"key": f"{key[0]}:{key[1]}", "started_s": round(s["started"] - t0, 3),
-                          "claimed_by": s["claimed_by"]})
-        first_start[key] = min(first_start.get(key, s["started"]), s["started"])
-    out: dict[str, Any] = {
-        "keys_at_kill": len(keys),
-        "keys_moved": len(moved),
-        "first_key_s": round(min(e["at"] for e in moved.values()) - t0, 3) if moved else None,
-        "all_keys_s": round(max(e["at"] for e in moved.values()) - t0, 3) if len(moved) == len(keys) and keys
-        else None,
+        if part not in moved or s["started"] < moved[part]["at"]:
+            early.append({"partition": part, "started_s": round(s["started"] - t0, 3), "claimed_by": s["claimed_by"]})
+        first_start[part] = min(first_start.get(part, s["started"]), s["started"])
+    return {
+        "partitions_at_kill": len(partitions),
+        "partitions_moved": len(moved),
+        "first_partition_s": round(min(e["at"] for e in moved.values()) - t0, 3) if moved else None,
+        "all_partitions_s": round(max(e["at"] for e in moved.values()) - t0, 3)
+        if len(moved) == len(partitions) and partitions else None,
         "first_task_s": round(min(first_start.values()) - t0, 3) if first_start else None,
-        "how": dict(Counter(e["op"] for e in moved.values())),
         "moved_to": {str(k): v for k, v in sorted(Counter(e["instance_id"] for e in moved.values()).items())},
-        "takeover_transactions": len({(e["instance_id"], e["txid"]) for e in moved.values()
-                                      if e["op"] == "takeover"}),
-        "tokens_increased": all(e["token"] > keys[k] for k, e in moved.items()),
-        "started_before_key_moved": early,
-        "per_key": [{"key": f"{k[0]}:{k[1]}", "moved_s": round(e["at"] - t0, 3), "op": e["op"],
-                     "to_instance_id": e["instance_id"], "old_token": keys[k], "new_token": e["token"],
-                     "first_task_s": round(first_start[k] - t0, 3) if k in first_start else None}
-                    for k, e in sorted(moved.items(), key=lambda kv: kv[1]["at"])],
+        "takeover_transactions": len({(e["instance_id"], e["txid"]) for e in moved.values()}),
+        "tokens_increased": all(e["token"] > partitions[p] for p, e in moved.items()),
+        "started_before_partition_moved": early,
+        "per_partition": [{"partition": p, "moved_s": round(e["at"] - t0, 3), "to_instance_id": e["instance_id"],
+                           "old_token": partitions[p], "new_token": e["token"],
+                           "first_task_s": round(first_start[p] - t0, 3) if p in first_start else None}
+                          for p, e in sorted(moved.items(), key=lambda kv: kv[1]["at"])],
     }
-    return out
 
 
+# One row per change of a partition's holder, stamped in the transaction that made it.
 AUDIT_SQL = """
-CREATE UNLOGGED TABLE bench_key_events (
+CREATE UNLOGGED TABLE bench_partition_events (
     seq         bigserial PRIMARY KEY,
     at          timestamptz NOT NULL DEFAULT clock_timestamp(),
     txid        bigint NOT NULL DEFAULT txid_current(),
     op          text NOT NULL,
-    key_type    text NOT NULL,
-    key_id      bigint NOT NULL,
+    partition   smallint NOT NULL,
     instance_id bigint,
     previous    bigint,
     token       bigint
 );
-CREATE FUNCTION bench_key_event() RETURNS trigger LANGUAGE plpgsql AS $$
+CREATE FUNCTION bench_partition_event() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    IF TG_OP = 'INSERT' THEN
-        INSERT INTO bench_key_events (op, key_type, key_id, instance_id, token)
-        VALUES ('claim', NEW.key_type, NEW.key_id, NEW.instance_id, NEW.token);
-    ELSIF TG_OP = 'UPDATE' THEN
-        INSERT INTO bench_key_events (op, key_type, key_id, instance_id, previous, token)
-        VALUES ('takeover', NEW.key_type, NEW.key_id, NEW.instance_id, OLD.instance_id, NEW.token);
-    ELSE
-        INSERT INTO bench_key_events (op, key_type, key_id, previous, token)
-        VALUES ('release', OLD.key_type, OLD.key_id, OLD.instance_id, OLD.token);
+    IF NEW.instance_id IS NOT NULL AND NEW.token IS DISTINCT FROM OLD.token THEN
+        INSERT INTO bench_partition_events (op, partition, instance_id, previous, token)
+        VALUES ('acquire', NEW.partition, NEW.instance_id, OLD.instance_id, NEW.token);
+    ELSIF NEW.instance_id IS NULL AND OLD.instance_id IS NOT NULL THEN
+        INSERT INTO bench_partition_events (op, partition, previous, token)
+        VALUES ('release', NEW.partition, OLD.instance_id, OLD.token);
     END IF;
     RETURN NULL;
 END;
 $$;
-CREATE TRIGGER bench_key_events AFTER INSERT OR UPDATE OR DELETE ON key_claims
-FOR EACH ROW EXECUTE FUNCTION bench_key_event();
+CREATE TRIGGER bench_partition_events AFTER UPDATE ON partition_leases
+FOR EACH ROW EXECUTE FUNCTION bench_partition_event();
 """
+
+HELD_SQL = "SELECT partition, instance_id, token FROM partition_leases WHERE instance_id IS NOT NULL"
+
 
 def kill_jitter(seed: int, rep: int, renew_interval: float) -> float:
     """Extra wait before the kill, uniform over one renewal interval (seeded): the kill lands at a random
@@ -158,14 +152,13 @@ def run_takeover(ctx: Ctx, plan: Plan, rep: int, tasks: list[PlannedTask], seed:
             insert_tasks(conn, tasks[:plan.takeover_initial])
             inserted = plan.takeover_initial
             burst_at = time.monotonic()
-            # Wait until every instance has held keys for hold_s + jitter (and the victim holds some now).
+            # Wait until every instance has held partitions for hold_s + jitter (and the victim holds some now).
             hold = plan.hold_s + jitter
             first_held: dict[int, float] = {}
             deadline = time.monotonic() + 60 + hold
             while True:
                 now = time.monotonic()
-                held = Counter(int(r["instance_id"])
-                               for r in fetch_rows(conn, "SELECT instance_id FROM key_claims"))
+                held = Counter(int(r["instance_id"]) for r in fetch_rows(conn, HELD_SQL))
                 for i in range(n):
                     if any(held.get(x) for x in ids[i]):
                         first_held.setdefault(i, now)
@@ -174,16 +167,15 @@ def run_takeover(ctx: Ctx, plan: Plan, rep: int, tasks: list[PlannedTask], seed:
                         and min(now - t for t in first_held.values()) >= hold):
                     break
                 if now > deadline:
-                    raise RunnerFailed(f"not every instance held keys for {hold:.1f}s within "
+                    raise RunnerFailed(f"not every instance held partitions for {hold:.1f}s within "
                                        f"{deadline - burst_at:.0f}s (holding: {dict(held)})")
                 check_running(runners)
                 top_up()
-                bar.set_postfix_str(f"takeover {rep + 1}: instances holding keys {len(first_held)}/{n}")
+                bar.set_postfix_str(f"takeover {rep + 1}: instances holding partitions {len(first_held)}/{n}")
                 time.sleep(POLL)
             result["kill_after_burst_s"] = round(time.monotonic() - burst_at, 3)
-            keys_before = {(r["key_type"], int(r["key_id"])): int(r["token"]) for r in fetch_rows(
-                conn, "SELECT key_type, key_id, token FROM key_claims WHERE instance_id = ANY(%s)",
-                (sorted(ids[victim_index]),))}
+            held_before = {int(r["partition"]): int(r["token"]) for r in fetch_rows(conn, HELD_SQL)
+                           if int(r["instance_id"]) in ids[victim_index]}
             kill_group(victim)
             t0 = db_now(conn)
             killed_at = time.monotonic()
@@ -193,47 +185,42 @@ def run_takeover(ctx: Ctx, plan: Plan, rep: int, tasks: list[PlannedTask], seed:
                 ctx.harness.forget_killed(victim)
             time.sleep(max(0.0, 0.3 - (time.monotonic() - killed_at)))  # a commit in flight lands
             victim_ids = ids[victim_index]
-            keys = {(r["key_type"], int(r["key_id"])): int(r["token"]) for r in fetch_rows(
-                conn, "SELECT key_type, key_id, token FROM key_claims WHERE instance_id = ANY(%s)",
-                (sorted(victim_ids),))}
+            parts = {int(r["partition"]): int(r["token"]) for r in fetch_rows(conn, HELD_SQL)
+                     if int(r["instance_id"]) in victim_ids}
             lease = fetch_rows(conn, "SELECT extract(epoch FROM max(lease_expires_at))::float8 AS expires "
                                 "FROM instances WHERE id = ANY(%s)", (sorted(victim_ids),))[0]["expires"]
             in_flight = fetch_rows(conn, "SELECT id, state FROM tasks WHERE claimed_by = ANY(%s) "
                                     "AND state IN ('queued', 'running')", (sorted(victim_ids),))
             in_flight_ids = {int(r["id"]) for r in in_flight if r["state"] == "running"}
-            unended_at_kill = {(r["key_type"], int(r["key_id"])): int(r["n"]) for r in fetch_rows(conn, """
-                SELECT key_type, key_id, count(*) AS n FROM tasks
-                WHERE state IN ('queued', 'running')
-                  AND (key_type, key_id) IN (SELECT * FROM unnest(%s::text[], %s::bigint[]))
-                GROUP BY key_type, key_id""", ([k[0] for k in keys], [k[1] for k in keys]))}
-            if not keys:
-                result["error"] = "the killed instance held no keys at the kill (released between the snapshot " \
-                                  "and the kill)"
+            unended_at_kill = {int(r["partition"]): int(r["n"]) for r in fetch_rows(conn, """
+                SELECT partition, count(*) AS n FROM tasks
+                WHERE state IN ('queued', 'running') AND partition = ANY(%s::smallint[])
+                GROUP BY partition""", (sorted(parts),))}
+            if not parts:
+                result["error"] = "the killed instance held no partitions at the kill (released between the " \
+                                  "snapshot and the kill)"
             result.update({
                 "victim_instance_ids": sorted(victim_ids),
-                "keys_before_kill": len(keys_before), "keys_at_kill": len(keys),
-                "keys_changed_between_snapshot_and_kill": sorted(f"{k[0]}:{k[1]}" for k in
-                                                                 set(keys) ^ set(keys_before)),
+                "partitions_before_kill": len(held_before), "partitions_at_kill": len(parts),
+                "partitions_changed_between_snapshot_and_kill": sorted(set(parts) ^ set(held_before)),
                 "victim_lease_left_at_kill_s": round(lease - t0, 3) if lease is not None else None,
                 "victim_tasks_running_at_kill": len(in_flight_ids),
                 "victim_tasks_claimed_queued_at_kill": sum(r["state"] == "queued" for r in in_flight),
             })
-            # Wait until every one of its keys is held by another instance (or was, and got released).
+            # Wait until every one of its partitions is held by another instance.
             limit = 3 * _lease_seconds(ctx) + 30
             moved = 0
             while True:
                 moved = int(fetch_scalar(conn, """
-                    SELECT count(DISTINCT (key_type, key_id)) FROM bench_key_events
-                    WHERE op IN ('claim', 'takeover') AND at >= to_timestamp(%s)
-                      AND NOT (instance_id = ANY(%s))
-                      AND (key_type, key_id) IN (SELECT * FROM unnest(%s::text[], %s::bigint[]))""",
-                                    (t0, sorted(victim_ids), [k[0] for k in keys], [k[1] for k in keys])))
+                    SELECT count(DISTINCT partition) FROM bench_partition_events
+                    WHERE op = 'acquire' AND at >= to_timestamp(%s) AND NOT (instance_id = ANY(%s))
+                      AND partition = ANY(%s::smallint[])""", (t0, sorted(victim_ids), sorted(parts))))
                 elapsed = time.monotonic() - killed_at
-                bar.set_postfix_str(f"takeover {rep + 1}: t0+{elapsed:.1f}s, {moved}/{len(keys)} keys moved")
-                if moved >= len(keys):
+                bar.set_postfix_str(f"takeover {rep + 1}: t0+{elapsed:.1f}s, {moved}/{len(parts)} partitions moved")
+                if moved >= len(parts):
                     break
                 if elapsed > limit:
-                    result["error"] = f"only {moved} of {len(keys)} keys moved within {limit:.0f}s of the kill"
+                    result["error"] = f"only {moved} of {len(parts)} partitions moved within {limit:.0f}s of the kill"
                     break
                 check_running(runners, "surviving instance", skip=victim_index)
                 top_up()
@@ -253,7 +240,7 @@ def run_takeover(ctx: Ctx, plan: Plan, rep: int, tasks: list[PlannedTask], seed:
                     break
                 if time.monotonic() - drain_start > drain_limit:
                     result["error"] = result["error"] or f"{left} tasks had not ended {drain_limit:.0f}s " \
-                                                         "after the keys moved"
+                                                         "after the partitions moved"
                     break
                 time.sleep(POLL)
             codes = [ctx.harness.stop(r) for i, r in enumerate(runners) if i != victim_index]
@@ -264,18 +251,15 @@ def run_takeover(ctx: Ctx, plan: Plan, rep: int, tasks: list[PlannedTask], seed:
                                    for i, r in enumerate(runners)}
         # Everything from the database, now final.
         events = fetch_rows(conn, """
-            SELECT extract(epoch FROM at)::float8 AS at, txid, op, key_type, key_id, instance_id, previous, token
-            FROM bench_key_events ORDER BY seq""")
+            SELECT extract(epoch FROM at)::float8 AS at, txid, op, partition, instance_id, previous, token
+            FROM bench_partition_events ORDER BY seq""")
         starts = fetch_rows(conn, """
-            SELECT key_type, key_id, claimed_by, extract(epoch FROM time_started)::float8 AS started
-            FROM tasks
-            WHERE (key_type, key_id) IN (SELECT * FROM unnest(%s::text[], %s::bigint[]))
-              AND time_started >= to_timestamp(%s)""",
-                       ([k[0] for k in keys], [k[1] for k in keys], t0))
-        figures = takeover_figures(t0, victim_ids, keys, events, starts)
-        for row in figures["per_key"]:  # unended tasks of the key at the kill (a drained key has none)
-            kind, _, ident = row["key"].partition(":")
-            row["tasks_left_at_kill"] = unended_at_kill.get((kind, int(ident)), 0)
+            SELECT partition, claimed_by, extract(epoch FROM time_started)::float8 AS started
+            FROM tasks WHERE partition = ANY(%s::smallint[]) AND time_started >= to_timestamp(%s)""",
+                            (sorted(parts), t0))
+        figures = takeover_figures(t0, victim_ids, parts, events, starts)
+        for row in figures["per_partition"]:  # unended tasks of the partition at the kill
+            row["tasks_left_at_kill"] = unended_at_kill.get(row["partition"], 0)
         result.update(figures)
         settled = fetch_rows(conn, "SELECT extract(epoch FROM max(time_ended))::float8 AS ended, "
                               "count(*) FILTER (WHERE attempts > 1) AS rerun FROM tasks WHERE id = ANY(%s)",
@@ -285,7 +269,9 @@ def run_takeover(ctx: Ctx, plan: Plan, rep: int, tasks: list[PlannedTask], seed:
         result["ended_once"] = ended_once_verdict(fetch_rows(conn, ENDED_SQL)[0], result["tasks_inserted"],
                                                   in_flight_ids)
         result["order"] = measure.order_check(conn)
-        result["key_claims_left"] = int(fetch_scalar(conn, "SELECT count(*) FROM key_claims"))
+        # Every survivor stopped gracefully: it released what it held; the victim's went to the survivors.
+        result["partitions_held_after_stop"] = int(fetch_scalar(
+            conn, "SELECT count(*) FROM partition_leases WHERE instance_id IS NOT NULL"))
         per_pid = instance_ids_by_pid(conn)
         result["rejoined"] = {f"instance {i + 1}": len(per_pid.get(r.pid, [])) - 1 for i, r in enumerate(runners)
                               if len(per_pid.get(r.pid, [])) > 1}
@@ -299,10 +285,10 @@ def run_takeover(ctx: Ctx, plan: Plan, rep: int, tasks: list[PlannedTask], seed:
         result["checks"] = {
             "ended_once": result["ended_once"]["ok"],
             "order": result["order"]["ok"],
-            "all_keys_moved": figures["keys_moved"] == figures["keys_at_kill"],
-            "no_start_before_key_moved": not figures["started_before_key_moved"],
+            "all_partitions_moved": figures["partitions_moved"] == figures["partitions_at_kill"],
+            "no_start_before_partition_moved": not figures["started_before_partition_moved"],
             "tokens_increased": figures["tokens_increased"],
-            "no_key_claims_left": result["key_claims_left"] == 0,
+            "no_partitions_held_after_stop": result["partitions_held_after_stop"] == 0,
             "no_rejoin": not result["rejoined"],
         }
     result["ok"] = run_ok(result)

@@ -2,10 +2,11 @@
 
 The smoke run (``python -m bench.multihost --smoke``) is the real thing at toy
 size: a private PostgreSQL, real daemons in multihost mode with the bench's
-plugin, one instance killed with SIGKILL and its keys taken over (with a 3 s
-lease, so that it fits in a test), then 400 no-op tasks through a standalone
-instance and through 1 and 2 multihost instances. It asserts that the figures
-are there and that the correctness checks held; never what the figures are.
+plugin, one instance killed with SIGKILL and its partitions taken over (with a
+3 s lease, so that it fits in a test), a second instance joining a loaded one
+and leaving again, then 400 no-op tasks through a standalone instance and
+through 1 and 2 multihost instances. It asserts that the figures are there and
+that the correctness checks held; never what the figures are.
 """
 
 from __future__ import annotations
@@ -14,13 +15,13 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from bench.multihost import cli, output, suite
+from bench.multihost import join as mh_join
 from bench.multihost import scaling as mh_scaling
 from bench.multihost import takeover as mh_takeover
 from bench.multihost.suite import Plan
@@ -37,55 +38,72 @@ def test_summarise() -> None:
     assert suite.summarise([1.0, 2.0])["median"] == 1.5
 
 
-def _event(at: float, op: str, key: int, instance: int | None, token: int, txid: int = 1,
+def _event(at: float, op: str, partition: int, instance: int | None, token: int, txid: int = 1,
            previous: int | None = None) -> dict[str, Any]:
-    return {"at": at, "op": op, "key_type": "Vm", "key_id": key, "instance_id": instance, "previous": previous,
+    return {"at": at, "op": op, "partition": partition, "instance_id": instance, "previous": previous,
             "token": token, "txid": txid}
 
 
 def test_takeover_figures_by_hand() -> None:
     t0 = 1000.0
-    keys = {("Vm", 1): 10, ("Vm", 2): 11, ("Vm", 3): 12}
+    held = {1: 10, 2: 11, 3: 12}
     events = [
-        _event(990.0, "claim", 1, 7, 10),  # the victim's own claims, before the kill
-        _event(991.0, "claim", 4, 8, 13),  # not one of its keys
-        _event(1009.0, "takeover", 1, 8, 20, txid=5, previous=7),
-        _event(1009.0, "takeover", 2, 8, 21, txid=5, previous=7),
-        _event(1010.0, "release", 1, None, 20, previous=8),  # drained after the move: still moved at 1009
-        _event(1011.0, "claim", 1, 9, 22),  # claimed again later: the first move counts
-        _event(1011.5, "takeover", 3, 9, 23, txid=6, previous=7),
+        _event(990.0, "acquire", 1, 7, 10),  # the victim's own acquisitions, before the kill
+        _event(991.0, "acquire", 4, 8, 13),  # not one of its partitions
+        _event(1009.0, "acquire", 1, 8, 20, txid=5, previous=7),
+        _event(1009.0, "acquire", 2, 8, 21, txid=5, previous=7),
+        _event(1010.0, "release", 1, None, 20, previous=8),  # handed on after the move: still moved at 1009
+        _event(1011.0, "acquire", 1, 9, 22),  # acquired again later: the first move counts
+        _event(1011.5, "acquire", 3, 9, 23, txid=6, previous=7),
     ]
     starts = [
-        {"key_type": "Vm", "key_id": 1, "claimed_by": 8, "started": 1009.5},
-        {"key_type": "Vm", "key_id": 2, "claimed_by": 8, "started": 1009.2},
-        {"key_type": "Vm", "key_id": 3, "claimed_by": 9, "started": 1012.0},
-        {"key_type": "Vm", "key_id": 3, "claimed_by": 7, "started": 1000.1},  # the victim's: ignored
+        {"partition": 1, "claimed_by": 8, "started": 1009.5},
+        {"partition": 2, "claimed_by": 8, "started": 1009.2},
+        {"partition": 3, "claimed_by": 9, "started": 1012.0},
+        {"partition": 3, "claimed_by": 7, "started": 1000.1},  # the victim's: ignored
     ]
-    f = mh_takeover.takeover_figures(t0, {7}, keys, events, starts)
-    assert f["keys_at_kill"] == 3 and f["keys_moved"] == 3
-    assert f["first_key_s"] == 9.0
-    assert f["all_keys_s"] == 11.5
+    f = mh_takeover.takeover_figures(t0, {7}, held, events, starts)
+    assert f["partitions_at_kill"] == 3 and f["partitions_moved"] == 3
+    assert f["first_partition_s"] == 9.0
+    assert f["all_partitions_s"] == 11.5
     assert f["first_task_s"] == pytest.approx(9.2)
-    assert f["how"] == {"takeover": 3}
     assert f["moved_to"] == {"8": 2, "9": 1}
     assert f["takeover_transactions"] == 2
     assert f["tokens_increased"] is True
-    assert f["started_before_key_moved"] == []
-    assert [k["key"] for k in f["per_key"]] == ["Vm:1", "Vm:2", "Vm:3"]
+    assert f["started_before_partition_moved"] == []
+    assert [k["partition"] for k in f["per_partition"]] == [1, 2, 3]
 
 
 def test_takeover_figures_flag_what_is_wrong() -> None:
     t0 = 1000.0
-    keys = {("Vm", 1): 10, ("Vm", 2): 11}
-    events = [_event(1009.0, "takeover", 1, 8, 5, previous=7)]  # a token that went down
-    starts = [{"key_type": "Vm", "key_id": 1, "claimed_by": 8, "started": 1008.0},  # before its key moved
-              {"key_type": "Vm", "key_id": 2, "claimed_by": 8, "started": 1003.0}]  # its key never moved
-    f = mh_takeover.takeover_figures(t0, {7}, keys, events, starts)
-    assert f["keys_moved"] == 1
-    assert f["all_keys_s"] is None
+    held = {1: 10, 2: 11}
+    events = [_event(1009.0, "acquire", 1, 8, 5, previous=7)]  # a token that went down
+    starts = [{"partition": 1, "claimed_by": 8, "started": 1008.0},  # before its partition moved
+              {"partition": 2, "claimed_by": 8, "started": 1003.0}]  # its partition never moved
+    f = mh_takeover.takeover_figures(t0, {7}, held, events, starts)
+    assert f["partitions_moved"] == 1
+    assert f["all_partitions_s"] is None
     assert f["tokens_increased"] is False
-    assert {e["key"] for e in f["started_before_key_moved"]} == {"Vm:1", "Vm:2"}
-    assert mh_takeover.takeover_figures(t0, {7}, {}, [], [])["first_key_s"] is None
+    assert {e["partition"] for e in f["started_before_partition_moved"]} == {1, 2}
+    assert mh_takeover.takeover_figures(t0, {7}, {}, [], [])["first_partition_s"] is None
+
+
+def test_join_figures_by_hand() -> None:
+    joined, left = 100.0, 200.0
+    events = [_event(90.0 + p * 0.01, "acquire", p, 1, p + 1) for p in range(4)]  # the first takes all 4
+    events += [_event(101.0, "release", 2, None, 3, previous=1), _event(101.5, "acquire", 2, 2, 10),
+               _event(102.0, "release", 3, None, 4, previous=1), _event(103.0, "acquire", 3, 2, 11),
+               # the leave: the joiner releases, the first takes them back with new tokens
+               _event(200.5, "release", 2, None, 10, previous=2), _event(201.0, "acquire", 2, 1, 12),
+               _event(200.6, "release", 3, None, 11, previous=2), _event(202.5, "acquire", 3, 1, 13)]
+    f = mh_join.join_figures(joined, left, {1}, {2}, 4, events, [101.8, 104.0])
+    assert f["first_partition_s"] == 1.5 and f["first_task_s"] == pytest.approx(1.8)
+    assert f["even_share_s"] == 3.0 and f["partitions_moved_to_joiner"] == 2
+    assert f["all_back_after_leave_s"] == 2.5 and f["tokens_increased"]
+    never_back = mh_join.join_figures(joined, left, {1}, {2}, 4, events[:-1], [])
+    assert never_back["all_back_after_leave_s"] is None and never_back["first_task_s"] is None
+    down = mh_join.join_figures(joined, left, {1}, {2}, 4, [*events, _event(300.0, "acquire", 0, 1, 1)], [])
+    assert down["tokens_increased"] is False
 
 
 def _counts(**changes: Any) -> dict[str, Any]:
@@ -138,20 +156,47 @@ def test_results_path(tmp_path: Path) -> None:
 
 
 def test_scaling_summary_medians_and_ratios() -> None:
-    def run(setup: str, mode: str, n: int, tps: float, share: list[float]) -> dict[str, Any]:
-        return {"setup": setup, "mode": mode, "instances": n, "ok": True, "throughput_tps": tps,
-                "cpu": {"taskomatic_s_per_1k": 1.0, "postgres_s_per_1k": 2.0, "other_share": 0.01},
-                "share_per_instance": share, "key_claims_per_1k": None if mode == "standalone" else 100.0}
+    def run(mode: str, n: int, routing: str, tps: float, share: list[float], pg: float = 2.0) -> dict[str, Any]:
+        return {"setup": mh_scaling.setup_label(n, mode == "multihost", routing), "mode": mode, "instances": n,
+                "routing": routing, "ok": True, "throughput_tps": tps,
+                "cpu": {"taskomatic_s_per_1k": 1.0, "postgres_s_per_1k": pg, "other_share": 0.01},
+                "share_per_instance": share, "partition_acquisitions": None if mode == "standalone" else 256,
+                "share_spread": None if mode == "standalone" else 0.2}
 
-    rows = mh_scaling.scaling_summary([run("standalone", "standalone", 1, 1000, [1.0]),
-                                      run("2 multihost", "multihost", 2, 400, [0.5, 0.5]),
-                                      run("2 multihost", "multihost", 2, 600, [0.4, 0.6]),
-                                      run("2 multihost", "multihost", 2, 500, [0.45, 0.55])])
+    rows = mh_scaling.scaling_summary([run("standalone", 1, "pinned", 1000, [1.0]),
+                                      run("standalone", 1, "hash", 800, [1.0], pg=1.0),
+                                      run("multihost", 2, "pinned", 400, [0.5, 0.5]),
+                                      run("multihost", 2, "pinned", 600, [0.4, 0.6], pg=4.0),
+                                      run("multihost", 2, "pinned", 500, [0.45, 0.55], pg=3.0),
+                                      run("multihost", 2, "hash", 600, [0.5, 0.5], pg=1.5)])
     by = {r["setup"]: r for r in rows}
-    assert by["standalone"]["throughput_vs_standalone"] == 1.0
-    assert by["2 multihost"]["throughput_tps"] == 500
-    assert by["2 multihost"]["throughput_vs_standalone"] == 0.5
-    assert by["2 multihost"]["runs"] == 3 and by["2 multihost"]["key_claims_per_1k"] == 100.0
+    assert by["standalone, pinned"]["throughput_vs_standalone"] == 1.0
+    assert by["2 multihost, pinned"]["throughput_tps"] == 500
+    assert by["2 multihost, pinned"]["throughput_vs_standalone"] == 0.5
+    assert by["2 multihost, pinned"]["postgres_cpu_vs_standalone"] == 1.5  # median 3.0 over 2.0
+    assert by["2 multihost, pinned"]["runs"] == 3 and by["2 multihost, pinned"]["partition_acquisitions"] == 256
+    # Each routing is compared with the standalone run of the same routing.
+    assert by["2 multihost, hash"]["throughput_vs_standalone"] == 0.75
+    assert by["2 multihost, hash"]["postgres_cpu_vs_standalone"] == 1.5
+
+
+def test_target_rows() -> None:
+    def setup(mode: str, n: int, vs: float, pg: float | None, spread: float | None) -> dict[str, Any]:
+        return {"mode": mode, "instances": n, "routing": "hash", "throughput_vs_standalone": vs,
+                "postgres_cpu_vs_standalone": pg, "share_spread": spread}
+
+    results = {"settings": {"multihost": {"lease_seconds": 30.0, "lease_renew_interval": 2.0}},
+               "scaling": {"routings": ["hash"], "summary": [
+                   setup("standalone", 1, 1.0, 1.0, None), setup("multihost", 1, 0.9, 1.2, 0.0),
+                   setup("multihost", 3, 0.85, 1.6, 0.2)]},
+               "takeover": {"summary": {"first_task_s": {"max": 31.0}, "all_partitions_s": {"max": 31.5}}},
+               "join": {"summary": {"first_task_s": {"max": 4.5}}}}
+    rows = {t.split(" (")[0]: (m, ok) for t, m, ok in output.target_rows(results)}
+    assert rows["one multihost instance >= 0.8x standalone"] == ("0.90x", True)
+    assert rows["3 instances together >= 0.8x standalone, each within 15 % of an even share"][1] is False
+    assert rows["PostgreSQL CPU per task in multihost <= 1.5x standalone"][1] is False
+    assert rows["takeover after kill -9 <= lease + one renewal interval"][1] is True
+    assert rows["a joining instance runs its first task within two renewal intervals"][1] is False
 
 
 def test_bad_arguments_are_refused_before_anything_starts(capsys: pytest.CaptureFixture[str]) -> None:
@@ -170,18 +215,16 @@ def test_bad_arguments_are_refused_before_anything_starts(capsys: pytest.Capture
 def smoke(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("bench-multihost") / "smoke.json"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    started = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "bench.multihost", "--smoke", "--no-progress", "--out", str(out)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=150, check=False)
     assert proc.returncode == 0, f"bench.multihost exited with {proc.returncode}:\n{proc.stdout}\n{proc.stderr[-4000:]}"
     results: dict[str, Any] = json.loads(out.read_text())
     results["_stdout"] = proc.stdout
-    results["_seconds"] = time.monotonic() - started
     return results
 
 
 @pytest.mark.slow
-def test_smoke_takeover_moves_every_key_and_keeps_the_contract(smoke: dict[str, Any]) -> None:
+def test_smoke_takeover_moves_every_partition_and_keeps_the_contract(smoke: dict[str, Any]) -> None:
     assert smoke["kind"] == "multihost" and smoke["suite"] == "smoke" and smoke["ok"]
     assert smoke["settings"]["defaults"] is False  # the smoke run's short lease is not the default
     assert smoke["settings"]["multihost"]["lease_seconds"] == 3.0
@@ -189,15 +232,15 @@ def test_smoke_takeover_moves_every_key_and_keeps_the_contract(smoke: dict[str, 
     assert takeover["ok"] and len(takeover["runs"]) == 1
     run = takeover["runs"][0]
     assert run["error"] is None and run["victim_processes_gone"]
-    assert run["keys_at_kill"] >= 1 and run["keys_moved"] == run["keys_at_kill"]
+    assert run["partitions_at_kill"] >= 1 and run["partitions_moved"] == run["partitions_at_kill"]
     assert all(run["checks"].values()), run["checks"]
     assert run["ended_once"]["ok"] and run["order"]["ok"]
-    # No task of a moved key may start elsewhere before its key moved.
-    assert 0 < run["first_key_s"] <= run["first_task_s"]
+    # No task of a moved partition may start elsewhere before its partition moved.
+    assert 0 < run["first_partition_s"] <= run["first_task_s"]
     assert 0 <= run["kill_jitter_s"] <= 1.0  # one renewal interval of the smoke run's settings
-    assert run["first_key_s"] <= run["all_keys_s"]
+    assert run["first_partition_s"] <= run["all_partitions_s"]
     assert run["survivor_exit_codes"] == [0]
-    for name in ("first_key_s", "first_task_s", "all_keys_s"):
+    for name in ("first_partition_s", "first_task_s", "all_partitions_s"):
         assert takeover["summary"][name]["n"] == 1
 
 
@@ -205,7 +248,8 @@ def test_smoke_takeover_moves_every_key_and_keeps_the_contract(smoke: dict[str, 
 def test_smoke_scaling_runs_every_setup(smoke: dict[str, Any]) -> None:
     scaling = smoke["scaling"]
     assert scaling["ok"]
-    assert [r["setup"] for r in scaling["summary"]] == ["standalone", "1 multihost", "2 multihost"]
+    assert [r["setup"] for r in scaling["summary"]] == ["standalone, pinned", "1 multihost, pinned",
+                                                        "2 multihost, pinned"]
     assert "compete for the same" in scaling["note"]
     for run in scaling["runs"]:
         assert run["ok"], run.get("error")
@@ -213,7 +257,7 @@ def test_smoke_scaling_runs_every_setup(smoke: dict[str, Any]) -> None:
         assert sum(run["tasks_per_instance"]) == 400 and len(run["tasks_per_instance"]) == run["instances"]
         assert run["cpu"]["taskomatic_s_per_1k"] >= 0 and run["cpu"]["postgres_s_per_1k"] >= 0
         assert run["exit_codes"] == [0] * run["instances"]
-        assert ("key_claims" in run) == (run["mode"] == "multihost")
+        assert ("partition_acquisitions" in run) == (run["mode"] == "multihost")
         assert run["db_transactions_per_task"] > 0
         assert run["pauses"]["longest_s"] >= 0
 
@@ -225,6 +269,17 @@ def test_smoke_output(smoke: dict[str, Any]) -> None:
         assert machine[key], key
     out = smoke["_stdout"]
     assert "1. Takeover after kill -9" in out and "2. Scaling over instances" in out
-    assert "(a) another instance holds its first key" in out
-    assert "| standalone" in out and "| 2 multihost" in out
-    assert smoke["_seconds"] < 90  # the brief: under a minute on 2 cores; some slack for a loaded machine
+    assert "(a) another instance holds its first partition" in out and "3. Join and leave under load" in out
+    assert "| standalone, pinned" in out and "| 2 multihost, pinned" in out
+    assert "Targets (issue 13):" in out
+
+
+@pytest.mark.slow
+def test_smoke_join_balances_and_hands_back(smoke: dict[str, Any]) -> None:
+    join = smoke["join"]
+    assert join["ok"] and len(join["runs"]) == 1
+    run = join["runs"][0]
+    assert all(run["checks"].values()), run["checks"]
+    assert 0 <= run["first_partition_s"] <= run["even_share_s"]
+    assert run["first_task_s"] >= run["first_partition_s"]
+    assert run["all_back_after_leave_s"] >= 0 and run["ended_once"]["reruns"] == 0

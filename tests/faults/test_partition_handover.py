@@ -1,0 +1,134 @@
+"""Partition hand-overs under load (issue 19): an instance joining, one leaving gracefully, and one
+frozen in the middle of a hand-over; the same workload and checker as every other fault.
+
+- ``instance_joined``: 1-2 multihost instances run the workload; at the moment, another instance
+  starts. It must get partitions (the balancing gives it its share) and the run keeps the contract.
+- ``instance_left``: 2-3 instances; at the moment, one gets SIGTERM (a graceful leave: it settles
+  what it runs, hands its partitions back, exits 0). Nothing it ran may run twice.
+- ``frozen_mid_handover``: 2 instances; a third joins, and one of the givers is frozen (SIGSTOP of
+  its process group) while it is handing a partition over (``releasing``), past its lease, until
+  the others ended more tasks; then thawed. It must not write after losing its partitions (fencing).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from tests.acceptance import checks
+from tests.faults.harness import FaultRun
+from tests.helpers import query, wait_for
+
+pytestmark = pytest.mark.slow
+
+SHARDS = 2
+
+
+def verdict(violations: list[str]) -> None:
+    assert not violations, f"{len(violations)} violations:\n" + "\n".join(violations[:30])
+
+
+def held_by(dsn: str, instance_ids: list[int]) -> int:
+    return int(query(dsn, "SELECT count(*) AS n FROM partition_leases WHERE instance_id = ANY(%s)",
+                     (instance_ids,))[0]["n"])
+
+
+def start_instances(run: FaultRun, count: int) -> list[Any]:
+    daemons = [run.start_daemon(shards=SHARDS, multihost=True, wait=False) for _ in range(count)]
+    for d in daemons:
+        d.wait_ready(90)
+    return daemons
+
+
+def test_instance_joined(seed: int, dsn: str, make_run: Any) -> None:
+    run: FaultRun = make_run("instance_join", seed, dsn)
+    run.add_hosts()
+    count = run.rng.choice([1, 2])
+    start_instances(run, count)
+    scripts = run.workload()
+    assert run.moment is not None  # workload() draws it
+    run.wait_ended(run.moment)
+    joiner = run.start_daemon(shards=SHARDS, multihost=True)
+    ids = run.instance_ids(joiner)
+    run.notes.update(instances_before=count, open_at_join=checks.open_tasks(dsn))
+    partitions = int(query(dsn, "SELECT partitions AS p FROM cluster_settings")[0]["p"])
+    share = partitions // (count + 1)
+    # Balanced: the joiner holds its share (floor(P/n)), taken from live holders by hand-over.
+    wait_for(lambda: held_by(dsn, ids) >= share, 60, 0.05, "the joining instance to hold its share")
+    violations = run.finish(scripts, must_finish=True)
+    verdict(violations)
+
+
+def test_instance_left(seed: int, dsn: str, make_run: Any) -> None:
+    run: FaultRun = make_run("instance_leave", seed, dsn)
+    run.add_hosts()
+    count = run.rng.choice([2, 3])
+    daemons = start_instances(run, count)
+    scripts = run.workload()
+    assert run.moment is not None  # workload() draws it
+    run.wait_ended(run.moment)
+    leaver = daemons[run.rng.randrange(count)]
+    ids = run.instance_ids(leaver)
+    run.notes.update(instances=count, open_at_leave=checks.open_tasks(dsn))
+    leaver.signal(15)
+    code = leaver.wait(60)
+    violations = run.finish(scripts, must_finish=True)
+    if code != 0:
+        violations.append(f"the leaving instance exited with {code}, not 0:\n{leaver.log()[-2000:]}")
+    if held_by(dsn, ids):
+        violations.append("the leaving instance still holds partitions after it exited")
+    # A graceful leave settles what it runs: nothing it had claimed ran twice.
+    rerun = query(dsn, "SELECT id, action, attempts FROM tasks WHERE attempts > 1 AND id IN "
+                       "(SELECT id FROM tasks WHERE claimed_by = ANY(%s))", (ids,))
+    violations += [f"a task of the leaving instance ran twice: {r}" for r in rerun]
+    verdict(violations)
+
+
+def test_frozen_mid_handover(seed: int, dsn: str, make_run: Any) -> None:
+    run: FaultRun = make_run("frozen_handover", seed, dsn)
+    run.add_hosts()
+    givers = start_instances(run, 2)
+    scripts = run.workload()
+    assert run.moment is not None  # workload() draws it
+    run.wait_ended(run.moment)
+    giver_ids = {d.pid: run.instance_ids(d)[-1] for d in givers}
+    run.start_daemon(shards=SHARDS, multihost=True, wait=False)
+    frozen: list[Any] = []
+
+    def freeze_a_releasing_giver() -> bool:
+        if not checks.open_tasks(dsn):
+            raise AssertionError("inconclusive: the work ended before a giver was seen handing over")
+        releasing = {r["instance_id"] for r in query(dsn, "SELECT DISTINCT instance_id FROM partition_leases "
+                                                          "WHERE releasing")}
+        for d in givers:
+            if giver_ids[d.pid] in releasing:
+                run.freeze(d)
+                # Still releasing once frozen: frozen in the middle of the hand-over.
+                if query(dsn, "SELECT 1 FROM partition_leases WHERE releasing AND instance_id = %s",
+                         (giver_ids[d.pid],)):
+                    frozen.append(d)
+                    return True
+                run.thaw(d)
+        return False
+
+    wait_for(freeze_a_releasing_giver, 60, 0.002, "a giver to be handing a partition over")
+    victim = frozen[0]
+    lost = giver_ids[victim.pid]
+    frozen_at = query(dsn, "SELECT clock_timestamp() AS t")[0]["t"]
+    more = run.rng.randint(5, 40)
+    base = run.ended()
+    wait_for(lambda: query(dsn, "SELECT lease_expires_at < clock_timestamp() AS x FROM instances WHERE id = %s",
+                           (lost,))[0]["x"], 30, 0.05, "the frozen giver's lease to run out")
+    wait_for(lambda: run.ended() >= base + more or not checks.open_tasks(dsn), 60, 0.05,
+             "the other instances to go on")
+    ended_before = {r["id"] for r in query(dsn, "SELECT id FROM tasks WHERE claimed_by = %s AND state IN "
+                                                "('finished', 'failed')", (lost,))}
+    run.thaw(victim)
+    run.notes.update(frozen_for_tasks=more)
+    violations = run.finish(scripts, must_finish=True)
+    late = query(dsn, "SELECT id, action, key_id, time_ended FROM tasks WHERE claimed_by = %s AND "
+                      "state IN ('finished', 'failed') AND NOT (id = ANY(%s)) AND time_ended > %s",
+                 (lost, list(ended_before), frozen_at))
+    violations += [f"fencing: the frozen giver recorded an outcome after its lease ran out: {r}" for r in late]
+    verdict(violations)
