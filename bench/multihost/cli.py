@@ -86,7 +86,8 @@ def run_all(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
             "instances": plan.takeover_instances, "shards_per_instance": SHARDS, "repeats": plan.takeover_repeats,
             "hold_s": plan.hold_s, "runs": takeover_runs,
             "summary": {name: summarise([r[name] for r in takeover_runs if r.get(name) is not None])
-                        for name in ("first_key_s", "first_task_s", "all_keys_s", "victim_lease_left_at_kill_s",
+                        for name in ("first_partition_s", "first_task_s", "all_partitions_s",
+                                     "victim_lease_left_at_kill_s",
                                      "in_flight_settled_s")},
             "ok": bool(takeover_runs) and all(r["ok"] for r in takeover_runs),
         }

@@ -142,16 +142,17 @@ def release_idle_partitions(store: Store, instance_id: int) -> list[int]:
     return sorted(r["partition"] for r in store.all("release_idle_partitions", instance_id=instance_id))
 
 
-def claim_partition_tasks(store: Store, instance_id: int, held: Mapping[int, int], start: int,
+def claim_partition_tasks(store: Store, instance_id: int, held: Mapping[int, int], per_partition: int,
                           limit: int) -> list[Row]:
-    """Claim up to ``limit`` queued tasks of held partitions, in (partition, id) order from ``start``, wrapping.
+    """Claim the ``limit`` oldest queued tasks (by id) of held partitions, at most ``per_partition`` of each.
 
     Each row carries its ``partition``; nothing for a partition whose token
     is not current, that is releasing, or once our lease ran out.
     """
     if not held or limit < 1:
         return []
-    rows = store.all("claim_partition_tasks", instance_id=instance_id, start=start, limit=limit, **_pairs(held))
+    rows = store.all("claim_partition_tasks", instance_id=instance_id, per_partition=max(1, per_partition),
+                     limit=limit, **_pairs(held))
     return sorted(rows, key=lambda r: r["id"])
 
 

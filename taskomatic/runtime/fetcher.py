@@ -36,6 +36,7 @@ import os
 import signal
 import socket
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -380,15 +381,17 @@ class Fetcher:
     def _claim(self) -> bool:
         """Claim a batch (there is room); True if more may be waiting."""
         room = self._room()
+        saturated = False
         if self.multihost:
             held = self.book.claimable()
             if not held:
                 return False
             with self.store.transaction():
                 limit_idle_transaction(self.store, self.config)
-                rows = partitions.claim_partition_tasks(self.store, self.instance_id, held,
-                                                        self.book.claim_start, room)
-            self.book.claimed((r["partition"] for r in rows), full=len(rows) == room)
+                cap = self.book.per_partition(room)
+                rows = partitions.claim_partition_tasks(self.store, self.instance_id, held, cap, room)
+            # A partition that gave all it was allowed may have more: claim again at once.
+            saturated = max(Counter(r["partition"] for r in rows).values(), default=0) >= cap
             for row in rows:  # in id order
                 task = task_from_row(row, held[row["partition"]])
                 self.book.add(task)
@@ -402,7 +405,7 @@ class Fetcher:
             log.debug("claimed %d tasks", len(rows))
         if len(rows) == room:
             self._analyze_if_stale()
-        return len(rows) == room
+        return len(rows) == room or (self.multihost and saturated)
 
     def _analyze_if_stale(self) -> None:
         """After a bulk insert, refresh the tasks table's statistics rather than wait for autovacuum.

@@ -24,7 +24,6 @@ class PartitionBook:
         self.releasing: set[int] = set()
         self.in_hand: Counter[int] = Counter()  # partition -> claimed tasks routed and not ended
         self.task_partitions: dict[int, int] = {}  # task id -> partition, for tasks in hand
-        self.claim_start = 0  # the claim rotates through the held partitions from here
 
     def hold(self, partition: int, token: int, releasing: bool = False) -> None:
         """A lease acquired (or found at startup); a newer token replaces an older one."""
@@ -77,11 +76,9 @@ class PartitionBook:
         """Tasks of this partition are still in our hands (from an earlier lease, perhaps)."""
         return self.in_hand[partition] > 0 if partition in self.in_hand else False
 
-    def claimed(self, rows_partitions: Iterable[int], full: bool) -> None:
-        """A claim came back: when it was full, the next one starts after the last partition it reached,
-        so every held partition gets its turn however deep the first ones' queues are."""
-        if not full:
-            return
-        offsets = [(p - self.claim_start) % self.partitions for p in rows_partitions]
-        if offsets:
-            self.claim_start = (self.claim_start + max(offsets) + 1) % self.partitions
+    def per_partition(self, limit: int) -> int:
+        """How many tasks a claim of ``limit`` may take from one partition: the claim reads at most held x this
+        rows (about 2 x limit), and a batch spans many partitions, so many keys run side by side. (When only
+        a few partitions have work, a claim takes fewer than ``limit``; the next turn of the loop claims more.)"""
+        held = max(1, len(self.tokens) - len(self.releasing))
+        return max(2, -(-2 * limit // held))

@@ -19,6 +19,7 @@ from taskomatic.db import migrate
 from taskomatic.db import partitions as dbp
 from taskomatic.db.queries import query as named_query
 from taskomatic.db.store import Store
+from taskomatic.runtime.partition_book import PartitionBook
 
 QUEUED, KEYS, FINISHED = 100_000, 2_000, 20_000
 UNANALYSED = 300_000  # well below this many, the planner picks the index scan even without statistics
@@ -66,11 +67,16 @@ def test_a_multihost_claim_over_held_partitions_reads_a_batch_not_the_queue(big_
             held = {a.partition: a.token for a in dbp.acquire_partitions(store, instance, range(0, 256, 3))}
         assert len(held) == 86  # a third of P, as with three instances
         pairs = sorted(held.items())
+        book = PartitionBook(256)
+        for partition, token in pairs:
+            book.hold(partition, token)
+        per_partition = book.per_partition(200)  # what the fetcher asks for
         claim = {"instance_id": instance, "partitions": [p for p, _ in pairs], "tokens": [t for _, t in pairs],
-                 "start": 40, "limit": 200}
+                 "per_partition": per_partition, "limit": 200}
         read = task_rows_read(store, "claim_partition_tasks", claim)
         print("claim_partition_tasks read", read)
-        assert read <= 3 * 200 + 2 * len(held), read
+        # Offered: at most per_partition of each held partition; then the 200 picked are updated.
+        assert read <= per_partition * len(held) + 2 * 200, read
     finally:
         store.close()
 

@@ -97,7 +97,7 @@ def test_the_migration_partitions_existing_tasks(empty_dsn: str) -> None:
 
 def test_the_claim_reads_its_batch_not_the_queue(store: Store, dsn: str) -> None:
     """20,000 queued tasks over 2,000 VMs, an instance holding half the partitions: the claim
-    descends the index once per held partition and reads about its batch."""
+    descends the index once per held partition and reads a bounded number of rows per partition."""
     query(dsn, "INSERT INTO tasks (task_target_type, task_target_id, action) "
                "SELECT 'Vm', 1 + i % 2000, 'start_vm' FROM generate_series(1, 20000) i")
     query(dsn, "ANALYZE tasks")
@@ -111,13 +111,13 @@ def test_the_claim_reads_its_batch_not_the_queue(store: Store, dsn: str) -> None
     assert len(held) == DEFAULT_PARTITIONS // 2
     with store.conn.cursor() as cur:
         cur.execute("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + _claim_sql(), {
-            "instance_id": instance, "start": 0, "limit": 200,
+            "instance_id": instance, "per_partition": 4, "limit": 200,
             "partitions": sorted(held), "tokens": [held[p] for p in sorted(held)]})
         plan = cur.fetchone()[0][0]  # type: ignore[index]
     store.rollback()
     scanned = _rows_read(plan["Plan"], "tasks")
-    # 200 picked, then 200 updated by id: each read once.
-    assert 400 <= scanned <= 400 + 2 * len(held), f"the claim read {scanned} task rows for a batch of 200"
+    # At most 4 offered by each held partition, 200 of those picked, then 200 updated by id.
+    assert 400 <= scanned <= 200 + 4 * len(held), f"the claim read {scanned} task rows for a batch of 200"
     claimed = query(dsn, "SELECT count(*) AS n FROM tasks WHERE claimed_by IS NOT NULL")[0]["n"]
     assert claimed == 0  # EXPLAIN ANALYZE was rolled back
 
@@ -136,15 +136,17 @@ def _rows_read(node: dict, relation: str) -> int:
     return own + sum(_rows_read(child, relation) for child in node.get("Plans", []))
 
 
-def test_the_claim_takes_each_partitions_oldest_from_start_wrapping_around(store: Store, dsn: str) -> None:
+def test_the_claim_takes_the_oldest_by_id_with_a_cap_per_partition(store: Store, dsn: str) -> None:
     keys = {}
     for ident in range(1, 400):
         keys.setdefault(partition_of(OrderingKey("Vm", ident), DEFAULT_PARTITIONS), ident)
         if len(keys) == 3:
             break
     (pa, va), (pb, vb), (pc, vc) = sorted(keys.items())
-    for vm in (vc, vb, va, vc, va):
-        query(dsn, "INSERT INTO tasks (task_target_type, task_target_id, action) VALUES ('Vm', %s, 'a')", (vm,))
+    ids = {}
+    for n, vm in enumerate((vc, vc, vc, vb, va, vc, va)):
+        ids[n] = query(dsn, "INSERT INTO tasks (task_target_type, task_target_id, action) VALUES ('Vm', %s, 'a') "
+                            "RETURNING id", (vm,))[0]["id"]
     instance = query(dsn, "INSERT INTO instances (hostname, pid, version, mode, shards, lease_expires_at) "
                           "VALUES ('h', 1, 't', 'multihost', 2, clock_timestamp() + interval '1 hour') "
                           "RETURNING id")[0]["id"]
@@ -152,9 +154,13 @@ def test_the_claim_takes_each_partitions_oldest_from_start_wrapping_around(store
     with store.transaction():
         held = {a.partition: a.token for a in db_partitions.acquire_partitions(store, instance, [pa, pb, pc])}
     with store.transaction():
-        first = db_partitions.claim_partition_tasks(store, instance, held, start=pb, limit=2)
-    # From pb: pb's task, then pc's oldest (the batch ends there).
-    assert [(r["partition"], r["key_id"]) for r in first] == [(pc, vc), (pb, vb)]
+        first = db_partitions.claim_partition_tasks(store, instance, held, per_partition=2, limit=3)
+    # pc's two oldest (of three waiting), then pb's: by id, not drained partition by partition.
+    assert [r["id"] for r in first] == [ids[0], ids[1], ids[3]]
     with store.transaction():
-        rest = db_partitions.claim_partition_tasks(store, instance, held, start=pc + 1, limit=10)
-    assert {r["key_id"] for r in rest} == {va, vc} and len(rest) == 3
+        rest = db_partitions.claim_partition_tasks(store, instance, held, per_partition=1, limit=10)
+    # One from each partition that still has work: pc's third, pa's first.
+    assert [r["id"] for r in rest] == [ids[2], ids[4]]
+    with store.transaction():
+        last = db_partitions.claim_partition_tasks(store, instance, held, per_partition=5, limit=10)
+    assert [r["id"] for r in last] == [ids[5], ids[6]] and all(r["partition"] in (pa, pc) for r in last)

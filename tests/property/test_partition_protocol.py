@@ -307,16 +307,20 @@ class PartitionProtocol(RuleBasedStateMachine):
             self.drop_partition(h, p)
         assert got.unclaimed == len(back) == 0, (got, back)  # begin_release already handed them back
 
-    def claim_for(self, h: Host, start: int, limit: int) -> None:
+    def claim_for(self, h: Host, per_partition: int, limit: int) -> None:
         me = h.instance
         assert me is not None
         ours = sorted(p for p, t in h.held.items() if self.current(me, p, t) and not self.leases[p].releasing)
-        waiting = sorted((t.partition < start, t.partition, tid) for tid, t in self.tasks.items()
-                         if t.partition in ours and t.state == "queued" and t.claimed_by is None)
-        expected = sorted(tid for _, _, tid in waiting[:limit])
+        # The oldest of each partition (at most per_partition), then the oldest of those.
+        offered = [tid for p in ours
+                   for tid in sorted(tid for tid, t in self.tasks.items()
+                                     if t.partition == p and t.state == "queued" and t.claimed_by is None)
+                   [:per_partition]]
+        expected = sorted(offered)[:limit]
         with h.store.transaction():
-            got = dbp.claim_partition_tasks(h.store, me, h.held, start, limit)
-        assert [r["id"] for r in got] == expected, f"claim from {start} (held {h.held}): {got}, expected {expected}"
+            got = dbp.claim_partition_tasks(h.store, me, h.held, per_partition, limit)
+        assert [r["id"] for r in got] == expected, \
+            f"claim of {limit}, {per_partition} per partition (held {h.held}): {got}, expected {expected}"
         for r in got:
             assert r["state"] == "queued" and r["partition"] == self.tasks[r["id"]].partition
             self.tasks[r["id"]].claimed_by = me
@@ -423,7 +427,7 @@ class PartitionProtocol(RuleBasedStateMachine):
             if moves[m] == "rebalance":
                 self.rebalance_for(h)
             elif moves[m] == "claim":
-                self.claim_for(h, KEY_PARTITIONS[choice % len(KEY_PARTITIONS)], 1 + choice % 4)
+                self.claim_for(h, 1 + choice % 3, 1 + choice % 4)
             elif moves[m] == "write":
                 tid = writes[choice % len(writes)]
                 self.write(h, tid, self.how_for(h, tid, choice // len(writes)))
@@ -448,10 +452,9 @@ class PartitionProtocol(RuleBasedStateMachine):
         self.rebalance_for(self.hosts[self.pick(self.ids("up"), pick)])
 
     @precondition(lambda self: self.ids("up"))
-    @rule(pick=st.integers(0, HOSTS - 1), start=st.sampled_from([0, *KEY_PARTITIONS, P - 1]),
-          limit=st.integers(1, 6))
-    def claim(self, pick: int, start: int, limit: int) -> None:
-        self.claim_for(self.hosts[self.pick(self.ids("up"), pick)], start, limit)
+    @rule(pick=st.integers(0, HOSTS - 1), per_partition=st.integers(1, 4), limit=st.integers(1, 6))
+    def claim(self, pick: int, per_partition: int, limit: int) -> None:
+        self.claim_for(self.hosts[self.pick(self.ids("up"), pick)], per_partition, limit)
 
     @precondition(lambda self: self.writable())
     @rule(pick=st.integers(0, 31), choice=st.integers(0, 5))
@@ -640,7 +643,7 @@ class PartitionProtocol(RuleBasedStateMachine):
         for _ in range(len(self.tasks) + 4):
             for h in self.hosts:
                 self.rebalance_for(h)
-                self.claim_for(h, 0, len(self.tasks) + 1)
+                self.claim_for(h, len(self.tasks) + 1, len(self.tasks) + 1)
                 for _, tid in [(j, t) for j, t in self.writable() if self.hosts[j] is h]:
                     while tid is not None:
                         local = h.local[tid]
@@ -693,7 +696,7 @@ def test_a_join_hands_partitions_over_cooperatively(conns: Connections) -> None:
         machine.rebalance_for(first)
         assert len(first.held) == P
         old = first.held[p]
-        machine.claim_for(first, p, 3)
+        machine.claim_for(first, 3, 3)
         running = min(first.local)
         assert machine.write(first, running, "start")
         machine.join(0)
@@ -711,7 +714,7 @@ def test_a_join_hands_partitions_over_cooperatively(conns: Connections) -> None:
         assert machine.leases[p].instance is None and machine.leases[p].wanted == second.instance
         machine.rebalance_for(second)
         assert second.held[p] > old and len(first.held) == len(second.held) == P // 2
-        machine.claim_for(second, p, 3)
+        machine.claim_for(second, 3, 3)
         for tid in sorted(second.local):
             assert machine.write(second, tid, "start") and machine.write(second, tid, "finished")
         machine.database_agrees()
@@ -738,13 +741,13 @@ def test_a_stale_token_of_the_same_instance_writes_nothing(conns: Connections) -
         machine.finish_release_for(first)
         machine.rebalance_for(second)
         assert p in second.held and p not in first.held
-        machine.claim_for(second, p, 1)
+        machine.claim_for(second, 1, 1)
         machine.write(second, min(second.local), "start")
         machine.write(second, min(second.local), "finished")
         machine.leave_host(1, rejoin=False)  # p is free again; the first instance takes it back
         machine.rebalance_for(first)
         assert p in first.held and machine.leases[p].token > old
-        machine.claim_for(first, p, 1)
+        machine.claim_for(first, 1, 1)
         tid = min(first.local)
         assert first.instance is not None
         with first.store.transaction():
@@ -774,7 +777,7 @@ def test_a_claim_committed_late_is_not_stranded_by_a_takeover(conns: Connections
         holder, taker = (first, second) if p in first.held else (second, first)
         assert holder.instance is not None
         with holder.store.transaction():
-            got = dbp.claim_partition_tasks(holder.store, holder.instance, holder.held, p, 2)
+            got = dbp.claim_partition_tasks(holder.store, holder.instance, holder.held, 2, 2)
             assert len(got) == 2
             holder.status = "paused"
             machine.tick(LEASE)

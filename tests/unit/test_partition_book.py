@@ -68,14 +68,18 @@ def test_tasks_in_hand_are_counted_once_per_partition() -> None:
     assert not book.busy(2) and book.in_hand == {}
 
 
-def test_a_full_claim_moves_the_start_past_the_last_partition_it_reached() -> None:
+def test_a_claim_takes_a_bounded_share_of_each_partition() -> None:
     book = PartitionBook(P)
-    book.claimed([0, 1, 1, 2], full=False)
-    assert book.claim_start == 0  # not full: everything claimable was taken, start stays
-    book.claimed([0, 1, 2], full=True)
-    assert book.claim_start == 3
-    book.claimed([6, 7, 0], full=True)  # wrapped around from 3: 0 is the farthest
-    assert book.claim_start == 1
+    for p in range(P):
+        book.hold(p, 1)
+    assert book.per_partition(200) == -(-400 // P)  # about 2 x limit rows read in all
+    assert book.per_partition(1) == 2  # never fewer than 2: a key's next task comes with it
+    book.begin_release(range(P - 2, P))
+    assert book.per_partition(200) == -(-400 // (P - 2))  # counted over the partitions it claims from
+    few = PartitionBook(P)
+    few.hold(3, 1)
+    assert few.per_partition(200) == 400  # one partition: the whole batch may come from it
+
 
 
 # -- the dispatcher drops a partition's waiting tasks ------------------------------------------

@@ -146,11 +146,13 @@ WHERE pl.instance_id = %(instance_id)s
 RETURNING pl.partition;
 
 -- claim_partition_tasks --
--- The bulk claim of multihost: the oldest unclaimed queued tasks of the
--- partitions we hold (under these tokens, lease live, not releasing), in
--- (partition, id) order starting at partition start and wrapping around, up
--- to limit. One index descent per held partition, then O(limit): an index
--- scan of tasks_partition_claimable_idx that stops after the batch. No SKIP
+-- The bulk claim of multihost: the oldest unclaimed queued tasks (by id, as
+-- standalone claims) of the partitions we hold (under these tokens, lease
+-- live, not releasing), up to limit, taking at most per_partition from each
+-- partition: one index descent per held partition on
+-- tasks_partition_claimable_idx, then at most per_partition rows from each.
+-- So a batch spans many partitions (many keys to run side by side), as
+-- standalone's does, instead of draining a few partitions first. No SKIP
 -- LOCKED: only a partition's holder claims its tasks. The lease rows are
 -- locked (shared) to the end of the transaction, so a takeover cannot commit
 -- in between and miss these tasks.
@@ -164,15 +166,14 @@ WITH held AS MATERIALIZED (
       AND me.stopped_at IS NULL AND me.lease_expires_at > clock_timestamp()
     FOR SHARE OF pl
 ), picked AS MATERIALIZED (
-    (SELECT id FROM tasks
-     WHERE partition = ANY(ARRAY(SELECT partition FROM held)) AND partition >= %(start)s
-       AND state = 'queued' AND claimed_by IS NULL
-     ORDER BY partition, id LIMIT %(limit)s)
-    UNION ALL
-    (SELECT id FROM tasks
-     WHERE partition = ANY(ARRAY(SELECT partition FROM held)) AND partition < %(start)s
-       AND state = 'queued' AND claimed_by IS NULL
-     ORDER BY partition, id LIMIT %(limit)s)
+    SELECT oldest.id
+    FROM held
+    CROSS JOIN LATERAL (
+        SELECT id FROM tasks
+        WHERE partition = held.partition AND state = 'queued' AND claimed_by IS NULL
+        ORDER BY id LIMIT %(per_partition)s
+    ) AS oldest
+    ORDER BY oldest.id
     LIMIT %(limit)s
 )
 UPDATE tasks t
