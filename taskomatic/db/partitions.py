@@ -151,6 +151,7 @@ def claim_partition_tasks(store: Store, instance_id: int, held: Mapping[int, int
     """
     if not held or limit < 1:
         return []
+    store.all("claim_partition_planner")  # the plan must not depend on the statistics (the SQL says why)
     rows = store.all("claim_partition_tasks", instance_id=instance_id, per_partition=max(1, per_partition),
                      limit=limit, **_pairs(held))
     return sorted(rows, key=lambda r: r["id"])

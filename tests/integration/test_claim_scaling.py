@@ -44,6 +44,8 @@ def big_queue(dsn: str) -> str:
 def task_rows_read(store: Store, name: str, params: dict[str, Any]) -> int:
     """Rows the plan's nodes on ``tasks`` produced, over all their loops."""
     with store.conn.cursor() as cur:
+        if name == "claim_partition_tasks":
+            cur.execute(named_query("claim_partition_planner"))  # as db.partitions runs it
         cur.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + named_query(name), params)
         plan = cur.fetchone()[0]
     store.rollback()

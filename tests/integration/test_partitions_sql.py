@@ -95,12 +95,16 @@ def test_the_migration_partitions_existing_tasks(empty_dsn: str) -> None:
         assert r["partition"] == partition_of(OrderingKey(r["key_type"], r["key_id"]), DEFAULT_PARTITIONS), r
 
 
-def test_the_claim_reads_its_batch_not_the_queue(store: Store, dsn: str) -> None:
+@pytest.mark.parametrize("analysed", [True, False], ids=["analysed", "statistics-before-the-burst"])
+def test_the_claim_reads_its_batch_not_the_queue(store: Store, dsn: str, analysed: bool) -> None:
     """20,000 queued tasks over 2,000 VMs, an instance holding half the partitions: the claim
-    descends the index once per held partition and reads a bounded number of rows per partition."""
+    descends the index once per held partition and reads a bounded number of rows per partition,
+    with fresh statistics and with none (a burst the planner has not seen: the plan must not
+    depend on them)."""
     query(dsn, "INSERT INTO tasks (task_target_type, task_target_id, action) "
                "SELECT 'Vm', 1 + i % 2000, 'start_vm' FROM generate_series(1, 20000) i")
-    query(dsn, "ANALYZE tasks")
+    if analysed:
+        query(dsn, "ANALYZE tasks")
     instance = query(dsn, "INSERT INTO instances (hostname, pid, version, mode, shards, lease_expires_at) "
                           "VALUES ('h', 1, 't', 'multihost', 2, clock_timestamp() + interval '1 hour') "
                           "RETURNING id")[0]["id"]
@@ -109,8 +113,10 @@ def test_the_claim_reads_its_batch_not_the_queue(store: Store, dsn: str) -> None
         got = db_partitions.acquire_partitions(store, instance, range(0, DEFAULT_PARTITIONS, 2))
     held = {a.partition: a.token for a in got}
     assert len(held) == DEFAULT_PARTITIONS // 2
+    planner, statement = _claim_sql()
     with store.conn.cursor() as cur:
-        cur.execute("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + _claim_sql(), {
+        cur.execute(planner)
+        cur.execute("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + statement, {
             "instance_id": instance, "per_partition": 4, "limit": 200,
             "partitions": sorted(held), "tokens": [held[p] for p in sorted(held)]})
         plan = cur.fetchone()[0][0]  # type: ignore[index]
@@ -122,10 +128,11 @@ def test_the_claim_reads_its_batch_not_the_queue(store: Store, dsn: str) -> None
     assert claimed == 0  # EXPLAIN ANALYZE was rolled back
 
 
-def _claim_sql() -> str:
+def _claim_sql() -> tuple[str, str]:
+    """The claim's planner settings (run first in its transaction, as db.partitions does) and its statement."""
     from taskomatic.db.queries import query as named
 
-    return named("claim_partition_tasks")
+    return named("claim_partition_planner"), named("claim_partition_tasks")
 
 
 def _rows_read(node: dict, relation: str) -> int:

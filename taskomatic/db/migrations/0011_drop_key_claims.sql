@@ -19,3 +19,14 @@ DROP SEQUENCE key_claim_tokens;
 -- now go through tasks_partition_claimable_idx (multihost) and
 -- tasks_claimable_idx (standalone); per-key lookups keep tasks_key_idx.
 DROP INDEX tasks_unclaimed_key_idx;
+
+-- The multihost claim's index gets a predicate of its own ("coalesce(claimed_by,
+-- 0) = 0": unclaimed, instance ids start at 1), which only the multihost claim
+-- states. With 0009's predicate, the same as tasks_claimable_idx's, the planner
+-- could serve the claim's per-partition lookups with tasks_claimable_idx (id
+-- order, filtering each partition: 20,000 buffers for one claim) whenever its
+-- statistics predate a burst; now the per-partition lookup can only be a
+-- descent of this index, and the standalone claim can never pick this one.
+DROP INDEX tasks_partition_claimable_idx;
+CREATE INDEX tasks_partition_claimable_idx ON tasks (partition, id)
+    WHERE state = 'queued' AND coalesce(claimed_by, 0) = 0;

@@ -145,6 +145,14 @@ WHERE pl.instance_id = %(instance_id)s
                   WHERE t.claimed_by = %(instance_id)s AND t.partition = pl.partition AND t.state = 'running')
 RETURNING pl.partition;
 
+-- claim_partition_planner --
+-- Before claim_partition_tasks, for its transaction only: no bitmap or
+-- sequential scans. Each partition's lookup must be an ordered descent that
+-- stops after per_partition rows; with a bitmap scan (chosen when the
+-- statistics expect a couple of rows per partition) the claim read every
+-- unclaimed task of each held partition and sorted them: 28,000 buffers.
+SELECT set_config('enable_bitmapscan', 'off', true), set_config('enable_seqscan', 'off', true);
+
 -- claim_partition_tasks --
 -- The bulk claim of multihost: the oldest unclaimed queued tasks (by id, as
 -- standalone claims) of the partitions we hold (under these tokens, lease
@@ -155,7 +163,7 @@ RETURNING pl.partition;
 -- standalone's does, instead of draining a few partitions first. No SKIP
 -- LOCKED: only a partition's holder claims its tasks. The lease rows are
 -- locked (shared) to the end of the transaction, so a takeover cannot commit
--- in between and miss these tasks.
+-- in between and miss these tasks. Runs after claim_partition_planner.
 WITH held AS MATERIALIZED (
     SELECT pl.partition
     FROM partition_leases pl
@@ -169,13 +177,18 @@ WITH held AS MATERIALIZED (
     SELECT oldest.id
     FROM held
     CROSS JOIN LATERAL (
+        -- This predicate is tasks_partition_claimable_idx's own (migration 0011): only that index serves it.
         SELECT id FROM tasks
-        WHERE partition = held.partition AND state = 'queued' AND claimed_by IS NULL
+        WHERE partition = held.partition AND state = 'queued' AND coalesce(claimed_by, 0) = 0
         ORDER BY id LIMIT %(per_partition)s
     ) AS oldest
     ORDER BY oldest.id
     LIMIT %(limit)s
 )
+-- "claimed_by IS NULL" here, not the per-partition lookup's coalesce: then only
+-- tasks_claimable_idx (by id) or the primary key can serve the ids; with the
+-- partition index's predicate and the statistics of an empty table (a burst
+-- just inserted) the planner scanned that whole index for 200 ids.
 UPDATE tasks t
 SET claimed_by = %(instance_id)s, claimed_at = clock_timestamp()
 WHERE t.id = ANY(ARRAY(SELECT id FROM picked)) AND t.state = 'queued' AND t.claimed_by IS NULL
