@@ -5,17 +5,22 @@ frozen in the middle of a hand-over; the same workload and checker as every othe
   starts. It must get partitions (the balancing gives it its share) and the run keeps the contract.
 - ``instance_left``: 2-3 instances; at the moment, one gets SIGTERM (a graceful leave: it settles
   what it runs, hands its partitions back, exits 0). Nothing it ran may run twice.
-- ``frozen_mid_handover``: 2 instances; a third joins, and one of the givers is frozen (SIGSTOP of
-  its process group) while it is handing a partition over (``releasing``), past its lease, until
-  the others ended more tasks; then thawed. It must not write after losing its partitions (fencing).
+- ``frozen_mid_handover``: 2 instances; the shard of one of them is stopped (SIGSTOP) while it runs a
+  task of a partition the balancing will move to a joiner, so that partition stays mid-hand-over
+  (``releasing``) once a third instance joins; then the whole giver is frozen, past its lease, until
+  the others ended more tasks and took the partition over; then thawed. It must not write after
+  losing its partitions (fencing), and its interrupted task is reconciled by the taker.
 """
 
 from __future__ import annotations
 
+import os
+import signal
 from typing import Any
 
 import pytest
 
+from taskomatic.partitions import assignment
 from tests.acceptance import checks
 from tests.faults.harness import FaultRun
 from tests.helpers import query, wait_for
@@ -92,29 +97,46 @@ def test_frozen_mid_handover(seed: int, dsn: str, make_run: Any) -> None:
     scripts = run.workload()
     assert run.moment is not None  # workload() draws it
     run.wait_ended(run.moment)
-    giver_ids = {d.pid: run.instance_ids(d)[-1] for d in givers}
-    run.start_daemon(shards=SHARDS, multihost=True, wait=False)
-    frozen: list[Any] = []
+    ids = {d.pid: run.instance_ids(d)[-1] for d in givers}
+    # What each giver will hand over once a third instance joins (the balancing is deterministic;
+    # the joiner's id is higher than theirs, which is all the plan depends on).
+    partitions = int(query(dsn, "SELECT partitions AS p FROM cluster_settings")[0]["p"])
+    owners = {r["partition"]: r["instance_id"] for r in query(dsn, "SELECT partition, instance_id "
+                                                                  "FROM partition_leases")}
+    target = assignment([*ids.values(), 2**62], owners, partitions)
+    gives = {i: [p for p, o in owners.items() if o == i and target[p] != i] for i in ids.values()}
+    order = givers if run.rng.random() < 0.5 else givers[::-1]
+    held_task: dict[str, Any] = {}
 
-    def freeze_a_releasing_giver() -> bool:
+    def stop_a_shard_running_a_task_to_hand_over() -> bool:
+        """SIGSTOP a giver's shard, and keep it stopped if it holds a task (running in the database) of a
+        partition the giver is about to give away: that partition then stays mid-hand-over (releasing) for
+        as long as we like. Stopped first, then looked at: a stopped shard cannot end its task meanwhile."""
         if not checks.open_tasks(dsn):
-            raise AssertionError("inconclusive: the work ended before a giver was seen handing over")
-        releasing = {r["instance_id"] for r in query(dsn, "SELECT DISTINCT instance_id FROM partition_leases "
-                                                          "WHERE releasing")}
-        for d in givers:
-            if giver_ids[d.pid] in releasing:
-                run.freeze(d)
-                # Still releasing once frozen: frozen in the middle of the hand-over.
-                if query(dsn, "SELECT 1 FROM partition_leases WHERE releasing AND instance_id = %s",
-                         (giver_ids[d.pid],)):
-                    frozen.append(d)
+            raise AssertionError("inconclusive: the work ended before a giver ran a task it will hand over: "
+                                 f"{ {i: len(g) for i, g in gives.items()} } partitions to give")
+        for giver in order:
+            me = ids[giver.pid]
+            for slot, pid in sorted((int(k.split()[1]), v) for k, v in giver.child_pids().items()
+                                    if k.startswith("shard ")):
+                run.frozen.add(giver.pid)  # whatever happens, close() continues the group
+                os.kill(pid, signal.SIGSTOP)
+                rows = query(dsn, "SELECT id, partition FROM tasks WHERE state = 'running' AND claimed_by = %s "
+                                  "AND run_by_shard = %s AND partition = ANY(%s) ORDER BY id LIMIT 1",
+                             (me, slot, gives[me]))
+                if rows:
+                    held_task.update(rows[0], giver=giver, shard_pid=pid)
                     return True
-                run.thaw(d)
+                os.kill(pid, signal.SIGCONT)
         return False
 
-    wait_for(freeze_a_releasing_giver, 60, 0.002, "a giver to be handing a partition over")
-    victim = frozen[0]
-    lost = giver_ids[victim.pid]
+    wait_for(stop_a_shard_running_a_task_to_hand_over, 60, 0.002, "a giver to run a task it will hand over")
+    victim, part = held_task["giver"], held_task["partition"]
+    lost = ids[victim.pid]
+    run.start_daemon(shards=SHARDS, multihost=True)
+    wait_for(lambda: query(dsn, "SELECT 1 FROM partition_leases WHERE partition = %s AND instance_id = %s "
+                                "AND releasing", (part, lost)), 30, 0.02, "the giver to begin handing it over")
+    run.freeze(victim)  # the whole giver, in the middle of the hand-over
     frozen_at = query(dsn, "SELECT clock_timestamp() AS t")[0]["t"]
     more = run.rng.randint(5, 40)
     base = run.ended()
@@ -122,10 +144,13 @@ def test_frozen_mid_handover(seed: int, dsn: str, make_run: Any) -> None:
                            (lost,))[0]["x"], 30, 0.05, "the frozen giver's lease to run out")
     wait_for(lambda: run.ended() >= base + more or not checks.open_tasks(dsn), 60, 0.05,
              "the other instances to go on")
+    # Its partition went on without it: taken over with a higher token.
+    wait_for(lambda: query(dsn, "SELECT 1 FROM partition_leases WHERE partition = %s AND instance_id <> %s",
+                           (part, lost)), 30, 0.05, "the partition it was handing over to be taken over")
     ended_before = {r["id"] for r in query(dsn, "SELECT id FROM tasks WHERE claimed_by = %s AND state IN "
                                                 "('finished', 'failed')", (lost,))}
     run.thaw(victim)
-    run.notes.update(frozen_for_tasks=more)
+    run.notes.update(frozen_for_tasks=more, partition=part, held_task=held_task["id"])
     violations = run.finish(scripts, must_finish=True)
     late = query(dsn, "SELECT id, action, key_id, time_ended FROM tasks WHERE claimed_by = %s AND "
                       "state IN ('finished', 'failed') AND NOT (id = ANY(%s)) AND time_ended > %s",
