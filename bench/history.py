@@ -11,7 +11,8 @@ Each run: a fresh database copied from the migrated template
 (``bench.harness``); the history inserted in one ``INSERT ... SELECT FROM
 generate_series`` through the table's triggers (``finished``, claimed by a
 stopped instance, over ``--history-keys`` other VM ids, or the burst's own
-with ``--shared-keys``, created a year ago), then ``VACUUM ANALYZE tasks``
+with ``--shared-keys``, ended over the 5 days from 6 days ago: inside the
+default retention, [retention] keep_finished = 7d, so the daemon keeps them), then ``VACUUM ANALYZE tasks``
 (what autovacuum will have done to a long-lived table) and a CHECKPOINT; then
 the daemon starts (``bench.runners.Runner``: the bench plugin's ``noop``, an
 empty configuration, ``--set`` overrides), and once it is ready the burst is
@@ -54,13 +55,16 @@ from bench.harness import (
 from bench.runners import RunnerFailed, RunnerSpec
 from bench.workloads import Workload, generate
 
+POLL_SECONDS = 0.2  # between counts of the unfinished tasks (as bench.run)
+
 HISTORY_SQL = """
 INSERT INTO tasks (task_target_type, task_target_id, action, args, state, submitted_by,
                    created_at, time_started, time_ended, claimed_by, claimed_at, attempts)
 SELECT 'Vm', %(first_key)s + (g %% %(keys)s), 'noop', '{}'::jsonb, 'finished', 'bench history',
        t, t, t + interval '1 millisecond', %(instance_id)s, t, 1
 FROM generate_series(1, %(rows)s) AS g,
-     LATERAL (SELECT clock_timestamp() - interval '365 days' + g * interval '1 millisecond') AS s(t)
+     LATERAL (SELECT clock_timestamp() - interval '6 days'
+                     + make_interval(secs => g * 432000.0 / %(rows)s)) AS s(t)
 """
 
 STOPPED_INSTANCE_SQL = """
@@ -100,6 +104,39 @@ SELECT count(*) FILTER (WHERE previous_end IS NULL AND time_started IS NULL) AS 
        count(*) FILTER (WHERE previous_end > time_started) AS violations
 FROM ordered
 """
+
+
+STATEMENTS_SQL = """
+SELECT calls, round(total_exec_time::numeric, 1)::float8 AS total_ms, rows,
+       shared_blks_hit AS hit, shared_blks_read AS read, shared_blks_dirtied AS dirtied,
+       left(regexp_replace(query, '\\s+', ' ', 'g'), 160) AS query
+FROM pg_stat_statements
+WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
+ORDER BY total_exec_time DESC LIMIT 8
+"""
+
+
+def enable_statements(harness: Harness) -> None:
+    """Load pg_stat_statements into the private server (a restart) for --statements."""
+    assert harness.pg is not None, "--statements needs the private PostgreSQL"
+    conn = psycopg2.connect(harness.server_dsn)
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute("ALTER SYSTEM SET shared_preload_libraries = 'pg_stat_statements'")
+    conn.close()
+    harness.pg.restart()
+
+
+def _statements(conn: Any, reset: bool) -> list[dict[str, Any]]:
+    """The busiest statements of this database since the last reset (and reset them)."""
+    with conn.cursor() as cur:
+        cur.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+    conn.commit()
+    rows = [] if reset else fetch_rows(conn, STATEMENTS_SQL)
+    with conn.cursor() as cur:
+        cur.execute("SELECT pg_stat_statements_reset()")
+    conn.commit()
+    return rows
 
 
 def _sizes(conn: Any) -> dict[str, float]:
@@ -172,6 +209,8 @@ def one_run(harness: Harness, args: argparse.Namespace, history_rows: int, index
             try:
                 result["ready_s"] = round(runner.wait_ready(), 3)
                 before = _stats(conn)
+                if args.statements:
+                    _statements(conn, reset=True)
                 window = CpuWindow([runner.pid], harness.local_postmaster_pid)
                 insert_tasks(conn, planned)
                 deadline = time.monotonic() + args.run_timeout
@@ -181,7 +220,7 @@ def one_run(harness: Harness, args: argparse.Namespace, history_rows: int, index
                                            f"{runner.log_tail()}")
                     if time.monotonic() > deadline:
                         raise RunnerFailed(f"not every task ended within {args.run_timeout:.0f} s")
-                    time.sleep(0.05)
+                    time.sleep(POLL_SECONDS)
                 cpu = window.close()
             except RunnerFailed as exc:
                 result["error"] = str(exc)
@@ -189,6 +228,8 @@ def one_run(harness: Harness, args: argparse.Namespace, history_rows: int, index
             finally:
                 result["exit_code"] = harness.stop(runner)
             after_stats = _stats(conn)  # the daemon's backends have exited: their statistics are in
+            if args.statements:
+                result["statements"] = _statements(conn, reset=False)
             result["cpu"] = {
                 "daemon_s_per_1k": round(cpu.groups_s[0] / args.tasks * 1000, 4),
                 "postgres_s_per_1k": round(cpu.postgres_s / args.tasks * 1000, 4),
@@ -217,12 +258,12 @@ def summarise(runs: list[dict[str, Any]], sizes: list[int]) -> dict[str, Any]:
             by_size[run["history_rows"]].append(run["throughput_tps"])
     medians = {size: (statistics.median(v) if v else None) for size, v in by_size.items()}
     empty = medians[0]
-    return {
-        str(size): {"median_tps": medians[size], "runs_tps": by_size[size],
-                    "ratio_to_empty": round(medians[size] / empty, 4) if empty and medians[size] else None,
-                    "target_met": bool(empty and medians[size] and medians[size] / empty >= 0.90)}
-        for size in by_size
-    }
+    out = {}
+    for size, median in medians.items():
+        ratio = round(median / empty, 4) if empty and median else None
+        out[str(size)] = {"median_tps": median, "runs_tps": by_size[size], "ratio_to_empty": ratio,
+                          "target_met": ratio is not None and ratio >= 0.90}
+    return out
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -231,6 +272,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     wall = time.monotonic()
     runs: list[dict[str, Any]] = []
     with Harness("taskomatic-history-", args.keep_work_dir, announce="bench work directory") as harness:
+        if args.statements:
+            enable_statements(harness)
         index = 0
         for repeat in range(args.repeats):
             # Alternate the order, so neither case gains from the machine's drift.
@@ -273,6 +316,9 @@ def summary_text(results: dict[str, Any]) -> str:
              f"history over {'the same' if s['shared_keys'] else str(s['history_keys']) + ' other'} keys:"]
     for run in results["runs"]:
         lines.append(f"  {run['history_rows']:>11,} rows: {one_line(run)}")
+        for st in run.get("statements", []):
+            lines.append(f"      {st['total_ms']:>9.1f} ms {st['calls']:>6} calls {st['hit']:>8} hit "
+                         f"{st['read']:>6} read {st['dirtied']:>6} dirtied  {st['query']}")
     for size, figures in results["summary"].items():
         if int(size) == 0:
             continue
@@ -298,6 +344,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", metavar="NAME=VALUE", help="a daemon setting for every run")
     parser.add_argument("--run-timeout", type=float, default=600.0, help="seconds a burst may take (600)")
     parser.add_argument("--keep-work-dir", action="store_true")
+    parser.add_argument("--statements", action="store_true",
+                        help="record each run's busiest statements (pg_stat_statements; restarts the server)")
     parser.add_argument("--out", type=Path, help="results directory (default bench/results/<stamp>-history)")
     args = parser.parse_args(argv)
     args.rows = args.rows or [1_000_000]

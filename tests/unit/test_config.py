@@ -221,6 +221,8 @@ def test_every_setting_can_be_set_in_the_file(tmp_path: Path) -> None:
         "metrics_port": ("9188", 9188), "metrics_address": ("::1", "::1"),
         "lease_seconds": ("30", 30.0), "lease_renew_interval": ("5", 5.0), "keys_per_shard": ("3", 3),
         "tasks_per_key": ("8", 8), "startup_retry_max": ("30", 30.0), "auto_migrate": ("yes", True),
+        "keep_finished": ("30D", "30d"), "archive": ("no", False), "archive_keep": ("Forever", "forever"),
+        "retention_interval": ("15", 15.0), "retention_batch": ("200", 200),
     }
     assert set(samples) == {s.name for s in SETTINGS}
     sections: dict[str, list[str]] = {}
