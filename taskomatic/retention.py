@@ -93,7 +93,7 @@ def run_pass(store: Store, policy: Policy, deadline: float | None = None,
                     return result
                 done = step(store, keep_s, policy.batch)
             setattr(result, field, getattr(result, field) + done)
-            if done < policy.batch:
+            if done == 0:  # not "< batch": a parent becomes eligible once its children have gone
                 break
     return result
 
@@ -140,6 +140,8 @@ class RetentionJob:
             log.error("retention pass failed (the tasks stay where they are; next try in %g s): %s",
                       self.interval, first_line(exc))
             return None
+        if result.locked_out:
+            log.debug("retention: another instance is running it; next try in %g s", self.interval)
         if result.moved or result.archive_pruned:
             log.info("retention: %d ended tasks %s, %d deleted from the archive%s", result.moved,
                      "archived" if self.policy.archive else "deleted", result.archive_pruned,

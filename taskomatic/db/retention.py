@@ -13,7 +13,7 @@ if TYPE_CHECKING:
     from taskomatic.db.store import Row, Store
 
 # Arbitrary constant shared by every taskomatic process: "retention is running".
-RETENTION_LOCK_ID = 0x7A5C0002
+RETENTION_LOCK_ID = 0x7A5C0004  # the others: migrate (1), instance guard (2), placement (3)
 
 
 def try_lock(store: Store) -> bool:
