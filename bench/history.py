@@ -54,6 +54,11 @@ from bench.harness import (
 from bench.runners import RunnerFailed, RunnerSpec
 from bench.workloads import Workload, generate
 
+# state IN ('queued', 'running') as the two partial indexes hold it (migration 0010), first one only.
+UNFINISHED_SQL = """
+SELECT EXISTS (SELECT 1 FROM tasks WHERE state = 'queued' AND claimed_by IS NULL)
+    OR EXISTS (SELECT 1 FROM tasks WHERE claimed_by IS NOT NULL AND state IN ('queued', 'running'))
+"""
 POLL_SECONDS = 0.2  # between looks for unfinished tasks (as bench.run)
 
 HISTORY_SQL = """
@@ -140,7 +145,7 @@ def _statements(conn: Any, reset: bool) -> list[dict[str, Any]]:
 
 def any_unfinished(conn: Any) -> bool:
     """Is a task queued or running? (Stops at the first: a count would visit every row of the burst.)"""
-    found = bool(fetch_scalar(conn, "SELECT EXISTS (SELECT 1 FROM tasks WHERE state IN ('queued', 'running'))"))
+    found = bool(fetch_scalar(conn, UNFINISHED_SQL))
     conn.rollback()
     return found
 

@@ -17,13 +17,17 @@
 -- has a predicate the hot statements do not imply (they never name a key).
 -- tests/integration/test_history.py checks the plans with stale statistics.
 
--- Queued, running and paused tasks (status counts, running lists, the metrics).
+-- Unfinished tasks are in one of two partial indexes, both on id: unclaimed
+-- queued ones in tasks_claimable_idx (0001, the claim's), the rest in
+-- tasks_held_idx, claimed (queued or running, and paused: running and paused
+-- need a holder, 0007). No index covers both: one on id over every unfinished
+-- task would serve the claim too (state = 'queued' implies it), and walk the
+-- held tasks before the first unclaimed one. tasks_state_idx (state) served
+-- the status counts; they read the two indexes now (queue_summary, active_counts).
 DROP INDEX tasks_state_idx;
-CREATE INDEX tasks_active_idx ON tasks (id) WHERE state IN ('queued', 'running', 'paused');
-
--- What an instance holds (startup, a dead shard, drain, hand-overs): was led by claimed_by.
 DROP INDEX tasks_claimed_idx;
-CREATE INDEX tasks_held_idx ON tasks (id) WHERE claimed_by IS NOT NULL AND state IN ('queued', 'running');
+CREATE INDEX tasks_held_idx ON tasks (id)
+    WHERE claimed_by IS NOT NULL AND state IN ('queued', 'running', 'paused');
 
 -- Per-key lookups only ever ask for a key's running task (does this VM have a
 -- task in flight?). The full (key_type, key_id, id) index took an entry for
