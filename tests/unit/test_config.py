@@ -563,3 +563,18 @@ def test_reload_of_an_embedded_database_keeps_its_resolved_dsn(tmp_path: Path) -
     running = with_dsn(load(path, environ={}), "host=/srv/t/postgres/run dbname=taskomatic")
     result = config.reload_config(running, environ={})
     assert result.restart_only == {} and result.config.dsn == running.dsn
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("90", 90.0), ("90s", 90.0), ("30m", 1800.0), ("12h", 43200.0),
+                                                ("7d", 604800.0), ("2W", 1209600.0), ("1.5h", 5400.0),
+                                                (" forever ", None)])
+def test_retention_durations(text: str, seconds: float | None) -> None:
+    from taskomatic.settings import duration_seconds
+
+    assert duration_seconds(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["7 days", "-1d", "d", "7y", "never", ""])
+def test_bad_retention_durations_are_refused_with_the_forms_allowed(text: str) -> None:
+    with pytest.raises(ConfigError, match="90s, 30m, 12h, 7d or 2w"):
+        parse_overrides([f"retention.keep_finished={text}"])
