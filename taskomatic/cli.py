@@ -25,7 +25,7 @@ from taskomatic import config as config_mod
 from taskomatic.capacity import cli as capacity_cli
 from taskomatic.cli_common import NoDatabase, database, fmt_time, print_json, session
 from taskomatic.config import Config, ConfigError
-from taskomatic.exitcodes import EXIT_CONFIG, EXIT_DATABASE, EXIT_FAILED, EXIT_SCHEMA, EXIT_USAGE
+from taskomatic.exitcodes import EXIT_CONFIG, EXIT_DATABASE, EXIT_SCHEMA, EXIT_USAGE
 from taskomatic.logsetup import setup_logging
 
 log = logging.getLogger(__name__)
@@ -113,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
         "prune", help="archive or delete ended tasks past [retention] keep_finished now (the daemon does it "
                       "every retention_interval), and prune the archive past archive_keep",
         description="Applies the [retention] settings (--set retention.keep_finished=30d ... changes them "
-                    "for this run) until nothing is left; one instance or command at a time.")
+                    "for this run) until nothing is left; one instance or command at a time (it waits for "
+                    "a daemon's batch to end).")
     _common_options(prune)
     prune.add_argument("--dry-run", action="store_true", help="count what would go, change nothing")
     prune.add_argument("--json", action="store_true", help="one JSON object")
@@ -200,11 +201,7 @@ def cmd_db_prune(config: Config, dry_run: bool, as_json: bool) -> int:
         if dry_run:
             report = retention.dry_run(store, policy)
         else:
-            result = retention.run_pass(store, policy)
-            if result.locked_out:
-                print("taskomatic: another instance or command is running retention now; try again later",
-                      file=sys.stderr)
-                return EXIT_FAILED
+            result = retention.run_pass(store, policy, wait=True)  # a daemon's batch is short
             report = {"policy": policy.describe(), ("archived" if policy.archive else "deleted"): result.moved,
                       "deleted_from_archive": result.archive_pruned}
     if as_json:

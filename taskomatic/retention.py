@@ -73,8 +73,11 @@ class PassResult:
 
 
 def run_pass(store: Store, policy: Policy, deadline: float | None = None,
-             stopping: Callable[[], bool] = lambda: False) -> PassResult:
-    """Move, delete and prune in batches until nothing is left, ``deadline`` (monotonic) or ``stopping()``."""
+             stopping: Callable[[], bool] = lambda: False, wait: bool = False) -> PassResult:
+    """Move, delete and prune in batches until nothing is left, ``deadline`` (monotonic) or ``stopping()``.
+
+    ``wait``: wait for another instance's batch to end instead of giving the pass up (the command line).
+    """
     result = PassResult()
     steps: list[tuple[str, Callable[[Store, float, int], int], float]] = []
     if policy.keep_s is not None:
@@ -88,7 +91,9 @@ def run_pass(store: Store, policy: Policy, deadline: float | None = None,
                 result.finished = False
                 return result
             with store.transaction():
-                if not retention_db.try_lock(store):
+                if wait:
+                    retention_db.wait_lock(store)
+                elif not retention_db.try_lock(store):
                     result.locked_out = True
                     return result
                 done = step(store, keep_s, policy.batch)

@@ -22,6 +22,11 @@ def try_lock(store: Store) -> bool:
     return bool(row and row["locked"])
 
 
+def wait_lock(store: Store) -> None:
+    """Take the retention lock for this transaction, waiting while another session holds it."""
+    store.one("retention_lock_wait", lock_id=RETENTION_LOCK_ID)
+
+
 def archive_ended(store: Store, keep_s: float, batch: int) -> int:
     """Move up to ``batch`` tasks ended more than ``keep_s`` seconds ago to tasks_archive; how many."""
     return int(store.scalar("archive_ended_tasks", keep_s=keep_s, batch=batch))

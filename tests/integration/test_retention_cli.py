@@ -101,3 +101,34 @@ def test_the_daemon_archives_on_its_own(dsn: str, daemon_factory: object) -> Non
     except AssertionError:
         raise AssertionError(daemon.log_path.read_text()[-3000:]) from None
     assert query(dsn, "SELECT count(*) AS n FROM tasks")[0]["n"] == 0
+
+
+def test_db_prune_waits_for_a_running_batch(dsn: str) -> None:
+    """Another instance's batch holds the retention lock: the command waits for it, then does its work."""
+    import psycopg2
+
+    from taskomatic.db.retention import RETENTION_LOCK_ID
+    from tests.integration.test_cli import PYTHON, _env
+
+    old = _old_tasks(dsn, 2)
+    holder = psycopg2.connect(dsn)
+    proc = None
+    try:
+        with holder.cursor() as cur:
+            cur.execute("SELECT pg_advisory_lock(%s)", (RETENTION_LOCK_ID,))
+        proc = subprocess.Popen([PYTHON, "-m", "taskomatic", "db", "prune", "--dsn", dsn], env=_env(),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        wait_for(lambda: query(dsn, "SELECT count(*) AS n FROM pg_locks WHERE locktype = 'advisory' "
+                                    "AND NOT granted")[0]["n"] == 1, what="db prune to wait for the lock")
+        assert proc.poll() is None and query(dsn, "SELECT count(*) AS n FROM tasks_archive")[0]["n"] == 0
+        with holder.cursor() as cur:
+            cur.execute("SELECT pg_advisory_unlock(%s)", (RETENTION_LOCK_ID,))
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+        assert "archived: 2" in out
+    finally:
+        holder.close()
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert [r["id"] for r in query(dsn, "SELECT id FROM tasks_archive ORDER BY id")] == old

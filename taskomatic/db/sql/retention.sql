@@ -11,6 +11,10 @@
 -- Only one instance (or command) runs retention at a time: this transaction's lock, or false.
 SELECT pg_try_advisory_xact_lock(%(lock_id)s) AS locked;
 
+-- retention_lock_wait --
+-- The same lock, waiting for it (taskomatic db prune waits for a daemon's batch to end).
+SELECT pg_advisory_xact_lock(%(lock_id)s);
+
 -- archive_ended_tasks --
 -- Move a batch of tasks ended before keep_s seconds ago into tasks_archive; returns how many moved.
 WITH doomed AS (
