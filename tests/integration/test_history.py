@@ -147,7 +147,8 @@ def test_hot_statements_descend_by_id_when_statistics_only_know_history(dsn: str
     # finds nothing to move through the index of ended tasks, without reading them.
     for name, params in (("queue_summary", {}), ("active_counts", {}), ("oldest_queued", {}),
                          ("running_tasks", {}), ("archive_ended_tasks", {"keep_s": 7 * DAY, "batch": 100}),
-                         ("count_ended_tasks", {"keep_s": 7 * DAY})):
+                         ("count_ended_tasks", {"keep_s": 7 * DAY}),
+                         ("tasks_changed_since", {"last_id": claimed[-1], "since": now})):
         scans, _ = _explain(store, name, **params)
         assert not [s for s in scans if s["Node Type"] == "Seq Scan"], f"{name} reads the whole table"
 

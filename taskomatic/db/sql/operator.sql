@@ -66,10 +66,11 @@ SELECT id, hostname, pid, version, mode, shards, started_at,
 FROM instances WHERE stopped_at IS NULL ORDER BY id DESC LIMIT 20;
 
 -- tasks_changed_since --
--- For tasks --follow: tasks created or ended after a point.
+-- For tasks --follow: tasks created or ended after a point (only an ended task has time_ended: the
+-- state condition lets tasks_ended_idx serve it, with the primary key, instead of reading the table).
 SELECT id, task_target_type, task_target_id, action, state, message, time_started, time_ended, created_at
 FROM tasks
-WHERE id > %(last_id)s OR time_ended > %(since)s
+WHERE id > %(last_id)s OR (time_ended > %(since)s AND state IN ('finished', 'failed', 'canceled'))
 ORDER BY coalesce(time_ended, created_at), id
 LIMIT 1000;
 
