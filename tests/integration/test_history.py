@@ -144,11 +144,13 @@ def test_hot_statements_descend_by_id_when_statistics_only_know_history(dsn: str
         # Eight tasks through a few index descents each, not a walk of 3,000 queued or 1,000 running.
         assert buffers < 1000, f"{name} touched {buffers} buffers for 8 tasks"
     # The status counts and the metrics read the two partial indexes, never the history; retention
-    # finds nothing to move through the index of ended tasks, without reading them.
+    # finds nothing to move through the index of ended tasks, without reading them; "has this VM a task
+    # running" reads the index of running tasks' keys.
     for name, params in (("queue_summary", {}), ("active_counts", {}), ("oldest_queued", {}),
                          ("running_tasks", {}), ("archive_ended_tasks", {"keep_s": 7 * DAY, "batch": 100}),
                          ("count_ended_tasks", {"keep_s": 7 * DAY}),
-                         ("tasks_changed_since", {"last_id": claimed[-1], "since": now})):
+                         ("tasks_changed_since", {"last_id": claimed[-1], "since": now}),
+                         ("idle_vms", {}), ("idle_vms_on_host", {"host_id": 1})):
         scans, _ = _explain(store, name, **params)
         assert not [s for s in scans if s["Node Type"] == "Seq Scan"], f"{name} reads the whole table"
 
