@@ -17,7 +17,7 @@ configuration) and works through the backlog until every task has ended (or
   Pss, Private_Clean + Private_Dirty), its role from its process title;
 * tasks ended so far and tasks held by the instance (``claimed_by`` set, state
   queued or running), both from indexes, O(held) per sample: held is a count
-  over the partial index ``tasks_claimed_idx``; unclaimed is the span of ids
+  over the partial index ``tasks_held_idx`` (``tasks_claimed_idx`` before migration 0010); unclaimed is the span of ids
   from the first id in ``tasks_claimable_idx`` to the last id inserted (the
   insert's ids are contiguous, checked, and a single instance claims the
   oldest first), and ended = tasks - unclaimed - held. The final counts come

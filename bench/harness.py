@@ -222,7 +222,9 @@ def insert_tasks(conn: Any, tasks: list[PlannedTask]) -> None:
 def unfinished(conn: Any) -> int:
     """Tasks queued or running."""
     with conn.cursor() as cur:
-        cur.execute("SELECT count(*) FROM tasks WHERE state IN ('queued', 'running')")
+        # state IN ('queued', 'running') as its two partial indexes hold it (migration 0010).
+        cur.execute("SELECT count(*) FROM tasks WHERE (state = 'queued' AND claimed_by IS NULL) "
+                    "OR (claimed_by IS NOT NULL AND state IN ('queued', 'running'))")
         value = int(cur.fetchone()[0])
     conn.commit()
     return value

@@ -23,7 +23,7 @@ from typing import Any
 from taskomatic import __version__, cli_queue, cli_status
 from taskomatic import config as config_mod
 from taskomatic.capacity import cli as capacity_cli
-from taskomatic.cli_common import NoDatabase, database
+from taskomatic.cli_common import NoDatabase, database, fmt_time, print_json, session
 from taskomatic.config import Config, ConfigError
 from taskomatic.exitcodes import EXIT_CONFIG, EXIT_DATABASE, EXIT_SCHEMA, EXIT_USAGE
 from taskomatic.logsetup import setup_logging
@@ -109,6 +109,15 @@ def build_parser() -> argparse.ArgumentParser:
     upgrade = db_sub.add_parser("upgrade", help="create or upgrade the schema (safe to run twice)")
     _common_options(upgrade)
     upgrade.add_argument("--dry-run", action="store_true", help="list pending migrations only")
+    prune = db_sub.add_parser(
+        "prune", help="archive or delete ended tasks past [retention] keep_finished now (the daemon does it "
+                      "every retention_interval), and prune the archive past archive_keep",
+        description="Applies the [retention] settings (--set retention.keep_finished=30d ... changes them "
+                    "for this run) until nothing is left; one instance or command at a time (it waits for "
+                    "a daemon's batch to end).")
+    _common_options(prune)
+    prune.add_argument("--dry-run", action="store_true", help="count what would go, change nothing")
+    prune.add_argument("--json", action="store_true", help="one JSON object")
 
     cli_queue.add_parsers(sub, _common_options)
     cli_status.add_parsers(sub, _common_options)
@@ -184,10 +193,32 @@ def cmd_db_upgrade(config: Config, dry_run: bool) -> int:
     return 0
 
 
+def cmd_db_prune(config: Config, dry_run: bool, as_json: bool) -> int:
+    from taskomatic import retention
+
+    policy = retention.Policy.from_config(config)
+    with session(config, "db prune") as store:
+        if dry_run:
+            report = retention.dry_run(store, policy)
+        else:
+            result = retention.run_pass(store, policy, wait=True)  # a daemon's batch is short
+            report = {"policy": policy.describe(), ("archived" if policy.archive else "deleted"): result.moved,
+                      "deleted_from_archive": result.archive_pruned}
+    if as_json:
+        print_json(report)
+        return 0
+    for name, value in report.items():
+        shown = fmt_time(value) if name == "oldest_end" else value
+        print(f"{name.replace('_', ' ')}: {shown}")
+    return 0
+
+
 def _dispatch(config: Config, args: argparse.Namespace) -> int:
     command = args.command
     if command in (None, "run"):
         return cmd_run(config)
+    if command == "db" and args.db_command == "prune":
+        return cmd_db_prune(config, args.dry_run, args.json)
     if command == "db":
         return cmd_db_upgrade(config, args.dry_run)
     if command == "submit":

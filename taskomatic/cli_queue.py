@@ -23,6 +23,7 @@ from taskomatic.cli_common import (
 )
 from taskomatic.config import Config
 from taskomatic.db import operator
+from taskomatic.db import retention as retention_db
 from taskomatic.exitcodes import EXIT_FAILED, EXIT_USAGE
 
 
@@ -45,8 +46,11 @@ def add_parsers(sub: Any, common: Any) -> None:
                        help="one JSON array (with --follow: one JSON object per line, as tasks change)")
     tasks.add_argument("--follow", action="store_true",
                        help="after the list, print tasks as they are queued and as they end (Ctrl-C stops)")
+    tasks.add_argument("--archive", action="store_true",
+                       help="list archived tasks (ended ones moved out after [retention] keep_finished)")
 
-    show = sub.add_parser("show", help="everything about one task: args, attempts, message, holder, timings")
+    show = sub.add_parser("show", help="everything about one task: args, attempts, message, holder, timings "
+                                       "(an archived task too)")
     common(show)
     show.add_argument("task_id", type=int, metavar="ID", help="the task's id")
     show.add_argument("--json", action="store_true", help="one JSON document (see README, JSON output)")
@@ -171,8 +175,11 @@ def cmd_submit(config: Config, args: argparse.Namespace) -> int:
 
 def cmd_tasks(config: Config, args: argparse.Namespace) -> int:
     target_type, target_id = _target_filter(args)
+    if args.archive and args.follow:
+        raise UsageError("--archive lists tasks that ended long ago: nothing to --follow there")
+    lister = retention_db.list_archived if args.archive else operator.list_tasks
     with session(config, "tasks", read_only=True) as store:
-        rows = operator.list_tasks(store, args.state, target_type, target_id, args.action, args.limit)
+        rows = lister(store, args.state, target_type, target_id, args.action, args.limit)
         if args.follow:
             _print_tasks(rows, args.json, json_lines=True)
             _follow(store, args.json, last_id=max((r["id"] for r in rows), default=0))
@@ -220,11 +227,17 @@ def _follow(store: Any, as_json: bool, last_id: int) -> None:
 def cmd_show(config: Config, args: argparse.Namespace) -> int:
     with session(config, "show", read_only=True) as store:
         task = operator.task_details(store, args.task_id)
+        archived = task is None
+        if archived:
+            task = retention_db.archived_task_details(store, args.task_id)
     if task is None:
         print(f"taskomatic: no task {args.task_id}", file=sys.stderr)
         return EXIT_FAILED
+    if archived:  # it ended long ago: nobody holds it, nothing is ahead of it
+        task.update(ahead_in_key=0, holder_hostname=None, holder_pid=None, holder_mode=None,
+                    holder_stopped_at=None, holder_heartbeat_age=None)
     holder = None
-    if task["claimed_by"] is not None:
+    if task["claimed_by"] is not None and not archived:
         holder = {"instance": task["claimed_by"], "hostname": task["holder_hostname"], "pid": task["holder_pid"],
                   "mode": task["holder_mode"], "stopped_at": task["holder_stopped_at"],
                   "heartbeat_age": task["holder_heartbeat_age"], "claimed_at": task["claimed_at"],
@@ -235,11 +248,12 @@ def cmd_show(config: Config, args: argparse.Namespace) -> int:
                                      "child_task_ids", "ahead_in_key")}
     document["ordering_key"] = f"{task['key_type']}:{task['key_id']}" if task["key_type"] else None
     document["holder"] = holder
+    document["archived"] = archived
     if args.json:
         print_json(document)
         return 0
     print(f"task {task['id']}: {task['action']} {task['task_target_type']}:{task['task_target_id']} - "
-          f"{task['state']}")
+          f"{task['state']}" + (" (archived)" if archived else ""))
     print(f"  args:          {_json_text(task['args'])}")
     print(f"  submitted by:  {task['submitted_by'] or '-'}")
     print(f"  ordering key:  {document['ordering_key'] or '-'}"

@@ -87,6 +87,11 @@ class Config:
     save_dir_shared: bool = False
     migration_timeout: float = 300.0
     migration_uri: str = ""
+    keep_finished: str = "7d"
+    archive: bool = True
+    archive_keep: str = "forever"
+    retention_interval: float = 60.0
+    retention_batch: int = 1000
     # Where the values came from, for reloads and error messages.
     source_path: str | None = field(default=None, compare=False)
     # The command line's overrides (setting name -> typed value), kept so a reload keeps them.

@@ -76,6 +76,29 @@ def _choice(*allowed: str) -> Callable[[str], str]:
     return parse
 
 
+FOREVER = "forever"
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw]?)$")
+_UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def duration_seconds(text: str) -> float | None:
+    """Seconds of a duration setting ("90s", "30m", "12h", "7d", "2w"; a bare number is seconds);
+    None for "forever"."""
+    value = text.strip().lower()
+    if value == FOREVER:
+        return None
+    match = _DURATION.match(value)
+    if match is None:
+        raise ValueError(f"expected a duration such as 90s, 30m, 12h, 7d or 2w, or {FOREVER!r}, got {text!r}")
+    return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+
+
+def _duration(text: str) -> str:
+    """A duration or "forever", kept as written (normalised) so the documentation shows it so."""
+    duration_seconds(text)
+    return text.strip().lower()
+
+
 def _log_level(text: str) -> str:
     return _choice("debug", "info", "warning", "error")(text.strip().lower())
 
@@ -182,6 +205,18 @@ SETTINGS: tuple[Setting, ...] = (
             "seconds a live migration may take before it is aborted (the VM stays on its source)"),
     Setting("libvirt", "migration_uri", str, "",
             "migration data URI passed to libvirt (e.g. tcp://10.0.0.5); empty lets libvirt choose"),
+    Setting("retention", "keep_finished", _duration, "7d",
+            "how long an ended task (finished, failed, canceled) stays in the tasks table, where UIs read "
+            "outcomes, before it is archived or deleted (90s, 30m, 12h, 7d, 2w; forever: never); a task "
+            "that queued others goes only after they have"),
+    Setting("retention", "archive", _parse_bool, True,
+            "move expired tasks to tasks_archive (taskomatic tasks --archive, show) instead of deleting them"),
+    Setting("retention", "archive_keep", _duration, "forever",
+            "how long an archived task is kept (counted from its end) before it is deleted; forever: never"),
+    Setting("retention", "retention_interval", _positive_float, 60.0,
+            "seconds between retention passes (the reconciler process runs them; one instance at a time)"),
+    Setting("retention", "retention_batch", _positive_int, 1000,
+            "most tasks moved or deleted per transaction (small batches keep locks and WAL bursts short)"),
 )
 
 SETTINGS_BY_KEY: dict[str, Setting] = {f"{s.section}.{s.name}": s for s in SETTINGS}

@@ -32,6 +32,7 @@ from taskomatic.db import vms as vms_db
 from taskomatic.db.storage_placement import forget_lost_save, idle_vms, record_vm_location
 from taskomatic.db.store import Store
 from taskomatic.logsetup import set_process_title, setup_logging
+from taskomatic.retention import RetentionJob
 from taskomatic.text import first_line
 
 log = logging.getLogger(__name__)
@@ -233,6 +234,8 @@ class Reconciler:
         self.stop = False
         self.store = Store.open(config.dsn, "taskomatic reconciler", config.connect_timeout)
         self.connections = LibvirtConnections(config.keepalive_interval, config.keepalive_count)
+        # Ended tasks leave the tasks table here, off the shards' and the fetcher's path.
+        self.retention = RetentionJob(config)
 
     def _record_signal(self, signum: int, _frame: object) -> None:
         self.stop = True
@@ -248,6 +251,7 @@ class Reconciler:
                 log.debug("host-status pass: %d hosts up, %d down, %d corrections",
                           result.hosts_up, result.hosts_down, result.corrections)
                 next_pass = time.monotonic() + self.config.reconcile_interval
+            self.retention.run_if_due(self.store, lambda: self.stop)
             time.sleep(min(0.5, max(0.0, next_pass - time.monotonic())))  # timer, not synchronisation
         return 0
 

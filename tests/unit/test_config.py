@@ -221,6 +221,8 @@ def test_every_setting_can_be_set_in_the_file(tmp_path: Path) -> None:
         "metrics_port": ("9188", 9188), "metrics_address": ("::1", "::1"),
         "lease_seconds": ("30", 30.0), "lease_renew_interval": ("5", 5.0), "keys_per_shard": ("3", 3),
         "tasks_per_key": ("8", 8), "startup_retry_max": ("30", 30.0), "auto_migrate": ("yes", True),
+        "keep_finished": ("30D", "30d"), "archive": ("no", False), "archive_keep": ("Forever", "forever"),
+        "retention_interval": ("15", 15.0), "retention_batch": ("200", 200),
     }
     assert set(samples) == {s.name for s in SETTINGS}
     sections: dict[str, list[str]] = {}
@@ -561,3 +563,18 @@ def test_reload_of_an_embedded_database_keeps_its_resolved_dsn(tmp_path: Path) -
     running = with_dsn(load(path, environ={}), "host=/srv/t/postgres/run dbname=taskomatic")
     result = config.reload_config(running, environ={})
     assert result.restart_only == {} and result.config.dsn == running.dsn
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("90", 90.0), ("90s", 90.0), ("30m", 1800.0), ("12h", 43200.0),
+                                                ("7d", 604800.0), ("2W", 1209600.0), ("1.5h", 5400.0),
+                                                (" forever ", None)])
+def test_retention_durations(text: str, seconds: float | None) -> None:
+    from taskomatic.settings import duration_seconds
+
+    assert duration_seconds(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["7 days", "-1d", "d", "7y", "never", ""])
+def test_bad_retention_durations_are_refused_with_the_forms_allowed(text: str) -> None:
+    with pytest.raises(ConfigError, match="90s, 30m, 12h, 7d or 2w"):
+        parse_overrides([f"retention.keep_finished={text}"])

@@ -8,5 +8,6 @@ SELECT count(*) FILTER (WHERE state = 'queued') AS queued,
        coalesce(extract(epoch FROM clock_timestamp() - min(created_at) FILTER (WHERE state = 'queued')), 0)
            AS oldest_queued_seconds
 FROM tasks
-WHERE state IN ('queued', 'running');
+-- state IN ('queued', 'running'), as its two indexes hold it (migration 0010): a bitmap OR of both.
+WHERE (state = 'queued' AND claimed_by IS NULL) OR (claimed_by IS NOT NULL AND state IN ('queued', 'running'));
 

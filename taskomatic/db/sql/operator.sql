@@ -39,19 +39,25 @@ RETURNING id;
 
 -- active_counts --
 -- Queued and running tasks (partial indexes: cheap however large the table).
-SELECT state, count(*) AS n FROM tasks WHERE state IN ('queued', 'running') GROUP BY state;
+-- The condition is state IN ('queued', 'running') as the indexes hold it (migration 0010).
+SELECT state, count(*) AS n FROM tasks
+WHERE (state = 'queued' AND claimed_by IS NULL) OR (claimed_by IS NOT NULL AND state IN ('queued', 'running'))
+GROUP BY state;
 
 -- oldest_queued --
--- The task waiting longest.
+-- The task waiting longest: the first of the unclaimed ones and of the claimed ones (one index each).
 SELECT id, action, task_target_type, task_target_id, created_at,
        extract(epoch FROM clock_timestamp() - created_at) AS age
-FROM tasks WHERE state = 'queued' ORDER BY id LIMIT 1;
+FROM ((SELECT * FROM tasks WHERE state = 'queued' AND claimed_by IS NULL ORDER BY id LIMIT 1)
+      UNION ALL
+      (SELECT * FROM tasks WHERE state = 'queued' AND claimed_by IS NOT NULL ORDER BY id LIMIT 1)) AS first
+ORDER BY id LIMIT 1;
 
 -- running_tasks --
--- What runs now, and for how long.
+-- What runs now, and for how long (a running task always has a holder: the index of held tasks).
 SELECT id, action, task_target_type, task_target_id, claimed_by, attempts, time_started,
        extract(epoch FROM clock_timestamp() - time_started) AS seconds
-FROM tasks WHERE state = 'running' ORDER BY id;
+FROM tasks WHERE state = 'running' AND claimed_by IS NOT NULL ORDER BY id;
 
 -- live_instances --
 -- Instances that have not stopped, with the age of their last heartbeat.
@@ -60,10 +66,11 @@ SELECT id, hostname, pid, version, mode, shards, started_at,
 FROM instances WHERE stopped_at IS NULL ORDER BY id DESC LIMIT 20;
 
 -- tasks_changed_since --
--- For tasks --follow: tasks created or ended after a point.
+-- For tasks --follow: tasks created or ended after a point (only an ended task has time_ended: the
+-- state condition lets tasks_ended_idx serve it, with the primary key, instead of reading the table).
 SELECT id, task_target_type, task_target_id, action, state, message, time_started, time_ended, created_at
 FROM tasks
-WHERE id > %(last_id)s OR time_ended > %(since)s
+WHERE id > %(last_id)s OR (time_ended > %(since)s AND state IN ('finished', 'failed', 'canceled'))
 ORDER BY coalesce(time_ended, created_at), id
 LIMIT 1000;
 

@@ -37,14 +37,18 @@ RETURNING id;
 -- record_outcomes --
 -- Write the ends of some tasks (the arrays are parallel). Only the holder can,
 -- and only once: the ids it returns are those written. time_started is the
--- moment the action really started (NULL: keep the one marked).
+-- moment the action really started (NULL: keep the one marked). t.id = ANY
+-- repeats the join on purpose: whichever index the planner picks (its
+-- statistics may describe only history, migration 0010), the ids are its
+-- index condition, so the scan is O(ids), never every running task.
 UPDATE tasks t
 SET state = o.state, message = o.message,
     time_started = coalesce(o.time_started, t.time_started), time_ended = o.time_ended
 FROM unnest(%(task_ids)s::bigint[], %(states)s::text[], %(messages)s::text[],
             %(starts)s::timestamptz[], %(ends)s::timestamptz[])
      AS o(id, state, message, time_started, time_ended)
-WHERE t.id = o.id AND t.claimed_by = %(instance_id)s AND t.state = 'running'
+WHERE t.id = o.id AND t.id = ANY(%(task_ids)s::bigint[]) AND t.claimed_by = %(instance_id)s
+  AND t.state = 'running'
 RETURNING t.id;
 
 -- fail_unstartable --
