@@ -200,8 +200,12 @@ def plot_scaling(results: dict[str, Any], path: Path) -> Path | None:
         return None
     routings: list[str | None] = [r for r in ("pinned", "hash") if any(s.get("routing") == r for s in rows)]
     routings = routings or [None]  # results from before the routing dimension
-    setups = list(dict.fromkeys((s["mode"], s["instances"]) for s in rows))
-    names = ["standalone" if mode == "standalone" else f"{n} multihost" for mode, n in setups]
+    def setup_of(s: dict[str, Any]) -> tuple[str, Any]:  # results from before the routing dimension: the label
+        return (s["mode"], s["instances"]) if "instances" in s else (s["mode"], s["setup"])
+
+    setups = list(dict.fromkeys(setup_of(s) for s in rows))
+    names = ["standalone" if mode == "standalone" else n if isinstance(n, str) else f"{n} multihost"
+             for mode, n in setups]
     width = 0.8 / len(routings)
     fig, axes = plt.subplots(1, 3, figsize=style.figsize(3, 1, 4.6, 4.2))
     panels = (("throughput_tps", "no-op tasks/s (median of runs)", "throughput"),
@@ -210,7 +214,7 @@ def plot_scaling(results: dict[str, Any], path: Path) -> Path | None:
     for ax, (field, ylabel, title) in zip(axes, panels, strict=True):
         for j, routing in enumerate(routings):
             family = routing or "multihost"
-            values = [next((s.get(field) or 0 for s in rows if (s["mode"], s["instances"]) == setup
+            values = [next((s.get(field) or 0 for s in rows if setup_of(s) == setup
                             and s.get("routing") == routing), 0) for setup in setups]
             xs = [i + (j - (len(routings) - 1) / 2) * width for i in range(len(setups))]
             ax.bar(xs, values, width, color=style.colour(family, family), label=style.family_label(family))

@@ -232,7 +232,8 @@ RETURNING t.id, t.created_at;
 -- record_outcomes_fenced --
 -- record_outcomes under partition leases (a releasing partition still settles
 -- what runs): a writer whose token is not current writes nothing. The arrays
--- are parallel; returns the ids written.
+-- are parallel; returns the ids written. t.id = ANY repeats the join on
+-- purpose, as record_outcomes does: the ids are the scan's index condition.
 WITH held AS MATERIALIZED (
     SELECT pl.partition
     FROM partition_leases pl
@@ -249,6 +250,6 @@ SET state = o.state, message = o.message,
 FROM unnest(%(task_ids)s::bigint[], %(states)s::text[], %(messages)s::text[],
             %(starts)s::timestamptz[], %(ends)s::timestamptz[])
      AS o(id, state, message, time_started, time_ended)
-WHERE t.id = o.id AND t.claimed_by = %(instance_id)s AND t.state = 'running'
-  AND t.partition = ANY(ARRAY(SELECT partition FROM held))
+WHERE t.id = o.id AND t.id = ANY(%(task_ids)s::bigint[]) AND t.claimed_by = %(instance_id)s
+  AND t.state = 'running' AND t.partition = ANY(ARRAY(SELECT partition FROM held))
 RETURNING t.id;
