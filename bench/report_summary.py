@@ -115,7 +115,8 @@ def summary(data: dict[str, Any]) -> str:
     if multihost and (multihost.get("scaling") or {}).get("summary"):
         scaling = multihost["scaling"]
         setups = ", ".join(f"{s['setup']} {_tps(s.get('throughput_tps'))}" for s in scaling["summary"])
-        out += [f"**Multihost** (key claims between instances), `bench.multihost --quick` measured "
+        how = "partition leases" if any("routing" in x for x in scaling["summary"]) else "key claims"
+        out += [f"**Multihost** ({how} between instances), `bench.multihost --quick` measured "
                 f"{_date(multihost.get('started_at'))}: {scaling['workload']['description']}, "
                 f"{scaling['shards_per_instance']} shards per instance, tasks/s: {setups}. "
                 "Zipf, 20 ms and heavy-tailed workloads, makespan ratios, idle latency and memory per shard "

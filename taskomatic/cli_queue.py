@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import difflib
+import signal
 import sys
-import time
+import threading
 from typing import Any
 
 import psycopg2
@@ -210,18 +211,27 @@ def _print_tasks(rows: list[dict[str, Any]], as_json: bool, header: bool = True,
 
 
 def _follow(store: Any, as_json: bool, last_id: int) -> None:
+    """Print tasks as they are queued and end, until Ctrl-C (SIGINT) or SIGTERM.
+
+    The signals only set an event the loop waits on, so they end it between two
+    turns, never in the middle of a query or of a line being printed (a
+    KeyboardInterrupt could land in either)."""
+    stop = threading.Event()
+    previous = {signum: signal.signal(signum, lambda _signum, _frame: stop.set())
+                for signum in (signal.SIGINT, signal.SIGTERM)}
     since = dt.datetime.now(dt.UTC)
     try:
-        while True:
+        while not stop.is_set():
             rows = operator.tasks_changed_since(store, last_id, since)
             store.rollback()
             if rows:
                 _print_tasks(rows, as_json, header=False, json_lines=True)
                 last_id = max(last_id, *(r["id"] for r in rows))
                 since = max([since, *(r["time_ended"] for r in rows if r["time_ended"] is not None)])
-            time.sleep(1.0)  # a terminal refresh interval
-    except KeyboardInterrupt:
-        pass
+            stop.wait(1.0)  # a terminal refresh interval
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def cmd_show(config: Config, args: argparse.Namespace) -> int:

@@ -63,7 +63,8 @@ def test_status_reports_instances_queue_and_oldest_task(dsn, daemon_factory):
 
 
 @pytest.mark.slow
-def test_tasks_follow_prints_new_and_ended_tasks(dsn):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_tasks_follow_prints_new_and_ended_tasks(dsn, signum):
     proc = subprocess.Popen([sys.executable, "-m", "taskomatic", "tasks", "--follow", "--json", "--dsn", dsn],
                             stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)},
                             start_new_session=True)
@@ -78,8 +79,14 @@ def test_tasks_follow_prints_new_and_ended_tasks(dsn):
               (task,))
         wait_for(lambda: any(r["id"] == task and r["state"] == "canceled" for r in lines), 30, what="its end")
     finally:
-        os.killpg(proc.pid, signal.SIGINT)
-        assert proc.wait(30) == 0
+        os.killpg(proc.pid, signum)
+        try:
+            code = proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # never leave it behind
+            proc.wait(10)
+            raise AssertionError(f"tasks --follow did not end on signal {signum} within 30 s") from None
+    assert code == 0
 
 
 # -- show, actions, submit checks, cancel/retry by filter, global options -------------------------------
