@@ -118,7 +118,7 @@ def summary(data: dict[str, Any]) -> str:
         how = "partition leases" if any("routing" in x for x in scaling["summary"]) else "key claims"
         out += [f"**Multihost** ({how} between instances), `bench.multihost --quick` measured "
                 f"{_date(multihost.get('started_at'))}: {scaling['workload']['description']}, "
-                f"{scaling['shards_per_instance']} shards per instance, tasks/s: {setups}. "
+                f"{scaling['shards_per_instance']} shards per instance, tasks/s: {setups}{_disturbed(scaling)}. "
                 "Zipf, 20 ms and heavy-tailed workloads, makespan ratios, idle latency and memory per shard "
                 "were not measured in multihost mode (not in the stored results).", ""]
     else:
@@ -126,6 +126,13 @@ def summary(data: dict[str, Any]) -> str:
     out += ["Plots: `bench/RESULTS/*.png`, one colour per system in every plot (bench/style.py). The detail "
             "follows.", END]
     return "\n".join(out)
+
+
+def _disturbed(scaling: dict[str, Any]) -> str:
+    """A warning when other processes took a large share of the machine during those runs."""
+    other = max((x.get("other_share_max") or 0.0) for x in scaling["summary"])
+    return (f" (other processes took up to {other:.0%} of the machine during these runs: the tasks/s are "
+            "disturbed, compare the CPU per task)") if other >= 0.2 else ""
 
 
 def replace_block(text: str, block: str) -> str:
