@@ -113,7 +113,7 @@ def daemon_config(overrides: list[str]) -> dict[str, Any]:
     from taskomatic import config as config_mod
 
     resolved = asdict(config_mod.load(os.devnull, environ={}, overrides=config_mod.parse_overrides(overrides)))
-    for private in ("dsn", "state_dir", "source_path", "shards"):
+    for private in ("dsn", "state_dir", "source_path", "shards", "given"):
         resolved.pop(private, None)
     return resolved
 

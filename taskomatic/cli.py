@@ -258,6 +258,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"taskomatic: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     setup_logging(config.log_level, role="supervisor" if args.command in (None, "run") else "cli")
+    for deprecated in config_mod.deprecated_settings_warnings(config):
+        logging.getLogger("taskomatic").warning("%s", deprecated)
     exposed = config_mod.exposed_password_warning(config)
     if exposed:
         logging.getLogger("taskomatic").warning("%s", exposed)

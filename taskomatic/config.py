@@ -96,6 +96,8 @@ class Config:
     source_path: str | None = field(default=None, compare=False)
     # The command line's overrides (setting name -> typed value), kept so a reload keeps them.
     overrides: tuple[tuple[str, Any], ...] = field(default=(), compare=False)
+    # The settings given at all (not left at their defaults), for the deprecation warnings.
+    given: tuple[str, ...] = field(default=(), compare=False)
 
     @property
     def embedded(self) -> bool:
@@ -268,7 +270,8 @@ def load(
     unknown = set(values) - names
     if unknown:
         raise ConfigError(f"unknown settings: {', '.join(sorted(unknown))}")
-    config = Config(source_path=source, overrides=tuple(sorted(given.items())), **values)
+    config = Config(source_path=source, overrides=tuple(sorted(given.items())), given=tuple(sorted(values)),
+                    **values)
     if config.lease_renew_interval * 3 > config.lease_seconds:
         raise ConfigError(f"lease_renew_interval ({config.lease_renew_interval:g}s) must be at most a third of "
                           f"lease_seconds ({config.lease_seconds:g}s), so one missed renewal does not lose the lease")
@@ -302,6 +305,13 @@ def missing_dsn_message(config: Config) -> str:
             f"[database] section {where} (or a drop-in {path}.d/*.conf), or set TASKOMATIC_DSN or pass "
             f"--dsn; for a trial on one machine, --embedded-db (dsn = embedded) runs a private PostgreSQL "
             f"under {config.resolved_state_dir()}")
+
+
+def deprecated_settings_warnings(config: Config) -> list[str]:
+    """One warning per deprecated setting the configuration sets (file, drop-in, environment or option)."""
+    return [f"setting {s.section}.{s.name} is deprecated and does nothing: {s.deprecated}; remove it from "
+            f"{config.source_path or 'the environment'} (or {s.env_var})"
+            for s in SETTINGS if s.deprecated and s.name in config.given]
 
 
 def exposed_password_warning(config: Config) -> str | None:

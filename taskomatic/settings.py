@@ -110,6 +110,8 @@ class Setting:
     parse: Callable[[str], Any]
     default: Any
     help: str
+    # Accepted so existing files keep working, but does nothing any more: what to say when it is set.
+    deprecated: str | None = None
 
     @property
     def env_var(self) -> str:
@@ -152,17 +154,18 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("daemon", "fast_stop_timeout", _positive_float, 10.0,
             "seconds a fast stop waits for processes before killing them"),
     Setting("multihost", "lease_seconds", _positive_float, 10.0,
-            "multihost: how long an instance's key claims stay valid without a renewal; shorter means "
-            "faster takeover after a crash, but more renewal traffic and keys lost on a shorter "
-            "database hiccup"),
+            "multihost: how long an instance's lease, and with it its partitions, stays valid without a "
+            "renewal; shorter means faster takeover after a crash, but more renewal traffic and partitions "
+            "lost on a shorter database hiccup"),
     Setting("multihost", "lease_renew_interval", _positive_float, 2.0,
             "multihost: seconds between lease renewals (at most a third of lease_seconds, so one "
             "missed renewal costs nothing)"),
     Setting("multihost", "keys_per_shard", _positive_int, 2,
-            "multihost: most ordering keys an instance holds per shard (one running, the next one "
-            "ready); more hides claim latency, fewer spreads keys more evenly across instances"),
+            "deprecated, does nothing: belonged to the per-key claims that partition leases replaced",
+            deprecated="instances hold partitions now (claim_batch and max_claimed_per_shard size their claims)"),
     Setting("multihost", "tasks_per_key", _positive_int, 16,
-            "multihost: most claimed tasks of one key an instance loads at a time"),
+            "deprecated, does nothing: belonged to the per-key claims that partition leases replaced",
+            deprecated="instances hold partitions now (claim_batch and max_claimed_per_shard size their claims)"),
     Setting("daemon", "heartbeat_timeout", _positive_float, 60.0,
             "seconds without a heartbeat after which the supervisor restarts a wedged fetcher"),
     Setting("daemon", "retry_limit", _positive_int, 8,

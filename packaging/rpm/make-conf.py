@@ -67,6 +67,8 @@ def format_default(setting: Setting) -> str:
 def generate() -> str:
     sections: dict[str, list[Setting]] = {}
     for setting in SETTINGS:  # sections in order of first appearance
+        if setting.deprecated:
+            continue  # accepted for old files, never offered in a new one
         sections.setdefault(setting.section, []).append(setting)
     lines = [HEADER.rstrip("\n")]
     for section, settings in sections.items():

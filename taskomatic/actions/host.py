@@ -181,13 +181,13 @@ class EvacuateVm:
             return _MIGRATE.perform(ctx, plan)
         if mode == "forget":
             ctx.ensure_lease()
-            return self._forget(plan)
+            return self._forget(ctx, plan)
         return self._move_saved(ctx, plan)
 
-    def _forget(self, plan: Plan) -> Outcome:
+    def _forget(self, ctx: ActionContext, plan: Plan) -> Outcome:
         vm, observed = plan.data["vm"], plan.data["observed"]
         if observed.domain is not None:
-            undefine_quietly(observed.domain)  # a stopped definition left there
+            undefine_quietly(ctx, observed.domain)  # a stopped definition left there
         return Outcome.finished(f"{_vm_label(vm)} is stopped; its row no longer names host {vm['host_id']}",
                                 RowUpdate("vms", vm["id"], {"state": "stopped", **NOT_RUNNING}))
 
@@ -212,6 +212,7 @@ class EvacuateVm:
             ctx.ensure_lease()
             target.defineXML(xml)
             if observed.domain is not None:
+                ctx.ensure_lease()
                 observed.domain.undefine()
         except TaskFailed as failure:
             return Outcome.failed(failure.message, stay)

@@ -85,7 +85,7 @@ class MigrateVm(PlacedAction):
             activate_pools(ctx, destination, pools, self.name)  # its disks reachable there first
             target = connect_host(ctx, destination)
             if destination["hypervisor_type"] == "TEST" or source["hypervisor_type"] == "TEST":
-                moved = _move_test_domain(domain, target, paused)
+                moved = _move_test_domain(ctx, domain, target, paused)
             else:
                 moved = _live_migrate(ctx, domain, target, paused=paused, shared_disks=bool(pools))
         except (libvirt.libvirtError, TaskFailed) as exc:
@@ -118,7 +118,7 @@ class MigrateVm(PlacedAction):
                               [RowUpdate("vms", vm["id"], {"target_host_id": None})])
         return Reconciled(Settlement.NEITHER,
                           f"interrupted; VM {vm['id']} is {on_source.state} ({on_source.detail})",
-                          [RowUpdate("vms", vm["id"], {**found_as(on_source), "target_host_id": None})])
+                          [RowUpdate("vms", vm["id"], {**found_as(ctx, on_source), "target_host_id": None})])
 
 
 def refuse_local_disks(vm_id: int, storage: StorageNeeds) -> None:
@@ -147,6 +147,7 @@ def _live_migrate(ctx: ActionContext, domain: libvirt.virDomain, target: libvirt
     timer.daemon = True
     timer.start()
     try:
+        ctx.ensure_lease()
         return domain.migrate(target, flags, None, ctx.config.migration_uri or None, 0)
     except libvirt.libvirtError as exc:
         if not timer.is_alive():
@@ -164,13 +165,20 @@ def _abort_job(domain: libvirt.virDomain) -> None:
         log.warning("could not abort a migration that timed out: %s", exc.get_error_message())
 
 
-def _move_test_domain(domain: libvirt.virDomain, target: libvirt.virConnect, paused: bool = False) -> libvirt.virDomain:
+def _move_test_domain(ctx: ActionContext, domain: libvirt.virDomain, target: libvirt.virConnect,
+                      paused: bool = False) -> libvirt.virDomain:
     """libvirt's test driver cannot migrate: define and start on the target, then remove the source."""
-    moved = target.defineXML(domain.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+    xml = domain.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+    ctx.ensure_lease()
+    moved = target.defineXML(xml)
+    ctx.ensure_lease()
     moved.create()
     if paused:
+        ctx.ensure_lease()
         moved.suspend()
+    ctx.ensure_lease()
     domain.destroy()
+    ctx.ensure_lease()
     domain.undefine()
     return moved
 

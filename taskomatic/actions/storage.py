@@ -236,6 +236,7 @@ class RefreshPool(StorageAction):
             except libvirt.libvirtError as exc:
                 if exc.get_error_code() != libvirt.VIR_ERR_NO_STORAGE_POOL:
                     raise
+                ctx.ensure_lease()
                 handle = conn.storagePoolDefineXML(xml, 0)
                 defined_here = True
             else:
@@ -245,7 +246,7 @@ class RefreshPool(StorageAction):
                         f"refresh_pool: {where} already has a different pool named {pool['name']!r}: "
                         f"{'; '.join(differences)}. Undefine it there, or rename the storage_pools row")
             if not handle.isActive():
-                start_pool(handle, pool["pool_type"])
+                start_pool(ctx, handle, pool["pool_type"])
             handle.refresh(0)
             _state, capacity, allocation, _available = handle.info()
             volumes, unreadable = list_volumes(handle)
@@ -254,7 +255,7 @@ class RefreshPool(StorageAction):
             if transient:
                 ctx.libvirt.drop(host["libvirt_uri"])
             elif defined_here and handle is not None:
-                _undefine_if_inactive(handle)  # a failed refresh leaves no half-made pool behind
+                _undefine_if_inactive(ctx, handle)  # a failed refresh leaves no half-made pool behind
             raise HostAttemptFailed(f"refresh_pool failed on {where} for {pool_label(pool)}: "
                                     f"{exc.get_error_message()}", transient) from None
         return ActivePool(host, kb_of_bytes(capacity), kb_of_bytes(allocation), volumes, unreadable)
@@ -270,7 +271,7 @@ class RefreshPool(StorageAction):
                           f"interrupted; refreshing {pool_label(pool)} again (a refresh is repeatable)")
 
 
-def start_pool(handle: libvirt.virStoragePool, pool_type: str) -> None:
+def start_pool(ctx: ActionContext, handle: libvirt.virStoragePool, pool_type: str) -> None:
     """Start an inactive pool, building it first only if it cannot start as it is.
 
     Building an existing directory is not harmless: libvirt re-applies the
@@ -279,18 +280,21 @@ def start_pool(handle: libvirt.virStoragePool, pool_type: str) -> None:
     build (it creates the target directory), build and start again.
     """
     try:
+        ctx.ensure_lease()
         handle.create(0)
         return
     except libvirt.libvirtError:
         if pool_type not in BUILDABLE_POOL_TYPES:
             raise
+    ctx.ensure_lease()
     handle.build(0)  # its error (cannot create path ...) says more than the failed start
+    ctx.ensure_lease()
     handle.create(0)
 
 
-def _undefine_if_inactive(handle: libvirt.virStoragePool) -> None:
+def _undefine_if_inactive(ctx: ActionContext, handle: libvirt.virStoragePool) -> None:
     try:
-        if not handle.isActive():
+        if not handle.isActive() and ctx.lease_ok():
             handle.undefine()
     except libvirt.libvirtError:
         pass
@@ -346,6 +350,7 @@ class CreateVolume(StorageAction):
         volume, site = plan.data["volume"], plan.data["site"]
         try:
             try:
+                ctx.ensure_lease()
                 handle = site.handle.createXML(plan.data["xml"], 0)
             except libvirt.libvirtError as exc:
                 if exc.get_error_code() != libvirt.VIR_ERR_STORAGE_VOL_EXIST:
@@ -432,6 +437,7 @@ class DeleteVolume(StorageAction):
             note = f"volume {volume['name']!r} was already gone from {site.where()}; removed its row"
         else:
             try:
+                ctx.ensure_lease()
                 handle.delete(0)
             except libvirt.libvirtError as exc:
                 if exc.get_error_code() != libvirt.VIR_ERR_NO_STORAGE_VOL:

@@ -91,7 +91,7 @@ class VmAction:
                 # Found stopped (a lost save image, a guest that powered itself off): it
                 # holds no host any more, and a leftover definition is removed.
                 if observed.domain is not None:
-                    undefine_quietly(observed.domain)
+                    undefine_quietly(ctx, observed.domain)
                 corrections.append(RowUpdate("vms", vm["id"], {"state": "stopped", **NOT_RUNNING}))
             elif observed.state != vm["state"]:
                 corrections.append(RowUpdate("vms", vm["id"], {"state": observed.state}))
@@ -114,6 +114,7 @@ class VmAction:
         vm = plan.data["vm"]
         observed: Observed = plan.data["observed"]
         try:
+            ctx.ensure_lease()  # a shard frozen since it was marked running must not change the node now
             self.act(ctx, vm, observed)
         except libvirt.libvirtError as exc:
             if observed.host is not None and is_transient(exc):
@@ -141,7 +142,7 @@ class VmAction:
         except (TaskFailed, TaskRetry):
             return {"state": self.transition.failure}
         if real.state == "stopped":
-            return found_as(real)  # a guest gone under the action (killed, crashed) holds no host
+            return found_as(ctx, real)  # a guest gone under the action (killed, crashed) holds no host
         values: dict[str, Any] = {"state": real.state}
         if real.domain is None and real.state in ROW_ONLY_STATES:
             values.update(NOT_RUNNING)
@@ -163,7 +164,7 @@ class VmAction:
             Settlement.NEITHER,
             f"interrupted; found VM {vm['id']} {observed.state}, neither {self.transition.start} "
             f"nor {self.transition.success} ({observed.detail})",
-            [RowUpdate("vms", vm["id"], found_as(observed))],
+            [RowUpdate("vms", vm["id"], found_as(ctx, observed))],
         )
 
 
@@ -279,7 +280,7 @@ class StartVm(PlacedAction):
         leftover: Observed = plan.data["observed"]
         if leftover.domain is not None and leftover.host is not None and leftover.host["id"] != host["id"]:
             # An inactive definition on the VM's previous host would be a second copy to start.
-            undefine_quietly(leftover.domain)
+            undefine_quietly(ctx, leftover.domain)
         try:
             activate_pools(ctx, host, plan.data.get("pools", ()), self.name)  # its disks reachable there first
         except TaskFailed as failure:
@@ -296,7 +297,7 @@ class StartVm(PlacedAction):
                 ctx.libvirt.drop(host["libvirt_uri"])
                 raise TaskRetry(libvirt_failure("start_vm", host, exc)) from None
             if domain is not None:
-                undefine_quietly(domain)
+                undefine_quietly(ctx, domain)
             return Outcome.failed(libvirt_failure("start_vm", host, exc),
                                   RowUpdate("vms", vm["id"], {"state": "stopped", **NOT_RUNNING}))
         observed = Observed("running", f"domain running on {host_label(host)}", domain, host)
@@ -331,11 +332,11 @@ class StopVm(VmAction):
                 domain.destroy()
         else:
             domain.destroy()
-        undefine_quietly(domain)
+        undefine_quietly(ctx, domain)
 
     def success_updates(self, ctx: ActionContext, vm: dict[str, Any], observed: Observed) -> list[RowUpdate]:
         if observed.domain is not None:
-            undefine_quietly(observed.domain)
+            undefine_quietly(ctx, observed.domain)
         return [RowUpdate("vms", vm["id"], {"state": "stopped", **NOT_RUNNING})]
 
 
@@ -388,12 +389,12 @@ class RestoreVm(VmAction):
         path = save_path(ctx, vm)
         ctx.ensure_lease()
         conn.restore(path)
-        delete_save_image(conn, path)
+        delete_save_image(ctx, conn, path)
 
     def success_updates(self, ctx: ActionContext, vm: dict[str, Any], observed: Observed) -> list[RowUpdate]:
         if observed.host is not None and observed.state == "running":
             # Settled after a crash: the restore worked; the image may still be there.
-            delete_save_image(connect_host(ctx, observed.host), save_path(ctx, vm))
+            delete_save_image(ctx, connect_host(ctx, observed.host), save_path(ctx, vm))
         return [RowUpdate("vms", vm["id"], running_updates(vm, observed))]
 
 

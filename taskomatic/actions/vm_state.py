@@ -196,15 +196,16 @@ def running_updates(vm: dict[str, Any], observed: Observed) -> dict[str, Any]:
     return values
 
 
-def undefine_quietly(domain: libvirt.virDomain) -> None:
+def undefine_quietly(ctx: ActionContext, domain: libvirt.virDomain) -> None:
+    """Remove an inactive definition, as a clean-up: skipped (not an error) once the lease is too old."""
     try:
-        if not domain.isActive():
+        if not domain.isActive() and ctx.lease_ok():
             domain.undefine()
     except libvirt.libvirtError:
         pass
 
 
-def found_as(observed: Observed) -> dict[str, Any]:
+def found_as(ctx: ActionContext, observed: Observed) -> dict[str, Any]:
     """The row of a VM as an interrupted or failed task found it: a stopped VM holds no host any more.
 
     (A node crash loses the domain: row and node then agree on 'stopped', so the
@@ -213,11 +214,11 @@ def found_as(observed: Observed) -> dict[str, Any]:
     if observed.state != "stopped":
         return {"state": observed.state}
     if observed.domain is not None:
-        undefine_quietly(observed.domain)
+        undefine_quietly(ctx, observed.domain)
     return {"state": "stopped", **NOT_RUNNING}
 
 
-def delete_save_image(conn: libvirt.virConnect, path: str) -> None:
+def delete_save_image(ctx: ActionContext, conn: libvirt.virConnect, path: str) -> None:
     """Remove a save image on its node through libvirt's storage API (works for remote nodes).
 
     The save directory is wrapped in a dir pool; a node whose driver has no
@@ -230,10 +231,15 @@ def delete_save_image(conn: libvirt.virConnect, path: str) -> None:
             if _pool_target(candidate) == directory:
                 pool = candidate
                 break
+        if not ctx.lease_ok():
+            log.info("save image %s not removed: the lease is too old to change the node", path)
+            return
         if pool is None:
             pool = conn.storagePoolCreateXML(_save_pool_xml(directory), 0)
         pool.refresh(0)
-        pool.storageVolLookupByName(posixpath.basename(path)).delete(0)
+        image = pool.storageVolLookupByName(posixpath.basename(path))
+        if ctx.lease_ok():
+            image.delete(0)
     except libvirt.libvirtError as exc:
         log.info("save image %s not removed: %s", path, exc.get_error_message())
 

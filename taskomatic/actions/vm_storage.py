@@ -109,7 +109,7 @@ def activate_pools(ctx: ActionContext, host: dict[str, Any], pools: Sequence[dic
         except ValueError as exc:
             raise TaskFailed(f"{action}: {pool_label(pool)} cannot be defined on {where}: {exc}") from None
         try:
-            _activate(conn, pool, xml, where, action)
+            _activate(ctx, conn, pool, xml, where, action)
         except libvirt.libvirtError as exc:
             message = f"{action}: cannot activate {pool_label(pool)} on {where}: {exc.get_error_message()}"
             if is_transient(exc):
@@ -118,12 +118,14 @@ def activate_pools(ctx: ActionContext, host: dict[str, Any], pools: Sequence[dic
             raise TaskFailed(message) from None
 
 
-def _activate(conn: libvirt.virConnect, pool: dict[str, Any], xml: str, where: str, action: str) -> None:
+def _activate(ctx: ActionContext, conn: libvirt.virConnect, pool: dict[str, Any], xml: str, where: str,
+              action: str) -> None:
     try:
         handle = conn.storagePoolLookupByName(pool["name"])
     except libvirt.libvirtError as exc:
         if exc.get_error_code() != libvirt.VIR_ERR_NO_STORAGE_POOL:
             raise
+        ctx.ensure_lease()
         handle = conn.storagePoolDefineXML(xml, 0)
     else:
         differences = identity_differences(xml, handle.XMLDesc(0))
@@ -131,5 +133,5 @@ def _activate(conn: libvirt.virConnect, pool: dict[str, Any], xml: str, where: s
             raise TaskFailed(f"{action}: {where} already has a different pool named {pool['name']!r}: "
                              f"{'; '.join(differences)}")
     if not handle.isActive():
-        start_pool(handle, pool["pool_type"])
+        start_pool(ctx, handle, pool["pool_type"])
     handle.refresh(0)

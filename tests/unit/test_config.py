@@ -578,3 +578,25 @@ def test_retention_durations(text: str, seconds: float | None) -> None:
 def test_bad_retention_durations_are_refused_with_the_forms_allowed(text: str) -> None:
     with pytest.raises(ConfigError, match="90s, 30m, 12h, 7d or 2w"):
         parse_overrides([f"retention.keep_finished={text}"])
+
+
+def test_a_deprecated_setting_is_accepted_with_a_warning_naming_it_and_the_file(tmp_path: Path) -> None:
+    from taskomatic.config import deprecated_settings_warnings
+
+    path = tmp_path / "taskomatic.conf"
+    path.write_text("[multihost]\nkeys_per_shard = 4\nlease_seconds = 12\n")
+    config = load(str(path), environ={})
+    warnings = deprecated_settings_warnings(config)
+    assert len(warnings) == 1
+    assert "multihost.keys_per_shard is deprecated and does nothing" in warnings[0] and str(path) in warnings[0]
+    from_env = load(str(path), environ={"TASKOMATIC_TASKS_PER_KEY": "3"})
+    assert [w.split(" is ")[0] for w in deprecated_settings_warnings(from_env)] == [
+        "setting multihost.keys_per_shard", "setting multihost.tasks_per_key"]
+    path.write_text("[multihost]\nlease_seconds = 12\n")
+    assert deprecated_settings_warnings(load(str(path), environ={})) == []
+
+
+def test_the_packaged_file_does_not_offer_deprecated_settings() -> None:
+    packaged = (Path(__file__).resolve().parents[2] / "packaging" / "rpm" / "taskomatic.conf").read_text()
+    deprecated = [s.name for s in SETTINGS if s.deprecated]
+    assert deprecated and not [name for name in deprecated if name in packaged]
