@@ -14,7 +14,16 @@ from typing import Any
 
 from bench.harness import MULTIHOST, Harness, Interrupted, check_overrides
 from bench.multihost.join import run_join
-from bench.multihost.output import join_line, plot_scaling, render_summary, results_path, scaling_line, takeover_line
+from bench.multihost.mixes import mix_summary, mix_workloads, run_mix
+from bench.multihost.output import (
+    join_line,
+    mix_line,
+    plot_scaling,
+    render_summary,
+    results_path,
+    scaling_line,
+    takeover_line,
+)
 from bench.multihost.scaling import run_scaling, scaling_summary, setup_label
 from bench.multihost.suite import CORES_NOTE, POLL, SHARDS, Ctx, Plan, plan_for, resolved_settings, summarise
 from bench.multihost.takeover import run_takeover
@@ -36,6 +45,9 @@ def run_all(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
     do_takeover = args.only in (None, "takeover")
     do_scaling = args.only in (None, "scaling")
     do_join = args.only in (None, "join")
+    do_mixes = args.only in (None, "workloads")
+    mix_runs: list[dict[str, Any]] = []
+    mixes = mix_workloads(plan)
     join_runs: list[dict[str, Any]] = []
     takeover_workload = Workload("takeover", plan.takeover_initial + 400 * plan.takeover_chunk, plan.takeover_keys,
                                  latency="fixed", base_ms=plan.takeover_sleep_ms)
@@ -45,7 +57,8 @@ def run_all(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
     with Harness("taskomatic-bench-mh-", args.keep_work_dir, announce="bench work directory") as harness:
         machine = harness.machine
         total = (plan.takeover_repeats if do_takeover else 0) + \
-            (plan.scale_repeats * len(scale_setups) if do_scaling else 0) + (plan.join_repeats if do_join else 0)
+            (plan.scale_repeats * len(scale_setups) if do_scaling else 0) + (plan.join_repeats if do_join else 0) + \
+            (plan.mix_repeats * len(mixes) * len(scale_setups) if do_mixes else 0)
         with tqdm(total=total, unit="run", dynamic_ncols=True, disable=args.no_progress, file=sys.stderr) as bar:
             ctx = Ctx(harness, overrides, bar)
             if do_takeover:
@@ -73,6 +86,15 @@ def run_all(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
                         scaling_runs.append(result)
                         bar.write(scaling_line(result))
                         bar.update(1)
+            if do_mixes:
+                for rep in range(plan.mix_repeats):
+                    for workload in mixes:
+                        for count, multihost, routing in scale_setups:
+                            bar.set_description(f"{workload.name} {setup_label(count, multihost, routing)}")
+                            result = run_mix(ctx, plan, workload, count, multihost, routing, args.seed, rep)
+                            mix_runs.append(result)
+                            bar.write(mix_line(result))
+                            bar.update(1)
     resolved = resolved_settings(overrides)
     multihost_settings = {k: resolved[k] for k in ("lease_seconds", "lease_renew_interval") if k in resolved}
     takeover: dict[str, Any] | None = None
@@ -108,6 +130,13 @@ def run_all(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
                    "repeats": plan.scale_repeats, "note": CORES_NOTE.format(cores=machine.get("cores")),
                    "runs": scaling_runs, "summary": scaling_summary(scaling_runs),
                    "ok": bool(scaling_runs) and all(r["ok"] for r in scaling_runs)}
+    workloads: dict[str, Any] | None = None
+    if do_mixes:
+        workloads = {"workloads": [w.to_json() for w in mixes], "shards_per_instance": SHARDS,
+                     "routings": list(plan.routings), "repeats": plan.mix_repeats,
+                     "note": CORES_NOTE.format(cores=machine.get("cores")),
+                     "runs": mix_runs, "summary": mix_summary(mix_runs),
+                     "ok": bool(mix_runs) and all(r["ok"] for r in mix_runs)}
     return {
         "kind": "multihost",
         "schema": SCHEMA_VERSION,
@@ -122,7 +151,8 @@ def run_all(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
         "takeover": takeover,
         "scaling": scaling,
         "join": join,
-        "ok": all(part["ok"] for part in (takeover, scaling, join) if part is not None),
+        "workloads": workloads,
+        "ok": all(part["ok"] for part in (takeover, scaling, join, workloads) if part is not None),
     }
 
 
@@ -138,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1, help="workload seed (default 1)")
     parser.add_argument("--out", type=Path, help="the JSON file (or a directory for multihost-<stamp>.json); "
                                                  "default bench/results/multihost-<stamp>.json")
-    parser.add_argument("--only", choices=["takeover", "scaling", "join"], help="run one of the three measurements")
+    parser.add_argument("--only", choices=["takeover", "scaling", "join", "workloads"],
+                        help="run one of the four measurements")
     parser.add_argument("--instances", type=int, choices=[2, 3], help="instances in the takeover runs (default 2)")
     parser.add_argument("--repeats", type=int, help="takeover repetitions (default: quick 3, full 10)")
     parser.add_argument("--routing", choices=["pinned", "hash", "both"], default="both",

@@ -51,6 +51,39 @@ def scaling_line(r: dict[str, Any]) -> str:
             f"{'/'.join(f'{s:.0%}' for s in r['share_per_instance'])}; {verdict}")
 
 
+def mix_line(r: dict[str, Any]) -> str:
+    if r.get("throughput_tps") is None:
+        return f"  {r['workload']} {r['setup']}: FAILED: {(r.get('error') or '?').splitlines()[0]}"
+    verdict = "checks ok" if r["ok"] else f"CHECKS FAILED {[k for k, v in r.get('checks', {}).items() if not v]}"
+    ratio = f", makespan {_s(r.get('makespan_ratio'))}x its lower bound" if r.get("makespan_ratio") else ""
+    return f"  {r['workload']} {r['setup']}: {r['throughput_tps']:.0f} tasks/s{ratio}; {verdict}"
+
+
+def render_workloads(workloads: dict[str, Any]) -> list[str]:
+    out = ["", f"4. Workloads over instances ({workloads['shards_per_instance']} shards per instance, "
+               f"{workloads['repeats']} run(s) per setup, median): the scaling setups on Zipf keys, 20 ms tasks "
+               "and a heavy tail", f"   NOTE: {workloads['note']}."]
+    described = {w["name"]: w["description"] for w in workloads["workloads"]}
+    for name in described:
+        rows = [s for s in workloads["summary"] if s["workload"] == name]
+        if not rows:
+            continue
+        out += ["", f"{name}: {described[name]}", "",
+                "| setup | tasks/s | vs SA | makespan s | vs lower bound | tkm CPU s/1k | PG CPU s/1k | PG vs SA "
+                "| share per instance | other load | checks |",
+                "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---|"]
+        for s in rows:
+            share = " / ".join(f"{v:.0%}" for v in s["share_per_instance"] or [])
+            out.append(f"| {s['setup']} | {_s(s['throughput_tps'], 0)} | {_s(s['throughput_vs_standalone'])} "
+                       f"| {_s(s.get('makespan_s'))} | {_s(s.get('makespan_ratio'))} "
+                       f"| {_s(s['taskomatic_cpu_s_per_1k'], 3)} | {_s(s['postgres_cpu_s_per_1k'], 3)} "
+                       f"| {_s(s.get('postgres_cpu_vs_standalone'))} | {share} | {s['other_share_max']:.0%} "
+                       f"| {'ok' if s['ok'] else 'FAILED'} |")
+    out.append("(vs lower bound: makespan over max(hottest key's work, all work / the setup's shards), shards = "
+               f"instances x {workloads['shards_per_instance']})")
+    return out
+
+
 def render_summary(results: dict[str, Any]) -> str:
     from bench.report import machine_line
 
@@ -137,6 +170,8 @@ def render_summary(results: dict[str, Any]) -> str:
         out.append("correctness (every task ended exactly once, per-key order, tokens increased, clean stops, "
                    "nothing held after): "
                    + ("ok in every run" if join["ok"] else f"FAILED: {not_held} {join_errors}"))
+    if results.get("workloads"):
+        out += render_workloads(results["workloads"])
     targets = target_rows(results)
     if targets:
         out += ["", "Targets (issue 13):", "", "| target | measured | met |", "|---|---|---|"]

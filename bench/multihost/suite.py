@@ -46,6 +46,9 @@ class Plan:
     settings: tuple[str, ...] = ()  # daemon overrides of the suite itself (smoke: a short lease)
     routings: tuple[str, ...] = ("pinned", "hash")  # the scaling setups run with each, side by side
     join_repeats: int = 1  # join-and-leave runs (the takeover workload)
+    mix_timed_tasks: int = 200  # tasks of the workloads whose tasks take time (mixes.py)
+    mix_repeats: int = 1
+    mix_names: tuple[str, ...] = ()  # which of mixes.py's workloads (empty: all)
 
     def with_instances(self, instances: int) -> Plan:
         factor = instances / 2
@@ -63,15 +66,17 @@ def plan_for(name: str) -> Plan:
                     takeover_initial=300, takeover_low_water=100, takeover_chunk=100, hold_s=1.5,
                     scale_tasks=400, scale_keys=40, scale_instances=(1, 2), scale_repeats=1,
                     settings=("multihost.lease_seconds=3", "multihost.lease_renew_interval=1"),
-                    routings=("pinned",), join_repeats=1)
+                    routings=("pinned",), join_repeats=1, mix_timed_tasks=100, mix_names=("fixed20-zipf",))
     if name == "quick":
         return Plan("quick", takeover_repeats=3, takeover_instances=2, takeover_keys=200, takeover_sleep_ms=50,
                     takeover_initial=1000, takeover_low_water=200, takeover_chunk=200, hold_s=4.0,
-                    scale_tasks=5000, scale_keys=500, scale_instances=(1, 2, 3), scale_repeats=1, join_repeats=2)
+                    scale_tasks=5000, scale_keys=500, scale_instances=(1, 2, 3), scale_repeats=1, join_repeats=2,
+                    mix_timed_tasks=1500)
     if name == "full":
         return Plan("full", takeover_repeats=10, takeover_instances=2, takeover_keys=200, takeover_sleep_ms=50,
                     takeover_initial=1000, takeover_low_water=200, takeover_chunk=200, hold_s=5.0,
-                    scale_tasks=20000, scale_keys=500, scale_instances=(1, 2, 3), scale_repeats=3, join_repeats=5)
+                    scale_tasks=20000, scale_keys=500, scale_instances=(1, 2, 3), scale_repeats=3, join_repeats=5,
+                    mix_timed_tasks=5000, mix_repeats=2)
     raise ValueError(f"unknown suite {name!r}")
 
 

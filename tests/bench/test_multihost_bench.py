@@ -216,7 +216,7 @@ def smoke(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("bench-multihost") / "smoke.json"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.run([sys.executable, "-m", "bench.multihost", "--smoke", "--no-progress", "--out", str(out)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=150, check=False)
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=240, check=False)
     assert proc.returncode == 0, f"bench.multihost exited with {proc.returncode}:\n{proc.stdout}\n{proc.stderr[-4000:]}"
     results: dict[str, Any] = json.loads(out.read_text())
     results["_stdout"] = proc.stdout
@@ -283,3 +283,35 @@ def test_smoke_join_balances_and_hands_back(smoke: dict[str, Any]) -> None:
     assert 0 <= run["first_partition_s"] <= run["even_share_s"]
     assert run["first_task_s"] >= run["first_partition_s"]
     assert run["all_back_after_leave_s"] >= 0 and run["ended_once"]["reruns"] == 0
+
+
+@pytest.mark.slow
+def test_smoke_workloads_report_makespan_against_each_setups_bound(smoke: dict[str, Any]) -> None:
+    workloads = smoke["workloads"]
+    assert workloads["ok"]
+    assert [w["name"] for w in workloads["workloads"]] == ["fixed20-zipf"]
+    rows = workloads["summary"]
+    assert [r["setup"] for r in rows] == ["standalone, pinned", "1 multihost, pinned", "2 multihost, pinned"]
+    for run in workloads["runs"]:
+        assert run["ok"], run.get("error")
+        assert sum(run["tasks_per_instance"]) == 100
+        # 2 shards per instance: the bound is the hottest key's chain or all work over 2n shards.
+        assert run["lower_bound_s"] > 0 and run["makespan_ratio"] >= 1.0
+    assert "4. Workloads over instances" in smoke["_stdout"] and "fixed20-zipf: 100 tasks" in smoke["_stdout"]
+
+
+def test_mix_summary_groups_by_workload_with_ratios_to_its_own_standalone() -> None:
+    from bench.multihost.mixes import mix_summary
+
+    def run(workload: str, mode: str, n: int, tps: float, ratio: float | None) -> dict[str, Any]:
+        return {"setup": mh_scaling.setup_label(n, mode == "multihost", "hash"), "mode": mode, "instances": n,
+                "routing": "hash", "ok": True, "throughput_tps": tps, "workload": workload,
+                "makespan_s": 2.0, "makespan_ratio": ratio, "cpu": {"postgres_s_per_1k": 0.1},
+                "share_per_instance": [1.0 / n] * n}
+
+    rows = mix_summary([run("a", "standalone", 1, 100.0, 1.2), run("a", "multihost", 2, 150.0, 1.5),
+                        run("b", "standalone", 1, 10.0, None), run("b", "multihost", 2, 5.0, None)])
+    assert [(r["workload"], r["setup"]) for r in rows] == [
+        ("a", "standalone, hash"), ("a", "2 multihost, hash"), ("b", "standalone, hash"), ("b", "2 multihost, hash")]
+    assert [r["throughput_vs_standalone"] for r in rows] == [1.0, 1.5, 1.0, 0.5]
+    assert [r["makespan_ratio"] for r in rows] == [1.2, 1.5, None, None]
