@@ -308,3 +308,53 @@ def test_the_planner_history_counts_archived_tasks_once(store: Store) -> None:
     assert after.actions == before.actions
     assert sum(r["tasks"] for r in after.key_actions) == after.window["tasks"]
 
+
+
+def _plan_nodes(plan: dict[str, Any]) -> list[str]:
+    return [plan["Node Type"], *(n for child in plan.get("Plans", []) for n in _plan_nodes(child))]
+
+
+def test_record_outcomes_writes_each_tasks_own_values_without_a_join(store: Store) -> None:
+    """Each task gets the values at its own position in the arrays, whatever their order, and the
+    statement is one index scan by id: joined to unnest(...) the planner rescanned the unnest for each
+    task (n^2 rows through a join filter, 4,032 for 64 tasks: the regression that came with 0010)."""
+    instance_id = _instance(store)
+    with store.conn.cursor() as cur:
+        cur.execute("""INSERT INTO tasks (task_target_type, task_target_id, action, submitted_by)
+                       SELECT 'Vm', g, 'noop', 'test' FROM generate_series(1, 64) g""")
+    store.commit()
+    ids = sorted(r["id"] for r in store.all("claim_tasks", instance_id=instance_id, limit=64))
+    started = dt.datetime(2026, 12, 1, tzinfo=dt.UTC)
+    store.all("mark_running", task_ids=ids, instance_id=instance_id, time_started=started, shard=0)
+    store.commit()
+    order = ids[1::2] + ids[::2][::-1]  # neither sorted nor the order they were started in
+    ends = {task: started + dt.timedelta(seconds=task) for task in order}
+    params = dict(instance_id=instance_id, task_ids=order,
+                  states=["failed" if t % 3 == 0 else "finished" for t in order],
+                  messages=[f"task {t}" for t in order],
+                  starts=[None if t % 2 else started - dt.timedelta(seconds=t) for t in order],
+                  ends=[ends[t] for t in order])
+    with store.conn.cursor() as cur:
+        cur.execute("EXPLAIN (FORMAT JSON) " + cur.mogrify(named_query("record_outcomes"), params).decode())
+        nodes = _plan_nodes(cur.fetchone()[0][0]["Plan"])
+    store.rollback()
+    assert not {"Nested Loop", "Hash Join", "Merge Join", "Function Scan"} & set(nodes), nodes
+    written = store.all("record_outcomes", **params)
+    store.commit()
+    assert sorted(r["id"] for r in written) == ids
+    rows = {r["id"]: r for r in _rows(store, ids)}
+    for task in ids:
+        row = rows[task]
+        assert row["state"] == ("failed" if task % 3 == 0 else "finished")
+        assert row["message"] == f"task {task}"
+        assert row["time_ended"] == ends[task]
+        assert row["time_started"] == (started if task % 2 else started - dt.timedelta(seconds=task))
+    assert store.all("record_outcomes", **params) == []  # only once
+    store.commit()
+
+
+def _rows(store: Store, ids: list[int]) -> list[dict[str, Any]]:
+    with store.conn.cursor() as cur:
+        cur.execute("SELECT id, state, message, time_started, time_ended FROM tasks WHERE id = ANY(%s)", (ids,))
+        names = [c.name for c in cur.description]
+        return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]

@@ -171,3 +171,44 @@ def test_the_claim_takes_the_oldest_by_id_with_a_cap_per_partition(store: Store,
     with store.transaction():
         last = db_partitions.claim_partition_tasks(store, instance, held, per_partition=5, limit=10)
     assert [r["id"] for r in last] == [ids[5], ids[6]] and all(r["partition"] in (pa, pc) for r in last)
+
+
+def test_fenced_outcomes_write_each_tasks_own_values_and_only_for_partitions_still_held(store: Store) -> None:
+    """record_outcomes_fenced finds each task's values at its position in the arrays (ids in any order)
+    and writes nothing for a partition named with a token that is not current."""
+    from datetime import UTC, datetime, timedelta
+
+    me = int(store.scalar("register_instance", hostname="h", pid=1, version="test", mode="multihost", shards=2,
+                          lease=30))
+    store.commit()
+    with store.conn.cursor() as cur:
+        cur.execute("INSERT INTO tasks (task_target_type, task_target_id, action, submitted_by) "
+                    "SELECT 'Vm', g, 'noop', 'test' FROM generate_series(1, 40) g")
+    store.commit()
+    held = {a.partition: a.token for a in db_partitions.acquire_partitions(store, me, range(DEFAULT_PARTITIONS))}
+    store.commit()
+    claimed = db_partitions.claim_partition_tasks(store, me, held, per_partition=40, limit=40)
+    store.commit()
+    ids = sorted(r["id"] for r in claimed)
+    assert len(ids) == 40
+    started = datetime(2026, 12, 1, tzinfo=UTC)
+    assert db_partitions.mark_running_fenced(store, me, held, ids, 0, started) == ids
+    store.commit()
+    stale = next(r["partition"] for r in claimed)
+    old = {**held, stale: held[stale] - 1}  # a token that is not current: its tasks are not written
+    order = ids[::-1]
+    outcomes = [db_partitions.Outcome(t, "failed" if t % 2 else "finished", f"task {t}", None,
+                                      started + timedelta(seconds=t)) for t in order]
+    written = db_partitions.record_outcomes_fenced(store, me, old, outcomes)
+    store.commit()
+    stale_ids = {r["id"] for r in claimed if r["partition"] == stale}
+    assert written == sorted(set(ids) - stale_ids)
+    with store.conn.cursor() as cur:
+        cur.execute("SELECT id, state, message, time_ended FROM tasks WHERE id = ANY(%s)", (ids,))
+        got = {r[0]: r[1:] for r in cur.fetchall()}
+    store.rollback()
+    for t in ids:
+        if t in stale_ids:
+            assert got[t] == ("running", None, None)
+        else:
+            assert got[t] == ("failed" if t % 2 else "finished", f"task {t}", started + timedelta(seconds=t))

@@ -232,8 +232,8 @@ RETURNING t.id, t.created_at;
 -- record_outcomes_fenced --
 -- record_outcomes under partition leases (a releasing partition still settles
 -- what runs): a writer whose token is not current writes nothing. The arrays
--- are parallel; returns the ids written. t.id = ANY repeats the join on
--- purpose, as record_outcomes does: the ids are the scan's index condition.
+-- are parallel; returns the ids written. As record_outcomes: no join, the ids
+-- are the scan's index condition and each row's values are at its position.
 WITH held AS MATERIALIZED (
     SELECT pl.partition
     FROM partition_leases pl
@@ -245,11 +245,11 @@ WITH held AS MATERIALIZED (
     FOR SHARE OF pl
 )
 UPDATE tasks t
-SET state = o.state, message = o.message,
-    time_started = coalesce(o.time_started, t.time_started), time_ended = o.time_ended
-FROM unnest(%(task_ids)s::bigint[], %(states)s::text[], %(messages)s::text[],
-            %(starts)s::timestamptz[], %(ends)s::timestamptz[])
-     AS o(id, state, message, time_started, time_ended)
-WHERE t.id = o.id AND t.id = ANY(%(task_ids)s::bigint[]) AND t.claimed_by = %(instance_id)s
+SET state = (%(states)s::text[])[array_position(%(task_ids)s::bigint[], t.id)],
+    message = (%(messages)s::text[])[array_position(%(task_ids)s::bigint[], t.id)],
+    time_started = coalesce((%(starts)s::timestamptz[])[array_position(%(task_ids)s::bigint[], t.id)],
+                            t.time_started),
+    time_ended = (%(ends)s::timestamptz[])[array_position(%(task_ids)s::bigint[], t.id)]
+WHERE t.id = ANY(%(task_ids)s::bigint[]) AND t.claimed_by = %(instance_id)s
   AND t.state = 'running' AND t.partition = ANY(ARRAY(SELECT partition FROM held))
 RETURNING t.id;

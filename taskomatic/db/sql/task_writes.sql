@@ -37,18 +37,20 @@ RETURNING id;
 -- record_outcomes --
 -- Write the ends of some tasks (the arrays are parallel). Only the holder can,
 -- and only once: the ids it returns are those written. time_started is the
--- moment the action really started (NULL: keep the one marked). t.id = ANY
--- repeats the join on purpose: whichever index the planner picks (its
--- statistics may describe only history, migration 0010), the ids are its
--- index condition, so the scan is O(ids), never every running task.
+-- moment the action really started (NULL: keep the one marked).
+-- No join: the ids are the index condition (so the scan is O(ids) whatever the
+-- statistics say, migration 0010), and each row finds its values by its
+-- position in the ids array. Joined to unnest(...), the planner put the tasks
+-- outside and rescanned the unnest for each of them (n^2 rows through a join
+-- filter: 4,032 for a batch of 64, 1.5 of the statement's 1.9 ms); without the
+-- ids as a condition it hashed every claimed task instead.
 UPDATE tasks t
-SET state = o.state, message = o.message,
-    time_started = coalesce(o.time_started, t.time_started), time_ended = o.time_ended
-FROM unnest(%(task_ids)s::bigint[], %(states)s::text[], %(messages)s::text[],
-            %(starts)s::timestamptz[], %(ends)s::timestamptz[])
-     AS o(id, state, message, time_started, time_ended)
-WHERE t.id = o.id AND t.id = ANY(%(task_ids)s::bigint[]) AND t.claimed_by = %(instance_id)s
-  AND t.state = 'running'
+SET state = (%(states)s::text[])[array_position(%(task_ids)s::bigint[], t.id)],
+    message = (%(messages)s::text[])[array_position(%(task_ids)s::bigint[], t.id)],
+    time_started = coalesce((%(starts)s::timestamptz[])[array_position(%(task_ids)s::bigint[], t.id)],
+                            t.time_started),
+    time_ended = (%(ends)s::timestamptz[])[array_position(%(task_ids)s::bigint[], t.id)]
+WHERE t.id = ANY(%(task_ids)s::bigint[]) AND t.claimed_by = %(instance_id)s AND t.state = 'running'
 RETURNING t.id;
 
 -- fail_unstartable --
