@@ -119,13 +119,39 @@ def summary(data: dict[str, Any]) -> str:
         out += [f"**Multihost** ({how} between instances), `bench.multihost --quick` measured "
                 f"{_date(multihost.get('started_at'))}: {scaling['workload']['description']}, "
                 f"{scaling['shards_per_instance']} shards per instance, tasks/s: {setups}{_disturbed(scaling)}. "
-                "Zipf, 20 ms and heavy-tailed workloads, makespan ratios, idle latency and memory per shard "
-                "were not measured in multihost mode (not in the stored results).", ""]
+                + ("Idle latency and memory per shard were not measured in multihost mode."
+                   if multihost.get("workloads") else
+                   "Zipf, 20 ms and heavy-tailed workloads, makespan ratios, idle latency and memory per shard "
+                   "were not measured in multihost mode (not in the stored results)."), ""]
+        out += multihost_workloads_table(multihost.get("workloads"))
     else:
         out += ["**Multihost**: not in the stored results.", ""]
     out += ["Plots: `bench/RESULTS/*.png`, one colour per system in every plot (bench/style.py). The detail "
             "follows.", END]
     return "\n".join(out)
+
+
+def multihost_workloads_table(workloads: dict[str, Any] | None) -> list[str]:
+    """The other workloads in multihost mode: tasks/s (and makespan over its lower bound) per setup."""
+    if not workloads or not workloads.get("summary"):
+        return []
+    rows = workloads["summary"]
+    setups = list(dict.fromkeys(r["setup"] for r in rows))
+    out = ["| workload (multihost bench) | " + " | ".join(setups) + " |", "|---|" + "---|" * len(setups)]
+    for w in workloads["workloads"]:
+        cells = []
+        for setup in setups:
+            r = next((x for x in rows if x["workload"] == w["name"] and x["setup"] == setup), None)
+            if r is None or r.get("throughput_tps") is None:
+                cells.append("-")
+                continue
+            ratio = f" ({r['makespan_ratio']:.2f})" if r.get("makespan_ratio") is not None else ""
+            cells.append(f"{_tps(r['throughput_tps'])}{ratio}")
+        out.append(f"| {w['description']} | " + " | ".join(cells) + " |")
+    other = max((r.get("other_share_max") or 0.0) for r in rows)
+    out += ["", "Tasks/s per setup (makespan / LB in brackets, the bound of the setup's own shards); "
+                f"other processes took up to {other:.0%} of the machine.", ""]
+    return out
 
 
 def _disturbed(scaling: dict[str, Any]) -> str:

@@ -62,3 +62,21 @@ def test_replacing_the_block_is_idempotent() -> None:
     once = replace_block(original, f"{BEGIN}\nA\n{END}")
     assert once.startswith("# title\n") and "body" in once
     assert replace_block(once, f"{BEGIN}\nB\n{END}") == once.replace("\nA\n", "\nB\n")
+
+
+def test_multihost_workloads_are_one_row_each_with_every_setup() -> None:
+    from bench.report_summary import multihost_workloads_table
+
+    def row(workload: str, setup: str, tps: float, ratio: float | None) -> dict:
+        return {"workload": workload, "setup": setup, "throughput_tps": tps, "makespan_ratio": ratio,
+                "other_share_max": 0.05}
+
+    workloads = {"workloads": [{"name": "z", "description": "Zipf no-ops"}, {"name": "s", "description": "20 ms"}],
+                 "summary": [row("z", "standalone, pinned", 3000, None), row("z", "1 multihost, pinned", 2500, None),
+                             row("s", "standalone, pinned", 90, 1.04), row("s", "1 multihost, pinned", 88, 1.061)]}
+    lines = multihost_workloads_table(workloads)
+    assert lines[0] == "| workload (multihost bench) | standalone, pinned | 1 multihost, pinned |"
+    assert lines[2] == "| Zipf no-ops | 3,000 | 2,500 |"
+    assert lines[3] == "| 20 ms | 90 (1.04) | 88 (1.06) |"
+    assert "up to 5% of the machine" in lines[5]
+    assert multihost_workloads_table(None) == []
