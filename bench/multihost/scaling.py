@@ -52,6 +52,28 @@ def partition_acquisitions(conn: Any) -> int:
     return int(row["last_value"]) if row["is_called"] else 0
 
 
+BALANCE_SQL = """
+SELECT count(DISTINCT instance_id) AS holders, min(n) AS least, max(n) AS most,
+       bool_or(releasing) AS releasing, bool_or(wanted_by IS NOT NULL) AS wanted,
+       count(*) FILTER (WHERE instance_id IS NULL) AS free
+FROM (SELECT pl.*, count(*) OVER (PARTITION BY instance_id) AS n FROM partition_leases pl) x
+"""
+
+
+def wait_balanced(conn: Any, count: int, deadline_s: float = 60.0) -> float | None:
+    """Seconds until ``count`` live instances hold an even share of the partitions with no hand-over
+    pending (each floor or ceil of P / count); None if not within ``deadline_s``. A fleet's instances are
+    long-lived: the burst measures them balanced, not the balancing that follows their start."""
+    started = time.monotonic()
+    while time.monotonic() - started < deadline_s:
+        row = fetch_rows(conn, BALANCE_SQL)[0]
+        if (row["holders"] == count and not row["free"] and not row["releasing"] and not row["wanted"]
+                and row["most"] - row["least"] <= 1):
+            return round(time.monotonic() - started, 3)
+        time.sleep(POLL)
+    return None
+
+
 def setup_label(count: int, multihost: bool, routing: str) -> str:
     return f"{count} multihost, {routing}" if multihost else f"standalone, {routing}"
 
@@ -66,6 +88,10 @@ def run_scaling(ctx: Ctx, plan: Plan, count: int, multihost: bool, routing: str,
     with run_database(ctx, result) as (dsn, conn):
         with instances(ctx, dsn, count, multihost, f"scale-{'mh' if multihost else 'sa'}{count}-{routing}-r{rep + 1}",
                        routing=routing) as runners:
+            if multihost:
+                result["balanced_after_s"] = wait_balanced(conn, count)
+                if result["balanced_after_s"] is None:
+                    result["error"] = f"the {count} instances did not balance the partitions within 60 s"
             xacts_before = database_transactions(conn)
             window = CpuWindow([r.pid for r in runners], ctx.harness.postmaster_pid)
             wall_start = time.monotonic()
