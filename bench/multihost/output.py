@@ -70,17 +70,21 @@ def render_workloads(workloads: dict[str, Any]) -> list[str]:
             continue
         out += ["", f"{name}: {described[name]}", "",
                 "| setup | tasks/s | vs SA | makespan s | vs lower bound | tkm CPU s/1k | PG CPU s/1k | PG vs SA "
-                "| share per instance | other load | checks |",
-                "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---|"]
+                "| hot-key link gap ms | links claimed late | share per instance | other load | checks |",
+                "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---|"]
         for s in rows:
             share = " / ".join(f"{v:.0%}" for v in s["share_per_instance"] or [])
+            late = s.get("hot_chain_claimed_late_share")
             out.append(f"| {s['setup']} | {_s(s['throughput_tps'], 0)} | {_s(s['throughput_vs_standalone'])} "
                        f"| {_s(s.get('makespan_s'))} | {_s(s.get('makespan_ratio'))} "
                        f"| {_s(s['taskomatic_cpu_s_per_1k'], 3)} | {_s(s['postgres_cpu_s_per_1k'], 3)} "
-                       f"| {_s(s.get('postgres_cpu_vs_standalone'))} | {share} | {s['other_share_max']:.0%} "
+                       f"| {_s(s.get('postgres_cpu_vs_standalone'))} | {_s(s.get('hot_chain_gap_p50_ms'))} "
+                       f"| {'-' if late is None else f'{late:.0%}'} | {share} | {s['other_share_max']:.0%} "
                        f"| {'ok' if s['ok'] else 'FAILED'} |")
     out.append("(vs lower bound: makespan over max(hottest key's work, all work / the setup's shards), shards = "
-               f"instances x {workloads['shards_per_instance']})")
+               f"instances x {workloads['shards_per_instance']}. hot-key link gap: median time from a link of the "
+               "hottest key ending to the next one starting; claimed late: links claimed only after their "
+               "predecessor ended, so the chain waited for a claim)")
     return out
 
 

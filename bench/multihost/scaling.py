@@ -37,6 +37,36 @@ SELECT max(extract(epoch FROM s - prev))::float8 AS longest,
 FROM o
 """
 
+# The hottest key's chain: each link may start only once its predecessor has ended. gap: from a
+# link's predecessor's end to its start (what a link costs beyond its own work); claimed_late: links
+# that were claimed only after their predecessor had ended, so the chain waited for a claim.
+HOT_CHAIN_SQL = """
+WITH hot AS (
+    SELECT key_type, key_id FROM tasks GROUP BY key_type, key_id ORDER BY count(*) DESC, key_id LIMIT 1
+), chain AS (
+    SELECT t.claimed_at, t.time_started, lag(t.time_ended) OVER (ORDER BY t.id) AS prev_ended
+    FROM tasks t JOIN hot USING (key_type, key_id)
+    WHERE t.time_started IS NOT NULL AND t.time_ended IS NOT NULL
+)
+SELECT count(*) + 1 AS links,
+       percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM time_started - prev_ended))::float8 AS gap_p50,
+       avg(extract(epoch FROM time_started - prev_ended))::float8 AS gap_mean,
+       count(*) FILTER (WHERE claimed_at > prev_ended) AS claimed_late
+FROM chain WHERE prev_ended IS NOT NULL
+"""
+
+
+def hot_chain(conn: Any) -> dict[str, Any]:
+    """The hottest key's links: the median and mean gap between a link's start and its predecessor's end
+    (ms), and the share of links claimed only after their predecessor ended."""
+    row = fetch_rows(conn, HOT_CHAIN_SQL)[0]
+    links = int(row["links"] or 0)
+    if links < 2:
+        return {"links": links, "gap_p50_ms": None, "gap_mean_ms": None, "claimed_late_share": None}
+    return {"links": links, "gap_p50_ms": round(row["gap_p50"] * 1000, 3),
+            "gap_mean_ms": round(row["gap_mean"] * 1000, 3),
+            "claimed_late_share": round(int(row["claimed_late"]) / (links - 1), 4)}
+
 
 def database_transactions(conn: Any) -> int:
     """Commits + rollbacks in this database so far (pg_stat_database: backends report them when idle or
@@ -135,6 +165,7 @@ def run_scaling(ctx: Ctx, plan: Plan, count: int, multihost: bool, routing: str,
         # Every task was queued from the burst on, so a moment when no task runs anywhere is work waiting.
         result["pauses"] = {"longest_s": round(pause["longest"] or 0.0, 3),
                             "over_100ms": int(pause["over_100ms"] or 0)}
+        result["hot_chain"] = hot_chain(conn)
         time.sleep(0.5)  # the daemons' backends have exited; their statistics land
         xacts = database_transactions(conn) - xacts_before
         result["db_transactions"] = xacts
@@ -185,6 +216,8 @@ def scaling_summary(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "share_spread": med(rows, lambda r: r.get("share_spread")),
             "db_transactions_per_task": med(rows, lambda r: r.get("db_transactions_per_task")),
             "longest_pause_s": med(rows, lambda r: (r.get("pauses") or {}).get("longest_s")),
+            "hot_chain_gap_p50_ms": med(rows, lambda r: (r.get("hot_chain") or {}).get("gap_p50_ms")),
+            "hot_chain_claimed_late_share": med(rows, lambda r: (r.get("hot_chain") or {}).get("claimed_late_share")),
             "other_share_max": max(((r.get("cpu") or {}).get("other_share") or 0.0) for r in rows),
             "share_per_instance": shares[len(shares) // 2] if shares else None,
         })
