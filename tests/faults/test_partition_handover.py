@@ -137,8 +137,30 @@ def test_frozen_mid_handover(seed: int, dsn: str, make_run: Any) -> None:
     victim, part = held_task["giver"], held_task["partition"]
     lost = ids[victim.pid]
     run.start_daemon(shards=SHARDS, multihost=True)
-    wait_for(lambda: query(dsn, "SELECT 1 FROM partition_leases WHERE partition = %s AND instance_id = %s "
-                                "AND releasing", (part, lost)), 30, 0.02, "the giver to begin handing it over")
+
+    def hand_over_begun() -> str | None:
+        """'releasing' once the giver began handing the partition over; 'left' if it is no longer the
+        giver's at all, which must not happen while its task runs there (the shard is stopped)."""
+        row = query(dsn, "SELECT instance_id, releasing FROM partition_leases WHERE partition = %s", (part,))[0]
+        if row["instance_id"] != lost:
+            return "left"
+        return "releasing" if row["releasing"] else None
+
+    try:
+        how = wait_for(hand_over_begun, 30, 0.02, "the giver to begin handing it over")
+    except AssertionError as exc:  # say what the database held then, for whoever reads the failure
+        task = query(dsn, "SELECT id, state, claimed_by, run_by_shard, partition FROM tasks WHERE id = %s",
+                     (held_task["id"],))
+        held = query(dsn, "SELECT instance_id, count(*) AS n, count(*) FILTER (WHERE releasing) AS releasing "
+                          "FROM partition_leases GROUP BY instance_id ORDER BY instance_id")
+        raise AssertionError(f"{exc}: partition {part} of instance {lost} (predicted to move: "
+                             f"{part in gives[lost]}), its task {task}, leases per instance {held}") from None
+    if how == "left":
+        task = query(dsn, "SELECT id, state, claimed_by, run_by_shard FROM tasks WHERE id = %s",
+                     (held_task["id"],))[0]
+        verdict([f"hand-over: partition {part} left instance {lost} while its task ran there in a stopped "
+                 f"shard: {task}; the leases now: "
+                 f"{query(dsn, 'SELECT * FROM partition_leases WHERE partition = %s', (part,))}"])
     run.freeze(victim)  # the whole giver, in the middle of the hand-over
     frozen_at = query(dsn, "SELECT clock_timestamp() AS t")[0]["t"]
     more = run.rng.randint(5, 40)
