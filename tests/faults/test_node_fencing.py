@@ -197,7 +197,8 @@ try:
     domain.suspend()
     print("suspended", flush=True)
 except Exception as exc:
-    print(f"refused: {exc}", flush=True)
+    from taskomatic.actions.libvirt_util import is_transient
+    print(f"refused: transient={is_transient(exc)}: {exc}", flush=True)
 """
 
 
@@ -236,7 +237,9 @@ def test_a_client_frozen_longer_than_the_nodes_keepalive_cannot_change_it_after(
         child.stdin.flush()
         child.send_signal(signal.SIGCONT)
         said = child.stdout.readline().strip()
-        assert said.startswith("refused:") and "closed" in said, said
+        # "client socket is closed" or "Cannot write data: Broken pipe", from the RPC layer: a node fault
+        # to the shard (retried after its lease is back, by then on another instance), never a success.
+        assert said.startswith("refused: transient=True"), said
         assert domain.state()[0] == libvirt.VIR_DOMAIN_RUNNING  # unchanged
         assert child.wait(30) == 0
         # ...and it gives up sooner than anyone can take over (libvirtd's default is 5 s x 6).
