@@ -124,6 +124,10 @@ class LibvirtConnections:
             raise HostUnreachable(f"cannot connect to {uri}: {attempt.error}")
         return attempt.conn
 
+    def is_open(self, uri: str) -> bool:
+        """Is a connection to ``uri`` kept from earlier (get() would reuse it)?"""
+        return uri in self._open
+
     def drop(self, uri: str) -> None:
         """Forget a connection that failed, so the next call reopens it."""
         conn = self._open.pop(uri, None)

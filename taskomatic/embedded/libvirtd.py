@@ -350,6 +350,13 @@ class ManagedNode:
             f'host_uuid = "{self.host_uuid}"\n'
             # Explicit, so a journald-equipped host does not take the logs away.
             'log_outputs = "3:stderr"\n'
+            # Fencing a frozen client (README, "Multihost deployment"): a client with keepalive that
+            # stops answering (SIGSTOP, a paused VM) loses its connection after about
+            # interval x (count + 1) = 2 s, so a call it had not sent yet when it froze fails
+            # when it thaws, instead of changing the node after its partitions moved. Clients
+            # without keepalive (no event loop) are never probed.
+            'keepalive_interval = 1\n'
+            'keepalive_count = 1\n'
         )
         self.qemu_conf_path.write_text(
             "# Written by taskomatic.embedded.libvirtd; rewritten at every start.\n"

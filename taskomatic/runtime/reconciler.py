@@ -196,26 +196,42 @@ def _undefine_leftover(conn: libvirt.virConnect, uuid: str) -> None:
 
 
 def _read_domains(connections: LibvirtConnections, host: dict[str, Any]) -> dict[str, str] | None:
-    """uuid -> oVirt state of every domain on the host; None if the host cannot be read."""
-    try:
-        conn = connections.get(host["libvirt_uri"])
-        found = {}
-        for domain in conn.listAllDomains(0):
-            try:
-                found[domain.UUIDString()] = domain_state(domain.state()[0])
-            except libvirt.libvirtError as exc:
-                # Undefined between the listing and this call (a task's work): it is gone, not
-                # the host. Left out, so its VM reads as stopped unless its row changed meanwhile.
-                if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
-                    raise
-        return found
-    except HostUnreachable:
-        return None
-    except libvirt.libvirtError as exc:
-        connections.drop(host["libvirt_uri"])
-        if not is_transient(exc):
-            log.warning("cannot list the domains of host %s: %s", host["id"], exc.get_error_message())
-        return None
+    """uuid -> oVirt state of every domain on the host; None if the host cannot be read.
+
+    A connection kept from an earlier pass that fails as the node's or the network's fault is
+    dropped and the host read once more on a new one before it counts as down: the node may have
+    closed it meanwhile (it restarted, or this process was frozen longer than the node's keepalive,
+    which is how a node fences a frozen instance), and a host marked unavailable for that would
+    hold every placement back until the next pass.
+    """
+    uri = host["libvirt_uri"]
+    kept = connections.is_open(uri)
+    for attempt in (1, 2):
+        try:
+            return _list_domains(connections.get(uri))
+        except HostUnreachable:
+            return None
+        except libvirt.libvirtError as exc:
+            connections.drop(uri)
+            if attempt == 1 and kept and is_transient(exc):
+                continue
+            if not is_transient(exc):
+                log.warning("cannot list the domains of host %s: %s", host["id"], exc.get_error_message())
+            return None
+    return None
+
+
+def _list_domains(conn: libvirt.virConnect) -> dict[str, str]:
+    found = {}
+    for domain in conn.listAllDomains(0):
+        try:
+            found[domain.UUIDString()] = domain_state(domain.state()[0])
+        except libvirt.libvirtError as exc:
+            # Undefined between the listing and this call (a task's work): it is gone, not
+            # the host. Left out, so its VM reads as stopped unless its row changed meanwhile.
+            if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+                raise
+    return found
 
 
 def _correct(store: Store, vm: dict[str, Any], new_state: str, clear_host: bool, why: str) -> int:

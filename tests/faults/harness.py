@@ -37,7 +37,10 @@ COMMON = ["--set", "daemon.reconcile_interval=1",
           "--set", "libvirt.shutdown_timeout=3", "--set", "libvirt.migration_timeout=3",
           "--set", "daemon.task_timeout=8", "--set", "daemon.retry_backoff_max=1",
           "--set", "daemon.fast_stop_timeout=3", "--set", "daemon.drain_timeout=5"]
-LEASE_SECONDS = 3
+# Longer than the test nodes' server keepalive (2 s, taskomatic/embedded/libvirtd.py) plus a
+# renewal interval, as the README asks of real nodes: a frozen instance's libvirt connections are
+# closed before another instance can take its partitions over.
+LEASE_SECONDS = 4
 MULTIHOST = ["--mode", "multihost", "--set", f"multihost.lease_seconds={LEASE_SECONDS}",
              "--set", "multihost.lease_renew_interval=1"]
 if os.environ.get("TKM_LOG_LEVEL"):

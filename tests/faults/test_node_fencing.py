@@ -30,6 +30,7 @@ import pytest
 from taskomatic.actions.base import LeaseExpired, Settlement
 from taskomatic.config import Config
 from tests.faults import checker
+from tests.faults.harness import LEASE_SECONDS
 from tests.faults.shardlike import ACTIONS, Shardlike, add_hosts, vm_on, vm_row
 
 # How each action's start state is reached from "running on host A", and how the taker, having
@@ -182,3 +183,73 @@ def test_every_node_change_checks_the_lease_just_before(
     shard.run(vm_id, "poweroff_vm")
     assert len(audit.changes) >= 20, audit.changes  # the actions did change the nodes
     assert audit.unchecked == [], audit.unchecked
+
+
+# -- the node's side: a frozen client loses its connection ------------------------------------------
+_FROZEN_CLIENT = """
+import sys
+from taskomatic.actions.connections import LibvirtConnections
+connections = LibvirtConnections(keepalive_interval=1, keepalive_count=2)
+domain = connections.get(sys.argv[1]).lookupByName(sys.argv[2])
+print("ready", flush=True)
+sys.stdin.readline()  # it passed its lease check just before; it freezes here, before the call
+try:
+    domain.suspend()
+    print("suspended", flush=True)
+except Exception as exc:
+    from taskomatic.actions.libvirt_util import is_transient
+    print(f"refused: transient={is_transient(exc)}: {exc}", flush=True)
+"""
+
+
+def test_a_client_frozen_longer_than_the_nodes_keepalive_cannot_change_it_after(fault_nodes: list[Any]) -> None:
+    """What no lease check can close, the node closes: a client frozen between its check and its call
+    (the microseconds the checks leave open) loses its connection once the node's keepalive gives up
+    on it (test nodes: about 2 s, shorter than a lease minus a renewal, as the README asks of real
+    nodes), so the call fails when it thaws and the domain stays as the new holder left it."""
+    import signal
+    import subprocess
+    import sys
+
+    from bench.soak_sampling import node_clients, unix_sockets
+    from tests.helpers import wait_for
+
+    node = fault_nodes[0]
+    conn = libvirt.open(node.test_uri)
+    child = None
+    try:
+        domain = conn.defineXML("<domain type='test'><name>fenced</name><memory>65536</memory><vcpu>1</vcpu>"
+                                "<os><type>hvm</type></os></domain>")
+        domain.create()
+
+        def clients() -> int:
+            return node_clients(node.pid, str(node.socket_path), unix_sockets())
+
+        alone = clients()
+        child = subprocess.Popen([sys.executable, "-c", _FROZEN_CLIENT, node.test_uri, "fenced"],
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert child.stdout is not None and child.stdin is not None
+        assert child.stdout.readline().strip() == "ready"
+        assert clients() == alone + 1
+        child.send_signal(signal.SIGSTOP)
+        wait_for(lambda: clients() == alone, 30, 0.1, "the node to close the frozen client's connection")
+        child.stdin.write("go\n")
+        child.stdin.flush()
+        child.send_signal(signal.SIGCONT)
+        said = child.stdout.readline().strip()
+        # "client socket is closed" or "Cannot write data: Broken pipe", from the RPC layer: a node fault
+        # to the shard (retried after its lease is back, by then on another instance), never a success.
+        assert said.startswith("refused: transient=True"), said
+        assert domain.state()[0] == libvirt.VIR_DOMAIN_RUNNING  # unchanged
+        assert child.wait(30) == 0
+        # ...and it gives up sooner than anyone can take over (libvirtd's default is 5 s x 6).
+        settings = dict(line.replace(" ", "").split("=", 1) for line in node.conf_path.read_text().splitlines()
+                        if line.startswith("keepalive_"))
+        gives_up_after = int(settings["keepalive_interval"]) * (int(settings["keepalive_count"]) + 1)
+        assert gives_up_after < LEASE_SECONDS - 1, (gives_up_after, LEASE_SECONDS)  # a lease minus a renewal (1 s)
+    finally:
+        if child is not None and child.poll() is None:
+            child.send_signal(signal.SIGCONT)
+            child.kill()
+            child.wait(10)
+        conn.close()
