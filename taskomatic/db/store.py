@@ -105,16 +105,22 @@ class Store:
                 order.append(match.group(1))
             return f"${order.index(match.group(1)) + 1}"
 
-        body = _PARAMETER.sub(positional, query(name)).replace("%%", "%")
-        statement = f"tkm_{name}"
-        cur.execute(f"PREPARE {statement} AS {body}")
+        from psycopg2 import sql
+
+        body = _PARAMETER.sub(positional, query(name)).replace("%%", "%")  # the package's own SQL
+        statement = sql.Identifier(f"tkm_{name}")
+        cur.execute(sql.SQL("PREPARE {} AS {}").format(statement, sql.SQL(body)))
         cur.execute("SELECT parameter_types::text[] FROM pg_prepared_statements WHERE name = %(name)s",
-                    {"name": statement})
-        types = cur.fetchone()
-        types = types["parameter_types"] if isinstance(types, dict) else types[0]
+                    {"name": f"tkm_{name}"})
+        row = cur.fetchone()
+        types = row["parameter_types"] if isinstance(row, dict) else row[0]
         # A cast per argument: psycopg2 sends values as literals (a list of None is ARRAY[NULL], text[]).
-        arguments = ", ".join(f"%({param})s::{kind}" for param, kind in zip(order, types, strict=True))
-        self._executes[name] = f"EXECUTE {statement}({arguments})" if order else f"EXECUTE {statement}"
+        arguments = [sql.SQL("{}::{}").format(sql.Placeholder(param), sql.SQL(kind))
+                     for param, kind in zip(order, types, strict=True)]
+        execute = sql.SQL("EXECUTE {}").format(statement)
+        if arguments:
+            execute += sql.SQL("({})").format(sql.SQL(", ").join(arguments))
+        self._executes[name] = execute.as_string(cur)
         return self._executes[name]
 
     def send_with_next(self, name: str, /, **params: Any) -> None:
