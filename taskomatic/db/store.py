@@ -65,14 +65,15 @@ def connect(dsn: str, application_name: str, timeout: float = 10.0) -> psycopg2.
 class Store:
     """A connection plus the named queries. One per process; not thread-safe."""
 
-    def __init__(self, conn: psycopg2.extensions.connection) -> None:
+    def __init__(self, conn: psycopg2.extensions.connection, prepare: bool = True) -> None:
         self.conn = conn
+        self.prepare = prepare  # False: PREPARED_QUERIES run as plain SQL too (bench.statements compares)
         self._executes: dict[str, str] = {}  # prepared query name -> its EXECUTE, with a cast per parameter
         self._ahead = ""  # statements sent with the next one (send_with_next)
 
     @classmethod
-    def open(cls, dsn: str, application_name: str, timeout: float = 10.0) -> Store:
-        return cls(connect(dsn, application_name, timeout))
+    def open(cls, dsn: str, application_name: str, timeout: float = 10.0, prepare: bool = True) -> Store:
+        return cls(connect(dsn, application_name, timeout), prepare)
 
     def close(self) -> None:
         if not self.conn.closed:
@@ -88,7 +89,9 @@ class Store:
             return self._text(name, cur)
 
     def _text(self, name: str, cur: Any) -> str:
-        return self._executes.get(name) or (self._prepare(name, cur) if name in PREPARED_QUERIES else query(name))
+        if self.prepare and name in PREPARED_QUERIES:
+            return self._executes.get(name) or self._prepare(name, cur)
+        return query(name)
 
     def _statement(self, name: str, cur: Any) -> str:
         """The text to execute for a named query, with what send_with_next queued ahead of it."""
