@@ -21,6 +21,7 @@ import pytest
 from taskomatic.db import partitions as dbp
 from taskomatic.db import task_writes
 from taskomatic.db.store import PREPARED_QUERIES, Store
+from tests.helpers import history_then_backlog
 
 
 @pytest.fixture
@@ -62,21 +63,7 @@ def test_generic_plans_of_the_hot_statements_reach_tasks_by_id(store: Store) -> 
     """A big history the statistics describe, a backlog they do not: starting and ending eight tasks
     with the cached generic plans must not walk either."""
     me, held = _multihost_instance(store)
-    with store.conn.cursor() as cur:
-        cur.execute("ALTER TABLE tasks SET (autovacuum_enabled = false)")
-        cur.execute("""INSERT INTO tasks (task_target_type, task_target_id, action, state, claimed_by,
-                                          time_started, time_ended, submitted_by)
-                       SELECT 'Vm', 1000 + g %% 200, 'noop', 'finished', %s, now(), now(), 'history'
-                       FROM generate_series(1, 20000) g""", (me,))
-    store.commit()
-    store.conn.autocommit = True
-    with store.conn.cursor() as cur:
-        cur.execute("ANALYZE tasks")
-    store.conn.autocommit = False
-    with store.conn.cursor() as cur:
-        cur.execute("""INSERT INTO tasks (task_target_type, task_target_id, action, submitted_by)
-                       SELECT 'Vm', g % 100, 'noop', 'backlog' FROM generate_series(1, 5000) g""")
-    store.commit()
+    history_then_backlog(store, me)
     with store.transaction():
         claimed = dbp.claim_partition_tasks(store, me, held, 40, 2000)
     ids = sorted(r["id"] for r in claimed)
