@@ -115,3 +115,27 @@ class Daemon:
         if self.process.poll() is None:
             self.process.wait(10)
         self._log.close()
+
+
+def history_then_backlog(store: Any, instance_id: int, history: int = 20000, backlog: int = 5000) -> None:
+    """A table whose statistics know only finished history: ``history`` finished rows analysed, then a
+    ``backlog`` of queued tasks the statistics have not seen (autovacuum off, so they stay so).
+
+    What a long-lived fleet's table looks like between two analyses: the plans of the hot statements
+    must still reach tasks by their ids (tests/integration/test_history.py, test_prepared.py).
+    """
+    with store.conn.cursor() as cur:
+        cur.execute("ALTER TABLE tasks SET (autovacuum_enabled = false)")
+        cur.execute("""INSERT INTO tasks (task_target_type, task_target_id, action, state, claimed_by,
+                                          time_started, time_ended, submitted_by)
+                       SELECT 'Vm', 1000 + g %% 200, 'noop', 'finished', %s, now(), now(), 'history'
+                       FROM generate_series(1, %s) g""", (instance_id, history))
+    store.commit()
+    store.conn.autocommit = True
+    with store.conn.cursor() as cur:
+        cur.execute("ANALYZE tasks")
+    store.conn.autocommit = False
+    with store.conn.cursor() as cur:
+        cur.execute("""INSERT INTO tasks (task_target_type, task_target_id, action, submitted_by)
+                       SELECT 'Vm', g %% 100, 'noop', 'backlog' FROM generate_series(1, %s) g""", (backlog,))
+    store.commit()

@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 
 def claim_tasks(store: Store, instance_id: int, limit: int) -> list[Row]:
     """Claim up to ``limit`` of the oldest unclaimed queued tasks (in the caller's transaction)."""
-    store.one("claim_settings")
+    store.send_with_next("claim_settings")  # in the claim's round trip
     return store.all("claim_tasks", instance_id=instance_id, limit=limit)
 
 

@@ -59,5 +59,7 @@ def end_lease(store: Store, instance_id: int) -> None:
 
 
 def limit_idle_transaction(store: Store, milliseconds: int) -> None:
-    """This transaction may sit idle at most this long (a frozen process's locks last at most a lease)."""
-    store.one("limit_idle_transaction", ms=milliseconds)
+    """This transaction may sit idle at most this long (a frozen process's locks last at most a lease).
+
+    Sent with the transaction's first statement: no round trip of its own."""
+    store.send_with_next("limit_idle_transaction", ms=milliseconds)

@@ -142,18 +142,21 @@ def release_idle_partitions(store: Store, instance_id: int) -> list[int]:
     return sorted(r["partition"] for r in store.all("release_idle_partitions", instance_id=instance_id))
 
 
-def claim_partition_tasks(store: Store, instance_id: int, held: Mapping[int, int], per_partition: int,
-                          limit: int) -> list[Row]:
-    """Claim the ``limit`` oldest queued tasks (by id) of held partitions, at most ``per_partition`` of each.
+def claim_partition_tasks(store: Store, instance_id: int, held: Mapping[int, int],
+                          per_partition: int | Mapping[int, int], limit: int) -> list[Row]:
+    """Claim the ``limit`` oldest queued tasks (by id) of held partitions, at most ``per_partition`` of each
+    (one cap for all, or a cap per held partition).
 
     Each row carries its ``partition``; nothing for a partition whose token
     is not current, that is releasing, or once our lease ran out.
     """
     if not held or limit < 1:
         return []
-    store.all("claim_partition_planner")  # the plan must not depend on the statistics (the SQL says why)
-    rows = store.all("claim_partition_tasks", instance_id=instance_id, per_partition=max(1, per_partition),
-                     limit=limit, **_pairs(held))
+    pairs = _pairs(held)
+    caps = [max(1, per_partition if isinstance(per_partition, int) else per_partition.get(p, 1))
+            for p in pairs["partitions"]]
+    store.send_with_next("claim_partition_planner")  # the plan must not depend on the statistics (the SQL says why)
+    rows = store.all("claim_partition_tasks", instance_id=instance_id, caps=caps, limit=limit, **pairs)
     return sorted(rows, key=lambda r: r["id"])
 
 

@@ -388,10 +388,10 @@ class Fetcher:
                 return False
             with self.store.transaction():
                 limit_idle_transaction(self.store, self.config)
-                cap = self.book.per_partition(room)
-                rows = partitions.claim_partition_tasks(self.store, self.instance_id, held, cap, room)
+                caps = self.book.claim_caps(room)
+                rows = partitions.claim_partition_tasks(self.store, self.instance_id, held, caps, room)
             # A partition that gave all it was allowed may have more: claim again at once.
-            saturated = max(Counter(r["partition"] for r in rows).values(), default=0) >= cap
+            saturated = self.book.claimed(caps, Counter(r["partition"] for r in rows), room)
             for row in rows:  # in id order
                 task = task_from_row(row, held[row["partition"]])
                 self.book.add(task)

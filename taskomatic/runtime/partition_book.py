@@ -24,6 +24,7 @@ class PartitionBook:
         self.releasing: set[int] = set()
         self.in_hand: Counter[int] = Counter()  # partition -> claimed tasks routed and not ended
         self.task_partitions: dict[int, int] = {}  # task id -> partition, for tasks in hand
+        self.grown: dict[int, int] = {}  # partition -> a larger cap: its last claim took all it was allowed
 
     def hold(self, partition: int, token: int, releasing: bool = False) -> None:
         """A lease acquired (or found at startup); a newer token replaces an older one."""
@@ -55,6 +56,7 @@ class PartitionBook:
         for partition in partitions:
             self.tokens.pop(partition, None)
             self.releasing.discard(partition)
+            self.grown.pop(partition, None)
 
     def add(self, task: TaskRow) -> None:
         """A claimed task is now in hand (counted once, whatever copies come back)."""
@@ -82,3 +84,34 @@ class PartitionBook:
         a few partitions have work, a claim takes fewer than ``limit``; the next turn of the loop claims more.)"""
         held = max(1, len(self.tokens) - len(self.releasing))
         return max(2, -(-2 * limit // held))
+
+    def claim_caps(self, limit: int) -> dict[int, int]:
+        """partition -> how many tasks a claim of ``limit`` may take from it: ``per_partition``, or more
+        for a partition whose last claim was cut by its cap rather than by the batch's id order.
+
+        A hot key lives in one partition; with a fixed cap of 2 (P = 256, one instance) a claim
+        brought only two links of its chain, so the chain waited a claim per two tasks while
+        standalone's claim, oldest first with no cap, brings its share of the batch (Zipf ran at
+        half of standalone's tasks/s). Doubling on every cut claim gives the hot partition its
+        share within a few claims, and the rows read stay bounded (see ``claimed``).
+        """
+        base = self.per_partition(limit)
+        return {p: max(base, self.grown.get(p, 0)) for p in self.claimable()}
+
+    def claimed(self, caps: dict[int, int], taken: Counter[int], limit: int) -> bool:
+        """A claim with these caps took ``taken`` per partition; True if some partition gave all it
+        was allowed (it may have more: claim again at once).
+
+        A partition that gave its whole cap had every offered task in the batch's id order, so the
+        cap, not the order, held it back: its cap doubles (at most ``limit``); any other partition
+        goes back to the base. The grown caps of one claim add up to at most 2 x ``limit``, so a
+        claim reads at most about (held x base) + 2 x limit rows, whatever the skew.
+        """
+        cut = False
+        for partition, cap in caps.items():
+            if taken[partition] >= cap:
+                cut = True
+                self.grown[partition] = min(max(limit, 2), 2 * cap)
+            else:
+                self.grown.pop(partition, None)
+        return cut

@@ -73,8 +73,9 @@ def test_a_multihost_claim_over_held_partitions_reads_a_batch_not_the_queue(big_
         for partition, token in pairs:
             book.hold(partition, token)
         per_partition = book.per_partition(200)  # what the fetcher asks for
+        caps = book.claim_caps(200)
         claim = {"instance_id": instance, "partitions": [p for p, _ in pairs], "tokens": [t for _, t in pairs],
-                 "per_partition": per_partition, "limit": 200}
+                 "caps": [caps[p] for p, _ in pairs], "limit": 200}
         read = task_rows_read(store, "claim_partition_tasks", claim)
         print("claim_partition_tasks read", read)
         # Offered: at most per_partition of each held partition; then the 200 picked are updated.

@@ -24,7 +24,7 @@ from taskomatic.db import retention as retention_db
 from taskomatic.db.queries import query as named_query
 from taskomatic.db.store import Store
 from taskomatic.retention import Policy, dry_run, run_pass
-from tests.helpers import query
+from tests.helpers import history_then_backlog, query
 
 DAY = 86400.0
 TERMINAL = ("finished", "failed", "canceled")
@@ -106,22 +106,7 @@ def test_hot_statements_descend_by_id_when_statistics_only_know_history(dsn: str
     queued task, to start eight.
     """
     instance_id = _instance(store)
-    with store.conn.cursor() as cur:
-        # No autoanalyze during the test: the statistics stay those of the history.
-        cur.execute("ALTER TABLE tasks SET (autovacuum_enabled = false)")
-        cur.execute("""INSERT INTO tasks (task_target_type, task_target_id, action, state, claimed_by,
-                                          time_started, time_ended, submitted_by)
-                       SELECT 'Vm', 1000 + g %% 200, 'noop', 'finished', %s, now(), now(), 'history'
-                       FROM generate_series(1, 20000) g""", (instance_id,))
-    store.commit()
-    store.conn.autocommit = True
-    with store.conn.cursor() as cur:
-        cur.execute("ANALYZE tasks")
-    store.conn.autocommit = False
-    with store.conn.cursor() as cur:
-        cur.execute("""INSERT INTO tasks (task_target_type, task_target_id, action, submitted_by)
-                       SELECT 'Vm', g % 100, 'noop', 'backlog' FROM generate_series(1, 5000) g""")
-    store.commit()
+    history_then_backlog(store, instance_id)
     claimed = sorted(r["id"] for r in store.all("claim_tasks", instance_id=instance_id, limit=2000))
     store.commit()
     now = dt.datetime.now(dt.UTC)

@@ -117,7 +117,7 @@ def test_the_claim_reads_its_batch_not_the_queue(store: Store, dsn: str, analyse
     with store.conn.cursor() as cur:
         cur.execute(planner)
         cur.execute("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + statement, {
-            "instance_id": instance, "per_partition": 4, "limit": 200,
+            "instance_id": instance, "caps": [4] * len(held), "limit": 200,
             "partitions": sorted(held), "tokens": [held[p] for p in sorted(held)]})
         plan = cur.fetchone()[0][0]  # type: ignore[index]
     store.rollback()
@@ -171,6 +171,33 @@ def test_the_claim_takes_the_oldest_by_id_with_a_cap_per_partition(store: Store,
     with store.transaction():
         last = db_partitions.claim_partition_tasks(store, instance, held, per_partition=5, limit=10)
     assert [r["id"] for r in last] == [ids[5], ids[6]] and all(r["partition"] in (pa, pc) for r in last)
+
+
+def test_each_held_partition_can_have_its_own_cap(store: Store, dsn: str) -> None:
+    """The fetcher grows the cap of a partition whose claims its cap cut (a hot key): the claim takes up
+    to each partition's own cap, still oldest first and at most limit in all."""
+    keys = {}
+    for ident in range(1, 400):
+        keys.setdefault(partition_of(OrderingKey("Vm", ident), DEFAULT_PARTITIONS), ident)
+        if len(keys) == 2:
+            break
+    (hot_p, hot_vm), (cold_p, cold_vm) = keys.items()
+    ids: dict[int, list[int]] = {hot_vm: [], cold_vm: []}
+    for vm in (hot_vm, cold_vm, hot_vm, hot_vm, cold_vm, hot_vm, hot_vm, cold_vm):
+        ids[vm].append(query(dsn, "INSERT INTO tasks (task_target_type, task_target_id, action) "
+                                  "VALUES ('Vm', %s, 'a') RETURNING id", (vm,))[0]["id"])
+    instance = query(dsn, "INSERT INTO instances (hostname, pid, version, mode, shards, lease_expires_at) "
+                          "VALUES ('h', 1, 't', 'multihost', 2, clock_timestamp() + interval '1 hour') "
+                          "RETURNING id")[0]["id"]
+    store.conn.autocommit = False
+    with store.transaction():
+        held = {a.partition: a.token for a in db_partitions.acquire_partitions(store, instance, [hot_p, cold_p])}
+    with store.transaction():
+        got = db_partitions.claim_partition_tasks(store, instance, held, {hot_p: 4, cold_p: 1}, limit=10)
+    assert [r["id"] for r in got] == sorted([*ids[hot_vm][:4], ids[cold_vm][0]])
+    with store.transaction():
+        got = db_partitions.claim_partition_tasks(store, instance, held, {hot_p: 4, cold_p: 4}, limit=2)
+    assert [r["id"] for r in got] == sorted([ids[hot_vm][4], ids[cold_vm][1]])  # oldest first, limit in all
 
 
 def test_fenced_outcomes_write_each_tasks_own_values_and_only_for_partitions_still_held(store: Store) -> None:

@@ -85,6 +85,9 @@ class FakeStore:
         rows = self.all(name, **params)
         return rows[0] if rows else None
 
+    def send_with_next(self, name: str, /, **params: Any) -> None:
+        self.all(name, **params)  # the real store sends it with the next statement; here it runs now
+
     def all(self, name: str, /, **params: Any) -> list[dict[str, Any]]:
         errors = self.failures.get(name)
         if errors:

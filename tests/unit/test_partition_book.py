@@ -8,6 +8,7 @@ acceptance tests).
 
 from __future__ import annotations
 
+from collections import Counter
 from contextlib import contextmanager
 from types import SimpleNamespace
 from typing import Any
@@ -80,6 +81,55 @@ def test_a_claim_takes_a_bounded_share_of_each_partition() -> None:
     few.hold(3, 1)
     assert few.per_partition(200) == 400  # one partition: the whole batch may come from it
 
+
+
+
+def test_a_partition_cut_by_its_cap_gets_a_larger_cap_and_the_rest_keep_the_base() -> None:
+    many = 256  # as deployed: the base cap is 2
+    book = PartitionBook(many)
+    for p in range(many):
+        book.hold(p, 1)
+    base = book.per_partition(200)
+    caps = book.claim_caps(200)
+    assert base == 2 and set(caps) == set(range(many)) and set(caps.values()) == {base}
+    # Partition 7 gave all it was allowed; 8 gave less (the batch's id order cut it, not its cap).
+    assert book.claimed(caps, Counter({7: base, 8: base - 1}), 200)
+    caps = book.claim_caps(200)
+    assert caps[7] == 2 * base and caps[8] == base
+    for _ in range(12):  # a hot key's partition keeps being cut: its cap grows to the whole batch
+        caps = book.claim_caps(200)
+        book.claimed(caps, Counter({7: caps[7]}), 200)
+    assert book.claim_caps(200)[7] == 200
+    assert not book.claimed(book.claim_caps(200), Counter({7: 3}), 200)  # no longer cut: back to the base
+    assert book.claim_caps(200)[7] == base
+    book.claimed(book.claim_caps(200), Counter({7: base}), 200)
+    book.begin_release([7])
+    assert 7 not in book.claim_caps(200)  # releasing: not claimed from
+    book.released([7])
+    book.hold(7, 2)
+    assert book.claim_caps(200)[7] == base  # a new lease starts from the base
+
+
+def test_grown_caps_stay_bounded_whatever_the_claims_took() -> None:
+    """A claim of limit rows can grow caps to at most 2 x limit in all, so the rows a claim reads
+    stay near held x base + 2 x limit, whatever the skew."""
+    import random
+
+    rng = random.Random(5)
+    many = 256
+    book = PartitionBook(many)
+    for p in range(many):
+        book.hold(p, 1)
+    base = book.per_partition(200)
+    for _ in range(500):
+        caps = book.claim_caps(200)
+        taken: Counter[int] = Counter()
+        left = 200
+        for p in rng.sample(range(many), many):  # any split of the batch that respects the caps
+            n = min(caps[p], left, rng.choice((0, caps[p], caps[p])))
+            taken[p], left = n, left - n
+        book.claimed(caps, taken, 200)
+        assert sum(book.claim_caps(200).values()) <= base * many + 2 * 200
 
 
 # -- the dispatcher drops a partition's waiting tasks ------------------------------------------

@@ -156,18 +156,18 @@ SELECT set_config('enable_bitmapscan', 'off', true), set_config('enable_seqscan'
 -- claim_partition_tasks --
 -- The bulk claim of multihost: the oldest unclaimed queued tasks (by id, as
 -- standalone claims) of the partitions we hold (under these tokens, lease
--- live, not releasing), up to limit, taking at most per_partition from each
--- partition: one index descent per held partition on
--- tasks_partition_claimable_idx, then at most per_partition rows from each.
+-- live, not releasing), up to limit, taking at most its cap (caps, in the
+-- order of partitions) from each partition: one index descent per held
+-- partition on tasks_partition_claimable_idx, then at most cap rows from each.
 -- So a batch spans many partitions (many keys to run side by side), as
 -- standalone's does, instead of draining a few partitions first. No SKIP
 -- LOCKED: only a partition's holder claims its tasks. The lease rows are
 -- locked (shared) to the end of the transaction, so a takeover cannot commit
 -- in between and miss these tasks. Runs after claim_partition_planner.
 WITH held AS MATERIALIZED (
-    SELECT pl.partition
+    SELECT pl.partition, w.cap
     FROM partition_leases pl
-    JOIN unnest(%(partitions)s::smallint[], %(tokens)s::bigint[]) AS w(partition, token)
+    JOIN unnest(%(partitions)s::smallint[], %(tokens)s::bigint[], %(caps)s::integer[]) AS w(partition, token, cap)
       ON pl.partition = w.partition AND pl.token = w.token
     JOIN instances me ON me.id = pl.instance_id
     WHERE pl.instance_id = %(instance_id)s AND NOT pl.releasing
@@ -180,7 +180,7 @@ WITH held AS MATERIALIZED (
         -- This predicate is tasks_partition_claimable_idx's own (migration 0011): only that index serves it.
         SELECT id FROM tasks
         WHERE partition = held.partition AND state = 'queued' AND coalesce(claimed_by, 0) = 0
-        ORDER BY id LIMIT %(per_partition)s
+        ORDER BY id LIMIT held.cap
     ) AS oldest
     ORDER BY oldest.id
     LIMIT %(limit)s
