@@ -80,30 +80,48 @@ RETURNING t.id, t.task_target_type, t.task_target_id, t.action, t.args, t.key_ty
 -- may acquire them), and drop our reservations of any others (the balance
 -- changed: a stale reservation would keep a partition from its new taker).
 -- Returns the rows changed: wanted_by is us for a new reservation, NULL for a dropped one.
+-- Every statement that locks lease rows locks them in partition order (here
+-- the CTE, whose rows the UPDATE's initplan reads before it writes one), so
+-- two of them never wait for each other in a circle: a deadlock stopped every
+-- instance for deadlock_timeout (1 s) when an instance joined under load.
+WITH target AS MATERIALIZED (
+    SELECT pl.partition
+    FROM partition_leases pl
+    WHERE (pl.wanted_by = %(instance_id)s AND NOT pl.partition = ANY(%(partitions)s::smallint[]))
+       OR (pl.partition = ANY(%(partitions)s::smallint[])
+           AND pl.instance_id IS DISTINCT FROM %(instance_id)s
+           AND pl.wanted_by IS DISTINCT FROM %(instance_id)s
+           AND (pl.wanted_by IS NULL
+                OR NOT EXISTS (SELECT 1 FROM instances w
+                               WHERE w.id = pl.wanted_by AND w.stopped_at IS NULL
+                                 AND w.lease_expires_at > clock_timestamp()))
+           AND EXISTS (SELECT 1 FROM instances me
+                       WHERE me.id = %(instance_id)s AND me.stopped_at IS NULL
+                         AND me.lease_expires_at > clock_timestamp()))
+    ORDER BY pl.partition
+    FOR NO KEY UPDATE OF pl
+)
 UPDATE partition_leases pl
 SET wanted_by = CASE WHEN pl.partition = ANY(%(partitions)s::smallint[]) THEN %(instance_id)s::bigint END
-WHERE (pl.wanted_by = %(instance_id)s AND NOT pl.partition = ANY(%(partitions)s::smallint[]))
-   OR (pl.partition = ANY(%(partitions)s::smallint[])
-       AND pl.instance_id IS DISTINCT FROM %(instance_id)s
-       AND pl.wanted_by IS DISTINCT FROM %(instance_id)s
-       AND (pl.wanted_by IS NULL
-            OR NOT EXISTS (SELECT 1 FROM instances w
-                           WHERE w.id = pl.wanted_by AND w.stopped_at IS NULL
-                             AND w.lease_expires_at > clock_timestamp()))
-       AND EXISTS (SELECT 1 FROM instances me
-                   WHERE me.id = %(instance_id)s AND me.stopped_at IS NULL
-                     AND me.lease_expires_at > clock_timestamp()))
+WHERE pl.partition = ANY(ARRAY(SELECT partition FROM target))
 RETURNING pl.partition, pl.wanted_by;
 
 -- begin_release --
 -- Hand-over, step 1: mark partitions we hold (under these tokens) releasing,
 -- so no more of their tasks start (the fenced start refuses them), and hand
 -- back their claimed tasks that have not started (they keep their place).
-WITH marked AS (
+WITH target AS MATERIALIZED (  -- locked in partition order first (request_partitions says why)
+    SELECT pl.partition
+    FROM partition_leases pl
+    JOIN unnest(%(partitions)s::smallint[], %(tokens)s::bigint[]) AS w(partition, token)
+      ON pl.partition = w.partition AND pl.token = w.token
+    WHERE pl.instance_id = %(instance_id)s
+    ORDER BY pl.partition
+    FOR NO KEY UPDATE OF pl
+), marked AS (
     UPDATE partition_leases pl
     SET releasing = true
-    FROM unnest(%(partitions)s::smallint[], %(tokens)s::bigint[]) AS w(partition, token)
-    WHERE pl.partition = w.partition AND pl.token = w.token AND pl.instance_id = %(instance_id)s
+    WHERE pl.partition = ANY(ARRAY(SELECT partition FROM target))
     RETURNING pl.partition
 ), unclaimed AS (
     UPDATE tasks t SET claimed_by = NULL, claimed_at = NULL
@@ -117,11 +135,18 @@ SELECT marked.partition, (SELECT count(*) FROM unclaimed) AS unclaimed FROM mark
 -- Hand-over, last step: free partitions we hold under these tokens once none
 -- of their tasks runs under us; their claimed unstarted tasks go back to the
 -- queue. The reservation (wanted_by) stays, so the taker gets them.
-WITH gone AS (
+WITH target AS MATERIALIZED (  -- locked in partition order first (request_partitions says why)
+    SELECT pl.partition
+    FROM partition_leases pl
+    JOIN unnest(%(partitions)s::smallint[], %(tokens)s::bigint[]) AS w(partition, token)
+      ON pl.partition = w.partition AND pl.token = w.token
+    WHERE pl.instance_id = %(instance_id)s
+    ORDER BY pl.partition
+    FOR NO KEY UPDATE OF pl
+), gone AS (
     UPDATE partition_leases pl
     SET instance_id = NULL, acquired_at = NULL, releasing = false
-    FROM unnest(%(partitions)s::smallint[], %(tokens)s::bigint[]) AS w(partition, token)
-    WHERE pl.partition = w.partition AND pl.token = w.token AND pl.instance_id = %(instance_id)s
+    WHERE pl.partition = ANY(ARRAY(SELECT partition FROM target))
       AND NOT EXISTS (SELECT 1 FROM tasks t
                       WHERE t.claimed_by = %(instance_id)s AND t.partition = pl.partition
                         AND t.state = 'running')
@@ -138,9 +163,14 @@ SELECT gone.partition, (SELECT count(*) FROM unclaimed) AS unclaimed FROM gone O
 -- Graceful leave (after release_unstarted): free every partition of ours with
 -- no task running under us. One with a task still running stays ours;
 -- end_lease then lets another instance take it over and settle that task.
+WITH target AS MATERIALIZED (  -- locked in partition order first (request_partitions says why)
+    SELECT pl.partition FROM partition_leases pl WHERE pl.instance_id = %(instance_id)s
+    ORDER BY pl.partition
+    FOR NO KEY UPDATE OF pl
+)
 UPDATE partition_leases pl
 SET instance_id = NULL, acquired_at = NULL, releasing = false
-WHERE pl.instance_id = %(instance_id)s
+WHERE pl.partition = ANY(ARRAY(SELECT partition FROM target)) AND pl.instance_id = %(instance_id)s
   AND NOT EXISTS (SELECT 1 FROM tasks t
                   WHERE t.claimed_by = %(instance_id)s AND t.partition = pl.partition AND t.state = 'running')
 RETURNING pl.partition;
@@ -172,6 +202,7 @@ WITH held AS MATERIALIZED (
     JOIN instances me ON me.id = pl.instance_id
     WHERE pl.instance_id = %(instance_id)s AND NOT pl.releasing
       AND me.stopped_at IS NULL AND me.lease_expires_at > clock_timestamp()
+    ORDER BY pl.partition  -- locked in partition order, as every statement locks lease rows
     FOR SHARE OF pl
 ), picked AS MATERIALIZED (
     SELECT oldest.id
@@ -221,6 +252,7 @@ WITH held AS MATERIALIZED (
     JOIN instances me ON me.id = pl.instance_id
     WHERE pl.instance_id = %(instance_id)s AND NOT pl.releasing
       AND me.stopped_at IS NULL AND me.lease_expires_at > clock_timestamp()
+    ORDER BY pl.partition  -- locked in partition order, as every statement locks lease rows
     FOR SHARE OF pl
 )
 UPDATE tasks t
@@ -242,6 +274,7 @@ WITH held AS MATERIALIZED (
     JOIN instances me ON me.id = pl.instance_id
     WHERE pl.instance_id = %(instance_id)s
       AND me.stopped_at IS NULL AND me.lease_expires_at > clock_timestamp()
+    ORDER BY pl.partition  -- locked in partition order, as every statement locks lease rows
     FOR SHARE OF pl
 )
 UPDATE tasks t
