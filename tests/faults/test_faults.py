@@ -122,6 +122,12 @@ def test_instance_paused(seed: int, dsn: str, make_run: Any) -> None:
                            (lost,))[0]["x"], 30, 0.05, "the paused instance's lease to run out")
     wait_for(lambda: run.ended() >= base + more or not checks.open_tasks(dsn), 60, 0.05,
              "the other instances to go on")
+    # And until they took over every partition it held. Its lease is gone by the committed row, but a
+    # renewal it sent just before the pause may be executed and not yet committed: thawed before any
+    # takeover, that commit makes the lease live again, rightly (no one took anything over), and the
+    # instance goes on. Once its partitions moved, no write of it can pass the tokens.
+    wait_for(lambda: not query(dsn, "SELECT 1 FROM partition_leases WHERE instance_id = %s", (lost,)), 30, 0.05,
+             "the others to take over the paused instance's partitions")
     ended_before = {r["id"] for r in query(dsn, "SELECT id FROM tasks WHERE claimed_by = %s AND state IN "
                                                 "('finished', 'failed')", (lost,))}
     run.thaw(victim)

@@ -62,6 +62,9 @@ class _Connections:
     def get(self, uri: str) -> Any:
         return self.nodes[uri]
 
+    def is_open(self, _uri: str) -> bool:
+        return False  # a fixed node, nothing kept to read again
+
     def drop(self, _uri: str) -> None:
         pass
 

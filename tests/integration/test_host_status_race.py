@@ -48,6 +48,9 @@ class _Connections:
     def get(self, _uri: str) -> Any:
         return self.node
 
+    def is_open(self, _uri: str) -> bool:
+        return False  # a fixed node, nothing kept to read again
+
     def drop(self, _uri: str) -> None:
         pass
 
