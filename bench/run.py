@@ -28,6 +28,7 @@ from typing import Any
 import psycopg2
 
 from bench import lifecycle, measure
+from bench.commit_probe import CommitProbe, chain_bound
 from bench.harness import (
     RESULTS_DIR,
     CpuWindow,
@@ -214,8 +215,17 @@ def _run_one(ctx: Context, workload: Workload, tasks: list[PlannedTask], spec: R
     try:
         result["ready_s"] = round(runner.wait_ready(), 3)
         postmaster = ctx.harness.local_postmaster_pid  # None on a server given by --dsn: not measured
+        # No-op tasks on Zipf keys end when the hottest key's chain does: time one commit meanwhile.
+        zipf_noop = workload.latency == "noop" and workload.key_distribution == "zipf"
+        probe = CommitProbe(dsn) if zipf_noop and spec.keeps_order else None
         window = CpuWindow([runner.pid], postmaster, nodes.pids if nodes else None)
-        ended = _feed_and_wait(ctx, conn, workload, tasks, runner, timeout)
+        if probe is not None:
+            probe.start()
+        try:
+            ended = _feed_and_wait(ctx, conn, workload, tasks, runner, timeout)
+        finally:
+            if probe is not None:
+                result["commit_probe"] = probe.stop()
         cpu = window.close()
         runner_cpu, pg_cpu, nodes_cpu = cpu.groups_s[0], cpu.postgres_s, cpu.nodes_s
         result["wall_s"] = round(cpu.wall_s, 3)
@@ -248,6 +258,9 @@ def _run_one(ctx: Context, workload: Workload, tasks: list[PlannedTask], spec: R
     if result["error"] is None and code != 0:
         result["error"] = f"{spec.label} exited with {code} on SIGTERM:\n{runner.log_tail()}"
     result.update(analyse(conn, workload, tasks, spec))
+    if "commit_probe" in result:
+        result["chain_bound"] = chain_bound(work_stats(tasks).heaviest_key_tasks, result["commit_probe"]["p50_ms"],
+                                            workload.tasks, result.get("span_s"))
     result["complete"] = result["error"] is None and result["tasks"]["finished"] == workload.tasks
     if nodes is not None:
         # With the daemon stopped and the nodes still up: what it left in the tables and on the nodes.
@@ -377,6 +390,9 @@ def _one_line(r: dict[str, Any]) -> str:
         return f"  {r['workload']:<16} {r['label']:<34} FAILED: {first}"
     lat = r.get("latency_ms") or {}
     ms = f" makespan/LB {r['makespan_ratio']:.2f}" if r.get("makespan_ratio") else ""
+    share = (r.get("chain_bound") or {}).get("share_of_bound")
+    if share is not None:
+        ms += f" chain bound {share:.0%} (commit {r['commit_probe']['p50_ms']:.2f} ms)"
     other = (r.get("cpu") or {}).get("other_share")
     foreign = f"  (other load {other:.0%} of the machine)" if other and other >= FOREIGN_LOAD_WARN else ""
     failed = f"  FAILED: {r['error'].splitlines()[0]}" if r.get("error") else ""

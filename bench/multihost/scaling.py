@@ -9,6 +9,7 @@ from collections import defaultdict
 from typing import Any
 
 from bench import measure
+from bench.commit_probe import CommitProbe, chain_bound
 from bench.harness import CpuWindow, check_running, fetch_rows, fetch_scalar, insert_tasks, log_lines, unfinished
 from bench.multihost.suite import (
     ANOMALIES,
@@ -122,21 +123,26 @@ def run_scaling(ctx: Ctx, plan: Plan, count: int, multihost: bool, routing: str,
                 result["balanced_after_s"] = wait_balanced(conn, count)
                 if result["balanced_after_s"] is None:
                     result["error"] = f"the {count} instances did not balance the partitions within 60 s"
+            probe = CommitProbe(dsn)  # its table is created before the transactions are counted
             xacts_before = database_transactions(conn)
             window = CpuWindow([r.pid for r in runners], ctx.harness.postmaster_pid)
             wall_start = time.monotonic()
-            insert_tasks(conn, tasks)
-            limit = 120 + len(tasks) / 50.0
-            while True:
-                left = unfinished(conn)
-                ctx.bar.set_postfix_str(f"scaling {label}: {len(tasks) - left}/{len(tasks)} tasks ended")
-                if left == 0:
-                    break
-                if time.monotonic() - wall_start > limit:
-                    result["error"] = f"{left} tasks had not ended within {limit:.0f}s"
-                    break
-                check_running(runners)
-                time.sleep(POLL)
+            probe.start()
+            try:
+                insert_tasks(conn, tasks)
+                limit = 120 + len(tasks) / 50.0
+                while True:
+                    left = unfinished(conn)
+                    ctx.bar.set_postfix_str(f"scaling {label}: {len(tasks) - left}/{len(tasks)} tasks ended")
+                    if left == 0:
+                        break
+                    if time.monotonic() - wall_start > limit:
+                        result["error"] = f"{left} tasks had not ended within {limit:.0f}s"
+                        break
+                    check_running(runners)
+                    time.sleep(POLL)
+            finally:
+                result["commit_probe"] = probe.stop()
             usage = window.close()
             codes = [ctx.harness.stop(r) for r in runners]
             result["exit_codes"] = codes
@@ -166,8 +172,11 @@ def run_scaling(ctx: Ctx, plan: Plan, count: int, multihost: bool, routing: str,
         result["pauses"] = {"longest_s": round(pause["longest"] or 0.0, 3),
                             "over_100ms": int(pause["over_100ms"] or 0)}
         result["hot_chain"] = hot_chain(conn)
+        result["chain_bound"] = chain_bound(result["hot_chain"]["links"], result["commit_probe"]["p50_ms"],
+                                            int(span["n"]), span["span"])
         time.sleep(0.5)  # the daemons' backends have exited; their statistics land
-        xacts = database_transactions(conn) - xacts_before
+        # Less the probe's own commits (one per sample).
+        xacts = database_transactions(conn) - xacts_before - result["commit_probe"]["samples"]
         result["db_transactions"] = xacts
         result["db_transactions_per_task"] = round(xacts / len(tasks), 2)
         result["makespan_s"] = round(span["makespan"], 3) if span["makespan"] is not None else None
@@ -218,6 +227,9 @@ def scaling_summary(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "longest_pause_s": med(rows, lambda r: (r.get("pauses") or {}).get("longest_s")),
             "hot_chain_gap_p50_ms": med(rows, lambda r: (r.get("hot_chain") or {}).get("gap_p50_ms")),
             "hot_chain_claimed_late_share": med(rows, lambda r: (r.get("hot_chain") or {}).get("claimed_late_share")),
+            "commit_p50_ms": med(rows, lambda r: (r.get("commit_probe") or {}).get("p50_ms")),
+            "chain_bound_tps": med(rows, lambda r: (r.get("chain_bound") or {}).get("bound_tps")),
+            "chain_bound_share": med(rows, lambda r: (r.get("chain_bound") or {}).get("share_of_bound")),
             "other_share_max": max(((r.get("cpu") or {}).get("other_share") or 0.0) for r in rows),
             "share_per_instance": shares[len(shares) // 2] if shares else None,
         })
