@@ -63,17 +63,47 @@ def connect(dsn: str, application_name: str, timeout: float = 10.0) -> psycopg2.
 
 
 class Store:
-    """A connection plus the named queries. One per process; not thread-safe."""
+    """A connection plus the named queries. One per process; not thread-safe.
 
-    def __init__(self, conn: psycopg2.extensions.connection, prepare: bool = True) -> None:
+    ``begin_with_first``: the transaction's BEGIN travels with its first
+    statement, in the same round trip, instead of on its own (what psycopg2
+    does). For the hot path's short transactions (a shard's start and outcome
+    writes, the fetcher's claims) that is one round trip in four. The
+    connection is then in autocommit mode and this store sends BEGIN, COMMIT
+    and ROLLBACK itself, so everything on it must go through the store.
+    """
+
+    def __init__(self, conn: psycopg2.extensions.connection, prepare: bool = True,
+                 begin_with_first: bool = False) -> None:
         self.conn = conn
         self.prepare = prepare  # False: PREPARED_QUERIES run as plain SQL too (bench.statements compares)
         self._executes: dict[str, str] = {}  # prepared query name -> its EXECUTE, with a cast per parameter
         self._ahead = ""  # statements sent with the next one (send_with_next)
+        self.begin_with_first = begin_with_first
+        self._open = False  # begin_with_first: a BEGIN was sent and no COMMIT or ROLLBACK since
+        if begin_with_first:
+            conn.autocommit = True
 
     @classmethod
-    def open(cls, dsn: str, application_name: str, timeout: float = 10.0, prepare: bool = True) -> Store:
-        return cls(connect(dsn, application_name, timeout), prepare)
+    def open(cls, dsn: str, application_name: str, timeout: float = 10.0, prepare: bool = True,
+             begin_with_first: bool = False) -> Store:
+        return cls(connect(dsn, application_name, timeout), prepare, begin_with_first)
+
+    @property
+    def in_transaction(self) -> bool:
+        """A transaction is open on the connection (one this store began, or psycopg2's own)."""
+        if self.begin_with_first:
+            return self._open
+        return self.conn.get_transaction_status() != psycopg2.extensions.TRANSACTION_STATUS_IDLE
+
+    def _lead(self) -> str:
+        """What goes ahead of the next statement: BEGIN if it opens a transaction, then what
+        send_with_next queued."""
+        ahead, self._ahead = self._ahead, ""
+        if self.begin_with_first and not self._open:
+            self._open = True
+            return "BEGIN;\n" + ahead
+        return ahead
 
     def close(self) -> None:
         if not self.conn.closed:
@@ -96,8 +126,7 @@ class Store:
     def _statement(self, name: str, cur: Any) -> str:
         """The text to execute for a named query, with what send_with_next queued ahead of it."""
         text = self._text(name, cur)
-        ahead, self._ahead = self._ahead, ""
-        return ahead + text
+        return self._lead() + text
 
     def _prepare(self, name: str, cur: Any) -> str:
         """PREPARE a named query on this connection (it outlives a rollback) and return its EXECUTE."""
@@ -158,11 +187,24 @@ class Store:
 
     def commit(self) -> None:
         self._ahead = ""
-        self.conn.commit()
+        if not self.begin_with_first:
+            self.conn.commit()
+        elif self._open:
+            self._end("COMMIT")
 
     def rollback(self) -> None:
         self._ahead = ""
-        self.conn.rollback()
+        if not self.begin_with_first:
+            self.conn.rollback()
+        elif self._open:
+            self._end("ROLLBACK")
+
+    def _end(self, command: str) -> None:
+        # Marked ended first: if the command fails (a lost connection), the server ends the
+        # transaction itself, and a retried rollback must not send another.
+        self._open = False
+        with self.conn.cursor() as cur:
+            cur.execute(command)
 
     @contextmanager
     def transaction(self) -> Iterator[Store]:
@@ -172,7 +214,7 @@ class Store:
         except BaseException:
             self._ahead = ""
             if not self.conn.closed:
-                self.conn.rollback()
+                self.rollback()
             raise
         else:
             self.commit()
@@ -191,8 +233,7 @@ class Store:
         statement = sql.SQL("UPDATE {} SET {}, updated_at = clock_timestamp() WHERE id = %(_id)s").format(
             sql.Identifier(table), assignments
         )
-        ahead, self._ahead = self._ahead, ""
-        statement = sql.SQL(ahead) + statement
+        statement = sql.SQL(self._lead()) + statement
         with self.conn.cursor() as cur:
             cur.execute(statement, {**values, "_id": row_id})
 

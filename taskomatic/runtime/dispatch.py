@@ -22,11 +22,21 @@ shard while another shard could run it.
 A slot gets its pinned keys' next tasks at once, room or not (they could not
 run elsewhere before their predecessors end, and a hot key's chain runs
 without gaps), then free keys in the order they got work. At most
-``per_key_ahead`` tasks of one key are in flight: a shard starts one task per
-key per transaction, so more would only crowd out other keys' tasks, which
-it could start in the same transaction. Tasks an interrupted
+``per_key_ahead`` tasks of one key are in flight: the one running, the one the
+shard starts with its outcome, and the one after. With only two, every link
+of a chain waited for a round trip (the shard's Ended to the fetcher, the next
+task back); more would only crowd out other keys' tasks, since a shard starts
+one task per key per transaction. Tasks an interrupted
 shard had committed ``running`` go back to its slot only (``route(task,
 slot)``): only it may settle them.
+
+A **chain** is a key with at least ``chain_depth`` tasks waiting: its tasks can
+only run one after another, one commit each, so it is the run's critical path
+(a hot VM under Zipf keys). Each of its links waits for its shard's whole batch
+of other keys' tasks; so with pinned routing a slot running a chain gets no
+free keys while another slot without one has room, and its links follow each
+other at the pace of a commit. (Hash routing has no such choice: a key's home
+is fixed.)
 
 Which slot a free key goes to is the routing's choice (``router``, chosen at
 construction): ``pinned`` (the default) lets any slot with room take it, as
@@ -44,7 +54,8 @@ from taskomatic.runtime.router import PinnedRouting, Routing
 
 LOOKAHEAD = 0.005  # seconds of expected work a slot is sent ahead
 WINDOW_MAX = 256  # tasks sent ahead at most, however quick
-PER_KEY_AHEAD = 2  # tasks of one key in flight at most: the one running and its successor
+PER_KEY_AHEAD = 3  # tasks of one key in flight at most: the one running and the next two
+CHAIN_DEPTH = 32  # tasks waiting that make a key a chain: far more than a key of an even spread has
 ESTIMATE_WEIGHT = 0.2  # of the newest duration in an action's running estimate
 
 
@@ -92,11 +103,16 @@ class SlotQueue:
 
 class Dispatcher:
     def __init__(self, shards: int, lookahead: float = LOOKAHEAD, window_max: int = WINDOW_MAX,
-                 per_key_ahead: int = PER_KEY_AHEAD, routing: Routing | None = None) -> None:
+                 per_key_ahead: int = PER_KEY_AHEAD, routing: Routing | None = None,
+                 chain_depth: int = CHAIN_DEPTH) -> None:
         self.routing: Routing = routing or PinnedRouting()
         self.lookahead = lookahead
         self.window_max = window_max
         self.per_key_ahead = per_key_ahead
+        self.chain_depth = chain_depth
+        self.chains: set[OrderingKey] = set()  # keys with at least chain_depth tasks waiting
+        # Slots whose shard is connected: only those can take the free keys a chain's slot leaves.
+        self.online = [False] * shards
         self.slots = [SlotQueue(i) for i in range(shards)]
         self.waiting: dict[OrderingKey, deque[TaskRow]] = {}  # claimed, not sent, in id order
         self.waiting_count = 0  # tasks in ``waiting``: held() is asked every turn of the fetcher's loop
@@ -138,6 +154,8 @@ class Dispatcher:
             queue = self.waiting[key] = deque()
         queue.append(task)
         self.waiting_count += 1
+        if len(queue) >= self.chain_depth:
+            self.chains.add(key)
         self._mark_waiting(key)
 
     def _free_lane(self, key: OrderingKey) -> OrderedDict[OrderingKey, None]:
@@ -165,6 +183,17 @@ class Dispatcher:
         active = slot.active
         return active == 0 or (active < self.window_max and slot.work < self.lookahead)
 
+    def runs_chain(self, index: int) -> bool:
+        return any(self.pinned.get(key) == index for key in self.chains)
+
+    def leaves_free_keys(self, index: int) -> bool:
+        """The slot runs a chain and another slot without one has room: the shared free keys are its.
+        (Only the shared lane: a key homed here by hash routing has nowhere else to go.)"""
+        if not self.chains or not self.runs_chain(index):
+            return False
+        return any(j != index and self.online[j] and self.has_room(j) and not self.runs_chain(j)
+                   for j in range(len(self.slots)))
+
     def take_sendable(self, index: int) -> list[TaskRow]:
         """The tasks to send to a slot now, in order; they count as sent.
 
@@ -180,7 +209,11 @@ class Dispatcher:
             if key is None:
                 if not self.has_room(index):
                     break
-                lane = self.homed_keys[index] or self.free_keys
+                lane = self.homed_keys[index]
+                if not lane:
+                    if self.leaves_free_keys(index):
+                        break
+                    lane = self.free_keys
                 key = next(iter(lane), None)
                 if key is None:
                     break
@@ -189,6 +222,8 @@ class Dispatcher:
             queue = self.waiting[key]
             task = queue.popleft()
             self.waiting_count -= 1
+            if len(queue) < self.chain_depth:
+                self.chains.discard(key)
             expected = self.estimate(task.action)
             slot.sent[task.id] = (task, expected)
             slot.work += expected
@@ -219,6 +254,7 @@ class Dispatcher:
             queue = self.waiting.pop(key)
             dropped.extend(t.id for t in queue)
             self.waiting_count -= len(queue)
+            self.chains.discard(key)
             self._free_lane(key).pop(key, None)
             slot = self.pinned.get(key)
             if slot is not None:
@@ -273,7 +309,12 @@ class Dispatcher:
         """
         lost = list(self.slots[index].sent)
         self._lose(index, lost)
+        self.online[index] = True
         return lost
+
+    def shard_gone(self, index: int) -> None:
+        """The slot's shard disconnected: until another connects, it takes nothing."""
+        self.online[index] = False
 
     def _lose(self, index: int, task_ids: list[int]) -> None:
         slot = self.slots[index]
@@ -297,6 +338,8 @@ class Dispatcher:
                 queue = self.waiting[key] = deque()
             queue.appendleft(task)
             self.waiting_count += 1
+            if len(queue) >= self.chain_depth:
+                self.chains.add(key)
             self._mark_waiting(key)
             lane = self._free_lane(key)
             if key in lane:

@@ -108,7 +108,7 @@ class Fetcher:
         self.adopted = False
         self.started_at = time.monotonic()
         self.done_total = 0
-        self.store = Store.open(config.dsn, "taskomatic fetcher", config.connect_timeout)
+        self.store = Store.open(config.dsn, "taskomatic fetcher", config.connect_timeout, begin_with_first=True)
         # hash routing places partition p on shard p mod N: P as the database records it.
         count = partitions.partition_count(self.store)
         self.store.rollback()
@@ -320,6 +320,7 @@ class Fetcher:
             channel.close()
             slot.channel = None
             slot.current = None
+            self.dispatch.shard_gone(slot.index)
 
     def _send(self, slot: ShardLink, message: object) -> bool:
         if slot.channel is None:
@@ -330,6 +331,7 @@ class Fetcher:
         except (OSError, EOFError):
             slot.channel.close()
             slot.channel = None
+            self.dispatch.shard_gone(slot.index)
             return False
 
     def _send_window(self, slot: ShardLink) -> None:

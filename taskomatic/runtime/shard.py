@@ -62,7 +62,7 @@ class Shard:
         self.signals: list[int] = []
         self.stop_fast = False
         self.draining = False
-        store = Store.open(config.dsn, f"taskomatic shard {slot}", config.connect_timeout)
+        store = Store.open(config.dsn, f"taskomatic shard {slot}", config.connect_timeout, begin_with_first=True)
         self.actions: dict[str, Action] = load_actions()
         self.ctx = ActionContext(store, config,
                                  LibvirtConnections(config.keepalive_interval, config.keepalive_count),

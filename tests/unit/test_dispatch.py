@@ -9,12 +9,13 @@ at most ``per_key_ahead`` of one key in flight).
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import pytest
 
 from taskomatic.model import OrderingKey, TaskRow, key_of
 from taskomatic.partitions import DEFAULT_PARTITIONS, partition_of
-from taskomatic.runtime.dispatch import LOOKAHEAD, Dispatcher
+from taskomatic.runtime.dispatch import LOOKAHEAD, WINDOW_MAX, Dispatcher
 from taskomatic.runtime.router import PinnedRouting, make_routing
 
 VM = "Vm"
@@ -37,9 +38,10 @@ def sent_ids(d: Dispatcher, slot: int) -> list[int]:
     return list(d.slots[slot].sent)
 
 
-def two_ahead(shards: int, **kwargs: int) -> Dispatcher:
-    """Each task is expected to take half the lookahead: a slot is sent two at a time."""
-    d = Dispatcher(shards=shards, lookahead=1.0, **kwargs)
+def two_ahead(shards: int, window_max: int = WINDOW_MAX, per_key_ahead: int = 2) -> Dispatcher:
+    """Each task is expected to take half the lookahead: a slot is sent two at a time. At most two
+    tasks of a key in flight unless said otherwise (the default is three), so the examples stay short."""
+    d = Dispatcher(shards=shards, lookahead=1.0, window_max=window_max, per_key_ahead=per_key_ahead)
     for action in ("start_vm", "refresh_pool", "create_volume"):
         d.learn(action, 0.5)
     return d
@@ -273,7 +275,7 @@ def test_a_slot_with_nothing_active_always_gets_one_however_slow() -> None:
 
 
 def test_performed_makes_room_but_the_key_stays_pinned_until_it_ends() -> None:
-    d = Dispatcher(shards=2, lookahead=1.0)
+    d = Dispatcher(shards=2, lookahead=1.0, per_key_ahead=2)
     d.learn("slow", 60.0)
     for i in range(1, 4):
         d.route(task(i, vm=1, action="slow"))
@@ -464,7 +466,7 @@ def test_route_to_another_slot_than_the_pinned_one_is_refused() -> None:
 
 
 def test_shard_connected_returns_everything_sent_and_not_ended() -> None:
-    d = Dispatcher(shards=1, lookahead=1.0)
+    d = Dispatcher(shards=1, lookahead=1.0, per_key_ahead=2)
     d.learn("a", 0.25)
     for i in range(1, 7):
         d.route(task(i, vm=1 + i % 2, action="a"))
@@ -644,7 +646,7 @@ def test_held_and_in_hand_count_waiting_and_sent() -> None:
 
 
 def test_a_hot_key_with_a_slow_task_does_not_hold_up_other_keys() -> None:
-    d = Dispatcher(shards=2, lookahead=1.0)
+    d = Dispatcher(shards=2, lookahead=1.0, per_key_ahead=2)
     d.learn("slow", 600.0)
     d.learn("quick", 0.1)
     hot = OrderingKey(VM, 1)
@@ -677,7 +679,7 @@ def test_a_hot_key_with_a_slow_task_does_not_hold_up_other_keys() -> None:
 
 
 def hashed(shards: int) -> Dispatcher:
-    d = Dispatcher(shards=shards, lookahead=1.0, routing=make_routing("hash", shards))
+    d = Dispatcher(shards=shards, lookahead=1.0, routing=make_routing("hash", shards), per_key_ahead=2)
     for action in ("start_vm", "refresh_pool", "create_volume"):
         d.learn(action, 0.5)
     return d
@@ -738,3 +740,93 @@ def test_routing_names() -> None:
     assert make_routing("pinned", 4).home(OrderingKey(VM, 1)) is None
     with pytest.raises(ValueError, match="hash, pinned"):
         make_routing("round-robin", 4)
+
+
+def test_three_tasks_of_a_key_in_flight_by_default() -> None:
+    """The running one, the one its outcome's commit starts, and the one after: the shard never waits
+    for the fetcher between two links of a chain."""
+    d = Dispatcher(shards=1, lookahead=1.0)
+    d.learn("start_vm", 0.001)
+    for i in range(1, 6):
+        d.route(task(i, vm=1))
+    assert ids(d.take_sendable(0)) == [1, 2, 3]
+    d.ended(0, 1)
+    assert ids(d.take_sendable(0)) == [4]
+    check_consistent(d)
+
+
+def chained(shards: int, depth: int = 4) -> Dispatcher:
+    """Quick tasks, every slot's shard connected; a key with ``depth`` tasks waiting is a chain."""
+    d = Dispatcher(shards=shards, lookahead=1.0, chain_depth=depth)
+    d.learn("start_vm", 0.001)
+    for index in range(shards):
+        d.shard_connected(index)
+    return d
+
+
+def test_a_slot_running_a_chain_leaves_free_keys_to_a_slot_without_one() -> None:
+    d = chained(shards=2)
+    for i in range(1, 11):  # vm 1: ten tasks, a chain
+        d.route(task(i, vm=1))
+    assert ids(d.take_sendable(0)) == [1, 2, 3]
+    assert d.runs_chain(0) and not d.runs_chain(1)
+    d.route(task(11, vm=2))
+    d.route(task(12, vm=3))
+    assert d.take_sendable(0) == []  # slot 1 has room and no chain: the free keys are its
+    assert ids(d.take_sendable(1)) == [11, 12]
+    d.ended(0, 1)
+    assert ids(d.take_sendable(0)) == [4]  # the chain itself goes on at once
+    check_consistent(d)
+
+
+def test_a_chain_slot_takes_free_keys_when_no_other_slot_can() -> None:
+    d = chained(shards=2)
+    for i in range(1, 11):
+        d.route(task(i, vm=1))
+    assert ids(d.take_sendable(0)) == [1, 2, 3]
+    d.shard_gone(1)  # the other slot's shard is away: nobody else would take them
+    d.route(task(11, vm=2))
+    assert ids(d.take_sendable(0)) == [11]
+    d.shard_connected(1)
+    for i in range(12, 22):  # vm 3: a chain of its own, on slot 1
+        d.route(task(i, vm=3))
+    assert ids(d.take_sendable(1)) == [12, 13, 14]
+    d.route(task(22, vm=4))
+    assert ids(d.take_sendable(0)) == [22]  # every slot runs a chain: the first with room takes it
+    check_consistent(d)
+
+
+def test_a_key_stops_being_a_chain_once_its_queue_is_short() -> None:
+    d = chained(shards=2, depth=4)
+    for i in range(1, 6):
+        d.route(task(i, vm=1))
+    assert OrderingKey(VM, 1) in d.chains
+    assert ids(d.take_sendable(0)) == [1, 2, 3]  # two left waiting
+    assert OrderingKey(VM, 1) not in d.chains and not d.runs_chain(0)
+    d.route(task(6, vm=2))
+    assert ids(d.take_sendable(0)) == [6]  # no chain here any more: free keys are welcome
+    check_consistent(d)
+
+
+def test_dropped_partitions_take_their_chains_with_them() -> None:
+    d = chained(shards=1, depth=2)
+    for i in range(1, 4):
+        d.route(replace(task(i, vm=1), partition=7))
+    assert OrderingKey(VM, 1) in d.chains
+    d.drop_partitions({7})
+    assert not d.chains
+
+
+def test_hash_routing_sends_homed_keys_to_a_chains_slot_all_the_same() -> None:
+    """A key homed on a slot has nowhere else to go: a chain there does not hold it back."""
+    d = Dispatcher(shards=2, lookahead=1.0, routing=make_routing("hash", 2), chain_depth=4)
+    d.learn("start_vm", 0.001)
+    d.shard_connected(0)
+    d.shard_connected(1)
+    hot, other = vm_homed_at(0, 2), vm_homed_at(0, 2, skip=1)
+    for i in range(1, 11):
+        d.route(task(i, vm=hot))
+    d.route(task(11, vm=other))
+    assert ids(d.take_sendable(0)) == [1, 2, 3, 11]  # slot 1 has room and no chain, but 11 lives here
+    assert d.runs_chain(0) and d.has_room(1) and d.take_sendable(1) == []
+    check_consistent(d)
