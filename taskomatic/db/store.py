@@ -71,6 +71,10 @@ class Store:
     writes, the fetcher's claims) that is one round trip in four. The
     connection is then in autocommit mode and this store sends BEGIN, COMMIT
     and ROLLBACK itself, so everything on it must go through the store.
+    Whether a transaction is open is what the server last said (libpq's
+    transaction status, no round trip), never a flag of ours: a statement
+    that failed before the server ran its BEGIN (a bad parameter, a syntax
+    error) leaves none open, and the next statement must begin one.
     """
 
     def __init__(self, conn: psycopg2.extensions.connection, prepare: bool = True,
@@ -80,7 +84,6 @@ class Store:
         self._executes: dict[str, str] = {}  # prepared query name -> its EXECUTE, with a cast per parameter
         self._ahead = ""  # statements sent with the next one (send_with_next)
         self.begin_with_first = begin_with_first
-        self._open = False  # begin_with_first: a BEGIN was sent and no COMMIT or ROLLBACK since
         if begin_with_first:
             conn.autocommit = True
 
@@ -91,17 +94,15 @@ class Store:
 
     @property
     def in_transaction(self) -> bool:
-        """A transaction is open on the connection (one this store began, or psycopg2's own)."""
-        if self.begin_with_first:
-            return self._open
+        """The server says a transaction is open (or failed and not yet ended), or cannot say (the
+        connection is broken): what COMMIT or ROLLBACK is due for."""
         return self.conn.get_transaction_status() != psycopg2.extensions.TRANSACTION_STATUS_IDLE
 
     def _lead(self) -> str:
         """What goes ahead of the next statement: BEGIN if it opens a transaction, then what
         send_with_next queued."""
         ahead, self._ahead = self._ahead, ""
-        if self.begin_with_first and not self._open:
-            self._open = True
+        if self.begin_with_first and not self.in_transaction:
             return "BEGIN;\n" + ahead
         return ahead
 
@@ -189,20 +190,17 @@ class Store:
         self._ahead = ""
         if not self.begin_with_first:
             self.conn.commit()
-        elif self._open:
+        elif self.in_transaction:
             self._end("COMMIT")
 
     def rollback(self) -> None:
         self._ahead = ""
         if not self.begin_with_first:
             self.conn.rollback()
-        elif self._open:
+        elif self.in_transaction:
             self._end("ROLLBACK")
 
     def _end(self, command: str) -> None:
-        # Marked ended first: if the command fails (a lost connection), the server ends the
-        # transaction itself, and a retried rollback must not send another.
-        self._open = False
         with self.conn.cursor() as cur:
             cur.execute(command)
 

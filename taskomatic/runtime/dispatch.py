@@ -109,6 +109,8 @@ class Dispatcher:
         self.lookahead = lookahead
         self.window_max = window_max
         self.per_key_ahead = per_key_ahead
+        if chain_depth < 1:
+            raise ValueError(f"chain_depth must be at least 1, got {chain_depth}")
         self.chain_depth = chain_depth
         self.chains: set[OrderingKey] = set()  # keys with at least chain_depth tasks waiting
         # Slots whose shard is connected: only those can take the free keys a chain's slot leaves.
@@ -183,15 +185,23 @@ class Dispatcher:
         active = slot.active
         return active == 0 or (active < self.window_max and slot.work < self.lookahead)
 
+    def chain_slots(self) -> set[int]:
+        """The slots running a chain (one of its tasks in flight there)."""
+        return {slot for slot in (self.pinned.get(key) for key in self.chains) if slot is not None}
+
     def runs_chain(self, index: int) -> bool:
-        return any(self.pinned.get(key) == index for key in self.chains)
+        return index in self.chain_slots()
 
     def leaves_free_keys(self, index: int) -> bool:
-        """The slot runs a chain and another slot without one has room: the shared free keys are its.
-        (Only the shared lane: a key homed here by hash routing has nowhere else to go.)"""
-        if not self.chains or not self.runs_chain(index):
+        """The slot runs a chain, is busy with it, and another slot without one has room: the shared
+        free keys are that slot's. (Only the shared lane: a key homed here by hash routing has nowhere
+        else to go. And not while all the slot has is parked: it would sit idle.)"""
+        if not self.chains or self.slots[index].active == 0:
             return False
-        return any(j != index and self.online[j] and self.has_room(j) and not self.runs_chain(j)
+        chained = self.chain_slots()
+        if index not in chained:
+            return False
+        return any(j != index and j not in chained and self.online[j] and self.has_room(j)
                    for j in range(len(self.slots)))
 
     def take_sendable(self, index: int) -> list[TaskRow]:
@@ -211,7 +221,7 @@ class Dispatcher:
                     break
                 lane = self.homed_keys[index]
                 if not lane:
-                    if self.leaves_free_keys(index):
+                    if not self.free_keys or self.leaves_free_keys(index):
                         break
                     lane = self.free_keys
                 key = next(iter(lane), None)

@@ -42,7 +42,7 @@ class Shardlike:
 
     @classmethod
     def open(cls, dsn: str, config: Config | None = None, name: str = "shardlike") -> Shardlike:
-        store = Store.open(dsn, f"test {name}", timeout=10)
+        store = Store.open(dsn, f"test {name}", timeout=10, begin_with_first=True)  # as a shard's
         with store.transaction():
             instance_id = store.scalar("register_instance", hostname="testhost", pid=os.getpid(), version="test",
                                        mode="standalone", shards=1, lease=None)

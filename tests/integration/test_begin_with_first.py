@@ -10,6 +10,7 @@ in it.
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Iterator
 
 import psycopg2
@@ -126,8 +127,12 @@ def test_update_row_opens_the_transaction_too(store: Store, other: psycopg2.exte
     with other.cursor() as cur:
         cur.execute("INSERT INTO hosts (hostname, libvirt_uri) VALUES ('h1', 'test:///default') RETURNING id")
         host = int(cur.fetchone()[0])
+    instances.limit_idle_transaction(store, 4321)
     store.update_row("hosts", host, {"hostname": "renamed"})
     assert store.in_transaction
+    with store.conn.cursor() as cur:
+        cur.execute("SHOW idle_in_transaction_session_timeout")
+        assert cur.fetchone()[0] == "4321ms"  # the setting went after the BEGIN, with the update
     store.rollback()
     with other.cursor() as cur:
         cur.execute("SELECT hostname FROM hosts WHERE id = %s", (host,))
@@ -138,3 +143,37 @@ def test_commit_and_rollback_without_a_transaction_send_nothing(store: Store) ->
     store.commit()
     store.rollback()
     assert not store.in_transaction and store.conn.get_transaction_status() == IDLE
+    assert store.conn.notices == []  # PostgreSQL warns of a COMMIT or ROLLBACK outside a transaction
+
+
+def test_a_statement_that_never_reached_the_server_leaves_no_transaction(
+        store: Store, other: psycopg2.extensions.connection) -> None:
+    """Its BEGIN went nowhere either: the next statement must begin the transaction, or everything after
+    it would run in autocommit, one statement at a time, its locks gone at once."""
+    with pytest.raises(KeyError):
+        store.scalar("register_instance", hostname="h")  # the other parameters are missing
+    assert not store.in_transaction
+    _register(store, 1)
+    first = _txid(store)
+    _register(store, 2)
+    assert _txid(store) == first and _count(other) == 0  # one transaction, not committed
+    store.commit()
+    assert _count(other) == 2 and store.conn.notices == []
+
+
+def test_a_prepared_statement_can_open_the_transaction(store: Store, other: psycopg2.extensions.connection) -> None:
+    """The hot path's first statement is often an EXECUTE, prepared on first use (outside the
+    transaction): it still opens it, and a rollback undoes it."""
+    me = _register(store, 1)
+    store.commit()
+    with other.cursor() as cur:
+        cur.execute("INSERT INTO tasks (task_target_type, task_target_id, action, args, claimed_by) "
+                    "VALUES ('Vm', 1, 'start_vm', '{}', %s) RETURNING id", (me,))
+        task_id = int(cur.fetchone()[0])
+    started = store.all("mark_running", task_ids=[task_id], instance_id=me, shard=0,
+                        time_started=dt.datetime.now(dt.UTC))
+    assert [r["id"] for r in started] == [task_id] and store.in_transaction
+    store.rollback()
+    with other.cursor() as cur:
+        cur.execute("SELECT state FROM tasks WHERE id = %s", (task_id,))
+        assert cur.fetchone()[0] == "queued"

@@ -115,7 +115,8 @@ def _locked(probe: Store, partitions: list[int]) -> set[int]:
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_lease_rows_are_locked_in_partition_order(name: str, stores: StoreFactory) -> None:
-    setup, blocker, runner, probe = stores(), stores(), stores(), stores()
+    # The runner as a shard or fetcher opens its store; the others run statements of their own on .conn.
+    setup, blocker, runner, probe = stores(False), stores(False), stores(), stores(False)
     a, b = _instance(setup, "a"), _instance(setup, "b")
     count = dbp.partition_count(setup)
     with setup.transaction():

@@ -23,17 +23,18 @@ class Connections:
     hosts: list[Store]  # one per machine: an instance's transactions are its own
 
 
-def _connect(dsn: str, application_name: str) -> Store:
+def _connect(dsn: str, application_name: str, begin_with_first: bool = False) -> Store:
     # A query that blocks on a lock is a finding, not a hang.
     conn = psycopg2.connect(dsn, application_name=application_name,
                             options="-c statement_timeout=10000 -c lock_timeout=5000")
-    return Store(conn)
+    return Store(conn, begin_with_first=begin_with_first)
 
 
 @contextmanager
 def protocol_connections(dsn: str, hosts: int, application_name: str) -> Iterator[Connections]:
     conns = Connections(_connect(dsn, application_name), _connect(dsn, application_name),
-                        [_connect(dsn, application_name) for _ in range(hosts)])
+                        # an instance's connections, as its fetcher and shards open them
+                        [_connect(dsn, application_name, begin_with_first=True) for _ in range(hosts)])
     conns.admin.conn.autocommit = True
     try:
         yield conns

@@ -391,6 +391,7 @@ class Pipeline:
             holding = [s.index for s in d.slots for t, _ in s.sent.values() if key_of(t) == key]
             if len(holding) != count or set(holding) != {d.pinned.get(key)}:
                 raise Violation(f"{key} in flight in slots {holding}, pinned to {d.pinned.get(key)}")
+        self.check_chains()
         for slot_queue in d.slots:
             for key in slot_queue.pinned_waiting:
                 if d.pinned.get(key) != slot_queue.index or not d.waiting.get(key):
@@ -425,6 +426,13 @@ class Pipeline:
             raise Violation(f"claimed unfinished tasks the fetcher lost track of: {sorted(unfinished - in_hand)}")
         if not in_hand <= self.claimed:
             raise Violation(f"fetcher holds unclaimed tasks: {sorted(in_hand - self.claimed)}")
+
+    def check_chains(self) -> None:
+        """The dispatcher's chains are exactly the keys with chain_depth tasks waiting."""
+        d = self.dispatch
+        expected = {k for k, q in d.waiting.items() if len(q) >= d.chain_depth}
+        if d.chains != expected:
+            raise Violation(f"chains {d.chains} but keys waiting deep enough: {expected}")
 
     def check_order(self) -> None:
         for key, done in self.ended.items():

@@ -60,6 +60,7 @@ def check_consistent(d: Dispatcher) -> None:
         assert slot.work == pytest.approx(expected)
     for key in d.free_keys:
         assert key not in d.pinned and d.waiting[key]
+    assert d.chains == {k for k, q in d.waiting.items() if len(q) >= d.chain_depth}
     for slot, lane in enumerate(d.homed_keys):
         for key in lane:
             assert key not in d.pinned and d.waiting[key] and d.routing.home(key) == slot
@@ -830,3 +831,36 @@ def test_hash_routing_sends_homed_keys_to_a_chains_slot_all_the_same() -> None:
     assert ids(d.take_sendable(0)) == [1, 2, 3, 11]  # slot 1 has room and no chain, but 11 lives here
     assert d.runs_chain(0) and d.has_room(1) and d.take_sendable(1) == []
     check_consistent(d)
+
+
+def test_a_chain_slot_takes_free_keys_when_the_others_have_no_room() -> None:
+    d = Dispatcher(shards=2, lookahead=1.0, chain_depth=4)
+    d.learn("start_vm", 0.3)  # four tasks fill a slot's lookahead
+    d.shard_connected(0)
+    d.shard_connected(1)
+    for i in range(1, 11):
+        d.route(task(i, vm=1))
+    assert ids(d.take_sendable(0)) == [1, 2, 3]
+    for i in range(11, 16):
+        d.route(task(i, vm=i))
+    assert ids(d.take_sendable(1)) == [11, 12, 13, 14]
+    assert not d.has_room(1) and d.has_room(0)
+    assert ids(d.take_sendable(0)) == [15]  # slot 1 is full: the chain's slot takes it rather than leave it
+    check_consistent(d)
+
+
+def test_a_chain_slot_with_everything_parked_takes_free_keys() -> None:
+    """Its chain waits for a retry: the slot is idle, and must not turn work away meanwhile."""
+    d = chained(shards=2)
+    for i in range(1, 11):
+        d.route(task(i, vm=1))
+    assert ids(d.take_sendable(0)) == [1, 2, 3]
+    d.defer(0, (1, 2, 3))
+    d.route(task(11, vm=2))
+    assert ids(d.take_sendable(0)) == [11]
+    check_consistent(d)
+
+
+def test_chain_depth_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="chain_depth"):
+        Dispatcher(shards=1, chain_depth=0)
