@@ -29,7 +29,8 @@ PROBE_SQL = "UPDATE bench_commit_probe SET n = n + 1 WHERE id = 1"
 
 
 class CommitProbe:
-    """Time single-row autocommit updates every ``interval`` s between ``start()`` and ``stop()``."""
+    """Time single-row autocommit updates every ``interval`` s between ``start()`` and ``stop()``, or
+    for the body of a ``with`` block (then ``figures`` holds what ``stop()`` returns)."""
 
     def __init__(self, dsn: str, interval: float = 0.01) -> None:
         self.interval = interval
@@ -38,12 +39,19 @@ class CommitProbe:
         with self.conn.cursor() as cur:
             cur.execute(PROBE_TABLE_SQL)
         self.samples: list[float] = []
+        self.figures: dict[str, Any] = summarise([])
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="commit-probe", daemon=True)
 
     def start(self) -> CommitProbe:
         self._thread.start()
         return self
+
+    def __enter__(self) -> CommitProbe:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
     def _run(self) -> None:
         with self.conn.cursor() as cur:
@@ -58,7 +66,8 @@ class CommitProbe:
         self._stop.set()
         self._thread.join(timeout=10)
         self.conn.close()
-        return summarise(self.samples)
+        self.figures = summarise(self.samples)
+        return self.figures
 
 
 def summarise(samples: list[float]) -> dict[str, Any]:

@@ -20,6 +20,7 @@ import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -219,13 +220,10 @@ def _run_one(ctx: Context, workload: Workload, tasks: list[PlannedTask], spec: R
         zipf_noop = workload.latency == "noop" and workload.key_distribution == "zipf"
         probe = CommitProbe(dsn) if zipf_noop and spec.keeps_order else None
         window = CpuWindow([runner.pid], postmaster, nodes.pids if nodes else None)
-        if probe is not None:
-            probe.start()
-        try:
+        with probe or nullcontext():
             ended = _feed_and_wait(ctx, conn, workload, tasks, runner, timeout)
-        finally:
-            if probe is not None:
-                result["commit_probe"] = probe.stop()
+        if probe is not None:
+            result["commit_probe"] = probe.figures
         cpu = window.close()
         runner_cpu, pg_cpu, nodes_cpu = cpu.groups_s[0], cpu.postgres_s, cpu.nodes_s
         result["wall_s"] = round(cpu.wall_s, 3)

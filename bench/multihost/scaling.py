@@ -127,8 +127,7 @@ def run_scaling(ctx: Ctx, plan: Plan, count: int, multihost: bool, routing: str,
             xacts_before = database_transactions(conn)
             window = CpuWindow([r.pid for r in runners], ctx.harness.postmaster_pid)
             wall_start = time.monotonic()
-            probe.start()
-            try:
+            with probe:
                 insert_tasks(conn, tasks)
                 limit = 120 + len(tasks) / 50.0
                 while True:
@@ -141,8 +140,7 @@ def run_scaling(ctx: Ctx, plan: Plan, count: int, multihost: bool, routing: str,
                         break
                     check_running(runners)
                     time.sleep(POLL)
-            finally:
-                result["commit_probe"] = probe.stop()
+            result["commit_probe"] = probe.figures
             usage = window.close()
             codes = [ctx.harness.stop(r) for r in runners]
             result["exit_codes"] = codes

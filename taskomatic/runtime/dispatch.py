@@ -189,9 +189,6 @@ class Dispatcher:
         """The slots running a chain (one of its tasks in flight there)."""
         return {slot for slot in (self.pinned.get(key) for key in self.chains) if slot is not None}
 
-    def runs_chain(self, index: int) -> bool:
-        return index in self.chain_slots()
-
     def leaves_free_keys(self, index: int) -> bool:
         """The slot runs a chain, is busy with it, and another slot without one has room: the shared
         free keys are that slot's. (Only the shared lane: a key homed here by hash routing has nowhere

@@ -756,21 +756,27 @@ def test_three_tasks_of_a_key_in_flight_by_default() -> None:
     check_consistent(d)
 
 
-def chained(shards: int, depth: int = 4) -> Dispatcher:
-    """Quick tasks, every slot's shard connected; a key with ``depth`` tasks waiting is a chain."""
-    d = Dispatcher(shards=shards, lookahead=1.0, chain_depth=depth)
-    d.learn("start_vm", 0.001)
+def chained(shards: int, depth: int = 4, seconds: float = 0.001, routing: str = "pinned") -> Dispatcher:
+    """Tasks of ``seconds`` each, every slot's shard connected; a key with ``depth`` tasks waiting is a chain."""
+    d = Dispatcher(shards=shards, lookahead=1.0, chain_depth=depth, routing=make_routing(routing, shards))
+    d.learn("start_vm", seconds)
     for index in range(shards):
         d.shard_connected(index)
     return d
 
 
-def test_a_slot_running_a_chain_leaves_free_keys_to_a_slot_without_one() -> None:
-    d = chained(shards=2)
-    for i in range(1, 11):  # vm 1: ten tasks, a chain
-        d.route(task(i, vm=1))
+def chain_on_slot_0(d: Dispatcher, vm: int = 1) -> Dispatcher:
+    """Ten tasks of ``vm`` claimed, three of them sent to slot 0: it runs a chain."""
+    for i in range(1, 11):
+        d.route(task(i, vm=vm))
     assert ids(d.take_sendable(0)) == [1, 2, 3]
-    assert d.runs_chain(0) and not d.runs_chain(1)
+    assert 0 in d.chain_slots()
+    return d
+
+
+def test_a_slot_running_a_chain_leaves_free_keys_to_a_slot_without_one() -> None:
+    d = chain_on_slot_0(chained(shards=2))
+    assert d.chain_slots() == {0}
     d.route(task(11, vm=2))
     d.route(task(12, vm=3))
     assert d.take_sendable(0) == []  # slot 1 has room and no chain: the free keys are its
@@ -781,10 +787,7 @@ def test_a_slot_running_a_chain_leaves_free_keys_to_a_slot_without_one() -> None
 
 
 def test_a_chain_slot_takes_free_keys_when_no_other_slot_can() -> None:
-    d = chained(shards=2)
-    for i in range(1, 11):
-        d.route(task(i, vm=1))
-    assert ids(d.take_sendable(0)) == [1, 2, 3]
+    d = chain_on_slot_0(chained(shards=2))
     d.shard_gone(1)  # the other slot's shard is away: nobody else would take them
     d.route(task(11, vm=2))
     assert ids(d.take_sendable(0)) == [11]
@@ -803,7 +806,7 @@ def test_a_key_stops_being_a_chain_once_its_queue_is_short() -> None:
         d.route(task(i, vm=1))
     assert OrderingKey(VM, 1) in d.chains
     assert ids(d.take_sendable(0)) == [1, 2, 3]  # two left waiting
-    assert OrderingKey(VM, 1) not in d.chains and not d.runs_chain(0)
+    assert OrderingKey(VM, 1) not in d.chains and 0 not in d.chain_slots()
     d.route(task(6, vm=2))
     assert ids(d.take_sendable(0)) == [6]  # no chain here any more: free keys are welcome
     check_consistent(d)
@@ -820,27 +823,18 @@ def test_dropped_partitions_take_their_chains_with_them() -> None:
 
 def test_hash_routing_sends_homed_keys_to_a_chains_slot_all_the_same() -> None:
     """A key homed on a slot has nowhere else to go: a chain there does not hold it back."""
-    d = Dispatcher(shards=2, lookahead=1.0, routing=make_routing("hash", 2), chain_depth=4)
-    d.learn("start_vm", 0.001)
-    d.shard_connected(0)
-    d.shard_connected(1)
+    d = chained(shards=2, routing="hash")
     hot, other = vm_homed_at(0, 2), vm_homed_at(0, 2, skip=1)
     for i in range(1, 11):
         d.route(task(i, vm=hot))
     d.route(task(11, vm=other))
     assert ids(d.take_sendable(0)) == [1, 2, 3, 11]  # slot 1 has room and no chain, but 11 lives here
-    assert d.runs_chain(0) and d.has_room(1) and d.take_sendable(1) == []
+    assert 0 in d.chain_slots() and d.has_room(1) and d.take_sendable(1) == []
     check_consistent(d)
 
 
 def test_a_chain_slot_takes_free_keys_when_the_others_have_no_room() -> None:
-    d = Dispatcher(shards=2, lookahead=1.0, chain_depth=4)
-    d.learn("start_vm", 0.3)  # four tasks fill a slot's lookahead
-    d.shard_connected(0)
-    d.shard_connected(1)
-    for i in range(1, 11):
-        d.route(task(i, vm=1))
-    assert ids(d.take_sendable(0)) == [1, 2, 3]
+    d = chain_on_slot_0(chained(shards=2, seconds=0.3))  # four tasks fill a slot's lookahead
     for i in range(11, 16):
         d.route(task(i, vm=i))
     assert ids(d.take_sendable(1)) == [11, 12, 13, 14]
@@ -851,10 +845,7 @@ def test_a_chain_slot_takes_free_keys_when_the_others_have_no_room() -> None:
 
 def test_a_chain_slot_with_everything_parked_takes_free_keys() -> None:
     """Its chain waits for a retry: the slot is idle, and must not turn work away meanwhile."""
-    d = chained(shards=2)
-    for i in range(1, 11):
-        d.route(task(i, vm=1))
-    assert ids(d.take_sendable(0)) == [1, 2, 3]
+    d = chain_on_slot_0(chained(shards=2))
     d.defer(0, (1, 2, 3))
     d.route(task(11, vm=2))
     assert ids(d.take_sendable(0)) == [11]
