@@ -5,7 +5,10 @@ resource's transient state before anything touches a node:
 
 1. ``prepare`` reads the rows and the real state (no side effects) and returns
    a Plan, or raises TaskFailed (impossible state, bad args, missing target).
-   A plan may say the work is already done (a no-op success).
+   A plan may say the work is already done (a no-op success). It reads no
+   ``tasks`` rows: the shard's held outcomes are written in the statement that
+   marks the next tasks running, after prepare (their resource-row changes, if
+   any, are written before it).
 2. ``plan.begin(store)`` runs inside the transaction that marks the task
    running: it writes the transient state (and, for start_vm, the placement).
 3. ``perform(plan)`` does the work on libvirt and returns an Outcome.

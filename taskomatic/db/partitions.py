@@ -16,6 +16,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
+from taskomatic.db import task_writes
 from taskomatic.db.store import Row, Store
 
 
@@ -179,23 +180,35 @@ def mark_running_fenced(store: Store, instance_id: int, held: Mapping[int, int],
     return sorted(r["id"] for r in rows)
 
 
+def end_and_start_fenced(store: Store, instance_id: int, held: Mapping[int, int], ends: task_writes.Ends,
+                         task_ids: Sequence[int], shard: int, time_started: datetime, last: bool
+                         ) -> tuple[set[int], dict[int, datetime]]:
+    """``record_outcomes_fenced`` and ``mark_running_fenced`` in one statement: the ids written, and id ->
+    created_at of each started. ``last``: nothing follows it in the transaction (``Store.all_last``)."""
+    rows = store.all_last("end_and_start_fenced", last, instance_id=instance_id, start_ids=list(task_ids),
+                          shard=shard, time_started=time_started, **ends.params(), **_pairs(held))
+    return task_writes.split_ends_and_starts(rows)
+
+
 def start_tasks_fenced(store: Store, instance_id: int, held: Mapping[int, int], task_ids: Sequence[int],
-                       shard: int, time_started: datetime) -> dict[int, datetime]:
-    """``mark_running_fenced`` for a shard: id -> when it was submitted (created_at), for each task started."""
+                       shard: int, time_started: datetime, last: bool = False) -> dict[int, datetime]:
+    """``mark_running_fenced`` for a shard: id -> when it was submitted (created_at), for each task started.
+    ``last``: nothing follows it in the transaction (``Store.all_last``)."""
     if not task_ids:
         return {}
-    rows = store.all("mark_running_fenced", instance_id=instance_id, task_ids=list(task_ids), shard=shard,
-                     time_started=time_started, **_pairs(held))
+    rows = store.all_last("mark_running_fenced", last, instance_id=instance_id, task_ids=list(task_ids),
+                          shard=shard, time_started=time_started, **_pairs(held))
     return {r["id"]: r["created_at"] for r in rows}
 
 
 def record_outcomes_fenced(store: Store, instance_id: int, held: Mapping[int, int],
-                           outcomes: Sequence[Outcome]) -> list[int]:
-    """Write these ends, only for tasks of partitions still ours; returns the ids written."""
+                           outcomes: Sequence[Outcome], last: bool = False) -> list[int]:
+    """Write these ends, only for tasks of partitions still ours; returns the ids written.
+    ``last``: nothing follows it in the transaction (``Store.all_last``)."""
     if not outcomes:
         return []
-    rows = store.all("record_outcomes_fenced", instance_id=instance_id,
-                     task_ids=[o.task_id for o in outcomes], states=[o.state for o in outcomes],
-                     messages=[o.message for o in outcomes], starts=[o.time_started for o in outcomes],
-                     ends=[o.time_ended for o in outcomes], **_pairs(held))
+    rows = store.all_last("record_outcomes_fenced", last, instance_id=instance_id,
+                          task_ids=[o.task_id for o in outcomes], states=[o.state for o in outcomes],
+                          messages=[o.message for o in outcomes], starts=[o.time_started for o in outcomes],
+                          ends=[o.time_ended for o in outcomes], **_pairs(held))
     return sorted(r["id"] for r in rows)

@@ -7,6 +7,7 @@ task marks or ends it, and only once. Queries: ``sql/task_writes.sql``.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -20,11 +21,12 @@ def task_states(store: Store, ids: list[int]) -> list[Row]:
 
 
 def mark_running(store: Store, instance_id: int, task_ids: list[int], time_started: datetime,
-                 shard: int) -> dict[int, datetime]:
+                 shard: int, last: bool = False) -> dict[int, datetime]:
     """Mark these queued tasks running: id -> when it was submitted (created_at), for each marked
-    (canceled, ended or taken ones are not)."""
-    return {r["id"]: r["created_at"] for r in store.all("mark_running", task_ids=task_ids, instance_id=instance_id,
-                                                        time_started=time_started, shard=shard)}
+    (canceled, ended or taken ones are not). ``last``: nothing follows it in the transaction."""
+    rows = store.all_last("mark_running", last, task_ids=task_ids, instance_id=instance_id,
+                          time_started=time_started, shard=shard)
+    return {r["id"]: r["created_at"] for r in rows}
 
 
 def mark_rerun(store: Store, instance_id: int, task_id: int, time_started: datetime, shard: int) -> bool:
@@ -35,11 +37,43 @@ def mark_rerun(store: Store, instance_id: int, task_id: int, time_started: datet
 
 def record_outcomes(store: Store, instance_id: int, task_ids: Sequence[int], states: Sequence[str],
                     messages: Sequence[str | None], starts: Sequence[datetime | None],
-                    ends: Sequence[datetime]) -> set[int]:
-    """Write these tasks' ends (parallel sequences; a None start keeps the one marked); the ids written."""
-    return {r["id"] for r in store.all("record_outcomes", instance_id=instance_id, task_ids=list(task_ids),
-                                       states=list(states), messages=list(messages), starts=list(starts),
-                                       ends=list(ends))}
+                    ends: Sequence[datetime], last: bool = False) -> set[int]:
+    """Write these tasks' ends (parallel sequences; a None start keeps the one marked); the ids written.
+    ``last``: nothing follows it in the transaction (``Store.all_last``)."""
+    rows = store.all_last("record_outcomes", last, instance_id=instance_id, task_ids=list(task_ids),
+                          states=list(states), messages=list(messages), starts=list(starts), ends=list(ends))
+    return {r["id"] for r in rows}
+
+
+@dataclass(frozen=True)
+class Ends:
+    """Task ends to write (parallel sequences; a None start keeps the one marked)."""
+
+    task_ids: Sequence[int]
+    states: Sequence[str]
+    messages: Sequence[str | None]
+    starts: Sequence[datetime | None]
+    ends: Sequence[datetime]
+
+    def params(self) -> dict[str, list[Any]]:
+        return {"end_ids": list(self.task_ids), "states": list(self.states), "messages": list(self.messages),
+                "starts": list(self.starts), "ends": list(self.ends)}
+
+
+def end_and_start(store: Store, instance_id: int, ends: Ends, task_ids: list[int], time_started: datetime,
+                  shard: int, last: bool) -> tuple[set[int], dict[int, datetime]]:
+    """``record_outcomes`` and ``mark_running`` in one statement: the ids written, and id -> created_at of
+    each started. ``last``: nothing follows it in the transaction (alone in it, it commits:
+    ``Store.all_last``)."""
+    rows = store.all_last("end_and_start", last, instance_id=instance_id, start_ids=task_ids,
+                          time_started=time_started, shard=shard, **ends.params())
+    return split_ends_and_starts(rows)
+
+
+def split_ends_and_starts(rows: list[Row]) -> tuple[set[int], dict[int, datetime]]:
+    """The rows of end_and_start(_fenced): (ids written, id -> created_at of each started)."""
+    return ({r["id"] for r in rows if not r["started"]},
+            {r["id"]: r["created_at"] for r in rows if r["started"]})
 
 
 def record_outcome(store: Store, instance_id: int, task_id: int, state: str, message: str | None,

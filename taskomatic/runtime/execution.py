@@ -309,7 +309,11 @@ class Execution:
         # A rerun found already done does not start again: it is not marked, its outcome is written as
         # it stands (keeping its first time_started and attempts; the write is fenced all the same).
         settled = {t.id for t, _, plan in prepared if t.id in reruns and plan.already_done is not None}
-        marked = self._mark([t for t, _, _ in prepared if t.id in allowed and t.id not in settled], reruns, moment)
+        # Nothing to write after the marks: alone in its transaction, that statement is also the commit.
+        last = not reruns and not failing and all(
+            plan.already_done is None and plan.begin_hook is None and not plan.begin_updates for _, _, plan in prepared)
+        marked = self._mark([t for t, _, _ in prepared if t.id in allowed and t.id not in settled], reruns, moment,
+                            last)
         marked |= settled & allowed
         done: list[PendingOutcome] = []
         for task, action, plan in prepared:
@@ -337,12 +341,13 @@ class Execution:
             result.ends.append(TaskEnd(task.id, EndState.FAILED if recorded else EndState.SKIPPED))
         return result
 
-    def _mark(self, tasks: list[TaskRow], reruns: set[int], moment: datetime) -> set[int]:
-        """Mark these tasks running (a rerun: again); the ids marked (canceled, ended or taken ones are not)."""
+    def _mark(self, tasks: list[TaskRow], reruns: set[int], moment: datetime, last: bool) -> set[int]:
+        """Mark these tasks running (a rerun: again); the ids marked (canceled, ended or taken ones are not).
+        ``last``: no write follows in the transaction."""
         first_runs = [t.id for t in tasks if t.id not in reruns]
         # When each was submitted: its enqueue-to-start latency is observed where its action starts.
         self.submitted = self.outcomes.mark_running([t for t in tasks if t.id not in reruns], moment,
-                                                    self.slot) if first_runs else {}
+                                                    self.slot, last) if first_runs else {}
         marked = set(self.submitted)
         for task in tasks:
             if task.id in reruns and task_writes.mark_rerun(self.store, self.instance_id, task.id, moment, self.slot):

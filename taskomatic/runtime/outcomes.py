@@ -79,11 +79,13 @@ class PendingOutcome:
 
 
 class WorkRefused(Exception):
-    """The database refused a transaction's own work, after its held outcomes were written fine."""
+    """The database refused a transaction's work. ``deferred``: the held outcomes were written with
+    the work's statements, so the refusal may be theirs; otherwise they were written fine first."""
 
-    def __init__(self, error: psycopg2.DatabaseError) -> None:
+    def __init__(self, error: psycopg2.DatabaseError, deferred: bool) -> None:
         super().__init__(str(error))
         self.error = error
+        self.deferred = deferred
 
 
 class Outcomes:
@@ -105,6 +107,9 @@ class Outcomes:
         self.action_label = action_label
         # Outcomes taken, not yet committed: written with the next start (at most one per key).
         self.pending: list[PendingOutcome] = []
+        # Held outcomes taken into the open transaction, not written yet: the next statement that
+        # writes task ends or starts carries them (end_and_start), or they go last.
+        self.deferred: list[PendingOutcome] = []
 
     def hold(self, pending: PendingOutcome) -> None:
         self.pending.append(pending)
@@ -142,8 +147,13 @@ class Outcomes:
         return not self.fenced([task])
 
     # -- commits ------------------------------------------------------------------
-    def commit_with_pending(self, work: Callable[[], T]) -> T:
+    def commit_with_pending(self, work: Callable[[], T], defer: bool = True) -> T:
         """Run ``work`` in one transaction that also writes the held outcomes.
+
+        Held outcomes without row changes are written with the work's first
+        statement that writes task ends or starts (one round trip for both), or
+        after the work (``defer``; otherwise, and with row changes, before it:
+        what the work reads must see those changes).
 
         A lock conflict (deadlock, serialization failure) is retried; if the
         database refuses a held outcome's row changes, that outcome is recorded
@@ -151,19 +161,22 @@ class Outcomes:
         shard. A lost connection is not handled here: the shard exits, and its
         replacement reconciles.
         """
-        for attempt in range(1, DB_ATTEMPTS + 1):
+        attempt = 1
+        while True:
             try:
-                return self._commit_once(work)
+                return self._commit_once(work, defer)
             except CONFLICTS as exc:
                 self.store.rollback()
                 log.warning("database conflict (%s), retrying (%d/%d)", type(exc).__name__, attempt, DB_ATTEMPTS)
                 if attempt == DB_ATTEMPTS:
                     raise
+                attempt += 1
             except WorkRefused as refused:
-                # Not the held outcomes' fault: write them alone, then report the refusal.
                 self.store.rollback()
-                self.flush()
-                raise refused.error from None
+                self.flush(defer=False)
+                if refused.deferred:
+                    continue  # the outcomes went with the work: now written alone, the work runs again
+                raise refused.error from None  # not the held outcomes' fault: report the refusal
             except psycopg2.DatabaseError as exc:
                 if isinstance(exc, CONNECTION_LOST) or not self.pending:
                     raise
@@ -179,81 +192,111 @@ class Outcomes:
                 self.pending = [PendingOutcome(held.task, Outcome.failed(
                     f"{held.task.action} ran ({held.outcome.state}), but the database refused its result: "
                     f"{first_line(exc)}"), held.time_started, held.time_ended, unrecordable=True)]
-        raise AssertionError("unreachable")
 
-    def flush(self) -> None:
+    def flush(self, defer: bool = True) -> None:
         """Commit the held outcomes now (falling idle, or before something must see them)."""
         if self.pending:
-            self.commit_with_pending(lambda: None)
+            self.commit_with_pending(lambda: None, defer)
 
     def _flush_each(self) -> None:
         """Write the held outcomes one transaction each (after a batch of them was refused)."""
         outcomes, self.pending = self.pending, []
         for outcome in outcomes:
             self.pending = [outcome]
-            self.commit_with_pending(lambda: None)
+            self.commit_with_pending(lambda: None, defer=False)
 
-    def _commit_once(self, work: Callable[[], T]) -> T:
+    def _commit_once(self, work: Callable[[], T], defer: bool) -> T:
         flushed: list[PendingOutcome] = []
+        deferred = False
         try:
             with self.store.transaction():
                 limit_idle_transaction(self.store, self.config)
                 if self.pending:
-                    self.write(self.pending)
                     flushed, self.pending = self.pending, []
+                    # Only their task rows change, which no prepare reads (actions/base.py): they may
+                    # wait for the work's first write of ends or starts, and go in its statement.
+                    deferred = defer and not any(p.outcome.row_updates for p in flushed)
+                    if deferred:
+                        self.deferred = list(flushed)
+                    else:
+                        self.write(flushed)
                 try:
                     result = work()
+                    if self.deferred:  # the work wrote no ends or starts: they end the transaction
+                        self._write(self._take_deferred(), last=True)
                 except psycopg2.DatabaseError as exc:
                     if flushed and not isinstance(exc, CONNECTION_LOST + CONFLICTS):
-                        raise WorkRefused(exc) from exc
+                        raise WorkRefused(exc, deferred) from exc
                     raise
         except BaseException:
+            self.deferred = []
             self.pending = flushed + self.pending  # rolled back: hold them again
             raise
         if flushed:
             self.send_ended(*(p.end() for p in flushed))
         return result
 
+    def _take_deferred(self) -> list[PendingOutcome]:
+        taken, self.deferred = self.deferred, []
+        return taken
+
     # -- writes ---------------------------------------------------------------------
-    def mark_running(self, tasks: list[TaskRow], moment: datetime, slot: int) -> dict[int, datetime]:
-        """Mark these queued tasks running (multihost: fenced); id -> created_at of each marked."""
+    def mark_running(self, tasks: list[TaskRow], moment: datetime, slot: int, last: bool = False
+                     ) -> dict[int, datetime]:
+        """Mark these queued tasks running (multihost: fenced), with the deferred outcomes in the same
+        statement; id -> created_at of each marked. ``last``: nothing follows in the transaction."""
+        ended = self._take_deferred()
         ids = [t.id for t in tasks]
         if not self.multihost:
-            return task_writes.mark_running(self.store, self.instance_id, ids, moment, slot)
-        leases = leases_of(tasks)
+            if not ended:
+                return task_writes.mark_running(self.store, self.instance_id, ids, moment, slot, last)
+            written, started = task_writes.end_and_start(self.store, self.instance_id, _ends(ended), ids, moment,
+                                                         slot, last)
+            self._written(ended, written)
+            return started
+        leases = leases_of(tasks + [p.task for p in ended])
         current = [t.id for t in tasks if t.partition is not None and leases.get(t.partition) == t.token]
-        return dbp.start_tasks_fenced(self.store, self.instance_id, leases, current, slot, moment)
+        if not ended:
+            return dbp.start_tasks_fenced(self.store, self.instance_id, leases, current, slot, moment, last)
+        written, started = dbp.end_and_start_fenced(self.store, self.instance_id, leases,
+                                                    _ends(_current(ended, leases)), current, slot, moment, last)
+        self._written(ended, written)
+        return started
 
-    def _record(self, todo: list[PendingOutcome]) -> set[int]:
+    def _record(self, todo: list[PendingOutcome], last: bool) -> set[int]:
         if not self.multihost:
-            return task_writes.record_outcomes(
-                self.store, self.instance_id, task_ids=[p.task.id for p in todo],
-                states=[p.outcome.state for p in todo], messages=[p.outcome.message for p in todo],
-                starts=[p.time_started for p in todo], ends=[p.time_ended for p in todo])
+            ends = _ends(todo)
+            return task_writes.record_outcomes(self.store, self.instance_id, ends.task_ids, ends.states,
+                                               ends.messages, ends.starts, ends.ends, last)
         leases = leases_of([p.task for p in todo])
-        current = [p for p in todo if p.task.partition is not None and leases.get(p.task.partition) == p.task.token]
-        written = set(dbp.record_outcomes_fenced(self.store, self.instance_id, leases, [
+        return set(dbp.record_outcomes_fenced(self.store, self.instance_id, leases, [
             dbp.Outcome(p.task.id, p.outcome.state, p.outcome.message, p.time_started, p.time_ended)
-            for p in current]))
-        for _ in range(len(todo) - len(written)):
-            metrics.write_fenced()  # write() logs each one
-        return written
+            for p in _current(todo, leases)], last))
 
     def write(self, outcomes: list[PendingOutcome]) -> set[int]:
-        """Write outcomes and their row changes, those we may (in the caller's transaction); the ids written."""
-        if not outcomes:
+        """Write outcomes and their row changes, those we may (in the caller's transaction); the ids written.
+        The deferred outcomes go with them."""
+        return self._write(self._take_deferred() + outcomes)
+
+    def _write(self, todo: list[PendingOutcome], last: bool = False) -> set[int]:
+        if not todo:
             return set()
-        todo = list(outcomes)
-        written = self._record(todo)
+        written = self._record(todo, last)
+        self._written(todo, written)
+        return written
+
+    def _written(self, todo: list[PendingOutcome], written: set[int]) -> None:
+        """After writing ``todo``: log those refused, write the row changes of those written."""
         for pending in todo:
             if pending.task.id not in written:
                 # Fencing: someone else owns the task now; our rows must not overwrite theirs.
                 log.warning("task %s: outcome %s not recorded, the task is no longer ours",
                             pending.task.id, pending.outcome.state, extra=task_fields(pending.task))
+                if self.multihost:
+                    metrics.write_fenced()
                 continue
             for update in pending.outcome.row_updates:
                 self.store.update_row(update.table, update.row_id, update.values)
-        return written
 
     def fail_unstartable(self, task: TaskRow, message: str, updates: list[RowUpdate], moment: datetime) -> bool:
         """In the caller's transaction: a task we hold fails before it starts. Was it recorded?"""
@@ -302,6 +345,17 @@ class Outcomes:
         if log.isEnabledFor(level):  # spares building the journal fields for a routine success
             log.log(level, "%s %s%s", named(task), outcome.state, f": {outcome.message}" if outcome.message else "",
                     extra=task_fields(task))
+
+
+def _ends(todo: list[PendingOutcome]) -> task_writes.Ends:
+    return task_writes.Ends(task_ids=[p.task.id for p in todo], states=[p.outcome.state for p in todo],
+                            messages=[p.outcome.message for p in todo], starts=[p.time_started for p in todo],
+                            ends=[p.time_ended for p in todo])
+
+
+def _current(todo: list[PendingOutcome], leases: dict[int, int]) -> list[PendingOutcome]:
+    """Those of ``todo`` claimed under the newest token ``leases`` has for their partition."""
+    return [p for p in todo if p.task.partition is not None and leases.get(p.task.partition) == p.task.token]
 
 
 def leases_of(tasks: list[TaskRow]) -> dict[int, int]:

@@ -177,3 +177,75 @@ def test_a_prepared_statement_can_open_the_transaction(store: Store, other: psyc
     with other.cursor() as cur:
         cur.execute("SELECT state FROM tasks WHERE id = %s", (task_id,))
         assert cur.fetchone()[0] == "queued"
+
+
+# -- all_last: a statement that ends its transaction ------------------------------------------------
+
+
+def _queued_tasks(store: Store, me: int, count: int) -> list[int]:
+    with store.conn.cursor() as cur:
+        cur.execute("INSERT INTO tasks (task_target_type, task_target_id, action, claimed_by) "
+                    "SELECT 'Vm', g, 'noop', %s FROM generate_series(1, %s) g RETURNING id", (me, count))
+        return sorted(r[0] for r in cur.fetchall())
+
+
+def _states(conn: psycopg2.extensions.connection, ids: list[int]) -> list[str]:
+    with conn.cursor() as cur:
+        cur.execute("SELECT state FROM tasks WHERE id = ANY(%s) ORDER BY id", (ids,))
+        return [r[0] for r in cur.fetchall()]
+
+
+def test_a_statement_alone_in_its_transaction_is_committed_by_the_server_in_one_round_trip(
+        store: Store, other: psycopg2.extensions.connection) -> None:
+    from taskomatic.db import task_writes
+
+    me = _register(store, 7001)
+    store.commit()
+    ids = _queued_tasks(store, me, 3)
+    now = dt.datetime.now(dt.UTC)
+    with store.transaction():
+        started = task_writes.mark_running(store, me, ids[:2], now, 0, last=True)
+        # No BEGIN went ahead of it: the server already committed, another session sees it.
+        assert store.conn.get_transaction_status() == IDLE
+        assert _states(other, ids) == ["running", "running", "queued"]
+    assert sorted(started) == ids[:2]
+    ends = task_writes.Ends(ids[:2], ["finished", "failed"], [None, "broke"], [None, None], [now, now])
+    with store.transaction():
+        written, started = task_writes.end_and_start(store, me, ends, ids[2:], now, 0, last=True)
+        assert store.conn.get_transaction_status() == IDLE
+    assert written == set(ids[:2]) and set(started) == {ids[2]}
+    assert _states(other, ids) == ["finished", "failed", "running"]
+
+
+def test_a_last_statement_after_others_commits_with_them_or_not_at_all(
+        store: Store, other: psycopg2.extensions.connection) -> None:
+    from taskomatic.db import task_writes
+
+    me = _register(store, 7002)
+    store.commit()
+    ids = _queued_tasks(store, me, 2)
+    now = dt.datetime.now(dt.UTC)
+    with pytest.raises(RuntimeError), store.transaction():
+        task_writes.mark_running(store, me, ids[:1], now, 0)  # opens the transaction
+        task_writes.mark_running(store, me, ids[1:], now, 0, last=True)  # inside it: no commit of its own
+        assert store.conn.get_transaction_status() == IN_TRANSACTION
+        raise RuntimeError("roll back")
+    assert _states(other, ids) == ["queued", "queued"]
+
+
+def test_a_failing_statement_alone_leaves_nothing_behind(store: Store,
+                                                         other: psycopg2.extensions.connection) -> None:
+    from taskomatic.db import task_writes
+
+    me = _register(store, 7003)
+    store.commit()
+    ids = _queued_tasks(store, me, 2)
+    now = dt.datetime.now(dt.UTC)
+    with store.transaction():
+        task_writes.mark_running(store, me, ids[:1], now, 0)
+    store.send_with_next("limit_idle_transaction", ms=4321)  # rides in the same implicit transaction
+    ends = task_writes.Ends([ids[0]], ["failed"], [None], [None], [now])  # failed needs a message
+    with pytest.raises(psycopg2.DatabaseError), store.transaction():
+        task_writes.end_and_start(store, me, ends, ids[1:], now, 0, last=True)
+    assert store.conn.get_transaction_status() == IDLE
+    assert _states(other, ids) == ["running", "queued"]  # the start went with the refused end

@@ -59,6 +59,11 @@ def _generic_plan(store: Store, name: str, params: dict[str, Any]) -> dict[str, 
     return plan
 
 
+def _ended(ids: list[int], ends: dict[str, list[Any]]) -> dict[str, list[Any]]:
+    """end_and_start's parameters for the ends (end_ids: task_ids is the starts' name there)."""
+    return {"end_ids": ids, **ends}
+
+
 def test_generic_plans_of_the_hot_statements_reach_tasks_by_id(store: Store) -> None:
     """A big history the statistics describe, a backlog they do not: starting and ending eight tasks
     with the cached generic plans must not walk either."""
@@ -80,6 +85,9 @@ def test_generic_plans_of_the_hot_statements_reach_tasks_by_id(store: Store) -> 
         "mark_running_fenced": dict(task_ids=queued, instance_id=me, time_started=now, shard=0, **leases),
         "record_outcomes_fenced": dict(instance_id=me, task_ids=running, **ends, **leases),
         "hold_partitions": dict(instance_id=me, starting=True, **leases),
+        "end_and_start": dict(instance_id=me, start_ids=queued, time_started=now, shard=0, **_ended(running, ends)),
+        "end_and_start_fenced": dict(instance_id=me, start_ids=queued, time_started=now, shard=0, **leases,
+                                     **_ended(running, ends)),
     }
     assert set(cases) == PREPARED_QUERIES  # a new prepared query gets its plan checked here
     for name, params in cases.items():
@@ -92,6 +100,8 @@ def test_generic_plans_of_the_hot_statements_reach_tasks_by_id(store: Store) -> 
         assert buffers < 1000, f"{name}'s generic plan touched {buffers} buffers for 8 tasks"
         if name.startswith(("mark", "record")):
             assert plan["Actual Rows"] == 8, f"{name} wrote {plan['Actual Rows']} of 8 tasks"
+        if name.startswith("end_and_start"):
+            assert plan["Actual Rows"] == 16, f"{name} ended and started {plan['Actual Rows']} of 8 + 8 tasks"
 
 
 def test_prepared_writes_do_what_their_sql_says_and_survive_a_rollback(store: Store) -> None:

@@ -45,6 +45,10 @@ class FakeStore:
         # name -> how many more times it raises this error (to test retries and refusals)
         self.failures: dict[str, list[Exception]] = {}
         self.refuse_values: Callable[[dict[str, Any]], bool] = lambda values: False
+        # The named queries of each committed transaction, in order ("*" ahead of one that was
+        # its transaction's last statement, sent with all_last(..., True)).
+        self.transactions: list[list[str]] = []
+        self._statements: list[str] = []
 
     # -- set-up --------------------------------------------------------------
     def add_task(self, task: TaskRow, state: str = "queued", run_by_shard: int | None = None) -> None:
@@ -58,12 +62,16 @@ class FakeStore:
     def rollback(self) -> None:
         self.work = copy.deepcopy(self.committed)
         self._pending_log = []
+        self._statements = []
 
     def commit(self) -> None:
         self.committed = copy.deepcopy(self.work)
         self.update_log += self._pending_log
         self._pending_log = []
         self.commits += 1
+        if self._statements:
+            self.transactions.append(self._statements)
+        self._statements = []
 
     @contextmanager
     def transaction(self) -> Iterator[FakeStore]:
@@ -92,7 +100,14 @@ class FakeStore:
         errors = self.failures.get(name)
         if errors:
             raise errors.pop(0)
+        self._statements.append(name)
         return getattr(self, "_q_" + name)(**params)
+
+    def all_last(self, name: str, last: bool, /, **params: Any) -> list[dict[str, Any]]:
+        rows = self.all(name, **params)  # the real store may commit here; the caller's commit follows
+        if last:
+            self._statements[-1] = "*" + name
+        return rows
 
     # -- the named queries, as the SQL has them ----------------------------------
     def _ours(self, task_id: int, instance_id: int, states: tuple[str, ...]) -> dict[str, Any] | None:
@@ -168,6 +183,26 @@ class FakeStore:
                                        [messages[n] for n in keep], [starts[n] for n in keep],
                                        [ends[n] for n in keep])
 
+    def _q_end_and_start(self, instance_id: int, end_ids: list[int], states: list[str], messages: list[str | None],
+                         starts: list[Any], ends: list[Any], start_ids: list[int], time_started: Any,
+                         shard: int) -> list[dict]:
+        # Both updates see the rows as they were before the statement (their ids are disjoint).
+        ended = self._q_record_outcomes(instance_id, end_ids, states, messages, starts, ends)
+        started = self._q_mark_running(start_ids, instance_id, time_started, shard)
+        return ([{"id": r["id"], "created_at": None, "started": False} for r in ended]
+                + [{**r, "started": True} for r in started])
+
+    def _q_end_and_start_fenced(self, instance_id: int, partitions: list[int], tokens: list[int],
+                                end_ids: list[int], states: list[str], messages: list[str | None],
+                                starts: list[Any], ends: list[Any], start_ids: list[int], time_started: Any,
+                                shard: int) -> list[dict]:
+        held = self._held(partitions, tokens)
+        keep = [n for n, i in enumerate(end_ids) if self.work.tasks.get(i, {}).get("partition") in held]
+        mine = [i for i in start_ids if self.work.tasks.get(i, {}).get("partition") in held]
+        return self._q_end_and_start(instance_id, [end_ids[n] for n in keep], [states[n] for n in keep],
+                                     [messages[n] for n in keep], [starts[n] for n in keep],
+                                     [ends[n] for n in keep], mine, time_started, shard)
+
     # -- what tests read -------------------------------------------------------
     def task(self, task_id: int) -> dict[str, Any]:
         return self.committed.tasks[task_id]
@@ -185,6 +220,29 @@ def _data_error(message: str) -> Exception:
 def task(task_id: int, vm: int, action: str = "touch", state: str = "queued", token: int | None = None) -> TaskRow:
     """A task of VM ``vm``, in partition ``vm`` (here: the fake store knows no hash)."""
     return TaskRow(task_id, "Vm", vm, action, {}, "Vm", vm, state, token, partition=vm)
+
+
+class Tick:
+    """A quick action that changes no rows: its outcome goes with the next start (end_and_start)."""
+
+    name = "tick"
+    target_types = ("Vm",)
+
+    def __init__(self) -> None:
+        self.performed: list[int] = []
+
+    def validate_args(self, args: dict[str, Any]) -> None:
+        pass
+
+    def prepare(self, ctx: ActionContext, task: TaskRow) -> Plan:
+        return Plan(task)
+
+    def perform(self, ctx: ActionContext, plan: Plan) -> Outcome:
+        self.performed.append(plan.task.id)
+        return Outcome.finished()
+
+    def reconcile(self, ctx: ActionContext, task: TaskRow) -> Reconciled:
+        return Reconciled(Settlement.NOT_STARTED, "tick: nothing to find")
 
 
 class TouchVm:
@@ -246,11 +304,13 @@ def make_rig(multihost: bool = False, quick: bool = True) -> Rig:
     outcomes = Outcomes(store, config, INSTANCE, multihost, parking,  # type: ignore[arg-type]
                         lambda ends: sent.append(("ended", ends)), lambda task: task.action)
     ctx = ActionContext(store, config, SimpleNamespace())  # type: ignore[arg-type]
-    execution = Execution(SLOT, INSTANCE, config, store, ctx, {"touch": action}, parking,  # type: ignore[arg-type]
+    actions = {"touch": action, "tick": Tick()}
+    execution = Execution(SLOT, INSTANCE, config, store, ctx, actions, parking,  # type: ignore[arg-type]
                           outcomes, ShardLink(sent.append, lambda: False, lambda: lease["ok"]),
                           SimpleNamespace(value=0.0))
     if quick:
         execution.estimates["touch"] = 0.0001  # known quick: batches of several keys
+        execution.estimates["tick"] = 0.0001
     return Rig(store, action, execution, outcomes, sent, lease)
 
 

@@ -14,7 +14,7 @@ from taskomatic.db.queries import all_queries, blocks, query, sql_files
 PACKAGE = Path(__file__).resolve().parents[2] / "taskomatic"
 PLACEHOLDER = re.compile(r"%\((\w+)\)s")
 STATEMENT_START = ("SELECT", "INSERT", "UPDATE", "DELETE", "WITH", "ANALYZE")
-STORE_METHODS = {"one", "all", "run", "scalar"}
+STORE_METHODS = {"one", "all", "all_last", "run", "scalar"}
 
 # Every query the daemon and CLI need (DESIGN.md's pipeline): a block renamed or
 # dropped from queries.sql breaks one of these at run time, not at import.

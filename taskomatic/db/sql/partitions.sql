@@ -286,3 +286,40 @@ SET state = (%(states)s::text[])[array_position(%(task_ids)s::bigint[], t.id)],
 WHERE t.id = ANY(%(task_ids)s::bigint[]) AND t.claimed_by = %(instance_id)s
   AND t.state = 'running' AND t.partition = ANY(ARRAY(SELECT partition FROM held))
 RETURNING t.id;
+
+-- end_and_start_fenced --
+-- end_and_start under partition leases: record_outcomes_fenced and
+-- mark_running_fenced in one statement. The lease rows of both sets are locked
+-- once, in partition order; an end needs its lease held (a releasing partition
+-- still settles what runs), a start needs it held and not releasing. Returns
+-- each id written (started false) or started (true, with created_at).
+WITH held AS MATERIALIZED (
+    SELECT pl.partition, pl.releasing
+    FROM partition_leases pl
+    JOIN unnest(%(partitions)s::smallint[], %(tokens)s::bigint[]) AS w(partition, token)
+      ON pl.partition = w.partition AND pl.token = w.token
+    JOIN instances me ON me.id = pl.instance_id
+    WHERE pl.instance_id = %(instance_id)s
+      AND me.stopped_at IS NULL AND me.lease_expires_at > clock_timestamp()
+    ORDER BY pl.partition  -- locked in partition order, as every statement locks lease rows
+    FOR SHARE OF pl
+), ended AS (
+    UPDATE tasks t
+    SET state = (%(states)s::text[])[array_position(%(end_ids)s::bigint[], t.id)],
+        message = (%(messages)s::text[])[array_position(%(end_ids)s::bigint[], t.id)],
+        time_started = coalesce((%(starts)s::timestamptz[])[array_position(%(end_ids)s::bigint[], t.id)],
+                                t.time_started),
+        time_ended = (%(ends)s::timestamptz[])[array_position(%(end_ids)s::bigint[], t.id)]
+    WHERE t.id = ANY(%(end_ids)s::bigint[]) AND t.claimed_by = %(instance_id)s
+      AND t.state = 'running' AND t.partition = ANY(ARRAY(SELECT partition FROM held))
+    RETURNING t.id
+), started AS (
+    UPDATE tasks t
+    SET state = 'running', time_started = %(time_started)s, attempts = t.attempts + 1, run_by_shard = %(shard)s
+    WHERE t.id = ANY(%(start_ids)s::bigint[]) AND t.claimed_by = %(instance_id)s AND t.state = 'queued'
+      AND t.partition = ANY(ARRAY(SELECT partition FROM held WHERE NOT releasing))
+    RETURNING t.id, t.created_at
+)
+SELECT id, NULL::timestamptz AS created_at, false AS started FROM ended
+UNION ALL
+SELECT id, created_at, true FROM started;

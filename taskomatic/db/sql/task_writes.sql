@@ -82,3 +82,31 @@ SELECT id FROM tasks
 WHERE id = %(task_id)s AND state = 'running'
   AND claimed_by = %(claimed_by)s AND attempts = %(attempts)s
 FOR UPDATE;
+
+-- end_and_start --
+-- record_outcomes and mark_running in one statement, for a shard whose held
+-- ends have no row changes: they are written by the statement that starts its
+-- next tasks. Alone in its transaction it is one round trip, commit included.
+-- The two sets are disjoint (an ended task is running, a starting one queued),
+-- and neither update needs to see the other's rows (both see the rows as they
+-- were before the statement). Same rules as the two statements: only the
+-- holder writes, only once. Returns each id written (started false) or
+-- started (true, with when it was submitted).
+WITH ended AS (
+    UPDATE tasks t
+    SET state = (%(states)s::text[])[array_position(%(end_ids)s::bigint[], t.id)],
+        message = (%(messages)s::text[])[array_position(%(end_ids)s::bigint[], t.id)],
+        time_started = coalesce((%(starts)s::timestamptz[])[array_position(%(end_ids)s::bigint[], t.id)],
+                                t.time_started),
+        time_ended = (%(ends)s::timestamptz[])[array_position(%(end_ids)s::bigint[], t.id)]
+    WHERE t.id = ANY(%(end_ids)s::bigint[]) AND t.claimed_by = %(instance_id)s AND t.state = 'running'
+    RETURNING t.id
+), started AS (
+    UPDATE tasks t
+    SET state = 'running', time_started = %(time_started)s, attempts = t.attempts + 1, run_by_shard = %(shard)s
+    WHERE t.id = ANY(%(start_ids)s::bigint[]) AND t.claimed_by = %(instance_id)s AND t.state = 'queued'
+    RETURNING t.id, t.created_at
+)
+SELECT id, NULL::timestamptz AS created_at, false AS started FROM ended
+UNION ALL
+SELECT id, created_at, true FROM started;
