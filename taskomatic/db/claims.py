@@ -12,10 +12,11 @@ if TYPE_CHECKING:
     from taskomatic.db.store import Row, Store
 
 
-def claim_tasks(store: Store, instance_id: int, limit: int) -> list[Row]:
-    """Claim up to ``limit`` of the oldest unclaimed queued tasks (in the caller's transaction)."""
+def claim_tasks(store: Store, instance_id: int, limit: int, last: bool = False) -> list[Row]:
+    """Claim up to ``limit`` of the oldest unclaimed queued tasks (in the caller's transaction; ``last``:
+    nothing follows it there, ``Store.all_last``)."""
     store.send_with_next("claim_settings")  # in the claim's round trip
-    return store.all("claim_tasks", instance_id=instance_id, limit=limit)
+    return store.all_last("claim_tasks", last, instance_id=instance_id, limit=limit)
 
 
 def held_tasks(store: Store, instance_id: int) -> list[Row]:

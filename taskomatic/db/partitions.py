@@ -144,9 +144,10 @@ def release_idle_partitions(store: Store, instance_id: int) -> list[int]:
 
 
 def claim_partition_tasks(store: Store, instance_id: int, held: Mapping[int, int],
-                          per_partition: int | Mapping[int, int], limit: int) -> list[Row]:
+                          per_partition: int | Mapping[int, int], limit: int, last: bool = False) -> list[Row]:
     """Claim the ``limit`` oldest queued tasks (by id) of held partitions, at most ``per_partition`` of each
-    (one cap for all, or a cap per held partition).
+    (one cap for all, or a cap per held partition). ``last``: nothing follows it in the transaction
+    (``Store.all_last``).
 
     Each row carries its ``partition``; nothing for a partition whose token
     is not current, that is releasing, or once our lease ran out.
@@ -157,7 +158,7 @@ def claim_partition_tasks(store: Store, instance_id: int, held: Mapping[int, int
     caps = [max(1, per_partition if isinstance(per_partition, int) else per_partition.get(p, 1))
             for p in pairs["partitions"]]
     store.send_with_next("claim_partition_planner")  # the plan must not depend on the statistics (the SQL says why)
-    rows = store.all("claim_partition_tasks", instance_id=instance_id, caps=caps, limit=limit, **pairs)
+    rows = store.all_last("claim_partition_tasks", last, instance_id=instance_id, caps=caps, limit=limit, **pairs)
     return sorted(rows, key=lambda r: r["id"])
 
 

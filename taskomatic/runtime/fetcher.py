@@ -391,7 +391,7 @@ class Fetcher:
             with self.store.transaction():
                 limit_idle_transaction(self.store, self.config)
                 caps = self.book.claim_caps(room)
-                rows = partitions.claim_partition_tasks(self.store, self.instance_id, held, caps, room)
+                rows = partitions.claim_partition_tasks(self.store, self.instance_id, held, caps, room, last=True)
             # A partition that gave all it was allowed may have more: claim again at once.
             saturated = self.book.claimed(caps, Counter(r["partition"] for r in rows), room)
             for row in rows:  # in id order
@@ -400,7 +400,7 @@ class Fetcher:
                 self.dispatch.route(task)
         else:
             with self.store.transaction():
-                rows = claims.claim_tasks(self.store, self.instance_id, room)
+                rows = claims.claim_tasks(self.store, self.instance_id, room, last=True)
             for row in sorted(rows, key=lambda r: r["id"]):
                 self.dispatch.route(task_from_row(row))
         if rows:

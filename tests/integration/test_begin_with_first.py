@@ -249,3 +249,23 @@ def test_a_failing_statement_alone_leaves_nothing_behind(store: Store,
         task_writes.end_and_start(store, me, ends, ids[1:], now, 0, last=True)
     assert store.conn.get_transaction_status() == IDLE
     assert _states(other, ids) == ["running", "queued"]  # the start went with the refused end
+
+
+def test_a_claim_alone_commits_in_its_round_trip_and_its_settings_end_with_it(
+        store: Store, other: psycopg2.extensions.connection) -> None:
+    from taskomatic.db import claims
+
+    me = _register(store, 7004)
+    store.commit()
+    with store.conn.cursor() as cur:
+        cur.execute("INSERT INTO tasks (task_target_type, task_target_id, action) "
+                    "SELECT 'Vm', g, 'noop' FROM generate_series(1, 3) g")
+    with store.transaction():
+        rows = claims.claim_tasks(store, me, 2, last=True)  # its settings ride ahead of it
+        assert store.conn.get_transaction_status() == IDLE
+    with other.cursor() as cur:
+        cur.execute("SELECT count(*) FROM tasks WHERE claimed_by = %s", (me,))
+        assert cur.fetchone()[0] == len(rows) == 2
+    with store.conn.cursor() as cur:  # local to the claim's implicit transaction: gone with it
+        cur.execute("SELECT current_setting('synchronous_commit'), current_setting('enable_sort')")
+        assert cur.fetchone() == ("on", "on")
