@@ -270,10 +270,12 @@ class Execution:
         return True
 
     def _start(self, batch: list[TaskRow], reruns: set[int]) -> BatchStart:
-        """In the transaction that wrote the held outcomes: prepare, then mark running and begin.
+        """In the transaction that writes the held outcomes: prepare, then mark running and begin.
 
-        Prepare runs after those writes, so a task sees its key's previous
-        outcome in the rows without a commit of its own in between. A task
+        Held outcomes that change resource rows are written before prepare, so
+        a task sees its key's previous outcome in the rows without a commit of
+        its own in between; the others go in the statement that marks the batch
+        running (prepare reads no task rows). A task
         that cannot start fails here, in the same transaction; a transient
         failure is parked after the commit. A database error, or a begin that
         refuses, rolls the batch back (``run`` then starts its tasks one by one).

@@ -226,7 +226,8 @@ class Outcomes:
                         self._write(self._take_deferred(), last=True)
                 except psycopg2.DatabaseError as exc:
                     if flushed and not isinstance(exc, CONNECTION_LOST + CONFLICTS):
-                        raise WorkRefused(exc, deferred) from exc
+                        # Taken by a statement of the work (none left deferred): the refusal may be theirs.
+                        raise WorkRefused(exc, deferred and not self.deferred) from exc
                     raise
         except BaseException:
             self.deferred = []
@@ -309,7 +310,7 @@ class Outcomes:
     def settle(self, task: TaskRow, outcome: Outcome) -> bool:
         """Write an outcome decided without performing anything now (reconciliation, children, retries)."""
         moment = now()
-        written = self.commit_with_pending(lambda: bool(self.write([PendingOutcome(task, outcome, None, moment)])))
+        written = self.commit_with_pending(lambda: task.id in self.write([PendingOutcome(task, outcome, None, moment)]))
         if written:
             self.log_outcome(task, outcome)
             self.send_ended(TaskEnd(task.id, outcome.state))

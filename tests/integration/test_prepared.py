@@ -157,3 +157,32 @@ def test_send_with_next_rides_with_the_next_statement_and_ends_with_its_transact
     with store.transaction():  # the transaction ended before another statement: dropped, not carried
         assert store.scalar("partition_count") > 0
         assert idle_limit() == "0"
+
+
+def test_end_and_start_fenced_ends_in_a_releasing_partition_starts_nothing_there_and_nothing_on_a_stale_token(
+        store: Store) -> None:
+    me, held = _multihost_instance(store)
+    with store.conn.cursor() as cur:
+        cur.execute("INSERT INTO tasks (task_target_type, task_target_id, action) "
+                    "VALUES ('Vm', 1, 'noop'), ('Vm', 1, 'noop'), ('Vm', 2, 'noop'), ('Vm', 2, 'noop')")
+    store.commit()
+    with store.transaction():
+        rows = dbp.claim_partition_tasks(store, me, held, 4, 4)
+    (one, two, three, four), parts = [r["id"] for r in rows], {r["id"]: r["partition"] for r in rows}
+    assert parts[one] == parts[two] and parts[three] == parts[four]
+    now = dt.datetime.now(dt.UTC)
+    with store.transaction():
+        assert set(dbp.start_tasks_fenced(store, me, held, [one, three], 0, now)) == {one, three}
+    ends = task_writes.Ends([one, three], ["finished", "finished"], [None, None], [None, None], [now, now])
+    stale = {p: t - 1 for p, t in held.items()}
+    with store.transaction():
+        assert dbp.end_and_start_fenced(store, me, stale, ends, [two, four], 0, now, True) == (set(), {})
+    with store.transaction():  # one's partition starts handing over; two was already sent to a shard
+        dbp.begin_release(store, me, {parts[one]: held[parts[one]]})
+    with store.conn.cursor() as cur:
+        cur.execute("UPDATE tasks SET claimed_by = %s WHERE id = %s", (me, two))
+    store.commit()
+    with store.transaction():
+        written, started = dbp.end_and_start_fenced(store, me, held, ends, [two, four], 0, now, True)
+    assert written == {one, three}  # a releasing partition still settles what runs
+    assert set(started) == {four}  # ...and starts nothing more

@@ -49,6 +49,8 @@ class FakeStore:
         # its transaction's last statement, sent with all_last(..., True)).
         self.transactions: list[list[str]] = []
         self._statements: list[str] = []
+        # A last statement sent alone was committed by the server: nothing may follow it in "its" transaction.
+        self._committed_alone = False
 
     # -- set-up --------------------------------------------------------------
     def add_task(self, task: TaskRow, state: str = "queued", run_by_shard: int | None = None) -> None:
@@ -63,6 +65,7 @@ class FakeStore:
         self.work = copy.deepcopy(self.committed)
         self._pending_log = []
         self._statements = []
+        self._committed_alone = False
 
     def commit(self) -> None:
         self.committed = copy.deepcopy(self.work)
@@ -72,6 +75,7 @@ class FakeStore:
         if self._statements:
             self.transactions.append(self._statements)
         self._statements = []
+        self._committed_alone = False
 
     @contextmanager
     def transaction(self) -> Iterator[FakeStore]:
@@ -83,7 +87,13 @@ class FakeStore:
         else:
             self.commit()
 
+    def _check_open(self) -> None:
+        if self._committed_alone:
+            raise AssertionError(f"a write after {self._statements[0]}, which the server committed alone")
+
     def update_row(self, table: str, row_id: int, values: dict[str, Any]) -> None:
+        self._check_open()
+        self._statements.append("update_row")
         if self.refuse_values(values):
             raise _data_error("value out of range")
         self.work.rows.setdefault((table, row_id), {}).update(values)
@@ -94,9 +104,10 @@ class FakeStore:
         return rows[0] if rows else None
 
     def send_with_next(self, name: str, /, **params: Any) -> None:
-        self.all(name, **params)  # the real store sends it with the next statement; here it runs now
+        getattr(self, "_q_" + name)(**params)  # the real store sends it with the next statement; here it runs now
 
     def all(self, name: str, /, **params: Any) -> list[dict[str, Any]]:
+        self._check_open()
         errors = self.failures.get(name)
         if errors:
             raise errors.pop(0)
@@ -104,9 +115,11 @@ class FakeStore:
         return getattr(self, "_q_" + name)(**params)
 
     def all_last(self, name: str, last: bool, /, **params: Any) -> list[dict[str, Any]]:
-        rows = self.all(name, **params)  # the real store may commit here; the caller's commit follows
+        alone = last and not self._statements
+        rows = self.all(name, **params)  # alone, the real store's server commits it here
         if last:
             self._statements[-1] = "*" + name
+        self._committed_alone = alone
         return rows
 
     # -- the named queries, as the SQL has them ----------------------------------

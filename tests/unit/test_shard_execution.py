@@ -17,6 +17,7 @@ from taskomatic.actions.base import ActionContext, Outcome, Plan, TaskFailed
 from taskomatic.logsetup import JournalHandler
 from taskomatic.model import EndState, Settlement, TaskRow, TaskState
 from taskomatic.runtime.messages import Started, TaskEnd
+from taskomatic.runtime.outcomes import PendingOutcome, now
 from tests.unit.shard_fakes import INSTANCE, SLOT, TouchVm, make_rig, states, task
 
 
@@ -302,7 +303,7 @@ def test_an_outcome_with_row_changes_is_written_before_the_next_prepare() -> Non
     rig.run_queue(list(tasks))
     assert states(rig.store, [1, 2]) == {1: "finished", 2: "finished"}
     # Written first (what prepare reads must see it); the start is not last (its begin writes the row).
-    assert rig.store.transactions[1] == ["record_outcomes", "mark_running"]
+    assert rig.store.transactions[1] == ["record_outcomes", "update_row", "mark_running", "update_row"]
 
 
 def test_an_end_and_start_the_database_refuses_is_written_alone_and_the_start_runs_again() -> None:
@@ -358,3 +359,31 @@ def test_a_fenced_end_and_start_writes_neither_for_a_partition_lost_meanwhile() 
     assert tick.performed == [1, 3]  # type: ignore[attr-defined]
     assert states(rig.store, [1, 2, 3]) == {1: "running", 2: "queued", 3: "finished"}
     assert "*end_and_start_fenced" in [s for tx in rig.store.transactions for s in tx]
+
+
+def test_a_deferred_outcome_goes_with_a_start_that_is_not_its_transactions_last() -> None:
+    rig = make_rig()
+    first, second, touch = task(1, vm=10, action="tick"), task(2, vm=10, action="tick"), task(3, vm=11)
+    for t in (first, second, touch):
+        rig.store.add_task(t)
+    rig.execution.queue.append(first)
+    rig.execution.run(rig.execution.take_batch())  # task 1's outcome is held
+    rig.execution.queue.extend([second, touch])
+    rig.execution.run(rig.execution.take_batch())  # one batch: touch's begin writes after the start
+    rig.outcomes.flush()
+    # Not sent alone (the fake store fails a write after a statement the server committed alone).
+    assert rig.store.transactions[1] == ["end_and_start", "update_row"]
+    assert states(rig.store, [1, 2, 3]) == {1: "finished", 2: "finished", 3: "finished"}
+
+
+def test_settling_a_task_no_longer_ours_reports_nothing_for_it_though_a_held_outcome_was_written() -> None:
+    rig = make_rig(multihost=True)
+    rig.store.committed.leases |= {(10, 5)}  # Vm:11's partition (token 5) went to another instance
+    held, settled = task(1, vm=10, action="tick", token=5), task(2, vm=11, action="tick", token=5)
+    rig.store.add_task(held, state="running")
+    rig.store.add_task(settled, state="running")
+    moment = now()
+    rig.outcomes.hold(PendingOutcome(held, Outcome.finished(), moment, moment))
+    assert rig.outcomes.settle(settled, Outcome.failed("found stopped")) is False
+    assert states(rig.store, [1, 2]) == {1: "finished", 2: "running"}
+    assert _ends(rig.sent) == {1: "finished"}  # nothing for task 2: its end was not written
