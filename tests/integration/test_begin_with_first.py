@@ -17,7 +17,7 @@ import psycopg2
 import psycopg2.extensions
 import pytest
 
-from taskomatic.db import instances
+from taskomatic.db import claims, instances, task_writes
 from taskomatic.db.store import Store
 
 IDLE = psycopg2.extensions.TRANSACTION_STATUS_IDLE
@@ -182,6 +182,13 @@ def test_a_prepared_statement_can_open_the_transaction(store: Store, other: psyc
 # -- all_last: a statement that ends its transaction ------------------------------------------------
 
 
+def _instance_with_queued(store: Store, pid: int, count: int) -> tuple[int, list[int]]:
+    """A registered instance holding ``count`` queued tasks: (its id, their ids)."""
+    me = _register(store, pid)
+    store.commit()
+    return me, _queued_tasks(store, me, count)
+
+
 def _queued_tasks(store: Store, me: int, count: int) -> list[int]:
     with store.conn.cursor() as cur:
         cur.execute("INSERT INTO tasks (task_target_type, task_target_id, action, claimed_by) "
@@ -197,11 +204,7 @@ def _states(conn: psycopg2.extensions.connection, ids: list[int]) -> list[str]:
 
 def test_a_statement_alone_in_its_transaction_is_committed_by_the_server_in_one_round_trip(
         store: Store, other: psycopg2.extensions.connection) -> None:
-    from taskomatic.db import task_writes
-
-    me = _register(store, 7001)
-    store.commit()
-    ids = _queued_tasks(store, me, 3)
+    me, ids = _instance_with_queued(store, 7001, 3)
     now = dt.datetime.now(dt.UTC)
     with store.transaction():
         started = task_writes.mark_running(store, me, ids[:2], now, 0, last=True)
@@ -219,11 +222,7 @@ def test_a_statement_alone_in_its_transaction_is_committed_by_the_server_in_one_
 
 def test_a_last_statement_after_others_commits_with_them_or_not_at_all(
         store: Store, other: psycopg2.extensions.connection) -> None:
-    from taskomatic.db import task_writes
-
-    me = _register(store, 7002)
-    store.commit()
-    ids = _queued_tasks(store, me, 2)
+    me, ids = _instance_with_queued(store, 7002, 2)
     now = dt.datetime.now(dt.UTC)
     with pytest.raises(RuntimeError), store.transaction():
         task_writes.mark_running(store, me, ids[:1], now, 0)  # opens the transaction
@@ -235,11 +234,7 @@ def test_a_last_statement_after_others_commits_with_them_or_not_at_all(
 
 def test_a_failing_statement_alone_leaves_nothing_behind(store: Store,
                                                          other: psycopg2.extensions.connection) -> None:
-    from taskomatic.db import task_writes
-
-    me = _register(store, 7003)
-    store.commit()
-    ids = _queued_tasks(store, me, 2)
+    me, ids = _instance_with_queued(store, 7003, 2)
     now = dt.datetime.now(dt.UTC)
     with store.transaction():
         task_writes.mark_running(store, me, ids[:1], now, 0)
@@ -253,8 +248,6 @@ def test_a_failing_statement_alone_leaves_nothing_behind(store: Store,
 
 def test_a_claim_alone_commits_in_its_round_trip_and_its_settings_end_with_it(
         store: Store, other: psycopg2.extensions.connection) -> None:
-    from taskomatic.db import claims
-
     me = _register(store, 7004)
     store.commit()
     with store.conn.cursor() as cur:

@@ -243,6 +243,7 @@ class Tick:
 
     def __init__(self) -> None:
         self.performed: list[int] = []
+        self.after_perform: Callable[[TaskRow], None] = lambda task: None
 
     def validate_args(self, args: dict[str, Any]) -> None:
         pass
@@ -252,6 +253,7 @@ class Tick:
 
     def perform(self, ctx: ActionContext, plan: Plan) -> Outcome:
         self.performed.append(plan.task.id)
+        self.after_perform(plan.task)
         return Outcome.finished()
 
     def reconcile(self, ctx: ActionContext, task: TaskRow) -> Reconciled:

@@ -18,7 +18,7 @@ from taskomatic.logsetup import JournalHandler
 from taskomatic.model import EndState, Settlement, TaskRow, TaskState
 from taskomatic.runtime.messages import Started, TaskEnd
 from taskomatic.runtime.outcomes import PendingOutcome, now
-from tests.unit.shard_fakes import INSTANCE, SLOT, TouchVm, make_rig, states, task
+from tests.unit.shard_fakes import INSTANCE, SLOT, Rig, TouchVm, make_rig, states, task
 
 
 def _started(sent: list[object]) -> list[tuple[int, ...]]:
@@ -281,12 +281,17 @@ def test_a_tasks_log_lines_carry_its_journal_fields(caplog: pytest.LogCaptureFix
 # -- held outcomes without row changes: written by the statement that starts the next tasks ----------
 
 
-def test_an_outcome_without_row_changes_is_written_by_the_next_start_which_is_its_commit() -> None:
-    rig = make_rig()
-    tasks = [task(1, vm=10, action="tick"), task(2, vm=10, action="tick"), task(3, vm=10, action="tick")]
+def _ticks(rig: Rig, count: int, vm: int = 10) -> list[TaskRow]:
+    """``count`` tick tasks of one VM (ids 1..count), in the fake store."""
+    tasks = [task(i, vm=vm, action="tick") for i in range(1, count + 1)]
     for t in tasks:
         rig.store.add_task(t)
-    rig.run_queue(list(tasks))
+    return tasks
+
+
+def test_an_outcome_without_row_changes_is_written_by_the_next_start_which_is_its_commit() -> None:
+    rig = make_rig()
+    rig.run_queue(_ticks(rig, 3))
     assert states(rig.store, [1, 2, 3]) == {1: "finished", 2: "finished", 3: "finished"}
     assert _ends(rig.sent) == {1: "finished", 2: "finished", 3: "finished"}
     # One statement per transaction, each the last of it (alone, PostgreSQL commits it): the first start,
@@ -308,11 +313,9 @@ def test_an_outcome_with_row_changes_is_written_before_the_next_prepare() -> Non
 
 def test_an_end_and_start_the_database_refuses_is_written_alone_and_the_start_runs_again() -> None:
     rig = make_rig()
-    tasks = [task(1, vm=10, action="tick"), task(2, vm=10, action="tick")]
-    for t in tasks:
-        rig.store.add_task(t)
+    tasks = _ticks(rig, 2)
     rig.store.failures["end_and_start"] = [psycopg2.errors.CheckViolation("new row violates a check")]
-    rig.run_queue(list(tasks))
+    rig.run_queue(tasks)
     assert rig.store.failures["end_and_start"] == []  # it was refused
     # Neither task pays for it: the outcome is written alone, then task 2 starts as if nothing was held.
     assert states(rig.store, [1, 2]) == {1: "finished", 2: "finished"}
@@ -322,39 +325,28 @@ def test_an_end_and_start_the_database_refuses_is_written_alone_and_the_start_ru
 
 def test_an_end_and_start_with_a_conflict_is_retried_whole() -> None:
     rig = make_rig()
-    tasks = [task(1, vm=10, action="tick"), task(2, vm=10, action="tick")]
-    for t in tasks:
-        rig.store.add_task(t)
+    tasks = _ticks(rig, 2)
     rig.store.failures["end_and_start"] = [psycopg2.errors.DeadlockDetected("deadlock detected")]
-    rig.run_queue(list(tasks))
+    rig.run_queue(tasks)
     assert states(rig.store, [1, 2]) == {1: "finished", 2: "finished"}
     assert rig.store.transactions[1] == ["*end_and_start"]  # the retry, with the outcome still in it
 
 
 def test_a_fenced_end_and_start_writes_neither_for_a_partition_lost_meanwhile() -> None:
     rig = make_rig(multihost=True)
-    rig.store.committed.leases |= {(10, 5)}
+    rig.store.committed.leases |= {(10, 5), (11, 5)}
     tasks = [task(1, vm=10, action="tick", token=5), task(2, vm=10, action="tick", token=5),
              task(3, vm=11, action="tick", token=5)]
-    rig.store.committed.leases |= {(11, 5)}
     for t in tasks:
         rig.store.add_task(t)
     tick = rig.execution.actions["tick"]
 
-    def lose_vm10(_t: TaskRow) -> None:
-        rig.store.committed.leases.discard((10, 5))
-        rig.store.work.leases.discard((10, 5))
+    def lose_vm10(t: TaskRow) -> None:
+        if t.id == 1:  # task 1 ran; before the next start, another instance takes Vm:10's partition over
+            rig.store.committed.leases.discard((10, 5))
+            rig.store.work.leases.discard((10, 5))
 
-    # Task 1 runs; before the next start, another instance takes Vm:10's partition over.
-    original = tick.perform
-
-    def perform(ctx: ActionContext, plan: Plan) -> Outcome:
-        outcome = original(ctx, plan)
-        if plan.task.id == 1:
-            lose_vm10(plan.task)
-        return outcome
-
-    tick.perform = perform  # type: ignore[method-assign]
+    tick.after_perform = lose_vm10  # type: ignore[attr-defined]
     rig.run_queue(list(tasks))
     assert tick.performed == [1, 3]  # type: ignore[attr-defined]
     assert states(rig.store, [1, 2, 3]) == {1: "running", 2: "queued", 3: "finished"}
