@@ -29,7 +29,9 @@ def test_history_bench_runs_both_tables(tmp_path: Path) -> None:
     for rows, run in runs.items():
         assert run["complete"] and run["finished"] == 300 and run["order_violations"] == 0
         assert run["history"]["last_history_id"] == rows
-        assert run["throughput_tps"] > 0 and run["cpu"]["postgres_s_per_1k"] > 0
+        assert run["throughput_tps"] > 0
+        # CPU is read in clock ticks (10 ms): 300 no-ops can cost PostgreSQL less than one tick.
+        assert isinstance(run["cpu"]["postgres_s_per_1k"], (int, float)) and run["cpu"]["postgres_s_per_1k"] >= 0
         assert run["updates"]["updates"] >= 3 * 300  # claim, start, end of every task
         assert any("tasks" in s["query"] for s in run["statements"])
     assert runs[5000]["sizes_before_mb"]["tasks"] > runs[0]["sizes_before_mb"]["tasks"]
