@@ -45,26 +45,37 @@ def stored(results_dir: Path) -> dict[str, Any]:
             "multihost": optional("multihost.json"), "bounded": optional("bounded.json")}
 
 
-def taskomatic_run(suite: dict[str, Any], workload: str, shards: int) -> dict[str, Any] | None:
+def taskomatic_run(suite: dict[str, Any], workload: str, shards: int, routing: str = "pinned") -> dict[str, Any] | None:
+    """The taskomatic run of this workload and shard count with this routing (a run from before the routing
+    dimension has none: it counts as pinned, the default it ran with)."""
     return next((r for r in suite["runs"] if r["workload"] == workload and r["runner"] == "taskomatic"
-                 and r["parallelism"] == shards and not r.get("error")), None)
+                 and r["parallelism"] == shards and r.get("routing", "pinned") == routing
+                 and not r.get("error")), None)
+
+
+def routings(suite: dict[str, Any]) -> list[str]:
+    """The routings the suite's taskomatic runs used, the default (pinned) first."""
+    used = {r.get("routing", "pinned") for r in suite["runs"] if r["runner"] == "taskomatic"}
+    return sorted(used, key=lambda routing: (routing != "pinned", routing))
 
 
 def standalone_rows(suite: dict[str, Any]) -> list[dict[str, Any]]:
-    """Per workload: tasks/s and makespan ratio at 4 and 16 shards, and the best throughput with its shards."""
+    """Per workload: tasks/s and makespan ratio at 4 and 16 shards per routing, and the best throughput of
+    the default routing with its shards."""
     descriptions = {w["name"]: w["description"] for w in suite["workloads"]}
     rows = []
     for workload in STANDALONE_WORKLOADS:
         if workload not in descriptions:
             continue
         runs = [r for r in suite["runs"] if r["workload"] == workload and r["runner"] == "taskomatic"
-                and r.get("throughput_tps")]
+                and r.get("routing", "pinned") == "pinned" and r.get("throughput_tps")]
         best = max(runs, key=lambda r: r["throughput_tps"]) if runs else None
-        at = {n: taskomatic_run(suite, workload, n) for n in SHARD_COUNTS}
+        at = {(n, routing): taskomatic_run(suite, workload, n, routing)
+              for n in SHARD_COUNTS for routing in routings(suite)}
         rows.append({
             "workload": workload, "description": descriptions[workload],
-            "tps": {n: (r or {}).get("throughput_tps") for n, r in at.items()},
-            "makespan_ratio": {n: (r or {}).get("makespan_ratio") for n, r in at.items()},
+            "tps": {key: (r or {}).get("throughput_tps") for key, r in at.items()},
+            "makespan_ratio": {key: (r or {}).get("makespan_ratio") for key, r in at.items()},
             "best_tps": best["throughput_tps"] if best else None,
             "best_shards": best["parallelism"] if best else None})
     return rows
@@ -82,17 +93,22 @@ def summary(data: dict[str, Any]) -> str:
     if suite is None:
         raise ValueError("no results.json(.gz) in the results directory: nothing to summarise")
     when = _date(suite.get("started_at"))
+    used = routings(suite)
     out = [BEGIN, "## At a glance: what one node can do", "",
            f"Machine: {machine_line(suite['machine'])}.", "",
            f"**Standalone** (one instance, per-key order), `bench.run --full` measured {when}. Tasks/s = "
            "tasks / (last end - first start); makespan / LB = makespan over its lower bound (1.00 is perfect; "
-           "target 1.10).", "",
+           "target 1.10)." + (f" Two figures in a cell: {' / '.join(used)} routing (`--routing`; pinned is the "
+                              "default, and the best is its best)." if len(used) > 1 else ""), "",
            "| workload | tasks/s at 4 shards | at 16 shards | best (shards) | makespan / LB at 4 | at 16 |",
            "|---|---|---|---|---|---|"]
     for row in standalone_rows(suite):
-        out.append(f"| {row['workload']} ({row['description']}) | {_tps(row['tps'][4])} | {_tps(row['tps'][16])} "
-                   f"| {_tps(row['best_tps'])} ({row['best_shards']}) | {_ratio(row['makespan_ratio'][4])} "
-                   f"| {_ratio(row['makespan_ratio'][16])} |")
+        def cell(figures: dict[tuple[int, str], float | None], shards: int, show: Any) -> str:
+            return " / ".join(show(figures[(shards, routing)]) for routing in used)
+
+        out.append(f"| {row['workload']} ({row['description']}) | {cell(row['tps'], 4, _tps)} "
+                   f"| {cell(row['tps'], 16, _tps)} | {_tps(row['best_tps'])} ({row['best_shards']}) "
+                   f"| {cell(row['makespan_ratio'], 4, _ratio)} | {cell(row['makespan_ratio'], 16, _ratio)} |")
     idle = taskomatic_run(suite, "steady-idle", 4)
     loaded = taskomatic_run(suite, "steady-loaded", 4)
     out.append("")

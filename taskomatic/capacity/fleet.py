@@ -20,8 +20,9 @@ from taskomatic.capacity.model import Plan, PlanError, Row, Workload, key_groups
 from taskomatic.capacity.queueing import Wait, max_key_rate, mgc_wait, mixture_p95, sum_quantile
 from taskomatic.db.history import History
 
-# The per-task overhead when no bench result is given: the full suite's largest (bench/RESULTS.md,
-# sleep20-uniform at 16 shards on 2 cores). Real actions take seconds, so it rarely matters.
+# The per-task overhead when no bench result is given: the largest of the full suite of 2026-11-25
+# (bench/RESULTS/results-2026-11-25.json.gz, sleep20-uniform at 16 shards on 2 cores). Real actions
+# take seconds, so it rarely matters.
 DEFAULT_OVERHEAD_MS = 3.99
 HOT_KEYS_SHOWN = 5
 

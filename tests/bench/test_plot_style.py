@@ -62,13 +62,17 @@ def _assert_size(fig: Any) -> None:
 def test_the_run_plots_use_one_colour_per_system(tmp_path: Path, figures: dict[str, Any]) -> None:
     from bench.report_plots import PLOTS, plot
 
-    plot(_suite(), tmp_path)
+    suite = _suite()
+    plot(suite, tmp_path)
     assert set(PLOTS) <= set(figures)
     for fig in figures.values():
         _assert_size(fig)
 
     lines = _labelled_lines(figures["throughput_vs_shards.png"])
-    families = {style.family_label(f): f for f in ("taskomatic", "pool", "original")}
+    # A suite run with both routings draws each as its own system (a line per routing).
+    routed = any("routing" in r for r in suite["runs"])
+    families = {style.family_label(f): f for f in (*(("pinned", "hash") if routed else ("taskomatic",)),
+                                                    "pool", "original")}
     assert {label for label, _ in lines} == set(families)
     for label, colour in lines:
         assert colour == to_hex(style.colour(families[label], families[label]))

@@ -13,7 +13,7 @@ from bench import report, run, style
 from bench.runners import RunnerSpec
 
 ROOT = Path(__file__).resolve().parents[2]
-STORED = ROOT / "bench" / "RESULTS" / "results.json.gz"  # from before the routing dimension
+STORED = ROOT / "bench" / "RESULTS" / "results-2026-11-25.json.gz"  # the full suite from before the routing dimension
 COMPARED = {"noop-uniform", "noop-zipf", "sleep20-uniform", "sleep20-zipf", "heavy-uniform", "heavy-zipf"}
 
 
