@@ -12,13 +12,20 @@ every partition). Per run:
 * CPU per task of each daemon process by role (fetcher, shard N, ...) and of
   PostgreSQL's process tree;
 * the database's transactions per task;
-* MultiXact SLRU traffic: a row locked FOR SHARE by two transactions at once
-  gets a MultiXact, and the fenced statements of multihost share-lock lease
-  rows (docs/partitions.md);
+* MultiXact SLRU page accesses (``pg_stat_slru`` hits and reads, server-wide):
+  a row locked FOR SHARE by two transactions at once gets a MultiXact, and the
+  fenced statements of multihost share-lock lease rows (docs/partitions.md);
 * with ``--statements`` (pg_stat_statements; restarts the server): each
-  statement's calls, execution time, buffer hits and rows per task.
+  statement's calls and rows, and its execution time and buffer hits per task.
+  The bench's own statements (the INSERT of the burst, the polls, the
+  counters) are named ``bench: ...``.
 
-The summary holds the medians per mode and multihost / standalone. Printed, and
+The counters of transactions and SLRU pages are read once the instance is
+ready; PostgreSQL publishes a backend's counters up to a second late, so an
+instance's start-up work can add a few. A first standalone run (``--warmup``)
+warms the server after its start and is left out of the summary. The summary
+holds the medians per mode (a statement a run did not list counts as 0 there)
+and multihost / standalone. Printed, and
 written as ``bench/results/<stamp>-multihost-cost/multihost_cost.json`` (or ``--out``).
 """
 
@@ -40,6 +47,7 @@ from bench import measure
 from bench.harness import (
     MULTIHOST,
     RESULTS_DIR,
+    CpuUsage,
     CpuWindow,
     Harness,
     check_overrides,
@@ -57,21 +65,28 @@ POLL_SECONDS = 0.05
 
 STATEMENTS_SQL = """
 SELECT calls, total_exec_time AS total_ms, rows, shared_blks_hit AS hit,
-       left(regexp_replace(query, '\\s+', ' ', 'g'), 140) AS query
+       left(regexp_replace(query, '\\s+', ' ', 'g'), 400) AS query
 FROM pg_stat_statements
 WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
 ORDER BY total_exec_time DESC LIMIT %(limit)s
 """
 
+# PostgreSQL 17 renamed the SLRUs (MultiXactOffset -> multixact_offset): match both spellings.
 MULTIXACT_SQL = ("SELECT coalesce(sum(blks_hit + blks_read), 0) AS blocks FROM pg_stat_slru "
-                 "WHERE name IN ('MultiXactOffset', 'MultiXactMember')")
+                 "WHERE lower(replace(name, '_', '')) IN ('multixactoffset', 'multixactmember')")
+# What the bench itself sends (the burst, its polls and counters), told apart from the daemon's statements.
+BENCH_STATEMENTS = ("INSERT INTO tasks", "SELECT EXISTS (SELECT", "SELECT xact_commit", "SELECT coalesce(sum(blks_hit",
+                    "SELECT pg_stat_statements_reset", "CREATE EXTENSION", "SELECT count(DISTINCT instance_id)")
 
 
 def statement_name(query: str) -> str:
-    """A short, stable name: the prepared statement's (``PREPARE "tkm_end_and_start" ...`` ->
-    ``end_and_start``), else the text's first words."""
+    """A stable name: the prepared statement's (``PREPARE "tkm_end_and_start" ...`` -> ``end_and_start``),
+    else ``bench: `` and the text for the bench's own, else the text (whole: some of the daemon's
+    statements share their first hundred characters)."""
     prepared = re.match(r'PREPARE "tkm_(\w+)"', query)
-    return prepared.group(1) if prepared else query[:70]
+    if prepared:
+        return prepared.group(1)
+    return f"bench: {query}" if query.startswith(BENCH_STATEMENTS) else query
 
 
 def roles_of(runner: Runner, members: list[measure.ProcStat]) -> dict[int, str]:
@@ -81,17 +96,26 @@ def roles_of(runner: Runner, members: list[measure.ProcStat]) -> dict[int, str]:
 
 def cpu_by_role(before: list[measure.ProcStat], after: list[measure.ProcStat], roles: dict[int, str],
                 tasks: int) -> dict[str, float]:
-    """Milliseconds of CPU per task of each role that used any (a role's processes added up)."""
+    """Milliseconds of CPU per task of each role that used any (a role's processes added up).
+
+    A process gone by ``after`` was reaped by its parent, whose reaped ticks now hold its whole
+    lifetime: its ticks at ``before`` come off the parent's role (as ``measure.cpu_seconds`` does)."""
     start = {(s.pid, s.starttime): s.own_ticks + s.reaped_ticks for s in before}
+    alive = {(s.pid, s.starttime) for s in after}
     used: dict[str, float] = {}
     for s in after:
         ticks = s.own_ticks + s.reaped_ticks - start.get((s.pid, s.starttime), 0)
         role = roles.get(s.pid, "?")
         used[role] = used.get(role, 0.0) + ticks / measure.CLOCK_TICKS
+    for s in before:
+        if (s.pid, s.starttime) not in alive:
+            role = roles.get(s.ppid, "?")
+            used[role] = used.get(role, 0.0) - (s.own_ticks + s.reaped_ticks) / measure.CLOCK_TICKS
     return {role: round(seconds / tasks * 1000, 4) for role, seconds in sorted(used.items()) if seconds > 0}
 
 
-def statements_per_task(conn: Any, tasks: int, limit: int = 15) -> list[dict[str, Any]]:
+def statements_per_task(conn: Any, tasks: int, limit: int = 40) -> list[dict[str, Any]]:
+    """The busiest statements of this database: calls and rows in all, time and buffer hits per task."""
     rows = fetch_rows(conn, STATEMENTS_SQL, {"limit": limit})
     conn.rollback()
     return [{"name": statement_name(r["query"]), "calls": int(r["calls"]),
@@ -139,28 +163,42 @@ def one_run(harness: Harness, args: argparse.Namespace, mode: str, index: int) -
                     time.sleep(POLL_SECONDS)
                 cpu = window.close()
                 after = measure.group_members(runner.pid)
-            except RunnerFailed as exc:
-                result["error"] = str(exc)
+            except (RunnerFailed, psycopg2.Error) as exc:
+                result["error"] = f"{type(exc).__name__}: {exc}"
                 return result
             finally:
                 result["exit_code"] = harness.stop(runner)
             time.sleep(0.5)  # the daemon's backends have exited; their statistics land
-            result["cpu_ms_per_task"] = {
-                **cpu_by_role(members, after, roles, args.tasks),
-                "daemon": round(cpu.groups_s[0] / args.tasks * 1000, 4),
-                "postgres": round(cpu.postgres_s / args.tasks * 1000, 4),
-            }
-            result["other_share"] = cpu.other_share
-            result["transactions_per_task"] = round((database_transactions(conn) - xacts) / args.tasks, 3)
-            result["multixact_slru_blocks"] = int(fetch_rows(conn, MULTIXACT_SQL)[0]["blocks"]) - multixact
-            if args.statements:
-                result["statements"] = statements_per_task(conn, args.tasks)
-            result.update(burst_figures(conn, 0, args.tasks))
-            result["complete"] = (result["finished"] == args.tasks and result["order_violations"] == 0
-                                  and result["exit_code"] == 0)
+            collect_figures(result, conn, args, cpu, cpu_by_role(members, after, roles, args.tasks), xacts,
+                            multixact)
+        except psycopg2.Error as exc:  # reading the figures failed: this run has none, the others stand
+            result["error"] = f"{type(exc).__name__}: {exc}"
         finally:
             conn.close()
     return result
+
+
+def collect_figures(result: dict[str, Any], conn: Any, args: argparse.Namespace, cpu: CpuUsage,
+                    by_role: dict[str, float], xacts: int, multixact: int) -> None:
+    """The run's figures, read once the daemon has stopped."""
+    result["cpu_ms_per_task"] = {
+        **by_role,
+        "daemon": round(cpu.groups_s[0] / args.tasks * 1000, 4),
+        "postgres": round(cpu.postgres_s / args.tasks * 1000, 4),
+    }
+    result["other_share"] = cpu.other_share
+    result["transactions_per_task"] = round((database_transactions(conn) - xacts) / args.tasks, 3)
+    result["multixact_slru_blocks"] = int(fetch_rows(conn, MULTIXACT_SQL)[0]["blocks"]) - multixact
+    if args.statements:
+        result["statements"] = statements_per_task(conn, args.tasks)
+    result.update(burst_figures(conn, 0, args.tasks))
+    result["complete"] = (result["finished"] == args.tasks and result["order_violations"] == 0
+                          and result["exit_code"] == 0)
+
+
+def _statement(run: dict[str, Any], name: str) -> dict[str, Any]:
+    """The run's figures of that statement; nothing (so 0 in a median) if the run did not list it."""
+    return next((s for s in run.get("statements", []) if s["name"] == name), {})
 
 
 def _median(values: list[float]) -> float | None:
@@ -172,7 +210,7 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
     per task) and the multihost / standalone ratio of each."""
     per_mode: dict[str, dict[str, Any]] = {}
     for mode in MODES:
-        done = [r for r in runs if r["mode"] == mode and r["complete"]]
+        done = [r for r in runs if r["mode"] == mode and r["complete"] and not r.get("warmup")]
         roles = sorted({role for r in done for role in r["cpu_ms_per_task"]})
         names = sorted({s["name"] for r in done for s in r.get("statements", [])})
         per_mode[mode] = {
@@ -182,8 +220,7 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
                                 for role in roles},
             "transactions_per_task": _median([r["transactions_per_task"] for r in done]),
             "multixact_slru_blocks": _median([r["multixact_slru_blocks"] for r in done]),
-            "statements": {name: {figure: _median([s[figure] for r in done for s in r.get("statements", [])
-                                                   if s["name"] == name])
+            "statements": {name: {figure: _median([_statement(r, name).get(figure, 0) for r in done])
                                   for figure in ("exec_us_per_task", "hits_per_task", "calls")}
                            for name in names},
         }
@@ -206,6 +243,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with Harness("taskomatic-multihost-cost-", args.keep_work_dir, announce="bench work directory") as harness:
         if args.statements:
             enable_statements(harness)
+        for index in range(args.warmup):
+            print(f"warm-up {index + 1}: standalone ...", file=sys.stderr, flush=True)
+            result = one_run(harness, args, "standalone", len(runs) + 1)
+            result["warmup"] = True
+            runs.append(result)
+            print("  " + one_line(result), file=sys.stderr, flush=True)
         for round_index in range(args.rounds):
             # standalone first in even rounds, multihost first in odd ones (drift hits both alike)
             for mode in MODES if round_index % 2 == 0 else MODES[::-1]:
@@ -222,6 +265,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "command": " ".join(sys.argv),
         "machine": machine,
         "settings": {"tasks": args.tasks, "keys": args.keys, "shards": args.shards, "rounds": args.rounds,
+                     "warmup": args.warmup,
                      "seed": args.seed, "statements": args.statements, "daemon": daemon_config(args.set or [])},
         "runs": runs,
         "summary": summarise(runs),
@@ -232,10 +276,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def one_line(run: dict[str, Any]) -> str:
     if run["error"]:
         return f"FAILED: {run['error'].splitlines()[0]}"
+    if not run["complete"]:
+        return (f"INCOMPLETE: {run['finished']:,} of {run['expected']:,} tasks finished, order violations "
+                f"{run['order_violations']}, exit code {run['exit_code']}")
     cpu = run["cpu_ms_per_task"]
     return (f"{run['throughput_tps']:,.0f} tasks/s, daemon {cpu['daemon']:.4f} ms/task, PostgreSQL "
             f"{cpu['postgres']:.4f} ms/task, {run['transactions_per_task']:.3f} transactions/task, "
-            f"MultiXact blocks {run['multixact_slru_blocks']}, other load {run['other_share']:.0%}, "
+            f"MultiXact SLRU pages {run['multixact_slru_blocks']}, other load {run['other_share']:.0%}, "
             f"order violations {run['order_violations']}")
 
 
@@ -247,10 +294,11 @@ def summary_text(results: dict[str, Any]) -> str:
         m = summary[mode]
         cpu = ", ".join(f"{role} {ms:.4f}" for role, ms in m["cpu_ms_per_task"].items() if ms is not None)
         lines.append(f"  {mode}: {m['throughput_tps'] or 0:,.0f} tasks/s; CPU ms/task: {cpu}; "
-                     f"{m['transactions_per_task']} transactions/task; MultiXact blocks {m['multixact_slru_blocks']}")
+                     f"{m['transactions_per_task']} transactions/task; MultiXact SLRU pages read or hit "
+                     f"{m['multixact_slru_blocks']}")
         for name, figures in sorted(m["statements"].items(), key=lambda kv: -(kv[1]["exec_us_per_task"] or 0)):
             lines.append(f"      {figures['exec_us_per_task'] or 0:8.2f} us/task {figures['hits_per_task'] or 0:7.2f} "
-                         f"hits/task {figures['calls'] or 0:8.0f} calls  {name}")
+                         f"hits/task {figures['calls'] or 0:8.0f} calls  {name[:100]}")
     ratios = summary["multihost_over_standalone"]
     lines.append(f"  multihost / standalone: tasks/s {ratios['throughput']}, CPU per task "
                  + ", ".join(f"{role} {value}" for role, value in ratios["cpu"].items()))
@@ -262,7 +310,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", type=int, default=20_000, help="no-op tasks in the burst (default 20,000)")
     parser.add_argument("--keys", type=int, default=500, help="VM ids the burst spreads over (default 500)")
     parser.add_argument("--shards", type=int, default=2, help="shards of the instance (default 2, as bench.multihost)")
-    parser.add_argument("--rounds", type=int, default=3, help="runs per mode, alternating (default 3)")
+    parser.add_argument("--rounds", type=int, default=4,
+                        help="runs per mode, alternating which goes first (default 4; even, so each leads as often)")
+    parser.add_argument("--warmup", type=int, default=1, help="standalone runs first, left out (default 1)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--set", action="append", metavar="NAME=VALUE", help="a daemon setting for every run")
     parser.add_argument("--run-timeout", type=float, default=600.0, help="seconds a burst may take (600)")

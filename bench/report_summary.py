@@ -99,7 +99,7 @@ def summary(data: dict[str, Any]) -> str:
            f"**Standalone** (one instance, per-key order), `bench.run --full` measured {when}. Tasks/s = "
            "tasks / (last end - first start); makespan / LB = makespan over its lower bound (1.00 is perfect; "
            "target 1.10)." + (f" Two figures in a cell: {' / '.join(used)} routing (`--routing`; pinned is the "
-                              "default, and the best is its best)." if len(used) > 1 else ""), "",
+                              "default, and best (shards) is pinned's)." if len(used) > 1 else ""), "",
            "| workload | tasks/s at 4 shards | at 16 shards | best (shards) | makespan / LB at 4 | at 16 |",
            "|---|---|---|---|---|---|"]
     for row in standalone_rows(suite):
