@@ -64,6 +64,7 @@ The model (printed with every answer):
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
 import random
@@ -396,13 +397,19 @@ def overhead_from_results(path: Path) -> tuple[float, str]:
     each). Without such a run: shards / throughput of the burst, uniform no-op
     runs, which understates it (batches). Runs limited by their arrival rate
     (steady) or by a hot key (Zipf) say nothing about a shard's overhead.
+    Only pinned routing's runs count (a suite run with both routings has hash
+    runs too): with hash routing the makespan also holds the shards' uneven
+    load, which the hash model computes itself. ``path`` may be gzipped
+    (``results.json.gz``, as bench/RESULTS/ keeps it).
     """
-    results = json.loads(path.read_text())
+    text = gzip.decompress(path.read_bytes()).decode() if path.suffix == ".gz" else path.read_text()
+    results = json.loads(text)
     workloads = {w["name"]: w for w in results.get("workloads", [])}
 
     def usable(run: dict[str, Any], latency: str) -> dict[str, Any] | None:
         w = workloads.get(run.get("workload", ""))
         ok = (run.get("runner") == "taskomatic" and run.get("complete") and w is not None
+              and run.get("routing", "pinned") == "pinned"
               and w.get("latency") == latency and w.get("arrival") == "burst"
               and w.get("key_distribution") == "uniform")
         return w if ok else None

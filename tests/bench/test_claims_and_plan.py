@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
 import os
@@ -287,6 +288,25 @@ def test_overhead_from_a_results_json(tmp_path: Path) -> None:
     assert overhead == pytest.approx((4 * 11.0 - 40.0) / 2000)  # 2 ms per task besides the 20 ms action
     assert "fixed-latency burst runs" in source
     path.write_text(json.dumps({"workloads": [], "runs": []}))
+    with pytest.raises(PlanError):
+        plan.overhead_from_results(path)
+
+
+def test_overhead_counts_pinned_runs_only_and_reads_gzipped_results(tmp_path: Path) -> None:
+    burst = {"arrival": "burst", "key_distribution": "uniform"}
+    run = {"workload": "sleep20-uniform", "runner": "taskomatic", "parallelism": 4, "complete": True}
+    results = {"workloads": [{"name": "sleep20-uniform", "latency": "fixed", "tasks": 2000, "total_work_s": 40.0,
+                              **burst}],
+               # hash routing's makespan also holds its shards' uneven load: not a per-task overhead
+               "runs": [{**run, "routing": "pinned", "makespan_s": 11.0},
+                        {**run, "routing": "hash", "makespan_s": 16.0}]}
+    path = tmp_path / "results.json.gz"
+    path.write_bytes(gzip.compress(json.dumps(results).encode()))
+    overhead, source = plan.overhead_from_results(path)
+    assert overhead == pytest.approx((4 * 11.0 - 40.0) / 2000)
+    assert "the largest over 1 fixed-latency burst runs" in source
+    only_hash = {**results, "runs": results["runs"][1:]}
+    path.write_bytes(gzip.compress(json.dumps(only_hash).encode()))
     with pytest.raises(PlanError):
         plan.overhead_from_results(path)
 
