@@ -51,7 +51,7 @@ from bench.harness import (
     fetch_scalar,
     insert_tasks,
 )
-from bench.runners import RunnerFailed, RunnerSpec
+from bench.runners import Runner, RunnerFailed, RunnerSpec
 from bench.workloads import Workload, generate
 
 # state IN ('queued', 'running') as the two partial indexes hold it (migration 0010), first one only.
@@ -131,16 +131,33 @@ def enable_statements(harness: Harness) -> None:
     harness.pg.restart()
 
 
+def reset_statements(conn: Any) -> None:
+    """Start pg_stat_statements' counts afresh (creating the extension in this database if needed)."""
+    with conn.cursor() as cur:
+        cur.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+        cur.execute("SELECT pg_stat_statements_reset()")
+    conn.commit()
+
+
 def _statements(conn: Any, reset: bool) -> list[dict[str, Any]]:
     """The busiest statements of this database since the last reset (and reset them)."""
     with conn.cursor() as cur:
         cur.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
     conn.commit()
     rows = [] if reset else fetch_rows(conn, STATEMENTS_SQL)
-    with conn.cursor() as cur:
-        cur.execute("SELECT pg_stat_statements_reset()")
-    conn.commit()
+    reset_statements(conn)
     return rows
+
+
+def wait_all_ended(conn: Any, runner: Runner, timeout_s: float, poll_s: float = POLL_SECONDS) -> None:
+    """Until no task is queued or running; RunnerFailed if the daemon exits first or ``timeout_s`` passes."""
+    deadline = time.monotonic() + timeout_s
+    while any_unfinished(conn):
+        if runner.process.poll() is not None:
+            raise RunnerFailed(f"the daemon exited with {runner.process.returncode} mid-run:\n{runner.log_tail()}")
+        if time.monotonic() > deadline:
+            raise RunnerFailed(f"not every task ended within {timeout_s:.0f} s")
+        time.sleep(poll_s)
 
 
 def any_unfinished(conn: Any) -> bool:
@@ -224,14 +241,7 @@ def one_run(harness: Harness, args: argparse.Namespace, history_rows: int, index
                     _statements(conn, reset=True)
                 window = CpuWindow([runner.pid], harness.local_postmaster_pid)
                 insert_tasks(conn, planned)
-                deadline = time.monotonic() + args.run_timeout
-                while any_unfinished(conn):
-                    if runner.process.poll() is not None:
-                        raise RunnerFailed(f"the daemon exited with {runner.process.returncode} mid-run:\n"
-                                           f"{runner.log_tail()}")
-                    if time.monotonic() > deadline:
-                        raise RunnerFailed(f"not every task ended within {args.run_timeout:.0f} s")
-                    time.sleep(POLL_SECONDS)
+                wait_all_ended(conn, runner, args.run_timeout)
                 cpu = window.close()
             except RunnerFailed as exc:
                 result["error"] = str(exc)

@@ -55,7 +55,7 @@ from bench.harness import (
     fetch_rows,
     insert_tasks,
 )
-from bench.history import any_unfinished, burst_figures, enable_statements
+from bench.history import burst_figures, enable_statements, reset_statements, wait_all_ended
 from bench.multihost.scaling import database_transactions, wait_balanced
 from bench.runners import Runner, RunnerFailed, RunnerSpec
 from bench.workloads import Workload, generate
@@ -124,13 +124,6 @@ def statements_per_task(conn: Any, tasks: int, limit: int = 40) -> list[dict[str
             for r in rows]
 
 
-def reset_statements(conn: Any) -> None:
-    with conn.cursor() as cur:
-        cur.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
-        cur.execute("SELECT pg_stat_statements_reset()")
-    conn.commit()
-
-
 def one_run(harness: Harness, args: argparse.Namespace, mode: str, index: int) -> dict[str, Any]:
     """One burst on a fresh database with one instance in ``mode``; every figure."""
     planned = generate(Workload("noop-uniform", args.tasks, args.keys), args.seed)
@@ -153,14 +146,7 @@ def one_run(harness: Harness, args: argparse.Namespace, mode: str, index: int) -
                 xacts, multixact = database_transactions(conn), int(fetch_rows(conn, MULTIXACT_SQL)[0]["blocks"])
                 window = CpuWindow([runner.pid], harness.local_postmaster_pid)
                 insert_tasks(conn, planned)
-                deadline = time.monotonic() + args.run_timeout
-                while any_unfinished(conn):
-                    if runner.process.poll() is not None:
-                        raise RunnerFailed(f"the daemon exited with {runner.process.returncode} mid-run:\n"
-                                           f"{runner.log_tail()}")
-                    if time.monotonic() > deadline:
-                        raise RunnerFailed(f"not every task ended within {args.run_timeout:.0f} s")
-                    time.sleep(POLL_SECONDS)
+                wait_all_ended(conn, runner, args.run_timeout, POLL_SECONDS)
                 cpu = window.close()
                 after = measure.group_members(runner.pid)
             except (RunnerFailed, psycopg2.Error) as exc:

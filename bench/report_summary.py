@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,12 @@ def stored(results_dir: Path) -> dict[str, Any]:
 
     return {"suite": optional("results.json.gz") or optional("results.json"),
             "multihost": optional("multihost.json"), "bounded": optional("bounded.json")}
+
+
+def _cell(figures: dict[tuple[int, str], float | None], shards: int, used: list[str],
+          show: Callable[[float | None], str]) -> str:
+    """One table cell: the figure of each routing at that shard count, the default first."""
+    return " / ".join(show(figures[(shards, routing)]) for routing in used)
 
 
 def taskomatic_run(suite: dict[str, Any], workload: str, shards: int, routing: str = "pinned") -> dict[str, Any] | None:
@@ -103,12 +110,10 @@ def summary(data: dict[str, Any]) -> str:
            "| workload | tasks/s at 4 shards | at 16 shards | best (shards) | makespan / LB at 4 | at 16 |",
            "|---|---|---|---|---|---|"]
     for row in standalone_rows(suite):
-        def cell(figures: dict[tuple[int, str], float | None], shards: int, show: Any) -> str:
-            return " / ".join(show(figures[(shards, routing)]) for routing in used)
-
-        out.append(f"| {row['workload']} ({row['description']}) | {cell(row['tps'], 4, _tps)} "
-                   f"| {cell(row['tps'], 16, _tps)} | {_tps(row['best_tps'])} ({row['best_shards']}) "
-                   f"| {cell(row['makespan_ratio'], 4, _ratio)} | {cell(row['makespan_ratio'], 16, _ratio)} |")
+        tps, ratio = row["tps"], row["makespan_ratio"]
+        out.append(f"| {row['workload']} ({row['description']}) | {_cell(tps, 4, used, _tps)} "
+                   f"| {_cell(tps, 16, used, _tps)} | {_tps(row['best_tps'])} ({row['best_shards']}) "
+                   f"| {_cell(ratio, 4, used, _ratio)} | {_cell(ratio, 16, used, _ratio)} |")
     idle = taskomatic_run(suite, "steady-idle", 4)
     loaded = taskomatic_run(suite, "steady-loaded", 4)
     out.append("")
