@@ -66,6 +66,10 @@ log = logging.getLogger(__name__)
 
 
 HEARTBEAT_INTERVAL = 10.0
+# While stopping fast or for a rejoin, SIGINT goes again this often to the children still alive: one
+# that was starting when it was first sent may have missed it (a child forked by the fork server
+# ignores SIGINT until its handlers are set), and would otherwise hold the stop up until it is killed.
+STOP_SIGNAL_REPEAT = 1.0
 
 
 class Supervisor:
@@ -92,6 +96,7 @@ class Supervisor:
         self.lease_until = self.mp.Value("d", 0.0 if self.multihost else math.inf, lock=False)
         self.rejoining = False
         self.rejoin_at = 0.0
+        self.stop_signal_again_at = 0.0
 
     # -- startup --------------------------------------------------------------------
     def _wait_for_database(self, wake_read: int) -> bool:
@@ -244,6 +249,13 @@ class Supervisor:
         self.stopping = "fast"
         self.stop_deadline = time.monotonic() + self.config.fast_stop_timeout
         self._signal_children(signal.SIGINT)
+        self.stop_signal_again_at = time.monotonic() + STOP_SIGNAL_REPEAT
+
+    def _repeat_stop_signal(self, now: float, alive: list[Child]) -> None:
+        """Stopping fast or rejoining: SIGINT again, now and then, to the children not gone yet."""
+        if alive and (self.stopping == "fast" or self.rejoining) and now >= self.stop_signal_again_at:
+            self._signal_children(signal.SIGINT)
+            self.stop_signal_again_at = now + STOP_SIGNAL_REPEAT
 
     def _begin_rejoin(self) -> None:
         """Lease lost: stop every child (a shard finishes its call; its writes are refused)."""
@@ -253,6 +265,7 @@ class Supervisor:
         self.rejoining = True
         self.stop_deadline = time.monotonic() + self.config.fast_stop_timeout
         self._signal_children(signal.SIGINT)
+        self.stop_signal_again_at = time.monotonic() + STOP_SIGNAL_REPEAT
 
     def _finish_rejoin(self) -> None:
         """Every child is gone: register afresh and start them all again."""
@@ -337,6 +350,7 @@ class Supervisor:
             if self.stopping and not alive:
                 log.info("all processes stopped")
                 return self.exit_code
+            self._repeat_stop_signal(now, alive)
             if self.stopping and now >= self.stop_deadline:
                 if self.stopping == "drain":
                     self._begin_fast_stop("drain timeout")

@@ -6,6 +6,7 @@ spawn is replaced by one that records the slot it restarts.
 
 from __future__ import annotations
 
+import signal
 from dataclasses import dataclass
 
 import pytest
@@ -19,7 +20,7 @@ from taskomatic.runtime.children import (
     children_to_respawn,
     note_death,
 )
-from taskomatic.runtime.supervisor import Supervisor
+from taskomatic.runtime.supervisor import STOP_SIGNAL_REPEAT, Supervisor
 
 
 @dataclass
@@ -116,3 +117,44 @@ def test_a_child_dying_at_boot_repeatedly_stops_the_supervisor_with_child_failin
     assert supervisor.exit_code == EXIT_CHILD_FAILING
     assert supervisor.stopping == "fast"
     assert supervisor.spawned.count(("shard", 0)) == MAX_BOOT_FAILURES  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("stop", ["rejoin", "fast"])
+def test_a_child_that_missed_the_stop_signal_gets_it_again(
+    supervisor: Supervisor, monkeypatch: pytest.MonkeyPatch, stop: str
+) -> None:
+    """A shard respawned just before a rejoin (or a fast stop) may miss SIGINT while it starts: the
+    supervisor sends it again each STOP_SIGNAL_REPEAT until the child is gone, not only at the deadline's kill."""
+    clock = supervisor.clock  # type: ignore[attr-defined]
+    supervisor._keep_children_up(clock["now"])
+    sent: list[int] = []
+    monkeypatch.setattr(supervisor, "_signal_children", lambda signum, **kwargs: sent.append(signum))
+    if stop == "rejoin":
+        supervisor._begin_rejoin()
+    else:
+        supervisor._begin_fast_stop("test")
+    assert sent == [signal.SIGINT]
+    alive = [c for c in supervisor.children if c.process is not None]
+    supervisor._repeat_stop_signal(clock["now"] + STOP_SIGNAL_REPEAT / 2, alive)
+    assert sent == [signal.SIGINT], "sent again before the interval"
+    clock["now"] += STOP_SIGNAL_REPEAT
+    supervisor._repeat_stop_signal(clock["now"], alive)
+    assert sent == [signal.SIGINT, signal.SIGINT]
+    assert clock["now"] < supervisor.stop_deadline, "the repeat comes before the kill at the deadline"
+    clock["now"] += STOP_SIGNAL_REPEAT
+    supervisor._repeat_stop_signal(clock["now"], [])  # every child gone: nothing more to send
+    assert sent == [signal.SIGINT, signal.SIGINT]
+
+
+def test_no_stop_signal_is_repeated_while_running_or_draining(
+    supervisor: Supervisor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = supervisor.clock  # type: ignore[attr-defined]
+    supervisor._keep_children_up(clock["now"])
+    sent: list[int] = []
+    monkeypatch.setattr(supervisor, "_signal_children", lambda signum, **kwargs: sent.append(signum))
+    alive = [c for c in supervisor.children if c.process is not None]
+    supervisor._repeat_stop_signal(clock["now"] + 100, alive)
+    supervisor.stopping = "drain"  # a drain lets the shards finish their task: no SIGINT
+    supervisor._repeat_stop_signal(clock["now"] + 200, alive)
+    assert sent == []
