@@ -162,6 +162,22 @@ def claim_partition_tasks(store: Store, instance_id: int, held: Mapping[int, int
     return sorted(rows, key=lambda r: r["id"])
 
 
+def claim_partition_window(store: Store, instance_id: int, held: Mapping[int, int], window: int, limit: int,
+                           last: bool = False) -> tuple[list[Row], int | None]:
+    """Claim the ``limit`` oldest queued tasks (by id) of held partitions among the ``window`` oldest unclaimed
+    queued tasks of all. (rows in id order, how many the window held: None when nothing was claimed.)
+
+    Each row carries its ``partition``; nothing for a partition whose token is not current, that is
+    releasing, or once our lease ran out.
+    """
+    if not held or limit < 1:
+        return [], None
+    store.send_with_next("claim_partition_planner")  # the plan must not depend on the statistics (the SQL says why)
+    rows = store.all_last("claim_partition_window", last, instance_id=instance_id, window=window,
+                          limit=limit, **_pairs(held))
+    return sorted(rows, key=lambda r: r["id"]), (int(rows[0]["scanned"]) if rows else None)
+
+
 def hold_partitions(store: Store, instance_id: int, held: Mapping[int, int], starting: bool) -> set[int]:
     """Fencing for any other write: the partitions still ours under these tokens, locked to the end of the
     transaction (``starting``: releasing ones do not count)."""

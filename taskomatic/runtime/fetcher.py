@@ -19,9 +19,11 @@ reconciliation, the rest again ahead of their keys' later tasks.
 In multihost mode the instance owns partitions (docs/partitions.md): every
 renewal interval a balancing round (``rebalance.Rebalancer``) acquires,
 reserves and hands over partition leases so that each live instance holds
-about P/n, and the fetcher claims exactly like standalone, one statement over
-every partition it holds (``claim_partition_tasks``), each task under its
-partition's token (``partition_book.PartitionBook``). The lease thread renews
+about P/n, and the fetcher claims like standalone, one statement over every
+partition it holds, each task under its partition's token
+(``partition_book.PartitionBook``): the queue's head in id order while it holds
+half the partitions or more (``claim_partition_window``), else one index descent
+per held partition (``claim_partition_tasks``). The lease thread renews
 the instance's lease every ``lease_renew_interval`` and publishes how long it
 is safe to start tasks (``lease_until``, on ``lease_clock``) to the shards; a
 renewal the database refuses means other instances may own our partitions
@@ -388,12 +390,19 @@ class Fetcher:
             held = self.book.claimable()
             if not held:
                 return False
+            window = self.book.claim_window(room)
             with self.store.transaction():
                 limit_idle_transaction(self.store, self.config)
-                caps = self.book.claim_caps(room)
-                rows = partitions.claim_partition_tasks(self.store, self.instance_id, held, caps, room, last=True)
-            # A partition that gave all it was allowed may have more: claim again at once.
-            saturated = self.book.claimed(caps, Counter(r["partition"] for r in rows), room)
+                if window:
+                    rows, scanned = partitions.claim_partition_window(self.store, self.instance_id, held, window,
+                                                                      room, last=True)
+                else:
+                    caps = self.book.claim_caps(room)
+                    rows = partitions.claim_partition_tasks(self.store, self.instance_id, held, caps, room, last=True)
+            if window:
+                saturated = self.book.window_claimed(len(rows), scanned, window, room)
+            else:  # a partition that gave all it was allowed may have more: claim again at once
+                saturated = self.book.claimed(caps, Counter(r["partition"] for r in rows), room)
             for row in rows:  # in id order
                 task = task_from_row(row, held[row["partition"]])
                 self.book.add(task)

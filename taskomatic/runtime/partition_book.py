@@ -16,6 +16,10 @@ from collections.abc import Iterable
 
 from taskomatic.model import TaskRow
 
+# The id-order claim is used while an instance holds at least 1 / WINDOW_SHARE of the partitions:
+# it then reads at most WINDOW_SHARE x the tasks it claims.
+WINDOW_SHARE = 2
+
 
 class PartitionBook:
     def __init__(self, partitions: int) -> None:
@@ -25,6 +29,7 @@ class PartitionBook:
         self.in_hand: Counter[int] = Counter()  # partition -> claimed tasks routed and not ended
         self.task_partitions: dict[int, int] = {}  # task id -> partition, for tasks in hand
         self.grown: dict[int, int] = {}  # partition -> a larger cap: its last claim took all it was allowed
+        self.window_missed = False  # the last id-order claim's window was full and gave us less than asked
 
     def hold(self, partition: int, token: int, releasing: bool = False) -> None:
         """A lease acquired (or found at startup); a newer token replaces an older one."""
@@ -97,6 +102,34 @@ class PartitionBook:
         """
         base = self.per_partition(limit)
         return {p: max(base, self.grown.get(p, 0)) for p in self.claimable()}
+
+    def claim_window(self, limit: int) -> int:
+        """How many unclaimed tasks an id-order claim (``claim_partition_window``) may read for ``limit`` of
+        ours; 0: claim per partition (``claim_caps``) instead.
+
+        While we hold at least 1 / WINDOW_SHARE of the partitions (one instance, or two), reading the queue
+        in id order as standalone does costs less than one index descent per held partition: the window,
+        limit x P / held rows, holds about ``limit`` of ours when the work is spread over the partitions.
+        After a window that was full and gave us less than asked (others' tasks at the head of the queue),
+        the next claim goes per partition, which reads only ours.
+        """
+        held = len(self.claimable())
+        if self.window_missed or held == 0 or held * WINDOW_SHARE < self.partitions:
+            self.window_missed = False
+            return 0
+        return -(-limit * self.partitions // held)
+
+    def window_claimed(self, taken: int, scanned: int | None, window: int, limit: int) -> bool:
+        """An id-order claim took ``taken`` of ``limit`` from a window that held ``scanned`` (None: it took
+        none, so how full the window was is unknown); True if more may be waiting (claim again at once).
+
+        A full window that gave less than ``limit``: the next claim, at once, goes per partition. One that
+        gave nothing: the next claim goes per partition too, but only when one is due anyway (the queue is
+        most likely empty; an idle fetcher must not claim twice per wake-up)."""
+        if taken >= limit:
+            return True
+        self.window_missed = scanned is None or scanned >= window
+        return scanned is not None and self.window_missed
 
     def claimed(self, caps: dict[int, int], taken: Counter[int], limit: int) -> bool:
         """A claim with these caps took ``taken`` per partition; True if some partition gave all it

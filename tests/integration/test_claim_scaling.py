@@ -44,7 +44,7 @@ def big_queue(dsn: str) -> str:
 def task_rows_read(store: Store, name: str, params: dict[str, Any]) -> int:
     """Rows the plan's nodes on ``tasks`` produced, over all their loops."""
     with store.conn.cursor() as cur:
-        if name == "claim_partition_tasks":
+        if name.startswith("claim_partition_"):
             cur.execute(named_query("claim_partition_planner"))  # as db.partitions runs it
         cur.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + named_query(name), params)
         plan = cur.fetchone()[0]
@@ -80,6 +80,32 @@ def test_a_multihost_claim_over_held_partitions_reads_a_batch_not_the_queue(big_
         print("claim_partition_tasks read", read)
         # Offered: at most per_partition of each held partition; then the 200 picked are updated.
         assert read <= per_partition * len(held) + 2 * 200, read
+    finally:
+        store.close()
+
+
+def test_the_window_claim_of_an_instance_holding_every_partition_reads_its_batch(big_queue: str) -> None:
+    """One instance holding all P: the fetcher's id-order claim reads the window (here the batch itself)
+    through tasks_claimable_idx and updates what it picked, nothing like the 100,000 queued."""
+    store = Store.open(big_queue, "test_claim_scaling")
+    try:
+        with store.transaction():
+            instance = store.scalar("register_instance", hostname="h", pid=1, version="t", mode="multihost",
+                                    shards=4, lease=60.0)
+        with store.transaction():
+            held = {a.partition: a.token for a in dbp.acquire_partitions(store, instance, range(256))}
+        book = PartitionBook(256)
+        for partition, token in held.items():
+            book.hold(partition, token)
+        window = book.claim_window(200)  # what the fetcher asks for
+        assert window == 200
+        pairs = sorted(held.items())
+        claim = {"instance_id": instance, "partitions": [p for p, _ in pairs], "tokens": [t for _, t in pairs],
+                 "window": window, "limit": 200}
+        read = task_rows_read(store, "claim_partition_window", claim)
+        print("claim_partition_window read", read)
+        # The window's rows, then the picked ones found by id and updated (the plan's two nodes on tasks).
+        assert read <= window + 2 * 200, read
     finally:
         store.close()
 

@@ -76,6 +76,11 @@ def _claim(store: Store, a: int, b: int, held: dict[int, int]) -> Callable[[Stor
     return lambda s: dbp.claim_partition_tasks(s, a, {p: held[p] for p in SET}, 2, 200)
 
 
+def _window_claim(store: Store, a: int, b: int, held: dict[int, int]) -> Callable[[Store], Any]:
+    _claim(store, a, b, held)
+    return lambda s: dbp.claim_partition_window(s, a, {p: held[p] for p in SET}, 200, 200)
+
+
 def _start(store: Store, a: int, b: int, held: dict[int, int]) -> Callable[[Store], Any]:
     ids = _tasks(store, a, "queued")
     return lambda s: dbp.mark_running_fenced(s, a, {p: held[p] for p in SET}, ids, 0, dt.datetime.now(dt.UTC))
@@ -90,6 +95,7 @@ def _end(store: Store, a: int, b: int, held: dict[int, int]) -> Callable[[Store]
 
 CASES: dict[str, Case] = {
     "claim_partition_tasks": _claim,
+    "claim_partition_window": _window_claim,
     "mark_running_fenced": _start,
     "record_outcomes_fenced": _end,
     "hold_partitions": lambda st, a, b, held: lambda s: dbp.hold_partitions(s, a, {p: held[p] for p in SET}, True),

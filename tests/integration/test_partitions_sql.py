@@ -128,6 +128,79 @@ def test_the_claim_reads_its_batch_not_the_queue(store: Store, dsn: str, analyse
     assert claimed == 0  # EXPLAIN ANALYZE was rolled back
 
 
+@pytest.mark.parametrize("analysed", [True, False], ids=["analysed", "statistics-before-the-burst"])
+def test_the_window_claim_reads_its_window_not_the_queue(store: Store, dsn: str, analysed: bool) -> None:
+    """The id-order claim of an instance holding half the partitions walks the unclaimed tasks by id and
+    stops at its window (2 x the batch here), with fresh statistics and with none."""
+    from taskomatic.db.queries import query as named
+
+    query(dsn, "INSERT INTO tasks (task_target_type, task_target_id, action) "
+               "SELECT 'Vm', 1 + i % 2000, 'start_vm' FROM generate_series(1, 20000) i")
+    if analysed:
+        query(dsn, "ANALYZE tasks")
+    instance = _instance(dsn)
+    store.conn.autocommit = False
+    with store.transaction():
+        got = db_partitions.acquire_partitions(store, instance, range(0, DEFAULT_PARTITIONS, 2))
+    held = {a.partition: a.token for a in got}
+    with store.conn.cursor() as cur:
+        cur.execute(named("claim_partition_planner"))
+        cur.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + named("claim_partition_window"), {
+            "instance_id": instance, "window": 400, "limit": 200,
+            "partitions": sorted(held), "tokens": [held[p] for p in sorted(held)]})
+        plan = cur.fetchone()[0][0]  # type: ignore[index]
+    store.rollback()
+    scanned = _rows_read(plan["Plan"], "tasks")
+    # The window's 400 through tasks_claimable_idx, then the picked (at most 200) updated by id.
+    assert 400 <= scanned <= 400 + 200, f"the window claim read {scanned} task rows for a window of 400"
+
+
+def _instance(dsn: str) -> int:
+    return int(query(dsn, "INSERT INTO instances (hostname, pid, version, mode, shards, lease_expires_at) "
+                          "VALUES ('h', 1, 't', 'multihost', 2, clock_timestamp() + interval '1 hour') "
+                          "RETURNING id")[0]["id"])
+
+
+def test_the_window_claim_takes_the_oldest_of_held_partitions_within_its_window(store: Store, dsn: str) -> None:
+    """Oldest first by id, only tasks of partitions held under a current token and not releasing, none
+    past the window or the limit; ``scanned`` says how many tasks the window held."""
+    keys: dict[int, int] = {}
+    for ident in range(1, 400):
+        keys.setdefault(partition_of(OrderingKey("Vm", ident), DEFAULT_PARTITIONS), ident)
+        if len(keys) == 4:
+            break
+    (pa, va), (pb, vb), (pc, vc), (_not_held, vd) = sorted(keys.items())
+    ids = [query(dsn, "INSERT INTO tasks (task_target_type, task_target_id, action) VALUES ('Vm', %s, 'a') "
+                      "RETURNING id", (vm,))[0]["id"] for vm in (vd, va, vb, vc, va, vd, vb, va)]
+    instance = _instance(dsn)
+    store.conn.autocommit = False
+    with store.transaction():
+        held = {a.partition: a.token for a in db_partitions.acquire_partitions(store, instance, [pa, pb, pc])}
+        db_partitions.begin_release(store, instance, {pc: held[pc]})  # being handed over: not claimed
+    # vd's partition is not ours; pc is releasing. The window of 5 holds ids[0..4]: ours are ids[1], [2] and [4].
+    with store.transaction():
+        rows, scanned = db_partitions.claim_partition_window(store, instance, held, window=5, limit=10)
+    assert [r["id"] for r in rows] == [ids[1], ids[2], ids[4]] and scanned == 5
+    # A stale token claims nothing of its partition.
+    with store.transaction():
+        rows, scanned = db_partitions.claim_partition_window(store, instance, {pa: held[pa] - 1, pb: held[pb]},
+                                                             window=10, limit=10)
+    assert [r["id"] for r in rows] == [ids[6]] and scanned == 5  # ids[0], [3], [5] (not ours), [6], [7] (stale)
+    # The limit cuts by id.
+    with store.transaction():
+        rows, _ = db_partitions.claim_partition_window(store, instance, held, window=10, limit=1)
+    assert [r["id"] for r in rows] == [ids[7]]
+    # Nothing left of ours: no rows, and how full the window was is not known.
+    with store.transaction():
+        assert db_partitions.claim_partition_window(store, instance, held, window=10, limit=10) == ([], None)
+    # Once our lease ran out, nothing.
+    query(dsn, "UPDATE tasks SET claimed_by = NULL WHERE claimed_by = %s", (instance,))
+    query(dsn, "UPDATE instances SET lease_expires_at = clock_timestamp() - interval '1 second' WHERE id = %s",
+          (instance,))
+    with store.transaction():
+        assert db_partitions.claim_partition_window(store, instance, held, window=10, limit=10) == ([], None)
+
+
 def _claim_sql() -> tuple[str, str]:
     """The claim's planner settings (run first in its transaction, as db.partitions does) and its statement."""
     from taskomatic.db.queries import query as named

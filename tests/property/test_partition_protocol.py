@@ -326,6 +326,24 @@ class PartitionProtocol(RuleBasedStateMachine):
             self.tasks[r["id"]].claimed_by = me
             h.local[r["id"]] = "queued"
 
+    def window_claim_for(self, h: Host, window: int, limit: int) -> None:
+        """The id-order claim: of the ``window`` oldest unclaimed queued tasks of all, the oldest ``limit`` of
+        the partitions held under a current token and not releasing."""
+        me = h.instance
+        assert me is not None
+        ours = {p for p, t in h.held.items() if self.current(me, p, t) and not self.leases[p].releasing}
+        head = sorted(tid for tid, t in self.tasks.items() if t.state == "queued" and t.claimed_by is None)[:window]
+        expected = [tid for tid in head if self.tasks[tid].partition in ours][:limit]
+        with h.store.transaction():
+            got, scanned = dbp.claim_partition_window(h.store, me, h.held, window, limit)
+        assert [r["id"] for r in got] == expected, \
+            f"window claim of {limit} in {window} (held {h.held}): {got}, expected {expected}"
+        assert scanned == (len(head) if got else None), (scanned, head)
+        for r in got:
+            assert r["state"] == "queued" and r["partition"] == self.tasks[r["id"]].partition
+            self.tasks[r["id"]].claimed_by = me
+            h.local[r["id"]] = "queued"
+
     def next_task(self, h: Host, key: OrderingKey) -> int | None:
         mine = [tid for tid in h.local if self.tasks[tid].key == key]
         return min(mine) if mine else None
@@ -455,6 +473,11 @@ class PartitionProtocol(RuleBasedStateMachine):
     @rule(pick=st.integers(0, HOSTS - 1), per_partition=st.integers(1, 4), limit=st.integers(1, 6))
     def claim(self, pick: int, per_partition: int, limit: int) -> None:
         self.claim_for(self.hosts[self.pick(self.ids("up"), pick)], per_partition, limit)
+
+    @precondition(lambda self: self.ids("up"))
+    @rule(pick=st.integers(0, HOSTS - 1), window=st.integers(1, 8), limit=st.integers(1, 6))
+    def claim_window(self, pick: int, window: int, limit: int) -> None:
+        self.window_claim_for(self.hosts[self.pick(self.ids("up"), pick)], window, limit)
 
     @precondition(lambda self: self.writable())
     @rule(pick=st.integers(0, 31), choice=st.integers(0, 5))

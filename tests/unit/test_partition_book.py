@@ -110,6 +110,42 @@ def test_a_partition_cut_by_its_cap_gets_a_larger_cap_and_the_rest_keep_the_base
     assert book.claim_caps(200)[7] == base  # a new lease starts from the base
 
 
+def test_the_id_order_claim_is_used_while_half_the_partitions_or_more_are_held() -> None:
+    many = 256
+    book = PartitionBook(many)
+    assert book.claim_window(200) == 0  # nothing held
+    for p in range(many):
+        book.hold(p, 1)
+    assert book.claim_window(200) == 200  # all of them: the window is the batch, as standalone reads
+    book.begin_release(range(many // 2, many))  # half being handed over: claimed from half
+    assert book.claim_window(200) == 400  # the window doubles to hold about 200 of ours
+    book.begin_release([0])  # fewer than half: one descent per held partition instead
+    assert book.claim_window(200) == 0
+    few = PartitionBook(many)
+    for p in range(0, many, 3):  # a third, as one of three instances
+        few.hold(p, 1)
+    assert few.claim_window(200) == 0
+
+
+def test_a_full_window_that_gave_less_than_asked_sends_the_next_claim_per_partition() -> None:
+    book = PartitionBook(P)
+    for p in range(P):
+        book.hold(p, 1)
+    window = book.claim_window(200)
+    assert book.window_claimed(200, 200, window, 200)  # a full batch: more may wait, claim again
+    assert book.claim_window(200) == window
+    # Others' tasks at the head (a window full of them gave 50): the next claim, at once, per partition.
+    assert book.window_claimed(50, window, window, 200)
+    assert book.claim_window(200) == 0
+    assert book.claim_window(200) == window  # and then the window again
+    # The window was not full: the queue's unclaimed head is all read, nothing more waits.
+    assert not book.window_claimed(50, window - 1, window, 200)
+    assert book.claim_window(200) == window
+    # Nothing claimed (how full the window was is unknown): not at once, but the next claim per partition.
+    assert not book.window_claimed(0, None, window, 200)
+    assert book.claim_window(200) == 0
+
+
 def test_grown_caps_stay_bounded_whatever_the_claims_took() -> None:
     """A claim of limit rows can grow caps to at most 2 x limit in all, so the rows a claim reads
     stay near held x base + 2 x limit, whatever the skew."""

@@ -163,16 +163,21 @@ SELECT gone.partition, (SELECT count(*) FROM unclaimed) AS unclaimed FROM gone O
 -- Graceful leave (after release_unstarted): free every partition of ours with
 -- no task running under us. One with a task still running stays ours;
 -- end_lease then lets another instance take it over and settle that task.
+-- Which partitions are busy is read in one pass over our running tasks: a check
+-- per partition walked the held-task index (and, right after a burst, its dead
+-- entries not yet vacuumed) once for each of the partitions we hold.
 WITH target AS MATERIALIZED (  -- locked in partition order first (request_partitions says why)
     SELECT pl.partition FROM partition_leases pl WHERE pl.instance_id = %(instance_id)s
     ORDER BY pl.partition
     FOR NO KEY UPDATE OF pl
+), busy AS MATERIALIZED (
+    SELECT DISTINCT t.partition FROM tasks t
+    WHERE t.claimed_by = %(instance_id)s AND t.state = 'running' AND t.partition IS NOT NULL
 )
 UPDATE partition_leases pl
 SET instance_id = NULL, acquired_at = NULL, releasing = false
 WHERE pl.partition = ANY(ARRAY(SELECT partition FROM target)) AND pl.instance_id = %(instance_id)s
-  AND NOT EXISTS (SELECT 1 FROM tasks t
-                  WHERE t.claimed_by = %(instance_id)s AND t.partition = pl.partition AND t.state = 'running')
+  AND pl.partition <> ALL(ARRAY(SELECT partition FROM busy))
 RETURNING pl.partition;
 
 -- claim_partition_planner --
@@ -225,6 +230,44 @@ SET claimed_by = %(instance_id)s, claimed_at = clock_timestamp()
 WHERE t.id = ANY(ARRAY(SELECT id FROM picked)) AND t.state = 'queued' AND t.claimed_by IS NULL
 RETURNING t.id, t.task_target_type, t.task_target_id, t.action, t.args, t.key_type, t.key_id, t.state,
           t.partition;
+
+-- claim_partition_window --
+-- The bulk claim of multihost while we hold most partitions (one instance, or
+-- two): walk the unclaimed queued tasks in id order, as standalone's claim does
+-- (tasks_claimable_idx, whose predicate the window's own is), read at most
+-- window of them, and take the oldest limit of those in the partitions we hold
+-- (under these tokens, lease live, not releasing). claim_partition_tasks costs
+-- one index descent per held partition and reads about 2 x limit rows; this
+-- reads about limit x P / held. The window bounds the rows read when others'
+-- tasks fill the head of the queue; scanned (on every row) tells the caller
+-- whether it was full. The lease rows are locked (shared) as in
+-- claim_partition_tasks. Runs after claim_partition_planner.
+WITH held AS MATERIALIZED (
+    SELECT pl.partition
+    FROM partition_leases pl
+    JOIN unnest(%(partitions)s::smallint[], %(tokens)s::bigint[]) AS w(partition, token)
+      ON pl.partition = w.partition AND pl.token = w.token
+    JOIN instances me ON me.id = pl.instance_id
+    WHERE pl.instance_id = %(instance_id)s AND NOT pl.releasing
+      AND me.stopped_at IS NULL AND me.lease_expires_at > clock_timestamp()
+    ORDER BY pl.partition  -- locked in partition order, as every statement locks lease rows
+    FOR SHARE OF pl
+), head AS MATERIALIZED (
+    SELECT id, partition FROM tasks
+    WHERE state = 'queued' AND claimed_by IS NULL
+    ORDER BY id
+    LIMIT %(window)s
+), picked AS MATERIALIZED (
+    SELECT head.id FROM head
+    WHERE head.partition = ANY(ARRAY(SELECT partition FROM held))
+    ORDER BY head.id
+    LIMIT %(limit)s
+)
+UPDATE tasks t
+SET claimed_by = %(instance_id)s, claimed_at = clock_timestamp()
+WHERE t.id = ANY(ARRAY(SELECT id FROM picked)) AND t.state = 'queued' AND t.claimed_by IS NULL
+RETURNING t.id, t.task_target_type, t.task_target_id, t.action, t.args, t.key_type, t.key_id, t.state,
+          t.partition, (SELECT count(*) FROM head) AS scanned;
 
 -- hold_partitions --
 -- Fencing for any write made for tasks of these partitions: which of these
