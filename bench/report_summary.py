@@ -43,7 +43,21 @@ def stored(results_dir: Path) -> dict[str, Any]:
         return load(path) if path.exists() else None
 
     return {"suite": optional("results.json.gz") or optional("results.json"),
-            "multihost": optional("multihost.json"), "bounded": optional("bounded.json")}
+            "multihost": optional("multihost.json"),
+            "memory_idle": optional("shard_memory.json"), "memory_after": optional("shard_memory_after_work.json")}
+
+
+def instance_memory_mb(samples: dict[str, Any] | None, shards: int = 4,
+                       child_start: str = "forkserver") -> tuple[float, float] | None:
+    """From a ``bench.shard_memory`` file: (PSS of a ``shards``-shard instance, USS each shard beyond the
+    first costs: the instance's USS over a one-shard instance's, per added shard), MB; None if not sampled."""
+    if not samples:
+        return None
+    found = {r["shards"]: r for r in samples.get("results", []) if r.get("child_start") == child_start}
+    if shards not in found or 1 not in found:
+        return None
+    extra_uss = (found[shards]["total_uss_kb"] - found[1]["total_uss_kb"]) / (shards - 1)
+    return found[shards]["total_pss_kb"] / 1024, extra_uss / 1024
 
 
 def _cell(figures: dict[tuple[int, str], float | None], shards: int, used: list[str],
@@ -96,7 +110,7 @@ def shard_peak_rss_mb(suite: dict[str, Any]) -> float | None:
 
 
 def summary(data: dict[str, Any]) -> str:
-    suite, multihost, bounded = data["suite"], data["multihost"], data["bounded"]
+    suite, multihost = data["suite"], data["multihost"]
     if suite is None:
         raise ValueError("no results.json(.gz) in the results directory: nothing to summarise")
     when = _date(suite.get("started_at"))
@@ -125,13 +139,18 @@ def summary(data: dict[str, Any]) -> str:
                        f"{target}, measured {when}.")
         else:
             out.append(f"* Enqueue-to-start, {name}: not in the stored results.")
+    idle, after = instance_memory_mb(data.get("memory_idle")), instance_memory_mb(data.get("memory_after"))
+    if idle:
+        memory = (f"* Memory (`bench.shard_memory`, shards forked from the preloaded fork server): a 4-shard "
+                  f"instance **{idle[0]:.1f} MB PSS** idle, each shard beyond the first **{idle[1]:.1f} MB USS**")
+        if after:
+            memory += f"; after 20,000 no-ops {after[0]:.1f} MB and {after[1]:.1f} MB"
+        memory += " (targets 120 and 8 MB)"
+    else:
+        memory = "* Memory per instance: not in the stored results"
     rss = shard_peak_rss_mb(suite)
-    memory = f"* Memory per shard: peak RSS {rss:.1f} MB (largest shard of any run, {when})" if rss else \
-        "* Memory per shard: peak RSS not in the stored results"
-    if bounded and "shard 0" in bounded.get("memory", {}):
-        shard = bounded["memory"]["shard 0"]
-        memory += (f"; PSS {shard['peak_pss_kb'] / 1024:.1f} MB, USS {shard['peak_uss_kb'] / 1024:.1f} MB "
-                   f"(shard 0 of the 1,000,000-task bounded run, {_date(bounded.get('started_at'))})")
+    if rss:
+        memory += f". Peak RSS of one shard in the suite's runs: {rss:.1f} MB ({when})"
     out += [memory + ".", ""]
     if multihost and (multihost.get("scaling") or {}).get("summary"):
         scaling = multihost["scaling"]

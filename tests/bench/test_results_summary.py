@@ -45,8 +45,13 @@ def test_the_summary_numbers_are_the_jsons() -> None:
     multihost = load(RESULTS / "multihost.json")
     for setup in multihost["scaling"]["summary"]:
         assert f"{setup['setup']} {setup['throughput_tps']:,.0f}" in text
-    shard = load(RESULTS / "bounded.json")["memory"]["shard 0"]
-    assert f"USS {shard['peak_uss_kb'] / 1024:.1f} MB" in text
+    # Memory: the 4-shard forkserver instance's PSS and what each shard beyond the first adds (USS), idle
+    # and after work, from bench.shard_memory's files.
+    for name in ("shard_memory.json", "shard_memory_after_work.json"):
+        sampled = {r["shards"]: r for r in load(RESULTS / name)["results"] if r["child_start"] == "forkserver"}
+        pss = sampled[4]["total_pss_kb"] / 1024
+        extra_uss = (sampled[4]["total_uss_kb"] - sampled[1]["total_uss_kb"]) / 3 / 1024
+        assert f"{pss:.1f} MB" in text and f"{extra_uss:.1f} MB" in text, (name, pss, extra_uss)
 
 
 def test_results_md_opens_with_the_current_summary() -> None:
