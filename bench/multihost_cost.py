@@ -77,6 +77,7 @@ MULTIXACT_SQL = ("SELECT coalesce(sum(blks_hit + blks_read), 0) AS blocks FROM p
 # What the bench itself sends (the burst, its polls and counters), told apart from the daemon's statements.
 BENCH_STATEMENTS = ("INSERT INTO tasks", "SELECT EXISTS (SELECT", "SELECT xact_commit", "SELECT coalesce(sum(blks_hit",
                     "SELECT pg_stat_statements_reset", "CREATE EXTENSION", "SELECT count(DISTINCT instance_id)")
+BENCH_PREFIX = "bench: "  # statement_name's mark of the bench's own statements
 
 
 def statement_name(query: str) -> str:
@@ -86,7 +87,7 @@ def statement_name(query: str) -> str:
     prepared = re.match(r'PREPARE "tkm_(\w+)"', query)
     if prepared:
         return prepared.group(1)
-    return f"bench: {query}" if query.startswith(BENCH_STATEMENTS) else query
+    return f"{BENCH_PREFIX}{query}" if query.startswith(BENCH_STATEMENTS) else query
 
 
 def roles_of(runner: Runner, members: list[measure.ProcStat]) -> dict[int, str]:
@@ -210,6 +211,11 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
                                   for figure in ("exec_us_per_task", "hits_per_task", "calls")}
                            for name in names},
         }
+        # Buffer hits of the daemon's statements per task: the database's work, counted, so it does not
+        # move with the machine's noise as CPU time and tasks/s do (only with --statements).
+        per_mode[mode]["daemon_hits_per_task"] = _median(
+            [sum(s["hits_per_task"] for s in r["statements"] if not s["name"].startswith(BENCH_PREFIX))
+             for r in done if r.get("statements")])
     sa, mh = per_mode["standalone"], per_mode["multihost"]
 
     def ratio(a: float | None, b: float | None) -> float | None:
@@ -217,9 +223,26 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
     return {**per_mode, "multihost_over_standalone": {
         "throughput": ratio(mh["throughput_tps"], sa["throughput_tps"]),
+        "throughput_paired": paired_ratios(runs),
         "cpu": {role: ratio(mh["cpu_ms_per_task"].get(role), sa["cpu_ms_per_task"].get(role))
                 for role in ("daemon", "postgres", "fetcher")},
+        "daemon_hits": ratio(mh["daemon_hits_per_task"], sa["daemon_hits_per_task"]),
     }}
+
+
+def paired_ratios(runs: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Multihost / standalone tasks/s of each round's two runs, back to back on the same machine state:
+    a drift of the machine's speed over the batch moves both runs of a round alike. Their median and range;
+    None without a round whose two runs both completed."""
+    rounds: dict[int, dict[str, float]] = {}
+    for r in runs:
+        if r.get("round") is not None and r["complete"] and r["throughput_tps"] and not r.get("warmup"):
+            rounds.setdefault(r["round"], {})[r["mode"]] = r["throughput_tps"]
+    ratios = [pair["multihost"] / pair["standalone"] for pair in rounds.values() if len(pair) == 2]
+    if not ratios:
+        return None
+    return {"rounds": len(ratios), "median": round(statistics.median(ratios), 3),
+            "min": round(min(ratios), 3), "max": round(max(ratios), 3)}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -288,6 +311,14 @@ def summary_text(results: dict[str, Any]) -> str:
     ratios = summary["multihost_over_standalone"]
     lines.append(f"  multihost / standalone: tasks/s {ratios['throughput']}, CPU per task "
                  + ", ".join(f"{role} {value}" for role, value in ratios["cpu"].items()))
+    paired = ratios.get("throughput_paired")
+    if paired:
+        lines.append(f"  paired by round: tasks/s median {paired['median']} over {paired['rounds']} rounds "
+                     f"(range {paired['min']}-{paired['max']})")
+    if ratios.get("daemon_hits"):
+        lines.append(f"  buffer hits of the daemon's statements per task: standalone "
+                     f"{summary['standalone']['daemon_hits_per_task']}, multihost "
+                     f"{summary['multihost']['daemon_hits_per_task']} ({ratios['daemon_hits']}x)")
     return "\n".join(lines)
 
 

@@ -139,12 +139,14 @@ def summary(data: dict[str, Any]) -> str:
                        f"{target}, measured {when}.")
         else:
             out.append(f"* Enqueue-to-start, {name}: not in the stored results.")
-    idle, after = instance_memory_mb(data.get("memory_idle")), instance_memory_mb(data.get("memory_after"))
-    if idle:
+    memory_idle = instance_memory_mb(data.get("memory_idle"))
+    memory_after = instance_memory_mb(data.get("memory_after"))
+    if memory_idle:
         memory = (f"* Memory (`bench.shard_memory`, shards forked from the preloaded fork server): a 4-shard "
-                  f"instance **{idle[0]:.1f} MB PSS** idle, each shard beyond the first **{idle[1]:.1f} MB USS**")
-        if after:
-            memory += f"; after 20,000 no-ops {after[0]:.1f} MB and {after[1]:.1f} MB"
+                  f"instance **{memory_idle[0]:.1f} MB PSS** idle, each shard beyond the first "
+                  f"**{memory_idle[1]:.1f} MB USS**")
+        if memory_after:
+            memory += f"; after 20,000 no-ops {memory_after[0]:.1f} MB and {memory_after[1]:.1f} MB"
         memory += " (targets 120 and 8 MB)"
     else:
         memory = "* Memory per instance: not in the stored results"

@@ -81,6 +81,33 @@ def test_summary_takes_medians_per_mode_of_complete_runs_and_their_ratios() -> N
     assert ratios["cpu"]["daemon"] == round(0.10 / 0.09, 3) and ratios["cpu"]["postgres"] == round(0.11 / 0.08, 3)
 
 
+def test_paired_ratios_compare_each_rounds_two_runs() -> None:
+    """Each round's multihost run over its standalone run, back to back: the machine's drift over the batch
+    (round 1 ran at half speed) cancels within a round. A round with a failed run and the warm-up are out."""
+    runs = []
+    for round_index, (sa, mh) in enumerate([(10_000, 8_000), (5_000, 4_500), (12_000, 9_600), (11_000, 1)]):
+        runs += [{**_run("standalone", sa, 0.1, 0.1, 20), "round": round_index},
+                 {**_run("multihost", mh, 0.1, 0.1, 20, complete=round_index != 3), "round": round_index}]
+    runs.append({**_run("multihost", 1_000, 0.1, 0.1, 20), "warmup": True, "round": 0})
+    paired = summarise(runs)["multihost_over_standalone"]["throughput_paired"]
+    assert paired == {"rounds": 3, "median": 0.8, "min": 0.8, "max": 0.9}
+    assert summarise([_run("standalone", 10_000, 0.1, 0.1, 20)])["multihost_over_standalone"][
+        "throughput_paired"] is None
+
+
+def test_the_daemons_buffer_hits_per_task_leave_the_benchs_own_statements_out() -> None:
+    sa = _run("standalone", 10_000, 0.1, 0.1, 20)
+    mh = _run("multihost", 9_000, 0.1, 0.1, 20)
+    mh["statements"] += [{"name": "end_and_start_fenced", "exec_us_per_task": 40.0, "hits_per_task": 10.0,
+                          "calls": 300},
+                         {"name": "bench: INSERT INTO tasks ...", "exec_us_per_task": 9.0, "hits_per_task": 99.0,
+                          "calls": 1}]
+    summary = summarise([sa, mh])
+    assert summary["standalone"]["daemon_hits_per_task"] == 20.0
+    assert summary["multihost"]["daemon_hits_per_task"] == 30.0
+    assert summary["multihost_over_standalone"]["daemon_hits"] == 1.5
+
+
 def test_a_statement_a_run_did_not_list_counts_as_zero_in_the_median() -> None:
     runs = [_run("multihost", 9_000, 0.1, 0.1, 30) for _ in range(3)]
     runs[0]["statements"].append({"name": "rare", "exec_us_per_task": 50.0, "hits_per_task": 5.0, "calls": 1})
