@@ -59,14 +59,19 @@ def task_rows_read(store: Store, name: str, params: dict[str, Any]) -> int:
     return walk(plan[0]["Plan"])
 
 
+def _instance_holding(store: Store, partitions: range) -> tuple[int, dict[int, int]]:
+    """A multihost instance registered, and the leases it acquired: (its id, partition -> token)."""
+    with store.transaction():
+        instance = int(store.scalar("register_instance", hostname="h", pid=1, version="t", mode="multihost",
+                                    shards=4, lease=60.0))
+    with store.transaction():
+        return instance, {a.partition: a.token for a in dbp.acquire_partitions(store, instance, partitions)}
+
+
 def test_a_multihost_claim_over_held_partitions_reads_a_batch_not_the_queue(big_queue: str) -> None:
     store = Store.open(big_queue, "test_claim_scaling")
     try:
-        with store.transaction():
-            instance = store.scalar("register_instance", hostname="h", pid=1, version="t", mode="multihost",
-                                    shards=4, lease=60.0)
-        with store.transaction():
-            held = {a.partition: a.token for a in dbp.acquire_partitions(store, instance, range(0, 256, 3))}
+        instance, held = _instance_holding(store, range(0, 256, 3))
         assert len(held) == 86  # a third of P, as with three instances
         pairs = sorted(held.items())
         book = PartitionBook(256)
@@ -89,11 +94,7 @@ def test_the_window_claim_of_an_instance_holding_every_partition_reads_its_batch
     through tasks_claimable_idx and updates what it picked, nothing like the 100,000 queued."""
     store = Store.open(big_queue, "test_claim_scaling")
     try:
-        with store.transaction():
-            instance = store.scalar("register_instance", hostname="h", pid=1, version="t", mode="multihost",
-                                    shards=4, lease=60.0)
-        with store.transaction():
-            held = {a.partition: a.token for a in dbp.acquire_partitions(store, instance, range(256))}
+        instance, held = _instance_holding(store, range(256))
         book = PartitionBook(256)
         for partition, token in held.items():
             book.hold(partition, token)
