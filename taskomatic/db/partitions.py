@@ -163,19 +163,20 @@ def claim_partition_tasks(store: Store, instance_id: int, held: Mapping[int, int
 
 
 def claim_partition_window(store: Store, instance_id: int, held: Mapping[int, int], window: int, limit: int,
-                           last: bool = False) -> tuple[list[Row], int | None]:
+                           last: bool = False) -> tuple[list[Row], int]:
     """Claim the ``limit`` oldest queued tasks (by id) of held partitions among the ``window`` oldest unclaimed
-    queued tasks of all. (rows in id order, how many the window held: None when nothing was claimed.)
+    queued tasks of all. (rows in id order, how many unclaimed queued tasks the window held.)
 
     Each row carries its ``partition``; nothing for a partition whose token is not current, that is
     releasing, or once our lease ran out.
     """
     if not held or limit < 1:
-        return [], None
+        return [], 0
     store.send_with_next("claim_partition_planner")  # the plan must not depend on the statistics (the SQL says why)
     rows = store.all_last("claim_partition_window", last, instance_id=instance_id, window=window,
                           limit=limit, **_pairs(held))
-    return sorted(rows, key=lambda r: r["id"]), (int(rows[0]["scanned"]) if rows else None)
+    scanned = int(rows[0]["scanned"])  # always one row at least: a NULL id when nothing was claimed
+    return sorted((r for r in rows if r["id"] is not None), key=lambda r: r["id"]), scanned
 
 
 def hold_partitions(store: Store, instance_id: int, held: Mapping[int, int], starting: bool) -> set[int]:

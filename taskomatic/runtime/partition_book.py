@@ -111,25 +111,25 @@ class PartitionBook:
         in id order as standalone does costs less than one index descent per held partition: the window,
         limit x P / held rows, holds about ``limit`` of ours when the work is spread over the partitions.
         After a window that was full and gave us less than asked (others' tasks at the head of the queue),
-        the next claim goes per partition, which reads only ours.
+        claims go per partition, which reads only ours, until one of them comes back short.
         """
         held = len(self.claimable())
         if self.window_missed or held == 0 or held * WINDOW_SHARE < self.partitions:
-            self.window_missed = False
             return 0
         return -(-limit * self.partitions // held)
 
-    def window_claimed(self, taken: int, scanned: int | None, window: int, limit: int) -> bool:
-        """An id-order claim took ``taken`` of ``limit`` from a window that held ``scanned`` (None: it took
-        none, so how full the window was is unknown); True if more may be waiting (claim again at once).
+    def window_claimed(self, taken: int, scanned: int, window: int, limit: int) -> bool:
+        """An id-order claim took ``taken`` of ``limit`` from a window that held ``scanned`` unclaimed tasks;
+        True if more may be waiting (claim again at once).
 
-        A full window that gave less than ``limit``: the next claim, at once, goes per partition. One that
-        gave nothing: the next claim goes per partition too, but only when one is due anyway (the queue is
-        most likely empty; an idle fetcher must not claim twice per wake-up)."""
+        A full window that gave less than ``limit`` (others' tasks at the head): the next claim, at once, goes
+        per partition. A window that was not full read every unclaimed task: nothing more waits.
+        """
+        self.grown.clear()  # caps of per-partition claims long past; the next one starts from the base
         if taken >= limit:
             return True
-        self.window_missed = scanned is None or scanned >= window
-        return scanned is not None and self.window_missed
+        self.window_missed = scanned >= window
+        return self.window_missed
 
     def claimed(self, caps: dict[int, int], taken: Counter[int], limit: int) -> bool:
         """A claim with these caps took ``taken`` per partition; True if some partition gave all it
@@ -140,6 +140,8 @@ class PartitionBook:
         goes back to the base. The grown caps of one claim add up to at most 2 x ``limit``, so a
         claim reads at most about (held x base) + 2 x limit rows, whatever the skew.
         """
+        if sum(taken.values()) < limit:
+            self.window_missed = False  # our share of the queue's head is claimed: the window may serve again
         cut = False
         for partition, cap in caps.items():
             if taken[partition] >= cap:

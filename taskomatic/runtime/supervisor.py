@@ -68,7 +68,8 @@ log = logging.getLogger(__name__)
 HEARTBEAT_INTERVAL = 10.0
 # While stopping fast or for a rejoin, SIGINT goes again this often to the children still alive: one
 # that was starting when it was first sent may have missed it (a child forked by the fork server
-# ignores SIGINT until its handlers are set), and would otherwise hold the stop up until it is killed.
+# ignores SIGINT, the server's own setting, until it puts the default back), and would otherwise hold
+# the stop up until it is killed.
 STOP_SIGNAL_REPEAT = 1.0
 
 

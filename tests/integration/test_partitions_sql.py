@@ -190,15 +190,17 @@ def test_the_window_claim_takes_the_oldest_of_held_partitions_within_its_window(
     with store.transaction():
         rows, _ = db_partitions.claim_partition_window(store, instance, held, window=10, limit=1)
     assert [r["id"] for r in rows] == [ids[7]]
-    # Nothing left of ours: no rows, and how full the window was is not known.
+    # Nothing left of ours: no rows, and still how full the window was (others' tasks at the head).
     with store.transaction():
-        assert db_partitions.claim_partition_window(store, instance, held, window=10, limit=10) == ([], None)
+        assert db_partitions.claim_partition_window(store, instance, held, window=2, limit=10) == ([], 2)
+    with store.transaction():
+        assert db_partitions.claim_partition_window(store, instance, held, window=10, limit=10) == ([], 3)
     # Once our lease ran out, nothing.
     query(dsn, "UPDATE tasks SET claimed_by = NULL WHERE claimed_by = %s", (instance,))
     query(dsn, "UPDATE instances SET lease_expires_at = clock_timestamp() - interval '1 second' WHERE id = %s",
           (instance,))
     with store.transaction():
-        assert db_partitions.claim_partition_window(store, instance, held, window=10, limit=10) == ([], None)
+        assert db_partitions.claim_partition_window(store, instance, held, window=10, limit=10) == ([], 8)
 
 
 def _claim_sql() -> tuple[str, str]:

@@ -127,23 +127,37 @@ def test_the_id_order_claim_is_used_while_half_the_partitions_or_more_are_held()
     assert few.claim_window(200) == 0
 
 
-def test_a_full_window_that_gave_less_than_asked_sends_the_next_claim_per_partition() -> None:
+def test_a_full_window_that_gave_less_than_asked_sends_claims_per_partition_until_one_comes_back_short() -> None:
     book = PartitionBook(P)
     for p in range(P):
         book.hold(p, 1)
     window = book.claim_window(200)
-    assert book.window_claimed(200, 200, window, 200)  # a full batch: more may wait, claim again
+    assert book.window_claimed(200, window, window, 200)  # a full batch: more may wait, claim again
     assert book.claim_window(200) == window
-    # Others' tasks at the head (a window full of them gave 50): the next claim, at once, per partition.
-    assert book.window_claimed(50, window, window, 200)
-    assert book.claim_window(200) == 0
-    assert book.claim_window(200) == window  # and then the window again
-    # The window was not full: the queue's unclaimed head is all read, nothing more waits.
+    # Others' tasks fill the head (a full window gave 50, or none): the next claim, at once, per partition.
+    for taken in (50, 0):
+        assert book.window_claimed(taken, window, window, 200)
+        assert book.claim_window(200) == 0
+        caps = book.claim_caps(200)
+        book.claimed(caps, Counter({p: 25 for p in range(P)}), 200)  # a whole batch of ours: still per partition
+        assert book.claim_window(200) == 0
+        book.claimed(book.claim_caps(200), Counter({0: 1}), 200)  # short: ours at the head are claimed
+        assert book.claim_window(200) == window  # the window again
+    # The window was not full: every unclaimed task was read, nothing more waits, and none of ours.
     assert not book.window_claimed(50, window - 1, window, 200)
+    assert not book.window_claimed(0, 0, window, 200)
     assert book.claim_window(200) == window
-    # Nothing claimed (how full the window was is unknown): not at once, but the next claim per partition.
-    assert not book.window_claimed(0, None, window, 200)
-    assert book.claim_window(200) == 0
+
+
+def test_a_window_claim_drops_the_grown_caps_of_earlier_per_partition_claims() -> None:
+    book = PartitionBook(P)
+    for p in range(P):
+        book.hold(p, 1)
+    base = book.per_partition(200)
+    book.claimed(book.claim_caps(200), Counter({3: base}), 200)
+    assert book.claim_caps(200)[3] == 2 * base
+    book.window_claimed(10, 10, book.claim_window(200), 200)
+    assert book.claim_caps(200)[3] == base
 
 
 def test_grown_caps_stay_bounded_whatever_the_claims_took() -> None:

@@ -239,9 +239,10 @@ RETURNING t.id, t.task_target_type, t.task_target_id, t.action, t.args, t.key_ty
 -- (under these tokens, lease live, not releasing). claim_partition_tasks costs
 -- one index descent per held partition and reads about 2 x limit rows; this
 -- reads about limit x P / held. The window bounds the rows read when others'
--- tasks fill the head of the queue; scanned (on every row) tells the caller
--- whether it was full. The lease rows are locked (shared) as in
--- claim_partition_tasks. Runs after claim_partition_planner.
+-- tasks fill the head of the queue; scanned tells the caller whether it was
+-- full, also when nothing was claimed: then the one row has a NULL id. The
+-- lease rows are locked (shared) as in claim_partition_tasks. Runs after
+-- claim_partition_planner.
 WITH held AS MATERIALIZED (
     SELECT pl.partition
     FROM partition_leases pl
@@ -262,12 +263,16 @@ WITH held AS MATERIALIZED (
     WHERE head.partition = ANY(ARRAY(SELECT partition FROM held))
     ORDER BY head.id
     LIMIT %(limit)s
+), claimed AS (
+    UPDATE tasks t
+    SET claimed_by = %(instance_id)s, claimed_at = clock_timestamp()
+    WHERE t.id = ANY(ARRAY(SELECT id FROM picked)) AND t.state = 'queued' AND t.claimed_by IS NULL
+    RETURNING t.id, t.task_target_type, t.task_target_id, t.action, t.args, t.key_type, t.key_id, t.state,
+              t.partition
 )
-UPDATE tasks t
-SET claimed_by = %(instance_id)s, claimed_at = clock_timestamp()
-WHERE t.id = ANY(ARRAY(SELECT id FROM picked)) AND t.state = 'queued' AND t.claimed_by IS NULL
-RETURNING t.id, t.task_target_type, t.task_target_id, t.action, t.args, t.key_type, t.key_id, t.state,
-          t.partition, (SELECT count(*) FROM head) AS scanned;
+SELECT c.*, window_rows.scanned
+FROM (SELECT count(*) AS scanned FROM head) AS window_rows
+LEFT JOIN claimed c ON true;
 
 -- hold_partitions --
 -- Fencing for any write made for tasks of these partitions: which of these
