@@ -29,7 +29,7 @@ class PartitionBook:
         self.in_hand: Counter[int] = Counter()  # partition -> claimed tasks routed and not ended
         self.task_partitions: dict[int, int] = {}  # task id -> partition, for tasks in hand
         self.grown: dict[int, int] = {}  # partition -> a larger cap: its last claim took all it was allowed
-        self.window_missed = False  # the last id-order claim's window was full and gave us less than asked
+        self.window_missed = False  # a full window gave us less than asked: per partition until a claim is short
 
     def hold(self, partition: int, token: int, releasing: bool = False) -> None:
         """A lease acquired (or found at startup); a newer token replaces an older one."""
