@@ -113,7 +113,7 @@ class PartitionBook:
         After a window that was full and gave us less than asked (others' tasks at the head of the queue),
         claims go per partition, which reads only ours, until one of them comes back short.
         """
-        held = len(self.claimable())
+        held = len(self.tokens) - sum(p in self.tokens for p in self.releasing)  # len(claimable()), not built
         if self.window_missed or held == 0 or held * WINDOW_SHARE < self.partitions:
             return 0
         return -(-limit * self.partitions // held)
