@@ -151,20 +151,23 @@ def render_summary(results: dict[str, Any]) -> str:
                     f"instance, {scaling['repeats']} run(s) per setup (median)",
                 f"   NOTE: {scaling['note']}.", ""]
         out.append("| setup | tasks/s | vs SA | tkm CPU s/1k | PG CPU s/1k | PG vs SA | leases taken | xact/task "
-                   "| pause s | share per instance | other load | checks |")
-        out.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---|")
+                   "| pause s | share per instance | busiest shard | idle tail | other load | checks |")
+        out.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---|")
         for s in scaling["summary"]:
             share = " / ".join(f"{v:.0%}" for v in s["share_per_instance"] or [])
             out.append(f"| {s['setup']} | {_s(s['throughput_tps'], 0)} | {_s(s['throughput_vs_standalone'])} "
                        f"| {_s(s['taskomatic_cpu_s_per_1k'], 3)} | {_s(s['postgres_cpu_s_per_1k'], 3)} "
                        f"| {_s(s.get('postgres_cpu_vs_standalone'))} | {_s(s.get('partition_acquisitions'), 0)} "
                        f"| {_s(s['db_transactions_per_task'], 1)} | {_s(s['longest_pause_s'])} "
-                       f"| {share} | {s['other_share_max']:.0%} | {'ok' if s['ok'] else 'FAILED'} |")
+                       f"| {share} | {_s(s.get('busiest_shard_load'))} | {_pct(s.get('idle_tail_share'))} "
+                       f"| {s['other_share_max']:.0%} | {'ok' if s['ok'] else 'FAILED'} |")
         out.append("(SA: the standalone instance with the same routing. CPU from the burst to the last end. Leases "
                    "taken: partition leases handed out (P when the first instance starts, then one per partition that "
                    "moves). xact/task: database transactions "
                    "(commits and rollbacks, pg_stat_database, the bench's few included) per task. Pause s: the longest "
-                   "time no task ran on any instance although tasks were queued. "
+                   "time no task ran on any instance although tasks were queued. Busiest shard: the most tasks one "
+                   "shard ran over an even share of the setup's shards. Idle tail: from the first instance's last end "
+                   "to the run's, as a share of the run. "
                    "Other load: CPU of every other process on the machine during the run, "
                    "as a share of all cores; a large share means the figures are disturbed)")
     join = results.get("join")

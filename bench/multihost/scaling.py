@@ -105,6 +105,34 @@ def wait_balanced(conn: Any, count: int, deadline_s: float = 60.0) -> float | No
     return None
 
 
+def load_balance(conn: Any, ids: list[list[int]], tasks: int, span_s: float | None) -> dict[str, Any]:
+    """How evenly the run's tasks fell on its shards, and how long instances sat idle at the end.
+
+    ``busiest_shard_load``: the most tasks one shard ran over an even share of all the setup's shards
+    (1.0 is even; hash routing sends a partition to a fixed shard whatever its load). ``idle_tail_share``:
+    from the first instance's last end to the run's last end, as a share of the run's span (0 with one
+    instance): time one instance had nothing left while another still worked, which tasks/s counts.
+    """
+    rows = fetch_rows(conn, """
+        SELECT claimed_by, run_by_shard, count(*) AS n, max(time_ended) AS last_end
+        FROM tasks WHERE time_ended IS NOT NULL AND claimed_by IS NOT NULL GROUP BY claimed_by, run_by_shard""")
+    instance_of = {instance_id: index for index, group in enumerate(ids) for instance_id in group}
+    per_shard: dict[tuple[int, int], int] = defaultdict(int)
+    last_end: dict[int, Any] = {}
+    for r in rows:
+        instance = instance_of.get(int(r["claimed_by"]), -1)
+        per_shard[(instance, r["run_by_shard"] if r["run_by_shard"] is not None else -1)] += int(r["n"])
+        if instance not in last_end or r["last_end"] > last_end[instance]:
+            last_end[instance] = r["last_end"]
+    even = tasks / (len(ids) * SHARDS)
+    out: dict[str, Any] = {"tasks_per_shard": sorted(per_shard.values(), reverse=True),
+                           "busiest_shard_load": round(max(per_shard.values()) / even, 3) if per_shard else None}
+    ends = sorted(last_end.values())
+    out["idle_tail_share"] = (round((ends[-1] - ends[0]).total_seconds() / span_s, 3)
+                              if len(ends) > 1 and span_s else 0.0 if ends else None)
+    return out
+
+
 def setup_label(count: int, multihost: bool, routing: str) -> str:
     return f"{count} multihost, {routing}" if multihost else f"standalone, {routing}"
 
@@ -183,6 +211,7 @@ def run_scaling(ctx: Ctx, plan: Plan, count: int, multihost: bool, routing: str,
         per_instance = [sum(share.get(x, 0) for x in group) for group in ids]
         result["tasks_per_instance"] = per_instance
         result["share_per_instance"] = [round(c / len(tasks), 4) for c in per_instance]
+        result.update(load_balance(conn, ids, len(tasks), span["span"]))
         if multihost:
             # Leases taken: P when the first instance starts, then one per partition that moves.
             result["partition_acquisitions"] = partition_acquisitions(conn)
@@ -221,6 +250,8 @@ def scaling_summary(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "postgres_cpu_s_per_1k": med(rows, lambda r: (r.get("cpu") or {}).get("postgres_s_per_1k")),
             "partition_acquisitions": med(rows, lambda r: r.get("partition_acquisitions")),
             "share_spread": med(rows, lambda r: r.get("share_spread")),
+            "busiest_shard_load": med(rows, lambda r: r.get("busiest_shard_load")),
+            "idle_tail_share": med(rows, lambda r: r.get("idle_tail_share")),
             "db_transactions_per_task": med(rows, lambda r: r.get("db_transactions_per_task")),
             "longest_pause_s": med(rows, lambda r: (r.get("pauses") or {}).get("longest_s")),
             "hot_chain_gap_p50_ms": med(rows, lambda r: (r.get("hot_chain") or {}).get("gap_p50_ms")),

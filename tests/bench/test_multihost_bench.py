@@ -180,6 +180,26 @@ def test_scaling_summary_medians_and_ratios() -> None:
     assert by["2 multihost, hash"]["postgres_cpu_vs_standalone"] == 1.5
 
 
+def test_load_balance_by_hand(monkeypatch: pytest.MonkeyPatch) -> None:
+    from datetime import datetime, timedelta
+
+    t0 = datetime(2026, 12, 6, 20, 0, 0)
+    rows = [  # instance ids 7 (rejoined as 9) and 8, shards 0 and 1; 1,000 tasks
+        {"claimed_by": 7, "run_by_shard": 0, "n": 300, "last_end": t0 + timedelta(seconds=8)},
+        {"claimed_by": 9, "run_by_shard": 0, "n": 50, "last_end": t0 + timedelta(seconds=9)},
+        {"claimed_by": 7, "run_by_shard": 1, "n": 150, "last_end": t0 + timedelta(seconds=6)},
+        {"claimed_by": 8, "run_by_shard": 0, "n": 250, "last_end": t0 + timedelta(seconds=10)},
+        {"claimed_by": 8, "run_by_shard": 1, "n": 250, "last_end": t0 + timedelta(seconds=7)},
+    ]
+    monkeypatch.setattr(mh_scaling, "fetch_rows", lambda conn, sql: rows)
+    out = mh_scaling.load_balance(None, [[7, 9], [8]], 1000, 10.0)
+    assert out["tasks_per_shard"] == [350, 250, 250, 150]
+    assert out["busiest_shard_load"] == 1.4  # 350 against an even 250
+    assert out["idle_tail_share"] == 0.1  # the first instance's last end at 9 s, the run's at 10 s, of 10 s
+    monkeypatch.setattr(mh_scaling, "fetch_rows", lambda conn, sql: rows[:3])
+    assert mh_scaling.load_balance(None, [[7, 9]], 500, 10.0)["idle_tail_share"] == 0.0  # one instance
+
+
 def test_target_rows() -> None:
     def setup(mode: str, n: int, vs: float, pg: float | None, spread: float | None) -> dict[str, Any]:
         return {"mode": mode, "instances": n, "routing": "hash", "throughput_vs_standalone": vs,
@@ -260,6 +280,10 @@ def test_smoke_scaling_runs_every_setup(smoke: dict[str, Any]) -> None:
         assert ("partition_acquisitions" in run) == (run["mode"] == "multihost")
         assert run["db_transactions_per_task"] > 0
         assert run["pauses"]["longest_s"] >= 0
+        # Every task is counted on the shard that ran it; the busiest shard has at least an even share.
+        assert sum(run["tasks_per_shard"]) == 400 and len(run["tasks_per_shard"]) <= 2 * run["instances"]
+        assert run["busiest_shard_load"] >= 1.0
+        assert 0.0 <= run["idle_tail_share"] < 1.0 and (run["instances"] > 1 or run["idle_tail_share"] == 0.0)
 
 
 @pytest.mark.slow
