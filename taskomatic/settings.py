@@ -139,7 +139,7 @@ SETTINGS: tuple[Setting, ...] = (
             "in flight there) or hash (always shard partition mod shards, whatever its load)"),
     Setting("daemon", "child_start", _choice("forkserver", "spawn"), "forkserver",
             "how children start: forkserver forks them from a process that imported what they need "
-            "(shared memory, ~8 MB unique per shard); spawn starts a fresh interpreter each (~21 MB)"),
+            "(shared memory, 6-8.5 MB unique per shard); spawn starts a fresh interpreter each (~21 MB)"),
     Setting("daemon", "state_dir", str, "",
             "where the private PostgreSQL (dsn = embedded) lives; systemd's $STATE_DIRECTORY wins; "
             "empty: /var/lib/taskomatic as root, else $XDG_STATE_HOME/taskomatic"),

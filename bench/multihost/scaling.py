@@ -108,28 +108,40 @@ def wait_balanced(conn: Any, count: int, deadline_s: float = 60.0) -> float | No
 def load_balance(conn: Any, ids: list[list[int]], tasks: int, span_s: float | None) -> dict[str, Any]:
     """How evenly the run's tasks fell on its shards, and how long instances sat idle at the end.
 
+    ``tasks_per_shard``: per shard of the setup, most first (a shard that ran nothing counts 0).
     ``busiest_shard_load``: the most tasks one shard ran over an even share of all the setup's shards
     (1.0 is even; hash routing sends a partition to a fixed shard whatever its load). ``idle_tail_share``:
     from the first instance's last end to the run's last end, as a share of the run's span (0 with one
-    instance): time one instance had nothing left while another still worked, which tasks/s counts.
+    instance; an instance that ran nothing ends at the run's first start): time one instance had
+    nothing left while another still worked, which tasks/s counts. Ids of no runner are left out.
     """
     rows = fetch_rows(conn, """
-        SELECT claimed_by, run_by_shard, count(*) AS n, max(time_ended) AS last_end
+        SELECT claimed_by, run_by_shard, count(*) AS n, min(time_started) AS first_start, max(time_ended) AS last_end
         FROM tasks WHERE time_ended IS NOT NULL AND claimed_by IS NOT NULL GROUP BY claimed_by, run_by_shard""")
     instance_of = {instance_id: index for index, group in enumerate(ids) for instance_id in group}
     per_shard: dict[tuple[int, int], int] = defaultdict(int)
     last_end: dict[int, Any] = {}
+    first_start = None
     for r in rows:
-        instance = instance_of.get(int(r["claimed_by"]), -1)
+        instance = instance_of.get(int(r["claimed_by"]))
+        if instance is None:
+            continue
         per_shard[(instance, r["run_by_shard"] if r["run_by_shard"] is not None else -1)] += int(r["n"])
         if instance not in last_end or r["last_end"] > last_end[instance]:
             last_end[instance] = r["last_end"]
+        if r["first_start"] is not None and (first_start is None or r["first_start"] < first_start):
+            first_start = r["first_start"]
+    counts = sorted(per_shard.values(), reverse=True)
+    counts += [0] * (len(ids) * SHARDS - len(counts))
     even = tasks / (len(ids) * SHARDS)
-    out: dict[str, Any] = {"tasks_per_shard": sorted(per_shard.values(), reverse=True),
-                           "busiest_shard_load": round(max(per_shard.values()) / even, 3) if per_shard else None}
-    ends = sorted(last_end.values())
-    out["idle_tail_share"] = (round((ends[-1] - ends[0]).total_seconds() / span_s, 3)
-                              if len(ends) > 1 and span_s else 0.0 if ends else None)
+    out: dict[str, Any] = {"tasks_per_shard": counts,
+                           "busiest_shard_load": round(counts[0] / even, 3) if per_shard else None,
+                           "idle_tail_share": None}
+    if len(ids) == 1:
+        out["idle_tail_share"] = 0.0
+    elif last_end and span_s and first_start is not None:
+        ends = [last_end.get(index, first_start) for index in range(len(ids))]
+        out["idle_tail_share"] = round((max(ends) - min(ends)).total_seconds() / span_s, 3)
     return out
 
 

@@ -184,20 +184,32 @@ def test_load_balance_by_hand(monkeypatch: pytest.MonkeyPatch) -> None:
     from datetime import datetime, timedelta
 
     t0 = datetime(2026, 12, 6, 20, 0, 0)
-    rows = [  # instance ids 7 (rejoined as 9) and 8, shards 0 and 1; 1,000 tasks
-        {"claimed_by": 7, "run_by_shard": 0, "n": 300, "last_end": t0 + timedelta(seconds=8)},
-        {"claimed_by": 9, "run_by_shard": 0, "n": 50, "last_end": t0 + timedelta(seconds=9)},
-        {"claimed_by": 7, "run_by_shard": 1, "n": 150, "last_end": t0 + timedelta(seconds=6)},
-        {"claimed_by": 8, "run_by_shard": 0, "n": 250, "last_end": t0 + timedelta(seconds=10)},
-        {"claimed_by": 8, "run_by_shard": 1, "n": 250, "last_end": t0 + timedelta(seconds=7)},
+
+    def row(instance: int, shard: int | None, n: int, start_s: float, end_s: float) -> dict[str, Any]:
+        return {"claimed_by": instance, "run_by_shard": shard, "n": n,
+                "first_start": t0 + timedelta(seconds=start_s), "last_end": t0 + timedelta(seconds=end_s)}
+
+    rows = [  # instance ids 7 (rejoined as 9) and 8, shards 0 and 1; 1,000 tasks; 99 of no runner
+        row(7, 0, 300, 0.5, 8), row(9, 0, 50, 8.5, 9), row(7, 1, 150, 0.0, 6),
+        row(8, 0, 250, 0.2, 10), row(8, 1, 250, 0.1, 7), row(99, 0, 500, 0.0, 30),
     ]
     monkeypatch.setattr(mh_scaling, "fetch_rows", lambda conn, sql: rows)
     out = mh_scaling.load_balance(None, [[7, 9], [8]], 1000, 10.0)
     assert out["tasks_per_shard"] == [350, 250, 250, 150]
     assert out["busiest_shard_load"] == 1.4  # 350 against an even 250
     assert out["idle_tail_share"] == 0.1  # the first instance's last end at 9 s, the run's at 10 s, of 10 s
-    monkeypatch.setattr(mh_scaling, "fetch_rows", lambda conn, sql: rows[:3])
-    assert mh_scaling.load_balance(None, [[7, 9]], 500, 10.0)["idle_tail_share"] == 0.0  # one instance
+    assert mh_scaling.load_balance(None, [[7, 9], [8]], 1000, None)["idle_tail_share"] is None
+    # A third instance that ran nothing: its shards count 0, and it sat idle from the first start.
+    out = mh_scaling.load_balance(None, [[7, 9], [8], [11]], 1000, 10.0)
+    assert out["tasks_per_shard"] == [350, 250, 250, 150, 0, 0]
+    assert out["idle_tail_share"] == 1.0
+    # One instance: no tail; a task without a shard (never started by one) is its own row.
+    monkeypatch.setattr(mh_scaling, "fetch_rows", lambda conn, sql: [row(7, 0, 400, 0, 5), row(7, None, 100, 1, 2)])
+    out = mh_scaling.load_balance(None, [[7]], 500, 5.0)
+    assert out["tasks_per_shard"] == [400, 100] and out["idle_tail_share"] == 0.0
+    monkeypatch.setattr(mh_scaling, "fetch_rows", lambda conn, sql: [])
+    assert mh_scaling.load_balance(None, [[7], [8]], 500, 5.0) == {
+        "tasks_per_shard": [0, 0, 0, 0], "busiest_shard_load": None, "idle_tail_share": None}
 
 
 def test_target_rows() -> None:
@@ -281,7 +293,8 @@ def test_smoke_scaling_runs_every_setup(smoke: dict[str, Any]) -> None:
         assert run["db_transactions_per_task"] > 0
         assert run["pauses"]["longest_s"] >= 0
         # Every task is counted on the shard that ran it; the busiest shard has at least an even share.
-        assert sum(run["tasks_per_shard"]) == 400 and len(run["tasks_per_shard"]) <= 2 * run["instances"]
+        assert sum(run["tasks_per_shard"]) == 400
+        assert len(run["tasks_per_shard"]) == run["shards_per_instance"] * run["instances"]
         assert run["busiest_shard_load"] >= 1.0
         assert 0.0 <= run["idle_tail_share"] < 1.0 and (run["instances"] > 1 or run["idle_tail_share"] == 0.0)
 
