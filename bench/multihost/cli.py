@@ -172,6 +172,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="run one of the four measurements")
     parser.add_argument("--instances", type=int, choices=[2, 3], help="instances in the takeover runs (default 2)")
     parser.add_argument("--repeats", type=int, help="takeover repetitions (default: quick 3, full 10)")
+    parser.add_argument("--scale-repeats", type=int,
+                        help="runs per scaling setup (default: quick 1, full 3); one run moves by +-30 %% on a "
+                             "2-core machine, so a verdict near a target needs about 10")
     parser.add_argument("--routing", choices=["pinned", "hash", "both"], default="both",
                         help="the routing inside each instance in the scaling runs: pinned, hash or both side by "
                              "side (default both)")
@@ -191,6 +194,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.repeats < 1:
             parser.error("--repeats must be at least 1")
         plan = Plan(**{**asdict(plan), "takeover_repeats": args.repeats})
+    if args.scale_repeats is not None:
+        if args.scale_repeats < 1:
+            parser.error("--scale-repeats must be at least 1")
+        plan = Plan(**{**asdict(plan), "scale_repeats": args.scale_repeats})
     check_overrides(parser, args.set, [MULTIHOST, *plan.settings])
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     try:

@@ -196,6 +196,14 @@ def render_summary(results: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def _paired(setup: dict[str, Any]) -> str:
+    """' (paired by pass: median 0.85x, 0.70x-1.00x over 10)': the ratios of runs of the same pass, if several."""
+    ratio, span = setup.get("paired_throughput_ratio"), setup.get("paired_throughput_ratio_range")
+    if ratio is None or not span or setup.get("runs", 1) < 2:
+        return ""
+    return f" (paired by pass: median {ratio:.2f}x, {span[0]:.2f}x-{span[1]:.2f}x over {setup['runs']} runs)"
+
+
 def target_rows(results: dict[str, Any]) -> list[tuple[str, str, bool]]:
     """(target, what was measured, met) for the issue's multihost targets this run measured."""
     rows: list[tuple[str, str, bool]] = []
@@ -206,11 +214,13 @@ def target_rows(results: dict[str, Any]) -> list[tuple[str, str, bool]]:
         one, three = mine.get(1), mine.get(3)
         if one and one.get("throughput_vs_standalone") is not None:
             rows.append((f"one multihost instance >= 0.8x standalone ({routing})",
-                         f"{one['throughput_vs_standalone']:.2f}x", one["throughput_vs_standalone"] >= 0.8))
+                         f"{one['throughput_vs_standalone']:.2f}x{_paired(one)}",
+                         one["throughput_vs_standalone"] >= 0.8))
         if three and three.get("throughput_vs_standalone") is not None:
             spread = three.get("share_spread")
             rows.append((f"3 instances together >= 0.8x standalone, each within 15 % of an even share ({routing})",
-                         f"{three['throughput_vs_standalone']:.2f}x, largest deviation from an even share "
+                         f"{three['throughput_vs_standalone']:.2f}x{_paired(three)}, largest deviation from an even "
+                         "share "
                          f"{_s((spread or 0) * 100, 0)} %",
                          three["throughput_vs_standalone"] >= 0.8 and spread is not None and spread <= 0.15))
         pg = [s["postgres_cpu_vs_standalone"] for s in mine.values() if s.get("postgres_cpu_vs_standalone")]

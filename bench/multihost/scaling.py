@@ -239,6 +239,35 @@ def run_scaling(ctx: Ctx, plan: Plan, count: int, multihost: bool, routing: str,
     return result
 
 
+def paired_ratios(rows: list[dict[str, Any]], runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each run's tasks/s and PostgreSQL CPU per task over those of the standalone run of the same routing
+    and repetition (the same pass over the setups, so the machine's drift between passes cancels): the
+    median and the range. Empty for a standalone setup, or when no repetition has both runs."""
+    if not rows or rows[0]["mode"] == "standalone":
+        return {}
+    reference = {r["repetition"]: r for r in runs
+                 if r["mode"] == "standalone" and r.get("routing") == rows[0].get("routing") and "repetition" in r}
+    tps: list[float] = []
+    pg: list[float] = []
+    for r in rows:
+        ref = reference.get(r.get("repetition"))
+        if ref is None:
+            continue
+        if r.get("throughput_tps") and ref.get("throughput_tps"):
+            tps.append(r["throughput_tps"] / ref["throughput_tps"])
+        mine, theirs = (r.get("cpu") or {}).get("postgres_s_per_1k"), (ref.get("cpu") or {}).get("postgres_s_per_1k")
+        if mine is not None and theirs:
+            pg.append(mine / theirs)
+    out: dict[str, Any] = {}
+    if tps:
+        out["paired_throughput_ratio"] = round(statistics.median(tps), 3)
+        out["paired_throughput_ratio_range"] = [round(min(tps), 3), round(max(tps), 3)]
+    if pg:
+        out["paired_postgres_cpu_ratio"] = round(statistics.median(pg), 3)
+        out["paired_postgres_cpu_ratio_range"] = [round(min(pg), 3), round(max(pg), 3)]
+    return out
+
+
 def scaling_summary(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per setup: the median of its repetitions; ratios to the standalone reference of the same routing."""
     setups: dict[str, list[dict[str, Any]]] = defaultdict(list)
@@ -274,6 +303,8 @@ def scaling_summary(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "other_share_max": max(((r.get("cpu") or {}).get("other_share") or 0.0) for r in rows),
             "share_per_instance": shares[len(shares) // 2] if shares else None,
         })
+    for s in out:
+        s.update(paired_ratios(setups[s["setup"]], runs))
     for s in out:
         reference = next((r for r in out if r["mode"] == "standalone" and r.get("routing") == s.get("routing")), None)
         ref = reference["throughput_tps"] if reference else None

@@ -180,6 +180,26 @@ def test_scaling_summary_medians_and_ratios() -> None:
     assert by["2 multihost, hash"]["postgres_cpu_vs_standalone"] == 1.5
 
 
+def test_paired_ratios_compare_runs_of_the_same_pass() -> None:
+    def run(mode: str, routing: str, rep: int, tps: float, pg: float) -> dict[str, Any]:
+        return {"setup": mh_scaling.setup_label(1, mode == "multihost", routing), "mode": mode, "instances": 1,
+                "routing": routing, "repetition": rep, "ok": True, "throughput_tps": tps,
+                "cpu": {"taskomatic_s_per_1k": 1.0, "postgres_s_per_1k": pg, "other_share": 0.0},
+                "share_per_instance": [1.0]}
+
+    # The machine was fast in pass 1 and slow in pass 2: paired, multihost is 0.9x and 0.8x standalone.
+    runs = [run("standalone", "pinned", 1, 1000, 2.0), run("multihost", "pinned", 1, 900, 2.2),
+            run("standalone", "pinned", 2, 500, 4.0), run("multihost", "pinned", 2, 400, 6.0),
+            run("multihost", "pinned", 3, 999, 1.0),  # its pass has no standalone run: left out
+            run("standalone", "hash", 1, 100, 1.0)]  # another routing's reference: not used
+    by = {r["setup"]: r for r in mh_scaling.scaling_summary(runs)}
+    mh = by["1 multihost, pinned"]
+    assert mh["paired_throughput_ratio"] == 0.85 and mh["paired_throughput_ratio_range"] == [0.8, 0.9]
+    assert mh["paired_postgres_cpu_ratio"] == 1.3 and mh["paired_postgres_cpu_ratio_range"] == [1.1, 1.5]
+    assert "paired_throughput_ratio" not in by["standalone, pinned"]
+    assert "over 3 runs" in output._paired(mh) and output._paired({**mh, "runs": 1}) == ""
+
+
 def test_load_balance_by_hand(monkeypatch: pytest.MonkeyPatch) -> None:
     from datetime import datetime, timedelta
 
@@ -233,7 +253,7 @@ def test_target_rows() -> None:
 
 def test_bad_arguments_are_refused_before_anything_starts(capsys: pytest.CaptureFixture[str]) -> None:
     for argv in (["--set", "no.such=1"], ["--set", "multihost.lease_seconds=3"], ["--repeats", "0"],
-                 ["--instances", "5"], ["--quick", "--full"]):
+                 ["--scale-repeats", "0"], ["--instances", "5"], ["--quick", "--full"]):
         with pytest.raises(SystemExit) as exc:
             cli.main(argv)
         assert exc.value.code == 2, argv
