@@ -43,7 +43,7 @@ def stored(results_dir: Path) -> dict[str, Any]:
         return load(path) if path.exists() else None
 
     return {"suite": optional("results.json.gz") or optional("results.json"),
-            "multihost": optional("multihost.json"),
+            "multihost": optional("multihost.json"), "multihost_scaling": optional("multihost_scaling.json"),
             "memory_idle": optional("shard_memory.json"), "memory_after": optional("shard_memory_after_work.json")}
 
 
@@ -160,7 +160,8 @@ def summary(data: dict[str, Any]) -> str:
         how = "partition leases" if any("routing" in x for x in scaling["summary"]) else "key claims"
         out += [f"**Multihost** ({how} between instances), `bench.multihost --quick` measured "
                 f"{_date(multihost.get('started_at'))}: {scaling['workload']['description']}, "
-                f"{scaling['shards_per_instance']} shards per instance, tasks/s: {setups}{_disturbed(scaling)}. "
+                f"{scaling['shards_per_instance']} shards per instance, tasks/s ({_runs(scaling)}): {setups}"
+                f"{_disturbed(scaling)}. "
                 + ("Idle latency and memory per shard were not measured in multihost mode."
                    if multihost.get("workloads") else
                    "Zipf, 20 ms and heavy-tailed workloads, makespan ratios, idle latency and memory per shard "
@@ -168,9 +169,37 @@ def summary(data: dict[str, Any]) -> str:
         out += multihost_workloads_table(multihost.get("workloads"))
     else:
         out += ["**Multihost**: not in the stored results.", ""]
+    out += multihost_scaling_lines(data.get("multihost_scaling"))
     out += ["Plots: `bench/RESULTS/*.png`, one colour per system in every plot (bench/style.py). The detail "
             "follows.", END]
     return "\n".join(out)
+
+
+def _runs(scaling: dict[str, Any]) -> str:
+    repeats = scaling.get("repeats") or 1
+    return "one run per setup" if repeats == 1 else f"the median of {repeats} runs per setup"
+
+
+def multihost_scaling_lines(results: dict[str, Any] | None) -> list[str]:
+    """The scaling runs of a many-run ``bench.multihost --only scaling`` file: each multihost setup's median
+    tasks/s and PostgreSQL CPU per task over standalone's of the same routing (one run moves by +-30 %
+    here, so this, not the one-run quick suite, is the figure to quote against issue 13's targets)."""
+    scaling = (results or {}).get("scaling") or {}
+    summary = [s for s in scaling.get("summary", []) if s.get("mode") == "multihost"]
+    if not summary:
+        return []
+    cells = []
+    for s in summary:
+        spread = s.get("share_spread")
+        shares = f", shares within {spread:.0%} of even" if spread is not None and s["instances"] > 1 else ""
+        cells.append(f"{s['setup']} {_ratio(s.get('throughput_vs_standalone'))}x "
+                     f"(PostgreSQL {_ratio(s.get('postgres_cpu_vs_standalone'))}x{shares})")
+    return [f"**Multihost scaling**, `bench.multihost --full --only scaling --scale-repeats {scaling['repeats']}` "
+            f"measured {_date(results.get('started_at') if results else None)}: {scaling['workload']['description']}, "
+            f"{scaling['shards_per_instance']} shards per instance, the median of {scaling['repeats']} runs per "
+            f"setup; tasks/s against standalone with the same routing (target 0.8x), PostgreSQL CPU per task in "
+            f"brackets (target 1.5x): {'; '.join(cells)}{_disturbed(scaling)}. Plot: "
+            f"`bench/RESULTS/multihost_scaling.png`.", ""]
 
 
 def multihost_workloads_table(workloads: dict[str, Any] | None) -> list[str]:

@@ -45,6 +45,12 @@ def test_the_summary_numbers_are_the_jsons() -> None:
     multihost = load(RESULTS / "multihost.json")
     for setup in multihost["scaling"]["summary"]:
         assert f"{setup['setup']} {setup['throughput_tps']:,.0f}" in text
+    # The many-run scaling file: each multihost setup's ratios to standalone of the same routing.
+    scaling = load(RESULTS / "multihost_scaling.json")["scaling"]
+    assert f"--scale-repeats {scaling['repeats']}" in text and scaling["repeats"] >= 5
+    for setup in (s for s in scaling["summary"] if s["mode"] == "multihost"):
+        assert (f"{setup['setup']} {setup['throughput_vs_standalone']:.2f}x (PostgreSQL "
+                f"{setup['postgres_cpu_vs_standalone']:.2f}x") in text, setup["setup"]
     # Memory: the 4-shard forkserver instance's PSS and what each shard beyond the first adds (USS), idle
     # and after work, from bench.shard_memory's files.
     for name in ("shard_memory.json", "shard_memory_after_work.json"):
@@ -65,7 +71,7 @@ def test_results_md_opens_with_the_current_summary() -> None:
 def test_what_is_not_stored_is_said_missing(tmp_path: Path) -> None:
     (tmp_path / "results.json.gz").write_bytes((RESULTS / "results.json.gz").read_bytes())
     text = summary(stored(tmp_path))
-    assert "**Multihost**: not in the stored results." in text
+    assert "**Multihost**: not in the stored results." in text and "Multihost scaling" not in text
     assert "PSS" not in text
     assert not re.search(r"\| noop-uniform .*\| not measured \|", text)
 
