@@ -1,6 +1,6 @@
 """Multihost mode under load: ``python -m bench.multihost`` (``--quick``, the default; ``--full``; ``--smoke``).
 
-Two measurements, with one private PostgreSQL (EmbeddedPostgres, fsync on) and
+Four measurements, with one private PostgreSQL (EmbeddedPostgres, fsync on) and
 real daemon processes (``python -m taskomatic`` with the bench's ``noop``/``sleep``
 plugin, started by :class:`bench.runners.Runner`, each in a process group of its own):
 
@@ -27,13 +27,17 @@ plugin, started by :class:`bench.runners.Runner`, each in a process group of its
    instance (the reference) and through 1, 2 and 3 multihost instances, 2 shards
    each, all on this machine, with each routing inside an instance (pinned and
    hash) side by side: throughput, CPU of taskomatic and of PostgreSQL per 1,000
-   tasks (and as a ratio to standalone with the same routing), partition leases
-   taken, and each instance's share.
+   tasks (and as a ratio to standalone with the same routing, run by run within a
+   pass too), partition leases taken, each instance's and each shard's share.
 
 3. **Join and leave under load** (``join.py``): a second instance joins a busy
    one that holds every partition; how long until it holds its first partition,
    runs its first task and holds its even share; then it leaves gracefully and
    the first takes everything back. Nothing may run twice.
+
+4. **Workloads over instances** (``mixes.py``): Zipf no-ops and 20 ms and
+   heavy-tailed tasks through the same setups, tasks/s and makespan over the
+   bound of the setup's own shards.
 
 The summary ends with the issue's targets, each met or not.
 
@@ -41,6 +45,6 @@ Results: a summary printed as tables, and JSON (with the machine) written to
 ``bench/results/multihost-<stamp>.json`` or ``--out``. See bench/README.md.
 
 The modules: ``suite`` (the suites, the instances, the shared checks),
-``takeover`` (1), ``scaling`` (2), ``join`` (3), ``output`` (the summary, the plot, the JSON's
+``takeover`` (1), ``scaling`` (2), ``join`` (3), ``mixes`` (4), ``output`` (the summary, the plot, the JSON's
 path) and ``cli`` (the options and the whole run; ``__main__`` runs it).
 """

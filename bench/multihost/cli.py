@@ -1,4 +1,4 @@
-"""``python -m bench.multihost``: the options, the whole run (the three measurements on one private PostgreSQL),
+"""``python -m bench.multihost``: the options, the whole run (the four measurements on one private PostgreSQL),
 and the JSON, summary and plot it writes."""
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ def run_all(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
                          "description": f"sleep {plan.takeover_sleep_ms:g} ms tasks over {plan.takeover_keys} "
                                         f"keys (uniform): a burst of {plan.takeover_initial}, topped up by "
                                         f"{plan.takeover_chunk} whenever fewer than {plan.takeover_low_water} "
-                                        "unclaimed tasks wait, until every key of the killed instance moved"},
+                                        "unclaimed tasks wait, until every partition of the killed instance moved"},
             "instances": plan.takeover_instances, "shards_per_instance": SHARDS, "repeats": plan.takeover_repeats,
             "hold_s": plan.hold_s, "runs": takeover_runs,
             "summary": {name: summarise([r[name] for r in takeover_runs if r.get(name) is not None])

@@ -1,4 +1,4 @@
-"""What the multihost benchmark's two measurements share: the suites, the instances, the tasks table's checks."""
+"""What the multihost benchmark's measurements share: the suites, the instances, the tasks table's checks."""
 
 from __future__ import annotations
 
@@ -36,9 +36,9 @@ class Plan:
     takeover_keys: int
     takeover_sleep_ms: float
     takeover_initial: int  # tasks in the first burst
-    takeover_low_water: int  # top up when fewer unclaimed tasks wait, until every key moved
+    takeover_low_water: int  # top up when fewer unclaimed tasks wait, until every partition moved
     takeover_chunk: int
-    hold_s: float  # every instance must have held keys this long before the kill
+    hold_s: float  # every instance must have held partitions this long before the kill
     scale_tasks: int
     scale_keys: int
     scale_instances: tuple[int, ...]

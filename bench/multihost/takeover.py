@@ -112,7 +112,7 @@ def kill_jitter(seed: int, rep: int, renew_interval: float) -> float:
 
 def start_stagger(seed: int, rep: int, count: int, renew_interval: float) -> list[float]:
     """Waits before starting each instance: the first at once, each other one after a random part of a
-    renewal interval (seeded). An instance renews its lease and looks for keys to take over on timers
+    renewal interval (seeded). An instance renews its lease and looks for partitions to take over on timers
     that start with it; started together, every survivor's takeover check would fall at about the same
     point of the victim's renewal cycle in every repetition, as it would not across real machines."""
     rng = random.Random(f"taskomatic-bench-multihost-start:{seed}:{rep}")
