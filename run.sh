@@ -34,7 +34,8 @@ have_python_headers() {  # psycopg2 and libvirt-python build from source in the 
 assert os.path.exists(sysconfig.get_paths()["include"] + "/Python.h")' 2>/dev/null
 }
 have_system_python() {  # the RPM tests: rpm's Python dependency generator and setup.py run on it
-    [ -x /usr/bin/python3 ] && /usr/bin/python3 -c 'import packaging, setuptools' 2>/dev/null
+    # -I: not from the checkout, whose packaging/ directory would pass for the module
+    [ -x /usr/bin/python3 ] && /usr/bin/python3 -I -c 'import packaging.version, setuptools' 2>/dev/null
 }
 have_ca_certificates() {  # pip reaches PyPI over TLS
     [ -e /etc/ssl/certs/ca-certificates.crt ] || [ -e /etc/pki/tls/certs/ca-bundle.crt ]

@@ -146,3 +146,18 @@ def test_venv_is_reinstalled_only_when_the_package_definition_changes(fake_venv:
     result = run_sh("check", venv=fake_venv, path=os.environ["PATH"])
     assert result.returncode == 1
     assert f"venv {fake_venv}: package definition changed" in result.stdout
+
+
+def test_the_system_python_check_is_not_fooled_by_the_checkout(tmp_path: Path) -> None:
+    # The checkout has a packaging/ directory: a Python started in it imports that as a namespace
+    # package "packaging". run.sh runs from the checkout, so its check of the system Python's
+    # packaging module must give the same answer there as anywhere else (on a fresh Debian it
+    # said "present" and python3-packaging was never installed; rpm's generator then made no Requires).
+    text = RUN_SH.read_text()
+    function = text[text.index("have_system_python() {"):]
+    function = function[:function.index("\n}\n") + 3]
+    script = tmp_path / "check.sh"
+    script.write_text(function + "have_system_python; echo $?\n")
+    answers = {cwd: subprocess.run(["/bin/bash", str(script)], capture_output=True, text=True, cwd=cwd,
+                                   timeout=30).stdout.strip() for cwd in (REPO, tmp_path)}
+    assert answers[REPO] == answers[tmp_path] in ("0", "1"), answers
