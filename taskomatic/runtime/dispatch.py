@@ -36,7 +36,11 @@ only run one after another, one commit each, so it is the run's critical path
 of other keys' tasks; so with pinned routing a slot running a chain gets no
 free keys while another slot without one has room, and its links follow each
 other at the pace of a commit. (Hash routing has no such choice: a key's home
-is fixed.)
+is fixed.) A chain may have ``chain_ahead`` tasks in flight instead of
+``per_key_ahead``: with three, the chain's shard ran out of its next link about
+two batches in three (a turn of the fetcher's loop under load is slower than a
+link), and waited for it; with ten it hardly ever does. Its slot runs little
+else, so the extra tasks crowd out nobody.
 
 Which slot a free key goes to is the routing's choice (``router``, chosen at
 construction): ``pinned`` (the default) lets any slot with room take it, as
@@ -56,6 +60,7 @@ LOOKAHEAD = 0.005  # seconds of expected work a slot is sent ahead
 WINDOW_MAX = 256  # tasks sent ahead at most, however quick
 PER_KEY_AHEAD = 3  # tasks of one key in flight at most: the one running and the next two
 CHAIN_DEPTH = 32  # tasks waiting that make a key a chain: far more than a key of an even spread has
+CHAIN_AHEAD = 10  # tasks of a chain in flight at most: enough that its shard does not wait for the fetcher
 ESTIMATE_WEIGHT = 0.2  # of the newest duration in an action's running estimate
 
 
@@ -104,7 +109,7 @@ class SlotQueue:
 class Dispatcher:
     def __init__(self, shards: int, lookahead: float = LOOKAHEAD, window_max: int = WINDOW_MAX,
                  per_key_ahead: int = PER_KEY_AHEAD, routing: Routing | None = None,
-                 chain_depth: int = CHAIN_DEPTH) -> None:
+                 chain_depth: int = CHAIN_DEPTH, chain_ahead: int = CHAIN_AHEAD) -> None:
         self.routing: Routing = routing or PinnedRouting()
         self.lookahead = lookahead
         self.window_max = window_max
@@ -112,6 +117,7 @@ class Dispatcher:
         if chain_depth < 1:
             raise ValueError(f"chain_depth must be at least 1, got {chain_depth}")
         self.chain_depth = chain_depth
+        self.chain_ahead = max(chain_ahead, per_key_ahead)
         self.chains: set[OrderingKey] = set()  # keys with at least chain_depth tasks waiting
         # Slots whose shard is connected: only those can take the free keys a chain's slot leaves.
         self.online = [False] * shards
@@ -176,8 +182,12 @@ class Dispatcher:
         slot = self.pinned.get(key)
         if slot is None:
             self._free_lane(key).setdefault(key, None)
-        elif self.in_flight[key] < self.per_key_ahead:
+        elif self.in_flight[key] < self._ahead(key):
             self.slots[slot].pinned_waiting.setdefault(key, None)
+
+    def _ahead(self, key: OrderingKey) -> int:
+        """How many of the key's tasks may be in flight (sent, not ended)."""
+        return self.chain_ahead if key in self.chains else self.per_key_ahead
 
     # -- tasks out to a slot ------------------------------------------------------------
     def has_room(self, index: int) -> bool:
@@ -238,7 +248,7 @@ class Dispatcher:
             out.append(task)
             if not queue:
                 del self.waiting[key]
-            if queue and self.in_flight[key] < self.per_key_ahead:
+            if queue and self.in_flight[key] < self._ahead(key):
                 slot.pinned_waiting.setdefault(key, None)
             else:
                 slot.pinned_waiting.pop(key, None)

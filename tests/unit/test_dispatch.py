@@ -15,7 +15,7 @@ import pytest
 
 from taskomatic.model import OrderingKey, TaskRow, key_of
 from taskomatic.partitions import DEFAULT_PARTITIONS, partition_of
-from taskomatic.runtime.dispatch import LOOKAHEAD, WINDOW_MAX, Dispatcher
+from taskomatic.runtime.dispatch import CHAIN_AHEAD, LOOKAHEAD, PER_KEY_AHEAD, WINDOW_MAX, Dispatcher
 from taskomatic.runtime.router import PinnedRouting, make_routing
 
 VM = "Vm"
@@ -756,9 +756,12 @@ def test_three_tasks_of_a_key_in_flight_by_default() -> None:
     check_consistent(d)
 
 
-def chained(shards: int, depth: int = 4, seconds: float = 0.001, routing: str = "pinned") -> Dispatcher:
-    """Tasks of ``seconds`` each, every slot's shard connected; a key with ``depth`` tasks waiting is a chain."""
-    d = Dispatcher(shards=shards, lookahead=1.0, chain_depth=depth, routing=make_routing(routing, shards))
+def chained(shards: int, depth: int = 4, seconds: float = 0.001, routing: str = "pinned",
+            chain_ahead: int = 3) -> Dispatcher:
+    """Tasks of ``seconds`` each, every slot's shard connected; a key with ``depth`` tasks waiting is a chain
+    (with ``chain_ahead`` of its tasks in flight at most: three, as other keys, unless said otherwise)."""
+    d = Dispatcher(shards=shards, lookahead=1.0, chain_depth=depth, routing=make_routing(routing, shards),
+                   chain_ahead=chain_ahead)
     d.learn("start_vm", seconds)
     for index in range(shards):
         d.shard_connected(index)
@@ -809,6 +812,39 @@ def test_a_key_stops_being_a_chain_once_its_queue_is_short() -> None:
     assert OrderingKey(VM, 1) not in d.chains and 0 not in d.chain_slots()
     d.route(task(6, vm=2))
     assert ids(d.take_sendable(0)) == [6]  # no chain here any more: free keys are welcome
+    check_consistent(d)
+
+
+def test_a_chain_has_more_tasks_in_flight_than_another_key() -> None:
+    """A chain's shard must not run out of its next link while the fetcher is busy: ten of its tasks may be
+    in flight by default, where another key has three; once its queue is short, it is back to three."""
+    d = chained(shards=1, depth=4, chain_ahead=CHAIN_AHEAD)
+    assert CHAIN_AHEAD > PER_KEY_AHEAD
+    for i in range(1, 31):
+        d.route(task(i, vm=1))
+    for i in range(31, 36):
+        d.route(task(i, vm=2))
+    sent = ids(d.take_sendable(0))
+    assert [i for i in sent if i <= 30] == list(range(1, CHAIN_AHEAD + 1))  # the chain: ten ahead
+    assert [i for i in sent if i > 30] == [31, 32, 33]  # an ordinary key: three
+    assert ids(d.take_sendable(0)) == []
+    d.ended(0, 1)
+    assert ids(d.take_sendable(0)) == [CHAIN_AHEAD + 1]  # one link ended, the next goes at once
+    check_consistent(d)
+    # End its oldest in flight, one at a time, until fewer than four of its tasks wait: an ordinary key again.
+    chain = OrderingKey(VM, 1)
+
+    def end_oldest() -> None:
+        d.ended(0, min(i for i in d.slots[0].sent if i <= 30))
+
+    while chain in d.chains:
+        end_oldest()
+        d.take_sendable(0)
+    assert d.in_flight[chain] > PER_KEY_AHEAD and chain in d.waiting
+    while d.in_flight[chain] >= PER_KEY_AHEAD:
+        assert ids(d.take_sendable(0)) == []  # nothing more of it until it is under three
+        end_oldest()
+    assert len(ids(d.take_sendable(0))) == 1
     check_consistent(d)
 
 
