@@ -194,7 +194,8 @@ def multihost_scaling_lines(results: dict[str, Any] | None) -> list[str]:
         shares = f", shares within {spread:.0%} of even" if spread is not None and s["instances"] > 1 else ""
         cells.append(f"{s['setup']} {_ratio(s.get('throughput_vs_standalone'))}x "
                      f"(PostgreSQL {_ratio(s.get('postgres_cpu_vs_standalone'))}x{shares})")
-    return [f"**Multihost scaling**, `bench.multihost --full --only scaling --scale-repeats {scaling['repeats']}` "
+    suite = f"--{results['suite']} " if results and results.get("suite") else ""
+    return [f"**Multihost scaling**, `bench.multihost {suite}--only scaling --scale-repeats {scaling['repeats']}` "
             f"measured {_date(results.get('started_at') if results else None)}: {scaling['workload']['description']}, "
             f"{scaling['shards_per_instance']} shards per instance, the median of {scaling['repeats']} runs per "
             f"setup; tasks/s against standalone with the same routing (target 0.8x), PostgreSQL CPU per task in "

@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 from bench.report import load
-from bench.report_summary import BEGIN, END, replace_block, stored, summary
+from bench.report_summary import BEGIN, END, multihost_scaling_lines, replace_block, stored, summary
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "bench" / "RESULTS"
@@ -46,8 +46,10 @@ def test_the_summary_numbers_are_the_jsons() -> None:
     for setup in multihost["scaling"]["summary"]:
         assert f"{setup['setup']} {setup['throughput_tps']:,.0f}" in text
     # The many-run scaling file: each multihost setup's ratios to standalone of the same routing.
-    scaling = load(RESULTS / "multihost_scaling.json")["scaling"]
+    scaling_file = load(RESULTS / "multihost_scaling.json")
+    scaling = scaling_file["scaling"]
     assert f"--scale-repeats {scaling['repeats']}" in text and scaling["repeats"] >= 5
+    assert f"bench.multihost --{scaling_file['suite']} --only scaling" in text  # the suite the file came from
     for setup in (s for s in scaling["summary"] if s["mode"] == "multihost"):
         assert (f"{setup['setup']} {setup['throughput_vs_standalone']:.2f}x (PostgreSQL "
                 f"{setup['postgres_cpu_vs_standalone']:.2f}x") in text, setup["setup"]
@@ -81,6 +83,12 @@ def test_replacing_the_block_is_idempotent() -> None:
     once = replace_block(original, f"{BEGIN}\nA\n{END}")
     assert once.startswith("# title\n") and "body" in once
     assert replace_block(once, f"{BEGIN}\nB\n{END}") == once.replace("\nA\n", "\nB\n")
+
+
+def test_the_scaling_line_names_the_suite_of_its_file() -> None:
+    results = load(RESULTS / "multihost_scaling.json")
+    assert "bench.multihost --quick --only scaling" in "".join(multihost_scaling_lines({**results, "suite": "quick"}))
+    assert "bench.multihost --only scaling" in "".join(multihost_scaling_lines({**results, "suite": None}))
 
 
 def test_multihost_workloads_are_one_row_each_with_every_setup() -> None:
