@@ -23,6 +23,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
@@ -84,6 +85,8 @@ class ShardLink:
     send: Callable[[object], None]
     fetcher_gone: Callable[[], bool]
     lease_ok: Callable[[], bool]
+    # Messages sent inside go to the fetcher in one write when it ends (one wake of the fetcher).
+    together: Callable[[], AbstractContextManager[None]] = nullcontext
 
 
 def _json_type(value: Any) -> str:
@@ -161,37 +164,35 @@ class Execution:
             if not self._guarded(batch[0], lambda: self._reconcile(batch[0])):
                 return
             reruns.add(batch[0].id)
-        try:
-            started = self.outcomes.commit_with_pending(lambda: self._start(batch, reruns))
-        except FetcherGone:
-            self.store.rollback()
-            log.warning("lost the fetcher before starting %d tasks; they are sent again", len(batch))
-            return
-        except (TaskFailed, TaskRetry, psycopg2.DatabaseError) as exc:
-            if isinstance(exc, CONNECTION_LOST):
-                raise
-            self.store.rollback()
+        # What the commit ended and what it started reach the fetcher in one message, not one each.
+        with self.link.together():
+            try:
+                started = self.outcomes.commit_with_pending(lambda: self._start(batch, reruns))
+            except FetcherGone:
+                self.store.rollback()
+                log.warning("lost the fetcher before starting %d tasks; they are sent again", len(batch))
+                return
+            except (TaskFailed, TaskRetry, psycopg2.DatabaseError) as exc:
+                if isinstance(exc, CONNECTION_LOST):
+                    raise
+                self.store.rollback()
+                refusal: Exception | None = exc
+            else:
+                refusal = None
+                self._started(started)
+        if refusal is not None:
             if len(batch) > 1:
                 # One task's start was refused, and with it the batch's: start them one by one.
                 self.outcomes.flush()
                 for task in batch:
                     self.run([task])
             else:
-                self._start_refused(batch[0], exc)
+                self._start_refused(batch[0], refusal)
             return
-        for task, message in started.failed:
-            self.parking.ended(task.id)
-            self.outcomes.log_failed_start(task, message)
-        for task, outcome in started.done:
-            self.outcomes.log_outcome(task, outcome)
-        self.outcomes.send_ended(*started.ends)
-        for task, reason in started.retry:
-            self.park_for_retry(task, reason)
         for task in started.refused:
             self._not_started(task)
         if not started.run:
             return
-        self.link.send(Started(tuple(t.id for t, _, _ in started.run)))
         for position, (task, action, plan) in enumerate(started.run):
             if not self.link.lease_ok():
                 # Committed 'running', not started: settled by reconciliation once the lease is back
@@ -206,6 +207,20 @@ class Execution:
             finally:
                 self.deadline.value = 0.0
         self._say_performed()
+
+    def _started(self, started: BatchStart) -> None:
+        """After a batch's start committed: log and tell the fetcher what ended, park what waits for a retry."""
+        for task, message in started.failed:
+            self.parking.ended(task.id)
+            self.outcomes.log_failed_start(task, message)
+        for task, outcome in started.done:
+            self.outcomes.log_outcome(task, outcome)
+        if started.ends:
+            self.outcomes.send_ended(*started.ends)
+        for task, reason in started.retry:
+            self.park_for_retry(task, reason)
+        if started.run:
+            self.link.send(Started(tuple(t.id for t, _, _ in started.run)))
 
     def _start_refused(self, task: TaskRow, exc: Exception) -> None:
         """A batch of one could not start (rolled back): the task fails, or waits for a retry."""

@@ -44,7 +44,7 @@ from typing import Any
 
 import psycopg2
 import psycopg2.extensions
-from multiprocess.connection import Connection, wait
+from multiprocess.connection import Connection
 
 from taskomatic import config as config_mod
 from taskomatic import metrics
@@ -66,9 +66,11 @@ from taskomatic.runtime.messages import (
     Hello,
     Performed,
     Run,
+    Several,
     Started,
 )
 from taskomatic.runtime.partition_book import PartitionBook
+from taskomatic.runtime.readiness import Readiness, readable_now
 from taskomatic.runtime.rebalance import Rebalancer
 from taskomatic.runtime.router import make_routing, shard_for
 from taskomatic.text import first_line
@@ -122,6 +124,7 @@ class Fetcher:
         self.rebalancer = Rebalancer(self.store, lambda: self.config, instance_id, self.book,
                                      self._route_adopted, self._drop_handed_over)
         self.listen_conn = self._listen()
+        self.readiness = Readiness()
         self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         if os.path.exists(socket_path):
             os.unlink(socket_path)  # left by an earlier fetcher of this instance
@@ -212,7 +215,7 @@ class Fetcher:
     def _wait(self, timeout: float) -> bool:
         """Wait for shard messages, new shards or a notification; True if notified."""
         channels = [s.channel for s in self.slots if s.channel is not None]
-        ready = wait([*channels, self.server, self.listen_conn], timeout)
+        ready = self.readiness.wait([*channels, self.server, self.listen_conn], timeout)
         notified = False
         for obj in ready:
             if obj is self.server:
@@ -293,28 +296,10 @@ class Fetcher:
     def _read_shard(self, channel: Connection) -> None:
         slot = next(s for s in self.slots if s.channel is channel)
         try:
-            while channel.poll(0):
+            while readable_now(channel):
                 message = wire.recv(channel)
-                if isinstance(message, Ended):
-                    for end in message.ends:
-                        self.dispatch.ended(slot.index, end.task_id)
-                        if end.seconds is not None:
-                            self.dispatch.learn(end.action, end.seconds)
-                        self.book.ended(end.task_id)
-                    self.rebalancer.tasks_ended = True
-                    slot.current = None
-                    self.done_total += len(message.ends)
-                elif isinstance(message, Performed):
-                    self.dispatch.performed(slot.index, message.task_ids)
-                elif isinstance(message, Deferred):
-                    self.dispatch.defer(slot.index, message.task_ids)
-                elif isinstance(message, Started):
-                    slot.current = message.task_ids[-1]
-                elif isinstance(message, Drained):
-                    slot.drained = True
-                    self.dispatch.returned(slot.index, message.returned)
-                    for task_id in message.returned:
-                        self.book.ended(task_id)
+                for one in message.messages if isinstance(message, Several) else (message,):
+                    self._handle(slot, one)
         except (EOFError, OSError):
             if not slot.drained:
                 log.warning("shard %d disconnected with %d tasks in hand", slot.index,
@@ -323,6 +308,28 @@ class Fetcher:
             slot.channel = None
             slot.current = None
             self.dispatch.shard_gone(slot.index)
+
+    def _handle(self, slot: ShardLink, message: object) -> None:
+        if isinstance(message, Ended):
+            for end in message.ends:
+                self.dispatch.ended(slot.index, end.task_id)
+                if end.seconds is not None:
+                    self.dispatch.learn(end.action, end.seconds)
+                self.book.ended(end.task_id)
+            self.rebalancer.tasks_ended = True
+            slot.current = None
+            self.done_total += len(message.ends)
+        elif isinstance(message, Performed):
+            self.dispatch.performed(slot.index, message.task_ids)
+        elif isinstance(message, Deferred):
+            self.dispatch.defer(slot.index, message.task_ids)
+        elif isinstance(message, Started):
+            slot.current = message.task_ids[-1]
+        elif isinstance(message, Drained):
+            slot.drained = True
+            self.dispatch.returned(slot.index, message.returned)
+            for task_id in message.returned:
+                self.book.ended(task_id)
 
     def _send(self, slot: ShardLink, message: object) -> bool:
         if slot.channel is None:

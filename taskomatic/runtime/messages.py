@@ -75,6 +75,13 @@ class Deferred:
 
 
 @dataclass(frozen=True)
+class Several:
+    """Messages written together (what one commit ended and what it started): one wake of the fetcher."""
+
+    messages: tuple[object, ...]
+
+
+@dataclass(frozen=True)
 class Drained:
     returned: tuple[int, ...]
 

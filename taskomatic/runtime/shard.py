@@ -22,9 +22,11 @@ import signal
 import socket
 import time
 from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
-from multiprocess.connection import Connection, wait
+from multiprocess.connection import Connection
 
 from taskomatic import config as config_mod
 from taskomatic.actions.base import Action, ActionContext
@@ -37,9 +39,10 @@ from taskomatic.model import TaskRow
 from taskomatic.runtime import channel as wire
 from taskomatic.runtime.execution import Execution, ShardLink
 from taskomatic.runtime.lease import lease_clock
-from taskomatic.runtime.messages import Deferred, Drain, Drained, Ended, Hello, Run
+from taskomatic.runtime.messages import Deferred, Drain, Drained, Ended, Hello, Run, Several
 from taskomatic.runtime.outcomes import CONNECTION_LOST, Outcomes
 from taskomatic.runtime.parking import ParkingLot
+from taskomatic.runtime.readiness import Readiness
 from taskomatic.text import first_line
 
 log = logging.getLogger(__name__)
@@ -59,6 +62,8 @@ class Shard:
         self.lease_until = lease_until  # multiprocess Value('d') on lease.lease_clock; the fetcher renews it
         self.fetcher_socket = fetcher_socket
         self.channel: Connection | None = None
+        self.readiness = Readiness()
+        self.outbox: list[object] | None = None  # inside together(): messages to send in one write
         self.signals: list[int] = []
         self.stop_fast = False
         self.draining = False
@@ -71,7 +76,8 @@ class Shard:
         self.outcomes = Outcomes(store, config, instance_id, config.mode == "multihost", self.parking,
                                  lambda ends: self._send(Ended(ends)), self._action_label)
         self.execution = Execution(slot, instance_id, config, store, self.ctx, self.actions, self.parking,
-                                   self.outcomes, ShardLink(self._send, self._fetcher_gone, self._lease_ok),
+                                   self.outcomes, ShardLink(self._send, self._fetcher_gone, self._lease_ok,
+                                             self._together),
                                    deadline)
 
     @property
@@ -144,6 +150,9 @@ class Shard:
         return self.channel is None
 
     def _send(self, message: object) -> None:
+        if self.outbox is not None:
+            self.outbox.append(message)
+            return
         if self.channel is None:
             return
         try:
@@ -151,18 +160,38 @@ class Shard:
         except (OSError, EOFError):
             self._lost_fetcher()
 
+    @contextmanager
+    def _together(self) -> Iterator[None]:
+        """Messages sent inside go in one write when it ends (on an error too: they are true), in order.
+
+        Each message wakes the fetcher; a batch's start used to send what its
+        commit ended and what it started apart. The messages held are those
+        made once the commit is done (prepare runs before it), so none waits
+        for an action.
+        """
+        if self.outbox is not None:  # nested: the outermost sends
+            yield
+            return
+        self.outbox = []
+        try:
+            yield
+        finally:
+            held, self.outbox = self.outbox, None
+            if held:
+                self._send(held[0] if len(held) == 1 else Several(tuple(held)))
+
     def _receive(self, timeout: float) -> None:
         if self.channel is None:
             return
         try:
-            ready = wait([self.channel], timeout)
+            ready = self.readiness.wait([self.channel], timeout)
             while ready:
                 message = wire.recv(self.channel)
                 if isinstance(message, Run):
                     self.queue.extend(message.tasks)
                 elif isinstance(message, Drain):
                     self.draining = True
-                ready = wait([self.channel], 0)
+                ready = self.readiness.wait([self.channel], 0)
         except (OSError, EOFError):
             self._lost_fetcher()
 
