@@ -20,7 +20,8 @@ queued in one INSERT and the bench waits until every task has ended.
 
 Figures, over the burst's tasks only (ids above the history): tasks/s (tasks /
 (last end - first start)), CPU seconds per 1,000 tasks of the daemon's process
-group and of PostgreSQL, per-key order (SQL), the updates of ``tasks`` and how
+group and of PostgreSQL, the daemon's CPU per task by process
+(``bench.process_cpu``), per-key order (SQL), the updates of ``tasks`` and how
 many were HOT (``pg_stat_user_tables``), the size of the table and of each of
 its indexes before and after, and the share of the machine other processes
 used. The ratio of each history size's median tasks/s to the empty table's is
@@ -51,6 +52,7 @@ from bench.harness import (
     fetch_scalar,
     insert_tasks,
 )
+from bench.process_cpu import daemon_roles, per_task, snapshot
 from bench.runners import Runner, RunnerFailed, RunnerSpec
 from bench.workloads import Workload, generate
 
@@ -239,10 +241,14 @@ def one_run(harness: Harness, args: argparse.Namespace, history_rows: int, index
                 before = _stats(conn)
                 if args.statements:
                     _statements(conn, reset=True)
+                roles = daemon_roles(runner.pid)
+                counters = snapshot(roles)
                 window = CpuWindow([runner.pid], harness.local_postmaster_pid)
                 insert_tasks(conn, planned)
                 wait_all_ended(conn, runner, args.run_timeout)
                 cpu = window.close()
+                # Which of the daemon's processes spent it (a table's size should cost only PostgreSQL).
+                result["processes"] = per_task(roles, counters, snapshot(roles), args.tasks)
             except RunnerFailed as exc:
                 result["error"] = str(exc)
                 return result
@@ -326,7 +332,13 @@ def one_line(run: dict[str, Any]) -> str:
     if run["error"]:
         return f"FAILED: {run['error'].splitlines()[0]}"
     upd = run["updates"]
-    return (f"{run['throughput_tps']:,.0f} tasks/s, daemon {run['cpu']['daemon_s_per_1k']:.3f} s/1k, "
+    by_kind: dict[str, float] = {}
+    for process in run.get("processes", []):
+        kind = "shards" if process["role"].startswith("shard ") else process["role"]
+        by_kind[kind] = by_kind.get(kind, 0.0) + process["on_cpu_ms_per_task"]
+    split = ", ".join(f"{kind} {ms:.3f}" for kind, ms in sorted(by_kind.items()) if ms > 0)
+    return (f"{run['throughput_tps']:,.0f} tasks/s, daemon {run['cpu']['daemon_s_per_1k']:.3f} s/1k "
+            f"(on a CPU, ms/task: {split}), "
             f"PostgreSQL {run['cpu']['postgres_s_per_1k']:.3f} s/1k, HOT {upd['hot']:,}/{upd['updates']:,}, "
             f"other load {run['cpu']['other_share']:.0%}, order violations {run['order_violations']}")
 

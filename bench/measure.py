@@ -111,6 +111,31 @@ def self_cpu_seconds() -> float:
     return times.user + times.system
 
 
+def process_counters(pid: int) -> dict[str, int] | None:
+    """A process's CPU ticks (user + system, and system alone), its nanoseconds on a CPU (schedstat,
+    brought up to date at each context switch) and its voluntary and involuntary context switches."""
+    stat = read_stat(pid)
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        with open(f"/proc/{pid}/schedstat") as f:
+            on_cpu_ns = int(f.read().split()[0])
+        switches: dict[str, int] = {}
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
+                    name, value = line.split(":")
+                    switches[name] = int(value)
+    except (OSError, IndexError, ValueError):
+        return None
+    if stat is None:
+        return None
+    # fields[0] is field 3 (state): stime, field 15, is fields[12].
+    return {"ticks": stat.own_ticks, "system_ticks": int(fields[12]), "on_cpu_ns": on_cpu_ns,
+            "voluntary": switches.get("voluntary_ctxt_switches", 0),
+            "involuntary": switches.get("nonvoluntary_ctxt_switches", 0)}
+
+
 def process_title(pid: int) -> str:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:

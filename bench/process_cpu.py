@@ -46,29 +46,6 @@ RUN_TIMEOUT = 600.0
 POLL_SECONDS = 0.1
 
 
-def _counters(pid: int) -> dict[str, int] | None:
-    """CPU ticks (user + system, system), nanoseconds on a CPU, voluntary and involuntary switches."""
-    stat = measure.read_stat(pid)
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            fields = f.read().rsplit(b")", 1)[1].split()
-        with open(f"/proc/{pid}/schedstat") as f:
-            on_cpu_ns = int(f.read().split()[0])
-        switches = {}
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
-                    name, value = line.split(":")
-                    switches[name] = int(value)
-    except (OSError, IndexError, ValueError):
-        return None
-    if stat is None:
-        return None
-    return {"ticks": stat.own_ticks, "system_ticks": int(fields[12]), "on_cpu_ns": on_cpu_ns,
-            "voluntary": switches.get("voluntary_ctxt_switches", 0),
-            "involuntary": switches.get("nonvoluntary_ctxt_switches", 0)}
-
-
 def wait_cost_us(seconds: float, rounds: int) -> float:
     """Microseconds on a CPU per ``time.sleep(seconds)`` of this process (schedstat, updated at each switch)."""
     path = f"/proc/{os.getpid()}/schedstat"
@@ -81,8 +58,33 @@ def wait_cost_us(seconds: float, rounds: int) -> float:
     return (after - before) / rounds / 1000.0
 
 
-def _roles(leader: int) -> dict[int, str]:
+def daemon_roles(leader: int) -> dict[int, str]:
+    """{pid: role} of every process of the daemon whose supervisor is ``leader`` (its group)."""
     return {s.pid: role_of(s.pid, leader, measure.process_title(s.pid)) for s in measure.group_members(leader)}
+
+
+def snapshot(roles: dict[int, str]) -> dict[int, dict[str, int] | None]:
+    return {pid: measure.process_counters(pid) for pid in roles}
+
+
+def per_task(roles: dict[int, str], before: dict[int, dict[str, int] | None],
+             after: dict[int, dict[str, int] | None], tasks: int) -> list[dict[str, Any]]:
+    """Each process's figures per task between two snapshots (those alive at both), by role."""
+    processes = []
+    for pid, role in sorted(roles.items(), key=lambda item: item[1]):
+        a, b = before.get(pid), after.get(pid)
+        if a is None or b is None:
+            continue
+        processes.append({
+            "pid": pid, "role": role,
+            "cpu_ms_per_task": round((b["ticks"] - a["ticks"]) / measure.CLOCK_TICKS * 1000 / tasks, 4),
+            "system_ms_per_task": round((b["system_ticks"] - a["system_ticks"]) / measure.CLOCK_TICKS * 1000 / tasks,
+                                        4),
+            "on_cpu_ms_per_task": round((b["on_cpu_ns"] - a["on_cpu_ns"]) / 1e6 / tasks, 4),
+            "voluntary_switches_per_task": round((b["voluntary"] - a["voluntary"]) / tasks, 3),
+            "involuntary_switches_per_task": round((b["involuntary"] - a["involuntary"]) / tasks, 3),
+        })
+    return processes
 
 
 def one_run(harness: Harness, args: argparse.Namespace, index: int) -> dict[str, Any]:
@@ -95,13 +97,13 @@ def one_run(harness: Harness, args: argparse.Namespace, index: int) -> dict[str,
         try:
             runner.wait_ready()
             deadline = time.monotonic() + 60
-            while sum(r.startswith("shard ") for r in _roles(runner.pid).values()) < args.shards:
+            while sum(r.startswith("shard ") for r in daemon_roles(runner.pid).values()) < args.shards:
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"{args.shards} shards not titled within 60 s:\n{runner.log_tail()}")
                 time.sleep(POLL_SECONDS)
             time.sleep(SETTLE_SECONDS)
-            roles = _roles(runner.pid)
-            before = {pid: _counters(pid) for pid in roles}
+            roles = daemon_roles(runner.pid)
+            before = snapshot(roles)
             window = CpuWindow([runner.pid], harness.local_postmaster_pid)
             insert_tasks(conn, tasks)
             deadline = time.monotonic() + RUN_TIMEOUT
@@ -109,32 +111,19 @@ def one_run(harness: Harness, args: argparse.Namespace, index: int) -> dict[str,
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"{args.tasks} tasks not done within {RUN_TIMEOUT:.0f} s")
                 time.sleep(POLL_SECONDS)
-            after = {pid: _counters(pid) for pid in roles}
+            after = snapshot(roles)
             usage = window.close()
         finally:
             conn.close()
             harness.stop(runner)
-    processes = []
-    n = args.tasks
-    for pid, role in sorted(roles.items(), key=lambda item: item[1]):
-        a, b = before.get(pid), after.get(pid)
-        if a is None or b is None:
-            continue
-        processes.append({
-            "pid": pid, "role": role,
-            "cpu_ms_per_task": round((b["ticks"] - a["ticks"]) / measure.CLOCK_TICKS * 1000 / n, 4),
-            "system_ms_per_task": round((b["system_ticks"] - a["system_ticks"]) / measure.CLOCK_TICKS * 1000 / n, 4),
-            "on_cpu_ms_per_task": round((b["on_cpu_ns"] - a["on_cpu_ns"]) / 1e6 / n, 4),
-            "voluntary_switches_per_task": round((b["voluntary"] - a["voluntary"]) / n, 3),
-            "involuntary_switches_per_task": round((b["involuntary"] - a["involuntary"]) / n, 3),
-        })
+    processes = per_task(roles, before, after, args.tasks)
     shards = [p for p in processes if p["role"].startswith("shard ")]
     return {
         "processes": processes,
         "daemon_on_cpu_ms_per_task": round(sum(p["on_cpu_ms_per_task"] for p in processes), 4),
         "daemon_cpu_ms_per_task": round(sum(p["cpu_ms_per_task"] for p in processes), 4),
         "shards_on_cpu_ms_per_task": round(sum(p["on_cpu_ms_per_task"] for p in shards), 4),
-        "postgres_cpu_ms_per_task": round(usage.postgres_s * 1000 / n, 4),
+        "postgres_cpu_ms_per_task": round(usage.postgres_s * 1000 / args.tasks, 4),
         "other_share": usage.other_share,
     }
 

@@ -34,5 +34,7 @@ def test_history_bench_runs_both_tables(tmp_path: Path) -> None:
         assert isinstance(run["cpu"]["postgres_s_per_1k"], (int, float)) and run["cpu"]["postgres_s_per_1k"] >= 0
         assert run["updates"]["updates"] >= 3 * 300  # claim, start, end of every task
         assert any("tasks" in s["query"] for s in run["statements"])
+        roles = {p["role"] for p in run["processes"]}
+        assert {"supervisor", "fetcher", "shard 0", "shard 1"} <= roles, roles
     assert runs[5000]["sizes_before_mb"]["tasks"] > runs[0]["sizes_before_mb"]["tasks"]
     assert data["summary"]["5000"]["ratio_to_empty"] is not None
