@@ -207,6 +207,7 @@ FROM ordered
 TASK_ROWS_SQL = """
 SELECT id, key_id, state, action, run_by_shard,
        extract(epoch FROM created_at)::float8 AS created,
+       extract(epoch FROM claimed_at)::float8 AS claimed,
        extract(epoch FROM time_started)::float8 AS started,
        extract(epoch FROM time_ended)::float8 AS ended
 FROM tasks ORDER BY id

@@ -135,8 +135,11 @@ def summary(data: dict[str, Any]) -> str:
                               ("loaded (steady-loaded, 500 tasks/s)", loaded, "")):
         if run and run.get("latency_ms"):
             lat = run["latency_ms"]
+            split = run.get("latency_split_ms")
+            where = (f"; at the median {split['to_claim_p50']:.1f} ms from the insert to the claim, "
+                     f"{split['claim_to_start_p50']:.1f} ms from the claim to the start" if split else "")
             out.append(f"* Enqueue-to-start, {name}, 4 shards: **p50 {lat['p50']:.1f} ms, p99 {lat['p99']:.1f} ms**"
-                       f"{target}, measured {when}.")
+                       f"{target}{where}, measured {when}.")
         else:
             out.append(f"* Enqueue-to-start, {name}: not in the stored results.")
     memory_idle = instance_memory_mb(data.get("memory_idle"))

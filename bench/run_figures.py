@@ -46,6 +46,17 @@ def analyse(conn: Any, workload: Workload, tasks: list[PlannedTask], spec: Runne
         "mean": _round(sum(latencies) / len(latencies)),
     }
     out["latency_cdf_ms"] = measure.cdf_points(latencies)
+    # Where enqueue-to-start goes, for runners that record the claim (claimed_at: the daemon's claim
+    # statement): from the insert to the claim, and from the claim to the action's start.
+    claimed = [r for r in ran if r.get("claimed") is not None and r["created"] <= r["claimed"] <= r["started"]]
+    if claimed:
+        to_claim = sorted((r["claimed"] - r["created"]) * 1000.0 for r in claimed)
+        to_start = sorted((r["started"] - r["claimed"]) * 1000.0 for r in claimed)
+        out["latency_split_ms"] = {"tasks": len(claimed),
+                                   "to_claim_p50": _round(measure.percentile(to_claim, 0.50)),
+                                   "to_claim_p99": _round(measure.percentile(to_claim, 0.99)),
+                                   "claim_to_start_p50": _round(measure.percentile(to_start, 0.50)),
+                                   "claim_to_start_p99": _round(measure.percentile(to_start, 0.99))}
     runs = [(r["ended"] - r["started"]) * 1000.0 for r in ran]
     out["run_ms_mean"] = _round(sum(runs) / len(runs))
     out["makespan_s"] = round(last_end - first_created, 4)

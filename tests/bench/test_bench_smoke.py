@@ -105,6 +105,10 @@ def test_every_figure_is_there(smoke: dict[str, Any]) -> None:
         # Every task's slot is recorded (tasks.run_by_shard), and a shard never ran two tasks at once.
         assert run["utilisation"]["per_shard_overlaps"] == 0, run["utilisation"]["per_shard_note"]
         assert run["utilisation"]["per_shard_note"].startswith("attributed by tasks.run_by_shard (consistent")
+        # The daemon's claim stamps claimed_at: enqueue-to-start splits at the claim, every task.
+        split = run["latency_split_ms"]
+        assert split["tasks"] == SMOKE_TASKS[run["workload"]]
+        assert 0 <= split["to_claim_p50"] <= split["to_claim_p99"] and split["claim_to_start_p50"] >= 0
         if run["workload"] == "noop-uniform":
             assert run["ratios"]["vs_original"]["baseline"].startswith("original")
             assert run["ratios"]["vs_pool"]["baseline"].startswith("SKIP LOCKED pool")
