@@ -114,7 +114,6 @@ def self_cpu_seconds() -> float:
 def process_counters(pid: int) -> dict[str, int] | None:
     """A process's CPU ticks (user + system, and system alone), its nanoseconds on a CPU (schedstat,
     brought up to date at each context switch) and its voluntary and involuntary context switches."""
-    stat = read_stat(pid)
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             fields = f.read().rsplit(b")", 1)[1].split()
@@ -126,12 +125,11 @@ def process_counters(pid: int) -> dict[str, int] | None:
                 if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
                     name, value = line.split(":")
                     switches[name] = int(value)
+        # fields[0] is field 3 (state): utime and stime, fields 14 and 15, are fields[11] and fields[12].
+        user, system = int(fields[11]), int(fields[12])
     except (OSError, IndexError, ValueError):
         return None
-    if stat is None:
-        return None
-    # fields[0] is field 3 (state): stime, field 15, is fields[12].
-    return {"ticks": stat.own_ticks, "system_ticks": int(fields[12]), "on_cpu_ns": on_cpu_ns,
+    return {"ticks": user + system, "system_ticks": system, "on_cpu_ns": on_cpu_ns,
             "voluntary": switches.get("voluntary_ctxt_switches", 0),
             "involuntary": switches.get("nonvoluntary_ctxt_switches", 0)}
 

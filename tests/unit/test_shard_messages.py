@@ -2,8 +2,8 @@
 
 A batch's start commits the outcomes held from the previous batch and marks
 the new one running; what it ended and what it started go to the fetcher in
-one write (``Several``), so a slow task wakes the fetcher twice (start,
-performed) instead of four times. Real sockets, no database: the execution
+one write (``Several``), so a slow task sends the fetcher two messages
+(start, performed) instead of four. Real sockets, no database: the execution
 runs on the fake store of ``shard_fakes``.
 """
 
