@@ -46,6 +46,7 @@ from taskomatic.db import task_writes
 from taskomatic.db.store import Store
 from taskomatic.logsetup import task_fields
 from taskomatic.model import TERMINAL_STATES, EndState, OutcomeState, Settlement, TaskRow, TaskState, key_of
+from taskomatic.runtime.dispatch import LOOKAHEAD
 from taskomatic.runtime.messages import Deferred, Performed, Started, TaskEnd
 from taskomatic.runtime.outcomes import CONNECTION_LOST, Outcomes, PendingOutcome, named, now
 from taskomatic.runtime.parking import ParkingLot
@@ -60,6 +61,7 @@ BATCH_BUDGET = 0.002
 BATCH_MAX = 64
 BATCH_SCAN = 256  # queue entries looked at to fill a batch
 ESTIMATE_WEIGHT = 0.2  # of the newest duration in an action's running estimate
+WORK_SCAN = 16  # queue entries summed to tell whether a fetcher's lookahead of work is queued
 
 
 class FetcherGone(Exception):
@@ -442,9 +444,27 @@ class Execution:
         self.outcomes.log_outcome(task, outcome, (ended - started).total_seconds())
 
     def _say_performed(self) -> None:
-        """Tell the fetcher which tasks ran and wait for a commit: it may send the next ones now."""
-        if self.outcomes.pending:
+        """Tell the fetcher which tasks ran, so it may send the next ones before their outcomes commit.
+
+        Not when this shard already has at least the fetcher's lookahead of
+        work queued: the slot would get no room from it (the fetcher sends a
+        free key only below that), and the next start's commit says Ended one
+        commit later anyway. Each message wakes the fetcher; a slow task whose
+        successor is queued here sent two where one does.
+        """
+        if self.outcomes.pending and not self._work_queued(LOOKAHEAD):
             self.link.send(Performed(self.outcomes.held_ids()))
+
+    def _work_queued(self, at_least: float) -> bool:
+        """Is at least this much work (by this shard's estimates) queued? Looks at a few tasks only."""
+        work = 0.0
+        for position, task in enumerate(self.queue):
+            if position >= WORK_SCAN:
+                return False
+            work += self.estimate(task)
+            if work >= at_least:
+                return True
+        return False
 
     # -- parked keys ------------------------------------------------------------
     def park_for_retry(self, task: TaskRow, reason: str) -> None:

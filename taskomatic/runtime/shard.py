@@ -10,7 +10,8 @@ task is elsewhere, one module per step:
 - ``parking.py``: keys set aside for a retry or for their children.
 
 The fetcher sends ``Run`` messages; the shard answers ``Started`` when it
-starts tasks, ``Performed`` when they ran (their outcomes held),
+starts tasks, ``Performed`` when they ran (their outcomes held; not when a
+fetcher's lookahead of work is queued here),
 ``Ended`` once outcomes are committed and ``Deferred`` for parked tasks.
 """
 

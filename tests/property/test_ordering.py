@@ -15,7 +15,8 @@ The simulation plays
 * the shards: a local queue in the order it was sent; a shard may start the
   first task of several different keys of its queue at once (a batch; never a
   key's later task before an earlier one), performs them one after another,
-  says ``Performed`` for each and holds its outcome until the next batch
+  says ``Performed`` for each or not (``Execution._say_performed`` skips it
+  when the shard has work queued) and holds its outcome until the next batch
   starts or it falls idle (then ``Ended``), may park a key (retry backoff:
   its later tasks are held behind it and reported ``Deferred``), and drops
   what has not started when it loses the
@@ -311,14 +312,15 @@ class Pipeline:
         self.started[key].append(task.id)
         self.procs[slot].running.append(task)
 
-    def perform(self, slot: int) -> bool:
-        """The batch's next task runs; its outcome is held, and the fetcher told ``Performed``."""
+    def perform(self, slot: int, say: bool = True) -> bool:
+        """The batch's next task runs; its outcome is held, and the fetcher told ``Performed`` if ``say``."""
         proc = self.procs[slot]
         if not proc.alive or not proc.running:
             return False
         task = proc.running.pop(0)
         proc.pending.append(task)
-        self._report(slot, "performed", (task.id,))
+        if say:
+            self._report(slot, "performed", (task.id,))
         return True
 
     def _commit(self, slot: int, report: bool = True) -> None:
@@ -379,7 +381,7 @@ class Pipeline:
     def step(self, slot: int, b: int) -> None:
         """The next natural move of one slot's pipeline."""
         proc = self.procs[slot]
-        (self.send(slot) or self.receive(slot) or (b % 2 == 1 and self.perform(slot)) or self.end(slot)
+        (self.send(slot) or self.receive(slot) or (b % 2 == 1 and self.perform(slot, say=b % 4 == 3)) or self.end(slot)
          or self.start(slot, b)
          or self.fetcher_read(slot) or self.connect(slot) or (b % 4 == 0 and self.wake(slot, b))
          or self.adopt() or self.claim(1 + b % 8) or (proc.alive and self.wake(slot, b)))
@@ -504,7 +506,7 @@ def apply(sim: Pipeline, op: str, a: int, b: int) -> None:
     elif op == "start":
         sim.start(slot, b)
     elif op == "perform":
-        sim.perform(slot)
+        sim.perform(slot, say=b % 2 == 0)
     elif op == "end":
         sim.end(slot)
     elif op == "fetcher_read":

@@ -3,7 +3,8 @@
 A batch's start commits the outcomes held from the previous batch and marks
 the new one running; what it ended and what it started go to the fetcher in
 one write (``Several``), so a slow task sends the fetcher two messages
-(start, performed) instead of four. Real sockets, no database: the execution
+(start, performed) instead of four, and one when the shard has its successor
+queued already (no ``Performed``). Real sockets, no database: the execution
 runs on the fake store of ``shard_fakes``.
 """
 
@@ -133,6 +134,34 @@ def test_a_start_sends_what_its_commit_ended_and_what_it_started_together() -> N
                       "open", "ended", "Started", "close", "Performed",
                       "ended"]  # the last outcome, committed falling idle
     assert ("ended", ()) not in rig.sent  # a start that ended nothing says nothing of it
+
+
+def _kinds(sent: list[object]) -> list[str]:
+    return [type(m).__name__ if not isinstance(m, tuple) else m[0] for m in sent]
+
+
+def test_a_shard_with_a_lookahead_of_work_queued_does_not_say_performed() -> None:
+    rig = make_rig(quick=False)
+    rig.execution.estimates["touch"] = 0.02  # slow: one queued is more than the fetcher's lookahead
+    tasks = [task(1, vm=10), task(2, vm=10), task(3, vm=11)]
+    for t in tasks:
+        rig.store.add_task(t)
+    rig.run_queue(list(tasks))
+    # Task 2 was queued when task 1 ran, task 3 when task 2 ran: their starts say Ended soon enough.
+    # Task 3 ran with nothing queued: the fetcher is told, so it may send the next task at once.
+    assert _kinds(rig.sent) == ["Started", "ended", "Started", "ended", "Started", "Performed", "ended"]
+
+
+def test_a_shard_with_less_than_a_lookahead_queued_says_performed() -> None:
+    rig = make_rig(quick=False)
+    rig.execution.estimates["touch"] = 0.02
+    rig.execution.estimates["tick"] = 0.0001  # quick: queued behind the slow task, the slot still has room
+    slow, quick = task(1, vm=10), task(2, vm=11, action="tick")
+    for t in (slow, quick):
+        rig.store.add_task(t)
+    rig.execution.queue.extend([slow, quick])
+    rig.execution.run(rig.execution.take_batch())
+    assert rig.execution.queue and _kinds(rig.sent) == ["Started", "Performed"]
 
 
 # -- the fetcher reads them -----------------------------------------------------------------
