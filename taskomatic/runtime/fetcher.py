@@ -294,7 +294,12 @@ class Fetcher:
         self.dispatch.requeue(slot.index, again)
 
     def _read_shard(self, channel: Connection) -> None:
-        slot = next(s for s in self.slots if s.channel is channel)
+        slot = next((s for s in self.slots if s.channel is channel), None)
+        if slot is None:
+            # Replaced earlier in this turn: its shard reconnected (``_accept`` closed the old channel
+            # and resynced the slot), or a send on it failed. What it still held is lost, as on any
+            # broken channel.
+            return
         try:
             while readable_now(channel):
                 message = wire.recv(channel)

@@ -188,3 +188,13 @@ def test_the_fetcher_acts_on_each_message_of_several(pair: tuple[Connection, Con
     assert fetcher.slots[0].current == 2  # Started came after Ended: the slot runs task 2
     assert fetcher.dispatch.held() == 1  # task 1 forgotten, task 2 still held until it ends
     assert not readable_now(right)  # both writes read in one call
+
+
+def test_the_fetcher_skips_a_channel_replaced_earlier_in_the_same_turn(pair: tuple[Connection, Connection]) -> None:
+    """A shard reconnected (accepted earlier in the turn) while its old channel was in the ready list too."""
+    left, right = pair
+    fetcher = object.__new__(Fetcher)
+    fetcher.slots = [ShardLink(0, channel=None)]  # _accept replaced the slot's channel and closed the old one
+    wire.send(left, Performed((1,)))
+    fetcher._read_shard(right)  # used to raise StopIteration out of the fetcher's loop
+    assert fetcher.slots[0].channel is None
