@@ -18,9 +18,9 @@ batches); a slow one goes out only once the slot's previous task has run
 (the shard says ``Performed`` before it commits the outcome, and the next
 start carries that commit), so nothing ever waits behind a slow task on one
 shard while another shard could run it. A shard with ``LOOKAHEAD`` of work
-still queued does not say ``Performed`` (``Execution._say_performed``): the
-slot would get no room from it, and the next start's ``Ended`` comes one
-commit later.
+queued to start, by its own estimates, does not say ``Performed``
+(``Execution._say_performed``): the slot would get no room from it, and the
+start of that work says ``Ended`` with its commit.
 
 A slot gets its pinned keys' next tasks at once, room or not (they could not
 run elsewhere before their predecessors end, and a hot key's chain runs

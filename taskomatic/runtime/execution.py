@@ -446,21 +446,30 @@ class Execution:
     def _say_performed(self) -> None:
         """Tell the fetcher which tasks ran, so it may send the next ones before their outcomes commit.
 
-        Not when this shard already has at least the fetcher's lookahead of
-        work queued: the slot would get no room from it (the fetcher sends a
-        free key only below that), and the next start's commit says Ended one
-        commit later anyway. Each message wakes the fetcher; a slow task whose
-        successor is queued here sent two where one does.
+        Not when this shard, by its own estimates, has at least the fetcher's
+        lookahead of work queued that it will start next: the slot would get
+        no room from it (the fetcher sends a free key only below that), and
+        the start of that work says Ended with its commit. Each message wakes
+        the fetcher; a slow task whose successor is queued here sent two where
+        one does. (The fetcher's ``Dispatcher`` is built with the same
+        ``LOOKAHEAD``; were it ever configurable, both would have to follow.)
         """
         if self.outcomes.pending and not self._work_queued(LOOKAHEAD):
             self.link.send(Performed(self.outcomes.held_ids()))
 
     def _work_queued(self, at_least: float) -> bool:
-        """Is at least this much work (by this shard's estimates) queued? Looks at a few tasks only."""
+        """Is at least this much work (by this shard's estimates) queued to start? Looks at a few tasks only.
+
+        A parked key's task does not count: the shard only hands it back as
+        Deferred, and with nothing else queued it would fall idle holding the
+        outcome while the fetcher, not told, saw no room for the slot.
+        """
         work = 0.0
         for position, task in enumerate(self.queue):
             if position >= WORK_SCAN:
                 return False
+            if self.parking.is_parked(task):
+                continue
             work += self.estimate(task)
             if work >= at_least:
                 return True

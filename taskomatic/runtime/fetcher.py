@@ -297,8 +297,8 @@ class Fetcher:
         slot = next((s for s in self.slots if s.channel is channel), None)
         if slot is None:
             # Replaced earlier in this turn: its shard reconnected (``_accept`` closed the old channel
-            # and resynced the slot), or a send on it failed. What it still held is lost, as on any
-            # broken channel.
+            # and resynced the slot). What it still held is lost, as on any broken channel. (The poll
+            # lists shard channels before the listening socket, so today this is not reached.)
             return
         try:
             while readable_now(channel):

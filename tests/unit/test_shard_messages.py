@@ -3,8 +3,8 @@
 A batch's start commits the outcomes held from the previous batch and marks
 the new one running; what it ended and what it started go to the fetcher in
 one write (``Several``), so a slow task sends the fetcher two messages
-(start, performed) instead of four, and one when the shard has its successor
-queued already (no ``Performed``). Real sockets, no database: the execution
+(start, performed) instead of four, and one when the shard has a lookahead
+of work (a slow successor) queued already (no ``Performed``). Real sockets, no database: the execution
 runs on the fake store of ``shard_fakes``.
 """
 
@@ -18,12 +18,15 @@ from types import SimpleNamespace
 import pytest
 from multiprocess.connection import Connection
 
+from taskomatic.actions.base import Outcome
 from taskomatic.config import Config
 from taskomatic.runtime import channel as wire
-from taskomatic.runtime.dispatch import Dispatcher
+from taskomatic.runtime.dispatch import LOOKAHEAD, Dispatcher
+from taskomatic.runtime.execution import WORK_SCAN
 from taskomatic.runtime.execution import ShardLink as ExecutionLink
 from taskomatic.runtime.fetcher import Fetcher, ShardLink
 from taskomatic.runtime.messages import Ended, Performed, Several, Started, TaskEnd
+from taskomatic.runtime.outcomes import PendingOutcome, now
 from taskomatic.runtime.partition_book import PartitionBook
 from taskomatic.runtime.readiness import Readiness, readable_now
 from taskomatic.runtime.shard import Shard
@@ -162,6 +165,40 @@ def test_a_shard_with_less_than_a_lookahead_queued_says_performed() -> None:
     rig.execution.queue.extend([slow, quick])
     rig.execution.run(rig.execution.take_batch())
     assert rig.execution.queue and _kinds(rig.sent) == ["Started", "Performed"]
+
+
+def test_performed_is_skipped_from_the_fetchers_lookahead_of_queued_work_on() -> None:
+    rig = make_rig(quick=False)
+    execution = rig.execution
+    ran = task(1, vm=9)
+    rig.outcomes.hold(PendingOutcome(ran, Outcome.finished(), now(), now()))  # performed, outcome held
+    execution.queue.extend([task(2, vm=10), task(3, vm=11)])
+    execution.estimates["touch"] = LOOKAHEAD / 2 * 0.99  # two of them: just under the fetcher's lookahead
+    execution._say_performed()
+    assert rig.sent == [Performed((1,))]
+    execution.estimates["touch"] = LOOKAHEAD / 2  # two of them: the lookahead itself
+    execution._say_performed()
+    assert rig.sent == [Performed((1,))]  # not again: the slot would get no room from it
+
+
+def test_queued_work_is_summed_over_the_first_entries_only() -> None:
+    rig = make_rig(quick=False)
+    execution = rig.execution
+    execution.estimates["touch"] = LOOKAHEAD / WORK_SCAN * 0.99  # the whole scan falls just short
+    execution.queue.extend(task(i, vm=i) for i in range(1, 2 * WORK_SCAN))
+    assert not execution._work_queued(LOOKAHEAD)  # more is queued, but the scan stops: say Performed
+
+
+def test_a_parked_keys_queued_tasks_are_not_work_to_start() -> None:
+    rig = make_rig(quick=False)
+    execution = rig.execution
+    execution.estimates["touch"] = 0.02
+    held = task(1, vm=10, state="running")
+    execution.parking.park_for_retry(held, "libvirt busy", 0.0)  # VM 10 waits for a retry
+    execution.queue.extend([task(2, vm=10), task(3, vm=10)])  # slow, but only handed back as Deferred
+    assert not execution._work_queued(LOOKAHEAD)
+    execution.queue.append(task(4, vm=11))
+    assert execution._work_queued(LOOKAHEAD)
 
 
 # -- the fetcher reads them -----------------------------------------------------------------
