@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -57,8 +59,14 @@ class Daemon:
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         cmd = [sys.executable, "-m", "taskomatic", "--dsn", dsn, "--shards", str(shards),
                "--set", f"state_dir={state_dir}", "--set", "poll_interval=0.5", *(extra or [])]
+        # The daemon's temporary files (multiprocess's fork-server socket directories, /tmp/pymp-*) go
+        # to a directory of its own, removed in stop(): a daemon whose group has to be SIGKILLed cannot
+        # clean up after itself. Short, under /tmp: AF_UNIX paths are limited to 108 bytes.
+        self.tmp_dir = tempfile.mkdtemp(prefix="tkd-", dir="/tmp")
+        os.chmod(self.tmp_dir, 0o1777)  # like /tmp: an embedded server's unprivileged user may need it too
         # python_path: more import roots, e.g. a plugin's dist-info directory (bench/plugin).
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), *(python_path or [])])}
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), *(python_path or [])]),
+               "TMPDIR": self.tmp_dir}
         self.process = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env,
                                         cwd=str(REPO), start_new_session=True)
 
@@ -115,6 +123,7 @@ class Daemon:
         if self.process.poll() is None:
             self.process.wait(10)
         self._log.close()
+        shutil.rmtree(self.tmp_dir, ignore_errors=True)
 
 
 def history_then_backlog(store: Any, instance_id: int, history: int = 20000, backlog: int = 5000) -> None:
