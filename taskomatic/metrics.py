@@ -35,6 +35,7 @@ def prepare_directory(runtime_dir: Path, instance_id: int) -> None:
     shutil.rmtree(directory, ignore_errors=True)
     directory.mkdir(parents=True, mode=0o700)
     os.environ[ENV] = str(directory)
+    _forget_off()
 
 
 def enabled() -> bool:
@@ -74,18 +75,31 @@ class _Metrics:
 
 
 _metrics: _Metrics | None = None
+_off = False  # this process found metrics off (no directory in its environment)
 
 
 def _get() -> _Metrics | None:
-    global _metrics
-    # Once created, no environment lookup: this runs several times per task on the hot path
-    # (the directory is set once, before the children start, and never unset in a process).
+    global _metrics, _off
+    # No environment lookup once decided: this runs several times per task on the hot path.
+    # The directory is set once, before the children start, and never unset in a process; a
+    # process that found it unset asks again only after a fork or prepare_directory().
     if _metrics is not None:
         return _metrics
+    if _off:
+        return None
     if not enabled():
+        _off = True
         return None
     _metrics = _Metrics()
     return _metrics
+
+
+def _forget_off() -> None:
+    global _off
+    _off = False
+
+
+os.register_at_fork(after_in_child=_forget_off)
 
 
 def task_ended(action: str, outcome: str, seconds: float | None) -> None:

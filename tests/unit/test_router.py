@@ -141,3 +141,16 @@ def test_hash_routing_refuses_no_shards() -> None:
 
     with pytest.raises(ValueError):
         HashRouting(0, 256)
+
+
+def test_an_ordering_key_reads_as_kind_colon_id_and_hashes_as_a_tuple() -> None:
+    """shard_for hashes str(key), so its text is part of the routing; the dispatcher hashes and compares
+    keys about 25 times per task, which a tuple does in C (a dataclass ran generated Python for each)."""
+    key = OrderingKey("StoragePool", 2)
+    assert str(key) == f"{key}" == "StoragePool:2" and str(OrderingKey("Vm", None)) == "Vm:None"
+    assert (key.kind, key.ident) == ("StoragePool", 2)
+    assert OrderingKey.__hash__ is tuple.__hash__ and OrderingKey.__eq__ is tuple.__eq__
+    assert key == OrderingKey("StoragePool", 2) and hash(key) == hash(OrderingKey("StoragePool", 2))
+    assert key != OrderingKey("StoragePool", 3) and key != OrderingKey("Vm", 2)
+    assert sorted([OrderingKey("Vm", 3), OrderingKey("Host", 9), OrderingKey("Vm", 1)]) == [
+        OrderingKey("Host", 9), OrderingKey("Vm", 1), OrderingKey("Vm", 3)]
