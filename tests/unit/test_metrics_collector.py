@@ -28,6 +28,7 @@ def test_database_down_reads_as_database_up_zero_without_queue_gauges(caplog):
 
 def test_metric_functions_are_no_ops_when_metrics_are_off(monkeypatch):
     monkeypatch.delenv(metrics.ENV, raising=False)
+    monkeypatch.setattr(metrics, "_off", False)  # decided afresh here, and restored for the next test
     metrics.task_waited(0.5)
     metrics.node_seen(1, "node0", False)
     metrics.child_restarted("shard")
