@@ -15,7 +15,6 @@ from typing import Any
 
 import psycopg2
 import psycopg2.extensions
-import psycopg2.extras
 
 from taskomatic.db.queries import query
 from taskomatic.text import first_line
@@ -111,8 +110,11 @@ class Store:
         if not self.conn.closed:
             self.conn.close()
 
-    def _cursor(self) -> psycopg2.extras.RealDictCursor:
-        return self.conn.cursor(cursor_factory=psycopg2.extras.RealDictCursor)
+    def _cursor(self) -> psycopg2.extensions.cursor:
+        # psycopg2's plain cursor: its rows are tuples built in C. RealDictCursor builds each row
+        # in Python, one __setitem__ per column, and its execute and fetch are Python too: about
+        # 20 us more per one-row statement here, a third of a no-op's daemon CPU (bench/RESULTS.md).
+        return self.conn.cursor()
 
     def statement_text(self, name: str) -> str:
         """What this store sends for a named query: its SQL, or for a hot-path one the EXECUTE of its
@@ -146,8 +148,7 @@ class Store:
         cur.execute(sql.SQL("PREPARE {} AS {}").format(statement, sql.SQL(body)))
         cur.execute("SELECT parameter_types::text[] FROM pg_prepared_statements WHERE name = %(name)s",
                     {"name": f"tkm_{name}"})
-        row = cur.fetchone()
-        types = row["parameter_types"] if isinstance(row, dict) else row[0]
+        types = cur.fetchone()[0]
         # A cast per argument: psycopg2 sends values as literals (a list of None is ARRAY[NULL], text[]).
         arguments = [sql.SQL("{}::{}").format(sql.Placeholder(param), sql.SQL(kind))
                      for param, kind in zip(order, types, strict=True)]
@@ -169,7 +170,7 @@ class Store:
     def all(self, name: str, /, **params: Any) -> list[Row]:
         with self._cursor() as cur:
             cur.execute(self._statement(name, cur), params)
-            return [dict(r) for r in cur.fetchall()] if cur.description else []
+            return _rows(cur)
 
     def all_last(self, name: str, last: bool, /, **params: Any) -> list[Row]:
         """``all``, for a statement that may be the last of its transaction (``last``). If it is, with
@@ -179,7 +180,7 @@ class Store:
         alone = last and self.begin_with_first and not self.in_transaction
         with self._cursor() as cur:
             cur.execute(self._statement(name, cur, begin=not alone), params)
-            return [dict(r) for r in cur.fetchall()] if cur.description else []
+            return _rows(cur)
 
     def one(self, name: str, /, **params: Any) -> Row | None:
         rows = self.all(name, **params)
@@ -245,6 +246,14 @@ class Store:
         statement = sql.SQL(self._lead()) + statement
         with self.conn.cursor() as cur:
             cur.execute(statement, {**values, "_id": row_id})
+
+
+def _rows(cur: psycopg2.extensions.cursor) -> list[Row]:
+    """The executed statement's rows as dicts keyed by column name ([] for a statement without rows)."""
+    if cur.description is None:
+        return []
+    names = [column.name for column in cur.description]
+    return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
 
 
 def listen(conn: psycopg2.extensions.connection, channel: str) -> None:

@@ -262,3 +262,31 @@ def test_a_claim_alone_commits_in_its_round_trip_and_its_settings_end_with_it(
     with store.conn.cursor() as cur:  # local to the claim's implicit transaction: gone with it
         cur.execute("SELECT current_setting('synchronous_commit'), current_setting('enable_sort')")
         assert cur.fetchone() == ("on", "on")
+
+
+# -- rows: plain dicts from psycopg2's C cursor ---------------------------------------------------
+
+
+def test_rows_are_dicts_keyed_by_column_with_typed_values(store: Store) -> None:
+    """Every query's rows, prepared (mark_running) or not (task_states), are plain dicts keyed by
+    column name in column order, with PostgreSQL's types converted; a statement without rows gives []."""
+    me, ids = _instance_with_queued(store, 11, 3)
+    started = store.all("mark_running", task_ids=ids, instance_id=me, shard=2,
+                        time_started=dt.datetime.now(dt.UTC))
+    assert sorted(r["id"] for r in started) == ids
+    assert all(type(r) is dict and list(r) == ["id", "created_at"] for r in started)
+    assert all(isinstance(r["created_at"], dt.datetime) and r["created_at"].tzinfo for r in started)
+    states = store.all("task_states", ids=ids)
+    assert sorted((r["id"], r["state"], r["claimed_by"], r["run_by_shard"]) for r in states) == [
+        (task_id, "running", me, 2) for task_id in ids]
+    assert store.all("task_states", ids=[-1]) == [] and store.one("task_states", ids=[-1]) is None
+    assert store.all("instance_heartbeat", instance_id=me) == []  # an UPDATE without RETURNING
+    store.rollback()
+
+
+def test_the_store_reads_rows_through_the_plain_cursor(store: Store) -> None:
+    """psycopg2's RealDictCursor builds each row in Python and costs about 20 us more per one-row
+    statement on the bench machine, a third of a no-op's daemon CPU (bench/RESULTS.md, "Rows as
+    tuples"): the store's cursors are the C one."""
+    with store._cursor() as cur:
+        assert type(cur) is psycopg2.extensions.cursor
