@@ -44,7 +44,8 @@ class DaemonWithNotify:
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
                 cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=str(REPO),
-                env={**os.environ, "PYTHONPATH": str(REPO), "NOTIFY_SOCKET": str(state_dir / "notify")})
+                env={**os.environ, "PYTHONPATH": str(REPO), "NOTIFY_SOCKET": str(state_dir / "notify"),
+                 "TMPDIR": str(state_dir)})  # its temporary files go with state_dir (tests.helpers.Daemon)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")

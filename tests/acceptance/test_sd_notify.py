@@ -66,7 +66,8 @@ def test_watchdog_pings_stop_while_the_fetcher_is_wedged(dsn, state_dir):
             [sys.executable, "-m", "taskomatic", "--dsn", dsn, "--shards", "2", "--set", f"state_dir={state_dir}",
              "--set", "heartbeat_timeout=3"],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            env={**os.environ, "PYTHONPATH": str(REPO), "NOTIFY_SOCKET": str(state_dir / "notify")})
+            env={**os.environ, "PYTHONPATH": str(REPO), "NOTIFY_SOCKET": str(state_dir / "notify"),
+                 "TMPDIR": str(state_dir)})  # its temporary files go with state_dir (tests.helpers.Daemon)
     fetcher = None
     try:
         wait_for(lambda: notify.lines("READY=1"), 60, what="READY=1")
