@@ -113,7 +113,8 @@ class Store:
     def _cursor(self) -> psycopg2.extensions.cursor:
         # psycopg2's plain cursor: its rows are tuples built in C. RealDictCursor builds each row
         # in Python, one __setitem__ per column, and its execute and fetch are Python too: about
-        # 20 us more per one-row statement here, a third of a no-op's daemon CPU (bench/RESULTS.md).
+        # 20 us more per one-row statement here, and a fifth of a no-op's daemon CPU (bench/RESULTS.md,
+        # "The store reads rows as tuples").
         return self.conn.cursor()
 
     def statement_text(self, name: str) -> str:

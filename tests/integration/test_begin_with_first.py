@@ -286,7 +286,7 @@ def test_rows_are_dicts_keyed_by_column_with_typed_values(store: Store) -> None:
 
 def test_the_store_reads_rows_through_the_plain_cursor(store: Store) -> None:
     """psycopg2's RealDictCursor builds each row in Python and costs about 20 us more per one-row
-    statement on the bench machine, a third of a no-op's daemon CPU (bench/RESULTS.md, "Rows as
-    tuples"): the store's cursors are the C one."""
+    statement on the bench machine, a fifth of a no-op's daemon CPU (bench/RESULTS.md, "The store
+    reads rows as tuples"): the store's cursors are the C one."""
     with store._cursor() as cur:
         assert type(cur) is psycopg2.extensions.cursor
