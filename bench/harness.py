@@ -398,6 +398,7 @@ class Harness:
             runner._log.close()
             runner._log = None
         runner._close_notify()
+        runner.remove_temporary_files()
         if runner in self.started:
             self.started.remove(runner)
 

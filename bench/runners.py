@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import os
 import select
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,7 +84,14 @@ class Runner:
         # TASKOMATIC_* settings, PG* libpq defaults (PGOPTIONS...), a journald stream.
         env = {k: v for k, v in os.environ.items()
                if not k.startswith(("TASKOMATIC_", "PG")) and k != "JOURNAL_STREAM"}
-        env.update(PYTHONPATH=os.pathsep.join(python_path), NOTIFY_SOCKET=str(self._notify_path))
+        # The runner's temporary files (multiprocess's fork-server socket directories, pymp-*) go to a
+        # directory of its own, removed in stop(): a runner whose group is SIGKILLed (a takeover's
+        # victim, a stop that timed out) cannot clean up after itself. Short, under /tmp: AF_UNIX
+        # paths are limited to 108 bytes.
+        self.tmp_dir = tempfile.mkdtemp(prefix="tkb-", dir="/tmp")
+        os.chmod(self.tmp_dir, 0o1777)  # like /tmp
+        env.update(PYTHONPATH=os.pathsep.join(python_path), NOTIFY_SOCKET=str(self._notify_path),
+                   TMPDIR=self.tmp_dir)
         if spec.kind == "taskomatic":
             # An empty configuration file: the defaults, not /etc/taskomatic/taskomatic.conf.
             config = work_dir / "taskomatic.conf"
@@ -131,6 +140,10 @@ class Runner:
                     self._close_notify()
                     return time.monotonic() - started
 
+    def remove_temporary_files(self) -> None:
+        """Remove the runner's TMPDIR (once its processes are gone: they may still write to it)."""
+        shutil.rmtree(self.tmp_dir, ignore_errors=True)
+
     def _close_notify(self) -> None:
         if self._notify is not None:
             self._notify.close()
@@ -157,6 +170,7 @@ class Runner:
             pass
         if self.process.poll() is None:
             self.process.wait(10)
+        self.remove_temporary_files()
         self._close_notify()
         if self._log is not None:
             self._log.close()
