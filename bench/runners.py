@@ -85,9 +85,9 @@ class Runner:
         env = {k: v for k, v in os.environ.items()
                if not k.startswith(("TASKOMATIC_", "PG")) and k != "JOURNAL_STREAM"}
         # The runner's temporary files (multiprocess's fork-server socket directories, pymp-*) go to a
-        # directory of its own, removed in stop(): a runner whose group is SIGKILLed (a takeover's
-        # victim, a stop that timed out) cannot clean up after itself. Short, under /tmp: AF_UNIX
-        # paths are limited to 108 bytes.
+        # directory of its own, removed when it ends (stop(), Harness.forget_killed()): a runner whose
+        # group is SIGKILLed (a takeover's victim, a stop that timed out) cannot clean up after itself.
+        # Short, under /tmp: AF_UNIX paths are limited to 108 bytes.
         self.tmp_dir = tempfile.mkdtemp(prefix="tkb-", dir="/tmp")
         os.chmod(self.tmp_dir, 0o1777)  # like /tmp
         env.update(PYTHONPATH=os.pathsep.join(python_path), NOTIFY_SOCKET=str(self._notify_path),

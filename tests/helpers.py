@@ -45,6 +45,13 @@ def query(dsn: str, sql: str, params: Any = None) -> list[dict[str, Any]]:
         conn.close()
 
 
+def wait_fork_server_dir(tmp_dir: Path) -> list[str]:
+    """The fork server's socket directory (multiprocess's ``pymp-*``) in a daemon's own TMPDIR, once it
+    is there: where a daemon's temporary files go when its starter gives it a TMPDIR."""
+    return wait_for(lambda: [p.name for p in tmp_dir.iterdir() if p.name.startswith("pymp-")], 10,
+                    what=f"the fork server's directory under {tmp_dir}")
+
+
 def execute(dsn: str, sql: str, params: Any = None) -> None:
     query(dsn, sql, params)
 

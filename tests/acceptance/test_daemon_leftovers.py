@@ -12,7 +12,7 @@ import os
 import signal
 from pathlib import Path
 
-from tests.helpers import Daemon, wait_for
+from tests.helpers import Daemon, wait_fork_server_dir
 
 
 def test_a_sigkilled_daemon_leaves_no_temporary_files(dsn: str, state_dir: Path) -> None:
@@ -23,8 +23,7 @@ def test_a_sigkilled_daemon_leaves_no_temporary_files(dsn: str, state_dir: Path)
         assert {"fetcher", "shard 0", "shard 1"} <= set(daemon.child_pids())
         # The fork server's socket directory is where the daemon's temporary files now go. (Its environment
         # is not readable from /proc: the process titles are written over it.)
-        assert wait_for(lambda: [p.name for p in tmp.iterdir() if p.name.startswith("pymp-")],
-                        10, what="the fork server's directory under the daemon's TMPDIR")
+        assert wait_fork_server_dir(tmp)
         os.killpg(daemon.pid, signal.SIGKILL)  # no exit handler runs
         daemon.process.wait(10)
         assert any(tmp.iterdir())  # what the killed daemon could not remove

@@ -14,18 +14,21 @@ import signal
 from pathlib import Path
 
 from bench.runners import Runner, RunnerSpec
-from tests.helpers import wait_for
+from tests.helpers import wait_fork_server_dir
+
+
+def _runner(dsn: str, state_dir: Path) -> Runner:
+    """A 2-shard daemon as the benchmarks start it (no plugin needed: it runs no task)."""
+    return Runner(RunnerSpec("taskomatic", 2), dsn, state_dir / "runner", plugin_path=state_dir,
+                  baseline_poll=1.0, daemon_settings=[])
 
 
 def test_a_sigkilled_runner_leaves_no_temporary_files(dsn: str, state_dir: Path) -> None:
-    runner = Runner(RunnerSpec("taskomatic", 2), dsn, state_dir / "runner", plugin_path=state_dir,
-                    baseline_poll=1.0, daemon_settings=[])
+    runner = _runner(dsn, state_dir)
     tmp = Path(runner.tmp_dir)
     try:
         runner.wait_ready()
-        # The fork server's socket directory is where the runner's temporary files now go.
-        assert wait_for(lambda: [p.name for p in tmp.iterdir() if p.name.startswith("pymp-")],
-                        10, what="the fork server's directory under the runner's TMPDIR")
+        assert wait_fork_server_dir(tmp)
         os.killpg(runner.pid, signal.SIGKILL)  # no exit handler runs
         runner.process.wait(10)
         assert any(tmp.iterdir())  # what the killed daemon could not remove
@@ -42,14 +45,12 @@ def test_a_killed_runner_the_bench_forgets_leaves_no_temporary_files(dsn: str, s
     from bench.harness import Harness
     from bench.multihost.suite import kill_group, wait_group_gone
 
-    runner = Runner(RunnerSpec("taskomatic", 2), dsn, state_dir / "runner", plugin_path=state_dir,
-                    baseline_poll=1.0, daemon_settings=[])
+    runner = _runner(dsn, state_dir)
     tmp = Path(runner.tmp_dir)
     bench = SimpleNamespace(started=[runner])  # what forget_killed uses of a Harness
     try:
         runner.wait_ready()
-        assert wait_for(lambda: [p.name for p in tmp.iterdir() if p.name.startswith("pymp-")],
-                        10, what="the fork server's directory under the runner's TMPDIR")
+        assert wait_fork_server_dir(tmp)
         kill_group(runner)
         assert wait_group_gone(runner), "the killed runner's processes are still there"
         assert any(tmp.iterdir())
