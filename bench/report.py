@@ -125,6 +125,7 @@ def markdown(results: dict[str, Any], plots: list[str]) -> str:
     out += _scaling_section(results)
     out += routing_section(results)
     out += _lifecycle_section(results)
+    out += chain_section(results)
     out += _utilisation_section(results)
     out += _timeline_section(results)
     out += _rss_section(results)
@@ -218,6 +219,37 @@ def routing_section(results: dict[str, Any]) -> list[str]:
             f"| {_fmt((pinned.get('latency_ms') or {}).get('p99'))} "
             f"| {_fmt((hashed.get('latency_ms') or {}).get('p99'))} "
             f"| {'ok' if ok else 'VIOLATED'}{'' if complete else ' (INCOMPLETE)'} |")
+    return [*lines, ""]
+
+
+def chain_section(results: dict[str, Any]) -> list[str]:
+    """The hottest key's chain in the no-op Zipf runs: the share of its bound, and its links beside the other
+    keys' work and alone (the gap between the two is what the other work costs the chain)."""
+    runs = [r for r in results["runs"] if r.get("chain_links", {}).get("key_id") is not None]
+    if not runs:
+        return []
+    lines = ["## The hottest key's chain", "",
+             "No-op runs on Zipf keys end with their hottest key's chain: one commit per link. Bound: its tasks "
+             "times the p50 of a probe's commits during the run (bench/commit_probe.py). Links: one task's start "
+             "to its successor's, in ms, while other keys still had tasks (beside other work) and after the last "
+             "of them ended (alone); the probe's commits are split at the same moment. Each cell: count, p50, "
+             "mean, p90. At mean commits: the share of the bound if each link is the mean of the probe's commits "
+             "in its part of the run (n commits in a row take n times the mean, and under load the mean is well "
+             "above the p50).", "",
+             "| workload | runner | tasks/s | share of the bound | at mean commits | commit p50 ms "
+             "| links beside other work | probe's commits then | links alone | probe's commits then |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        links = r["chain_links"]
+        cells = []
+        for part in ("shared", "commits_shared", "alone", "commits_alone"):
+            f = links.get(part) or {"links": 0}
+            cells.append(f"{f['links']}, {_fmt(f['p50_ms'], '.2f')}, {_fmt(f['mean_ms'], '.2f')}, "
+                         f"{_fmt(f['p90_ms'], '.2f')}" if f["links"] else "-")
+        lines.append(f"| {r['workload']} | {r['label']} | {_fmt(r.get('throughput_tps'), ',.0f')} "
+                     f"| {_fmt((r.get('chain_bound') or {}).get('share_of_bound'), '.2f')} "
+                     f"| {_fmt(links.get('share_at_mean_commits'), '.2f')} "
+                     f"| {_fmt((r.get('commit_probe') or {}).get('p50_ms'), '.2f')} | " + " | ".join(cells) + " |")
     return [*lines, ""]
 
 

@@ -213,6 +213,7 @@ def _run_one(ctx: Context, workload: Workload, tasks: list[PlannedTask], spec: R
              result: dict[str, Any]) -> None:
     runner = ctx.harness.start(spec, dsn, run_dir, settings, ctx.baseline_poll)
     conn = _connect(dsn)
+    probe: CommitProbe | None = None
     try:
         result["ready_s"] = round(runner.wait_ready(), 3)
         postmaster = ctx.harness.local_postmaster_pid  # None on a server given by --dsn: not measured
@@ -255,7 +256,7 @@ def _run_one(ctx: Context, workload: Workload, tasks: list[PlannedTask], spec: R
         result["runner_exit_code"] = code
     if result["error"] is None and code != 0:
         result["error"] = f"{spec.label} exited with {code} on SIGTERM:\n{runner.log_tail()}"
-    result.update(analyse(conn, workload, tasks, spec))
+    result.update(analyse(conn, workload, tasks, spec, commits=probe.timed() if probe is not None else ()))
     if "commit_probe" in result:
         result["chain_bound"] = chain_bound(work_stats(tasks).heaviest_key_tasks, result["commit_probe"]["p50_ms"],
                                             workload.tasks, result.get("span_s"))
@@ -391,6 +392,12 @@ def _one_line(r: dict[str, Any]) -> str:
     share = (r.get("chain_bound") or {}).get("share_of_bound")
     if share is not None:
         ms += f" chain bound {share:.0%} (commit {r['commit_probe']['p50_ms']:.2f} ms)"
+        links = r.get("chain_links") or {}
+        if (links.get("shared") or {}).get("p50_ms") and (links.get("alone") or {}).get("p50_ms"):
+            ms += (f", links p50 {links['shared']['p50_ms']:.2f} ms beside other work, "
+                   f"{links['alone']['p50_ms']:.2f} ms alone")
+        if links.get("share_at_mean_commits") is not None:
+            ms += f"; {links['share_at_mean_commits']:.0%} of it at mean commits"
     other = (r.get("cpu") or {}).get("other_share")
     foreign = f"  (other load {other:.0%} of the machine)" if other and other >= FOREIGN_LOAD_WARN else ""
     failed = f"  FAILED: {r['error'].splitlines()[0]}" if r.get("error") else ""

@@ -7,16 +7,18 @@ and ``order_check``) or the runs' JSON; see bench/README.md, "Figures".
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Sequence
 from typing import Any
 
 from bench import lifecycle, measure
+from bench.commit_probe import chain_links
 from bench.runners import RunnerSpec
 from bench.workloads import PlannedTask, Workload, lower_bound, measured_work_stats, work_stats
 
 
 def analyse(conn: Any, workload: Workload, tasks: list[PlannedTask], spec: RunnerSpec,
-            close: bool = False) -> dict[str, Any]:
-    """Every figure that comes from the tasks table."""
+            close: bool = False, commits: Sequence[tuple[float, float]] = ()) -> dict[str, Any]:
+    """Every figure that comes from the tasks table (``commits``: the commit probe's timed samples, if it ran)."""
     rows = measure.task_rows(conn)
     order = measure.order_check(conn)
     if close:
@@ -57,6 +59,9 @@ def analyse(conn: Any, workload: Workload, tasks: list[PlannedTask], spec: Runne
                                    "to_claim_p99": _round(measure.percentile(to_claim, 0.99)),
                                    "claim_to_start_p50": _round(measure.percentile(to_start, 0.50)),
                                    "claim_to_start_p99": _round(measure.percentile(to_start, 0.99))}
+    if workload.latency == "noop" and workload.key_distribution == "zipf" and spec.keeps_order:
+        # The hottest key's chain: its links while other keys still ran, and once it ran alone.
+        out["chain_links"] = chain_links(ran, commits)
     runs = [(r["ended"] - r["started"]) * 1000.0 for r in ran]
     out["run_ms_mean"] = _round(sum(runs) / len(runs))
     out["makespan_s"] = round(last_end - first_created, 4)
