@@ -285,8 +285,8 @@ class Supervisor:
         log.info("instance %d rejoined as instance %d", old, self.instance_id)
         self.rejoining = False
         self.socket_path = self._socket_path()
-        if self.config.metrics_port:
-            metrics.prepare_directory(self.config.resolved_runtime_dir(), self.instance_id)
+        # Metrics keep the sample directory they had: the fork server that forks the new children kept the
+        # environment it started with, and counters go on from where they were (a scrape sees no reset).
         for child in self.children:
             child.boot_failures, child.respawn_at = 0, 0.0
             self._spawn(child)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import random
+import signal
 
 import pytest
 
@@ -65,3 +67,51 @@ def test_lease_and_partition_metrics(dsn, hosts, daemon_factory, prefix):
     assert samples["taskomatic_rebalance_rounds_total"] >= 1
     assert samples["taskomatic_partitions_held"] == 256
     assert samples['taskomatic_tasks_total{action="start_vm",outcome="finished"}'] == 6
+
+
+def _instance_ids(dsn, daemon) -> list[int]:
+    pids = [daemon.pid, *checks.live_group_members(daemon.pid)]
+    return [r["id"] for r in query(dsn, "SELECT id FROM instances WHERE pid = ANY(%s) ORDER BY id", (pids,))]
+
+
+@pytest.mark.parametrize("child_start", ["forkserver", "spawn"])
+def test_metrics_go_on_across_a_rejoin(dsn, hosts, daemon_factory, prefix, child_start):
+    """An instance that lost its lease rejoins under a new id: its counters go on from where they were,
+    and what the supervisor counts afterwards (a child restarted) is served with the rest. (Both ways
+    children start: forked by the fork server, which keeps the environment it started with, or spawned
+    by the supervisor with its own.)"""
+    from tests.acceptance.test_metrics import _free_port, _scrape
+
+    port = _free_port()
+    vms = checks.insert_vms(dsn, [f"{prefix}-mr{i}" for i in range(2)])
+    checks.insert_tasks(dsn, [("Vm", vm, "create_vm") for vm in vms])
+    daemon = daemon_factory(shards=2, extra=[*MULTIHOST, "--set", f"metrics_port={port}",
+                                             "--set", f"child_start={child_start}"])
+    checks.wait_all_ended(dsn, daemon)
+    created = 'taskomatic_tasks_total{action="create_vm",outcome="finished"}'
+    assert _scrape(port)[created] == 2
+    old = wait_for(lambda: _instance_ids(dsn, daemon), 30, 0.1, "the instance to register")[-1]
+
+    # Frozen past its lease: thawed, it finds the lease lost and rejoins under a new id.
+    os.killpg(daemon.pid, signal.SIGSTOP)
+    try:
+        wait_for(lambda: query(dsn, "SELECT lease_expires_at <= clock_timestamp() AS expired FROM instances "
+                                    "WHERE id = %s", (old,))[0]["expired"], 30, 0.1, "the lease to run out")
+    finally:
+        os.killpg(daemon.pid, signal.SIGCONT)
+    new = wait_for(lambda: [i for i in _instance_ids(dsn, daemon) if i > old], 60, 0.1,
+                   "the instance to rejoin under a new id")[-1]
+    wait_for(lambda: f"[instance {new} fetcher] taskomatic.runtime.fetcher: shard 1 connected" in daemon.log(),
+             60, 0.1, f"instance {new} to be up")
+
+    # The supervisor's first sample comes after the rejoin: a shard killed and restarted.
+    os.kill(daemon.child_pids()["shard 1"], signal.SIGKILL)
+    restarts = 'taskomatic_child_restarts_total{role="shard"}'
+    wait_for(lambda: _scrape(port).get(restarts) == 1, 30, 0.2, "the shard's restart to be counted")
+    checks.insert_tasks(dsn, [("Vm", vm, "start_vm") for vm in vms])
+    checks.wait_all_ended(dsn, daemon)
+    samples = _scrape(port)
+    assert samples[created] == 2  # counted before the rejoin, still there
+    assert samples['taskomatic_tasks_total{action="start_vm",outcome="finished"}'] == 2
+    assert samples["taskomatic_lease_losses_total"] == 1
+    assert daemon.process.poll() is None
