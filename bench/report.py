@@ -126,6 +126,7 @@ def markdown(results: dict[str, Any], plots: list[str]) -> str:
     out += routing_section(results)
     out += _lifecycle_section(results)
     out += chain_section(results)
+    out += makespan_section(results)
     out += _utilisation_section(results)
     out += _timeline_section(results)
     out += _rss_section(results)
@@ -250,6 +251,30 @@ def chain_section(results: dict[str, Any]) -> list[str]:
                      f"| {_fmt((r.get('chain_bound') or {}).get('share_of_bound'), '.2f')} "
                      f"| {_fmt(links.get('share_at_mean_commits'), '.2f')} "
                      f"| {_fmt((r.get('commit_probe') or {}).get('p50_ms'), '.2f')} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
+def makespan_section(results: dict[str, Any]) -> list[str]:
+    """Where each taskomatic burst's makespan goes beyond its planned work (bench.run_figures.makespan_parts)."""
+    runs = [r for r in results["runs"] if r.get("makespan_parts")]
+    if not runs:
+        return []
+    lines = ["## Where the makespan goes", "",
+             "Seconds per shard, averaged over the shards, that add up to the makespan: the planned work, the wait "
+             "from the first insert to the shard's first start, how much longer the actions ran than planned, "
+             "the gaps between one task's end and the next one's start on the same shard (the commit that ends "
+             "one and starts the next, and the messages around it), the shard's idle time after its last task, "
+             "and shards that ran nothing. Gaps one by one: p50, mean and p90, in ms.", "",
+             "| workload | runner | makespan s | / LB | planned | start | overrun | gaps | end idle | unused "
+             "| gap ms |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        p = r["makespan_parts"]
+        gap = p["gap_ms"]
+        lines.append(f"| {r['workload']} | {r['label']} | {_fmt(r.get('makespan_s'), '.3f')} "
+                     f"| {_fmt(r.get('makespan_ratio'), '.3f')} | {p['planned_per_shard_s']:.3f} "
+                     f"| {p['start_s']:.3f} | {p['overrun_s']:.3f} | {p['gaps_s']:.3f} | {p['end_idle_s']:.3f} "
+                     f"| {p['unused_s']:.3f} | {_fmt(gap['p50'], '.2f')}, {_fmt(gap['mean'], '.2f')}, "
+                     f"{_fmt(gap['p90'], '.2f')} |")
     return [*lines, ""]
 
 

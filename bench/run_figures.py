@@ -6,6 +6,7 @@ and ``order_check``) or the runs' JSON; see bench/README.md, "Figures".
 
 from __future__ import annotations
 
+import itertools
 from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
@@ -86,6 +87,9 @@ def analyse(conn: Any, workload: Workload, tasks: list[PlannedTask], spec: Runne
                           "per_shard": None, "per_shard_note": None}
     if spec.kind == "taskomatic":
         out["utilisation"].update(per_shard(ran, spec.parallelism, first_start, span))
+        if workload.has_work and not workload.work_measured and len(ran) == len(rows):
+            out["makespan_parts"] = makespan_parts(ran, spec.parallelism, stats.total_s, first_created, last_end,
+                                                   out.get("lower_bound_s"))
         if workload.has_work:
             # The busy intervals per shard and the tasks running over time, for the timeline plot.
             out["timeline"] = measure.shard_timeline(rows, spec.parallelism)
@@ -129,6 +133,48 @@ def per_shard(ran: list[dict[str, Any]], shards: int, first_start: float, span: 
     return {"per_shard": per, "tasks_per_shard": tasks_per, "per_shard_overlaps": overlapping,
             "per_shard_note": f"attributed by {source} ({verdict}); "
                               "busy = time_started..time_ended over the first start..last end window"}
+
+
+def makespan_parts(ran: list[dict[str, Any]], shards: int, planned_s: float, first_created: float,
+                   last_end: float, bound_s: float | None) -> dict[str, Any] | None:
+    """Where a burst's makespan goes beyond its planned work, per shard on average (seconds).
+
+    For each shard, makespan = (its first start - the first insert) + its tasks' run times + the gaps
+    between its tasks (one's end to the next one's start: the commit that ends one and starts the
+    next, and the messages around it) + (the last end of all - its last end). Averaged over the
+    shards, the run times are the planned work / shards plus how much longer the actions ran than
+    planned (``overrun_s``). So makespan = planned / shards + start_s + overrun_s + gaps_s + end_idle_s,
+    exactly; ``over_bound_s`` is the makespan minus its lower bound. The gaps are also given one by
+    one (ms). None unless every task records its shard (tasks.run_by_shard).
+    """
+    by_shard: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    for r in ran:
+        if r.get("run_by_shard") is None:
+            return None
+        by_shard[int(r["run_by_shard"])].append(r)
+    gaps_ms: list[float] = []
+    start = gaps = end_idle = run = 0.0
+    for tasks in by_shard.values():
+        tasks.sort(key=lambda r: r["started"])
+        start += tasks[0]["started"] - first_created
+        end_idle += last_end - tasks[-1]["ended"]
+        run += sum(r["ended"] - r["started"] for r in tasks)
+        for before, after in itertools.pairwise(tasks):
+            gaps += after["started"] - before["ended"]
+            gaps_ms.append((after["started"] - before["ended"]) * 1000.0)
+    gaps_ms.sort()
+    makespan = last_end - first_created
+    return {
+        "shards_used": len(by_shard), "planned_per_shard_s": round(planned_s / shards, 4),
+        "start_s": round(start / shards, 4), "overrun_s": round((run - planned_s) / shards, 4),
+        "gaps_s": round(gaps / shards, 4), "end_idle_s": round(end_idle / shards, 4),
+        # Shards that ran nothing count as idle throughout: their share is here.
+        "unused_s": round(makespan * (shards - len(by_shard)) / shards, 4),
+        "over_bound_s": round(makespan - bound_s, 4) if bound_s is not None else None,
+        "gap_ms": {"count": len(gaps_ms), "p50": _round(measure.percentile(gaps_ms, 0.5)),
+                   "mean": _round(sum(gaps_ms) / len(gaps_ms)) if gaps_ms else None,
+                   "p90": _round(measure.percentile(gaps_ms, 0.9))},
+    }
 
 
 def _round(value: float | None, digits: int = 3) -> float | None:
