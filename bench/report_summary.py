@@ -102,6 +102,40 @@ def standalone_rows(suite: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def chain_line(suite: dict[str, Any], when: str) -> str | None:
+    """The hottest key's chain in the no-op Zipf run at 4 shards: its share of the bound and its links
+    against the probe's commits (None if the run did not record its links)."""
+    run = taskomatic_run(suite, "noop-zipf", 4)
+    links = (run or {}).get("chain_links") or {}
+    shared, probe = links.get("shared") or {}, links.get("commits_shared") or {}
+    alone = links.get("alone") or {}
+    if run is None or not shared.get("links") or not probe.get("links") or not alone.get("links"):
+        return None
+    at_mean = links.get("share_at_mean_commits")
+    return (f"* Hot key (noop-zipf, 4 shards): the run reached **{run['chain_bound']['share_of_bound']:.2f} of "
+            f"its chain bound** (target 0.80; its tasks x the p50 of a probe's commits during the run)"
+            + (f", {at_mean:.2f} of the chain's commits at their mean" if at_mean is not None else "")
+            + f". While other keys ran, a link took {shared['p50_ms']:.2f} ms at the median ({shared['mean_ms']:.2f} "
+            f"mean) and a bare commit {probe['p50_ms']:.2f} ms ({probe['mean_ms']:.2f}); alone, "
+            f"{alone['p50_ms']:.2f} ms. Measured {when}.")
+
+
+def makespan_line(suite: dict[str, Any], when: str) -> str | None:
+    """Where the 20 ms uniform burst's makespan goes beyond its bound at 4 shards (None if not recorded)."""
+    run = taskomatic_run(suite, "sleep20-uniform", 4)
+    parts = (run or {}).get("makespan_parts")
+    if run is None or not parts or not parts.get("over_bound_s"):
+        return None
+    over = parts["over_bound_s"]
+    gap = parts["gap_ms"]
+    return (f"* Makespan (sleep20-uniform, 4 shards): {run['makespan_s']:.2f} s against a bound of "
+            f"{run['lower_bound_s']:.2f} s. Per shard, the {over:.2f} s over it are {parts['gaps_s']:.2f} s of gaps "
+            f"between tasks (p50 {gap['p50']:.2f} ms each: the commit that ends one and starts the next, and the "
+            f"messages around it), {parts['overrun_s']:.2f} s of actions running past 20 ms, "
+            f"{parts['start_s']:.2f} s to the first start and {parts['end_idle_s']:.2f} s idle at the end. "
+            f"Measured {when}.")
+
+
 def shard_peak_rss_mb(suite: dict[str, Any]) -> float | None:
     """The largest peak RSS (VmHWM) of any shard in any taskomatic run of the suite, MB."""
     peaks = [p["peak_rss_kb"] for r in suite["runs"] if r["runner"] == "taskomatic" and r.get("rss")
@@ -142,6 +176,7 @@ def summary(data: dict[str, Any]) -> str:
                        f"{target}{where}, measured {when}.")
         else:
             out.append(f"* Enqueue-to-start, {name}: not in the stored results.")
+    out += [line for line in (chain_line(suite, when), makespan_line(suite, when)) if line]
     memory_idle = instance_memory_mb(data.get("memory_idle"))
     memory_after = instance_memory_mb(data.get("memory_after"))
     if memory_idle:

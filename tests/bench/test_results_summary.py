@@ -121,3 +121,27 @@ def test_the_idle_line_says_where_enqueue_to_start_goes_when_the_run_recorded_it
     assert "at the median 1.6 ms from the insert to the claim, 1.8 ms from the claim to the start" in idle_line()
     del idle["latency_split_ms"]  # a run from before the split was recorded: the line without it
     assert "p50" in idle_line() and "from the insert to the claim" not in idle_line()
+
+
+def test_the_chain_and_makespan_lines_quote_their_runs() -> None:
+    data = stored(RESULTS)
+    zipf = _run(data["suite"], "noop-zipf", 4)
+    sleep = _run(data["suite"], "sleep20-uniform", 4)
+    link = {"links": 100, "p50_ms": 1.26, "mean_ms": 1.57, "p90_ms": 2.68}
+    zipf["chain_bound"] = {"chain_s": 2.0, "bound_tps": 8000.0, "share_of_bound": 0.68}
+    zipf["chain_links"] = {"key_id": 7, "links": 200, "shared": link, "alone": {**link, "p50_ms": 0.65},
+                           "commits_shared": {**link, "p50_ms": 1.03, "mean_ms": 1.26},
+                           "commits_alone": {**link, "p50_ms": 0.5}, "share_at_mean_commits": 0.82}
+    sleep.update(makespan_s=11.29, lower_bound_s=10.0)
+    sleep["makespan_parts"] = {"over_bound_s": 1.29, "gaps_s": 1.08, "overrun_s": 0.15, "start_s": 0.05,
+                               "end_idle_s": 0.01, "gap_ms": {"count": 1996, "p50": 2.08, "mean": 2.17, "p90": 3.03}}
+    lines = summary(data).splitlines()
+    chain = next(line for line in lines if line.startswith("* Hot key"))
+    assert "**0.68 of its chain bound**" in chain and "0.82 of the chain's commits at their mean" in chain
+    assert "a link took 1.26 ms at the median (1.57 mean) and a bare commit 1.03 ms (1.26); alone, 0.65 ms" in chain
+    makespan = next(line for line in lines if line.startswith("* Makespan"))
+    assert "11.29 s against a bound of 10.00 s" in makespan and "the 1.29 s over it are 1.08 s of gaps" in makespan
+    assert "p50 2.08 ms each" in makespan and "0.15 s of actions running past 20 ms" in makespan
+    # Runs from before these figures were recorded: no such lines.
+    del zipf["chain_links"], sleep["makespan_parts"]
+    assert not any(line.startswith(("* Hot key", "* Makespan")) for line in summary(data).splitlines())
