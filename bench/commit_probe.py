@@ -120,14 +120,14 @@ def chain_links(ran: Sequence[dict[str, Any]], commits: Sequence[tuple[float, fl
     during = [(when, seconds) for when, seconds in commits if first <= when <= last]
     figures = {"key_id": hottest, "links": len(chain) - 1,
                "others_end_s": round(others_end - first, 4) if others_end is not None else None,
-               "shared": _link_figures(shared), "alone": _link_figures(alone),
-               "commits_shared": _link_figures([s * 1000.0 for when, s in during
-                                                if others_end is not None and when < others_end]),
-               "commits_alone": _link_figures([s * 1000.0 for when, s in during
-                                               if others_end is None or when >= others_end])}
+               "shared": _figures(shared), "alone": _figures(alone),
+               "commits_shared": _figures([s * 1000.0 for when, s in during
+                                           if others_end is not None and when < others_end]),
+               "commits_alone": _figures([s * 1000.0 for when, s in during
+                                          if others_end is None or when >= others_end])}
     # The chain's time if each link took the mean commit of its part of the run: n commits in a row take
     # n x the mean, and under load the mean is well above the p50 (a tail of slow flushes).
-    parts = [(figures[links]["links"], figures[probe]["mean_ms"])
+    parts = [(figures[links]["count"], figures[probe]["mean_ms"])
              for links, probe in (("shared", "commits_shared"), ("alone", "commits_alone"))]
     span = last - first
     if span > 0 and all(mean is not None for count, mean in parts if count):
@@ -137,10 +137,11 @@ def chain_links(ran: Sequence[dict[str, Any]], commits: Sequence[tuple[float, fl
     return figures
 
 
-def _link_figures(links_ms: list[float]) -> dict[str, Any]:
-    if not links_ms:
-        return {"links": 0, "mean_ms": None, "p50_ms": None, "p90_ms": None}
-    ordered = sorted(links_ms)
-    return {"links": len(ordered), "mean_ms": round(statistics.fmean(ordered), 3),
+def _figures(values_ms: list[float]) -> dict[str, Any]:
+    """How many, and their mean, p50 and p90 (nearest rank), in ms."""
+    if not values_ms:
+        return {"count": 0, "mean_ms": None, "p50_ms": None, "p90_ms": None}
+    ordered = sorted(values_ms)
+    return {"count": len(ordered), "mean_ms": round(statistics.fmean(ordered), 3),
             "p50_ms": round(statistics.median(ordered), 3),
             "p90_ms": round(ordered[math.ceil(len(ordered) * 0.9) - 1], 3)}

@@ -244,9 +244,9 @@ def chain_section(results: dict[str, Any]) -> list[str]:
         links = r["chain_links"]
         cells = []
         for part in ("shared", "commits_shared", "alone", "commits_alone"):
-            f = links.get(part) or {"links": 0}
-            cells.append(f"{f['links']}, {_fmt(f['p50_ms'], '.2f')}, {_fmt(f['mean_ms'], '.2f')}, "
-                         f"{_fmt(f['p90_ms'], '.2f')}" if f["links"] else "-")
+            f = links.get(part) or {"count": 0}
+            cells.append(f"{f['count']}, {_fmt(f['p50_ms'], '.2f')}, {_fmt(f['mean_ms'], '.2f')}, "
+                         f"{_fmt(f['p90_ms'], '.2f')}" if f["count"] else "-")
         lines.append(f"| {r['workload']} | {r['label']} | {_fmt(r.get('throughput_tps'), ',.0f')} "
                      f"| {_fmt((r.get('chain_bound') or {}).get('share_of_bound'), '.2f')} "
                      f"| {_fmt(links.get('share_at_mean_commits'), '.2f')} "

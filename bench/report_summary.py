@@ -109,7 +109,7 @@ def chain_line(suite: dict[str, Any], when: str) -> str | None:
     links = (run or {}).get("chain_links") or {}
     shared, probe = links.get("shared") or {}, links.get("commits_shared") or {}
     alone = links.get("alone") or {}
-    if run is None or not shared.get("links") or not probe.get("links") or not alone.get("links"):
+    if run is None or not shared.get("count") or not probe.get("count") or not alone.get("count"):
         return None
     at_mean = links.get("share_at_mean_commits")
     return (f"* Hot key (noop-zipf, 4 shards): the run reached **{run['chain_bound']['share_of_bound']:.2f} of "

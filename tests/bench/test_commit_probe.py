@@ -70,9 +70,9 @@ def test_chain_links_split_where_the_other_keys_end() -> None:
     assert figures["key_id"] == 7
     assert figures["links"] == 4
     assert figures["others_end_s"] == 0.0045
-    assert figures["shared"] == {"links": 2, "mean_ms": 2.0, "p50_ms": 2.0, "p90_ms": 2.0}
-    assert figures["alone"] == {"links": 2, "mean_ms": 1.0, "p50_ms": 1.0, "p90_ms": 1.0}
-    assert figures["commits_shared"]["links"] == 0
+    assert figures["shared"] == {"count": 2, "mean_ms": 2.0, "p50_ms": 2.0, "p90_ms": 2.0}
+    assert figures["alone"] == {"count": 2, "mean_ms": 1.0, "p50_ms": 1.0, "p90_ms": 1.0}
+    assert figures["commits_shared"]["count"] == 0
     assert "share_at_mean_commits" not in figures  # no probe, no such bound
 
 
@@ -81,8 +81,8 @@ def test_chain_links_split_the_probe_commits_at_the_same_moment() -> None:
     # Commits at 1, 3 (beside key 1's work, which ends at 4.5 ms) and 5 ms (alone); one after the run.
     commits = [(0.001, 0.0015), (0.003, 0.0025), (0.005, 0.0008), (0.010, 0.0001)]
     figures = chain_links([*hot, _row(1, 0.0, 0.0045)], commits)
-    assert figures["commits_shared"] == {"links": 2, "mean_ms": 2.0, "p50_ms": 2.0, "p90_ms": 2.5}
-    assert figures["commits_alone"] == {"links": 1, "mean_ms": 0.8, "p50_ms": 0.8, "p90_ms": 0.8}
+    assert figures["commits_shared"] == {"count": 2, "mean_ms": 2.0, "p50_ms": 2.0, "p90_ms": 2.5}
+    assert figures["commits_alone"] == {"count": 1, "mean_ms": 0.8, "p50_ms": 0.8, "p90_ms": 0.8}
     # 2 links beside other work at a 2 ms mean commit, 2 alone at 0.8 ms: 5.6 ms of a 6.5 ms run.
     assert figures["bound_at_mean_commits_s"] == 0.0056
     assert figures["share_at_mean_commits"] == round(5.6 / 6.5, 4)
@@ -91,7 +91,7 @@ def test_chain_links_split_the_probe_commits_at_the_same_moment() -> None:
 def test_chain_links_of_a_single_key_are_all_alone() -> None:
     figures = chain_links([_row(3, t, t + 0.001) for t in (0.0, 0.003, 0.005)])
     assert figures["others_end_s"] is None
-    assert figures["shared"]["links"] == 0
+    assert figures["shared"]["count"] == 0
     assert figures["alone"]["p50_ms"] == 2.5
     assert chain_links([]) == {"key_id": None}
 

@@ -127,7 +127,7 @@ def test_the_chain_and_makespan_lines_quote_their_runs() -> None:
     data = stored(RESULTS)
     zipf = _run(data["suite"], "noop-zipf", 4)
     sleep = _run(data["suite"], "sleep20-uniform", 4)
-    link = {"links": 100, "p50_ms": 1.26, "mean_ms": 1.57, "p90_ms": 2.68}
+    link = {"count": 100, "p50_ms": 1.26, "mean_ms": 1.57, "p90_ms": 2.68}
     zipf["chain_bound"] = {"chain_s": 2.0, "bound_tps": 8000.0, "share_of_bound": 0.68}
     zipf["chain_links"] = {"key_id": 7, "links": 200, "shared": link, "alone": {**link, "p50_ms": 0.65},
                            "commits_shared": {**link, "p50_ms": 1.03, "mean_ms": 1.26},
