@@ -31,6 +31,7 @@ from tests.helpers import query, wait_for
 pytestmark = pytest.mark.slow
 
 SHARDS = 3
+PAUSE_REFILLS = 5  # instance_paused: work queued again when it all ended before the victim was caught mid-task
 # Every test takes its database fixture before make_run: fixtures are torn down in reverse,
 # so the daemons stop before their database is dropped (or its server stopped).
 TRANSIENT = ("retrying in", "gave up after", "stuck on a task past task_timeout")
@@ -90,7 +91,6 @@ def test_instance_killed(seed: int, dsn: str, make_run: Any) -> None:
 
 
 # -- 4. SIGSTOP of a whole multihost instance, past its lease -------------------------------------------
-PAUSE_REFILLS = 5  # work queued again when it all ended before the victim was caught mid-task
 def test_instance_paused(seed: int, dsn: str, make_run: Any) -> None:
     run: FaultRun = make_run("instance_pause", seed, dsn)
     run.add_hosts()
