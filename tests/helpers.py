@@ -52,6 +52,24 @@ def wait_fork_server_dir(tmp_dir: Path) -> list[str]:
                     what=f"the fork server's directory under {tmp_dir}")
 
 
+def sigkill_then_stop(started: Any, when_ready: Callable[[], None] | None = None) -> None:
+    """A daemon (``Daemon``, or a bench ``Runner``) whose process group is SIGKILLed once its fork server
+    made its directory in the daemon's own TMPDIR: the killed daemon leaves it there, and ``stop()``
+    removes it all the same. ``when_ready``: more checks once it is ready (before the kill)."""
+    tmp = Path(started.tmp_dir)
+    try:
+        started.wait_ready()
+        if when_ready is not None:
+            when_ready()
+        assert wait_fork_server_dir(tmp)
+        os.killpg(started.pid, signal.SIGKILL)  # no exit handler runs
+        started.process.wait(10)
+        assert any(tmp.iterdir())  # what the killed daemon could not remove
+    finally:
+        started.stop()
+    assert not tmp.exists()
+
+
 def execute(dsn: str, sql: str, params: Any = None) -> None:
     query(dsn, sql, params)
 

@@ -9,12 +9,10 @@ runner a temporary directory of its own (``TMPDIR``) and removes it in ``stop()`
 
 from __future__ import annotations
 
-import os
-import signal
 from pathlib import Path
 
 from bench.runners import Runner, RunnerSpec
-from tests.helpers import wait_fork_server_dir
+from tests.helpers import sigkill_then_stop, wait_fork_server_dir
 
 
 def _runner(dsn: str, state_dir: Path) -> Runner:
@@ -24,17 +22,7 @@ def _runner(dsn: str, state_dir: Path) -> Runner:
 
 
 def test_a_sigkilled_runner_leaves_no_temporary_files(dsn: str, state_dir: Path) -> None:
-    runner = _runner(dsn, state_dir)
-    tmp = Path(runner.tmp_dir)
-    try:
-        runner.wait_ready()
-        assert wait_fork_server_dir(tmp)
-        os.killpg(runner.pid, signal.SIGKILL)  # no exit handler runs
-        runner.process.wait(10)
-        assert any(tmp.iterdir())  # what the killed daemon could not remove
-    finally:
-        runner.stop()
-    assert not tmp.exists()
+    sigkill_then_stop(_runner(dsn, state_dir))
 
 
 def test_a_killed_runner_the_bench_forgets_leaves_no_temporary_files(dsn: str, state_dir: Path) -> None:
